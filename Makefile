@@ -1,0 +1,36 @@
+# `make test` and `make demo` each set up everything they need on a fresh machine (idempotent).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTHON ?= python3.11
+STAMP  := $(VENV)/.setup-done
+
+.PHONY: setup test demo bench clean crd
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml scripts/install_pycaffe.sh scripts/setup_system.sh
+	bash scripts/setup_system.sh
+	bash scripts/install_pycaffe.sh $(VENV)
+	$(PY) -m pip install -q -e '.[operator,onnx,test]'
+	$(PY) -m pip install -q --ignore-requires-python helm-sdkpy
+	$(PY) -c "import caffe, inference_server, caffe_operator"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+demo: setup
+	$(VENV)/bin/caffeserve demo examples/digits/service.yaml
+
+crd: setup
+	$(VENV)/bin/caffeserve crd > crds/caffemodelservices.yaml
+
+bench: setup
+	$(PY) bench/server_overhead.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""caffe-serving inference server: pycaffe models over the Open Inference Protocol."""

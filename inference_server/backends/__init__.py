@@ -1,0 +1,1 @@
+"""Backends: one small interface (load, describe, infer on numpy arrays); pycaffe first."""

@@ -1,0 +1,242 @@
+"""The server's configuration: one pydantic model, reused by the operator's CR spec.
+
+Field names are snake_case in Python and camelCase on the wire (CR, YAML written by the
+operator); both spellings are accepted when reading, so a hand-written `server.yaml` may use
+either. Relative file paths are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+ENV_PREFIX = "CAFFESERVE__"
+MiB = 1024 * 1024
+
+
+class CamelModel(BaseModel):
+    """Base for every config/CR type: camelCase aliases, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", use_enum_values=True
+    )
+
+
+class Datatype(str, Enum):
+    """Open Inference Protocol tensor datatypes."""
+
+    BOOL = "BOOL"
+    UINT8 = "UINT8"
+    UINT16 = "UINT16"
+    UINT32 = "UINT32"
+    UINT64 = "UINT64"
+    INT8 = "INT8"
+    INT16 = "INT16"
+    INT32 = "INT32"
+    INT64 = "INT64"
+    FP16 = "FP16"
+    FP32 = "FP32"
+    FP64 = "FP64"
+    BYTES = "BYTES"
+
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$", description="Expected sha256 (hex) of the file.")]
+
+
+class TensorSpec(CamelModel):
+    """A model input as clients see it."""
+
+    name: str = Field(description="Blob name in the Caffe net.")
+    shape: list[int] | None = Field(
+        default=None,
+        description="Shape of one request's tensor, batch dimension first (e.g. [1, 3, 224, 224]). "
+        "Default: the net's input shape. The batch dimension is reported as -1.",
+    )
+    datatype: Datatype = Field(
+        default=Datatype.FP32,
+        description="Datatype clients send; the server converts to the net's float32. "
+        "An input with image preprocessing also accepts BYTES (encoded JPEG/PNG).",
+    )
+
+
+class OutputSpec(CamelModel):
+    """A model output (a blob of the net)."""
+
+    name: str = Field(description="Blob name in the Caffe net.")
+
+
+class Preprocessing(CamelModel):
+    """How an encoded image (a BYTES input) becomes the Caffe input blob, as caffe.io.Transformer does it.
+
+    Order, as in Caffe's classifier: decode → resize to `image_size` → scale pixels to [0, 1]
+    (then × `raw_scale`) → HWC→CHW → `channel_swap` → subtract mean → × `scale`.
+    """
+
+    image_size: list[int] | None = Field(
+        default=None, min_length=2, max_length=2,
+        description="[height, width] the decoded image is resized to. Default: the input blob's H and W.",
+    )
+    color: bool = Field(default=True, description="Decode as RGB (true) or grayscale (false).")
+    raw_scale: float = Field(default=255.0, gt=0, description="Multiply [0,1] pixels by this (Caffe's raw_scale).")
+    channel_swap: list[int] | None = Field(
+        default=None, description="Channel order after decoding RGB, e.g. [2, 1, 0] for BGR (Caffe's reference nets)."
+    )
+    mean_values: list[float] | None = Field(default=None, description="Per-channel mean subtracted after raw_scale.")
+    mean_file: str | None = Field(default=None, description="A mean.binaryproto whose per-channel mean is subtracted.")
+    scale: float = Field(default=1.0, gt=0, description="Multiply after mean subtraction (Caffe's input_scale).")
+
+    @model_validator(mode="after")
+    def _one_mean(self) -> "Preprocessing":
+        if self.mean_values is not None and self.mean_file is not None:
+            raise ValueError("set at most one of meanValues and meanFile")
+        return self
+
+
+class DeviceKind(str, Enum):
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+class Device(CamelModel):
+    """Where the Net runs."""
+
+    kind: DeviceKind = Field(default=DeviceKind.cpu, description="cpu, or gpu (fails at startup without one).")
+    id: int = Field(default=0, ge=0, description="GPU device id (with kind: gpu).")
+
+
+class Batching(CamelModel):
+    """Dynamic batching: requests queued together are stacked into one forward pass."""
+
+    enabled: bool | Literal["auto"] = Field(
+        default=False,
+        description="true, false, or auto (time forward passes at load; batch only where it raises throughput).",
+    )
+    max_batch_size: int = Field(default=8, ge=1, le=4096, description="Largest stacked batch.")
+    max_queue_delay_ms: float = Field(
+        default=2.0, ge=0, le=10_000, description="How long the first queued request waits for others to join."
+    )
+
+
+class Limits(CamelModel):
+    """Request limits; every one answers a clear 4xx/5xx when exceeded."""
+
+    max_request_bytes: int = Field(default=64 * MiB, ge=1024, description="Largest request body (413 beyond).")
+    max_batch: int = Field(default=64, ge=1, description="Largest batch dimension one request may carry.")
+    max_image_pixels: int = Field(
+        default=4096 * 4096, ge=1, description="Largest decoded image (width × height); larger is a 400."
+    )
+    request_timeout_s: float = Field(default=30.0, gt=0, description="Deadline from arrival to answer (504 beyond).")
+    max_queue: int = Field(default=256, ge=1, description="Requests waiting per model before 503 + Retry-After.")
+    header_timeout_s: float = Field(default=10.0, gt=0, description="Deadline to receive a request's headers.")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="Deadline to receive a request's whole body.")
+
+
+class ModelFiles(CamelModel):
+    """The Caffe model files."""
+
+    prototxt: str = Field(description="Path of the deploy prototxt.")
+    weights: str = Field(description="Path of the .caffemodel.")
+    prototxt_sha256: Sha256 | None = None
+    weights_sha256: Sha256 | None = None
+    labels: str | None = Field(default=None, description="Text file, one class label per line (classification).")
+
+
+Backend = Literal["pycaffe", "onnxruntime", "auto"]
+
+
+class ModelServing(CamelModel):
+    """How a model is served: the part of the config the operator's CR spec shares."""
+
+    inputs: list[TensorSpec] | None = Field(default=None, description="Default: the net's Input layers.")
+    outputs: list[OutputSpec] | None = Field(default=None, description="Default: the net's output blobs.")
+    preprocessing: Preprocessing | None = Field(default=None, description="For BYTES (encoded image) inputs.")
+    device: Device = Field(default_factory=Device)
+    instances: int = Field(default=1, ge=1, le=64, description="Net copies, each owned by one worker thread.")
+    batching: Batching = Field(default_factory=Batching)
+    backend: Backend = Field(default="pycaffe", description="pycaffe, onnxruntime, or auto.")
+    limits: Limits = Field(default_factory=Limits)
+
+
+class ServerConfig(ModelServing):
+    """The whole `caffeserve serve --config FILE` file."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", description="Model name in URLs.")
+    version: str = Field(default="1", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    model: ModelFiles
+    base_dir: str | None = Field(default=None, exclude=True, description="Folder relative paths resolve against.")
+
+    def path(self, p: str | None) -> Path | None:
+        """A model file's path, resolved against the config file's folder."""
+        if p is None:
+            return None
+        q = Path(p)
+        return q if q.is_absolute() or self.base_dir is None else Path(self.base_dir) / q
+
+
+class ConfigError(Exception):
+    """An invalid config; the message names the field."""
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """`CAFFESERVE__DEVICE__KIND=gpu` → {"device": {"kind": "gpu"}}; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__") if p]
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for k, v in over.items():
+        # env keys are snake_case; accept the camelCase spelling already in the file
+        target = k if k in merged else next((m for m in merged if m.replace("_", "").lower() == k.replace("_", "")), k)
+        if isinstance(v, dict) and isinstance(merged.get(target), dict):
+            merged[target] = _merge(merged[target], v)
+        else:
+            merged[target] = v
+    return merged
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem, naming the field by its dotted path."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        lines.append(f"{loc}: {e['msg']}")
+    return "; ".join(lines)
+
+
+def parse_config(data: dict[str, Any], base_dir: str | None = None, environ: dict[str, str] | None = None) -> ServerConfig:
+    data = _merge(data or {}, _env_overrides(dict(os.environ) if environ is None else environ))
+    try:
+        cfg = ServerConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"invalid config: {format_validation_error(e)}") from None
+    cfg.base_dir = base_dir
+    return cfg
+
+
+def load_config(path: str | os.PathLike, environ: dict[str, str] | None = None) -> ServerConfig:
+    """Read and validate a YAML config file; environment variables `CAFFESERVE__…` override fields."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {p} must be a YAML mapping")
+    return parse_config(data, base_dir=str(p.resolve().parent), environ=environ)

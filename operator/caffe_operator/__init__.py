@@ -1,0 +1,1 @@
+"""The caffe-serving operator: CRD model, kopf handlers, child builders, gateway, local mode."""

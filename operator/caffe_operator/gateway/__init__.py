@@ -1,0 +1,1 @@
+"""The gateway: discovery, balancing, the proxy app."""
