@@ -79,7 +79,7 @@ if [ ! -f "$CACHE/caffe/_caffe.so" ]; then
   "$PY" -m pip install -q 'numpy<2'
   build
 fi
-"$PY" -m pip install -q 'numpy<2' six 'protobuf>=3.20,<5' scikit-image scipy
+"$PY" -m pip install -q 'numpy<2' six 'protobuf>=3.20' scikit-image scipy
 rm -rf "$SITE/caffe"
 cp -r "$CACHE/caffe" "$SITE/caffe"
 "$PY" -c 'import caffe; caffe.set_mode_cpu(); print("[install_pycaffe] pycaffe OK:", caffe.__file__)'

@@ -1,0 +1,43 @@
+"""`caffeserve`: one console entry point, one subcommand per component.
+
+Each subcommand lives in its own module with a `main(argv) -> int`; this file only dispatches,
+importing lazily so that (for example) the operator image never imports pycaffe.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("inference_server.serve", "run the inference server for one model config"),
+    "check": ("inference_server.check", "load a model, print its inputs/outputs and backend parity"),
+    "operator": ("caffe_operator.run", "run the Kubernetes operator (kopf)"),
+    "gateway": ("caffe_operator.gateway.main", "run the gateway that forwards requests to model pods"),
+    "up": ("caffe_operator.local", "run a CaffeModelService manifest on this machine (local mode)"),
+    "demo": ("caffe_operator.demo", "local mode on the digits example plus one real request"),
+    "crd": ("caffe_operator.api", "print the CaffeModelService CRD YAML generated from the model"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: caffeserve COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"caffeserve: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
