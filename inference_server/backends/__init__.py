@@ -1,1 +1,43 @@
-"""Backends: one small interface (load, describe, infer on numpy arrays); pycaffe first."""
+"""Backends: one small interface (load, describe, infer on numpy arrays); pycaffe first.
+
+`choose_backend` runs once at startup (it may convert and check parity); `create_backend` runs in
+each worker thread, because a backend instance belongs to the thread that made it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import ServerConfig
+from ..errors import ModelLoadError
+from .base import Backend
+
+
+@dataclass
+class BackendChoice:
+    name: str  # the backend that serves: "pycaffe" or "onnxruntime"
+    reason: str  # why, in words (shown in metadata, logs, metrics, CR status)
+    details: dict[str, object] = field(default_factory=dict)  # e.g. parity figures
+    artifact: str | None = None  # e.g. the converted ONNX file
+
+
+def choose_backend(cfg: ServerConfig) -> BackendChoice:
+    if cfg.backend == "pycaffe":
+        return BackendChoice("pycaffe", "backend: pycaffe in the config")
+    try:
+        from .selection import choose_accelerated
+    except ImportError:
+        raise ModelLoadError(f"backend {cfg.backend!r} is not available in this build") from None
+    return choose_accelerated(cfg)
+
+
+def create_backend(cfg: ServerConfig, choice: BackendChoice) -> Backend:
+    if choice.name == "pycaffe":
+        from .pycaffe import PycaffeBackend
+
+        return PycaffeBackend(
+            str(cfg.path(cfg.model.prototxt)), str(cfg.path(cfg.model.weights)), cfg.device.kind, cfg.device.id
+        )
+    from .onnxruntime import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(cfg, choice)
