@@ -1,0 +1,100 @@
+"""Routes only: the Open Inference Protocol (KServe V2) REST paths onto the data plane.
+
+Built by `create_app`, which returns the handler the HTTP server calls. Every InferenceError is
+turned into `{"error": message}` with its status code here, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import orjson
+
+from .dataplane import DataPlane
+from .errors import InferenceError, NotFound
+from .httpserver import Request, Response
+from .metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+LIVE = orjson.dumps({"live": True})
+READY = orjson.dumps({"ready": True})
+
+
+def error_response(e: InferenceError) -> Response:
+    return Response(e.status_code, orjson.dumps({"error": e.message}), headers=e.headers)
+
+
+def create_app(plane: DataPlane, metrics: ServerMetrics):
+    """The request handler: one dispatch on method and path segments, no framework."""
+
+    async def infer(req: Request, model: str, version: str | None) -> Response:
+        start = time.monotonic()
+        metrics.in_flight.inc()
+        code = 200
+        try:
+            m = plane.get(model, version)
+            if plane.draining:
+                raise InferenceError("the server is shutting down", 503, {"Retry-After": "1"})
+            body, extra = await m.infer(req.body, req.headers)
+            ctype = "application/octet-stream" if extra else "application/json"
+            return Response(200, body, ctype, extra)
+        except InferenceError as e:
+            code = e.status_code
+            return error_response(e)
+        finally:
+            metrics.in_flight.dec()
+            metrics.count(code)
+            metrics.request_seconds.observe(time.monotonic() - start)
+
+    def model_get(model: str, version: str | None, tail: str) -> Response:
+        m = plane.get(model, version)
+        m.check_ready()  # 503 with the loader's message while loading or after a failed load
+        if tail == "ready":
+            return Response(200, orjson.dumps({"name": m.name, "ready": True}))
+        return Response(200, m.metadata)
+
+    async def handle(req: Request) -> Response:
+        path, method = req.path, req.method
+        try:
+            parts = path.strip("/").split("/")
+            if parts[0] == "v2":
+                n = len(parts)
+                if n >= 3 and parts[1] == "models":
+                    model = parts[2]
+                    version, rest = (parts[4], parts[5:]) if n >= 5 and parts[3] == "versions" else (None, parts[3:])
+                    tail = rest[0] if len(rest) == 1 else ("" if not rest else None)
+                    if tail == "infer":
+                        if method != "POST":
+                            return _method_not_allowed("POST")
+                        return await infer(req, model, version)
+                    if tail in ("", "ready"):
+                        if method != "GET":
+                            return _method_not_allowed("GET")
+                        return model_get(model, version, tail)
+                elif n == 1:
+                    return Response(200, plane.server_metadata)
+                elif n == 3 and parts[1] == "health":
+                    if parts[2] == "live":
+                        return Response(200, LIVE)
+                    if parts[2] == "ready":
+                        if plane.ready():
+                            return Response(200, READY)
+                        return Response(503, orjson.dumps({"ready": False, "error": plane.not_ready_reason()}))
+                elif n == 3 and parts[1:] == ["repository", "index"] and method == "POST":
+                    return Response(200, orjson.dumps([
+                        {"name": m.name, "version": m.version, "state": m.state.upper(), "reason": m.error or ""}
+                        for m in plane.models.values()
+                    ]))
+            elif path == "/metrics":
+                return Response(200, metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+            raise NotFound(f"no route for {method} {path}")
+        except InferenceError as e:
+            return error_response(e)
+
+    return handle
+
+
+def _method_not_allowed(allowed: str) -> Response:
+    return Response(405, orjson.dumps({"error": f"method not allowed; use {allowed}"}), headers={"Allow": allowed})

@@ -1,0 +1,244 @@
+"""Open Inference Protocol tensors ⇄ numpy: JSON `data` and the binary tensor data extension.
+
+No pydantic here on purpose: request bodies are parsed with orjson into dicts and checked by hand,
+so the hot path pays only for what it uses. Every error names the input and is a 400.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from math import prod
+
+import numpy as np
+import orjson
+
+from .errors import BadRequest
+
+DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(object),
+}
+DATATYPE_OF = {v: k for k, v in DTYPES.items() if k != "BYTES"}
+MAX_JSON_DEPTH = 100
+HEADER_LENGTH = "inference-header-content-length"
+
+
+@dataclass(slots=True)
+class InputTensor:
+    name: str
+    shape: list[int]
+    datatype: str
+    array: np.ndarray  # numeric arrays already shaped; BYTES: 1-D object array of bytes
+
+
+@dataclass(slots=True)
+class RequestedOutput:
+    name: str
+    binary: bool = False
+    classification: int = 0
+
+
+@dataclass(slots=True)
+class InferRequest:
+    id: str | None
+    inputs: list[InputTensor]
+    outputs: list[RequestedOutput] | None  # None: all outputs
+    binary_output: bool = False  # request-level binary_data_output
+    parameters: dict = field(default_factory=dict)
+
+
+def _depth_ok(obj, depth: int = 0) -> bool:
+    """JSON nesting check outside tensor data (numpy bounds that: 32 dimensions at most)."""
+    if depth > MAX_JSON_DEPTH:
+        return False
+    if isinstance(obj, dict):
+        return all(_depth_ok(v, depth + 1) for k, v in obj.items() if k != "data")
+    if isinstance(obj, list):
+        return all(_depth_ok(v, depth + 1) for v in obj if isinstance(v, (dict, list)))
+    return True
+
+
+def _check_shape(name: str, shape, max_elements: int) -> int:
+    if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+        raise BadRequest(f"input '{name}': shape must be a list of integers, got {shape!r}")
+    if any(d < 0 for d in shape):
+        raise BadRequest(f"input '{name}': shape {shape} has a negative dimension")
+    n = prod(shape)
+    if n > max_elements:
+        raise BadRequest(f"input '{name}': shape {shape} has {n} elements, more than the {max_elements} this server accepts")
+    return n
+
+
+def _json_array(name: str, data, datatype: str, shape: list[int], count: int) -> np.ndarray:
+    if datatype == "BYTES":
+        flat = _flatten_bytes(name, data)
+        if len(flat) != count:
+            raise BadRequest(f"input '{name}': shape {shape} needs {count} elements, data has {len(flat)}")
+        return _object_array(flat)
+    try:
+        arr = np.array(data, dtype=DTYPES[datatype])
+    except (ValueError, TypeError, OverflowError) as e:
+        raise BadRequest(f"input '{name}': data does not match datatype {datatype}: {e}") from None
+    if arr.size != count:
+        raise BadRequest(f"input '{name}': shape {shape} needs {count} elements, data has {arr.size}")
+    return arr.reshape(shape)
+
+
+def _object_array(items: list[bytes]) -> np.ndarray:
+    arr = np.empty(len(items), dtype=object)  # 1-D even when every item has the same length
+    arr[:] = items
+    return arr
+
+
+def _flatten_bytes(name: str, data) -> list[bytes]:
+    out: list[bytes] = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        elif isinstance(item, str):
+            out.append(item.encode())
+        elif isinstance(item, (bytes, bytearray)):
+            out.append(bytes(item))
+        else:
+            raise BadRequest(f"input '{name}': BYTES data must hold strings, got {type(item).__name__}")
+    return out
+
+
+def _binary_array(name: str, raw: memoryview, datatype: str, shape: list[int], count: int) -> np.ndarray:
+    if datatype == "BYTES":
+        items, pos = [], 0
+        while pos < len(raw):
+            if pos + 4 > len(raw):
+                raise BadRequest(f"input '{name}': truncated BYTES element length")
+            (n,) = struct.unpack_from("<I", raw, pos)
+            pos += 4
+            if pos + n > len(raw):
+                raise BadRequest(f"input '{name}': BYTES element of {n} bytes runs past the tensor data")
+            items.append(bytes(raw[pos : pos + n]))
+            pos += n
+        if len(items) != count:
+            raise BadRequest(f"input '{name}': shape {shape} needs {count} elements, binary data has {len(items)}")
+        return _object_array(items)
+    dt = DTYPES[datatype]
+    if len(raw) != count * dt.itemsize:
+        raise BadRequest(
+            f"input '{name}': shape {shape} of {datatype} needs {count * dt.itemsize} bytes, binary data has {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=dt).reshape(shape)
+
+
+def decode_request(body: bytes, headers: dict[str, str], max_elements: int) -> InferRequest:
+    """Parse an infer request body (JSON, or JSON header + binary tensors) into numpy inputs."""
+    header_len = headers.get(HEADER_LENGTH)
+    if header_len is not None:
+        if not header_len.isdigit() or int(header_len) > len(body):
+            raise BadRequest(f"Inference-Header-Content-Length {header_len!r} is not a length within the body")
+        json_part, binary = body[: int(header_len)], memoryview(body)[int(header_len) :]
+    else:
+        json_part, binary = body, memoryview(b"")
+    try:
+        req = orjson.loads(json_part)
+    except orjson.JSONDecodeError as e:
+        raise BadRequest(f"malformed JSON request body: {e}") from None
+    if not isinstance(req, dict):
+        raise BadRequest("the request body must be a JSON object")
+    if not _depth_ok(req):
+        raise BadRequest(f"the request JSON is nested deeper than {MAX_JSON_DEPTH} levels")
+    raw_inputs = req.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise BadRequest("the request needs a non-empty 'inputs' list")
+
+    inputs: list[InputTensor] = []
+    offset = 0
+    for t in raw_inputs:
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+            raise BadRequest("each input needs a 'name'")
+        name = t["name"]
+        datatype = t.get("datatype")
+        if datatype not in DTYPES:
+            raise BadRequest(f"input '{name}': unknown datatype {datatype!r}; expected one of {', '.join(DTYPES)}")
+        shape = t.get("shape")
+        count = _check_shape(name, shape, max_elements)
+        params = t.get("parameters") or {}
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is not None:
+            if type(size) is not int or size < 0 or offset + size > len(binary):
+                raise BadRequest(f"input '{name}': binary_data_size {size!r} runs past the binary data")
+            arr = _binary_array(name, binary[offset : offset + size], datatype, shape, count)
+            offset += size
+        elif "data" in t:
+            arr = _json_array(name, t["data"], datatype, shape, count)
+        else:
+            raise BadRequest(f"input '{name}' has neither 'data' nor binary_data_size")
+        inputs.append(InputTensor(name, shape, datatype, arr))
+    if offset != len(binary):
+        raise BadRequest(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
+
+    req_params = req.get("parameters") or {}
+    binary_output = bool(isinstance(req_params, dict) and req_params.get("binary_data_output"))
+    outputs = None
+    if req.get("outputs") is not None:
+        if not isinstance(req["outputs"], list):
+            raise BadRequest("'outputs' must be a list")
+        outputs = []
+        for o in req["outputs"]:
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                raise BadRequest("each requested output needs a 'name'")
+            p = o.get("parameters") or {}
+            cls = p.get("classification", 0)
+            if type(cls) is not int or cls < 0:
+                raise BadRequest(f"output '{o['name']}': classification must be a non-negative integer")
+            outputs.append(RequestedOutput(o["name"], bool(p.get("binary_data", binary_output)), cls))
+    rid = req.get("id")
+    return InferRequest(rid if isinstance(rid, str) else None, inputs, outputs, binary_output, req_params)
+
+
+def _bytes_payload(values: np.ndarray) -> bytes:
+    parts = []
+    for v in values.ravel():
+        b = v if isinstance(v, bytes) else str(v).encode()
+        parts.append(struct.pack("<I", len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def encode_response(
+    model_name: str, model_version: str, request_id: str | None, outputs: list[tuple[str, str, np.ndarray, bool]],
+    parameters: dict | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    """Build the response body; `outputs` holds (name, datatype, array, as_binary). Returns (body, extra headers)."""
+    tensors, blobs = [], []
+    for name, datatype, arr, as_binary in outputs:
+        t = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
+        if as_binary:
+            payload = _bytes_payload(arr) if datatype == "BYTES" else np.ascontiguousarray(arr).tobytes()
+            t["parameters"] = {"binary_data_size": len(payload)}
+            blobs.append(payload)
+        elif datatype == "BYTES":
+            t["data"] = [v.decode() if isinstance(v, bytes) else str(v) for v in arr.ravel()]
+        else:
+            t["data"] = np.ascontiguousarray(arr).ravel()
+        tensors.append(t)
+    resp = {"model_name": model_name, "model_version": model_version, "outputs": tensors}
+    if request_id is not None:
+        resp["id"] = request_id
+    if parameters:
+        resp["parameters"] = parameters
+    head = orjson.dumps(resp, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return head, {}
+    return head + b"".join(blobs), {"Inference-Header-Content-Length": str(len(head))}

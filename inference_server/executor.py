@@ -1,0 +1,207 @@
+"""Worker threads that own the Nets, their shared queue, and dynamic batching.
+
+Caffe's mode and device are per thread, so each Net is created and used by one thread for its
+whole life. Requests reach the workers through one bounded queue; a worker takes the oldest item,
+and with batching on keeps taking compatible items (same per-item shapes and outputs) until the batch
+is full or `max_queue_delay_ms` has passed since it took the first. Results go back to the asyncio
+loop with one `call_soon_threadsafe` per item. Items whose deadline passed while queued are never run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backends import BackendChoice, create_backend
+from .backends.base import NetDescription
+from .config import ServerConfig
+from .errors import DeadlineExceeded, InferenceError, ModelLoadError, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class WorkItem:
+    inputs: dict[str, np.ndarray]  # float32, batch dimension first
+    outputs: list[str]
+    batch: int
+    deadline: float  # time.monotonic()
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.monotonic)
+    started: float = 0.0
+
+    def signature(self):
+        return (tuple((k, v.shape[1:]) for k, v in self.inputs.items()), tuple(self.outputs))
+
+
+@dataclass(slots=True)
+class Timing:
+    queue_s: float
+    compute_s: float
+    batch_size: int
+
+
+def _deliver(fut: asyncio.Future, result, error) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
+def _expire(fut: asyncio.Future) -> None:
+    # the worker sees the deadline too and skips the item if it has not started it yet
+    _deliver(fut, None, DeadlineExceeded("the request did not complete within its deadline"))
+
+
+class Executor:
+    """Runs `instances` worker threads, each owning one backend instance."""
+
+    _STOP = object()
+
+    def __init__(self, cfg: ServerConfig, choice: BackendChoice, on_batch=None):
+        self.cfg = cfg
+        self.choice = choice
+        self.instances = cfg.instances
+        self.max_queue = cfg.limits.max_queue
+        self.batching = cfg.batching.enabled is True
+        self.max_batch = cfg.batching.max_batch_size
+        self.max_delay = cfg.batching.max_queue_delay_ms / 1000.0
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.pending = 0  # queued or running; read by the event loop, good enough as a bound
+        self._lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
+        self.description: NetDescription | None = None
+        self.on_batch = on_batch  # callback(Timing) for metrics, called in the worker thread
+
+    # --- lifecycle
+    def start(self) -> NetDescription:
+        """Create every backend in its own thread; raises ModelLoadError if any fails to load."""
+        ready: list[tuple[object, object]] = []
+        cond = threading.Condition()
+
+        for i in range(self.instances):
+            t = threading.Thread(target=self._run, args=(i, ready, cond), name=f"net-worker-{i}", daemon=True)
+            t.start()
+            self.threads.append(t)
+        with cond:
+            cond.wait_for(lambda: len(ready) == self.instances)
+        errors = [err for _, err in ready if err is not None]
+        if errors:
+            self.stop()
+            raise errors[0] if isinstance(errors[0], ModelLoadError) else ModelLoadError(str(errors[0]))
+        self.description = ready[0][0]
+        return self.description
+
+    def stop(self, timeout: float = 30.0) -> None:
+        for _ in self.threads:
+            self.queue.put(self._STOP)
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    # --- submission (event loop thread)
+    async def submit(self, inputs: dict[str, np.ndarray], outputs: list[str], batch: int, deadline: float):
+        with self._lock:
+            if self.pending >= self.max_queue:
+                raise Unavailable(f"the model's queue is full ({self.max_queue} requests); retry later", retry_after_s=1)
+            self.pending += 1
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.queue.put(WorkItem(inputs, outputs, batch, deadline, fut, loop))
+        timer = loop.call_later(max(0.0, deadline - time.monotonic()), _expire, fut)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+            with self._lock:
+                self.pending -= 1
+
+    # --- worker thread
+    def _run(self, index: int, ready: list, cond: threading.Condition) -> None:
+        try:
+            backend = create_backend(self.cfg, self.choice)
+            desc = backend.describe()
+            err = None
+        except Exception as e:  # reported to start(); the thread ends
+            backend, desc, err = None, None, e
+        with cond:
+            ready.append((desc, err))
+            cond.notify_all()
+        if err is not None:
+            return
+        carry: WorkItem | None = None
+        while True:
+            first = carry if carry is not None else self.queue.get()
+            carry = None
+            if first is self._STOP:
+                return
+            batch = [first]
+            if self.batching:
+                batch, carry = self._gather(first)
+            self._execute(backend, batch)
+            if carry is self._STOP:
+                return
+
+    def _gather(self, first: WorkItem):
+        """Collect compatible items behind `first`; returns (batch, an item that did not fit or None)."""
+        batch, size, sig = [first], first.batch, first.signature()
+        until = time.monotonic() + self.max_delay
+        while size < self.max_batch:
+            remaining = until - time.monotonic()
+            try:
+                item = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is self._STOP or item.signature() != sig or size + item.batch > self.max_batch:
+                return batch, item
+            batch.append(item)
+            size += item.batch
+        return batch, None
+
+    def _execute(self, backend, items: list[WorkItem]) -> None:
+        now = time.monotonic()
+        live = []
+        for it in items:
+            if it.future.cancelled():
+                continue
+            if now > it.deadline:
+                it.loop.call_soon_threadsafe(
+                    _deliver, it.future, None, DeadlineExceeded("the request's deadline passed while it was queued")
+                )
+                continue
+            live.append(it)
+        if not live:
+            return
+        try:
+            if len(live) == 1:
+                it = live[0]
+                results = [backend.infer(it.inputs, it.outputs)]
+            else:
+                names = list(live[0].inputs)
+                stacked = {n: np.concatenate([it.inputs[n] for it in live]) for n in names}
+                out = backend.infer(stacked, live[0].outputs)
+                results, start = [], 0
+                for it in live:
+                    results.append({k: v[start : start + it.batch] for k, v in out.items()})
+                    start += it.batch
+            error = None
+        except InferenceError as e:
+            results, error = [None] * len(live), e
+        except Exception as e:  # a backend failure is the server's fault: 500 with the message
+            log.exception("forward pass failed")
+            results, error = [None] * len(live), InferenceError(f"inference failed: {e}")
+        done = time.monotonic()
+        batch_size = sum(it.batch for it in live)
+        for it, res in zip(live, results):
+            it.loop.call_soon_threadsafe(_deliver, it.future, (res, Timing(now - it.enqueued, done - now, batch_size)), error)
+        if self.on_batch is not None:
+            self.on_batch(batch_size, done - now)

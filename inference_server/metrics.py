@@ -1,0 +1,65 @@
+"""Prometheus metrics of the inference server, named the way the ecosystem names them.
+
+Label children are created once and cached, so the hot path does a dict lookup and an observe.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class ServerMetrics:
+    def __init__(self, model: str, version: str):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.labels = {"model": model, "version": version}
+        self.requests = Counter(
+            "caffeserve_inference_requests", "Inference requests by outcome (HTTP code).",
+            ["model", "version", "code"], registry=r,
+        )
+        self.request_seconds = Histogram(
+            "caffeserve_request_duration_seconds", "Time from a complete request to its response.",
+            ["model", "version"], buckets=LATENCY_BUCKETS, registry=r,
+        ).labels(**self.labels)
+        self.queue_seconds = Histogram(
+            "caffeserve_queue_duration_seconds", "Time a request waited for a worker.",
+            ["model", "version"], buckets=LATENCY_BUCKETS, registry=r,
+        ).labels(**self.labels)
+        self.compute_seconds = Histogram(
+            "caffeserve_compute_duration_seconds", "Forward pass time of one (possibly batched) execution.",
+            ["model", "version"], buckets=LATENCY_BUCKETS, registry=r,
+        ).labels(**self.labels)
+        self.batch_size = Histogram(
+            "caffeserve_batch_size", "Items (batch rows) per forward pass.",
+            ["model", "version"], buckets=BATCH_BUCKETS, registry=r,
+        ).labels(**self.labels)
+        self.in_flight = Gauge(
+            "caffeserve_inflight_requests", "Inference requests being handled.", ["model", "version"], registry=r,
+        ).labels(**self.labels)
+        self.ready = Gauge(
+            "caffeserve_model_ready", "1 when the model is loaded and serving.", ["model", "version"], registry=r,
+        ).labels(**self.labels)
+        self.backend = Gauge(
+            "caffeserve_model_backend_info", "The backend serving the model, and why (value is always 1).",
+            ["model", "version", "backend", "reason"], registry=r,
+        )
+        self._codes: dict[int, object] = {}
+
+    def count(self, code: int) -> None:
+        child = self._codes.get(code)
+        if child is None:
+            child = self._codes[code] = self.requests.labels(code=str(code), **self.labels)
+        child.inc()
+
+    def observe_batch(self, size: int, compute_s: float) -> None:
+        self.batch_size.observe(size)
+        self.compute_seconds.observe(compute_s)
+
+    def set_backend(self, backend: str, reason: str) -> None:
+        self.backend.labels(backend=backend, reason=reason, **self.labels).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

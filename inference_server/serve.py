@@ -1,0 +1,69 @@
+"""`caffeserve serve --config FILE`: one model over the Open Inference Protocol.
+
+Starts listening at once (liveness true), loads the model in a background thread (readiness true
+when it is loaded, false with the loader's message when it failed), and on SIGTERM refuses new
+work, finishes requests in flight and exits 0 within the grace period.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import threading
+
+from .app import create_app
+from .config import ConfigError, load_config
+from .dataplane import DataPlane, Model
+from .httpserver import HTTPServer, ServerLimits, install_uvloop, serve_until_signalled
+from .metrics import ServerMetrics
+
+log = logging.getLogger("caffeserve")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="caffeserve serve", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="server config YAML (see inference_server/config.py)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--grace-period", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def build(cfg) -> tuple[DataPlane, HTTPServer, Model]:
+    metrics = ServerMetrics(cfg.name, cfg.version)
+    model = Model(cfg, metrics)
+    plane = DataPlane(model)
+    limits = ServerLimits(
+        max_body_bytes=cfg.limits.max_request_bytes,
+        header_timeout_s=cfg.limits.header_timeout_s,
+        body_timeout_s=cfg.limits.body_timeout_s,
+    )
+    return plane, HTTPServer(create_app(plane, metrics), limits), model
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"caffeserve serve: {e}", file=sys.stderr)
+        return 2
+    plane, server, model = build(cfg)
+    install_uvloop()
+
+    def listening(port: int) -> None:
+        log.info("listening on http://%s:%d (model %s loading)", args.host, port, cfg.name)
+        threading.Thread(target=model.load, name="model-loader", daemon=True).start()
+
+    def draining() -> None:
+        plane.draining = True
+        log.info("shutting down: finishing in-flight requests")
+
+    asyncio.run(serve_until_signalled(server, args.host, args.port, listening, args.grace_period, draining))
+    model.close()
+    log.info("stopped")
+    return 0
