@@ -9,6 +9,8 @@ an error, and the size is checked from the header before any pixel is decoded.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import warnings
 
@@ -34,6 +36,17 @@ def read_mean_file(path: str) -> np.ndarray:
     shape = list(blob.shape.dim) if blob.HasField("shape") else [blob.num, blob.channels, blob.height, blob.width]
     arr = np.asarray(blob.data, dtype=np.float32).reshape(shape[-3:])
     return arr.mean(axis=(1, 2))
+
+
+def _unbase64(data: bytes) -> bytes:
+    """JSON carries images base64-encoded (KServe's convention); the binary extension carries raw bytes.
+
+    Encoded images are never made only of base64's alphabet, so a strict decode tells the two apart.
+    """
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return data
 
 
 class ImagePreprocessor:
@@ -65,6 +78,7 @@ class ImagePreprocessor:
         self.max_pixels = max_pixels
 
     def decode_one(self, name: str, data: bytes) -> np.ndarray:
+        data = _unbase64(data)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
