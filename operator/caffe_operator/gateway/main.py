@@ -1,0 +1,128 @@
+"""`caffeserve gateway`: forward Open Inference Protocol requests to each model's ready servers.
+
+    caffeserve gateway --static digits=http://127.0.0.1:8001,http://127.0.0.1:8002
+    caffeserve gateway --kubernetes [--namespace NS | --all-namespaces] [--kubeconfig FILE]
+
+Overload answers are 503 with `Retry-After` (see proxy.py for the full contract).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from inference_server.httpserver import ServerLimits, install_uvloop
+
+from .app import GatewayApp
+from .balancer import BalancerSettings
+from .discovery import EndpointSliceWatcher, KubeConfig, StaticDiscovery, parse_static
+from .proxy import ProxySettings
+
+log = logging.getLogger("caffeserve.gateway")
+
+
+def add_balancing_arguments(p: argparse.ArgumentParser) -> None:
+    """Forwarding options, shared with `caffeserve up`."""
+    b = BalancerSettings()
+    s = ProxySettings()
+    g = p.add_argument_group("forwarding")
+    g.add_argument("--max-concurrency", type=int, default=b.max_concurrency, metavar="N",
+                   help="requests in flight per server before others wait in the gateway (default %(default)s)")
+    g.add_argument("--max-queue", type=int, default=b.max_queue, metavar="N",
+                   help="requests waiting per model; beyond, 503 + Retry-After (default %(default)s)")
+    g.add_argument("--max-wait", type=float, default=b.max_wait_s, metavar="S",
+                   help="longest wait for a free server; beyond, 503 + Retry-After (default %(default)s)")
+    g.add_argument("--request-timeout", type=float, default=s.request_timeout_s, metavar="S",
+                   help="deadline from a request's arrival to its answer; beyond, 504 (default %(default)s)")
+    g.add_argument("--max-retries", type=int, default=s.max_retries, metavar="N",
+                   help="retries on other servers after a connection failure (default %(default)s)")
+    g.add_argument("--eject-after", type=int, default=b.eject_after, metavar="N",
+                   help="consecutive failures that eject a server (default %(default)s)")
+    g.add_argument("--eject-seconds", type=float, default=b.eject_base_s, metavar="S",
+                   help="ejection time, times the number of ejections so far (default %(default)s)")
+    g.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, metavar="B",
+                   help="largest request body; beyond, 413 (default 64 MiB)")
+
+
+def settings_from(args) -> tuple[BalancerSettings, ProxySettings, ServerLimits]:
+    balancer = BalancerSettings(max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+                                max_wait_s=args.max_wait, eject_after=args.eject_after,
+                                eject_base_s=args.eject_seconds)
+    proxy = ProxySettings(request_timeout_s=args.request_timeout, max_retries=args.max_retries)
+    limits = ServerLimits(max_body_bytes=args.max_body_bytes, body_timeout_s=min(30.0, args.request_timeout))
+    return balancer, proxy, limits
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="caffeserve gateway", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8080)
+    src = p.add_argument_group("discovery (one of)")
+    src.add_argument("--static", action="append", default=[], metavar="MODEL=URL[,URL...]",
+                     help="a model's servers, given directly (repeat per model)")
+    src.add_argument("--kubernetes", action="store_true",
+                     help="watch EndpointSlices labelled caffeserving.io/model (default inside a cluster)")
+    src.add_argument("--namespace", help="namespace to watch (default: the pod's, or the kubeconfig context's)")
+    src.add_argument("--all-namespaces", action="store_true", help="watch every namespace (needs a ClusterRole)")
+    src.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"),
+                     help="kubeconfig file (default $KUBECONFIG; in a cluster the service-account token)")
+    src.add_argument("--context", help="kubeconfig context (default: current-context)")
+    add_balancing_arguments(p)
+    p.add_argument("--grace", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, how long requests in flight may take to finish (default %(default)s)")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def make_discovery(args):
+    if args.static and args.kubernetes:
+        raise SystemExit("caffeserve gateway: use either --static or --kubernetes, not both")
+    if args.static:
+        models = {}
+        for spec in args.static:
+            try:
+                name, addrs = parse_static(spec)
+            except ValueError as e:
+                raise SystemExit(f"caffeserve gateway: --static {e}")
+            models.setdefault(name, set()).update(addrs)
+        return StaticDiscovery(models)
+    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    if not (args.kubernetes or in_cluster):
+        raise SystemExit("caffeserve gateway: give --static MODEL=URL,... or --kubernetes")
+    kube = KubeConfig.from_kubeconfig(args.kubeconfig, args.context) if args.kubeconfig else KubeConfig.in_cluster()
+    namespace = None if args.all_namespaces else (args.namespace or kube.namespace)
+    return EndpointSliceWatcher(kube, namespace)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    discovery = make_discovery(args)
+    balancer, proxy, limits = settings_from(args)
+    app = GatewayApp(discovery, balancer, proxy, limits)
+    install_uvloop()
+
+    asyncio.run(run_until_signalled(app, args.host, args.port, args.grace))
+    return 0
+
+
+async def run_until_signalled(app: GatewayApp, host: str, port: int, grace_s: float) -> None:
+    """Serve until SIGTERM/SIGINT, then drain: refuse new requests, finish those in flight."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    bound = await app.start(host, port)
+    log.info("gateway listening on http://%s:%d", host, bound)
+    await stop.wait()
+    log.info("stopping: finishing requests in flight (up to %.0f s)", grace_s)
+    await app.stop(grace_s)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

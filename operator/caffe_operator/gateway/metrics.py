@@ -1,0 +1,83 @@
+"""The gateway's Prometheus metrics.
+
+Per-request figures (requests by model and code, upstream latency) are counted as they happen;
+the state figures (queue depth, in flight, endpoints, retries, ejections) are read from the
+balancer when scraped, so they cost the hot path nothing. `caffeserve_gateway_in_flight` plus
+`caffeserve_gateway_queue_depth` per model is the concurrency an autoscaler would scale on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .balancer import Balancer
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class _BalancerState:
+    """Collector reading the balancer's live state at scrape time."""
+
+    def __init__(self, balancer: Balancer):
+        self.balancer = balancer
+
+    def collect(self):
+        depth = GaugeMetricFamily("caffeserve_gateway_queue_depth",
+                                  "Requests waiting in the gateway for a free endpoint.", labels=["model"])
+        in_flight = GaugeMetricFamily("caffeserve_gateway_in_flight",
+                                      "Requests forwarded and not yet answered.", labels=["model"])
+        endpoints = GaugeMetricFamily("caffeserve_gateway_endpoints",
+                                      "Ready endpoints by state (ejected ones are skipped while healthy ones exist).",
+                                      labels=["model", "state"])
+        retries = CounterMetricFamily("caffeserve_gateway_retries",
+                                      "Requests retried on another endpoint after a connection failure.",
+                                      labels=["model"])
+        ejections = CounterMetricFamily("caffeserve_gateway_ejections",
+                                        "Endpoints ejected after consecutive failures.", labels=["model"])
+        try:
+            now = asyncio.get_running_loop().time()
+        except RuntimeError:  # scraped outside the loop (tests)
+            now = 0.0
+        for name, route in sorted(self.balancer.models.items()):
+            depth.add_metric([name], route.queued)
+            in_flight.add_metric([name], route.in_flight)
+            ejected = route.ejected_count(now)
+            endpoints.add_metric([name, "ready"], route.ready_count() - ejected)
+            endpoints.add_metric([name, "ejected"], ejected)
+            retries.add_metric([name], route.retries_total)
+            ejections.add_metric([name], route.ejections_total)
+        return [depth, in_flight, endpoints, retries, ejections]
+
+
+class GatewayMetrics:
+    def __init__(self, balancer: Balancer):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._requests = Counter("caffeserve_gateway_requests", "Requests answered, by model and HTTP code.",
+                                 ["model", "code"], registry=self.registry)
+        self._latency = Histogram("caffeserve_gateway_upstream_latency_seconds",
+                                  "Time from forwarding a request to an inference server to its whole answer.",
+                                  ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(_BalancerState(balancer))
+        self._request_children: dict[tuple[str, int], object] = {}
+        self._latency_children: dict[str, object] = {}
+
+    def count(self, model: str, code: int) -> None:
+        key = (model, code)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self._requests.labels(model, str(code))
+        child.inc()
+
+    def observe_upstream(self, model: str, seconds: float) -> None:
+        child = self._latency_children.get(model)
+        if child is None:
+            child = self._latency_children[model] = self._latency.labels(model)
+        child.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
