@@ -121,6 +121,12 @@ class Batching(CamelModel):
     max_queue_delay_ms: float = Field(
         default=2.0, ge=0, le=10_000, description="How long the first queued request waits for others to join."
     )
+    latency_budget_ms: float = Field(
+        default=100.0, gt=0, description="With enabled: auto, the largest forward time (plus queue delay) a batch may take."
+    )
+    min_gain: float = Field(
+        default=1.1, ge=1.0, description="With enabled: auto, batch only when items/s improve at least this factor."
+    )
 
 
 class Limits(CamelModel):

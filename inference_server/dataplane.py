@@ -143,14 +143,22 @@ class Model:
                 self.labels = [line.rstrip("\n") for line in f if line.strip()]
         self.metadata = orjson.dumps(self._metadata(desc))
         self.metrics.set_backend(self.choice.name, self.choice.reason)
+        self.metrics.set_batching(self.executor.batching, self.executor.max_batch if self.executor.batching else 1,
+                                  self.executor.decision.curve if self.executor.decision else [])
         self.state = "ready"
         self.metrics.ready.set(1)
         log.info("model %s version %s is ready", self.name, self.version)
 
     def _metadata(self, desc) -> dict:
+        ex = self.executor
         params = {"backend": self.choice.name, "backend_reason": self.choice.reason, **self.choice.details,
-                  "instances": self.cfg.instances, "batching": self.cfg.batching.enabled,
+                  "instances": self.cfg.instances, "batching": ex.batching,
                   "max_batch_size": self.max_batch}
+        if ex.batching:
+            params["batching_max_batch_size"] = ex.max_batch
+        if ex.decision is not None:
+            params["batching_decision"] = ex.decision.reason
+            params["batching_curve"] = ex.decision.curve
         if self.labels:
             params["labels"] = len(self.labels)
         return {

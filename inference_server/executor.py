@@ -20,6 +20,7 @@ import numpy as np
 
 from .backends import BackendChoice, create_backend
 from .backends.base import NetDescription
+from .calibration import BatchingDecision, decide, measure_curve
 from .config import ServerConfig
 from .errors import DeadlineExceeded, InferenceError, ModelLoadError, Unavailable
 
@@ -80,7 +81,8 @@ class Executor:
         self._lock = threading.Lock()
         self.threads: list[threading.Thread] = []
         self.description: NetDescription | None = None
-        self.on_batch = on_batch  # callback(Timing) for metrics, called in the worker thread
+        self.on_batch = on_batch  # callback(batch_size, compute_s) for metrics, called in the worker thread
+        self.decision: BatchingDecision | None = None  # set by calibration with `batching: auto`
 
     # --- lifecycle
     def start(self) -> NetDescription:
@@ -130,6 +132,8 @@ class Executor:
         try:
             backend = create_backend(self.cfg, self.choice)
             desc = backend.describe()
+            if index == 0 and self.cfg.batching.enabled == "auto":
+                self._calibrate(backend, desc)
             err = None
         except Exception as e:  # reported to start(); the thread ends
             backend, desc, err = None, None, e
@@ -150,6 +154,15 @@ class Executor:
             self._execute(backend, batch)
             if carry is self._STOP:
                 return
+
+    def _calibrate(self, backend, desc: NetDescription) -> None:
+        """`batching: auto`: time this worker's Net at several batch sizes and decide (before serving)."""
+        shapes = {b.name: b.shape[1:] for b in desc.inputs}
+        curve = measure_curve(backend, shapes, [b.name for b in desc.outputs], self.cfg.batching.max_batch_size)
+        self.decision = decide(curve, self.cfg.batching)
+        self.batching = self.decision.enabled
+        self.max_batch = self.decision.max_batch_size
+        log.info("batching auto: %s (%s)", "on" if self.batching else "off", self.decision.reason)
 
     def _gather(self, first: WorkItem):
         """Collect compatible items behind `first`; returns (batch, an item that did not fit or None)."""

@@ -46,6 +46,14 @@ class ServerMetrics:
             "caffeserve_model_backend_info", "The backend serving the model, and why (value is always 1).",
             ["model", "version", "backend", "reason"], registry=r,
         )
+        self.batching = Gauge(
+            "caffeserve_batching_max_batch_size", "Largest stacked batch in use (1: batching off).",
+            ["model", "version"], registry=r,
+        ).labels(**self.labels)
+        self.calibration = Gauge(
+            "caffeserve_batching_calibration_items_per_second", "Measured items/s per batch size (batching: auto).",
+            ["model", "version", "batch"], registry=r,
+        )
         self._codes: dict[int, object] = {}
 
     def count(self, code: int) -> None:
@@ -60,6 +68,11 @@ class ServerMetrics:
 
     def set_backend(self, backend: str, reason: str) -> None:
         self.backend.labels(backend=backend, reason=reason, **self.labels).set(1)
+
+    def set_batching(self, enabled: bool, max_batch: int, curve: list[dict]) -> None:
+        self.batching.set(max_batch if enabled else 1)
+        for point in curve:
+            self.calibration.labels(batch=str(point["batch"]), **self.labels).set(point["items_per_s"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

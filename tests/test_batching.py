@@ -80,3 +80,37 @@ def test_batch_never_exceeds_max_batch_size(model):
     # rows per forward ≤ 8 means no bucket above 8 gained anything: le="8" count equals the total count
     le8 = float(re.search(r'caffeserve_batch_size_bucket\{[^}]*le="8.0"[^}]*\} (\S+)', text).group(1))
     assert le8 == after[0]
+
+
+def test_batching_auto_measures_the_curve_and_reports_its_decision(tmp_path):
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 64]))
+    n.ip1 = L.InnerProduct(n.data, num_output=256)
+    n.ip2 = L.InnerProduct(n.ip1, num_output=10)
+    proto, weights = save_net(n, tmp_path, "autonet")
+    cfg = {"name": "autonet", "model": {"prototxt": str(proto), "weights": str(weights)},
+           "batching": {"enabled": "auto", "maxBatchSize": 8, "latencyBudgetMs": 50}}
+    with ServerProcess(cfg, tmp_path) as server:
+        status, meta = http_json("GET", server.url + "/v2/models/autonet")
+        assert status == 200
+        params = meta["parameters"]
+        curve = params["batching_curve"]
+        assert [p["batch"] for p in curve] == [1, 2, 4, 8]
+        assert all(p["forward_ms"] > 0 and p["items_per_s"] > 0 for p in curve)
+        best = max(curve, key=lambda p: p["items_per_s"])
+        # the decision follows the measured curve: on exactly when the best size beats batch 1 by the minimum gain
+        expect_on = best["batch"] > 1 and best["items_per_s"] >= 1.1 * curve[0]["items_per_s"]
+        assert params["batching"] is expect_on, params["batching_decision"]
+        metrics = http("GET", server.url + "/metrics")[2].decode()
+        assert 'caffeserve_batching_calibration_items_per_second{batch="8"' in metrics
+        x = np.ones((1, 64), np.float32)
+        assert np.abs(infer_model(server.url, "autonet", x) - forward(proto, weights, {"data": x})["ip2"]).max() <= 1e-5
+
+
+def infer_model(url: str, model: str, x: np.ndarray) -> np.ndarray:
+    status, body = http_json("POST", f"{url}/v2/models/{model}/infer", {
+        "inputs": [{"name": "data", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}],
+    })
+    assert status == 200, body
+    out = body["outputs"][0]
+    return np.array(out["data"], dtype=np.float32).reshape(out["shape"])
