@@ -11,13 +11,16 @@ PY="$VENV/bin/python"
 SDIST_VERSION=9.0.2
 PYVER=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 CACHE_ROOT=${CAFFE_SERVING_CACHE:-$HOME/.cache/caffe-serving}
-CACHE="$CACHE_ROOT/pycaffe-brocolli-$SDIST_VERSION-py$PYVER"
+# Bump PATCH_LEVEL whenever patch_sources changes: it is part of the cache key.
+PATCH_LEVEL=nogil1
+CACHE="$CACHE_ROOT/pycaffe-brocolli-$SDIST_VERSION-$PATCH_LEVEL-py$PYVER"
 SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
 log() { echo "[install_pycaffe] $*" >&2; }
 
-if "$PY" -c 'import caffe, caffe._caffe' 2>/dev/null; then
-  log "pycaffe already importable in $VENV"
+BUILD_ID=$(basename "$CACHE")
+if [ "$(cat "$SITE/caffe/BUILD_ID" 2>/dev/null)" = "$BUILD_ID" ] && "$PY" -c 'import caffe._caffe' 2>/dev/null; then
+  log "pycaffe $BUILD_ID already installed in $VENV"
   exit 0
 fi
 
@@ -42,6 +45,36 @@ ensure_debs() {
   fi
 }
 
+patch_sources() {
+  # pycaffe's Net._forward holds the GIL for the whole forward pass, so Net copies in different
+  # threads (`instances: N`) cannot overlap. Bind _forward to a wrapper that releases the GIL while
+  # Caffe computes (no Python runs inside: the Python layer is not built).
+  local cpp="$1/python/caffe/_caffe.cpp"
+  "$PY" - "$cpp" <<'PYEOF'
+import sys
+path = sys.argv[1]
+src = open(path).read()
+anchor = "void set_mode_gpu() { Caffe::set_mode(Caffe::GPU); }"
+wrapper = anchor + """
+
+// caffe-serving patch: run the forward pass without holding the GIL.
+struct ScopedGILRelease {
+  PyThreadState* state;
+  ScopedGILRelease() : state(PyEval_SaveThread()) {}
+  ~ScopedGILRelease() { PyEval_RestoreThread(state); }
+};
+Dtype Net_ForwardFromTo_NoGIL(Net<Dtype>& net, int start, int end) {
+  ScopedGILRelease release;
+  return net.ForwardFromTo(start, end);
+}
+"""
+binding = '.def("_forward", &Net<Dtype>::ForwardFromTo)'
+assert anchor in src and binding in src, "pycaffe sources changed: update patch_sources"
+src = src.replace(anchor, wrapper, 1).replace(binding, '.def("_forward", &Net_ForwardFromTo_NoGIL)', 1)
+open(path, "w").write(src)
+PYEOF
+}
+
 build() {
   local work; work=$(mktemp -d)
   trap 'rm -rf "$work"' RETURN
@@ -49,6 +82,7 @@ build() {
   "$PY" -m pip download -q --no-deps --no-binary :all: "brocolli-caffe==$SDIST_VERSION" -d "$work"
   tar xzf "$work/brocolli-caffe-$SDIST_VERSION.tar.gz" -C "$work"
   local src="$work/brocolli-caffe-$SDIST_VERSION"
+  patch_sources "$src"
   # Its CMake links -lboost_python, -lhdf5, -lhdf5_hl from $ANACONDA_HOME/lib: give it a folder of links.
   local shim="$work/shim"; mkdir -p "$shim/lib"
   ln -s "/usr/lib/x86_64-linux-gnu/libboost_python${PYVER/./}.so" "$shim/lib/libboost_python.so"
@@ -82,4 +116,5 @@ fi
 "$PY" -m pip install -q 'numpy<2' six 'protobuf>=3.20' scikit-image scipy
 rm -rf "$SITE/caffe"
 cp -r "$CACHE/caffe" "$SITE/caffe"
+echo "$BUILD_ID" > "$SITE/caffe/BUILD_ID"
 "$PY" -c 'import caffe; caffe.set_mode_cpu(); print("[install_pycaffe] pycaffe OK:", caffe.__file__)'
