@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gateway": ("caffe_operator.gateway.main", "run the gateway that forwards requests to model pods"),
     "up": ("caffe_operator.local", "run a CaffeModelService manifest on this machine (local mode)"),
     "demo": ("caffe_operator.demo", "local mode on the digits example plus one real request"),
+    "fetch": ("caffe_operator.fetch", "download a model file and check its sha256"),
     "crd": ("caffe_operator.api", "print the CaffeModelService CRD YAML generated from the model"),
 }
 

@@ -1,0 +1,367 @@
+"""Child manifests of a CaffeModelService: pure functions of (name, namespace, spec).
+
+The same spec always gives the same ConfigMap, Deployment and Service, byte for byte, so the
+operator can create-or-patch them on every event (level-based), tests can check them without a
+cluster, and `caffeserve up` can run the very same server config locally.
+
+- ConfigMap `{name}-config`: `config.yaml`, a `caffeserve serve` config (inference_server.config).
+- Deployment `{name}-predictor`: the server container, model files under /models (PVC subPath,
+  ConfigMap volume, or an emptyDir filled by `caffeserve fetch` init containers), GPU limits,
+  probes on the V2 health endpoints, the Pod Security "restricted" profile, and a config-hash
+  annotation on the pod template so that any change to what the pods see rolls them.
+- Service `{name}-predictor`: port `http` 8080 in front of the pods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from caffe_operator.api import (
+    API_VERSION,
+    KIND,
+    CaffeModelServiceSpec,
+    RuntimeDevice,
+    is_url,
+    local_name,
+)
+from inference_server.config import ServerConfig
+
+PORT = 8080
+CONFIG_DIR = "/etc/caffeserve"
+CONFIG_KEY = "config.yaml"
+MODEL_DIR = "/models"
+RUN_AS = 1000  # the uid/gid the server images run as (numeric, for runAsNonRoot)
+
+MODEL_LABEL = "caffeserving.io/model"
+MANAGED_BY = "caffe-serving-operator"
+CONFIG_HASH_ANNOTATION = "caffeserving.io/config-hash"
+DEFAULT_SERVER_IMAGE = "ghcr.io/caffe-serving/caffe-server-gpu:0.1.0"
+
+SERVE_COMMAND = ["caffeserve", "serve", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}", "--host", "0.0.0.0", "--port", str(PORT)]
+
+# Optional pod-spec fields that come from the CR: when the CR drops one, the patch must remove it.
+OPTIONAL_POD_FIELDS = (
+    "nodeSelector", "tolerations", "affinity", "runtimeClassName", "priorityClassName",
+    "imagePullSecrets", "serviceAccountName", "initContainers",
+)
+
+
+def config_map_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def predictor_name(name: str) -> str:
+    return f"{name}-predictor"
+
+
+def labels(name: str) -> dict[str, str]:
+    """Labels on every child and on the pods; the gateway finds model pods by them."""
+    return {
+        MODEL_LABEL: name,
+        "app.kubernetes.io/name": "caffe-model-server",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/part-of": "caffe-serving",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+    }
+
+
+def selector(name: str) -> dict[str, str]:
+    """The pods of one model (Deployment and Service selector; immutable once created)."""
+    return {MODEL_LABEL: name}
+
+
+def selector_string(name: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in selector(name).items())
+
+
+def service_url(name: str, namespace: str) -> str:
+    return f"http://{predictor_name(name)}.{namespace}.svc:{PORT}/v2/models/{name}"
+
+
+def model_url(name: str, namespace: str, gateway_url: str | None = None) -> str:
+    """Where clients reach the model: through the gateway when there is one, else the Service."""
+    if gateway_url:
+        return f"{gateway_url.rstrip('/')}/v2/models/{name}"
+    return service_url(name, namespace)
+
+
+# --------------------------------------------------------------------------------------------
+# the server config
+# --------------------------------------------------------------------------------------------
+def model_path(file: str) -> str:
+    return posixpath.join(MODEL_DIR, local_name(file))
+
+
+def server_config(name: str, spec: CaffeModelServiceSpec) -> ServerConfig:
+    """The `caffeserve serve` config the pods run: the CR's serving fields, files under /models."""
+    m, rt = spec.model, spec.runtime
+    preprocessing = None
+    if m.preprocessing is not None:
+        preprocessing = m.preprocessing.model_copy(
+            update={"mean_file": model_path(m.preprocessing.mean_file) if m.preprocessing.mean_file else None}
+        )
+    return ServerConfig(
+        name=name,
+        version=m.version,
+        model={
+            "prototxt": model_path(m.prototxt),
+            "weights": model_path(m.weights),
+            "prototxt_sha256": m.prototxt_sha256,
+            "weights_sha256": m.weights_sha256,
+            "labels": model_path(m.labels) if m.labels else None,
+        },
+        inputs=m.inputs,
+        outputs=m.outputs,
+        preprocessing=preprocessing,
+        device={"kind": rt.device.value if isinstance(rt.device, RuntimeDevice) else rt.device, "id": 0},
+        instances=rt.instances,
+        batching=rt.batching,
+        backend=rt.backend,
+        limits=rt.limits,
+    )
+
+
+def server_config_yaml(name: str, spec: CaffeModelServiceSpec) -> str:
+    """The config as YAML, defaults left out: the server image applies its own, so an operator
+    and a server of neighbouring versions still agree on the file."""
+    data = server_config(name, spec).model_dump(by_alias=True, exclude_none=True, exclude_defaults=True, mode="json")
+    head = {k: data.pop(k) for k in ("name", "version", "model") if k in data}
+    return yaml.safe_dump({**head, **data}, sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# children
+# --------------------------------------------------------------------------------------------
+def _metadata(name: str, namespace: str, model: str) -> dict[str, Any]:
+    return {"name": name, "namespace": namespace, "labels": labels(model)}
+
+
+def config_map(name: str, namespace: str, spec: CaffeModelServiceSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(config_map_name(name), namespace, name),
+        "data": {CONFIG_KEY: server_config_yaml(name, spec)},
+    }
+
+
+def service(name: str, namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(predictor_name(name), namespace, name),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector(name),
+            "ports": [{"name": "http", "port": PORT, "targetPort": PORT, "protocol": "TCP", "appProtocol": "http"}],
+        },
+    }
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+    }
+
+
+def _server_resources(spec: CaffeModelServiceSpec) -> dict[str, Any]:
+    resources = json.loads(json.dumps(spec.resources or {}))
+    if spec.runtime.device == RuntimeDevice.gpu:
+        resources.setdefault("limits", {})[spec.runtime.gpu_resource] = spec.runtime.gpu_count
+    return resources
+
+
+def _fetch_resources(spec: CaffeModelServiceSpec) -> dict[str, Any]:
+    """An init container gets the server's cpu/memory (so quotas and LimitRanges agree), never GPUs."""
+    return {
+        part: {k: v for k, v in values.items() if k in ("cpu", "memory", "ephemeral-storage")}
+        for part, values in (spec.resources or {}).items() if part in ("requests", "limits") and isinstance(values, dict)
+    }
+
+
+def _model_volume(spec: CaffeModelServiceSpec) -> dict[str, Any]:
+    src = spec.source
+    if src.pvc is not None:
+        return {"name": "models", "persistentVolumeClaim": {"claimName": src.pvc.claim_name, "readOnly": src.pvc.read_only}}
+    if src.config_map is not None:
+        return {"name": "models", "configMap": {"name": src.config_map.name}}
+    return {"name": "models", "emptyDir": {}}
+
+
+def _model_mount(spec: CaffeModelServiceSpec) -> dict[str, Any]:
+    mount = {"name": "models", "mountPath": MODEL_DIR, "readOnly": True}
+    if spec.source.pvc is not None and spec.source.pvc.path.strip("/"):
+        mount["subPath"] = spec.source.pvc.path.strip("/")
+    return mount
+
+
+def file_url(spec: CaffeModelServiceSpec, file: str) -> str:
+    """A model file's download URL (source.url joined with the name, or the file's own URL)."""
+    if is_url(file):
+        return file
+    assert spec.source.url is not None
+    return spec.source.url.rstrip("/") + "/" + file
+
+
+def _fetch_containers(spec: CaffeModelServiceSpec, image: str) -> list[dict[str, Any]]:
+    """One init container per file: download, check the sha256, rename into place."""
+    if spec.source.url is None:
+        return []
+    sha = spec.model.sha256s()
+    out = []
+    for role, file in spec.model.files().items():
+        command = ["caffeserve", "fetch", "--url", file_url(spec, file), "--dest", model_path(file)]
+        if role in sha:
+            command += ["--sha256", sha[role]]
+        container = {
+            "name": f"fetch-{role.lower()}",
+            "image": image,
+            "command": command,
+            "env": [{"name": "HOME", "value": "/tmp"}],
+            "securityContext": _container_security(),
+            "volumeMounts": [{"name": "models", "mountPath": MODEL_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
+        }
+        if spec.runtime.image_pull_policy:
+            container["imagePullPolicy"] = spec.runtime.image_pull_policy
+        if resources := _fetch_resources(spec):
+            container["resources"] = resources
+        out.append(container)
+    return out
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "timeoutSeconds": 2, "failureThreshold": failures}
+
+
+def _tolerations(spec: CaffeModelServiceSpec) -> list[dict[str, Any]]:
+    tolerations = [dict(t) for t in spec.tolerations or []]
+    if spec.runtime.device == RuntimeDevice.gpu and not any(t.get("key") == "nvidia.com/gpu" for t in tolerations):
+        # GPU node pools are commonly tainted nvidia.com/gpu:NoSchedule (GKE, AKS, EKS guides).
+        tolerations.append({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
+    return tolerations
+
+
+def pod_template(name: str, spec: CaffeModelServiceSpec, image: str) -> dict[str, Any]:
+    """The pod template without its config-hash annotation."""
+    rt = spec.runtime
+    startup_period = 5
+    server = {
+        "name": "server",
+        "image": image,
+        "command": SERVE_COMMAND,
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "env": [{"name": "HOME", "value": "/tmp"}],
+        "resources": _server_resources(spec),
+        "securityContext": _container_security(),
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            _model_mount(spec),
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        # Startup waits for readiness (the model loaded): liveness never races a slow load, and a
+        # model that never loads is restarted once the budget is spent, visibly (restarts, events).
+        "startupProbe": _probe("/v2/health/ready", startup_period, math.ceil(rt.startup_timeout_seconds / startup_period)),
+        "livenessProbe": _probe("/v2/health/live", 10, 3),
+        "readinessProbe": _probe("/v2/health/ready", 5, 2),
+    }
+    if rt.image_pull_policy:
+        server["imagePullPolicy"] = rt.image_pull_policy
+    pod: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        # The server drains in-flight requests within 30 s of SIGTERM.
+        "terminationGracePeriodSeconds": 40,
+        "containers": [server],
+        "volumes": [
+            {"name": "config", "configMap": {"name": config_map_name(name)}},
+            _model_volume(spec),
+            {"name": "tmp", "emptyDir": {}},
+        ],
+    }
+    if init := _fetch_containers(spec, image):
+        pod["initContainers"] = init
+    optional = {
+        "nodeSelector": spec.node_selector,
+        "tolerations": _tolerations(spec),
+        "affinity": spec.affinity,
+        "runtimeClassName": spec.runtime_class_name,
+        "priorityClassName": spec.priority_class_name,
+        "imagePullSecrets": [s.model_dump(by_alias=True) for s in spec.image_pull_secrets] if spec.image_pull_secrets else None,
+        "serviceAccountName": spec.service_account_name,
+    }
+    pod.update({k: v for k, v in optional.items() if v})
+    return {
+        "metadata": {
+            "labels": labels(name),
+            "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORT), "prometheus.io/path": "/metrics"},
+        },
+        "spec": pod,
+    }
+
+
+def config_hash(config: dict[str, Any], template: dict[str, Any]) -> str:
+    """sha256 of everything the pods see: the ConfigMap's data and the pod template."""
+    blob = json.dumps({"config": config.get("data"), "template": template}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def deployment(name: str, namespace: str, spec: CaffeModelServiceSpec, image: str, config: dict[str, Any]) -> dict[str, Any]:
+    template = pod_template(name, spec, image)
+    template["metadata"]["annotations"][CONFIG_HASH_ANNOTATION] = config_hash(config, template)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(predictor_name(name), namespace, name),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector(name)},
+            # A new pod comes up (and loads the model) before an old one goes: no capacity dip.
+            # It needs room for one more replica's GPUs during a rollout.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "progressDeadlineSeconds": spec.runtime.startup_timeout_seconds + 120,
+            "revisionHistoryLimit": 3,
+            "template": template,
+        },
+    }
+
+
+@dataclass(frozen=True)
+class Children:
+    config_map: dict[str, Any]
+    deployment: dict[str, Any]
+    service: dict[str, Any]
+
+    def all(self) -> list[dict[str, Any]]:
+        """In creation order: the config before the pods that mount it, the Service last."""
+        return [self.config_map, self.deployment, self.service]
+
+
+def server_image(spec: CaffeModelServiceSpec, default_image: str = DEFAULT_SERVER_IMAGE) -> str:
+    return spec.runtime.image or default_image
+
+
+def children(name: str, namespace: str, spec: CaffeModelServiceSpec, default_image: str = DEFAULT_SERVER_IMAGE) -> Children:
+    """Every child of one CaffeModelService (without owner references: the operator adds them)."""
+    cm = config_map(name, namespace, spec)
+    return Children(
+        config_map=cm,
+        deployment=deployment(name, namespace, spec, server_image(spec, default_image), cm),
+        service=service(name, namespace),
+    )
