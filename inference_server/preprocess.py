@@ -76,6 +76,8 @@ class ImagePreprocessor:
         if self.mean is not None and self.mean.shape[0] not in (1, self.channels):
             raise ModelLoadError(f"{self.mean.shape[0]} mean values for {self.channels} channels")
         self.max_pixels = max_pixels
+        # Pillow's own guard runs inside Image.open, before our check: tie it to the configured limit
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
     def decode_one(self, name: str, data: bytes) -> np.ndarray:
         data = _unbase64(data)
@@ -94,7 +96,10 @@ class ImagePreprocessor:
         except BadRequest:
             raise
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-            raise BadRequest(f"input '{name}': image rejected as a decompression bomb: {e}") from None
+            raise BadRequest(
+                f"input '{name}': image rejected as a decompression bomb: it has more than the limit of "
+                f"{self.max_pixels} pixels (limits.maxImagePixels)"
+            ) from None
         except Exception as e:  # Pillow raises many types for undecodable data
             raise BadRequest(f"input '{name}': cannot decode image: {e}") from None
         arr = np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)
