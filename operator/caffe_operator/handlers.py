@@ -1,0 +1,87 @@
+"""The kopf handlers: thin wiring from events to `Reconciler` (reconcile.py).
+
+Triggers, all ending in the same level-based reconcile of one CaffeModelService:
+- the CR is created, updated (spec or metadata) or found at startup (resume);
+- one of its children (labelled managed-by caffe-serving-operator) changes or disappears: a
+  hand edit or deletion is undone, and the Deployment's ready replicas reach the CR status;
+- a periodic resync of every model this process has seen (CAFFESERVE_RESYNC_SECONDS, default
+  300), a safety net for missed events. (Not a kopf timer: kopf gives timers a finalizer.)
+
+A spec the operator cannot serve ends in `kopf.PermanentError` (after the InvalidSpec status and
+event are written): kopf does not retry it; the next spec change does. No delete handler, hence
+no finalizer: deleting the CR leaves the children to Kubernetes' garbage collector (ownerReferences).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from caffe_operator import manifests
+from caffe_operator.api import GROUP, PLURAL, VERSION
+from caffe_operator.kube import KubeClient
+from caffe_operator.reconcile import OperatorConfig, Reconciler
+
+CR = (GROUP, VERSION, PLURAL)
+CHILDREN = {"app.kubernetes.io/managed-by": manifests.MANAGED_BY}
+RESYNC_SECONDS = float(os.environ.get("CAFFESERVE_RESYNC_SECONDS", "300"))
+RETRY_BACKOFF_SECONDS = 10
+
+
+def login(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo | None:
+    """A kubeconfig when one is given (KUBECONFIG / --kubeconfig), else the pod's service account."""
+    if os.environ.get("KUBECONFIG"):
+        return kopf.login_with_kubeconfig(settings=settings)
+    return kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+
+
+@kopf.on.login()
+def on_login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | None:
+    return login(settings)
+
+
+@kopf.on.startup()
+async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    # Our own annotation prefix for kopf's bookkeeping on the CR; no finalizer is ever added.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.posting.reporting_component = manifests.MANAGED_BY
+    settings.posting.event_name_prefix = "caffe-serving-"
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 600  # re-list now and then, as client-go informers do
+    config = OperatorConfig.from_env()
+    memo.client = KubeClient(login=lambda: login(settings))
+    memo.reconciler = Reconciler(memo.client, config)
+    memo.resync = asyncio.get_running_loop().create_task(memo.reconciler.resync_forever(RESYNC_SECONDS, logger))
+    logger.info(f"server image {config.server_image}; model URLs via {config.gateway_url or 'the model Services'}")
+
+
+@kopf.on.cleanup()
+async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
+    if getattr(memo, "resync", None) is not None:
+        memo.resync.cancel()
+    if getattr(memo, "client", None) is not None:
+        await memo.client.close()
+
+
+@kopf.on.resume(*CR, backoff=RETRY_BACKOFF_SECONDS)
+@kopf.on.create(*CR, backoff=RETRY_BACKOFF_SECONDS)
+@kopf.on.update(*CR, backoff=RETRY_BACKOFF_SECONDS)
+async def on_spec(name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    outcome = await memo.reconciler.reconcile_named(namespace, name, logger)
+    if outcome is not None and outcome.invalid:
+        raise kopf.PermanentError(f"InvalidSpec: {outcome.invalid}")
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=CHILDREN)
+@kopf.on.event("v1", "services", labels=CHILDREN)
+@kopf.on.event("v1", "configmaps", labels=CHILDREN)
+async def on_child(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    model = (body.metadata.labels or {}).get(manifests.MODEL_LABEL)
+    if model and body.metadata.namespace:
+        await memo.reconciler.reconcile_named(body.metadata.namespace, model, logger)

@@ -1,0 +1,277 @@
+"""Reconciliation: make the children match the spec, then make the status match the children.
+
+Level-based and idempotent: whatever triggers it (the CR created, updated or resumed, a child
+changed or deleted, the periodic resync), it reads the current CR, computes the desired children
+(manifests.py), creates the missing ones (a 409 means it already exists: adopt and patch it),
+patches those that drifted, and writes the status only when it changed. One lock per model keeps
+two triggers for the same model from interleaving inside this process.
+
+Which API calls it makes (the Helm chart's RBAC is built from this list):
+  caffemodelservices: get; caffemodelservices/status: patch
+  configmaps, services, deployments (apps): get, create, patch
+  events: create (through kopf)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import kopf
+
+from caffe_operator import manifests
+from caffe_operator.api import KIND, InvalidSpec, parse_spec
+from caffe_operator.kube import ApiError, KubeClient, object_path
+from caffe_operator.status import READY, Readiness, build_status, readiness, same_status
+
+EventPoster = Callable[[Mapping[str, Any], str, str, str], None]
+
+
+def post_kopf_event(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    kopf.event(dict(obj), type=type_, reason=reason, message=message)
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """Operator-wide settings, from the environment (the Helm chart sets them)."""
+
+    server_image: str = manifests.DEFAULT_SERVER_IMAGE
+    gateway_url: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "OperatorConfig":
+        env = os.environ if environ is None else environ
+        return cls(
+            server_image=env.get("CAFFESERVE_SERVER_IMAGE") or manifests.DEFAULT_SERVER_IMAGE,
+            gateway_url=env.get("CAFFESERVE_GATEWAY_URL") or None,
+        )
+
+
+@dataclass
+class Outcome:
+    """What one reconcile did (for handlers and logs)."""
+
+    invalid: str | None = None
+    actions: dict[str, str] = field(default_factory=dict)  # "Deployment/x-predictor" → created|patched|unchanged
+    ready: Readiness | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# drift detection (pure)
+# --------------------------------------------------------------------------------------------
+_QUANTITY = re.compile(r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_SUFFIX = {None: 1, "m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def parse_quantity(value: Any) -> Decimal | None:
+    """A Kubernetes resource quantity ("500m", "2Gi", 1) as a number; None if it is not one."""
+    m = _QUANTITY.match(str(value).strip())
+    if not m:
+        return None
+    try:
+        return Decimal(m.group(1)) * _SUFFIX[m.group(2)]
+    except InvalidOperation:
+        return None
+
+
+def is_subset(desired: Any, current: Any, *, quantities: bool = False) -> bool:
+    """Whether `current` already says everything `desired` says. Extra keys in `current` (defaults
+    the API server filled in) are fine; lists must match item by item; resource quantities compare
+    by value ("0.5" == "500m"), as the API server normalises them."""
+    if isinstance(desired, dict):
+        return isinstance(current, dict) and all(
+            k in current and is_subset(v, current[k], quantities=quantities or k == "resources")
+            for k, v in desired.items()
+        )
+    if isinstance(desired, list):
+        return (isinstance(current, list) and len(desired) == len(current)
+                and all(is_subset(d, c, quantities=quantities) for d, c in zip(desired, current)))
+    if desired == current:
+        return True
+    if quantities:
+        a, b = parse_quantity(desired), parse_quantity(current)
+        return a is not None and a == b
+    return False
+
+
+def _owner_references(current: dict[str, Any], desired: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The ownerReferences `current` should have (ours, and no other controller), or None if fine."""
+    ours = desired["metadata"]["ownerReferences"]
+    uids = {r["uid"] for r in ours}
+    refs = current.get("metadata", {}).get("ownerReferences") or []
+    if all(any(r.get("uid") == u and r.get("controller") for r in refs) for u in uids) and \
+            not any(r.get("controller") and r.get("uid") not in uids for r in refs):
+        return None
+    return [r for r in refs if r.get("uid") not in uids and not r.get("controller")] + ours
+
+
+def drift_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any] | None:
+    """A JSON merge patch that brings `current` back to `desired` in the fields we own; None if in sync."""
+    patch: dict[str, Any] = {}
+    meta: dict[str, Any] = {}
+    if not is_subset(desired["metadata"].get("labels", {}), current.get("metadata", {}).get("labels") or {}):
+        meta["labels"] = desired["metadata"]["labels"]
+    if (refs := _owner_references(current, desired)) is not None:
+        meta["ownerReferences"] = refs
+    if meta:
+        patch["metadata"] = meta
+    kind = desired["kind"]
+    if kind == "ConfigMap":
+        data = current.get("data") or {}
+        if data != desired["data"] or current.get("binaryData"):
+            patch["data"] = {**{k: None for k in data if k not in desired["data"]}, **desired["data"]}
+            if current.get("binaryData"):
+                patch["binaryData"] = None
+    else:
+        spec_current = current.get("spec") or {}
+        stale = []
+        if kind == "Deployment":
+            pod_current = (spec_current.get("template") or {}).get("spec") or {}
+            pod_desired = desired["spec"]["template"]["spec"]
+            # serviceAccountName is defaulted by the API server: absent from the CR is not drift.
+            stale = [f for f in manifests.OPTIONAL_POD_FIELDS
+                     if f in pod_current and f not in pod_desired and f != "serviceAccountName"]
+        if stale or not is_subset(desired["spec"], spec_current):
+            spec = dict(desired["spec"])
+            if kind == "Deployment":
+                template = dict(spec["template"])
+                removed = {f: None for f in manifests.OPTIONAL_POD_FIELDS
+                           if f in ((spec_current.get("template") or {}).get("spec") or {}) and f not in template["spec"]}
+                template["spec"] = {**removed, **template["spec"]}
+                spec["template"] = template
+            patch["spec"] = spec
+    return patch or None
+
+
+# --------------------------------------------------------------------------------------------
+# the reconciler
+# --------------------------------------------------------------------------------------------
+class Reconciler:
+    def __init__(self, client: KubeClient, config: OperatorConfig, post_event: EventPoster = post_kopf_event) -> None:
+        self.client = client
+        self.config = config
+        self.post_event = post_event
+        self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.known: set[tuple[str, str]] = set()  # models seen by this process, for the resync
+
+    async def reconcile_named(self, namespace: str, name: str, logger: logging.Logger | logging.LoggerAdapter) -> Outcome | None:
+        """Reconcile the CR `namespace/name` if it exists and is not being deleted."""
+        key = (namespace, name)
+        async with self._locks[key]:
+            cr = await self.client.get(object_path(KIND, namespace, name))
+            if cr is None or cr.get("metadata", {}).get("deletionTimestamp"):
+                self.known.discard(key)
+                return None
+            self.known.add(key)
+            return await self._reconcile(cr, logger)
+
+    async def resync_forever(self, interval_s: float, logger: Any) -> None:
+        """Every `interval_s`, reconcile every model seen so far (a safety net for missed events)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for namespace, name in sorted(self.known):
+                try:
+                    await self.reconcile_named(namespace, name, logger)
+                except Exception as e:  # logged; the next trigger tries again
+                    logger.warning(f"resync of {namespace}/{name} failed: {e}")
+
+    async def _reconcile(self, cr: dict[str, Any], logger: Any) -> Outcome:
+        meta = cr["metadata"]
+        name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation")
+        previous = cr.get("status") or {}
+        outcome = Outcome()
+        try:
+            spec = parse_spec(name, cr.get("spec"))
+        except InvalidSpec as e:
+            outcome.invalid = str(e)
+            # Children of an earlier, valid spec are left as they are: a typo must not take a
+            # serving model down. Nothing new is created.
+            deployment = await self.client.get(object_path("Deployment", namespace, manifests.predictor_name(name)))
+            message = str(e) + ("" if deployment is None else "; the previous spec's pods keep running")
+            outcome.ready = Readiness("False", "InvalidSpec", message)
+            url = None if deployment is None else manifests.model_url(name, namespace, self.config.gateway_url)
+            await self._write_status(cr, outcome.ready, deployment, url, logger)
+            return outcome
+
+        kids = manifests.children(name, namespace, spec, self.config.server_image)
+        objs = kids.all()
+        kopf.append_owner_reference(objs, owner=cr)
+        results: dict[str, dict[str, Any]] = {}
+        for obj in objs:
+            applied, action = await self._apply(obj)
+            results[obj["kind"]] = applied
+            key = f"{obj['kind']}/{obj['metadata']['name']}"
+            outcome.actions[key] = action
+            self._announce(cr, previous, generation, obj, action, logger)
+        outcome.ready = readiness(spec.replicas, results["Deployment"])
+        await self._write_status(cr, outcome.ready, results["Deployment"],
+                                 manifests.model_url(name, namespace, self.config.gateway_url), logger)
+        return outcome
+
+    async def _apply(self, obj: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """Create `obj`, or patch the existing one where it drifted. Returns (object, action)."""
+        path = object_path(obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+        current = await self.client.get(path)
+        if current is None:
+            try:
+                return await self.client.create(obj), "created"
+            except ApiError as e:
+                if e.status != 409:
+                    raise
+                current = await self.client.get(path)  # it appeared meanwhile: adopt it below
+                if current is None:
+                    raise kopf.TemporaryError(f"{path} conflicted on create, then vanished", delay=1) from None
+        patch = drift_patch(current, obj)
+        if patch is None:
+            return current, "unchanged"
+        return await self.client.merge_patch(path, patch), "patched"
+
+    def _announce(self, cr: dict[str, Any], previous: dict[str, Any], generation: int | None,
+                  obj: dict[str, Any], action: str, logger: Any) -> None:
+        what = f"{obj['kind']} {obj['metadata']['name']}"
+        old_ready = next((c for c in previous.get("conditions") or [] if c.get("type") == READY), {})
+        seen_before = previous.get("observedGeneration") is not None and old_ready.get("reason") != "InvalidSpec"
+        if action == "created":
+            if seen_before:
+                self.post_event(cr, "Warning", "Recreated", f"{what} was missing; recreated")
+            else:
+                self.post_event(cr, "Normal", "Created", f"created {what}")
+        elif action == "patched":
+            if previous.get("observedGeneration") == generation:
+                self.post_event(cr, "Warning", "Restored", f"{what} differed from the spec (edited by hand?); restored")
+            else:
+                self.post_event(cr, "Normal", "Updated", f"updated {what} for generation {generation}")
+        if action != "unchanged":
+            logger.info(f"{action} {what}")
+
+    async def _write_status(self, cr: dict[str, Any], ready: Readiness, deployment: dict[str, Any] | None,
+                            url: str | None, logger: Any) -> None:
+        meta = cr["metadata"]
+        previous = cr.get("status") or {}
+        new = build_status(
+            generation=meta.get("generation"), readiness_=ready, deployment=deployment, previous=previous,
+            url=url, selector=manifests.selector_string(meta["name"]),
+        )
+        if same_status(previous, new):
+            return
+        await self.client.merge_patch(object_path(KIND, meta["namespace"], meta["name"], "status"), {"status": new})
+        old = next((c for c in previous.get("conditions") or [] if c.get("type") == READY), {})
+        if (old.get("status"), old.get("reason"), old.get("message")) != (ready.status, ready.reason, ready.message):
+            logger.info(f"Ready={ready.status} {ready.reason}: {ready.message}")
+        if ready.reason == "InvalidSpec":
+            if (old.get("reason"), old.get("message")) != (ready.reason, ready.message):
+                self.post_event(cr, "Warning", "InvalidSpec", ready.message)
+        elif ready.status == "True" and old.get("status") != "True":
+            self.post_event(cr, "Normal", "Ready", f"{ready.message}; serving at {url}")
+        elif ready.status != "True" and old.get("status") == "True":
+            self.post_event(cr, "Warning", "NotReady", f"{ready.reason}: {ready.message}")
+        elif ready.reason == "RolloutStalled" and old.get("reason") != "RolloutStalled":
+            self.post_event(cr, "Warning", "RolloutStalled", ready.message)

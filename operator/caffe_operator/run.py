@@ -1,0 +1,53 @@
+"""`caffeserve operator`: run the kopf operator for CaffeModelServices.
+
+    caffeserve operator --all-namespaces
+    caffeserve operator --namespace ml --namespace staging [--kubeconfig FILE]
+
+Namespaced or cluster-wide by flag (one is required, so the scope is always a decision), kopf's
+liveness endpoint on (--liveness, default http://0.0.0.0:8081/healthz), standalone (one replica;
+no peering objects). Environment: CAFFESERVE_SERVER_IMAGE (default server image),
+CAFFESERVE_GATEWAY_URL (status.url points there), CAFFESERVE_RESYNC_SECONDS (default 300).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="caffeserve operator", description="Run the CaffeModelService operator (kopf).")
+    scope = p.add_mutually_exclusive_group(required=True)
+    scope.add_argument("-n", "--namespace", action="append", dest="namespaces", metavar="NS",
+                       help="watch this namespace (repeatable; kopf globs such as 'ml-*' work too)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    p.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", metavar="URL",
+                   help="kopf's liveness endpoint (default http://0.0.0.0:8081/healthz); '' turns it off")
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account, else $KUBECONFIG)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--log-format", choices=["plain", "full", "json"], default="full")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig
+
+    import kopf
+
+    from caffe_operator import handlers  # noqa: F401  (registers the handlers)
+
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
+    kopf.run(
+        clusterwide=args.all_namespaces,
+        namespaces=args.namespaces or (),
+        liveness_endpoint=args.liveness or None,
+        standalone=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The CaffeModelService status, computed from what the cluster shows (pure functions).
+
+`Ready` follows the child Deployment the way `kubectl rollout status` reads it: True only when
+the Deployment controller has seen the current template, every desired replica runs it, no old
+replica is left, and all of them are ready. Otherwise the reason says what is missing:
+
+  InvalidSpec        the spec cannot be served (message: the field and why); no children made
+  ScaledToZero       spec.replicas is 0
+  Progressing        replicas are being created, updated or are loading the model
+  RolloutStalled     the Deployment's progress deadline passed: pods do not become ready
+                     (the model fails to load, an image cannot be pulled, no GPU node fits, ...)
+  ReplicaFailure     the Deployment cannot create pods (quota, admission, ...)
+  ReplicasReady      (True) every desired replica is ready
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+READY = "Ready"
+
+
+@dataclass(frozen=True)
+class Readiness:
+    status: str  # "True" | "False" | "Unknown"
+    reason: str
+    message: str
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == type_:
+            return c
+    return None
+
+
+def readiness(desired: int, deployment: dict[str, Any] | None) -> Readiness:
+    """Whether the model is servable, from the child Deployment (None: not created yet)."""
+    if desired == 0:
+        return Readiness("False", "ScaledToZero", "spec.replicas is 0: no server pods run")
+    if deployment is None:
+        return Readiness("False", "Progressing", "the Deployment is being created")
+    st = deployment.get("status") or {}
+    generation = (deployment.get("metadata") or {}).get("generation", 0)
+    updated, ready = st.get("updatedReplicas", 0), st.get("readyReplicas", 0)
+    total = st.get("replicas", 0)
+    progressing = _condition(deployment, "Progressing")
+    failure = _condition(deployment, "ReplicaFailure")
+    if failure and failure.get("status") == "True":
+        return Readiness("False", "ReplicaFailure", failure.get("message") or "the Deployment cannot create pods")
+    if progressing and progressing.get("status") == "False" and progressing.get("reason") == "ProgressDeadlineExceeded":
+        return Readiness(
+            "False", "RolloutStalled",
+            f"{ready}/{desired} replicas ready; pods did not become ready within the progress deadline "
+            "(model failing to load? image pull? no node with a free GPU?): see the pods' events and logs",
+        )
+    if st.get("observedGeneration", 0) < generation:
+        return Readiness("False", "Progressing", "waiting for the Deployment controller to see the new spec")
+    if updated < desired:
+        return Readiness("False", "Progressing", f"{updated}/{desired} replicas run the current spec; {ready} ready")
+    if total > updated:
+        return Readiness("False", "Progressing", f"{total - updated} old replicas are being replaced")
+    if ready < desired:
+        return Readiness("False", "Progressing", f"{ready}/{desired} replicas ready (loading the model?)")
+    return Readiness("True", "ReplicasReady", f"{ready}/{desired} replicas ready")
+
+
+def ready_condition(r: Readiness, generation: int | None, previous: list[dict[str, Any]] | None,
+                    now: str | None = None) -> dict[str, Any]:
+    """The Ready condition; lastTransitionTime moves only when the status flips."""
+    old = next((c for c in previous or [] if c.get("type") == READY), None)
+    changed = old is None or old.get("status") != r.status
+    cond = {
+        "type": READY,
+        "status": r.status,
+        "reason": r.reason,
+        "message": r.message,
+        "lastTransitionTime": (now or now_rfc3339()) if changed else old.get("lastTransitionTime") or now or now_rfc3339(),
+    }
+    if generation is not None:
+        cond["observedGeneration"] = generation
+    return cond
+
+
+def build_status(
+    *,
+    generation: int | None,
+    readiness_: Readiness,
+    deployment: dict[str, Any] | None,
+    previous: dict[str, Any] | None,
+    url: str | None,
+    selector: str | None,
+    now: str | None = None,
+) -> dict[str, Any]:
+    """The whole status object (the operator owns every field of it)."""
+    prev_conditions = (previous or {}).get("conditions")
+    others = [c for c in prev_conditions or [] if c.get("type") != READY]
+    st = (deployment or {}).get("status") or {}
+    return {
+        "observedGeneration": generation,
+        "conditions": [ready_condition(readiness_, generation, prev_conditions, now), *others],
+        "replicas": st.get("replicas", 0),
+        "readyReplicas": st.get("readyReplicas", 0),
+        "url": url,
+        "selector": selector,
+    }
+
+
+def same_status(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Equal apart from timestamps (so that an unchanged status is not written again)."""
+    def strip(s: dict[str, Any] | None) -> Any:
+        s = dict(s or {})
+        s["conditions"] = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in s.get("conditions") or []]
+        return {k: v for k, v in s.items() if v is not None}
+    return strip(a) == strip(b)
