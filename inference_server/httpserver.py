@@ -110,6 +110,10 @@ class _Connection(asyncio.Protocol):
         self.closing = True
         self._disarm()
         self.server.connections.discard(self)
+        # The parser refers back to this protocol: break the cycle so that the connection and the
+        # body it last read are freed now, not at the next full garbage collection.
+        self.parser = None
+        self.body_parts = []
 
     def data_received(self, data: bytes):
         if self.closing:
