@@ -9,7 +9,11 @@
 - Eject: `eject_after` consecutive failures (connect failures, timeouts, 5xx other than 503)
   eject an endpoint for `eject_base_s` × the number of times it was ejected (capped), as Envoy's
   outlier detection does. A 503 is the server saying "busy" and does not count.
-- Retry budget: concurrent retries per model stay below max(min, percent × active requests).
+- Connection refused: an endpoint that could not be reached is also skipped for
+  `connect_backoff_s` (as nginx's `max_fails=1 fail_timeout` does), so that a crashed server does not
+  attract the requests that least-request would otherwise send to an idle-looking endpoint.
+- Retry budget: concurrent retries per model stay below max(min, percent × active requests),
+  active meaning every request of the model the gateway is handling (Envoy's retry budget).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class BalancerSettings:
     retry_budget_percent: float = 20.0
     retry_budget_min: int = 3
     connect_timeout_s: float = 2.0
+    connect_backoff_s: float = 1.0
 
 
 class Endpoint:
@@ -83,6 +88,7 @@ class ModelRoute:
         self.waiters: deque[_Waiter] = deque()
         self.queued = 0
         self.in_flight = 0  # holding an endpoint slot
+        self.active = 0  # being handled by the gateway (waiting, in flight or between attempts)
         self.retries_active = 0
         self.ejections_total = 0
         self.retries_total = 0
@@ -142,7 +148,7 @@ class ModelRoute:
                 self.in_flight += 1
                 return ep
         if exclude and all(e.address in exclude for e in self.endpoints):
-            raise NoEndpoints(f"no other endpoint of model '{self.name}' to try")
+            raise NoEndpoints("no other endpoint to try")
         if self.queued >= self.settings.max_queue:
             raise Overloaded(f"model '{self.name}' is overloaded: {self.queued} requests already waiting")
         wait_until = min(now + self.settings.max_wait_s, deadline)
@@ -227,10 +233,14 @@ class ModelRoute:
         if self.waiters:
             self._dispatch()
 
+    def unreachable(self, ep: Endpoint) -> None:
+        """A connection to `ep` failed: skip it for a moment (not counted as an ejection)."""
+        until = asyncio.get_running_loop().time() + self.settings.connect_backoff_s
+        ep.ejected_until = max(ep.ejected_until, until)
+
     def try_start_retry(self) -> bool:
         """Whether one more retry fits the budget; the caller must call `end_retry` after it."""
-        active = self.in_flight + self.queued
-        budget = max(self.settings.retry_budget_min, active * self.settings.retry_budget_percent / 100.0)
+        budget = max(self.settings.retry_budget_min, self.active * self.settings.retry_budget_percent / 100.0)
         if self.retries_active >= budget:
             return False
         self.retries_active += 1

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 MODEL_LABEL = "caffeserving.io/model"
 PORT_NAME = "http"
+USER_AGENT = "caffeserve-gateway"
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 Address = tuple[str, int]
@@ -249,7 +250,7 @@ class EndpointSliceWatcher:
         self._balancer = balancer
         timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=self.watch_timeout_s + 30)
         backoff = 0.5
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with aiohttp.ClientSession(timeout=timeout, headers={"User-Agent": USER_AGENT}) as session:
             self._session = session
             while True:
                 try:

@@ -2,8 +2,8 @@
 
 Per-request figures (requests by model and code, upstream latency) are counted as they happen;
 the state figures (queue depth, in flight, endpoints, retries, ejections) are read from the
-balancer when scraped, so they cost the hot path nothing. `caffeserve_gateway_in_flight` plus
-`caffeserve_gateway_queue_depth` per model is the concurrency an autoscaler would scale on.
+balancer when scraped, so they cost the hot path nothing. `caffeserve_gateway_inflight_requests` plus
+`caffeserve_gateway_queued_requests` per model is the concurrency an autoscaler would scale on.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ class _BalancerState:
         self.balancer = balancer
 
     def collect(self):
-        depth = GaugeMetricFamily("caffeserve_gateway_queue_depth",
+        depth = GaugeMetricFamily("caffeserve_gateway_queued_requests",
                                   "Requests waiting in the gateway for a free endpoint.", labels=["model"])
-        in_flight = GaugeMetricFamily("caffeserve_gateway_in_flight",
+        in_flight = GaugeMetricFamily("caffeserve_gateway_inflight_requests",
                                       "Requests forwarded and not yet answered.", labels=["model"])
         endpoints = GaugeMetricFamily("caffeserve_gateway_endpoints",
                                       "Ready endpoints by state (ejected ones are skipped while healthy ones exist).",

@@ -140,12 +140,13 @@ class Gateway:
         retries = 0
         holds_retry = False  # this attempt counts against the model's retry budget
         last_failure = ""
+        route.active += 1
         try:
             while True:
                 try:
                     ep = await route.acquire(deadline, exclude)
                 except (NoEndpoints, Overloaded) as e:
-                    msg = f"{e}; last attempt: {last_failure}" if last_failure else str(e)
+                    msg = f"cannot reach model '{route.name}': {last_failure}; {e}" if last_failure else str(e)
                     return _error(503, msg, dict(self._retry_after))
                 except DeadlinePassed as e:
                     return _error(504, str(e))
@@ -156,6 +157,7 @@ class Gateway:
                 try:
                     up = await ep.pool.request(req.method, target, headers, req.body, deadline)
                 except ConnectFailed as e:
+                    route.unreachable(ep)
                     route.release(ep, True)
                     last_failure = str(e)
                     exclude = exclude | {ep.address}
@@ -184,6 +186,7 @@ class Gateway:
                 route.release(ep, up.status >= 500 and up.status != 503)
                 return _passthrough(up)
         finally:
+            route.active -= 1
             if holds_retry:
                 route.end_retry()
 
