@@ -249,7 +249,7 @@ class CaffeModelServiceSpec(CamelModel):
     )
     node_selector: dict[str, str] | None = Field(default=None, description="Node labels the pods must match.")
     tolerations: list[dict[str, Any]] | None = Field(
-        default=None, json_schema_extra={"items": {"type": "object", **_ANY_OBJECT}},
+        default=None, json_schema_extra={"items": {"type": "object", "description": "A Kubernetes Toleration.", **_ANY_OBJECT}},
         description="Kubernetes Tolerations of the pods. With device gpu, one for the nvidia.com/gpu taint is added.",
     )
     affinity: dict[str, Any] | None = Field(default=None, json_schema_extra=_ANY_OBJECT, description="Kubernetes Affinity of the pods.")

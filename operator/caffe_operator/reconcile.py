@@ -143,8 +143,10 @@ def drift_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, A
             spec = dict(desired["spec"])
             if kind == "Deployment":
                 template = dict(spec["template"])
-                removed = {f: None for f in manifests.OPTIONAL_POD_FIELDS
-                           if f in ((spec_current.get("template") or {}).get("spec") or {}) and f not in template["spec"]}
+                pod_current = (spec_current.get("template") or {}).get("spec") or {}
+                removed = {f: None for f in manifests.OPTIONAL_POD_FIELDS if f in pod_current and f not in template["spec"]}
+                if "serviceAccountName" in removed and "serviceAccount" in pod_current:
+                    removed["serviceAccount"] = None  # the deprecated alias would bring it back
                 template["spec"] = {**removed, **template["spec"]}
                 spec["template"] = template
             patch["spec"] = spec
