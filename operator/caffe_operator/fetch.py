@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import os
 import re
 import sys
@@ -63,7 +64,7 @@ def _download_once(url: str, dest: Path, max_bytes: int, read_timeout_s: float, 
     except urllib.error.HTTPError as e:
         transient = e.code >= 500 or e.code in (408, 429)
         raise FetchError(f"{url}: HTTP {e.code} {e.reason}", transient=transient) from None
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", e)
         raise FetchError(f"{url}: {reason}", transient=True) from None
     with response:
@@ -80,7 +81,7 @@ def _download_once(url: str, dest: Path, max_bytes: int, read_timeout_s: float, 
                         raise FetchError(f"{url}: not finished within the deadline (--timeout)", transient=False)
                     try:
                         chunk = response.read(CHUNK)
-                    except (OSError, TimeoutError) as e:
+                    except (OSError, TimeoutError, http.client.HTTPException) as e:
                         raise FetchError(f"{url}: read failed after {size} bytes: {e}", transient=True) from None
                     if not chunk:
                         break
