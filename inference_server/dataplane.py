@@ -171,9 +171,9 @@ class Model:
             "parameters": params,
         }
 
-    def close(self) -> None:
-        if self.executor is not None:
-            self.executor.stop()
+    def close(self, timeout: float = 30.0) -> bool:
+        """Stop the workers; False when a forward pass was still running after `timeout`."""
+        return self.executor.stop(timeout) if self.executor is not None else True
 
     # --- serving
     def check_ready(self) -> None:

@@ -58,6 +58,14 @@ def _deliver(fut: asyncio.Future, result, error) -> None:
         fut.set_result(result)
 
 
+def _post(loop: asyncio.AbstractEventLoop, *args) -> None:
+    """Hand a result to the event loop; once shutdown has closed it, nobody waits for the result."""
+    try:
+        loop.call_soon_threadsafe(*args)
+    except RuntimeError:  # loop closed: the request was cut off at the end of the grace period
+        pass
+
+
 def _expire(fut: asyncio.Future) -> None:
     # the worker sees the deadline too and skips the item if it has not started it yet
     _deliver(fut, None, DeadlineExceeded("the request did not complete within its deadline"))
@@ -103,12 +111,14 @@ class Executor:
         self.description = ready[0][0]
         return self.description
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Ask every worker to end after its current item; True when all ended within `timeout`."""
         for _ in self.threads:
             self.queue.put(self._STOP)
         deadline = time.monotonic() + timeout
         for t in self.threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self.threads)
 
     # --- submission (event loop thread)
     async def submit(self, inputs: dict[str, np.ndarray], outputs: list[str], batch: int, deadline: float):
@@ -187,8 +197,8 @@ class Executor:
             if it.future.cancelled():
                 continue
             if now > it.deadline:
-                it.loop.call_soon_threadsafe(
-                    _deliver, it.future, None, DeadlineExceeded("the request's deadline passed while it was queued")
+                _post(
+                    it.loop, _deliver, it.future, None, DeadlineExceeded("the request's deadline passed while it was queued")
                 )
                 continue
             live.append(it)
@@ -215,6 +225,6 @@ class Executor:
         done = time.monotonic()
         batch_size = sum(it.batch for it in live)
         for it, res in zip(live, results):
-            it.loop.call_soon_threadsafe(_deliver, it.future, (res, Timing(now - it.enqueued, done - now, batch_size)), error)
+            _post(it.loop, _deliver, it.future, (res, Timing(now - it.enqueued, done - now, batch_size)), error)
         if self.on_batch is not None:
             self.on_batch(batch_size, done - now)

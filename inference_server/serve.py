@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import threading
+import time
 
 from .app import create_app
 from .config import ConfigError, load_config
@@ -59,11 +61,21 @@ def main(argv: list[str]) -> int:
         log.info("listening on http://%s:%d (model %s loading)", args.host, port, cfg.name)
         threading.Thread(target=model.load, name="model-loader", daemon=True).start()
 
+    signalled: list[float] = []
+
     def draining() -> None:
+        signalled.append(time.monotonic())
         plane.draining = True
         log.info("shutting down: finishing in-flight requests")
 
     asyncio.run(serve_until_signalled(server, args.host, args.port, listening, args.grace_period, draining))
-    model.close()
+    # The grace period bounds the whole shutdown: a forward pass still running when it ends does
+    # not hold the exit (the workers are daemon threads; os._exit skips interpreter teardown, which
+    # is not safe while a worker is inside Caffe).
+    left = args.grace_period - (time.monotonic() - signalled[0]) if signalled else args.grace_period
+    if not model.close(timeout=max(0.0, left)):
+        log.warning("stopped with a forward pass still running at the end of the grace period")
+        logging.shutdown()
+        os._exit(0)
     log.info("stopped")
     return 0
