@@ -166,6 +166,11 @@ class ModelServing(CamelModel):
     instances: int = Field(default=1, ge=1, le=64, description="Net copies, each owned by one worker thread.")
     batching: Batching = Field(default_factory=Batching)
     backend: Backend = Field(default="pycaffe", description="pycaffe, onnxruntime, or auto.")
+    parity_tolerance: float = Field(
+        default=1e-5, gt=0, le=1e-2,
+        description="The ONNX Runtime graph serves only if max |Δ| ≤ this × max(1, max |pycaffe|) on every output "
+        "and on the logits feeding a final Softmax, and the top-5 classes agree (1e-5 catches a BatchNorm off by 1e-5).",
+    )
     limits: Limits = Field(default_factory=Limits)
 
 

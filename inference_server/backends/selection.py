@@ -1,0 +1,190 @@
+"""Choosing the accelerated backend: convert (or reuse the cached graph), prove parity, decide.
+
+`backend: onnxruntime` refuses to start (ModelLoadError) unless the converted graph passes the
+parity gate; `backend: auto` serves with ONNX Runtime where it passes and with pycaffe otherwise.
+Either way the BackendChoice says why, with the parity figures in `details`.
+
+Converted graphs are cached on disk under CAFFESERVE_CACHE_DIR (default ~/.cache/caffe-serving/onnx),
+keyed by the sha256 of the prototxt, the weights, the serving input shapes and the converter version,
+so a restart does not convert again. The parity gate runs at every load, cache hit or not: it is
+what proves the file on disk (which anyone could have changed) gives pycaffe's answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ModelLoadError
+from . import BackendChoice
+
+log = logging.getLogger("caffeserve.backends")
+
+DEFAULT_CACHE_DIR = "~/.cache/caffe-serving/onnx"
+
+
+@dataclass
+class Evaluation:
+    """What conversion + parity found: `problem` is None when ONNX Runtime may serve."""
+
+    problem: str | None
+    details: dict = field(default_factory=dict)
+    artifact: str | None = None
+    summary: str = ""
+    timings: dict = field(default_factory=dict)
+
+
+def cache_dir() -> Path:
+    return Path(os.path.expanduser(os.environ.get("CAFFESERVE_CACHE_DIR") or DEFAULT_CACHE_DIR))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_key(prototxt: Path, weights: Path, input_shapes: dict, converter_version: str) -> str:
+    h = hashlib.sha256()
+    for part in (_sha256(prototxt), _sha256(weights), json.dumps(sorted(input_shapes.items())), converter_version):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()
+
+
+def _writable_cache_dir() -> Path:
+    """The configured cache folder, or a temporary one where it cannot be written (read-only root filesystem)."""
+    d = cache_dir()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return d
+    except OSError as e:
+        fallback = Path(tempfile.gettempdir()) / "caffe-serving-onnx"
+        log.warning("ONNX cache %s is not writable (%s); using %s", d, e.strerror, fallback)
+        fallback.mkdir(parents=True, exist_ok=True)
+        return fallback
+
+
+def _save_atomically(onnx_model, path: Path) -> None:
+    import onnx
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        onnx.save(onnx_model, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def serving_input_shapes(cfg, net) -> dict[str, tuple[int, ...]]:
+    """Input shapes to convert for: the config's `inputs[].shape` where given, else the net's own."""
+    configured = {s.name: tuple(s.shape) for s in (cfg.inputs or []) if s.shape}
+    return {name: configured.get(name, tuple(net.blobs[name].data.shape)) for name in net.inputs}
+
+
+def _parity_session_model(onnx_model, logits: list[dict]) -> bytes:
+    """The served graph plus the softmax logits as extra outputs, serialized for a session."""
+    from onnx import TensorProto, helper
+
+    m = type(onnx_model)()
+    m.CopyFrom(onnx_model)
+    present = {o.name for o in m.graph.output}
+    for entry in logits:
+        if entry["value"] not in present:
+            m.graph.output.append(helper.make_tensor_value_info(entry["value"], TensorProto.FLOAT, None))
+    return m.SerializeToString()
+
+
+def evaluate(cfg, n_random: int | None = None) -> Evaluation:
+    """Convert (or load from the cache) and run the parity gate; never raises for a model ONNX cannot serve."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        return Evaluation(f"onnxruntime is not installed ({e.name} is missing)")
+    from .. import parity
+    from ..convert import CONVERTER_VERSION, UnsupportedLayer, convert_net, load_net, model_info
+    from .onnxruntime import make_session, providers
+
+    details: dict = {"converter_version": CONVERTER_VERSION}
+    timings: dict = {}
+    try:
+        providers(cfg.device.kind, cfg.device.id)
+    except ModelLoadError as e:
+        return Evaluation(str(e), details)
+
+    prototxt, weights = cfg.path(cfg.model.prototxt), cfg.path(cfg.model.weights)
+    t0 = time.perf_counter()
+    net = load_net(prototxt, weights)  # pycaffe must load it anyway; its errors are the model's errors
+    shapes = serving_input_shapes(cfg, net)
+    if any(shapes[n] != tuple(net.blobs[n].data.shape) for n in shapes):
+        for name, shape in shapes.items():
+            net.blobs[name].reshape(*shape)
+        net.reshape()
+    timings["load_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    key = cache_key(prototxt, weights, shapes, CONVERTER_VERSION)
+    path = _writable_cache_dir() / f"{key}.onnx"
+    details["onnx_cache_hit"] = path.exists()
+    details["onnx_cache_key"] = key[:16]
+    try:
+        if details["onnx_cache_hit"]:
+            import onnx
+
+            onnx_model = onnx.load(str(path))
+        else:
+            onnx_model = convert_net(net, name=cfg.name)
+            _save_atomically(onnx_model, path)
+        info = model_info(onnx_model)
+    except UnsupportedLayer as e:
+        return Evaluation(str(e), details)
+    except ModelLoadError as e:
+        return Evaluation(f"the conversion failed: {e}", details)
+    except Exception as e:  # a converter bug must not take the server down: report it, let auto fall back
+        log.exception("converting %s failed", prototxt)
+        return Evaluation(f"the conversion failed ({type(e).__name__}: {e})", details)
+    timings["convert_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    outputs = [name for name, _ in info["outputs"]]
+    logits = [e for e in info["softmax_logits"] if e["blob"] not in outputs]
+    try:
+        session = make_session(_parity_session_model(onnx_model, logits), cfg.device.kind, cfg.device.id, cfg.instances)
+    except ModelLoadError as e:
+        return Evaluation(str(e), details)
+    pre = cfg.preprocessing
+    mean_path = str(cfg.path(pre.mean_file)) if pre is not None and pre.mean_file else None
+    inputs = parity.parity_inputs(shapes, pre, mean_path, cfg.limits.max_image_pixels,
+                                  n_random=parity.N_RANDOM_INPUTS if n_random is None else n_random)
+    report = parity.check_parity(net, session, outputs, logits, inputs, cfg.parity_tolerance)
+    timings["parity_s"] = time.perf_counter() - t0
+    details.update(report.details())
+    summary = report.summary()
+    if not report.passed:
+        return Evaluation(f"the parity check failed: {summary}", details, str(path), summary, timings)
+    return Evaluation(None, details, str(path), summary, timings)
+
+
+def choose_accelerated(cfg) -> BackendChoice:
+    t0 = time.perf_counter()
+    ev = evaluate(cfg)
+    ev.details["backend_decision_s"] = round(time.perf_counter() - t0, 3)
+    if ev.problem is None:
+        prefix = "auto" if cfg.backend == "auto" else "backend: onnxruntime"
+        reason = f"{prefix}: the converted graph matches pycaffe ({ev.summary})"
+        return BackendChoice("onnxruntime", reason, ev.details, ev.artifact)
+    if cfg.backend == "onnxruntime":
+        raise ModelLoadError(f"backend onnxruntime cannot serve this model: {ev.problem}")
+    return BackendChoice("pycaffe", f"auto: serving with pycaffe because {ev.problem}", ev.details)

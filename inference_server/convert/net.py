@@ -1,0 +1,72 @@
+"""Caffe net → ONNX model: walk the layers in Caffe's order and let each type's converter emit nodes."""
+
+from __future__ import annotations
+
+import json
+
+from onnx import TensorProto, helper
+
+from .builder import GraphBuilder, LayerContext
+from .registry import converter_for
+from .source import CaffeModel
+
+CONVERTER_VERSION = "1"  # bump on any change that alters the graph: it is part of the cache key
+OPSET = 17
+IR_VERSION = 8  # opset 17's IR version; loads in ONNX Runtime 1.11 and later
+METADATA_KEY = "caffe_serving"
+
+
+def convert_model(model: CaffeModel, name: str = "caffe") -> "onnx.ModelProto":  # noqa: F821
+    """Returns the ONNX model; raises UnsupportedLayer for the first layer it cannot convert."""
+    g = GraphBuilder(reserved=set(model.shapes) | set(model.inputs))
+    for blob in model.inputs:
+        g.values[blob] = blob
+    logits = []
+    final_softmax = {i for i, layer in enumerate(model.layers)
+                     if layer.type == "Softmax" and any(t in model.outputs for t in layer.top)}
+    for i, layer in enumerate(model.layers):
+        convert_layer = converter_for(layer.name, layer.type)
+        bottoms = [g.value(b) for b in layer.bottom]
+        if i in final_softmax:
+            blob = layer.bottom[0]
+            rewritten = any(blob in later.top for later in model.layers[i:])
+            logits.append({"layer": layer.name, "blob": blob, "value": bottoms[0],
+                           "rewritten_later": rewritten, "previous_layer": model.layers[i - 1].name if i else None})
+        ctx = LayerContext(g, layer, bottoms, model.params[i],
+                           [model.shapes[b] for b in layer.bottom], [model.shapes[t] for t in layer.top])
+        outs = convert_layer(ctx)
+        if len(outs) != len(layer.top):
+            raise AssertionError(f"converter for {layer.type} returned {len(outs)} values for {len(layer.top)} tops")
+        for top, value in zip(layer.top, outs):
+            g.values[top] = value
+
+    for blob in model.outputs:
+        if g.values[blob] != blob:
+            g.op("Identity", [g.values[blob]], f"{blob}/output", output=blob)
+
+    def io(blob: str):
+        shape = model.shapes[blob]
+        return helper.make_tensor_value_info(blob, TensorProto.FLOAT, ["N", *shape[1:]] if shape else [])
+
+    graph = helper.make_graph(g.nodes, name, [io(b) for b in model.inputs], [io(b) for b in model.outputs],
+                              initializer=g.initializers)
+    onnx_model = helper.make_model(graph, producer_name="caffe-serving", producer_version=CONVERTER_VERSION,
+                                   opset_imports=[helper.make_opsetid("", OPSET)])
+    onnx_model.ir_version = IR_VERSION
+    info = {
+        "converter_version": CONVERTER_VERSION,
+        "inputs": [[b, list(model.shapes[b])] for b in model.inputs],
+        "outputs": [[b, list(model.shapes[b])] for b in model.outputs],
+        "layer_types": [layer.type for layer in model.layers],
+        "softmax_logits": logits,
+    }
+    helper.set_model_props(onnx_model, {METADATA_KEY: json.dumps(info)})
+    return onnx_model
+
+
+def model_info(onnx_model) -> dict:
+    """What the converter recorded about the Caffe net (I/O shapes, layer types, logits values)."""
+    for prop in onnx_model.metadata_props:
+        if prop.key == METADATA_KEY:
+            return json.loads(prop.value)
+    raise ValueError("not an ONNX model written by the caffe-serving converter")

@@ -1,0 +1,219 @@
+"""The parity gate: the converted graph must give pycaffe's answers before it may serve.
+
+Several seeded random inputs (and one image through the configured preprocessing) go through both
+the Caffe net and the ONNX session. Every net output is compared, and also the logits feeding a
+final Softmax, because a softmax squashes errors (a BatchNorm variance off by 1e-5 relative moved a
+MobileNet's probabilities by 2e-6 but its logits by 9e-5). A blob passes when
+
+    max |onnx − pycaffe| ≤ tolerance × max(1, max |pycaffe|)
+
+and the top-5 classes agree: each class ONNX ranks in its top 5 scores, in pycaffe, within that
+same bound of pycaffe's 5th best (so only true near-ties may swap). The inputs also run once as one
+stacked batch, which proves the graph's batch dimension is really dynamic.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+
+N_RANDOM_INPUTS = 3
+SEED = 20240601
+
+
+@dataclass
+class BlobComparison:
+    blob: str
+    max_abs_diff: float
+    max_abs_ref: float
+    limit: float
+    top5_agree: bool | None  # None where the blob is not a score vector
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.limit and self.top5_agree is not False
+
+
+@dataclass
+class ParityReport:
+    tolerance: float
+    n_inputs: int
+    comparisons: list[BlobComparison] = field(default_factory=list)
+    problem: str | None = None  # a failure that is not a number (shape, NaN, a run error)
+
+    @property
+    def passed(self) -> bool:
+        return self.problem is None and all(c.passed for c in self.comparisons)
+
+    @property
+    def worst(self) -> BlobComparison | None:
+        return max(self.comparisons, key=lambda c: (not c.passed, c.max_abs_diff / c.limit), default=None)
+
+    @property
+    def max_abs_diff(self) -> float | None:
+        return max((c.max_abs_diff for c in self.comparisons), default=None)
+
+    @property
+    def top5_agree(self) -> bool | None:
+        flags = [c.top5_agree for c in self.comparisons if c.top5_agree is not None]
+        return all(flags) if flags else None
+
+    def summary(self) -> str:
+        """One sentence: the figures and the verdict."""
+        if self.problem:
+            return self.problem
+        w = self.worst
+        if w is None:
+            return "nothing to compare"
+        rel = "≤" if w.max_abs_diff <= w.limit else ">"
+        top5 = {True: ", top-5 agree", False: ", top-5 classes differ", None: ""}[self.top5_agree]
+        return (f"max |Δ| {w.max_abs_diff:.3g} on '{w.blob}' {rel} {self.tolerance:g} × max(1, {w.max_abs_ref:.3g})"
+                f"{top5} over {self.n_inputs} inputs")
+
+    def details(self) -> dict:
+        """Flat figures for the model metadata `parameters` (JSON scalars only)."""
+        w = self.worst
+        return {
+            "parity_passed": self.passed,
+            "parity_max_abs_diff": self.max_abs_diff,
+            "parity_max_abs_ref": w.max_abs_ref if w else None,
+            "parity_worst_blob": w.blob if w else None,
+            "parity_tolerance": self.tolerance,
+            "parity_top5_agree": self.top5_agree,
+            "parity_inputs": self.n_inputs,
+            "parity_compared": ",".join(c.blob for c in self.comparisons),
+        }
+
+
+# --- inputs
+
+def _value_range(preprocessing) -> tuple[float, float]:
+    """The range the configured preprocessing produces from 8-bit pixels, or [-1, 1] without one."""
+    if preprocessing is None:
+        return -1.0, 1.0
+    mean = np.asarray(preprocessing.mean_values or [0.0], dtype=np.float64)
+    lo, hi = (0.0 - mean.max()) * preprocessing.scale, (preprocessing.raw_scale - mean.min()) * preprocessing.scale
+    return float(lo), float(hi)
+
+
+def _synthetic_png(height: int, width: int, color: bool, rng: np.random.Generator) -> bytes:
+    """A smooth gradient with noise, as PNG bytes: a plausible image for the preprocessing to decode."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = (yy / max(1, height - 1) * 160 + xx / max(1, width - 1) * 80)[..., None]
+    pixels = base + rng.normal(0, 20, (height, width, 3 if color else 1))
+    pixels = np.clip(pixels, 0, 255).astype(np.uint8)
+    img = Image.fromarray(pixels if color else pixels[..., 0], "RGB" if color else "L")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def parity_inputs(input_shapes: dict[str, tuple[int, ...]], preprocessing=None, mean_path: str | None = None,
+                  max_pixels: int = 1 << 30, n_random: int = N_RANDOM_INPUTS, seed: int = SEED) -> list[dict]:
+    """Seeded random inputs in the preprocessed range, plus one image through the preprocessing if configured."""
+    rng = np.random.default_rng(seed)
+    lo, hi = _value_range(preprocessing)
+    batches = [{name: rng.uniform(lo, hi, shape).astype(np.float32) for name, shape in input_shapes.items()}
+               for _ in range(n_random)]
+    if preprocessing is not None:
+        from .preprocess import ImagePreprocessor
+
+        image = {}
+        for name, shape in input_shapes.items():
+            if len(shape) == 4:
+                prep = ImagePreprocessor(preprocessing, shape, max_pixels, mean_path)
+                png = _synthetic_png(shape[2], shape[3], prep.color, rng)
+                image[name] = np.repeat(prep.decode_one(name, png)[None], shape[0], axis=0)
+            else:
+                image[name] = rng.uniform(lo, hi, shape).astype(np.float32)
+        batches.append(image)
+    return batches
+
+
+# --- the comparison
+
+def _score_vectors(arr: np.ndarray) -> np.ndarray | None:
+    """(rows, classes) when the blob is a vector of ≥ 2 scores per sample (N×C or N×C×1×1), else None."""
+    if arr.ndim < 2 or any(d != 1 for d in arr.shape[2:]) or arr.shape[1] < 2:
+        return None
+    return arr.reshape(arr.shape[0], arr.shape[1])
+
+
+def _top5_agree(ref: np.ndarray, got: np.ndarray, limit: float) -> bool | None:
+    r, g = _score_vectors(ref), _score_vectors(got)
+    if r is None:
+        return None
+    k = min(5, r.shape[1])
+    for ref_row, got_row in zip(r, g):
+        kth_best = np.sort(ref_row)[-k]
+        got_top = np.argsort(-got_row, kind="stable")[:k]
+        if np.any(ref_row[got_top] < kth_best - limit):
+            return False
+    return True
+
+
+def _caffe_forward(net, feed: dict[str, np.ndarray], outputs: list[str], logits: list[dict]) -> dict[str, np.ndarray]:
+    for name, arr in feed.items():
+        if net.blobs[name].data.shape != arr.shape:
+            net.blobs[name].reshape(*arr.shape)
+    net.reshape()
+    for name, arr in feed.items():
+        net.blobs[name].data[...] = arr
+    net.forward()
+    result = {b: net.blobs[b].data.copy() for b in outputs}
+    for entry in logits:
+        if entry["rewritten_later"]:  # the blob was overwritten in place: stop just before the softmax
+            net.forward(end=entry["previous_layer"])
+        result[entry["blob"]] = net.blobs[entry["blob"]].data.copy()
+    return result
+
+
+def check_parity(net, session, outputs: list[str], logits: list[dict], inputs: list[dict], tolerance: float) -> ParityReport:
+    """Compare `session` (built with the logits values as extra outputs) with the Caffe `net` on `inputs`."""
+    report = ParityReport(tolerance=tolerance, n_inputs=len(inputs))
+    names = outputs + [e["value"] for e in logits]
+    blobs = outputs + [e["blob"] for e in logits]
+    refs: list[dict] = []
+    pairs: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {b: [] for b in blobs}
+    try:
+        for feed in inputs:
+            ref = _caffe_forward(net, feed, outputs, logits)
+            refs.append(ref)
+            got = session.run(names, feed)
+            for blob, arr in zip(blobs, got):
+                pairs[blob].append((ref[blob], arr))
+    except Exception as e:
+        report.problem = f"onnxruntime failed to run the converted graph: {e}"
+        return report
+    if len(inputs) > 1:
+        stacked = {k: np.concatenate([f[k] for f in inputs]) for k in inputs[0]}
+        try:
+            got = session.run(names, stacked)
+        except Exception as e:
+            report.problem = f"the converted graph does not run a batch of {len(inputs)}: {e}"
+            return report
+        for blob, arr in zip(blobs, got):
+            pairs[blob].append((np.concatenate([r[blob] for r in refs]), arr))
+
+    for blob in blobs:
+        diff = ref_max = 0.0
+        for ref, got in pairs[blob]:
+            if ref.shape != got.shape:
+                report.problem = f"'{blob}' has shape {list(got.shape)} in onnxruntime but {list(ref.shape)} in pycaffe"
+                return report
+            if not np.array_equal(np.isnan(ref), np.isnan(got)) or not np.array_equal(np.isinf(ref), np.isinf(got)):
+                report.problem = f"'{blob}' has NaN or infinite values where pycaffe's are finite (or the reverse)"
+                return report
+            finite = np.isfinite(ref)
+            if finite.any():
+                diff = max(diff, float(np.abs(ref[finite].astype(np.float64) - got[finite]).max()))
+                ref_max = max(ref_max, float(np.abs(ref[finite]).max()))
+        limit = tolerance * max(1.0, ref_max)
+        agree = [_top5_agree(ref, got, limit) for ref, got in pairs[blob]]
+        top5 = None if agree[0] is None else all(agree)
+        report.comparisons.append(BlobComparison(blob, diff, ref_max, limit, top5))
+    return report
