@@ -87,13 +87,27 @@ def _json_array(name: str, data, datatype: str, shape: list[int], count: int) ->
         if len(flat) != count:
             raise BadRequest(f"input '{name}': shape {shape} needs {count} elements, data has {len(flat)}")
         return _object_array(flat)
+    dt = DTYPES[datatype]
     try:
-        arr = np.array(data, dtype=DTYPES[datatype])
+        arr = _json_integers(name, data, datatype, dt) if dt.kind in "iu" else np.array(data, dtype=dt)
     except (ValueError, TypeError, OverflowError) as e:
         raise BadRequest(f"input '{name}': data does not match datatype {datatype}: {e}") from None
     if arr.size != count:
         raise BadRequest(f"input '{name}': shape {shape} needs {count} elements, data has {arr.size}")
     return arr.reshape(shape)
+
+
+def _json_integers(name: str, data, datatype: str, dt: np.dtype) -> np.ndarray:
+    """Integer tensors: numpy would wrap out-of-range values (300 → 44 in UINT8) and truncate 2.7 to 2."""
+    raw = np.array(data)
+    info = np.iinfo(dt)
+    if raw.dtype.kind not in "iu":  # floats, strings, booleans, or integers numpy would not hold as int64/uint64
+        raw = np.array(data, dtype=object)
+        if not all(type(v) is int for v in raw.flat):
+            raise BadRequest(f"input '{name}': {datatype} data must be integers in [{info.min}, {info.max}]")
+    if raw.size and (raw.min() < info.min or raw.max() > info.max):
+        raise BadRequest(f"input '{name}': {datatype} data must be integers in [{info.min}, {info.max}]")
+    return raw.astype(dt)
 
 
 def _object_array(items: list[bytes]) -> np.ndarray:
