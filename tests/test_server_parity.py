@@ -242,3 +242,20 @@ def test_fp64_int32_uint8_inputs_as_binary_tensors(typed):
     f32 = {"a": a.astype(np.float32), "b": b.astype(np.float32), "c": c.astype(np.float32)}
     assert np.array_equal(got["joined"], np.concatenate(list(f32.values()), axis=1))
     assert_matches(got, forward(proto, weights, f32))
+
+
+@pytest.mark.parametrize("name,datatype,values", [
+    ("c", "UINT8", [0, 255, 300, 1]),  # 300 would wrap to 44
+    ("c", "UINT8", [0, -1, 2, 1]),  # -1 would wrap to 255
+    ("b", "INT32", [0, 2**40, 2, 1]),  # would wrap to 0
+    ("b", "INT32", [0, 2.7, 2, 1]),  # would truncate to 2
+], ids=["uint8-over", "uint8-negative", "int32-over", "int32-fraction"])
+def test_integer_values_the_declared_datatype_cannot_hold_are_400_not_silently_changed(typed, name, datatype, values):
+    server, _, _ = typed
+    a, b, c = typed_values(1)
+    inputs = {"a": ("FP64", a.ravel().tolist()), "b": ("INT32", b.ravel().tolist()), "c": ("UINT8", c.ravel().tolist())}
+    inputs[name] = (datatype, values)
+    status, body = http_json("POST", server.url + "/v2/models/typed/infer", {"inputs": [
+        {"name": n, "shape": [1, 4], "datatype": dt, "data": d} for n, (dt, d) in inputs.items()]})
+    assert status == 400, body
+    assert f"'{name}'" in body["error"] and datatype in body["error"]
