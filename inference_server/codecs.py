@@ -94,6 +94,8 @@ def _json_array(name: str, data, datatype: str, shape: list[int], count: int) ->
         raise BadRequest(f"input '{name}': data does not match datatype {datatype}: {e}") from None
     if arr.size != count:
         raise BadRequest(f"input '{name}': shape {shape} needs {count} elements, data has {arr.size}")
+    if dt.kind == "f" and np.isnan(arr).any():  # JSON has no NaN: numpy made it from a null
+        raise BadRequest(f"input '{name}': data holds null where {datatype} numbers are expected")
     return arr.reshape(shape)
 
 
