@@ -411,3 +411,11 @@ def test_sha256_mismatch_refuses_to_load_naming_the_file(wrong_sha):
     status, _, err = http("POST", server.url + "/v2/models/tampered/infer", json.dumps({"inputs": [fp32_input()]}).encode())
     assert_error(status, err, 503, "sha256")
     assert http_json("GET", server.url + "/v2/health/live")[0] == 200
+
+
+def test_null_in_numeric_data_is_400_not_nan(img):
+    data = [0.5] * 192
+    data[7] = None
+    status, body = post(img.infer_url(), {"inputs": [fp32_input(data=data)]})
+    assert_error(status, body, 400, "'data'", "null")
+    img.good_request_succeeds()
