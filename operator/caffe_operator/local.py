@@ -13,7 +13,8 @@ Where the model files come from, per `spec.source`:
   beside its model files (examples/digits/service.yaml) runs as it is.
 - `url`: each file is downloaded by `caffeserve fetch` (sha256 checked) into
   `--cache-dir/NAME/` (default `$XDG_CACHE_HOME/caffeserve` or `~/.cache/caffeserve`); a file
-  already there with the expected sha256 is not downloaded again.
+  already there with the expected sha256 is not downloaded again (one without a sha256 in the
+  manifest, e.g. labels, is downloaded at every start).
 - `configMap: {name: N}`: the ConfigMap `N` must be in the same file (`---`-separated); its
   `data` and `binaryData` keys are written to a temporary folder.
 
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import yaml
 
-from caffe_operator.api import API_VERSION, KIND, InvalidSpec, is_url, local_name, parse_spec
+from caffe_operator.api import API_VERSION, KIND, InvalidSpec, local_name, parse_spec
 from caffe_operator.fetch import FetchError, fetch
 from caffe_operator.gateway.app import GatewayApp
 from caffe_operator.gateway.discovery import StaticDiscovery
@@ -299,9 +300,10 @@ class LocalService:
             if ok:
                 r.ready = True
                 return
-            if "device kind 'gpu'" in why:
-                raise LocalError(f"{r.label} cannot load the model: {why}. "
-                                 "To run this manifest on this machine's CPU: caffeserve up --device cpu ...")
+            if "failed to load" in why:  # permanent: the server does not try again
+                hint = ("; to run this manifest on this machine's CPU: caffeserve up --device cpu ..."
+                        if "device kind 'gpu'" in why else "")
+                raise LocalError(f"{r.label}: {why}{hint}")
             await asyncio.sleep(0.1)
         raise LocalError(f"{r.label} not ready within {timeout_s:g} s (runtime.startupTimeoutSeconds): {why}")
 
@@ -397,6 +399,7 @@ async def run(args, on_ready=None) -> int:
         await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():  # stopped while starting
             starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
             print("stopping", flush=True)
             return 0
         port = starting.result()
