@@ -3,11 +3,15 @@ health, metadata, infer with JSON and binary tensors, and the classification ext
 
 from __future__ import annotations
 
+import base64
+import io
+
 import caffe
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from caffe import layers as L
+from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from nets import forward, save_net
@@ -131,3 +135,56 @@ def test_bad_request_raises_the_servers_message(served):
         client.infer("animals", [inp])
     assert "'data'" in e.value.message() and "[1, 2, 5, 5]" in e.value.message()
     assert e.value.status() == "400"
+
+
+def image_net() -> caffe.NetSpec:
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3, 8, 8]))
+    n.conv = L.Convolution(n.data, num_output=4, kernel_size=3)
+    n.ip = L.InnerProduct(n.conv, num_output=len(LABELS))
+    n.prob = L.Softmax(n.ip)
+    return n
+
+
+@pytest.fixture(scope="module")
+def image_model(tmp_model_dir):
+    proto, weights = save_net(image_net(), tmp_model_dir, "pictures", seed=12)
+    labels = tmp_model_dir / "labels.txt"
+    labels.write_text("\n".join(LABELS) + "\n")
+    cfg = {"name": "pictures", "model": {"prototxt": str(proto), "weights": str(weights), "labels": str(labels)},
+           "preprocessing": {"color": True, "channelSwap": [2, 1, 0], "meanValues": [104.0, 117.0, 123.0]}}
+    with ServerProcess(cfg, tmp_model_dir) as server:
+        client = httpclient.InferenceServerClient(url=f"127.0.0.1:{server.port}")
+        yield client, proto, weights
+        client.close()
+
+
+def png_and_blob(seed: int) -> tuple[bytes, np.ndarray]:
+    """An 8×8 RGB PNG and the blob Caffe's classifier would make of it (BGR, mean subtracted)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    rgb01 = pixels.astype(np.float32) * np.float32(1.0 / 255.0)
+    blob = rgb01.transpose(2, 0, 1)[[2, 1, 0]] * np.float32(255.0) - np.array([104, 117, 123], np.float32).reshape(3, 1, 1)
+    return buf.getvalue(), blob
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json-base64", "binary"])
+def test_encoded_images_as_bytes_input_with_class_count(image_model, binary):
+    client, proto, weights = image_model
+    pngs, blobs = zip(*(png_and_blob(s) for s in (1, 2)))
+    items = [p if binary else base64.b64encode(p) for p in pngs]
+    inp = httpclient.InferInput("data", [2], "BYTES")
+    inp.set_data_from_numpy(np.array(items, dtype=object), binary_data=binary)
+    result = client.infer("pictures", [inp], outputs=[
+        httpclient.InferRequestedOutput("prob", binary_data=binary, class_count=2)])
+    top = result.as_numpy("prob")
+    ref = forward(proto, weights, {"data": np.stack(blobs)})["prob"]
+    for row, probs in zip(top, ref):
+        first = (row[0].decode() if isinstance(row[0], bytes) else row[0]).split(":")
+        best = int(np.argmax(probs))
+        assert int(first[1]) == best and first[2] == LABELS[best]
+        assert float(first[0]) == pytest.approx(float(probs[best]), abs=1e-6)
+    # the probabilities themselves equal a direct forward on the blob Caffe's classifier would make
+    plain = client.infer("pictures", [inp], outputs=[httpclient.InferRequestedOutput("prob", binary_data=binary)])
+    assert np.abs(plain.as_numpy("prob") - ref).max() <= 1e-6
