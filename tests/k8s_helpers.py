@@ -13,7 +13,8 @@ Reusable by any test that needs "a cluster" (the operator tests, the Helm e2e te
 kmock's `KubernetesEmulator` is an in-memory API server: it stores objects, merges patches and
 streams watch events, but it has no controllers and leaves metadata alone. `ApiServer` adds the
 few API-server behaviours that clients (kopf, kubectl, our operator) rely on, each small and
-named below: uid/generation/resourceVersion/creationTimestamp/namespace stamping, generateName,
+named below: core-group discovery that kubectl understands,
+uid/generation/resourceVersion/creationTimestamp/namespace stamping, generateName,
 serving a resource once its CRD is created, and a stand-in for kube-controller-manager's
 garbage collector (deletes dependents whose owners are all gone, by ownerReferences uid).
 Nothing else is faked: kubectl, kopf and the operator talk real HTTP to it.
@@ -101,11 +102,22 @@ class ApiServer(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.resources.load_bundled()  # the built-in resources of a recent k3s, as discovery shows them
+        for resource in list(self.resources):  # kubectl resolves `kubectl get service` by singularName
+            info = self.resources[resource]
+            if not info.singular and info.kind:
+                info.singular = info.kind.lower()
         self.garbage_collection = True
         self._versions = itertools.count(1)
         self._gc_tasks: set[asyncio.Task] = set()
 
     # -- API-server behaviours -------------------------------------------------------------
+    async def _serve_version(self, request: kmock.Request) -> Any:
+        """kmock 0.8 says groupVersion "/v1" for the core group; kubectl then knows no core resource."""
+        payload = await super()._serve_version(request)
+        if isinstance(payload, dict) and payload.get("groupVersion") == "/v1":
+            payload["groupVersion"] = "v1"
+        return payload
+
     def _stamp(self, request: kmock.Request) -> None:
         """Set the metadata a real API server owns, before the emulator stores the object."""
         now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -208,6 +220,9 @@ class Cluster:
     """The emulator on a background event loop, with a kubeconfig and a small synchronous client."""
 
     def __init__(self, workdir: str | os.PathLike | None = None) -> None:
+        # K8S_TEST_LOGDIR=DIR keeps the kubeconfig and the operator logs there for a look afterwards.
+        if workdir is None and os.environ.get("K8S_TEST_LOGDIR"):
+            workdir = tempfile.mkdtemp(prefix="kmock-", dir=os.environ["K8S_TEST_LOGDIR"])
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="kmock-")
         self.workdir = Path(workdir or self._tmp.name)
         self.kubeconfig = self.workdir / "kubeconfig"
@@ -270,6 +285,29 @@ class Cluster:
             return fn()
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(call(), self._loop).result(10)
+
+    def requests_seen(self, method: str, path: str) -> int:
+        """How many `method path` requests the emulator has served (e.g. to prove there is no retry loop)."""
+        def count() -> int:
+            assert self.api is not None
+            return sum(1 for r in list(self.api) if str(r.method).upper().endswith(method.upper()) and r.url.path == path)
+        return self.in_loop(count)
+
+    def hang_requests(self, method: str, path: str, count: int = 1) -> Callable[[], None]:
+        """Make the next `count` matching requests hang (the emulator still applies them, as a
+        server that committed a write but never answered); returns a function that lets them go."""
+        async def setup() -> asyncio.Event:
+            release = asyncio.Event()
+
+            async def hang() -> None:
+                await release.wait()
+
+            assert self.api is not None
+            self.api[f"{method.lower()} {path}"][:count] << hang
+            return release
+        assert self._loop is not None
+        release = asyncio.run_coroutine_threadsafe(setup(), self._loop).result(10)
+        return lambda: self._loop.call_soon_threadsafe(release.set)  # type: ignore[union-attr]
 
     # -- HTTP ------------------------------------------------------------------------------
     def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:

@@ -30,6 +30,20 @@ CR = (GROUP, VERSION, PLURAL)
 CHILDREN = {"app.kubernetes.io/managed-by": manifests.MANAGED_BY}
 RESYNC_SECONDS = float(os.environ.get("CAFFESERVE_RESYNC_SECONDS", "300"))
 RETRY_BACKOFF_SECONDS = 10
+CRD_WAIT_SECONDS = float(os.environ.get("CAFFESERVE_CRD_WAIT_SECONDS", "120"))
+
+
+async def wait_for_crd(client: KubeClient, timeout_s: float, logger: logging.Logger) -> None:
+    """Until the API serves caffemodelservices (the CRD is installed and established)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        found = await client.get(f"/apis/{GROUP}/{VERSION}")
+        if found and any(r.get("name") == PLURAL for r in found.get("resources", [])):
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise kopf.PermanentError(f"the API does not serve {PLURAL}.{GROUP}/{VERSION}: install crds/ first")
+        logger.warning(f"waiting for the {PLURAL}.{GROUP} CRD")
+        await asyncio.sleep(2)
 
 
 def login(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo | None:
@@ -54,8 +68,12 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: l
     settings.posting.event_name_prefix = "caffe-serving-"
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 600  # re-list now and then, as client-go informers do
+    # No cluster-wide watching of namespaces and CRDs (least privilege: a namespaced install needs
+    # no cluster-scoped read); kopf serves the resources it finds at startup, so wait for ours.
+    settings.scanning.disabled = True
     config = OperatorConfig.from_env()
     memo.client = KubeClient(login=lambda: login(settings))
+    await wait_for_crd(memo.client, CRD_WAIT_SECONDS, logger)
     memo.reconciler = Reconciler(memo.client, config)
     memo.resync = asyncio.get_running_loop().create_task(memo.reconciler.resync_forever(RESYNC_SECONDS, logger))
     logger.info(f"server image {config.server_image}; model URLs via {config.gateway_url or 'the model Services'}")

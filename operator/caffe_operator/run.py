@@ -20,7 +20,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="caffeserve operator", description="Run the CaffeModelService operator (kopf).")
     scope = p.add_mutually_exclusive_group(required=True)
     scope.add_argument("-n", "--namespace", action="append", dest="namespaces", metavar="NS",
-                       help="watch this namespace (repeatable; kopf globs such as 'ml-*' work too)")
+                       help="watch this namespace (repeatable)")
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
     p.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", metavar="URL",
                    help="kopf's liveness endpoint (default http://0.0.0.0:8081/healthz); '' turns it off")
@@ -40,12 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     from caffe_operator import handlers  # noqa: F401  (registers the handlers)
 
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
-    kopf.run(
-        clusterwide=args.all_namespaces,
-        namespaces=args.namespaces or (),
-        liveness_endpoint=args.liveness or None,
-        standalone=True,
-    )
+    try:
+        kopf.run(
+            clusterwide=args.all_namespaces,
+            namespaces=args.namespaces or (),
+            liveness_endpoint=args.liveness or None,
+            standalone=True,
+        )
+    except Exception as e:  # a failed startup (no CRD, no credentials): one line, exit 1, the pod restarts
+        cause = e.__cause__ or e
+        print(f"caffeserve operator: {type(cause).__name__}: {cause}", file=sys.stderr)
+        return 1
     return 0
 
 
