@@ -1,0 +1,175 @@
+{{/*
+Names, labels, images and RBAC rules shared by the templates.
+*/}}
+
+{{- define "caffe-serving.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The object name prefix. Truncated so that "<fullname>-operator" and "<fullname>-gateway" stay within
+the 63 characters of a DNS label.
+*/}}
+{{- define "caffe-serving.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 54 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 54 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 54 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "caffe-serving.operatorName" -}}
+{{- printf "%s-operator" (include "caffe-serving.fullname" .) }}
+{{- end }}
+
+{{- define "caffe-serving.gatewayName" -}}
+{{- printf "%s-gateway" (include "caffe-serving.fullname" .) }}
+{{- end }}
+
+{{- define "caffe-serving.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "caffe-serving.labels" -}}
+helm.sh/chart: {{ include "caffe-serving.chart" . }}
+app.kubernetes.io/name: {{ include "caffe-serving.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: caffe-serving
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels of one component: include with (dict "root" $ "component" "operator"). */}}
+{{- define "caffe-serving.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "caffe-serving.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "caffe-serving.componentLabels" -}}
+{{ include "caffe-serving.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* repository[:tag][@digest] from an image dict; the tag defaults to the chart's appVersion. */}}
+{{- define "caffe-serving.image" -}}
+{{- $tag := .image.tag | default .root.Chart.AppVersion | toString }}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
+{{- else }}
+{{- printf "%s:%s" .image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{- define "caffe-serving.operatorImage" -}}
+{{- include "caffe-serving.image" (dict "root" . "image" .Values.operator.image) }}
+{{- end }}
+
+{{- define "caffe-serving.gatewayImage" -}}
+{{- if .Values.gateway.image.repository }}
+{{- include "caffe-serving.image" (dict "root" . "image" .Values.gateway.image) }}
+{{- else }}
+{{- include "caffe-serving.operatorImage" . }}
+{{- end }}
+{{- end }}
+
+{{- define "caffe-serving.serverImage" -}}
+{{- include "caffe-serving.image" (dict "root" . "image" .Values.server.image) }}
+{{- end }}
+
+{{- define "caffe-serving.operatorServiceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create }}
+{{- default (include "caffe-serving.operatorName" .) .Values.operator.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.operator.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "caffe-serving.gatewayServiceAccountName" -}}
+{{- if .Values.gateway.serviceAccount.create }}
+{{- default (include "caffe-serving.gatewayName" .) .Values.gateway.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.gateway.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* True (non-empty) when the operator and gateway watch every namespace. */}}
+{{- define "caffe-serving.clusterWide" -}}
+{{- if eq .Values.watch.scope "cluster" }}true{{- end }}
+{{- end }}
+
+{{/* The one namespace watched with scope "namespace". */}}
+{{- define "caffe-serving.watchNamespace" -}}
+{{- default .Release.Namespace .Values.watch.namespace }}
+{{- end }}
+
+{{/* `--all-namespaces` or `--namespace NS`, as YAML list items (operator and gateway take both). */}}
+{{- define "caffe-serving.watchArgs" -}}
+{{- if include "caffe-serving.clusterWide" . }}
+- --all-namespaces
+{{- else }}
+- --namespace
+- {{ include "caffe-serving.watchNamespace" . }}
+{{- end }}
+{{- end }}
+
+{{/* Where clients reach models: the gateway Service (the operator writes it into status.url). */}}
+{{- define "caffe-serving.gatewayURL" -}}
+{{- $host := printf "%s.%s.svc" (include "caffe-serving.gatewayName" .) .Release.Namespace }}
+{{- if eq (int .Values.gateway.service.port) 80 }}
+{{- printf "http://%s" $host }}
+{{- else }}
+{{- printf "http://%s:%d" $host (int .Values.gateway.service.port) }}
+{{- end }}
+{{- end }}
+
+{{/*
+RBAC: exactly what the components call (tests/test_e2e.py checks both directions against the API
+requests they make). The operator's namespaced rules go into a Role in the watched namespace, or a
+ClusterRole with scope "cluster"; kopf's cluster-level reads always need a ClusterRole.
+*/}}
+{{- define "caffe-serving.operatorRules" -}}
+# The CaffeModelServices: kopf lists and watches them, patches its annotations/finalizers on them.
+- apiGroups: ["caffeserving.io"]
+  resources: ["caffemodelservices"]
+  verbs: ["list", "watch", "patch"]
+# status: conditions, replicas, URL.
+- apiGroups: ["caffeserving.io"]
+  resources: ["caffemodelservices/status"]
+  verbs: ["patch"]
+# The children: the server config and the predictor Service (create, then patch on changes).
+- apiGroups: [""]
+  resources: ["configmaps", "services"]
+  verbs: ["create", "patch"]
+# The predictor Deployment: create, patch, and watch its status to report readiness.
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["create", "patch", "list", "watch"]
+# Events on the CaffeModelService (kopf posts them for handler outcomes).
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end }}
+
+{{- define "caffe-serving.operatorClusterRules" -}}
+# kopf discovers custom resources and follows their CRDs.
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["list", "watch"]
+{{- end }}
+
+{{- define "caffe-serving.gatewayRules" -}}
+# The gateway finds each model's ready pods in the EndpointSlices of its predictor Service.
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["list", "watch"]
+{{- end }}
