@@ -219,7 +219,7 @@ class ApiError(Exception):
 class Cluster:
     """The emulator on a background event loop, with a kubeconfig and a small synchronous client."""
 
-    def __init__(self, workdir: str | os.PathLike | None = None) -> None:
+    def __init__(self, workdir: str | os.PathLike | None = None, api_server_cls: type[ApiServer] | None = None) -> None:
         # K8S_TEST_LOGDIR=DIR keeps the kubeconfig and the operator logs there for a look afterwards.
         if workdir is None and os.environ.get("K8S_TEST_LOGDIR"):
             workdir = tempfile.mkdtemp(prefix="kmock-", dir=os.environ["K8S_TEST_LOGDIR"])
@@ -227,6 +227,7 @@ class Cluster:
         self.workdir = Path(workdir or self._tmp.name)
         self.kubeconfig = self.workdir / "kubeconfig"
         self.url = ""
+        self.api_server_cls = api_server_cls or ApiServer  # a subclass may add behaviour (e.g. for Helm)
         self.api: ApiServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -240,7 +241,7 @@ class Cluster:
         async def serve() -> None:
             try:
                 self._stop = asyncio.Event()
-                async with ApiServer() as api, kmock.Server(api) as server:
+                async with self.api_server_cls() as api, kmock.Server(api) as server:
                     self.api = api
                     self.url = str(server.url).rstrip("/")
                     ready.set()

@@ -93,7 +93,8 @@ def test_names_and_labels_are_the_contract():
 
 
 def test_the_server_config_is_what_caffeserve_serve_accepts():
-    s = spec(runtime={"device": "gpu", "instances": 3, "batching": {"enabled": "auto", "maxBatchSize": 32}},
+    s = spec(runtime={"device": "gpu", "instances": 3, "batching": {"enabled": "auto", "maxBatchSize": 32},
+                      "backend": "auto", "parityTolerance": 1e-4, "limits": {"maxBatch": 4}},
              model={"prototxt": "deploy.prototxt", "weights": "digits.caffemodel", "weightsSha256": SHA, "version": "7",
                     "labels": "labels.txt", "inputs": [{"name": "data", "datatype": "BYTES"}],
                     "preprocessing": {"color": False, "meanFile": "mean.binaryproto"}})
@@ -108,6 +109,7 @@ def test_the_server_config_is_what_caffeserve_serve_accepts():
     assert cfg.device.kind == "gpu" and cfg.device.id == 0
     assert cfg.instances == 3 and cfg.batching.enabled == "auto" and cfg.batching.max_batch_size == 32
     assert cfg.inputs[0].datatype == "BYTES"
+    assert (cfg.backend, cfg.parity_tolerance, cfg.limits.max_batch) == ("auto", 1e-4, 4)
 
 
 def test_cpu_config_says_cpu():

@@ -212,6 +212,7 @@ class RuntimeSpec(CamelModel):
     instances: int = _serving_field("instances")
     batching: Batching = Field(default_factory=Batching, description="Dynamic batching inside each replica.")
     backend: Literal["pycaffe", "onnxruntime", "auto"] = _serving_field("backend")
+    parity_tolerance: float = _serving_field("parity_tolerance")
     limits: Limits = Field(default_factory=Limits, description="Per-request limits inside each replica.")
     startup_timeout_seconds: int = Field(
         default=600, ge=10, le=86400,

@@ -31,7 +31,7 @@ from caffe_operator.api import (
     is_url,
     local_name,
 )
-from inference_server.config import ServerConfig
+from inference_server.config import ModelServing, ServerConfig
 
 PORT = 8080
 CONFIG_DIR = "/etc/caffeserve"
@@ -95,36 +95,42 @@ def model_url(name: str, namespace: str, gateway_url: str | None = None) -> str:
 # --------------------------------------------------------------------------------------------
 # the server config
 # --------------------------------------------------------------------------------------------
-def model_path(file: str) -> str:
-    return posixpath.join(MODEL_DIR, local_name(file))
+def model_path(file: str, model_dir: str = MODEL_DIR) -> str:
+    return posixpath.join(model_dir, local_name(file))
 
 
-def server_config(name: str, spec: CaffeModelServiceSpec) -> ServerConfig:
-    """The `caffeserve serve` config the pods run: the CR's serving fields, files under /models."""
+def server_config(name: str, spec: CaffeModelServiceSpec, model_dir: str = MODEL_DIR) -> ServerConfig:
+    """The `caffeserve serve` config the pods run: the CR's serving fields, files under `model_dir`
+    (/models in a pod; local mode passes its own folder)."""
     m, rt = spec.model, spec.runtime
+
+    def path(file: str) -> str:
+        return model_path(file, model_dir)
+
     preprocessing = None
     if m.preprocessing is not None:
         preprocessing = m.preprocessing.model_copy(
-            update={"mean_file": model_path(m.preprocessing.mean_file) if m.preprocessing.mean_file else None}
+            update={"mean_file": path(m.preprocessing.mean_file) if m.preprocessing.mean_file else None}
         )
+    # Every serving field of the server config, from spec.model or spec.runtime (test_crd checks
+    # that each has a home there), so a field added to the config reaches the pods unchanged.
+    serving = {
+        field: getattr(m if field in type(m).model_fields else rt, field)
+        for field in ModelServing.model_fields if field != "device"
+    }
+    serving["preprocessing"] = preprocessing
     return ServerConfig(
         name=name,
         version=m.version,
         model={
-            "prototxt": model_path(m.prototxt),
-            "weights": model_path(m.weights),
+            "prototxt": path(m.prototxt),
+            "weights": path(m.weights),
             "prototxt_sha256": m.prototxt_sha256,
             "weights_sha256": m.weights_sha256,
-            "labels": model_path(m.labels) if m.labels else None,
+            "labels": path(m.labels) if m.labels else None,
         },
-        inputs=m.inputs,
-        outputs=m.outputs,
-        preprocessing=preprocessing,
         device={"kind": rt.device.value if isinstance(rt.device, RuntimeDevice) else rt.device, "id": 0},
-        instances=rt.instances,
-        batching=rt.batching,
-        backend=rt.backend,
-        limits=rt.limits,
+        **serving,
     )
 
 

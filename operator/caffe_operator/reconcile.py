@@ -6,10 +6,15 @@ changed or deleted, the periodic resync), it reads the current CR, computes the 
 patches those that drifted, and writes the status only when it changed. One lock per model keeps
 two triggers for the same model from interleaving inside this process.
 
-Which API calls it makes (the Helm chart's RBAC is built from this list):
-  caffemodelservices: get; caffemodelservices/status: patch
-  configmaps, services, deployments (apps): get, create, patch
-  events: create (through kopf)
+API access the operator needs (the Helm chart's RBAC; namespaced: a Role per watched namespace,
+or a ClusterRole for --all-namespaces). kopf watches and annotates, this module reads and writes:
+  caffeserving.io caffemodelservices:        get, list, watch, patch   (patch: kopf's annotations)
+  caffeserving.io caffemodelservices/status: patch
+  apps deployments:                          get, list, watch, create, patch
+  "" services, configmaps:                   get, list, watch, create, patch
+  "" events:                                 create
+No delete (children go by ownerReferences), no namespaces or CRD access (kopf scanning is off;
+discovery of /apis/caffeserving.io/v1alpha1 is open to every authenticated client).
 """
 
 from __future__ import annotations

@@ -3,7 +3,14 @@
     caffeserve gateway --static digits=http://127.0.0.1:8001,http://127.0.0.1:8002
     caffeserve gateway --kubernetes [--namespace NS | --all-namespaces] [--kubeconfig FILE]
 
-Overload answers are 503 with `Retry-After` (see proxy.py for the full contract).
+Each request to /v2/models/{m}/... goes to the ready server of model m with the fewest requests
+in flight (two random choices), at most --max-concurrency per server; the others wait in a
+per-model queue. Overload (queue full, or no free server within --max-wait) and a model with no
+ready server are answered 503 with an integer Retry-After; a request whose deadline
+(--request-timeout) passes in the queue is answered 504 and never forwarded. Connection failures
+are retried on another server (retry budget: 20% of active requests, at least 3); 5 consecutive
+failures eject a server for 30 s. In a cluster the gateway needs `list` and `watch` on
+discovery.k8s.io endpointslices, nothing else.
 """
 
 from __future__ import annotations
@@ -79,30 +86,31 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_discovery(args):
+def make_discovery(args, p: argparse.ArgumentParser):
     if args.static and args.kubernetes:
-        raise SystemExit("caffeserve gateway: use either --static or --kubernetes, not both")
+        p.error("use either --static or --kubernetes, not both")
     if args.static:
         models = {}
         for spec in args.static:
             try:
                 name, addrs = parse_static(spec)
             except ValueError as e:
-                raise SystemExit(f"caffeserve gateway: --static {e}")
+                p.error(f"--static: {e}")
             models.setdefault(name, set()).update(addrs)
         return StaticDiscovery(models)
     in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
     if not (args.kubernetes or in_cluster):
-        raise SystemExit("caffeserve gateway: give --static MODEL=URL,... or --kubernetes")
+        p.error("give --static MODEL=URL[,URL...] or --kubernetes")
     kube = KubeConfig.from_kubeconfig(args.kubeconfig, args.context) if args.kubeconfig else KubeConfig.in_cluster()
     namespace = None if args.all_namespaces else (args.namespace or kube.namespace)
     return EndpointSliceWatcher(kube, namespace)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    discovery = make_discovery(args)
+    discovery = make_discovery(args, p)
     balancer, proxy, limits = settings_from(args)
     app = GatewayApp(discovery, balancer, proxy, limits)
     install_uvloop()
