@@ -73,21 +73,27 @@ def create_app(plane: DataPlane, metrics: ServerMetrics):
                         if method != "GET":
                             return _method_not_allowed("GET")
                         return model_get(model, version, tail)
-                elif n == 1:
-                    return Response(200, plane.server_metadata)
-                elif n == 3 and parts[1] == "health":
+                elif n == 1 or (n == 3 and parts[1] == "health"):
+                    if method != "GET":
+                        return _method_not_allowed("GET")
+                    if n == 1:
+                        return Response(200, plane.server_metadata)
                     if parts[2] == "live":
                         return Response(200, LIVE)
                     if parts[2] == "ready":
                         if plane.ready():
                             return Response(200, READY)
                         return Response(503, orjson.dumps({"ready": False, "error": plane.not_ready_reason()}))
-                elif n == 3 and parts[1:] == ["repository", "index"] and method == "POST":
+                elif n == 3 and parts[1:] == ["repository", "index"]:
+                    if method != "POST":
+                        return _method_not_allowed("POST")
                     return Response(200, orjson.dumps([
                         {"name": m.name, "version": m.version, "state": m.state.upper(), "reason": m.error or ""}
                         for m in plane.models.values()
                     ]))
             elif path == "/metrics":
+                if method != "GET":
+                    return _method_not_allowed("GET")
                 return Response(200, metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
             raise NotFound(f"no route for {method} {path}")
         except InferenceError as e:

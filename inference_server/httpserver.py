@@ -298,7 +298,7 @@ class HTTPServer:
             try:
                 await asyncio.wait_for(self._drained.wait(), grace_s)
             except asyncio.TimeoutError:
-                log.warning("shutdown: %d requests still in flight after %.0f s", self.in_flight, grace_s)
+                log.warning("shutdown: %d requests still in flight after %g s", self.in_flight, grace_s)
         for c in list(self.connections):
             c._close()
 

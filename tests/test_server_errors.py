@@ -323,6 +323,9 @@ def test_wrong_method_is_405_with_allow(img):
     status, headers, body = http("PUT", img.url + "/v2/models/img", b"{}")
     assert_error(status, body, 405)
     assert {k.lower(): v for k, v in headers.items()}["allow"] == "GET"
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2", "/metrics"):
+        status, headers, body = http("DELETE", img.url + path)
+        assert_error(status, body, 405)
     img.good_request_succeeds()
 
 
