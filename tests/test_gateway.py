@@ -266,6 +266,51 @@ def test_metrics_count_requests_by_model_and_code_and_show_queue_and_in_flight(g
     assert 'caffeserve_gateway_endpoints{model="digits",state="ready"} 2.0' in text
 
 
+def test_only_allow_listed_headers_cross_and_the_body_is_forwarded_byte_for_byte():
+    """Upstream here is our HTTPServer recording what it receives: the real inference server does
+    not expose request headers, so this is the one place a recording double is needed."""
+    import asyncio as aio
+
+    from inference_server.httpserver import HTTPServer, Response
+
+    seen = []
+
+    async def record(req):
+        seen.append(req)
+        return Response(200, b"\x00\x01raw-answer", content_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": "2", "Set-Cookie": "a=b",
+                                 "X-Internal-Node": "gpu-7", "Retry-After": "3"})
+
+    loop = aio.new_event_loop()
+    server = HTTPServer(record)
+    port = loop.run_until_complete(server.start("127.0.0.1", 0))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        with GatewayProcess("--static", f"m=http://127.0.0.1:{port}") as gw:
+            body = bytes(range(256)) * 300  # binary, > 64 KiB
+            status, headers, answer = http("POST", gw.url + "/v2/models/m/versions/2/infer?x=1", body, {
+                "Content-Type": "application/octet-stream", "Inference-Header-Content-Length": "17",
+                "Authorization": "Bearer secret", "Cookie": "session=1", "X-Request-Id": "req-42",
+                "Traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            })
+            headers = {k.lower(): v for k, v in headers.items()}
+            assert status == 200 and answer == b"\x00\x01raw-answer"
+            assert headers["inference-header-content-length"] == "2" and headers["retry-after"] == "3"
+            assert headers["content-type"] == "application/octet-stream"
+            assert "set-cookie" not in headers and "x-internal-node" not in headers
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+    req = seen[0]
+    assert req.method == "POST" and req.path == "/v2/models/m/versions/2/infer" and req.query == "x=1"
+    assert req.body == body
+    assert req.headers["inference-header-content-length"] == "17"
+    assert req.headers["x-request-id"] == "req-42" and req.headers["traceparent"].startswith("00-0af7")
+    assert req.headers["x-forwarded-for"] == "127.0.0.1"
+    assert "authorization" not in req.headers and "cookie" not in req.headers
+
+
 # --------------------------------------------------------------------------- failures
 
 
