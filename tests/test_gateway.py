@@ -360,7 +360,7 @@ def test_killing_a_server_under_load_fails_only_requests_in_flight_on_it():
         # only requests in flight at the kill may fail (with retries, usually none do)
         assert all(r[0] <= killed_at <= r[1] for r in failed), failed
         assert metric(gw.url, "caffeserve_gateway_retries_total", model="digits") >= 1
-        # the dead server is ejected after consecutive connection failures
+        # the dead server is skipped: after a refused connection (backoff), then after 5 (ejection)
         assert metric(gw.url, "caffeserve_gateway_endpoints", model="digits", state="ejected") == 1
 
 
@@ -400,10 +400,13 @@ def test_a_request_whose_deadline_passes_while_queued_is_never_forwarded():
         codes = sorted(r[0] for r in results)
         assert codes == [200, 504, 504, 504], codes
         errors = [orjson.loads(r[2])["error"] for r in results if r[0] == 504]
-        assert sum("deadline passed while waiting" in e for e in errors) == 2, errors
-        assert sum("did not answer within" in e for e in errors) == 1, errors
-        time.sleep(0.5)  # let the server finish the one it was sent and then abandoned
-        assert served(slow) - before == 2, "a request whose deadline passed in the queue reached the server"
+        # the 1st is answered at 0.4 s; the 2nd is forwarded with 0.2 s left and times out; the
+        # others' deadlines pass while they wait (one of them may be handed the 2nd's slot in the
+        # very millisecond before its deadline, and then times out upstream instead)
+        never_sent = sum("deadline passed while waiting" in e for e in errors)
+        assert never_sent >= 1 and sum("did not answer within" in e for e in errors) == 3 - never_sent, errors
+        time.sleep(0.6)  # let the server finish the ones it was sent and then abandoned
+        assert served(slow) - before == 4 - never_sent, "a request whose deadline passed in the queue reached the server"
 
 
 def test_a_model_without_ready_servers_is_503_with_retry_after():
