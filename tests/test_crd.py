@@ -263,3 +263,14 @@ def test_semantic_errors_pass_the_schema_but_not_the_operator(name):
 def test_names_that_cannot_name_a_service_are_invalid(bad_name):
     with pytest.raises(api.InvalidSpec, match="metadata.name"):
         api.parse_spec(bad_name, sample()["spec"])
+
+
+def test_the_status_the_operator_writes_fits_the_schema():
+    from caffe_operator.status import build_status, readiness
+
+    dep = {"metadata": {"generation": 1}, "status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2,
+                                                      "readyReplicas": 2}}
+    status = build_status(generation=4, readiness_=readiness(2, dep), deployment=dep, previous=None,
+                          url="http://digits-predictor.ml.svc:8080/v2/models/digits", selector="caffeserving.io/model=digits")
+    assert schema_errors({**sample(), "status": status}) == []
+    api.CaffeModelServiceStatus.model_validate(status)

@@ -322,7 +322,8 @@ class CaffeModelServiceStatus(CamelModel):
     )
     replicas: int | None = Field(default=None, description="Server pods that exist (the scale subresource's status.replicas).")
     ready_replicas: int | None = Field(default=None, description="Server pods that are ready.")
-    url: str | None = Field(default=None, description="Where clients reach this model (Open Inference Protocol base URL).")
+    url: str | None = Field(default=None, description="Where clients reach this model: its Open Inference Protocol URL "
+                                     "(.../v2/models/NAME), through the gateway when there is one, else its Service.")
     selector: str | None = Field(default=None, description="Label selector of the server pods (for the scale subresource).")
 
 
