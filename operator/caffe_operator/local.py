@@ -282,7 +282,11 @@ class LocalService:
         await asyncio.gather(*(r.start() for r in self.replicas))
         timeout = {m.name: m.startup_timeout_s for m in self.models}
         await asyncio.gather(*(self._wait_ready(r, timeout[r.model]) for r in self.replicas))
-        port = await self.app.start(self.host, self.port)
+        try:
+            port = await self.app.start(self.host, self.port)
+        except OSError as e:
+            raise LocalError(f"the gateway cannot listen on {self.host}:{self.port}: {e.strerror or e}; "
+                             "choose another --port") from None
         for m in self.models:
             self._publish(m.name)
         self._supervisor = asyncio.create_task(self._supervise())
