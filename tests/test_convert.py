@@ -17,6 +17,7 @@ from caffe import layers as L, params as P
 from inference_server.convert import UnsupportedLayer, convert_net, load_net, model_info, supported_types
 from inference_server.convert.pooling import caffe_pooled_size
 from nets import forward, save_net
+from server_process import REPO
 
 TOL = 1e-5
 BATCH = 3
@@ -298,3 +299,10 @@ def test_every_layer_type_the_issue_lists_has_a_converter():
               "InnerProduct", "Softmax", "Concat", "Slice", "Eltwise", "BatchNorm", "Scale", "Dropout",
               "Flatten", "Reshape", "Power", "Input"}
     assert wanted <= set(supported_types())
+
+
+def test_the_docs_table_lists_every_converted_layer_type():
+    table = (REPO / "docs" / "onnx.md").read_text().split("## Layers converted", 1)[1].split("\n## ", 1)[0]
+    listed = {name.strip() for line in table.splitlines() if line.startswith("| ")
+              for name in line.split("|")[1].split(",")}
+    assert set(supported_types()) <= listed

@@ -179,7 +179,15 @@ def evaluate(cfg, n_random: int | None = None) -> Evaluation:
 
 def choose_accelerated(cfg) -> BackendChoice:
     t0 = time.perf_counter()
-    ev = evaluate(cfg)
+    try:
+        ev = evaluate(cfg)
+    except ModelLoadError:
+        raise  # pycaffe itself cannot load the model: no backend could serve it
+    except Exception as e:  # anything unforeseen in the ONNX path must not cost `auto` its model
+        if cfg.backend == "onnxruntime":
+            raise
+        log.exception("the onnxruntime check failed")
+        ev = Evaluation(f"the onnxruntime check failed unexpectedly ({type(e).__name__}: {e})")
     ev.details["backend_decision_s"] = round(time.perf_counter() - t0, 3)
     if ev.problem is None:
         prefix = "auto" if cfg.backend == "auto" else "backend: onnxruntime"
