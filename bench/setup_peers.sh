@@ -15,8 +15,6 @@ CAFFE_DEPS=("numpy<2" six protobuf scikit-image scipy)
 
 log() { echo "[setup_peers] $*" >&2; }
 
-# The same packages as the project venv for what pycaffe's generated caffe_pb2 needs: a protobuf
-# runtime new enough for its `builder` module; each peer's own pins decide the rest.
 setup_venv() {
   local name=$1; shift
   local venv="$ROOT/$name" stamp="$ROOT/$name/.setup-done-$*"
@@ -36,5 +34,7 @@ setup_venv() {
 
 mkdir -p "$ROOT"
 setup_venv kserve "kserve==$KSERVE_VERSION"
-setup_venv mlserver "mlserver==$MLSERVER_VERSION"
+# uvloop 0.22 broke MLServer 1.7.1's parallel inference workers ("There is no current event loop",
+# SeldonIO/MLServer#2286, unreleased fix): keep the uvloop it was released with.
+setup_venv mlserver "mlserver==$MLSERVER_VERSION" "uvloop<0.22"
 echo "$ROOT"
