@@ -133,38 +133,36 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{/*
-RBAC: exactly what the components call (tests/test_e2e.py checks both directions against the API
-requests they make). The operator's namespaced rules go into a Role in the watched namespace, or a
-ClusterRole with scope "cluster"; kopf's cluster-level reads always need a ClusterRole.
+RBAC: exactly what the components call; tests/test_e2e.py proves both directions against the API
+requests they make (every request allowed, every permission used). The rules go into a Role in the
+watched namespace, or a ClusterRole with scope "cluster". Nothing else is granted: kopf's scanning
+of CRDs and namespaces is off (the operator waits for its CRD by API discovery, which every
+authenticated user may read), and children are never deleted by the operator (their
+ownerReferences hand them to the garbage collector with their CaffeModelService).
 */}}
 {{- define "caffe-serving.operatorRules" -}}
-# The CaffeModelServices: kopf lists and watches them, patches its annotations/finalizers on them.
+# The CaffeModelServices: kopf lists and watches them and keeps its bookkeeping annotations on them
+# (patch); the reconciler reads the current object (get).
 - apiGroups: ["caffeserving.io"]
   resources: ["caffemodelservices"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch"]
 # status: conditions, replicas, URL.
 - apiGroups: ["caffeserving.io"]
   resources: ["caffemodelservices/status"]
   verbs: ["patch"]
-# The children: the server config and the predictor Service (create, then patch on changes).
+# The children: the server config, the predictor Service and Deployment. Created, read back,
+# watched (a hand edit or a deletion is undone; the Deployment's ready replicas reach the status)
+# and patched when the spec changes or they drift.
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["create", "patch"]
-# The predictor Deployment: create, patch, and watch its status to report readiness.
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["create", "patch", "list", "watch"]
-# Events on the CaffeModelService (kopf posts them for handler outcomes).
+  verbs: ["get", "list", "watch", "create", "patch"]
+# Events on the CaffeModelService (created, invalid spec, ready, ...).
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-{{- end }}
-
-{{- define "caffe-serving.operatorClusterRules" -}}
-# kopf discovers custom resources and follows their CRDs.
-- apiGroups: ["apiextensions.k8s.io"]
-  resources: ["customresourcedefinitions"]
-  verbs: ["list", "watch"]
 {{- end }}
 
 {{- define "caffe-serving.gatewayRules" -}}
