@@ -220,25 +220,44 @@ def test_digits_example_is_accurate_served_by_onnxruntime(tmp_path, onnx_cache):
 
 # --- the parity gate
 
-def test_a_tampered_cached_graph_fails_parity_auto_falls_back_and_onnxruntime_refuses(tmp_path, onnx_cache):
+def tamper(model: onnx.ModelProto, initializer: str = "logits/weight", factor: float = 1 + 1e-3) -> onnx.ModelProto:
+    """One weight of the converted graph moved by `factor`: a broken conversion the gate must catch."""
+    for init in model.graph.initializer:
+        if init.name == initializer:
+            w = numpy_helper.to_array(init).copy()
+            w.flat[0] *= np.float32(factor)
+            init.CopyFrom(numpy_helper.from_array(w, init.name))
+            return model
+    raise AssertionError(f"no initializer {initializer}")
+
+
+def test_a_broken_conversion_fails_parity_auto_falls_back_and_onnxruntime_refuses(tmp_path, monkeypatch):
+    import inference_server.convert as convert
+
+    real = convert.convert_net
+    monkeypatch.setattr(convert, "convert_net", lambda net, name="caffe": tamper(real(net, name)))
     proto, weights = save_net(every_layer_net(), tmp_path, "every", seed=7)
     cfg = parse_config(server_config("every", proto, weights, "auto"))
-    path = Path(choose_backend(cfg).artifact)
-    model = onnx.load(str(path))
-    for init in model.graph.initializer:
-        if init.name == "logits/weight":  # one weight moved by 1e-4 relative
-            w = numpy_helper.to_array(init).copy()
-            w[0, 0] *= np.float32(1 + 1e-3)
-            init.CopyFrom(numpy_helper.from_array(w, init.name))
-    onnx.save(model, str(path))
-
     choice = choose_backend(cfg)
-    assert choice.name == "pycaffe" and choice.details["onnx_cache_hit"] is True
+    assert choice.name == "pycaffe"
     assert choice.reason.startswith("auto: serving with pycaffe because the parity check failed: max |Δ|")
     assert choice.details["parity_passed"] is False and choice.details["parity_worst_blob"] == "logits"
     cfg.backend = "onnxruntime"
     with pytest.raises(ModelLoadError, match="backend onnxruntime cannot serve this model: the parity check failed"):
         choose_backend(cfg)
+
+
+def test_a_cached_graph_that_fails_parity_is_converted_again(tmp_path):
+    proto, weights = save_net(every_layer_net(), tmp_path, "every", seed=9)
+    cfg = parse_config(server_config("every", proto, weights, "onnxruntime"))
+    path = Path(choose_backend(cfg).artifact)
+    onnx.save(tamper(onnx.load(str(path))), str(path))  # altered on disk after it was proven
+
+    choice = choose_backend(cfg)
+    assert choice.name == "onnxruntime" and choice.artifact == str(path)
+    assert choice.details["onnx_cache_hit"] is False
+    assert choice.details["onnx_cache_rejected"].startswith("the parity check failed: max |Δ|")
+    assert choose_backend(cfg).details["onnx_cache_hit"] is True  # the file was replaced by a good one
 
 
 def residual_bn_stack(depth: int) -> caffe.NetSpec:

@@ -7,7 +7,8 @@ Either way the BackendChoice says why, with the parity figures in `details`.
 Converted graphs are cached on disk under CAFFESERVE_CACHE_DIR (default ~/.cache/caffe-serving/onnx),
 keyed by the sha256 of the prototxt, the weights, the serving input shapes and the converter version,
 so a restart does not convert again. The parity gate runs at every load, cache hit or not: it is
-what proves the file on disk (which anyone could have changed) gives pycaffe's answers.
+what proves the file on disk (which anyone could have changed) gives pycaffe's answers; a cached
+file that fails it is replaced by a fresh conversion, which is then the one judged.
 """
 
 from __future__ import annotations
@@ -106,16 +107,71 @@ def _parity_session_model(onnx_model, logits: list[dict]) -> bytes:
     return m.SerializeToString()
 
 
+def _convert(net, path: Path, cfg):
+    """Convert and cache; returns (onnx model, None) or (None, the problem)."""
+    from ..convert import UnsupportedLayer, convert_net
+
+    try:
+        onnx_model = convert_net(net, name=cfg.name)
+    except UnsupportedLayer as e:
+        return None, str(e)
+    except ModelLoadError as e:
+        return None, f"the conversion failed: {e}"
+    except Exception as e:  # a converter bug must not take the server down: report it, let auto fall back
+        log.exception("converting %s failed", cfg.model.prototxt)
+        return None, f"the conversion failed ({type(e).__name__}: {e})"
+    _save_atomically(onnx_model, path)
+    return onnx_model, None
+
+
+def _load_cached(path: Path):
+    import onnx
+
+    from ..convert import model_info
+
+    try:
+        onnx_model = onnx.load(str(path))
+        model_info(onnx_model)
+        return onnx_model
+    except Exception as e:  # truncated, foreign or unreadable: convert again
+        log.warning("cached ONNX graph %s is unusable (%s); converting again", path, e)
+        return None
+
+
+def _gate(net, onnx_model, cfg, shapes: dict, n_random: int | None):
+    """Run the parity gate on `onnx_model` with the serving session options; (report, problem)."""
+    from .. import parity
+    from ..convert import model_info
+    from .onnxruntime import make_session
+
+    info = model_info(onnx_model)
+    outputs = [name for name, _ in info["outputs"]]
+    logits = [e for e in info["softmax_logits"] if e["blob"] not in outputs]
+    try:
+        session = make_session(_parity_session_model(onnx_model, logits), cfg.device.kind, cfg.device.id, cfg.instances)
+    except ModelLoadError as e:
+        return None, str(e)
+    pre = cfg.preprocessing
+    mean_path = str(cfg.path(pre.mean_file)) if pre is not None and pre.mean_file else None
+    inputs = parity.parity_inputs(shapes, pre, mean_path, cfg.limits.max_image_pixels,
+                                  n_random=parity.N_RANDOM_INPUTS if n_random is None else n_random)
+    report = parity.check_parity(net, session, outputs, logits, inputs, cfg.parity_tolerance)
+    return report, None if report.passed else f"the parity check failed: {report.summary()}"
+
+
 def evaluate(cfg, n_random: int | None = None) -> Evaluation:
-    """Convert (or load from the cache) and run the parity gate; never raises for a model ONNX cannot serve."""
+    """Convert (or load from the cache) and run the parity gate; never raises for a model ONNX cannot serve.
+
+    A cached graph that fails the gate is converted again once (a stale or altered file must not
+    demote the model for good); a fresh conversion that fails it is the verdict.
+    """
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError as e:
         return Evaluation(f"onnxruntime is not installed ({e.name} is missing)")
-    from .. import parity
-    from ..convert import CONVERTER_VERSION, UnsupportedLayer, convert_net, load_net, model_info
-    from .onnxruntime import make_session, providers
+    from ..convert import CONVERTER_VERSION, load_net
+    from .onnxruntime import providers
 
     details: dict = {"converter_version": CONVERTER_VERSION}
     timings: dict = {}
@@ -134,47 +190,29 @@ def evaluate(cfg, n_random: int | None = None) -> Evaluation:
         net.reshape()
     timings["load_s"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
     key = cache_key(prototxt, weights, shapes, CONVERTER_VERSION)
     path = _writable_cache_dir() / f"{key}.onnx"
-    details["onnx_cache_hit"] = path.exists()
     details["onnx_cache_key"] = key[:16]
-    try:
-        if details["onnx_cache_hit"]:
-            import onnx
-
-            onnx_model = onnx.load(str(path))
-        else:
-            onnx_model = convert_net(net, name=cfg.name)
-            _save_atomically(onnx_model, path)
-        info = model_info(onnx_model)
-    except UnsupportedLayer as e:
-        return Evaluation(str(e), details)
-    except ModelLoadError as e:
-        return Evaluation(f"the conversion failed: {e}", details)
-    except Exception as e:  # a converter bug must not take the server down: report it, let auto fall back
-        log.exception("converting %s failed", prototxt)
-        return Evaluation(f"the conversion failed ({type(e).__name__}: {e})", details)
-    timings["convert_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    outputs = [name for name, _ in info["outputs"]]
-    logits = [e for e in info["softmax_logits"] if e["blob"] not in outputs]
-    try:
-        session = make_session(_parity_session_model(onnx_model, logits), cfg.device.kind, cfg.device.id, cfg.instances)
-    except ModelLoadError as e:
-        return Evaluation(str(e), details)
-    pre = cfg.preprocessing
-    mean_path = str(cfg.path(pre.mean_file)) if pre is not None and pre.mean_file else None
-    inputs = parity.parity_inputs(shapes, pre, mean_path, cfg.limits.max_image_pixels,
-                                  n_random=parity.N_RANDOM_INPUTS if n_random is None else n_random)
-    report = parity.check_parity(net, session, outputs, logits, inputs, cfg.parity_tolerance)
-    timings["parity_s"] = time.perf_counter() - t0
-    details.update(report.details())
-    summary = report.summary()
-    if not report.passed:
-        return Evaluation(f"the parity check failed: {summary}", details, str(path), summary, timings)
-    return Evaluation(None, details, str(path), summary, timings)
+    onnx_model = _load_cached(path) if path.exists() else None
+    details["onnx_cache_hit"] = onnx_model is not None
+    for attempt in ("cached", "fresh") if onnx_model is not None else ("fresh",):
+        t0 = time.perf_counter()
+        if attempt == "fresh":
+            onnx_model, problem = _convert(net, path, cfg)
+            timings["convert_s"] = time.perf_counter() - t0
+            if onnx_model is None:
+                return Evaluation(problem, details, None, "", timings)
+            t0 = time.perf_counter()
+        report, problem = _gate(net, onnx_model, cfg, shapes, n_random)
+        timings["parity_s"] = time.perf_counter() - t0
+        if problem is None or attempt == "fresh":
+            break
+        log.warning("cached ONNX graph %s failed the parity gate (%s); converting again", path, problem)
+        details["onnx_cache_hit"] = False
+        details["onnx_cache_rejected"] = problem
+    if report is not None:
+        details.update(report.details())
+    return Evaluation(problem, details, str(path), report.summary() if report else "", timings)
 
 
 def choose_accelerated(cfg) -> BackendChoice:
