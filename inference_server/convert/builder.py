@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from .registry import UnsupportedLayer
 
@@ -86,5 +86,3 @@ def canonical_axis(axis: int, rank: int) -> int:
     """Caffe's CanonicalAxisIndex: negative axes count from the end."""
     return axis + rank if axis < 0 else axis
 
-
-FLOAT = TensorProto.FLOAT

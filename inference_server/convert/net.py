@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from onnx import TensorProto, helper
+from onnx import ModelProto, TensorProto, helper
 
 from .builder import GraphBuilder, LayerContext
 from .registry import converter_for
@@ -16,7 +16,7 @@ IR_VERSION = 8  # opset 17's IR version; loads in ONNX Runtime 1.11 and later
 METADATA_KEY = "caffe_serving"
 
 
-def convert_model(model: CaffeModel, name: str = "caffe") -> "onnx.ModelProto":  # noqa: F821
+def convert_model(model: CaffeModel, name: str = "caffe") -> ModelProto:
     """Returns the ONNX model; raises UnsupportedLayer for the first layer it cannot convert."""
     g = GraphBuilder(reserved=set(model.shapes) | set(model.inputs))
     for blob in model.inputs:
@@ -64,7 +64,7 @@ def convert_model(model: CaffeModel, name: str = "caffe") -> "onnx.ModelProto": 
     return onnx_model
 
 
-def model_info(onnx_model) -> dict:
+def model_info(onnx_model: ModelProto) -> dict:
     """What the converter recorded about the Caffe net (I/O shapes, layer types, logits values)."""
     for prop in onnx_model.metadata_props:
         if prop.key == METADATA_KEY:

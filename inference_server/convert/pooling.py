@@ -32,7 +32,7 @@ def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int, ceil_mode: 
     return out
 
 
-def caffe_divisors(size: int, out: int, kernel: int, stride: int, pad: int) -> np.ndarray:
+def caffe_divisors(size: int, out: int, kernel: int, stride: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
     """Per output position along one axis: (real input cells in the window, Caffe's AVE divisor)."""
     start = np.arange(out) * stride - pad
     end = np.minimum(start + kernel, size + pad)
@@ -53,9 +53,8 @@ def _end_pad(size: int, out: int, kernel: int, stride: int, pad: int) -> int | N
     return None
 
 
-def _geometry(p, height: int, width: int, ctx: LayerContext):
-    if p.global_pooling:
-        return (height, width), (1, 1), (0, 0)
+def _geometry(p) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(kernel, stride, pad) as (h, w), read as PoolingLayer::LayerSetUp reads them."""
     kernel = (p.kernel_h, p.kernel_w) if p.HasField("kernel_h") else (p.kernel_size, p.kernel_size)
     stride = (p.stride_h, p.stride_w) if p.HasField("stride_h") else (p.stride, p.stride)
     pad = (p.pad_h, p.pad_w) if p.HasField("pad_h") else (p.pad, p.pad)
@@ -77,7 +76,7 @@ def pooling(ctx: LayerContext):
     if p.global_pooling:
         return [ctx.op("GlobalMaxPool" if p.pool == MAX else "GlobalAveragePool", [x])]
 
-    kernel, stride, pad = _geometry(p, height, width, ctx)
+    kernel, stride, pad = _geometry(p)
     ceil_mode = getattr(p, "ceil_mode", True)  # a field of this Caffe (default true); BVLC always rounds up
     sizes = (height, width)
     outs = [caffe_pooled_size(sizes[i], kernel[i], stride[i], pad[i], ceil_mode, any(pad)) for i in range(2)]
