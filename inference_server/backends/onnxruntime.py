@@ -46,8 +46,15 @@ def session_options(instances: int):
     return so
 
 
-def providers(device_kind: str, device_id: int = 0) -> list:
-    """Execution providers for the device; ModelLoadError when `gpu` cannot be honoured."""
+def tensorrt_available() -> bool:
+    import onnxruntime as ort
+
+    return "TensorrtExecutionProvider" in ort.get_available_providers()
+
+
+def providers(device_kind: str, device_id: int = 0, tensorrt: bool = True) -> list:
+    """Execution providers for the device (TensorRT first where installed and wanted);
+    ModelLoadError when `gpu` cannot be honoured."""
     import onnxruntime as ort
 
     if device_kind != "gpu":
@@ -59,18 +66,21 @@ def providers(device_kind: str, device_id: int = 0) -> list:
             f"(it has {', '.join(available)}); install onnxruntime-gpu, or use device.kind: cpu"
         )
     chosen: list = []
-    if "TensorrtExecutionProvider" in available:
+    if tensorrt and "TensorrtExecutionProvider" in available:
         chosen.append(("TensorrtExecutionProvider", {"device_id": device_id}))
     # TF32 convolutions would move results by ~1e-3: keep full float32, as pycaffe computes
     chosen.append(("CUDAExecutionProvider", {"device_id": device_id, "use_tf32": 0}))
     return chosen + ["CPUExecutionProvider"]
 
 
-def make_session(model: str | bytes, device_kind: str, device_id: int, instances: int):
-    """An InferenceSession for a model file or serialized model, on the configured device."""
+def make_session(model: str | bytes, device_kind: str, device_id: int, instances: int, tensorrt: bool = False):
+    """An InferenceSession for a model file or serialized model, on the configured device.
+
+    TensorRT is used only when asked for: the parity gate tries it first and says whether it passed.
+    """
     import onnxruntime as ort
 
-    chosen = providers(device_kind, device_id)
+    chosen = providers(device_kind, device_id, tensorrt)
     try:
         sess = ort.InferenceSession(model, sess_options=session_options(instances), providers=chosen)
     except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
@@ -99,7 +109,8 @@ class OnnxRuntimeBackend:
     def __init__(self, cfg, choice):
         if not choice.artifact:
             raise ModelLoadError("the onnxruntime backend needs a converted graph (BackendChoice.artifact)")
-        self.session = make_session(choice.artifact, cfg.device.kind, cfg.device.id, cfg.instances)
+        self.session = make_session(choice.artifact, cfg.device.kind, cfg.device.id, cfg.instances,
+                                    tensorrt=bool(choice.details.get("onnx_tensorrt")))
         self.info = recorded_info(self.session)
 
     def describe(self) -> NetDescription:

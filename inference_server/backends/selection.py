@@ -138,25 +138,39 @@ def _load_cached(path: Path):
         return None
 
 
-def _gate(net, onnx_model, cfg, shapes: dict, n_random: int | None):
-    """Run the parity gate on `onnx_model` with the serving session options; (report, problem)."""
+def _gate(net, onnx_model, cfg, shapes: dict, n_random: int | None, details: dict):
+    """Run the parity gate on `onnx_model` with the serving session options; (report, problem).
+
+    On a GPU with TensorRT installed, TensorRT is tried first (its default TF32 kernels may miss the
+    bound); where it fails, the CUDA provider alone is judged. `details["onnx_tensorrt"]` says which.
+    """
     from .. import parity
     from ..convert import model_info
-    from .onnxruntime import make_session
+    from .onnxruntime import make_session, tensorrt_available
 
     info = model_info(onnx_model)
     outputs = [name for name, _ in info["outputs"]]
     logits = [e for e in info["softmax_logits"] if e["blob"] not in outputs]
-    try:
-        session = make_session(_parity_session_model(onnx_model, logits), cfg.device.kind, cfg.device.id, cfg.instances)
-    except ModelLoadError as e:
-        return None, str(e)
     pre = cfg.preprocessing
     mean_path = str(cfg.path(pre.mean_file)) if pre is not None and pre.mean_file else None
     inputs = parity.parity_inputs(shapes, pre, mean_path, cfg.limits.max_image_pixels,
                                   n_random=parity.N_RANDOM_INPUTS if n_random is None else n_random)
-    report = parity.check_parity(net, session, outputs, logits, inputs, cfg.parity_tolerance)
-    return report, None if report.passed else f"the parity check failed: {report.summary()}"
+    serialized = _parity_session_model(onnx_model, logits)
+    report, problem = None, None
+    for tensorrt in ((True, False) if cfg.device.kind == "gpu" and tensorrt_available() else (False,)):
+        try:
+            session = make_session(serialized, cfg.device.kind, cfg.device.id, cfg.instances, tensorrt=tensorrt)
+        except ModelLoadError as e:
+            report, problem = None, str(e)
+            continue
+        report = parity.check_parity(net, session, outputs, logits, inputs, cfg.parity_tolerance)
+        problem = None if report.passed else f"the parity check failed: {report.summary()}"
+        details["onnx_tensorrt"] = tensorrt
+        if problem is None:
+            break
+        if tensorrt:
+            log.warning("with TensorRT, %s; trying the CUDA provider alone", problem)
+    return report, problem
 
 
 def evaluate(cfg, n_random: int | None = None) -> Evaluation:
@@ -203,7 +217,7 @@ def evaluate(cfg, n_random: int | None = None) -> Evaluation:
             if onnx_model is None:
                 return Evaluation(problem, details, None, "", timings)
             t0 = time.perf_counter()
-        report, problem = _gate(net, onnx_model, cfg, shapes, n_random)
+        report, problem = _gate(net, onnx_model, cfg, shapes, n_random, details)
         timings["parity_s"] = time.perf_counter() - t0
         if problem is None or attempt == "fresh":
             break
