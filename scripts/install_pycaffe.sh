@@ -47,32 +47,8 @@ ensure_debs() {
 
 patch_sources() {
   # pycaffe's Net._forward holds the GIL for the whole forward pass, so Net copies in different
-  # threads (`instances: N`) cannot overlap. Bind _forward to a wrapper that releases the GIL while
-  # Caffe computes (no Python runs inside: the Python layer is not built).
-  local cpp="$1/python/caffe/_caffe.cpp"
-  "$PY" - "$cpp" <<'PYEOF'
-import sys
-path = sys.argv[1]
-src = open(path).read()
-anchor = "void set_mode_gpu() { Caffe::set_mode(Caffe::GPU); }"
-wrapper = anchor + """
-
-// caffe-serving patch: run the forward pass without holding the GIL.
-struct ScopedGILRelease {
-  PyThreadState* state;
-  ScopedGILRelease() : state(PyEval_SaveThread()) {}
-  ~ScopedGILRelease() { PyEval_RestoreThread(state); }
-};
-Dtype Net_ForwardFromTo_NoGIL(Net<Dtype>& net, int start, int end) {
-  ScopedGILRelease release;
-  return net.ForwardFromTo(start, end);
-}
-"""
-binding = '.def("_forward", &Net<Dtype>::ForwardFromTo)'
-assert anchor in src and binding in src, "pycaffe sources changed: update patch_sources"
-src = src.replace(anchor, wrapper, 1).replace(binding, '.def("_forward", &Net_ForwardFromTo_NoGIL)', 1)
-open(path, "w").write(src)
-PYEOF
+  # threads (`instances: N`) could not overlap: the patch (shared with Dockerfile.caffe-gpu) fixes that.
+  "$PY" "$(dirname "$0")/patch_pycaffe_gil.py" "$1/python/caffe/_caffe.cpp"
 }
 
 build() {

@@ -11,7 +11,7 @@ our builds are. BVLC Caffe at 9b89154 and the brocolli-caffe 9.0.2 sdist (its CP
 carry the same _caffe.cpp lines this patch anchors on; it fails loudly if they ever change, and a
 second run on a patched file changes nothing.
 
-Used by Dockerfile.caffe-gpu; scripts/install_pycaffe.sh carries the same patch inline.
+Used by scripts/install_pycaffe.sh and Dockerfile.caffe-gpu.
 """
 
 from __future__ import annotations
