@@ -192,9 +192,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5, help="wrk duration per served measurement")
     ap.add_argument("--skip-serving", action="store_true")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-backends-"))
-    os.environ.setdefault("CAFFESERVE_CACHE_DIR", str(tmp / "onnx-cache"))
+    with tempfile.TemporaryDirectory(prefix="bench-backends-") as d:
+        tmp = Path(d)
+        os.environ.setdefault("CAFFESERVE_CACHE_DIR", str(tmp / "onnx-cache"))
+        run(args, tmp)
 
+
+def run(args, tmp: Path) -> None:
     digits = load_config(ROOT / "examples/digits/server.yaml")
     nets = [("digits", digits.path(digits.model.prototxt), digits.path(digits.model.weights))]
     for name, build in (("inception", inception_stack), ("residual_bn", residual_stack),
