@@ -23,7 +23,9 @@ into the pod. Everything else is the chart's and the operator's own output.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import re
 import time
 import urllib.request
 from pathlib import Path
@@ -303,6 +305,44 @@ def test_5_plain_json_through_the_gateway_reads_a_digit(flow):
     assert status == 200, body
     (prob,) = body["outputs"]
     assert prob["name"] == "prob" and int(np.argmax(prob["data"])) == labels[3] == 3
+
+
+DOCS = REPO / "docs" / "kubernetes.md"
+
+
+def doc_blocks(language: str) -> list[str]:
+    """The fenced code blocks of docs/kubernetes.md in one language ("" for plain blocks)."""
+    blocks, current, lang = [], None, ""
+    for line in DOCS.read_text().splitlines():
+        if line.startswith("```"):
+            if current is None:
+                current, lang = [], line[3:].strip()
+            else:
+                if lang == language:
+                    blocks.append("\n".join(current))
+                current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def test_5_the_documented_curl_request_gets_the_documented_answer(flow):
+    (request_json,) = doc_blocks("json")
+    answer = json.loads(doc_blocks("")[-1])  # the plain block after "The answer is"
+    gw = flow.gateways[1]
+    status, body = http_json("POST", f"http://127.0.0.1:{gw.port('http')}/v2/models/{MODEL}/infer", json.loads(request_json))
+    assert status == 200 and body == answer
+
+
+def test_5_the_documented_tritonclient_call_reads_a_3(flow):
+    (snippet,) = doc_blocks("python")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(snippet.replace("localhost:8080", f"127.0.0.1:{flow.gateways[0].port('http')}"), {})
+    documented = re.search(r"#\s*(\S+:\d+:\S+)", snippet).group(1).split(":")
+    printed = out.getvalue().strip().split(":")
+    assert printed[1:] == documented[1:] == ["3", "3"]
+    assert float(printed[0]) == pytest.approx(float(documented[0]), abs=1e-5)
 
 
 def served_inferences(server: ContainerProcess) -> float:

@@ -163,6 +163,11 @@ ownerReferences hand them to the garbage collector with their CaffeModelService)
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# The predictor's EndpointSlices: which pods are not ready, to ask them why (a model that failed
+# to load says so on /v2/health/ready; the status then reads ModelLoadFailed with its message).
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["list"]
 {{- end }}
 
 {{- define "caffe-serving.gatewayRules" -}}
