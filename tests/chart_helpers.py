@@ -71,6 +71,8 @@ def helm_cluster() -> Iterator[Any]:
     finally:
         k8s_helpers.ApiServer = original
     try:
+        core = cluster.request("GET", "/api/v1")["groupVersion"]
+        assert core == "v1", f"the emulator's core discovery says groupVersion {core!r}: Helm would find no core kinds"
         yield cluster
     finally:
         cluster.stop()
@@ -80,6 +82,11 @@ def helm_cluster() -> Iterator[Any]:
 # Helm calls (each in a child process; see the module docstring)
 # --------------------------------------------------------------------------------------------
 def _run_helm(request: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
+    import importlib.util
+
+    if importlib.util.find_spec("helm_sdkpy") is None:
+        raise RuntimeError("the Helm library is not installed: "
+                           f"{sys.executable} -m pip install --ignore-requires-python helm-sdkpy  (make setup does it)")
     env = dict(os.environ, HELM_DRIVER="memory")
     proc = subprocess.run([sys.executable, __file__], input=json.dumps(request), capture_output=True,
                           text=True, env=env, timeout=timeout, cwd=REPO)

@@ -23,7 +23,6 @@ What cannot be done without a cluster is marked as such where it happens: creden
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
