@@ -6,6 +6,8 @@ Triggers, all ending in the same level-based reconcile of one CaffeModelService:
   hand edit or deletion is undone, and the Deployment's ready replicas reach the CR status;
 - a periodic resync of every model this process has seen (CAFFESERVE_RESYNC_SECONDS, default
   300), a safety net for missed events. (Not a kopf timer: kopf gives timers a finalizer.)
+- a follow-up look at a model that is not ready for no known reason (its pods loading or not
+  answering yet; reconcile.py), so that a model that fails to load says so without a spec change.
 
 A spec the operator cannot serve ends in `kopf.PermanentError` (after the InvalidSpec status and
 event are written): kopf does not retry it; the next spec change does. No delete handler, hence
@@ -83,6 +85,8 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: l
 async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
     if getattr(memo, "resync", None) is not None:
         memo.resync.cancel()
+    if getattr(memo, "reconciler", None) is not None:
+        await memo.reconciler.close()
     if getattr(memo, "client", None) is not None:
         await memo.client.close()
 

@@ -13,6 +13,7 @@ import json
 import warnings
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import kopf
@@ -22,6 +23,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "ConfigMap": ("v1", "configmaps"),
     "Service": ("v1", "services"),
     "Deployment": ("apps/v1", "deployments"),
+    "EndpointSlice": ("discovery.k8s.io/v1", "endpointslices"),
     "CaffeModelService": ("caffeserving.io/v1alpha1", "caffemodelservices"),
 }
 
@@ -121,6 +123,13 @@ class KubeClient:
             if e.status == 404:
                 return None
             raise
+
+    async def list(self, kind: str, namespace: str, label_selector: str | None = None) -> list[dict[str, Any]]:
+        """The items of `kind` in `namespace` (matching `label_selector`, when given)."""
+        api_version, plural = RESOURCES[kind]
+        query = f"?{urlencode({'labelSelector': label_selector})}" if label_selector else ""
+        found = await self.request("GET", collection_path(api_version, plural, namespace) + query)
+        return list((found or {}).get("items") or [])
 
     async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         api_version, plural = RESOURCES[obj["kind"]]

@@ -6,6 +6,14 @@ changed or deleted, the periodic resync), it reads the current CR, computes the 
 patches those that drifted, and writes the status only when it changed. One lock per model keeps
 two triggers for the same model from interleaving inside this process.
 
+When the Deployment is not ready, the not-ready pods are asked why (load_errors.py: their
+`/v2/health/ready`, found through the Service's EndpointSlices): a model that failed to load
+turns Ready=False with reason ModelLoadFailed and the loader's message (status.with_load_errors),
+with one Warning event when that reason appears. A model still loading, or pods not yet
+answering, are looked at again soon (CAFFESERVE_LOAD_RECHECK_SECONDS, default 10, doubling up to
+16 times that; 0: only on events and the resync), since a failing load changes nothing the
+operator watches until the Deployment's progress deadline passes.
+
 API access the operator needs (the Helm chart's RBAC; namespaced: a Role per watched namespace,
 or a ClusterRole for --all-namespaces). kopf watches and annotates, this module reads and writes:
   caffeserving.io caffemodelservices:        get, list, watch, patch   (patch: kopf's annotations)
@@ -13,6 +21,9 @@ or a ClusterRole for --all-namespaces). kopf watches and annotates, this module 
   apps deployments:                          get, list, watch, create, patch
   "" services, configmaps:                   get, list, watch, create, patch
   "" events:                                 create
+  discovery.k8s.io endpointslices:           list   (the not-ready pods to ask; load_errors.py)
+The operator also sends plain HTTP GETs to model pods' /v2/health/ready on their `http` port
+(8080), without credentials: a NetworkPolicy on model pods must let the operator in.
 No delete (children go by ownerReferences), no namespaces or CRD access (kopf scanning is off;
 discovery of /apis/caffeserving.io/v1alpha1 is open to every authenticated client).
 """
@@ -24,7 +35,7 @@ import logging
 import os
 import re
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -34,13 +45,20 @@ import kopf
 from caffe_operator import manifests
 from caffe_operator.api import KIND, InvalidSpec, parse_spec
 from caffe_operator.kube import ApiError, KubeClient, object_path
-from caffe_operator.status import READY, Readiness, build_status, readiness, same_status
+from caffe_operator.events import EventPoster
+from caffe_operator.load_errors import LoadErrorProbe
+from caffe_operator.status import (
+    MODEL_LOAD_FAILED,
+    READY,
+    Readiness,
+    build_status,
+    readiness,
+    same_status,
+    with_load_errors,
+)
 
-EventPoster = Callable[[Mapping[str, Any], str, str, str], None]
-
-
-def post_kopf_event(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-    kopf.event(dict(obj), type=type_, reason=reason, message=message)
+# (obj, type, reason, message) → an Event on obj; events.EventPoster unless a test brings its own.
+PostEvent = Callable[[Mapping[str, Any], str, str, str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -49,6 +67,7 @@ class OperatorConfig:
 
     server_image: str = manifests.DEFAULT_SERVER_IMAGE
     gateway_url: str | None = None
+    load_recheck_s: float = 10.0  # first look again at a not-ready model; 0: never
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "OperatorConfig":
@@ -56,7 +75,19 @@ class OperatorConfig:
         return cls(
             server_image=env.get("CAFFESERVE_SERVER_IMAGE") or manifests.DEFAULT_SERVER_IMAGE,
             gateway_url=env.get("CAFFESERVE_GATEWAY_URL") or None,
+            load_recheck_s=float(env.get("CAFFESERVE_LOAD_RECHECK_SECONDS") or 10.0),
         )
+
+
+def recheck_delay(attempt: int, first_s: float) -> float:
+    """Seconds before the `attempt`-th (0-based) follow-up look at a model that is not ready yet."""
+    return first_s * min(2**attempt, 16)
+
+
+def needs_recheck(ready: Readiness) -> bool:
+    """Whether a not-ready model may have news the operator would not be told about: pods
+    loading (a failure changes nothing it watches) or not answering yet. Not once the cause is known."""
+    return ready.status != "True" and ready.reason not in ("InvalidSpec", "ScaledToZero", MODEL_LOAD_FAILED)
 
 
 @dataclass
@@ -162,12 +193,23 @@ def drift_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, A
 # the reconciler
 # --------------------------------------------------------------------------------------------
 class Reconciler:
-    def __init__(self, client: KubeClient, config: OperatorConfig, post_event: EventPoster = post_kopf_event) -> None:
+    def __init__(self, client: KubeClient, config: OperatorConfig, post_event: PostEvent | None = None,
+                 probe: LoadErrorProbe | None = None) -> None:
         self.client = client
         self.config = config
-        self.post_event = post_event
+        # Our own poster, not kopf.event: the resync and follow-ups run outside kopf's handlers.
+        self.post_event = post_event or EventPoster(client, manifests.MANAGED_BY)
+        self.probe = probe or LoadErrorProbe(client)
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self.known: set[tuple[str, str]] = set()  # models seen by this process, for the resync
+        self._rechecks: dict[tuple[str, str], asyncio.Task] = {}  # one pending follow-up per model
+        self._recheck_attempts: dict[tuple[str, str], int] = {}
+
+    async def close(self) -> None:
+        for task in self._rechecks.values():
+            task.cancel()
+        self._rechecks.clear()
+        await self.probe.close()
 
     async def reconcile_named(self, namespace: str, name: str, logger: logging.Logger | logging.LoggerAdapter) -> Outcome | None:
         """Reconcile the CR `namespace/name` if it exists and is not being deleted."""
@@ -176,9 +218,33 @@ class Reconciler:
             cr = await self.client.get(object_path(KIND, namespace, name))
             if cr is None or cr.get("metadata", {}).get("deletionTimestamp"):
                 self.known.discard(key)
+                self._recheck_attempts.pop(key, None)
                 return None
             self.known.add(key)
-            return await self._reconcile(cr, logger)
+            outcome = await self._reconcile(cr, logger)
+            if outcome.ready is not None:
+                self._follow_up(key, outcome.ready, logger)
+            return outcome
+
+    def _follow_up(self, key: tuple[str, str], ready: Readiness, logger: Any) -> None:
+        """Look at a not-ready model again soon (backing off), until its cause is known or it is ready."""
+        if not needs_recheck(ready) or self.config.load_recheck_s <= 0:
+            self._recheck_attempts.pop(key, None)
+            return
+        if key in self._rechecks:
+            return
+        attempt = self._recheck_attempts.get(key, 0)
+        self._recheck_attempts[key] = attempt + 1
+        delay = recheck_delay(attempt, self.config.load_recheck_s)
+        self._rechecks[key] = asyncio.get_running_loop().create_task(self._recheck_later(key, delay, logger))
+
+    async def _recheck_later(self, key: tuple[str, str], delay_s: float, logger: Any) -> None:
+        await asyncio.sleep(delay_s)
+        self._rechecks.pop(key, None)
+        try:
+            await self.reconcile_named(*key, logger)
+        except Exception as e:  # logged; the next trigger tries again
+            logger.warning(f"follow-up reconcile of {key[0]}/{key[1]} failed: {e}")
 
     async def resync_forever(self, interval_s: float, logger: Any) -> None:
         """Every `interval_s`, reconcile every model seen so far (a safety net for missed events)."""
@@ -217,8 +283,12 @@ class Reconciler:
             results[obj["kind"]] = applied
             key = f"{obj['kind']}/{obj['metadata']['name']}"
             outcome.actions[key] = action
-            self._announce(cr, previous, generation, obj, action, logger)
+            await self._announce(cr, previous, generation, obj, action, logger)
         outcome.ready = readiness(spec.replicas, results["Deployment"])
+        if outcome.ready.status != "True" and spec.replicas > 0:
+            health = await self.probe.health(namespace, manifests.predictor_name(name), manifests.PORT, logger)
+            old_ready = next((c for c in previous.get("conditions") or [] if c.get("type") == READY), None)
+            outcome.ready = with_load_errors(outcome.ready, health, old_ready)
         await self._write_status(cr, outcome.ready, results["Deployment"],
                                  manifests.model_url(name, namespace, self.config.gateway_url), logger)
         return outcome
@@ -241,21 +311,21 @@ class Reconciler:
             return current, "unchanged"
         return await self.client.merge_patch(path, patch), "patched"
 
-    def _announce(self, cr: dict[str, Any], previous: dict[str, Any], generation: int | None,
+    async def _announce(self, cr: dict[str, Any], previous: dict[str, Any], generation: int | None,
                   obj: dict[str, Any], action: str, logger: Any) -> None:
         what = f"{obj['kind']} {obj['metadata']['name']}"
         old_ready = next((c for c in previous.get("conditions") or [] if c.get("type") == READY), {})
         seen_before = previous.get("observedGeneration") is not None and old_ready.get("reason") != "InvalidSpec"
         if action == "created":
             if seen_before:
-                self.post_event(cr, "Warning", "Recreated", f"{what} was missing; recreated")
+                await self.post_event(cr, "Warning", "Recreated", f"{what} was missing; recreated")
             else:
-                self.post_event(cr, "Normal", "Created", f"created {what}")
+                await self.post_event(cr, "Normal", "Created", f"created {what}")
         elif action == "patched":
             if previous.get("observedGeneration") == generation:
-                self.post_event(cr, "Warning", "Restored", f"{what} differed from the spec (edited by hand?); restored")
+                await self.post_event(cr, "Warning", "Restored", f"{what} differed from the spec (edited by hand?); restored")
             else:
-                self.post_event(cr, "Normal", "Updated", f"updated {what} for generation {generation}")
+                await self.post_event(cr, "Normal", "Updated", f"updated {what} for generation {generation}")
         if action != "unchanged":
             logger.info(f"{action} {what}")
 
@@ -275,10 +345,13 @@ class Reconciler:
             logger.info(f"Ready={ready.status} {ready.reason}: {ready.message}")
         if ready.reason == "InvalidSpec":
             if (old.get("reason"), old.get("message")) != (ready.reason, ready.message):
-                self.post_event(cr, "Warning", "InvalidSpec", ready.message)
+                await self.post_event(cr, "Warning", "InvalidSpec", ready.message)
+        elif ready.reason == MODEL_LOAD_FAILED:
+            if old.get("reason") != MODEL_LOAD_FAILED:  # once when it appears, not on every resync
+                await self.post_event(cr, "Warning", MODEL_LOAD_FAILED, ready.message)
         elif ready.status == "True" and old.get("status") != "True":
-            self.post_event(cr, "Normal", "Ready", f"{ready.message}; serving at {url}")
+            await self.post_event(cr, "Normal", "Ready", f"{ready.message}; serving at {url}")
         elif ready.status != "True" and old.get("status") == "True":
-            self.post_event(cr, "Warning", "NotReady", f"{ready.reason}: {ready.message}")
+            await self.post_event(cr, "Warning", "NotReady", f"{ready.reason}: {ready.message}")
         elif ready.reason == "RolloutStalled" and old.get("reason") != "RolloutStalled":
-            self.post_event(cr, "Warning", "RolloutStalled", ready.message)
+            await self.post_event(cr, "Warning", "RolloutStalled", ready.message)

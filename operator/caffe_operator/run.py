@@ -6,7 +6,9 @@
 Namespaced or cluster-wide by flag (one is required, so the scope is always a decision), kopf's
 liveness endpoint on (--liveness, default http://0.0.0.0:8081/healthz), standalone (one replica;
 no peering objects). Environment: CAFFESERVE_SERVER_IMAGE (default server image),
-CAFFESERVE_GATEWAY_URL (status.url points there), CAFFESERVE_RESYNC_SECONDS (default 300).
+CAFFESERVE_GATEWAY_URL (status.url points there), CAFFESERVE_RESYNC_SECONDS (default 300),
+CAFFESERVE_LOAD_RECHECK_SECONDS (first follow-up look at a model whose pods are not ready yet,
+default 10, backing off to 16x; 0 turns follow-ups off).
 """
 
 from __future__ import annotations

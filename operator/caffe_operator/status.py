@@ -10,16 +10,21 @@ replica is left, and all of them are ready. Otherwise the reason says what is mi
   RolloutStalled     the Deployment's progress deadline passed: pods do not become ready
                      (the model fails to load, an image cannot be pulled, no GPU node fits, ...)
   ReplicaFailure     the Deployment cannot create pods (quota, admission, ...)
+  ModelLoadFailed    a pod's server answers that its model failed to load (message: the pod and
+                     the loader's own words, e.g. a missing weights file or a sha256 mismatch);
+                     see `with_load_errors` and load_errors.py, which asks the not-ready pods
   ReplicasReady      (True) every desired replica is ready
 """
 
 from __future__ import annotations
 
 import datetime
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 READY = "Ready"
+MODEL_LOAD_FAILED = "ModelLoadFailed"
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,46 @@ def readiness(desired: int, deployment: dict[str, Any] | None) -> Readiness:
     if ready < desired:
         return Readiness("False", "Progressing", f"{ready}/{desired} replicas ready (loading the model?)")
     return Readiness("True", "ReplicasReady", f"{ready}/{desired} replicas ready")
+
+
+@dataclass(frozen=True)
+class EndpointHealth:
+    """What one not-ready model pod answered on `GET /v2/health/ready` (load_errors.py asks)."""
+
+    endpoint: str  # who answered: "pod NAME", or "ADDRESS:PORT" when the endpoint names no pod
+    state: Literal["failed", "loading", "ready", "other", "unreachable"]
+    message: str = ""  # the server's error text, or why it could not be asked
+
+
+def load_failure_message(failed: Sequence[EndpointHealth]) -> str:
+    """E.g. `pod a, pod b: model 'm' failed to load: ...`; pods with the same error share one entry."""
+    by_message: dict[str, list[str]] = {}
+    for h in failed:
+        by_message.setdefault(h.message, []).append(h.endpoint)
+    return "; ".join(f"{', '.join(endpoints)}: {message}" for message, endpoints in by_message.items())
+
+
+def with_load_errors(base: Readiness, health: Sequence[EndpointHealth],
+                     previous: Mapping[str, Any] | None = None) -> Readiness:
+    """`base` (what the Deployment says), unless the pods themselves say why they are not ready.
+
+    - Ready, InvalidSpec or ScaledToZero: `base`; nothing to explain.
+    - A pod answered that its model failed to load: ModelLoadFailed with the pods and the loader's
+      messages. This outranks Progressing and RolloutStalled, which only guess at the cause.
+    - Pods answered otherwise (still loading, ready by now, shutting down): `base`.
+    - None could be reached this time (network) while the previous Ready condition (`previous`)
+      already said ModelLoadFailed: that condition stays, so a blip neither flaps the status nor
+      repeats the Warning event.
+    """
+    if base.status == "True" or base.reason in ("InvalidSpec", "ScaledToZero"):
+        return base
+    failed = [h for h in health if h.state == "failed"]
+    if failed:
+        return Readiness("False", MODEL_LOAD_FAILED, load_failure_message(failed))
+    if (health and all(h.state == "unreachable" for h in health) and previous
+            and previous.get("reason") == MODEL_LOAD_FAILED and previous.get("status") == "False"):
+        return Readiness("False", MODEL_LOAD_FAILED, str(previous.get("message") or ""))
+    return base
 
 
 def ready_condition(r: Readiness, generation: int | None, previous: list[dict[str, Any]] | None,
