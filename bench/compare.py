@@ -34,7 +34,6 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-from inception_net import INPUT_SHAPE  # noqa: E402
 from peers.servers import (  # noqa: E402
     SERVERS, MLServer, ServedModel, ServerUnderTest, http, peer_python, pycaffe_dir, write_our_config,
 )
@@ -139,7 +138,10 @@ def check_answer(server: ServerUnderTest, body: bytes, headers: dict, reference:
     status, _, data = http("POST", server.infer_url, body, headers, timeout=60)
     if status != 200:
         return f"HTTP {status}: {data[:300]!r}"
-    got = {o["name"]: o for o in json.loads(data)["outputs"]}
+    try:
+        got = {o["name"]: o for o in json.loads(data)["outputs"]}
+    except (ValueError, KeyError, TypeError) as e:
+        return f"not an inference response ({e!r}): {data[:300]!r}"
     for name, want in reference.items():
         if name not in got:
             return f"output '{name}' missing (got {sorted(got)})"
@@ -195,8 +197,13 @@ def run_server(label: str, model: ServedModel, bodies: dict, reference: dict, ar
                 rows.append({"server": variant, "model": model.name, "error": f"wrong answer: {wrong}"})
                 continue
             print(f"  {variant}: answer matches a direct forward; measuring", flush=True)
-            for p in measure(server, body, headers, args.concurrency, args.seconds):
-                rows.append({"server": variant, "model": model.name, "body": kind, **p})
+            try:
+                points = measure(server, body, headers, args.concurrency, args.seconds)
+            except Exception as e:  # a failed point must not lose the rest of the run
+                print(f"  {variant}: measuring failed: {e!r}", flush=True)
+                rows.append({"server": variant, "model": model.name, "error": f"measuring failed: {e!r}"})
+                continue
+            rows.extend({"server": variant, "model": model.name, "body": kind, **p} for p in points)
     finally:
         server.stop()
     return rows
@@ -274,12 +281,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         width = 0.8 / len(present)
         for row, (key, label) in enumerate((("rps", "requests/s"), ("p50_ms", "p50 latency (ms)"))):
             ax = axes[row][col]
-            for i, s in enumerate(present):
-                vals = [next((r[key] for r in measured if r["server"] == s and r["model"] == model
-                              and r["concurrency"] == c), 0.0) for c in concs]
+            series = {s: [next((r[key] for r in measured if r["server"] == s and r["model"] == model
+                                and r["concurrency"] == c), 0.0) for c in concs] for s in present}
+            top = max((v for vals in series.values() for v in vals), default=0.0)
+            fmt = "%.2f" if top < 10 else "%.1f" if top < 100 else "%.0f"
+            for i, (s, vals) in enumerate(series.items()):
                 xs = [j + (i - (len(present) - 1) / 2) * width for j in range(len(concs))]
                 bars = ax.bar(xs, vals, width, label=s, color=colors.get(s))
-                ax.bar_label(bars, fmt="%.0f" if key == "rps" else "%.1f", fontsize=7)
+                ax.bar_label(bars, fmt=fmt, fontsize=7)
             ax.set_xticks(range(len(concs)), [f"concurrency {c}" for c in concs])
             ax.set_ylabel(label)
             ax.set_title(f"{model}: {label}")
