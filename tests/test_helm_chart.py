@@ -547,6 +547,21 @@ def test_gil_patch_script_refuses_sources_it_does_not_know(tmp_path):
     assert path.read_text() == PYCAFFE_SNIPPET.replace("ForwardFromTo", "Forward")
 
 
+def test_protobuf_fix_makes_caffe_call_what_current_protobuf_has(tmp_path):
+    """Caffe 9b89154's io.cpp calls SetTotalBytesLimit(limit, warning_threshold); protobuf 3.21 (in
+    the image, and here) has only SetTotalBytesLimit(limit). The image's sed turns the one into the other."""
+    header = Path("/usr/include/google/protobuf/io/coded_stream.h")
+    if header.exists():
+        declared = re.findall(r"void SetTotalBytesLimit\(([^)]*)\)", header.read_text())
+        assert declared == ["int total_bytes_limit"]
+    command = re.search(r"^RUN (sed -i '(s/SetTotalBytesLimit[^']*)' src/caffe/util/io.cpp)", dockerfile("Dockerfile.caffe-gpu"), re.M)
+    io_cpp = tmp_path / "io.cpp"
+    io_cpp.write_text("  CodedInputStream* coded_input = new CodedInputStream(raw_input);\n"
+                      "  coded_input->SetTotalBytesLimit(kProtoReadBytesLimit, 536870912);\n")
+    subprocess.run(["sed", "-i", command.group(2), str(io_cpp)], check=True)
+    assert "coded_input->SetTotalBytesLimit(kProtoReadBytesLimit);" in io_cpp.read_text()
+
+
 def test_runtime_package_list_covers_what_pycaffe_links():
     """scripts/list_runtime_debs.sh on our own pycaffe build: the Debian packages of its libraries."""
     import caffe
