@@ -13,20 +13,23 @@ tested directly first.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import socket
 import time
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 
 from caffe_operator import manifests
+from caffe_operator.events import event_body
 from caffe_operator.load_errors import LoadErrorProbe, Target, classify, not_ready_targets
 from caffe_operator.reconcile import needs_recheck, recheck_delay
 from caffe_operator.status import EndpointHealth, Readiness, with_load_errors
 from digits_example import DIGITS_DIR
 from k8s_helpers import CMS, Cluster, OperatorProcess, cluster_with_crd, free_port
 from server_process import ServerProcess
-from test_operator import cms, eventually, events, play_kubelet, ready, wait_children, wait_ready
+from test_operator import cms, events, play_kubelet, ready, wait_children, wait_ready
 
 ENDPOINTSLICES = "discovery.k8s.io/v1/endpointslices"
 PROGRESSING = Readiness("False", "Progressing", "0/1 replicas ready (loading the model?)")
@@ -278,10 +281,6 @@ def test_a_healthy_or_unreachable_pod_is_no_load_failure(cluster, operator, tmp_
 
 
 def test_events_are_core_v1_events_the_api_server_accepts():
-    import datetime
-
-    from caffe_operator.events import event_body
-
     cr = {"apiVersion": "caffeserving.io/v1alpha1", "kind": "CaffeModelService",
           "metadata": {"name": "digits", "namespace": "ml", "uid": "u-1"}}
     when = datetime.datetime(2026, 11, 25, 10, 0, 0, 123456, tzinfo=datetime.timezone.utc)
@@ -291,7 +290,5 @@ def test_events_are_core_v1_events_the_api_server_accepts():
                                       "name": "digits", "namespace": "ml", "uid": "u-1"}
     assert body["metadata"]["namespace"] == "ml" and len(body["message"]) == 1024 and "..." in body["message"]
     assert (body["eventTime"], body["lastTimestamp"]) == ("2026-11-25T10:00:00.123456Z", "2026-11-25T10:00:00Z")
-    import kubernetes_validate
-
     kubernetes_validate.validate(body | {"metadata": {**body["metadata"], "name": "caffe-serving-x"}},
                                  kubernetes_validate.latest_version(), strict=True)
