@@ -165,7 +165,11 @@ class ModelServing(CamelModel):
     device: Device = Field(default_factory=Device)
     instances: int = Field(default=1, ge=1, le=64, description="Net copies, each owned by one worker thread.")
     batching: Batching = Field(default_factory=Batching)
-    backend: Backend = Field(default="pycaffe", description="pycaffe, onnxruntime, or auto.")
+    backend: Backend = Field(
+        default="auto",
+        description="pycaffe, onnxruntime, or auto: convert to ONNX at load and serve with ONNX Runtime only where "
+        "the parity check against pycaffe passes, else pycaffe.",
+    )
     parity_tolerance: float = Field(
         default=1e-5, gt=0, le=1e-2,
         description="The ONNX Runtime graph serves only if max |Δ| ≤ this × max(1, max |pycaffe|) on every output "

@@ -61,7 +61,8 @@ def typed_net() -> caffe.NetSpec:
 @pytest.fixture(scope="module")
 def zoo(tmp_model_dir):
     proto, weights = save_net(zoo_net(), tmp_model_dir, "zoo", seed=3)
-    cfg = {"name": "zoo", "model": {"prototxt": str(proto), "weights": str(weights)}}
+    # pycaffe itself: this is the server's parity with a direct forward (ONNX Runtime has its own tests)
+    cfg = {"name": "zoo", "backend": "pycaffe", "model": {"prototxt": str(proto), "weights": str(weights)}}
     with ServerProcess(cfg, tmp_model_dir) as server:
         yield server, proto, weights
 
