@@ -85,8 +85,7 @@ class Executor:
         self.max_batch = cfg.batching.max_batch_size
         self.max_delay = cfg.batching.max_queue_delay_ms / 1000.0
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.pending = 0  # queued or running; read by the event loop, good enough as a bound
-        self._lock = threading.Lock()
+        self.pending = 0  # queued or running; only the event loop thread touches it
         self.threads: list[threading.Thread] = []
         self.description: NetDescription | None = None
         self.on_batch = on_batch  # callback(batch_size, compute_s) for metrics, called in the worker thread
@@ -122,10 +121,9 @@ class Executor:
 
     # --- submission (event loop thread)
     async def submit(self, inputs: dict[str, np.ndarray], outputs: list[str], batch: int, deadline: float):
-        with self._lock:
-            if self.pending >= self.max_queue:
-                raise Unavailable(f"the model's queue is full ({self.max_queue} requests); retry later", retry_after_s=1)
-            self.pending += 1
+        if self.pending >= self.max_queue:
+            raise Unavailable(f"the model's queue is full ({self.max_queue} requests); retry later", retry_after_s=1)
+        self.pending += 1
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self.queue.put(WorkItem(inputs, outputs, batch, deadline, fut, loop))
@@ -134,8 +132,7 @@ class Executor:
             return await fut
         finally:
             timer.cancel()
-            with self._lock:
-                self.pending -= 1
+            self.pending -= 1
 
     # --- worker thread
     def _run(self, index: int, ready: list, cond: threading.Condition) -> None:
