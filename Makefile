@@ -28,6 +28,7 @@ demo: setup
 
 crd: setup
 	$(VENV)/bin/caffeserve crd > crds/caffemodelservices.yaml
+	cp crds/caffemodelservices.yaml charts/caffe-serving/crds/caffemodelservices.yaml
 
 bench: setup
 	$(PY) bench/server_overhead.py
