@@ -309,6 +309,21 @@ class Condition(CamelModel):
     observed_generation: int | None = Field(default=None, description="metadata.generation this condition was computed for.")
 
 
+class BackendStatus(CamelModel):
+    """Which backend serves the model and why, as a ready pod's server reports it (its model metadata)."""
+
+    model_config = CamelModel.model_config | {"extra": "ignore"}
+
+    name: str = Field(description="The backend the asked pod's server chose: pycaffe or onnxruntime "
+                      "(runtime.backend auto serves with onnxruntime only where its parity check with pycaffe passes).")
+    reason: str = Field(description="Why, in the server's words: the parity figures, or why it "
+                        "fell back to pycaffe (an unsupported layer, a failed parity check, ...).")
+    max_abs_diff: float | None = Field(
+        default=None, description="Largest |difference| the parity check measured between ONNX Runtime's and "
+        "pycaffe's outputs, where the check ran.",
+    )
+
+
 class CaffeModelServiceStatus(CamelModel):
     """What the operator observed. Written by the operator only."""
 
@@ -325,6 +340,10 @@ class CaffeModelServiceStatus(CamelModel):
     url: str | None = Field(default=None, description="Where clients reach this model: its Open Inference Protocol URL "
                                      "(.../v2/models/NAME), through the gateway when there is one, else its Service.")
     selector: str | None = Field(default=None, description="Label selector of the server pods (for the scale subresource).")
+    backend: BackendStatus | None = Field(
+        default=None, description="The backend serving the model, as one ready pod reports it (during a rollout, "
+        "what the asked pod says). Asked again when the pod template or the spec changes.",
+    )
 
 
 class InvalidSpec(Exception):
@@ -511,6 +530,8 @@ def custom_resource_definition() -> dict[str, Any]:
                     {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas", "description": "Desired server pods."},
                     {"name": "Ready Replicas", "type": "integer", "jsonPath": ".status.readyReplicas", "description": "Ready server pods."},
                     {"name": "Device", "type": "string", "jsonPath": ".spec.runtime.device", "description": "gpu or cpu."},
+                    {"name": "Backend", "type": "string", "jsonPath": ".status.backend.name",
+                     "description": "pycaffe or onnxruntime, as a ready pod reports it."},
                     {"name": "URL", "type": "string", "jsonPath": ".status.url", "description": "Where clients reach the model."},
                     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                 ],

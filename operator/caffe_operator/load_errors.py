@@ -9,6 +9,8 @@ concurrently, each within PROBE_TIMEOUT_S, so a reconcile never waits long. The 
 `status.EndpointHealth` for `status.with_load_errors`, which decides the condition.
 
 The probes go out on a session of their own: the operator's API credentials never reach a pod.
+backend_report.py uses the same listing, endpoint walk (`endpoint_targets`, ready ones there)
+and session to ask one ready pod which backend serves.
 API access: `list` on discovery.k8s.io `endpointslices` in the model's namespace. Without it
 (a 403) the status stays what the Deployment says, and the operator logs that once.
 """
@@ -55,11 +57,12 @@ def _port(slice_: Mapping[str, Any], default: int) -> int:
     return int(port) if port is not None else default
 
 
-def not_ready_targets(slices: Iterable[Mapping[str, Any]], service_name: str, default_port: int,
-                      limit: int = MAX_PROBES) -> list[Target]:
-    """Up to `limit` endpoints of `service_name` that are explicitly not ready (`conditions.ready`
-    false; absent means ready, as the API documents) and not terminating (a pod on its way out
-    says nothing about the model), in a stable order so that the status message is stable too."""
+def endpoint_targets(slices: Iterable[Mapping[str, Any]], service_name: str, default_port: int, *,
+                     ready: bool, path: str, limit: int) -> list[Target]:
+    """Up to `limit` endpoints of `service_name` whose readiness is `ready` (`conditions.ready`;
+    absent means ready, as the API documents) and that are not terminating (a pod on its way out
+    says nothing about the model), as URLs ending in `path`, in a stable order (by pod name) so
+    that what is reported is stable too."""
     found: dict[str, Target] = {}
     for slice_ in slices:
         labels = (slice_.get("metadata") or {}).get("labels") or {}
@@ -71,14 +74,31 @@ def not_ready_targets(slices: Iterable[Mapping[str, Any]], service_name: str, de
         for ep in slice_.get("endpoints") or []:
             conditions = ep.get("conditions") or {}
             addresses = ep.get("addresses") or []
-            if conditions.get("ready") is not False or conditions.get("terminating") or not addresses:
+            if (conditions.get("ready") is not False) != ready or conditions.get("terminating") or not addresses:
                 continue
             address = addresses[0]
             host = f"[{address}]" if ":" in address else address
             ref = ep.get("targetRef") or {}
             name = f"pod {ref['name']}" if ref.get("kind") == "Pod" and ref.get("name") else f"{host}:{port}"
-            found.setdefault(name, Target(name, f"http://{host}:{port}{HEALTH_PATH}"))
+            found.setdefault(name, Target(name, f"http://{host}:{port}{path}"))
     return [found[k] for k in sorted(found)][:limit]
+
+
+def not_ready_targets(slices: Iterable[Mapping[str, Any]], service_name: str, default_port: int,
+                      limit: int = MAX_PROBES) -> list[Target]:
+    """Up to `limit` explicitly not-ready endpoints of `service_name`, to ask for their health."""
+    return endpoint_targets(slices, service_name, default_port, ready=False, path=HEALTH_PATH, limit=limit)
+
+
+async def fetch(session: aiohttp.ClientSession, url: str, max_bytes: int = MAX_BODY_BYTES) -> tuple[int, bytes]:
+    """(status, at most `max_bytes` of the body) of a GET; raises aiohttp/timeout/OS errors."""
+    async with session.get(url, allow_redirects=False) as response:
+        body = b""
+        async for chunk in response.content.iter_chunked(16 * 1024):
+            body += chunk
+            if len(body) >= max_bytes:
+                break
+        return response.status, body
 
 
 def classify(endpoint: str, status: int, body: bytes) -> EndpointHealth:
@@ -108,24 +128,33 @@ class LoadErrorProbe:
         self._session: aiohttp.ClientSession | None = None
         self._forbidden_logged = False
 
-    async def health(self, namespace: str, service_name: str, default_port: int,
-                     logger: logging.Logger | logging.LoggerAdapter) -> list[EndpointHealth]:
-        """What the not-ready endpoints of `service_name` answer; [] when none can be listed."""
+    async def slices(self, namespace: str, service_name: str,
+                     logger: logging.Logger | logging.LoggerAdapter) -> list[dict[str, Any]]:
+        """The EndpointSlices of `service_name`; [] when they cannot be listed (logged)."""
         try:
-            slices = await self.client.list("EndpointSlice", namespace, f"{SERVICE_NAME_LABEL}={service_name}")
+            return await self.client.list("EndpointSlice", namespace, f"{SERVICE_NAME_LABEL}={service_name}")
         except ApiError as e:
             if e.status == 403 and not self._forbidden_logged:
                 self._forbidden_logged = True
                 logger.warning(f"cannot list endpointslices ({e}): grant list on discovery.k8s.io "
-                               "endpointslices to see why model pods are not ready")
+                               "endpointslices to see why model pods are not ready and which backend serves")
             elif e.status != 403:
                 logger.warning(f"listing the endpointslices of {namespace}/{service_name} failed: {e}")
             return []
+
+    async def health(self, namespace: str, service_name: str, default_port: int,
+                     logger: logging.Logger | logging.LoggerAdapter) -> list[EndpointHealth]:
+        """What the not-ready endpoints of `service_name` answer; [] when none can be listed."""
+        slices = await self.slices(namespace, service_name, logger)
         targets = not_ready_targets(slices, service_name, default_port, self.limit)
         if not targets:
             return []
-        session = self._open()
+        session = self.session()
         return list(await asyncio.gather(*(self._probe(session, t) for t in targets)))
+
+    def session(self) -> aiohttp.ClientSession:
+        """The probes' own HTTP session (no API credentials), shared with backend_report.py."""
+        return self._open()
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -137,13 +166,8 @@ class LoadErrorProbe:
 
     async def _probe(self, session: aiohttp.ClientSession, target: Target) -> EndpointHealth:
         try:
-            async with session.get(target.url, allow_redirects=False) as response:
-                body = b""
-                async for chunk in response.content.iter_chunked(16 * 1024):
-                    body += chunk
-                    if len(body) >= MAX_BODY_BYTES:
-                        break
-                return classify(target.endpoint, response.status, body)
+            status, body = await fetch(session, target.url)
+            return classify(target.endpoint, status, body)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             return EndpointHealth(target.endpoint, "unreachable", f"{type(e).__name__}: {e}"[:200])
 

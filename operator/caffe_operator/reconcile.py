@@ -6,6 +6,10 @@ changed or deleted, the periodic resync), it reads the current CR, computes the 
 patches those that drifted, and writes the status only when it changed. One lock per model keeps
 two triggers for the same model from interleaving inside this process.
 
+Once a pod is ready, one ready pod is asked which backend serves the model and why (its model
+metadata; backend_report.py) for status.backend, again only when the pod template or the
+generation changed, or the answer came from a rollout since finished.
+
 When the Deployment is not ready, the not-ready pods are asked why (load_errors.py: their
 `/v2/health/ready`, found through the Service's EndpointSlices): a model that failed to load
 turns Ready=False with reason ModelLoadFailed and the loader's message (status.with_load_errors),
@@ -21,8 +25,9 @@ or a ClusterRole for --all-namespaces). kopf watches and annotates, this module 
   apps deployments:                          get, list, watch, create, patch
   "" services, configmaps:                   get, list, watch, create, patch
   "" events:                                 create
-  discovery.k8s.io endpointslices:           list   (the not-ready pods to ask; load_errors.py)
-The operator also sends plain HTTP GETs to model pods' /v2/health/ready on their `http` port
+  discovery.k8s.io endpointslices:           list   (the pods to ask: load_errors.py, backend_report.py)
+The operator also sends plain HTTP GETs to model pods' /v2/health/ready (not-ready pods) and
+/v2/models/NAME (one ready pod: which backend serves, for status.backend) on their `http` port
 (8080), without credentials: a NetworkPolicy on model pods must let the operator in.
 No delete (children go by ownerReferences), no namespaces or CRD access (kopf scanning is off;
 discovery of /apis/caffeserving.io/v1alpha1 is open to every authenticated client).
@@ -44,6 +49,7 @@ import kopf
 
 from caffe_operator import manifests
 from caffe_operator.api import KIND, InvalidSpec, parse_spec
+from caffe_operator.backend_report import BackendProbe, BackendReport
 from caffe_operator.kube import ApiError, KubeClient, object_path
 from caffe_operator.events import EventPoster
 from caffe_operator.load_errors import LoadErrorProbe
@@ -54,6 +60,7 @@ from caffe_operator.status import (
     build_status,
     readiness,
     same_status,
+    status_patch,
     with_load_errors,
 )
 
@@ -200,6 +207,7 @@ class Reconciler:
         # Our own poster, not kopf.event: the resync and follow-ups run outside kopf's handlers.
         self.post_event = post_event or EventPoster(client, manifests.MANAGED_BY)
         self.probe = probe or LoadErrorProbe(client)
+        self.backends = BackendProbe(self.probe)
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self.known: set[tuple[str, str]] = set()  # models seen by this process, for the resync
         self._rechecks: dict[tuple[str, str], asyncio.Task] = {}  # one pending follow-up per model
@@ -219,6 +227,7 @@ class Reconciler:
             if cr is None or cr.get("metadata", {}).get("deletionTimestamp"):
                 self.known.discard(key)
                 self._recheck_attempts.pop(key, None)
+                self.backends.forget(key)
                 return None
             self.known.add(key)
             outcome = await self._reconcile(cr, logger)
@@ -289,9 +298,21 @@ class Reconciler:
             health = await self.probe.health(namespace, manifests.predictor_name(name), manifests.PORT, logger)
             old_ready = next((c for c in previous.get("conditions") or [] if c.get("type") == READY), None)
             outcome.ready = with_load_errors(outcome.ready, health, old_ready)
+        backend = await self._backend(cr, results["Deployment"], outcome.ready, logger)
         await self._write_status(cr, outcome.ready, results["Deployment"],
-                                 manifests.model_url(name, namespace, self.config.gateway_url), logger)
+                                 manifests.model_url(name, namespace, self.config.gateway_url), logger, backend)
         return outcome
+
+    async def _backend(self, cr: dict[str, Any], deployment: dict[str, Any], ready: Readiness,
+                       logger: Any) -> BackendReport | None:
+        """A fresh answer from a ready pod on which backend serves, when one is due (backend_report.py)."""
+        meta = cr["metadata"]
+        template = ((deployment.get("spec") or {}).get("template") or {}).get("metadata") or {}
+        fingerprint = ((template.get("annotations") or {}).get(manifests.CONFIG_HASH_ANNOTATION), meta.get("generation"))
+        return await self.backends.report(
+            (meta["namespace"], meta["name"]), manifests.predictor_name(meta["name"]), manifests.PORT,
+            fingerprint=fingerprint, settled=ready.status == "True",
+            ready_replicas=int((deployment.get("status") or {}).get("readyReplicas") or 0), logger=logger)
 
     async def _apply(self, obj: dict[str, Any]) -> tuple[dict[str, Any], str]:
         """Create `obj`, or patch the existing one where it drifted. Returns (object, action)."""
@@ -330,16 +351,19 @@ class Reconciler:
             logger.info(f"{action} {what}")
 
     async def _write_status(self, cr: dict[str, Any], ready: Readiness, deployment: dict[str, Any] | None,
-                            url: str | None, logger: Any) -> None:
+                            url: str | None, logger: Any, backend: BackendReport | None = None) -> None:
         meta = cr["metadata"]
         previous = cr.get("status") or {}
         new = build_status(
             generation=meta.get("generation"), readiness_=ready, deployment=deployment, previous=previous,
             url=url, selector=manifests.selector_string(meta["name"]),
+            backend=backend.as_status() if backend is not None else None,
         )
         if same_status(previous, new):
             return
-        await self.client.merge_patch(object_path(KIND, meta["namespace"], meta["name"], "status"), {"status": new})
+        await self.client.merge_patch(object_path(KIND, meta["namespace"], meta["name"], "status"), {"status": status_patch(previous, new)})
+        if new.get("backend") and new["backend"] != previous.get("backend"):
+            logger.info(f"backend {new['backend']['name']}: {new['backend'].get('reason', '')}")
         old = next((c for c in previous.get("conditions") or [] if c.get("type") == READY), {})
         if (old.get("status"), old.get("reason"), old.get("message")) != (ready.status, ready.reason, ready.message):
             logger.info(f"Ready={ready.status} {ready.reason}: {ready.message}")

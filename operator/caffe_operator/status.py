@@ -141,12 +141,15 @@ def build_status(
     previous: dict[str, Any] | None,
     url: str | None,
     selector: str | None,
+    backend: dict[str, Any] | None = None,
     now: str | None = None,
 ) -> dict[str, Any]:
-    """The whole status object (the operator owns every field of it)."""
+    """The whole status object (the operator owns every field of it). `backend` is a fresh answer
+    from a pod (backend_report.py); without one the previous answer stays."""
     prev_conditions = (previous or {}).get("conditions")
     others = [c for c in prev_conditions or [] if c.get("type") != READY]
     st = (deployment or {}).get("status") or {}
+    backend = backend if backend is not None else (previous or {}).get("backend")
     return {
         "observedGeneration": generation,
         "conditions": [ready_condition(readiness_, generation, prev_conditions, now), *others],
@@ -154,6 +157,7 @@ def build_status(
         "readyReplicas": st.get("readyReplicas", 0),
         "url": url,
         "selector": selector,
+        **({"backend": backend} if backend is not None else {}),
     }
 
 
@@ -164,3 +168,13 @@ def same_status(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
         s["conditions"] = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in s.get("conditions") or []]
         return {k: v for k, v in s.items() if v is not None}
     return strip(a) == strip(b)
+
+
+def status_patch(previous: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch from `previous` to `new`: a merge patch keeps keys it does not name, so
+    the keys `new.backend` no longer has (maxAbsDiff once pycaffe serves) are nulled."""
+    patch = dict(new)
+    old_backend, new_backend = (previous or {}).get("backend"), new.get("backend")
+    if isinstance(old_backend, dict) and isinstance(new_backend, dict):
+        patch["backend"] = {**{k: None for k in old_backend if k not in new_backend}, **new_backend}
+    return patch
