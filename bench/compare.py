@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +36,14 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 from peers.servers import (  # noqa: E402
-    SERVERS, MLServer, ServedModel, ServerUnderTest, http, peer_python, pycaffe_dir, write_our_config,
+    SERVERS, ServedModel, ServerUnderTest, http, peer_python, pycaffe_dir, write_our_config,
 )
 from wrk import run_wrk  # noqa: E402
 
 OURS = "caffe-serving"
 OURS_BINARY = "caffe-serving (binary)"
+OURS_AUTO = "caffe-serving (auto, binary)"
+OURS_ROWS = (OURS, OURS_BINARY, OURS_AUTO)
 PEERS = ("kserve", "mlserver")
 RESULTS = BENCH / "results"
 
@@ -175,35 +178,58 @@ def measure(server: ServerUnderTest, body: bytes, headers: dict, concurrencies: 
     return points
 
 
-def run_server(label: str, model: ServedModel, bodies: dict, reference: dict, args, env: dict) -> list[dict]:
-    """Start one server for one model, check its answer, measure it; rows for the results table."""
-    cls = SERVERS[label]
-    server = cls(model, env, args.mlserver_parallel_workers) if cls is MLServer else cls(model, env)
-    variants = [(label, "json")]
-    if label == OURS and model.name in args.binary_models:
-        variants.append((OURS_BINARY, "binary"))
-    rows = []
+@dataclass(frozen=True)
+class Setup:
+    """One server start: which server, its options, and the rows (label, request body kind) it is measured for."""
+
+    server: str
+    options: tuple[tuple[str, object], ...]
+    rows: tuple[tuple[str, str], ...]
+
+
+def setups_for(model: str, args) -> list[Setup]:
+    """Ours runs the same pycaffe Net as the peers (backend: pycaffe) for the like-for-like rows; extra rows
+    show its binary tensor path and its default backend (auto: ONNX Runtime where parity with pycaffe holds)."""
+    plan = []
+    for server in args.servers:
+        if server == OURS:
+            rows = [(OURS, "json")] + ([(OURS_BINARY, "binary")] if model in args.binary_models else [])
+            plan.append(Setup(OURS, (("backend", "pycaffe"),), tuple(rows)))
+            if model in args.auto_backend_models:
+                plan.append(Setup(OURS, (("backend", None),), ((OURS_AUTO, "binary"),)))
+        elif server == "mlserver":
+            plan.append(Setup(server, (("parallel_workers", args.mlserver_parallel_workers),), ((server, "json"),)))
+        else:
+            plan.append(Setup(server, (), ((server, "json"),)))
+    return plan
+
+
+def run_server(setup: Setup, model: ServedModel, bodies: dict, reference: dict, args, env: dict) -> list[dict]:
+    """Start one server for one model, check each row's answer, measure it; rows for the results table."""
+    server = SERVERS[setup.server](model, env, **dict(setup.options))
     try:
         server.start()
     except (RuntimeError, TimeoutError) as e:
-        print(f"  {label}: did not start: {str(e).splitlines()[0]}", flush=True)
-        return [{"server": v, "model": model.name, "error": f"did not start: {e}"} for v, _ in variants]
+        print(f"  {setup.server}: did not start: {str(e).splitlines()[0]}", flush=True)
+        return [{"server": label, "model": model.name, "error": f"did not start: {e}"} for label, _ in setup.rows]
+    rows = []
     try:
-        for variant, kind in variants:
+        backend = server.backend()
+        for label, kind in setup.rows:
             body, headers = bodies[kind]
             wrong = check_answer(server, body, headers, reference)
             if wrong:
-                print(f"  {variant}: wrong answer, not measured: {wrong}", flush=True)
-                rows.append({"server": variant, "model": model.name, "error": f"wrong answer: {wrong}"})
+                print(f"  {label}: wrong answer, not measured: {wrong}", flush=True)
+                rows.append({"server": label, "model": model.name, "error": f"wrong answer: {wrong}"})
                 continue
-            print(f"  {variant}: answer matches a direct forward; measuring", flush=True)
+            print(f"  {label} ({backend}): answer matches a direct forward; measuring", flush=True)
             try:
                 points = measure(server, body, headers, args.concurrency, args.seconds)
             except Exception as e:  # a failed point must not lose the rest of the run
-                print(f"  {variant}: measuring failed: {e!r}", flush=True)
-                rows.append({"server": variant, "model": model.name, "error": f"measuring failed: {e!r}"})
+                print(f"  {label}: measuring failed: {e!r}", flush=True)
+                rows.append({"server": label, "model": model.name, "error": f"measuring failed: {e!r}"})
                 continue
-            rows.extend({"server": variant, "model": model.name, "body": kind, **p} for p in points)
+            rows.extend({"server": label, "model": model.name, "body": kind, "backend": backend, **p} for p in points)
     finally:
         server.stop()
     return rows
@@ -233,7 +259,7 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
     by_key = {(r["server"], r["model"], r["concurrency"]): r for r in rows if "rps" in r}
     out = []
     for (server, model, c), r in sorted(by_key.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
-        if server not in (OURS, OURS_BINARY):
+        if server not in OURS_ROWS:
             continue
         for peer in PEERS:
             p = by_key.get((peer, model, c))
@@ -246,19 +272,19 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
 
 def print_table(rows: list[dict], ratios: list[dict], forward_ms: dict[str, float]) -> None:
     print()
-    print(f"{'server':<24} {'model':<10} {'conc':>4} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'CPU ms/req':>10} {'errors':>6}")
+    print(f"{'server':<30} {'model':<10} {'conc':>4} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'CPU ms/req':>10} {'errors':>6}")
     for r in rows:
         if "error" in r:
-            print(f"{r['server']:<24} {r['model']:<10} {'':>4} {r['error'][:60]}")
+            print(f"{r['server']:<30} {r['model']:<10} {'':>4} {r['error'][:60]}")
             continue
         errs = r["non2xx"] + r["socket_errors"]
-        print(f"{r['server']:<24} {r['model']:<10} {r['concurrency']:>4} {r['rps']:>9.1f} {r['p50_ms']:>9.3f} "
+        print(f"{r['server']:<30} {r['model']:<10} {r['concurrency']:>4} {r['rps']:>9.1f} {r['p50_ms']:>9.3f} "
               f"{r['p99_ms']:>9.3f} {r['server_cpu_ms_per_request']:>10.3f} {errs:>6}")
     print("\ndirect pycaffe forward p50: " + ", ".join(f"{m} {ms:.3f} ms" for m, ms in forward_ms.items()))
     print("\nratios ours/peer (req/s: above 1 = ours ahead; p50 and CPU per request: below 1 = ours ahead)")
-    print(f"{'ours':<24} {'peer':<9} {'model':<10} {'conc':>4} {'req/s':>7} {'p50':>7} {'CPU/req':>7}")
+    print(f"{'ours':<30} {'peer':<9} {'model':<10} {'conc':>4} {'req/s':>7} {'p50':>7} {'CPU/req':>7}")
     for q in ratios:
-        print(f"{q['ours']:<24} {q['peer']:<9} {q['model']:<10} {q['concurrency']:>4} "
+        print(f"{q['ours']:<30} {q['peer']:<9} {q['model']:<10} {q['concurrency']:>4} "
               f"{q['rps_ratio']:>6.2f}x {q['p50_ratio']:>6.2f}x {q['cpu_ratio']:>6.2f}x")
 
 
@@ -271,9 +297,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     measured = [r for r in rows if "rps" in r]
     models = list(dict.fromkeys(r["model"] for r in measured))
-    order = [OURS, OURS_BINARY, *PEERS]
+    order = [*OURS_ROWS, *PEERS]
     servers = sorted(dict.fromkeys(r["server"] for r in measured), key=lambda s: order.index(s) if s in order else 99)
-    colors = {OURS: "#1f77b4", OURS_BINARY: "#6baed6", "kserve": "#ff7f0e", "mlserver": "#2ca02c"}
+    colors = {OURS: "#1f77b4", OURS_BINARY: "#6baed6", OURS_AUTO: "#9ecae1", "kserve": "#ff7f0e", "mlserver": "#2ca02c"}
     fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
     for col, model in enumerate(models):
         concs = sorted({r["concurrency"] for r in measured if r["model"] == model})
@@ -314,13 +340,15 @@ def peer_versions() -> dict[str, str]:
 
 
 def git_commit() -> str:
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return r.stdout.strip() or "unknown"
+    """The commit measured; `+dirty` when the server's code differs from it in the working tree."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "inference_server"], cwd=REPO, capture_output=True, text=True)
+    return (head.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=5, help="wrk duration per point (default 5)")
+    ap.add_argument("--seconds", type=float, default=4, help="wrk duration per point (default 4)")
     ap.add_argument("--rounds", type=int, default=2,
                     help="start and measure every server this many times, in turn; report each point's best round")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
@@ -328,6 +356,8 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", default=["digits", "inception"], choices=["digits", "inception"])
     ap.add_argument("--binary-models", nargs="*", default=["inception"],
                     help="models for which ours is also measured with the binary tensor extension")
+    ap.add_argument("--auto-backend-models", nargs="*", default=["inception"],
+                    help="models for which ours is also measured with its default backend (auto), binary body")
     ap.add_argument("--blas-threads", type=int, default=1, help="OPENBLAS_NUM_THREADS for every server (default 1)")
     ap.add_argument("--mlserver-parallel-workers", type=int, default=0,
                     help="MLServer's parallel_workers (default 0: inference in the server process)")
@@ -363,8 +393,8 @@ def main() -> int:
     for rnd in range(1, args.rounds + 1):
         for model, bodies, reference in work:
             print(f"round {rnd}/{args.rounds}, model {model.name}", flush=True)
-            for label in args.servers:
-                all_rows.extend({**r, "round": rnd} for r in run_server(label, model, bodies, reference, args, env))
+            for setup in setups_for(model.name, args):
+                all_rows.extend({**r, "round": rnd} for r in run_server(setup, model, bodies, reference, args, env))
     rows = best_of_rounds(all_rows)
 
     ratios = ratio_rows(rows)

@@ -68,7 +68,7 @@ def test_a_run_prints_the_table_and_writes_json_and_plot(tmp_path):
     out, png = tmp_path / "compare.json", tmp_path / "compare.png"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench/compare.py"), "--servers", "caffe-serving", "--models", "digits",
-         "--seconds", "1", "--rounds", "1", "--concurrency", "1", "--out", str(out), "--plot", str(png)],
+         "--seconds", "1", "--rounds", "1", "--concurrency", "1", "--auto-backend-models", "--out", str(out), "--plot", str(png)],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -76,5 +76,6 @@ def test_a_run_prints_the_table_and_writes_json_and_plot(tmp_path):
     result = json.loads(out.read_text())
     (row,) = result["rows"]
     assert row["server"] == "caffe-serving" and row["concurrency"] == 1 and row["rps"] > 0
+    assert row["backend"] == "pycaffe"  # like for like: the same pycaffe Net the peers run
     assert row["non2xx"] == 0 and row["socket_errors"] == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

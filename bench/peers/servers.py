@@ -101,6 +101,10 @@ class ServerUnderTest:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
+    def backend(self) -> str:
+        """What runs the Net, as the server's model metadata says (the peers always run pycaffe)."""
+        return "pycaffe"
+
     def cpu_seconds(self) -> float:
         """User + system CPU time the server has used so far, its child processes included."""
         import psutil
@@ -133,9 +137,18 @@ class ServerUnderTest:
 
 
 class Ours(ServerUnderTest):
-    """`caffeserve serve` with the model's server YAML."""
+    """`caffeserve serve` with the model's server YAML; `backend` (when given) overrides the file's."""
 
     label = "caffe-serving"
+
+    def __init__(self, model: ServedModel, env: dict[str, str], backend: str | None = None):
+        super().__init__(model, env)
+        if backend is not None:
+            self.env["CAFFESERVE__BACKEND"] = backend
+
+    def backend(self) -> str:
+        status, _, body = http("GET", f"{self.url}/v2/models/{self.model.name}")
+        return json.loads(body).get("parameters", {}).get("backend", "unknown") if status == 200 else "unknown"
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "inference_server.cli", "serve", "--config", str(self.model.config),
