@@ -106,7 +106,7 @@ def test_onnxruntime_serves_pycaffes_answers_and_says_so_in_metadata_and_metrics
         assert status == 200
         params = meta["parameters"]
         assert params["backend"] == "onnxruntime"
-        assert params["backend_reason"].startswith("backend: onnxruntime: the converted graph matches pycaffe")
+        assert params["backend_reason"].startswith("backend: onnxruntime: parity check passed, the converted graph matches pycaffe")
         assert params["parity_passed"] is True and params["parity_tolerance"] == 1e-5
         assert params["parity_max_abs_diff"] <= 1e-5 * max(1.0, params["parity_max_abs_ref"])
         assert params["parity_top5_agree"] is True and params["parity_inputs"] == 3  # no preprocessing: random only

@@ -28,7 +28,7 @@ from test_operator import cms, eventually, play_kubelet, wait_children, wait_rea
 from test_operator_load_errors import ENDPOINTSLICES, endpoint, endpoint_slice
 
 FP = ("hash-1", 3)
-ONNX = BackendReport("onnxruntime", "auto: the converted graph matches pycaffe (max |Δ| 3.1e-06 ...)", 3.1e-06)
+ONNX = BackendReport("onnxruntime", "auto: parity check passed, the converted graph matches pycaffe (max |Δ| 3.1e-06 ...)", 3.1e-06)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def test_the_status_says_which_backend_serves_and_why(cluster, operator, tmp_pat
         play_kubelet(cluster, ns, "digits", ready_=1)
         wait_ready(cluster, operator, ns, "digits", status="True")
         backend = wait_backend(cluster, operator, ns, "onnxruntime")
-        assert backend["reason"].startswith("auto: the converted graph matches pycaffe (max |Δ|"), backend
+        assert backend["reason"].startswith("auto: parity check passed, the converted graph matches pycaffe (max |Δ|"), backend
         assert 0 <= backend["maxAbsDiff"] <= 1e-5 * 9  # the parity bound: 1e-5 × max(1, |logits| ≈ 8.7)
 
         # The user asks for pycaffe: a new pod template. The old pod still answers while the new

@@ -243,7 +243,7 @@ def choose_accelerated(cfg) -> BackendChoice:
     ev.details["backend_decision_s"] = round(time.perf_counter() - t0, 3)
     if ev.problem is None:
         prefix = "auto" if cfg.backend == "auto" else "backend: onnxruntime"
-        reason = f"{prefix}: the converted graph matches pycaffe ({ev.summary})"
+        reason = f"{prefix}: parity check passed, the converted graph matches pycaffe ({ev.summary})"
         return BackendChoice("onnxruntime", reason, ev.details, ev.artifact)
     if cfg.backend == "onnxruntime":
         raise ModelLoadError(f"backend onnxruntime cannot serve this model: {ev.problem}")
