@@ -373,6 +373,11 @@ def test_5_status_turns_ready_with_the_gateway_url(flow):
     assert cr["status"]["readyReplicas"] == 2
     assert cr["status"]["url"] == f"http://{PREFIX}-gateway.{NAMESPACE}.svc/v2/models/{MODEL}"
     assert cr["status"]["observedGeneration"] == cr["metadata"]["generation"]
+    # the example leaves backend to auto: the digits net converts and passes parity
+    backend = flow.cluster.wait_for(
+        lambda: (flow.cluster.get_object(CMS, MODEL_NS, MODEL).get("status") or {}).get("backend"),
+        timeout=30, what="status.backend")
+    assert backend["name"] == "onnxruntime" and "parity check passed" in backend["reason"], backend
 
 
 def test_5_spec_changes_and_hand_edits_are_reconciled(flow):
