@@ -7,7 +7,6 @@ a failed load.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -21,20 +20,13 @@ from .codecs import InferRequest, decode_request, encode_response
 from .config import ServerConfig, TensorSpec
 from .errors import BadRequest, ModelLoadError, NotFound, Unavailable
 from .executor import Executor
+from .hashing import file_sha256
 from .metrics import ServerMetrics
 from .preprocess import ImagePreprocessor
 
 log = logging.getLogger(__name__)
 SERVER_NAME = "caffe-serving"
 EXTENSIONS = ["binary_tensor_data", "classification"]
-
-
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_model_files(cfg: ServerConfig) -> None:
@@ -48,7 +40,7 @@ def check_model_files(cfg: ServerConfig) -> None:
         if not os.path.isfile(path):
             raise ModelLoadError(f"model {label} file {path} does not exist")
         if want is not None:
-            got = sha256_of(path)
+            got = file_sha256(path)
             if got.lower() != want.lower():
                 raise ModelLoadError(f"model {label} file {path} has sha256 {got}, the config expects {want}")
 

@@ -95,7 +95,7 @@ class ImagePreprocessor:
                     img = img.resize((self.width, self.height), Image.BILINEAR)
         except BadRequest:
             raise
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
             raise BadRequest(
                 f"input '{name}': image rejected as a decompression bomb: it has more than the limit of "
                 f"{self.max_pixels} pixels (limits.maxImagePixels)"

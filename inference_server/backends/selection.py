@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ModelLoadError
+from ..hashing import file_sha256
 from . import BackendChoice
 
 log = logging.getLogger("caffeserve.backends")
@@ -45,17 +46,9 @@ def cache_dir() -> Path:
     return Path(os.path.expanduser(os.environ.get("CAFFESERVE_CACHE_DIR") or DEFAULT_CACHE_DIR))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_key(prototxt: Path, weights: Path, input_shapes: dict, converter_version: str) -> str:
     h = hashlib.sha256()
-    for part in (_sha256(prototxt), _sha256(weights), json.dumps(sorted(input_shapes.items())), converter_version):
+    for part in (file_sha256(prototxt), file_sha256(weights), json.dumps(sorted(input_shapes.items())), converter_version):
         h.update(part.encode() + b"\0")
     return h.hexdigest()
 

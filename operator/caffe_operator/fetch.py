@@ -26,6 +26,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from inference_server.hashing import file_sha256
+
 GiB = 1024**3
 DEFAULT_MAX_BYTES = 8 * GiB
 CHUNK = 1024 * 1024
@@ -46,14 +48,6 @@ class Fetched:
     size: int
     sha256: str
     downloaded: bool  # False: the file was already there with the expected sha256
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _download_once(url: str, dest: Path, max_bytes: int, read_timeout_s: float, deadline: float) -> tuple[int, str]:
