@@ -420,11 +420,8 @@ def main() -> int:
     plot(rows, args.plot, f"caffe-serving vs KServe {result['versions']['kserve']} vs MLServer "
          f"{result['versions']['mlserver']} ({started:%Y-%m-%d}, {os.cpu_count()} CPUs, wrk {args.seconds:g} s/point)")
     print(f"\nwrote {args.out} and {args.plot} in {result['duration_s']:.0f} s")
-    if any("error" in r for r in rows):
-        print(f"some servers failed: their logs are under {tmp}")
-        return 1
     shutil.rmtree(tmp, ignore_errors=True)
-    return 0
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,25 +82,29 @@ class ServerUnderTest:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.label} exited with {self.proc.returncode}:\n{self.log_tail()}")
+                tail = self.log_tail()
+                self.stop()
+                raise RuntimeError(f"{self.label} exited with {self.proc.returncode}:\n{tail}")
             try:
                 if http("GET", ready, timeout=2)[0] == 200:
                     return self
             except OSError:
                 pass
             time.sleep(0.1)
+        tail = self.log_tail()
         self.stop()
-        raise TimeoutError(f"{self.label} not ready in {timeout:.0f}s:\n{self.log_tail()}")
+        raise TimeoutError(f"{self.label} not ready in {timeout:.0f}s:\n{tail}")
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: MLServer's worker processes go too
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        """Stop the server (and its child processes) and remove its work folder."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: MLServer's worker processes go too
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def backend(self) -> str:
         """What runs the Net, as the server's model metadata says (the peers always run pycaffe)."""
