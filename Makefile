@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PYTHON ?= python3.11
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup test demo bench clean crd
+.PHONY: setup test demo bench bench-compare clean crd
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ crd: setup
 
 bench: setup
 	$(PY) bench/server_overhead.py
+	$(PY) bench/instances.py
+	$(PY) bench/gateway.py
+	$(PY) bench/backends.py
+
+# ours vs KServe ModelServer and MLServer, each in its own venv (made by bench/setup_peers.sh)
+bench-compare: setup
+	bash bench/setup_peers.sh
+	$(PY) bench/compare.py --no-setup
 
 clean:
 	rm -rf $(VENV)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import inspect
 import json
 import os
 import platform
@@ -112,26 +111,8 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 WRK_TIMEOUT_S = 10
 
 
-def use_wrk_timeout(tmp: Path) -> None:
-    """Make run_wrk pass --timeout: as its argument where bench/wrk.py takes one, else via a `wrk` on PATH."""
-    if "timeout_s" in inspect.signature(run_wrk).parameters:
-        _WRK_KW["timeout_s"] = WRK_TIMEOUT_S
-        return
-    real = shutil.which("wrk")
-    if real is None:
-        raise SystemExit("wrk is not installed: apt-get install wrk")
-    shim = tmp / "wrk-bin" / "wrk"
-    shim.parent.mkdir()
-    shim.write_text(f'#!/bin/sh\nexec {real} --timeout {WRK_TIMEOUT_S}s "$@"\n')
-    shim.chmod(0o755)
-    os.environ["PATH"] = f"{shim.parent}{os.pathsep}{os.environ['PATH']}"
-
-
-_WRK_KW: dict = {}
-
-
 def wrk(url: str, body: bytes, headers: dict, connections: int, seconds: float) -> dict:
-    return run_wrk(url, body, headers, connections, seconds, **_WRK_KW)
+    return run_wrk(url, body, headers, connections, seconds, timeout_s=WRK_TIMEOUT_S)
 
 
 # --- one server
@@ -377,7 +358,6 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-compare-"))
     tempfile.tempdir = str(tmp)  # the servers' work folders (configs, logs) go in here too
-    use_wrk_timeout(tmp)
     models = [m for m in prepare_models(tmp) if m.name in args.models]
     forward_ms, inputs, work = {}, {}, []
     for model in models:

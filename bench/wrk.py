@@ -21,7 +21,7 @@ def _ms(text: str) -> float:
 
 
 def run_wrk(url: str, body: bytes, headers: dict[str, str], connections: int, seconds: float,
-            threads: int | None = None) -> dict:
+            threads: int | None = None, timeout_s: float | None = None) -> dict:
     """Returns requests/s, p50/p90/p99 latency (ms), and counts of non-2xx responses and socket errors."""
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk (make setup does this)")
@@ -35,8 +35,10 @@ def run_wrk(url: str, body: bytes, headers: dict[str, str], connections: int, se
             f'local f = io.open("{body_file}", "rb")\nwrk.body = f:read("*all")\nf:close()\n'
         )
         threads = threads or min(connections, 2)
+        timeout = [f"--timeout={timeout_s:g}s"] if timeout_s else []  # wrk's own default is 2 s
         out = subprocess.run(
-            ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url],
+            ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", *timeout,
+             "-s", str(script), url],
             capture_output=True, text=True, check=True,
         ).stdout
     pct = dict(re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", out, re.M))

@@ -6,6 +6,7 @@ turned into `{"error": message}` with its status code here, and nowhere else.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -43,6 +44,9 @@ def create_app(plane: DataPlane, metrics: ServerMetrics):
         except InferenceError as e:
             code = e.status_code
             return error_response(e)
+        except asyncio.CancelledError:
+            code = 499  # the client went away (nginx's code): the queued work was dropped
+            raise
         finally:
             metrics.in_flight.dec()
             metrics.count(code)

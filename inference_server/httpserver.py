@@ -114,6 +114,9 @@ class _Connection(asyncio.Protocol):
         # body it last read are freed now, not at the next full garbage collection.
         self.parser = None
         self.body_parts = []
+        if self.worker is not None and self.server.cancel_on_disconnect:
+            # nobody will read the answer: stop waiting for it (queued inference work is dropped)
+            self.worker.cancel()
 
     def data_received(self, data: bytes):
         if self.closing:
@@ -259,8 +262,12 @@ class _Refused(Exception):
 class HTTPServer:
     """Serve `handler` on host:port until `stop()`."""
 
-    def __init__(self, handler: Handler, limits: ServerLimits | None = None, error_body: ErrorBody = _json_error):
+    def __init__(self, handler: Handler, limits: ServerLimits | None = None, error_body: ErrorBody = _json_error,
+                 cancel_on_disconnect: bool = False):
         self.handler = handler
+        # cancel a request's handler when its client disconnects (the handler must tolerate
+        # CancelledError at any await: the inference server's does; a proxy must not reuse a half-read upstream)
+        self.cancel_on_disconnect = cancel_on_disconnect
         self.limits = limits or ServerLimits()
         self.error_body = error_body
         self.connections: set[_Connection] = set()

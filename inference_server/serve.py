@@ -43,7 +43,7 @@ def build(cfg) -> tuple[DataPlane, HTTPServer, Model]:
         header_timeout_s=cfg.limits.header_timeout_s,
         body_timeout_s=cfg.limits.body_timeout_s,
     )
-    return plane, HTTPServer(create_app(plane, metrics), limits), model
+    return plane, HTTPServer(create_app(plane, metrics), limits, cancel_on_disconnect=True), model
 
 
 def main(argv: list[str]) -> int:

@@ -68,3 +68,23 @@ def test_request_past_its_deadline_gets_504_and_the_server_goes_on(net_files):
         metrics = http("GET", server.url + "/metrics")[2].decode()
         assert "caffeserve_batch_size_count" not in metrics or 'caffeserve_batch_size_count{model="tiny",version="1"} 0.0' in metrics
         assert 'code="504"' in metrics
+
+
+def test_a_client_that_disconnects_has_its_queued_work_dropped(net_files):
+    import json
+    import socket
+
+    d, proto, weights = net_files
+    cfg = {"name": "tiny", "model": {"prototxt": str(proto), "weights": str(weights)},
+           "batching": {"enabled": True, "maxBatchSize": 64, "maxQueueDelayMs": 800}}
+    with ServerProcess(cfg, d) as server:
+        payload = json.dumps(body()).encode()
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+            time.sleep(0.2)  # queued, waiting for the batch window
+        time.sleep(1.2)  # the window closes: the worker finds the request cancelled and skips it
+        metrics = http("GET", server.url + "/metrics")[2].decode()
+        assert 'code="499"' in metrics
+        assert 'caffeserve_batch_size_count{model="tiny",version="1"} 0.0' in metrics
+        assert http_json("POST", server.url + "/v2/models/tiny/infer", body())[0] == 200
