@@ -10,6 +10,7 @@ two-thread forward rate too, which shows whether the installed pycaffe has the p
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import threading
@@ -19,6 +20,9 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+# one BLAS thread per Net, set before Caffe loads OpenBLAS: otherwise each forward fans out over every
+# core and two Nets fight over them (the server sets this itself, per `instances`)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))

@@ -17,6 +17,7 @@ import time
 
 from .app import create_app
 from .config import ConfigError, load_config
+from .cpus import share_blas_threads
 from .dataplane import DataPlane, Model
 from .httpserver import HTTPServer, ServerLimits, install_uvloop, serve_until_signalled
 from .metrics import ServerMetrics
@@ -54,11 +55,13 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"caffeserve serve: {e}", file=sys.stderr)
         return 2
+    blas = share_blas_threads(cfg.instances)
     plane, server, model = build(cfg)
     install_uvloop()
 
     def listening(port: int) -> None:
-        log.info("listening on http://%s:%d (model %s loading)", args.host, port, cfg.name)
+        log.info("listening on http://%s:%d (model %s loading; %d instance(s), %d BLAS thread(s) each)",
+                 args.host, port, cfg.name, cfg.instances, blas)
         threading.Thread(target=model.load, name="model-loader", daemon=True).start()
 
     signalled: list[float] = []

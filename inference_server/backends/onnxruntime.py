@@ -8,28 +8,12 @@ parity gate checks exactly the session options and execution providers that serv
 from __future__ import annotations
 
 import json
-import math
-import os
 
 import numpy as np
 
+from ..cpus import available_cpus
 from ..errors import ModelLoadError
 from .base import BlobInfo, NetDescription
-
-
-def available_cpus() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a pod's limit)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:
-        n = os.cpu_count() or 1
-    try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
 
 
 def session_options(instances: int):
