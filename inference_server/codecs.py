@@ -89,14 +89,29 @@ def _json_array(name: str, data, datatype: str, shape: list[int], count: int) ->
         return _object_array(flat)
     dt = DTYPES[datatype]
     try:
-        arr = _json_integers(name, data, datatype, dt) if dt.kind in "iu" else np.array(data, dtype=dt)
+        arr = _json_integers(name, data, datatype, dt) if dt.kind in "iu" else _json_floats_or_bools(name, data, datatype, dt)
     except (ValueError, TypeError, OverflowError) as e:
         raise BadRequest(f"input '{name}': data does not match datatype {datatype}: {e}") from None
     if arr.size != count:
         raise BadRequest(f"input '{name}': shape {shape} needs {count} elements, data has {arr.size}")
-    if dt.kind == "f" and np.isnan(arr).any():  # JSON has no NaN: numpy made it from a null
-        raise BadRequest(f"input '{name}': data holds null where {datatype} numbers are expected")
     return arr.reshape(shape)
+
+
+def _json_floats_or_bools(name: str, data, datatype: str, dt: np.dtype) -> np.ndarray:
+    """FP16/32/64 take JSON numbers only, BOOL takes true/false only.
+
+    `np.array(data, dtype=float32)` would quietly take "2.5", true and null (as NaN), and BOOL would
+    take any truthy value; numpy's own type inference tells them apart for one extra pass.
+    """
+    raw = np.array(data)
+    if raw.size and raw.dtype.kind not in ("b" if dt.kind == "b" else "fiu"):
+        what = "true or false" if dt.kind == "b" else "numbers (no strings, booleans or nulls)"
+        raise BadRequest(f"input '{name}': {datatype} data must be {what}")
+    with np.errstate(over="ignore"):
+        arr = raw.astype(dt, copy=False)
+    if dt.kind == "f" and not np.isfinite(arr).all():
+        raise BadRequest(f"input '{name}': a value is out of the range of {datatype}")
+    return arr
 
 
 def _json_integers(name: str, data, datatype: str, dt: np.dtype) -> np.ndarray:

@@ -422,3 +422,15 @@ def test_null_in_numeric_data_is_400_not_nan(img):
     status, body = post(img.infer_url(), {"inputs": [fp32_input(data=data)]})
     assert_error(status, body, 400, "'data'", "null")
     img.good_request_succeeds()
+
+
+@pytest.mark.parametrize("bad, words", [
+    ("2.5", ("'data'", "numbers")),    # a numeric string
+    (True, ("'data'", "numbers")),     # a boolean among floats' place
+    (1e300, ("'data'", "out of the range of FP32")),
+])
+def test_non_numbers_and_out_of_range_values_in_fp32_data_are_400(img, bad, words):
+    data = [bad] * 192 if isinstance(bad, (str, bool)) else [0.5] * 191 + [bad]
+    status, body = post(img.infer_url(), {"inputs": [fp32_input(data=data)]})
+    assert_error(status, body, 400, *words)
+    img.good_request_succeeds()
