@@ -176,7 +176,7 @@ def decode_request(body: bytes, headers: dict[str, str], max_elements: int) -> I
     """Parse an infer request body (JSON, or JSON header + binary tensors) into numpy inputs."""
     header_len = headers.get(HEADER_LENGTH)
     if header_len is not None:
-        if not header_len.isdigit() or int(header_len) > len(body):
+        if not header_len.isdecimal() or int(header_len) > len(body):  # isdigit() takes '²', int() does not
             raise BadRequest(f"Inference-Header-Content-Length {header_len!r} is not a length within the body")
         json_part, binary = body[: int(header_len)], memoryview(body)[int(header_len) :]
     else:
@@ -230,6 +230,8 @@ def decode_request(body: bytes, headers: dict[str, str], max_elements: int) -> I
             if not isinstance(o, dict) or not isinstance(o.get("name"), str):
                 raise BadRequest("each requested output needs a 'name'")
             p = o.get("parameters") or {}
+            if not isinstance(p, dict):
+                raise BadRequest(f"output '{o['name']}': parameters must be a JSON object")
             cls = p.get("classification", 0)
             if type(cls) is not int or cls < 0:
                 raise BadRequest(f"output '{o['name']}': classification must be a non-negative integer")

@@ -105,6 +105,8 @@ class Model:
         except Exception as e:  # anything else from a loader is still a load failure, not a crash
             self.state, self.error = "failed", f"{type(e).__name__}: {e}"
             log.exception("model %s failed to load", self.name)
+        if self.state == "failed" and self.executor is not None:
+            self.executor.stop()  # a check after the Nets were built failed: free them (and their memory)
 
     def _load(self) -> None:
         cfg = self.cfg

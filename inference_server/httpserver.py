@@ -94,6 +94,7 @@ class _Connection(asyncio.Protocol):
         self.worker: asyncio.Task | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.closing = False
+        self.refused = False  # a refusal is queued behind earlier pipelined requests: read no more
         self.timer_kind: str | None = None
         self.arrived = 0.0
         self._reset_message()
@@ -119,7 +120,7 @@ class _Connection(asyncio.Protocol):
             self.worker.cancel()
 
     def data_received(self, data: bytes):
-        if self.closing:
+        if self.closing or self.refused:
             return
         if not self.in_message and self.timer_kind != "header":
             # first bytes of a new request: the header deadline starts now
@@ -127,9 +128,9 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._refuse(400, "protocol upgrades are not supported")
-        except httptools.HttpParserError as e:
-            self._refuse(400, f"malformed HTTP request: {e}")
+            self._refuse(400, "protocol upgrades are not supported", raise_=False)
+        except httptools.HttpParserError as e:  # also a callback's _Refused, which httptools wraps
+            self._refuse(400, f"malformed HTTP request: {e}", raise_=False)
         except _Refused:
             pass
 
@@ -145,6 +146,8 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self):
         self._reset_message()
         self.in_message = True
+        if self.timer_kind != "header":  # a pipelined request that began in the previous one's last packet
+            self._arm(self.limits.header_timeout_s, "header")
 
     def on_url(self, url: bytes):
         self.url += url
@@ -194,14 +197,17 @@ class _Connection(asyncio.Protocol):
         try:
             while self.pending and not self.closing:
                 req, keep_alive = self.pending.popleft()
-                self.server.in_flight += 1
-                try:
-                    resp = await self.server.handler(req)
-                except Exception:  # the handler maps its own errors; this is a bug guard
-                    log.exception("unhandled error serving %s %s", req.method, req.path)
-                    resp = Response(500, self.server.error_body("internal server error"))
-                finally:
-                    self.server.in_flight -= 1
+                if isinstance(req, Response):  # a refusal queued by _refuse
+                    resp = req
+                else:
+                    self.server.in_flight += 1
+                    try:
+                        resp = await self.server.handler(req)
+                    except Exception:  # the handler maps its own errors; this is a bug guard
+                        log.exception("unhandled error serving %s %s", req.method, req.path)
+                        resp = Response(500, self.server.error_body("internal server error"))
+                    finally:
+                        self.server.in_flight -= 1
                 keep_alive = keep_alive and not self.server.stopping
                 if self.closing:
                     return
@@ -238,9 +244,16 @@ class _Connection(asyncio.Protocol):
 
     def _refuse(self, status: int, message: str, raise_: bool = True):
         """Answer an error the server decides on its own, then close the connection."""
-        if not self.closing and self.transport is not None:
-            self.transport.write(encode_response(Response(status, self.server.error_body(message)), False))
-            self._close()
+        if not self.closing and not self.refused and self.transport is not None:
+            resp = Response(status, self.server.error_body(message))
+            if self.worker is None:
+                self.transport.write(encode_response(resp, False))
+                self._close()
+            else:  # earlier pipelined requests are answered first, in order
+                self.refused = True
+                self._disarm()
+                self.transport.pause_reading()
+                self.pending.append((resp, False))
         if raise_:
             raise _Refused()
 
