@@ -22,7 +22,9 @@ class GatewayApp:
         self.discovery = discovery
         self.balancer = Balancer(balancer_settings)
         self.gateway = Gateway(self.balancer, proxy_settings, ready=self.ready)
-        self.server = HTTPServer(self.gateway.handle, limits or ServerLimits())
+        # A client that went away cancels its request: it leaves the queue, or its upstream
+        # connection is closed (never reused half-read) and the server drops the work too.
+        self.server = HTTPServer(self.gateway.handle, limits or ServerLimits(), cancel_on_disconnect=True)
         self._discovery_task: asyncio.Task | None = None
         self.port: int | None = None
 

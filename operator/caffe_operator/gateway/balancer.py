@@ -184,6 +184,7 @@ class ModelRoute:
         if not waiters:
             return
         now = asyncio.get_running_loop().time()
+        passed_over: list[_Waiter] = []  # retries waiting for an endpoint they did not exclude
         while waiters:
             w = waiters[0]
             if w.future.done():
@@ -191,11 +192,15 @@ class ModelRoute:
                 continue
             ep = self._pick(now, w.exclude)
             if ep is None:
-                break
+                if not w.exclude:
+                    break  # nothing is free for anyone
+                passed_over.append(waiters.popleft())  # a later waiter may take what it excludes
+                continue
             waiters.popleft()
             ep.active += 1
             self.in_flight += 1
             w.future.set_result(ep)
+        waiters.extendleft(reversed(passed_over))
         if waiters:
             self._arm_for_ejection_expiry(now)
 

@@ -122,7 +122,11 @@ class Gateway:
             resp = _error(405, f"method {req.method} is not allowed on {req.path}")
             self.metrics.count(model, 405)
             return resp
-        resp = await self._forward_to(req, route)
+        try:
+            resp = await self._forward_to(req, route)
+        except asyncio.CancelledError:
+            self.metrics.count(model, 499)  # the client went away (nginx's code); nothing was answered
+            raise
         self.metrics.count(model, resp.status)
         return resp
 
