@@ -80,6 +80,9 @@ class ServerLimits:
     max_header_bytes: int = 64 * 1024
 
 
+MAX_PIPELINED = 16  # requests read ahead on one connection before it stops reading
+
+
 class _Connection(asyncio.Protocol):
     """One client connection: parses requests, hands complete ones to the handler in order."""
 
@@ -95,6 +98,8 @@ class _Connection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.closing = False
         self.refused = False  # a refusal is queued behind earlier pipelined requests: read no more
+        self.reading_paused = False  # too many pipelined requests waiting: read no more until they drain
+        self.writable: asyncio.Event | None = None  # set while the transport's write buffer has room
         self.timer_kind: str | None = None
         self.arrived = 0.0
         self._reset_message()
@@ -110,6 +115,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc):
         self.closing = True
         self._disarm()
+        if self.writable is not None:
+            self.writable.set()  # a worker waiting to write sees the connection is gone
         self.server.connections.discard(self)
         # The parser refers back to this protocol: break the cycle so that the connection and the
         # body it last read are freed now, not at the next full garbage collection.
@@ -118,6 +125,15 @@ class _Connection(asyncio.Protocol):
         if self.worker is not None and self.server.cancel_on_disconnect:
             # nobody will read the answer: stop waiting for it (queued inference work is dropped)
             self.worker.cancel()
+
+    def pause_writing(self):
+        if self.writable is None:
+            self.writable = asyncio.Event()
+        self.writable.clear()
+
+    def resume_writing(self):
+        if self.writable is not None:
+            self.writable.set()
 
     def data_received(self, data: bytes):
         if self.closing or self.refused:
@@ -189,6 +205,10 @@ class _Connection(asyncio.Protocol):
         self.pending.append((req, self.parser.should_keep_alive()))
         self.in_message = False
         self.timer_kind = None
+        if len(self.pending) >= MAX_PIPELINED and not self.reading_paused:
+            # a client that pipelines without reading answers must not grow our memory
+            self.transport.pause_reading()
+            self.reading_paused = True
         if self.worker is None:
             self.worker = self.loop.create_task(self._serve_pending())
 
@@ -197,6 +217,11 @@ class _Connection(asyncio.Protocol):
         try:
             while self.pending and not self.closing:
                 req, keep_alive = self.pending.popleft()
+                if self.reading_paused and not self.refused and len(self.pending) < MAX_PIPELINED // 2:
+                    self.reading_paused = False
+                    self.transport.resume_reading()
+                if self.writable is not None:
+                    await self.writable.wait()  # the client is not reading: answer no more until it does
                 if isinstance(req, Response):  # a refusal queued by _refuse
                     resp = req
                 else:
