@@ -7,6 +7,8 @@ a failed load.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import os
 import time
@@ -57,9 +59,8 @@ class InputBinding:
         if t.datatype == "BYTES" and self.image is not None:
             if len(t.shape) not in (1, 2) or (len(t.shape) == 2 and t.shape[1] != 1):
                 raise BadRequest(f"input '{self.name}': images are sent as a BYTES tensor of shape [N] or [N, 1], got {t.shape}")
-            n = t.shape[0]
-            self._check_batch(n, max_batch)
-            return self.image(self.name, t.array)
+            self._check_batch(t.shape[0], max_batch)
+            return functools.partial(self.image, self.name, t.array)  # decoded off the event loop
         if t.datatype != self.datatype:
             accepted = self.datatype + (" or BYTES (encoded images)" if self.image is not None else "")
             raise BadRequest(f"input '{self.name}': datatype {t.datatype} does not match the model's {accepted}")
@@ -180,7 +181,7 @@ class Model:
     async def infer(self, body: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
         self.check_ready()
         req = decode_request(body, headers, self.max_elements)
-        blobs = self._blobs(req)
+        blobs = await self._blobs(req)
         requested = req.outputs if req.outputs is not None else None
         names = self.outputs if requested is None else [o.name for o in requested]
         for n in names:
@@ -202,7 +203,7 @@ class Model:
                     outs.append((o.name, "FP32", arr, o.binary))
         return encode_response(self.name, self.version, req.id, outs)
 
-    def _blobs(self, req: InferRequest) -> dict[str, np.ndarray]:
+    async def _blobs(self, req: InferRequest) -> dict[str, np.ndarray]:
         blobs = {}
         for t in req.inputs:
             binding = self.inputs.get(t.name)
@@ -214,6 +215,9 @@ class Model:
         missing = [n for n in self.inputs if n not in blobs]
         if missing:
             raise BadRequest(f"missing input(s): {', '.join(missing)}")
+        for name, blob in blobs.items():
+            if callable(blob):  # encoded images: a large one must not stall every other connection
+                blobs[name] = await asyncio.to_thread(blob)
         sizes = {a.shape[0] for a in blobs.values()}
         if len(sizes) > 1:
             raise BadRequest(f"inputs disagree on the batch size: {sorted(sizes)}")

@@ -82,17 +82,17 @@ class ImagePreprocessor:
     def decode_one(self, name: str, data: bytes) -> np.ndarray:
         data = _unbase64(data)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data))
-                w, h = img.size
-                if w * h > self.max_pixels:
-                    raise BadRequest(
-                        f"input '{name}': image of {w}x{h} pixels exceeds the limit of {self.max_pixels} pixels"
-                    )
-                img = img.convert("RGB" if self.color else "L")
-                if img.size != (self.width, self.height):
-                    img = img.resize((self.width, self.height), Image.BILINEAR)
+            # (the DecompressionBombWarning → error filter is set once, at import: catch_warnings
+            # is not thread-safe, and images are decoded in worker threads)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > self.max_pixels:
+                raise BadRequest(
+                    f"input '{name}': image of {w}x{h} pixels exceeds the limit of {self.max_pixels} pixels"
+                )
+            img = img.convert("RGB" if self.color else "L")
+            if img.size != (self.width, self.height):
+                img = img.resize((self.width, self.height), Image.BILINEAR)
         except BadRequest:
             raise
         except (Image.DecompressionBombWarning, Image.DecompressionBombError):
