@@ -20,6 +20,7 @@ import os
 import random
 import ssl
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,7 +258,10 @@ class EndpointSliceWatcher:
                     rv = await self._list()
                     backoff = 0.5
                     while True:
+                        started = time.monotonic()
                         rv = await self._watch(rv)
+                        if time.monotonic() - started < 1.0:
+                            await asyncio.sleep(1.0)  # the API server ended the watch at once: don't spin
                 except asyncio.CancelledError:
                     raise
                 except _Gone:
