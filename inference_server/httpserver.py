@@ -57,7 +57,8 @@ def _json_error(message: str) -> bytes:
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
 
-def encode_response(resp: Response, keep_alive: bool) -> bytes:
+def encode_response(resp: Response, keep_alive: bool, with_body: bool = True) -> bytes:
+    """The response bytes; `with_body` False for HEAD (same headers, no body, as HTTP/1.1 requires)."""
     head = [
         f"HTTP/1.1 {resp.status} {_REASONS.get(resp.status, 'Unknown')}",
         f"content-length: {len(resp.body)}",
@@ -68,7 +69,7 @@ def encode_response(resp: Response, keep_alive: bool) -> bytes:
         head.append(f"{k}: {v}")
     if not keep_alive:
         head.append("connection: close")
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + resp.body
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (resp.body if with_body else b"")
 
 
 @dataclass
@@ -236,7 +237,8 @@ class _Connection(asyncio.Protocol):
                 keep_alive = keep_alive and not self.server.stopping
                 if self.closing:
                     return
-                self.transport.write(encode_response(resp, keep_alive))
+                head_only = not isinstance(req, Response) and req.method == "HEAD"
+                self.transport.write(encode_response(resp, keep_alive, with_body=not head_only))
                 if not keep_alive:
                     self._close()
                     return

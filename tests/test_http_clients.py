@@ -1,4 +1,4 @@
-"""A client that pipelines requests and never reads the answers cannot grow the server's memory."""
+"""The HTTP server under clients that misbehave or are unusual: no reading, pipelining, HEAD."""
 
 from __future__ import annotations
 
@@ -31,3 +31,17 @@ def test_pipelining_without_reading_keeps_memory_bounded_and_others_are_served()
         assert growth_mb < 50, f"server grew {growth_mb:.0f} MB for a client that never reads ({sent} bytes sent)"
         assert http("GET", server.url + "/v2/health/ready")[0] == 200
         greedy.close()
+
+
+def test_head_gets_headers_without_a_body_and_the_connection_stays_in_step():
+    import http.client
+
+    with ServerProcess(DIGITS_DIR / "server.yaml", env={"CAFFESERVE__BACKEND": "pycaffe"}) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("HEAD", "/v2/health/live")
+        head = conn.getresponse()
+        assert head.status == 405 and head.read() == b""  # no route takes HEAD; framing must still hold
+        conn.request("GET", "/v2/health/live")  # same keep-alive connection
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read() == b'{"live":true}'
+        conn.close()
