@@ -148,7 +148,7 @@ class Model:
         ex = self.executor
         params = {"backend": self.choice.name, "backend_reason": self.choice.reason, **self.choice.details,
                   "instances": self.cfg.instances, "batching": ex.batching,
-                  "max_batch_size": self.max_batch}
+                  "max_request_batch": self.max_batch}
         if ex.batching:
             params["batching_max_batch_size"] = ex.max_batch
         if ex.decision is not None:
@@ -181,12 +181,12 @@ class Model:
     async def infer(self, body: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
         self.check_ready()
         req = decode_request(body, headers, self.max_elements)
-        blobs = await self._blobs(req)
-        requested = req.outputs if req.outputs is not None else None
+        requested = req.outputs
         names = self.outputs if requested is None else [o.name for o in requested]
-        for n in names:
+        for n in names:  # before any image is decoded: a bad request costs nothing
             if n not in self.output_shapes or n not in self.outputs:
                 raise BadRequest(f"unknown output '{n}'; the model's outputs are: {', '.join(self.outputs)}")
+        blobs = await self._blobs(req)
         batch = next(iter(blobs.values())).shape[0]
         result, timing = await self.executor.submit(blobs, list(dict.fromkeys(names)), batch,
                                                     time.monotonic() + self.timeout)
