@@ -13,7 +13,7 @@ import argparse
 
 import caffe
 import kserve
-import numpy as np
+from caffe_forward import forward
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
 from kserve.utils.utils import generate_uuid
 
@@ -34,17 +34,9 @@ class CaffeModel(Model):
         return self.ready
 
     def predict(self, payload: InferRequest, headers=None, response_headers=None) -> InferResponse:
-        net = self.net
-        for tensor in payload.inputs:
-            x = tensor.as_numpy().astype(np.float32, copy=False)
-            blob = net.blobs[tensor.name]
-            if blob.data.shape != x.shape:
-                blob.reshape(*x.shape)
-                net.reshape()
-            blob.data[...] = x
-        out = net.forward()
+        out = forward(self.net, ((t.name, t.as_numpy()) for t in payload.inputs))
         outputs = []
-        for name in net.outputs:
+        for name in self.net.outputs:
             arr = out[name]
             o = InferOutput(name=name, shape=list(arr.shape), datatype="FP32")
             o.set_data_from_numpy(arr.copy(), binary_data=False)

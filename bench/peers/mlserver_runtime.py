@@ -10,7 +10,7 @@ PYTHONPATH.
 from __future__ import annotations
 
 import caffe
-import numpy as np
+from caffe_forward import forward
 from mlserver import MLModel
 from mlserver.codecs import NumpyCodec
 from mlserver.types import InferenceRequest, InferenceResponse
@@ -26,17 +26,9 @@ class CaffeRuntime(MLModel):
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
-        net = self.net
-        for tensor in payload.inputs:
-            x = NumpyCodec.decode_input(tensor).astype(np.float32, copy=False)
-            blob = net.blobs[tensor.name]
-            if blob.data.shape != x.shape:
-                blob.reshape(*x.shape)
-                net.reshape()
-            blob.data[...] = x
-        out = net.forward()
+        out = forward(self.net, ((t.name, NumpyCodec.decode_input(t)) for t in payload.inputs))
         return InferenceResponse(
             model_name=self.name,
             id=payload.id,
-            outputs=[NumpyCodec.encode_output(name, out[name].copy()) for name in net.outputs],
+            outputs=[NumpyCodec.encode_output(name, out[name].copy()) for name in self.net.outputs],
         )
