@@ -9,7 +9,6 @@ deterministic way to hold a server busy without a test double.
 from __future__ import annotations
 
 import asyncio
-import base64
 from http.client import HTTPConnection
 import os
 import re

@@ -6,7 +6,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import caffe
-import numpy as np
 import pytest
 from caffe import layers as L
 

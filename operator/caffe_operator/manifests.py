@@ -24,8 +24,6 @@ from typing import Any
 import yaml
 
 from caffe_operator.api import (
-    API_VERSION,
-    KIND,
     CaffeModelServiceSpec,
     RuntimeDevice,
     is_url,
