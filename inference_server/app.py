@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 LIVE = orjson.dumps({"live": True})
 READY = orjson.dumps({"ready": True})
+# HEAD is GET without the body (the transport drops it): probes and curl -I use it.
+READ_METHODS = ("GET", "HEAD")
 
 
 def error_response(e: InferenceError) -> Response:
@@ -74,11 +76,11 @@ def create_app(plane: DataPlane, metrics: ServerMetrics):
                             return _method_not_allowed("POST")
                         return await infer(req, model, version)
                     if tail in ("", "ready"):
-                        if method != "GET":
+                        if method not in READ_METHODS:
                             return _method_not_allowed("GET")
                         return model_get(model, version, tail)
                 elif n == 1 or (n == 3 and parts[1] == "health"):
-                    if method != "GET":
+                    if method not in READ_METHODS:
                         return _method_not_allowed("GET")
                     if n == 1:
                         return Response(200, plane.server_metadata)
@@ -96,7 +98,7 @@ def create_app(plane: DataPlane, metrics: ServerMetrics):
                         for m in plane.models.values()
                     ]))
             elif path == "/metrics":
-                if method != "GET":
+                if method not in READ_METHODS:
                     return _method_not_allowed("GET")
                 return Response(200, metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
             raise NotFound(f"no route for {method} {path}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from . import __version__
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("inference_server.serve", "run the inference server for one model config"),
     "check": ("inference_server.check", "load a model, print its inputs/outputs and backend parity"),
@@ -22,8 +24,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def usage() -> str:
-    lines = ["usage: caffeserve COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: caffeserve [--version] COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`caffeserve COMMAND --help` describes a command's options."]
     return "\n".join(lines)
 
 
@@ -31,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
+        return 0
+    if argv[0] in ("-V", "--version", "version"):
+        print(f"caffeserve {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -26,12 +26,16 @@ log = logging.getLogger("caffeserve")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="caffeserve serve", description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="server config YAML (see inference_server/config.py)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--grace-period", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
-    p.add_argument("--log-level", default="INFO")
+    p = argparse.ArgumentParser(prog="caffeserve serve", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", required=True, metavar="FILE",
+                   help="the server config YAML: its fields are in the README, section 'The inference server'")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8080, help="REST port (0: any free port, printed in the log)")
+    p.add_argument("--grace-period", type=float, default=30.0, metavar="S",
+                   help="seconds to finish in-flight requests on SIGTERM")
+    p.add_argument("--log-level", default="INFO", type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log threshold")
     return p.parse_args(argv)
 
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Build real pycaffe (BVLC Caffe at 9b89154, CPU-only, from the PyPI sdist brocolli-caffe) and
 # install it into a venv. The build is cached outside the repo (CAFFE_SERVING_CACHE, default
-# ~/.cache/caffe-serving), keyed by sdist version, Python version and a hash of everything that
-# decides the build (this script, the source patches, the Debian package list), so only the first
-# setup on a machine pays the ~5 minutes of compiling.
+# ~/.cache/caffe-serving), keyed by sdist version, Python version, BUILD_LEVEL and a hash of the
+# source patches, so only the first setup on a machine pays the ~5 minutes of compiling.
+# Bump BUILD_LEVEL whenever build() changes what it compiles.
 #
 # A cached build must never hide a build that can no longer run from scratch: the build records
 # which Debian packages provided the headers it compiled against, and every install (cached or not)
@@ -19,41 +19,23 @@ PY="$VENV/bin/python"
 SDIST_VERSION=9.0.2
 PYVER=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 CACHE_ROOT=${CAFFE_SERVING_CACHE:-$HOME/.cache/caffe-serving}
-RECIPE=$(cat "$HERE/install_pycaffe.sh" "$HERE/patch_caffe_sources.py" "$HERE/patch_pycaffe_gil.py" \
-           "$HERE/debian-packages.txt" | sha256sum | cut -c1-12)
-CACHE="$CACHE_ROOT/pycaffe-brocolli-$SDIST_VERSION-py$PYVER-$RECIPE"
+BUILD_LEVEL=2
+PATCHES=$(cat "$HERE/patch_caffe_sources.py" "$HERE/patch_pycaffe_gil.py" | sha256sum | cut -c1-10)
+CACHE="$CACHE_ROOT/pycaffe-brocolli-$SDIST_VERSION-py$PYVER-b$BUILD_LEVEL-$PATCHES"
 SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
 log() { echo "[install_pycaffe] $*" >&2; }
 
-check_build_debs() {
-  # Every package whose headers the build read must be on the one list.
-  local listed used missing=""
-  # Listed packages and what they depend on (apt installs those with them).
-  listed=$(bash "$HERE/setup_system.sh" --print)
-  listed=$( { echo "$listed"; apt-cache depends --recurse --installed --no-recommends --no-suggests \
-      --no-conflicts --no-breaks --no-replaces --no-enhances $listed 2>/dev/null | grep -v '^ ' ; } | sort -u)
-  used=$(cat "$1")
-  for p in $used; do
-    grep -qx "$p" <<<"$listed" || missing="$missing $p"
-  done
-  if [ -n "$missing" ]; then
-    log "the build compiled against headers of Debian packages missing from scripts/debian-packages.txt:$missing"
-    log "a fresh machine would not have them: add them to the list (then setup installs them)"
-    exit 1
-  fi
-}
-
 record_build_debs() {
   # The headers under /usr the compiler read (its depfiles), mapped to the packages that own them.
   local build=$1 out=$2
+  # The compiler toolchain's own headers (libc, libstdc++, kernel headers) come with gcc, not the list.
   find "$build" -name '*.d' -print0 | xargs -0 cat | tr ' \\' '\n\n' | grep '^/usr/' | sort -u \
     | xargs -r realpath -e 2>/dev/null | sort -u | xargs -r dpkg -S 2>/dev/null \
     | cut -d: -f1 | tr ',' '\n' | awk 'NF {print $1}' | sort -u \
-    | grep -v -x -e 'libc6-dev' -e 'linux-libc-dev' -e 'libstdc++-12-dev' -e 'libgcc-12-dev' -e 'libpython3.*-dev' \
+    | grep -v -x -e 'libc6-dev' -e 'linux-libc-dev' -e 'libstdc++-[0-9]*-dev' -e 'libgcc-[0-9]*-dev' \
     > "$out" || true
-  # dpkg -S answers with the path as the package registered it; try the /usr-less form too.
-  [ -s "$out" ] || { log "could not read the packages the build used"; exit 1; }
+  [ -s "$out" ] || { log "could not read which Debian packages the build used"; exit 1; }
 }
 
 make_with_progress() {
@@ -109,7 +91,7 @@ build() {
 BUILD_ID=$(basename "$CACHE")
 bash "$HERE/setup_system.sh"   # the runtime libraries are needed even when the build is cached
 if [ "$(cat "$SITE/caffe/BUILD_ID" 2>/dev/null)" = "$BUILD_ID" ] && "$PY" -c 'import caffe._caffe' 2>/dev/null; then
-  check_build_debs "$CACHE/build-debs.txt"
+  bash "$HERE/check_build_debs.sh" "$CACHE/build-debs.txt"
   log "pycaffe $BUILD_ID already installed in $VENV"
   exit 0
 fi
@@ -117,7 +99,7 @@ if [ ! -f "$CACHE/caffe/_caffe.so" ] || [ ! -f "$CACHE/build-debs.txt" ]; then
   "$PY" -m pip install -q 'numpy<2'
   build
 fi
-check_build_debs "$CACHE/build-debs.txt"
+bash "$HERE/check_build_debs.sh" "$CACHE/build-debs.txt"
 "$PY" -m pip install -q 'numpy<2' six 'protobuf>=3.20' scikit-image scipy
 rm -rf "$SITE/caffe"
 cp -r "$CACHE/caffe" "$SITE/caffe"

@@ -267,7 +267,7 @@ def test_4_gateways_discover_the_pods_through_endpointslices(flow):
         status, body = http_json("GET", f"http://127.0.0.1:{gw.port('http')}/v2/models")
         assert status == 200 and body == {"models": [MODEL]}
         status, index = http_json("POST", f"http://127.0.0.1:{gw.port('http')}/v2/repository/index", {})
-        assert index == [{"name": MODEL, "state": "READY"}]
+        assert index == [{"name": MODEL, "version": "1", "state": "READY", "reason": ""}]
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,6 +328,8 @@ def doc_blocks(language: str) -> list[str]:
 
 def test_5_the_documented_curl_request_gets_the_documented_answer(flow):
     (request_json,) = doc_blocks("json")
+    shipped = REPO / "examples" / "digits" / "request.json"
+    assert json.loads(shipped.read_text()) == json.loads(request_json), "examples/digits/request.json drifted from the docs"
     answer = json.loads(doc_blocks("")[-1])  # the plain block after "The answer is"
     gw = flow.gateways[1]
     status, body = http_json("POST", f"http://127.0.0.1:{gw.port('http')}/v2/models/{MODEL}/infer", json.loads(request_json))

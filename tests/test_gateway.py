@@ -246,9 +246,14 @@ def test_the_gateways_own_routes(gateway):
     assert http_json("GET", gateway.url + "/v2/health/live") == (200, {"live": True})
     assert http_json("GET", gateway.url + "/v2/health/ready") == (200, {"ready": True})
     assert http_json("GET", gateway.url + "/v2/models") == (200, {"models": ["digits"]})
-    assert http_json("POST", gateway.url + "/v2/repository/index", {}) == (200, [{"name": "digits", "state": "READY"}])
+    # the index entry is the replica's own: a server's shape (name, version, state, reason)
+    assert http_json("POST", gateway.url + "/v2/repository/index", {}) == (
+        200, [{"name": "digits", "version": "1", "state": "READY", "reason": ""}])
     status, meta = http_json("GET", gateway.url + "/v2")
     assert status == 200 and meta["name"] == "caffe-serving-gateway"
+    assert {"binary_tensor_data", "classification"} <= set(meta["extensions"])
+    head = http("HEAD", gateway.url + "/v2/health/ready")
+    assert head[0] == 200 and head[2] == b""
     status, body = http_json("POST", gateway.url + "/v2/models/resnet/infer", infer_payload(0))
     assert status == 404 and body == {"error": "model 'resnet' is not known to the gateway"}
     status, body = http_json("GET", gateway.url + "/v2/models/digits/ready")
@@ -541,7 +546,7 @@ def test_discovery_follows_endpointslices_without_a_restart(servers):
             # no ready endpoint at all: 503 + Retry-After; the model is gone with its slices: 404
             cluster.patch(ENDPOINTSLICES, "default", "digits-predictor-b", {"endpoints": []})
             cluster.wait_for(lambda: http_json("POST", gw.url + "/v2/repository/index", {})[1]
-                             == [{"name": "digits", "state": "UNAVAILABLE", "reason": "no ready endpoint"}])
+                             == [{"name": "digits", "version": "", "state": "UNAVAILABLE", "reason": "no ready endpoint"}])
             status, headers, _ = http("POST", gw.url + "/v2/models/digits/infer", orjson.dumps(infer_payload(0)))
             assert status == 503 and int(headers["Retry-After"]) >= 1
             cluster.delete(ENDPOINTSLICES, "default", "digits-predictor-a")

@@ -165,7 +165,11 @@ def test_every_object_has_the_recommended_labels(everything_install):
 
 def test_notes_tell_the_user_what_to_do_next(default_install):
     notes = default_install[0]["info"]["notes"]
-    assert "kubectl apply -n caffe-system -f examples/digits/service.yaml" in notes
+    examples = "https://github.com/caffe-serving/caffe-serving/raw/v0.1.0/examples/digits"
+    assert f"kubectl apply -n caffe-system -f {examples}/service.yaml" in notes
+    assert f"curl -sLO {examples}/request.json" in notes
+    # a packaged chart holds neither examples/ nor docs/: every file it names is a URL
+    assert not re.search(r"(?<![/\w])(examples|docs)/", notes), notes
     assert f"kubectl port-forward -n caffe-system svc/{PREFIX}-gateway 8080:80" in notes
     assert "curl -s localhost:8080/v2/models/digits" in notes
     assert "every namespace" in notes
@@ -500,79 +504,3 @@ def test_dockerignore_keeps_the_venv_and_git_out():
         assert path in ignored
     for needed in ("scripts", "inference_server", "operator", "pyproject.toml", "README.md"):
         assert needed not in ignored
-
-
-# The two scripts the GPU image runs, run here.
-PYCAFFE_SNIPPET = """\
-void set_mode_cpu() { Caffe::set_mode(Caffe::CPU); }
-void set_mode_gpu() { Caffe::set_mode(Caffe::GPU); }
-  bp::class_<Net<Dtype>, shared_ptr<Net<Dtype> >, boost::noncopyable >("Net", bp::no_init)
-    .def("_forward", &Net<Dtype>::ForwardFromTo)
-    .def("_backward", &Net<Dtype>::BackwardFromTo)
-"""
-
-
-def run_patch(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "patch_pycaffe_gil.py"), str(path)],
-                          capture_output=True, text=True)
-
-
-def test_gil_patch_script_is_the_patch_install_pycaffe_applies(tmp_path):
-    """Dockerfile.caffe-gpu's patch (scripts/patch_pycaffe_gil.py) is the one our CPU build applies
-    (scripts/install_pycaffe.sh calls it, or carries the same patch inline), and is idempotent."""
-    ours, theirs = tmp_path / "ours.cpp", tmp_path / "theirs.cpp"
-    ours.write_text(PYCAFFE_SNIPPET)
-    theirs.write_text(PYCAFFE_SNIPPET)
-    assert run_patch(ours).returncode == 0
-    install_script = (REPO / "scripts" / "install_pycaffe.sh").read_text()
-    inline = re.search(r"<<'PYEOF'\n(.*?)\nPYEOF", install_script, re.S)
-    if inline is None:  # it calls the script: one patch for both builds
-        assert 'patch_pycaffe_gil.py" "$1/python/caffe/_caffe.cpp"' in install_script
-    else:
-        subprocess.run([sys.executable, "-c", inline.group(1), str(theirs)], check=True)
-        assert ours.read_text() == theirs.read_text()
-    assert '.def("_forward", &Net_ForwardFromTo_NoGIL)' in ours.read_text()
-    assert "PyEval_SaveThread()" in ours.read_text()
-    patched = ours.read_text()
-    again = run_patch(ours)
-    assert again.returncode == 0 and "already patched" in again.stdout
-    assert ours.read_text() == patched
-
-
-def test_gil_patch_script_refuses_sources_it_does_not_know(tmp_path):
-    path = tmp_path / "_caffe.cpp"
-    path.write_text(PYCAFFE_SNIPPET.replace("ForwardFromTo", "Forward"))
-    result = run_patch(path)
-    assert result.returncode == 1 and "update the patch" in result.stderr
-    assert path.read_text() == PYCAFFE_SNIPPET.replace("ForwardFromTo", "Forward")
-
-
-def test_protobuf_fix_makes_caffe_call_what_current_protobuf_has(tmp_path):
-    """Caffe 9b89154's io.cpp calls SetTotalBytesLimit(limit, warning_threshold); protobuf 3.21 (in
-    the image, and here) has only SetTotalBytesLimit(limit). The image's sed turns the one into the other."""
-    header = Path("/usr/include/google/protobuf/io/coded_stream.h")
-    if header.exists():
-        declared = re.findall(r"void SetTotalBytesLimit\(([^)]*)\)", header.read_text())
-        assert declared == ["int total_bytes_limit"]
-    command = re.search(r"^RUN (sed -i '(s/SetTotalBytesLimit[^']*)' src/caffe/util/io.cpp)", dockerfile("Dockerfile.caffe-gpu"), re.M)
-    io_cpp = tmp_path / "io.cpp"
-    io_cpp.write_text("  CodedInputStream* coded_input = new CodedInputStream(raw_input);\n"
-                      "  coded_input->SetTotalBytesLimit(kProtoReadBytesLimit, 536870912);\n")
-    subprocess.run(["sed", "-i", command.group(2), str(io_cpp)], check=True)
-    assert "coded_input->SetTotalBytesLimit(kProtoReadBytesLimit);" in io_cpp.read_text()
-
-
-def test_runtime_package_list_covers_what_pycaffe_links():
-    """scripts/list_runtime_debs.sh on our own pycaffe build: the Debian packages of its libraries."""
-    import caffe
-
-    if shutil.which("dpkg") is None:
-        pytest.skip("not a Debian/Ubuntu system")
-    so = Path(caffe.__file__).parent / "_caffe.so"
-    result = subprocess.run(["bash", str(REPO / "scripts" / "list_runtime_debs.sh"), str(so)],
-                            capture_output=True, text=True, check=True)
-    packages = result.stdout.split()
-    for prefix in ("libboost-python", "libboost-filesystem", "libgoogle-glog", "libprotobuf", "libgflags",
-                   "libopenblas"):
-        assert any(p.startswith(prefix) for p in packages), (prefix, packages)
-    assert not any(p.endswith("-dev") for p in packages)

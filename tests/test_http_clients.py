@@ -38,9 +38,14 @@ def test_head_gets_headers_without_a_body_and_the_connection_stays_in_step():
 
     with ServerProcess(DIGITS_DIR / "server.yaml", env={"CAFFESERVE__BACKEND": "pycaffe"}) as server:
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-        conn.request("HEAD", "/v2/health/live")
+        conn.request("HEAD", "/v2/models/digits/infer")
         head = conn.getresponse()
-        assert head.status == 405 and head.read() == b""  # no route takes HEAD; framing must still hold
+        assert head.status == 405 and head.read() == b""  # infer takes POST only; framing must still hold
+        for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/digits/ready", "/v2"):
+            conn.request("HEAD", path)  # probes and `curl -I` ask with HEAD: GET's answer, no body
+            head = conn.getresponse()
+            assert head.status == 200 and head.read() == b"", path
+            assert int(head.getheader("Content-Length")) > 0, path
         conn.request("GET", "/v2/health/live")  # same keep-alive connection
         resp = conn.getresponse()
         assert resp.status == 200 and resp.read() == b'{"live":true}'

@@ -44,6 +44,8 @@ RESPONSE_HEADERS = {
 
 MODELS_PREFIX = "/v2/models/"
 GATEWAY_NAME = "caffe-serving-gateway"
+# OIP/Triton extensions that work through the gateway (it forwards the bytes unchanged).
+FORWARDED_EXTENSIONS = ("binary_tensor_data", "classification")
 
 
 @dataclass
@@ -77,7 +79,7 @@ class Gateway:
         path = req.path
         if path.startswith(MODELS_PREFIX) and len(path) > len(MODELS_PREFIX):
             return await self._forward(req, path[len(MODELS_PREFIX):].split("/", 1)[0])
-        if req.method not in ("GET", "POST"):
+        if req.method not in ("GET", "HEAD", "POST"):
             return _error(405, f"method {req.method} is not allowed on {path}")
         if path == "/v2/health/live":
             return _json({"live": True})
@@ -85,32 +87,44 @@ class Gateway:
             ready = self.is_ready()
             return _json({"ready": ready}, 200 if ready else 503)
         if path in ("/v2", "/v2/"):
-            return _json({"name": GATEWAY_NAME, "version": self.version, "extensions": ["binary_tensor_data"]})
+            return _json({"name": GATEWAY_NAME, "version": self.version, "extensions": list(FORWARDED_EXTENSIONS)})
         if path in ("/v2/models", "/v2/models/"):
             return _json({"models": sorted(self.balancer.models)})
         if path == "/v2/repository/index" and req.method == "POST":
-            return self._index(req.body)
+            return await self._index(req)
         if path == "/metrics":
             return Response(200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
         return _error(404, f"no route for {req.method} {path}")
 
-    def _index(self, body: bytes) -> Response:
-        """Triton's repository index: every model, READY when it has a ready endpoint."""
+    async def _index(self, req: Request) -> Response:
+        """Triton's repository index: every model with its version, state and reason.
+
+        A model with a ready endpoint answers for itself (its replica's own index entry: version,
+        READY); one without is UNAVAILABLE with the reason, as a server reports a model it cannot serve.
+        """
         only_ready = False
-        if body.strip():
+        if req.body.strip():
             try:
-                only_ready = bool(orjson.loads(body).get("ready", False))
+                only_ready = bool(orjson.loads(req.body).get("ready", False))
             except (orjson.JSONDecodeError, AttributeError):
                 return _error(400, "repository index request must be a JSON object like {\"ready\": true}")
+        routes = sorted(self.balancer.models.items())
+        asked = Request("POST", "/v2/repository/index", "", {"content-type": "application/json"}, b"{}",
+                        arrived=req.arrived)
+        answers = await asyncio.gather(*(self._forward_to(asked, route) for _, route in routes if route.ready_count()))
+        by_name: dict[str, dict] = {}
+        for resp in answers:
+            if resp.status == 200:
+                by_name.update((e["name"], e) for e in orjson.loads(resp.body) if isinstance(e, dict) and "name" in e)
         out = []
-        for name, route in sorted(self.balancer.models.items()):
-            n = route.ready_count()
-            if only_ready and n == 0:
+        for name, route in routes:
+            entry = by_name.get(name)
+            if entry is None:
+                entry = {"name": name, "version": "", "state": "UNAVAILABLE",
+                         "reason": "no ready endpoint" if not route.ready_count() else "its endpoint did not answer"}
+            if only_ready and entry.get("state") != "READY":
                 continue
-            entry = {"name": name, "state": "READY" if n else "UNAVAILABLE"}
-            if not n:
-                entry["reason"] = "no ready endpoint"
-            out.append(entry)
+            out.append({k: entry.get(k, "") for k in ("name", "version", "state", "reason")})
         return _json(out)
 
     async def _forward(self, req: Request, model: str) -> Response:
@@ -118,7 +132,7 @@ class Gateway:
         if route is None:
             self.metrics.count("", 404)
             return _error(404, f"model '{model}' is not known to the gateway")
-        if req.method not in ("GET", "POST"):
+        if req.method not in ("GET", "HEAD", "POST"):
             resp = _error(405, f"method {req.method} is not allowed on {req.path}")
             self.metrics.count(model, 405)
             return resp
