@@ -17,7 +17,7 @@ import pytest
 
 from server_process import ServerProcess, http_json
 
-pytestmark = pytest.mark.slow  # about 35 s on 2 cores, most of it writing, converting and checking 1.1 GB
+pytestmark = pytest.mark.slow  # 35-45 s on 2 cores, most of it writing, converting and checking 1.1 GB
 
 IN, OUT = 14_000, 10_000  # 140 M float weights: 560 MB, over 512 MiB (536,870,912 bytes)
 PYCAFFE_FORWARD = """
