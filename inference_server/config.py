@@ -74,8 +74,9 @@ class OutputSpec(CamelModel):
 class Preprocessing(CamelModel):
     """How an encoded image (a BYTES input) becomes the Caffe input blob, as caffe.io.Transformer does it.
 
-    Order, as in Caffe's classifier: decode → resize to `image_size` → scale pixels to [0, 1]
-    (then × `raw_scale`) → HWC→CHW → `channel_swap` → subtract mean → × `scale`.
+    Order, as in Caffe's classifier: decode to float pixels in [0, 1] (caffe.io.load_image) → resize
+    to `image_size` (caffe.io.resize_image) → HWC→CHW → `channel_swap` → × `raw_scale` → subtract
+    mean → × `scale`.
     """
 
     image_size: list[int] | None = Field(
@@ -88,8 +89,18 @@ class Preprocessing(CamelModel):
         default=None, description="Channel order after decoding RGB, e.g. [2, 1, 0] for BGR (Caffe's reference nets)."
     )
     mean_values: list[float] | None = Field(default=None, description="Per-channel mean subtracted after raw_scale.")
-    mean_file: str | None = Field(default=None, description="A mean.binaryproto whose per-channel mean is subtracted.")
+    mean_file: str | None = Field(
+        default=None,
+        description="A mean.binaryproto subtracted pixel by pixel (resized to the input's H×W as caffe.io does "
+        "where its size differs); for a per-channel mean, use meanValues.",
+    )
     scale: float = Field(default=1.0, gt=0, description="Multiply after mean subtraction (Caffe's input_scale).")
+    resize: Literal["caffe", "fast"] = Field(
+        default="caffe",
+        description="caffe: decode and resize exactly as caffe.io does (float pixels, scikit-image's anti-aliased "
+        "linear resize); fast: Pillow's bilinear resize on 8-bit pixels, several times faster, off by a few "
+        "grey levels.",
+    )
 
     @model_validator(mode="after")
     def _one_mean(self) -> "Preprocessing":

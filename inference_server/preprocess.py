@@ -1,10 +1,12 @@
-"""Encoded image bytes → the Caffe input blob, the way caffe.io.Transformer prepares it.
+"""Encoded image bytes → the Caffe input blob, the way Caffe's classifier prepares it with caffe.io.
 
-Caffe's classifier loads an image as float RGB in [0, 1] (caffe.io.load_image), resizes it to the
-input's H×W, transposes HWC→CHW, applies channel_swap, multiplies by raw_scale, subtracts the mean
-and multiplies by input_scale. We do the same, decoding with Pillow (resize: bilinear, antialiased
-when shrinking). The decompression-bomb guard is set to the configured pixel limit and its warning is
-an error, and the size is checked from the header before any pixel is decoded.
+caffe.io.load_image gives float RGB (or grey) in [0, 1]; caffe.io.resize_image brings it to the
+input's H×W; Transformer.preprocess transposes HWC→CHW, applies channel_swap, multiplies by
+raw_scale, subtracts the mean and multiplies by input_scale. We do the same, with the same
+arithmetic (caffe_io.py), so a model sees the blob it was validated on. `resize: fast` trades that
+for Pillow's 8-bit bilinear resize. Decoding uses Pillow: its decompression-bomb guard is set to the
+configured pixel limit with its warning an error, and the size is checked from the header before
+any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from . import caffe_io
 from .config import Preprocessing
 from .errors import BadRequest, ModelLoadError
 
@@ -24,7 +27,7 @@ warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
 def read_mean_file(path: str) -> np.ndarray:
-    """Per-channel mean of a mean.binaryproto (as Caffe's examples reduce it: mean over H and W)."""
+    """A mean.binaryproto as the C×H×W float64 array caffe.io.blobproto_to_array makes of it."""
     from caffe.proto import caffe_pb2
 
     blob = caffe_pb2.BlobProto()
@@ -33,9 +36,14 @@ def read_mean_file(path: str) -> np.ndarray:
             blob.ParseFromString(f.read())
     except (OSError, Exception) as e:
         raise ModelLoadError(f"cannot read mean file {path}: {e}") from None
-    shape = list(blob.shape.dim) if blob.HasField("shape") else [blob.num, blob.channels, blob.height, blob.width]
-    arr = np.asarray(blob.data, dtype=np.float32).reshape(shape[-3:])
-    return arr.mean(axis=(1, 2))
+    legacy = any(blob.HasField(f) for f in ("num", "channels", "height", "width"))
+    shape = [blob.num, blob.channels, blob.height, blob.width] if legacy else list(blob.shape.dim)
+    if len(shape) == 2:  # H×W: one channel, as set_mean takes it
+        shape = [1, *shape]
+    arr = np.asarray(blob.data, dtype=np.float64)
+    if len(shape) < 3 or arr.size != int(np.prod(shape)) or int(np.prod(shape[:-3])) != 1:
+        raise ModelLoadError(f"mean file {path} does not hold one C×H×W image (its shape is {shape})")
+    return arr.reshape(shape[-3:])
 
 
 def _unbase64(data: bytes) -> bytes:
@@ -71,13 +79,38 @@ class ImagePreprocessor:
         self.channel_swap = spec.channel_swap
         if self.channel_swap is not None and sorted(self.channel_swap) != list(range(self.channels)):
             raise ModelLoadError(f"preprocessing.channelSwap {self.channel_swap} is not a permutation of the channels")
-        mean = read_mean_file(mean_path) if mean_path else spec.mean_values
-        self.mean = None if mean is None else np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
-        if self.mean is not None and self.mean.shape[0] not in (1, self.channels):
-            raise ModelLoadError(f"{self.mean.shape[0]} mean values for {self.channels} channels")
+        self.mean = self._mean(spec, mean_path)
+        self.resize = spec.resize
         self.max_pixels = max_pixels
         # Pillow's own guard runs inside Image.open, before our check: tie it to the configured limit
         Image.MAX_IMAGE_PIXELS = max_pixels
+
+    def _mean(self, spec: Preprocessing, mean_path: str | None) -> np.ndarray | None:
+        """What Transformer.set_mean keeps: per-channel values, or the mean file pixel by pixel at H×W.
+        Kept in float64 where Caffe's would be, so the subtraction rounds as Caffe's does."""
+        if mean_path:
+            mean = read_mean_file(mean_path)
+            if mean.shape[0] != self.channels:
+                raise ModelLoadError(f"the mean file has {mean.shape[0]} channel(s), the input blob {self.channels}")
+            return caffe_io.fit_mean(mean, (self.height, self.width))
+        if spec.mean_values is None:
+            return None
+        mean = np.asarray(spec.mean_values, dtype=np.float64).reshape(-1, 1, 1)
+        if mean.shape[0] not in (1, self.channels):
+            raise ModelLoadError(f"{mean.shape[0]} mean values for {self.channels} channels")
+        return mean
+
+    def _pixels(self, img: Image.Image) -> np.ndarray:
+        """H×W×C float32 pixels in [0, 1] at the input's size."""
+        size = (self.height, self.width)
+        if self.resize == "fast":
+            img = img.convert("RGB" if self.color else "L")
+            if img.size != (self.width, self.height):
+                img = img.resize((self.width, self.height), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)
+            return arr[:, :, None] if arr.ndim == 2 else arr
+        arr = caffe_io.load_image(img, self.color)
+        return arr if arr.shape[:2] == size else caffe_io.resize_image(arr, size)
 
     def decode_one(self, name: str, data: bytes) -> np.ndarray:
         data = _unbase64(data)
@@ -90,9 +123,7 @@ class ImagePreprocessor:
                 raise BadRequest(
                     f"input '{name}': image of {w}x{h} pixels exceeds the limit of {self.max_pixels} pixels"
                 )
-            img = img.convert("RGB" if self.color else "L")
-            if img.size != (self.width, self.height):
-                img = img.resize((self.width, self.height), Image.BILINEAR)
+            arr = self._pixels(img)
         except BadRequest:
             raise
         except (Image.DecompressionBombWarning, Image.DecompressionBombError):
@@ -102,15 +133,15 @@ class ImagePreprocessor:
             ) from None
         except Exception as e:  # Pillow raises many types for undecodable data
             raise BadRequest(f"input '{name}': cannot decode image: {e}") from None
-        arr = np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)
-        arr = arr[None, :, :] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        # Transformer.preprocess, step for step (in-place ops round as Caffe's do)
+        arr = arr.transpose(2, 0, 1)
         if self.channel_swap is not None:
             arr = arr[self.channel_swap, :, :]
-        arr = arr * np.float32(self.raw_scale)
+        arr *= self.raw_scale
         if self.mean is not None:
-            arr = arr - self.mean
+            arr -= self.mean
         if self.scale != 1.0:
-            arr = arr * np.float32(self.scale)
+            arr *= self.scale
         return arr
 
     def __call__(self, name: str, images: np.ndarray) -> np.ndarray:

@@ -174,6 +174,54 @@ def test_concat_slice_flatten_reshape(tmp_path):
     assert_matches_pycaffe(n, tmp_path, "shapes")
 
 
+def test_crop_axes_and_offsets(tmp_path):
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 5, 9, 11]))
+    n.ref = L.Input(shape=dict(dim=[1, 2, 4, 6]))
+    n.plain = L.Crop(n.data, n.ref)  # axis 2, offset 0
+    n.one_offset = L.Crop(n.data, n.ref, offset=[3])  # the same offset on H and W
+    n.per_axis = L.Crop(n.data, n.ref, axis=1, offset=[2, 5, 1])  # channels too
+    n.last_axis = L.Crop(n.data, n.ref, axis=-1, offset=[5])
+    n.conv = L.Convolution(n.data, num_output=3, kernel_size=3)
+    n.cropped_conv = L.Crop(n.conv, n.ref, offset=[1, 2])  # a computed bottom, per-axis offsets
+    assert_matches_pycaffe(n, tmp_path, "crop")
+
+
+def test_fcn_style_net_upsamples_and_crops_back_to_the_input(tmp_path):
+    """FCN: a padded first convolution, pooling down, Deconvolution up, a cropped skip branch fused in,
+    the score map cropped to the input's H×W, Softmax per pixel."""
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3, 20, 18]))
+    n.conv1 = L.Convolution(n.data, num_output=8, kernel_size=3, pad=10)  # 38×36: room to crop
+    n.relu1 = L.ReLU(n.conv1, in_place=True)
+    n.pool1 = L.Pooling(n.relu1, pool=P.Pooling.MAX, kernel_size=2, stride=2)  # 19×18
+    n.conv2 = L.Convolution(n.pool1, num_output=8, kernel_size=3)  # 17×16
+    n.relu2 = L.ReLU(n.conv2, in_place=True)
+    n.pool2 = L.Pooling(n.relu2, pool=P.Pooling.MAX, kernel_size=2, stride=2)  # 9×8
+    n.score = L.Convolution(n.pool2, num_output=4, kernel_size=1)
+    n.upscore2 = L.Deconvolution(n.score, convolution_param=dict(num_output=4, kernel_size=4, stride=2,
+                                                                bias_term=False))  # 20×18
+    n.score_pool1 = L.Convolution(n.pool1, num_output=4, kernel_size=1)  # 19×18
+    n.upscore2c = L.Crop(n.upscore2, n.score_pool1, offset=[1, 0])  # 19×18
+    n.fuse = L.Eltwise(n.upscore2c, n.score_pool1)
+    n.upscore = L.Deconvolution(n.fuse, convolution_param=dict(num_output=4, kernel_size=4, stride=2,
+                                                              bias_term=False))  # 40×38
+    n.score_full = L.Crop(n.upscore, n.data, offset=[11, 10])  # back to 20×18
+    n.prob = L.Softmax(n.score_full)
+    model = assert_matches_pycaffe(n, tmp_path, "fcn")
+    assert model_info(model)["outputs"] == [["prob", [1, 4, 20, 18]]]
+
+
+def test_crop_along_the_batch_axis_is_refused_with_the_reason(tmp_path):
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[2, 3]))
+    n.ref = L.Input(shape=dict(dim=[1, 3]))
+    n.crop = L.Crop(n.data, n.ref, axis=0)
+    proto, weights = save_net(n, tmp_path, "batchcrop")
+    with pytest.raises(UnsupportedLayer, match="layer 'crop' of type 'Crop' .*: cropping along the batch axis"):
+        convert_net(load_net(proto, weights))
+
+
 def test_eltwise_sum_with_coefficients_prod_max(tmp_path):
     n = caffe.NetSpec()
     n.data = L.Input(shape=dict(dim=[1, 3, 4, 4]))
@@ -297,7 +345,7 @@ def test_a_supported_type_with_an_unconvertible_setting_says_which(tmp_path):
 def test_every_layer_type_the_issue_lists_has_a_converter():
     wanted = {"Convolution", "Deconvolution", "Pooling", "ReLU", "PReLU", "Sigmoid", "TanH", "ELU", "LRN",
               "InnerProduct", "Softmax", "Concat", "Slice", "Eltwise", "BatchNorm", "Scale", "Dropout",
-              "Flatten", "Reshape", "Power", "Input"}
+              "Flatten", "Reshape", "Power", "Input", "Crop"}
     assert wanted <= set(supported_types())
 
 

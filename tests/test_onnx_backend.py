@@ -247,6 +247,19 @@ def test_a_broken_conversion_fails_parity_auto_falls_back_and_onnxruntime_refuse
         choose_backend(cfg)
 
 
+def test_weights_too_large_for_one_onnx_file_fall_back_to_pycaffe_with_the_reason(tmp_path, monkeypatch):
+    """Protobuf caps one ONNX file at 2 GiB; here the cap is lowered to 1 MiB so the net can stay small."""
+    monkeypatch.setattr("inference_server.convert.net.MAX_WEIGHT_BYTES", 1 << 20)
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 1000]))
+    n.ip = L.InnerProduct(n.data, num_output=600)  # 2.3 MiB of weights
+    proto, weights = save_net(n, tmp_path, "wide")
+    choice = choose_backend(parse_config(server_config("wide", proto, weights, "auto")))
+    assert choice.name == "pycaffe"
+    assert choice.reason == ("auto: serving with pycaffe because the conversion failed: the converted graph would "
+                             "hold 2.3 MiB of weights, over the 1.0 MiB one ONNX file can hold (protobuf's 2 GiB limit)")
+
+
 def test_a_cached_graph_that_fails_parity_is_converted_again(tmp_path):
     proto, weights = save_net(every_layer_net(), tmp_path, "every", seed=9)
     cfg = parse_config(server_config("every", proto, weights, "onnxruntime"))

@@ -21,6 +21,7 @@ class GraphBuilder:
         self.initializers = []
         self.used: set[str] = set(reserved)  # never hand these out (Caffe blob names, graph I/O)
         self.values: dict[str, str] = {}  # Caffe blob name -> current ONNX value name
+        self.const_bytes = 0  # the weights' size: one ONNX file holds under 2 GiB
 
     def fresh(self, base: str) -> str:
         name, i = base, 1
@@ -32,7 +33,9 @@ class GraphBuilder:
 
     def const(self, base: str, array, dtype=np.float32) -> str:
         name = self.fresh(base)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(np.asarray(array, dtype=dtype)), name))
+        value = np.ascontiguousarray(np.asarray(array, dtype=dtype))
+        self.const_bytes += value.nbytes
+        self.initializers.append(numpy_helper.from_array(value, name))
         return name
 
     def op(self, op_type: str, inputs: list[str], base: str, n_out: int = 1, output: str | None = None, **attrs):

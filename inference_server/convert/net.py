@@ -6,6 +6,7 @@ import json
 
 from onnx import ModelProto, TensorProto, helper
 
+from ..errors import ModelLoadError
 from .builder import GraphBuilder, LayerContext
 from .registry import converter_for
 from .source import CaffeModel
@@ -14,10 +15,14 @@ CONVERTER_VERSION = "1"  # bump on any change that alters the graph: it is part 
 OPSET = 17
 IR_VERSION = 8  # opset 17's IR version; loads in ONNX Runtime 1.11 and later
 METADATA_KEY = "caffe_serving"
+# protobuf serializes one message of at most 2 GiB, the graph itself included: weights beyond this
+# cannot be one ONNX file (Caffe's own cap is the same, so only nets at its very limit are refused)
+MAX_WEIGHT_BYTES = 2**31 - (16 << 20)
 
 
 def convert_model(model: CaffeModel, name: str = "caffe") -> ModelProto:
-    """Returns the ONNX model; raises UnsupportedLayer for the first layer it cannot convert."""
+    """Returns the ONNX model; raises UnsupportedLayer for the first layer it cannot convert, and
+    ModelLoadError for weights too large for one ONNX file."""
     g = GraphBuilder(reserved=set(model.shapes) | set(model.inputs))
     for blob in model.inputs:
         g.values[blob] = blob
@@ -40,6 +45,9 @@ def convert_model(model: CaffeModel, name: str = "caffe") -> ModelProto:
         for top, value in zip(layer.top, outs):
             g.values[top] = value
 
+    if g.const_bytes > MAX_WEIGHT_BYTES:
+        raise ModelLoadError(f"the converted graph would hold {g.const_bytes / 2**20:.1f} MiB of weights, over the "
+                             f"{MAX_WEIGHT_BYTES / 2**20:.1f} MiB one ONNX file can hold (protobuf's 2 GiB limit)")
     for blob in model.outputs:
         if g.values[blob] != blob:
             g.op("Identity", [g.values[blob]], f"{blob}/output", output=blob)

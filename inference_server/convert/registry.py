@@ -49,4 +49,4 @@ def converter_for(layer_name: str, layer_type: str) -> Callable:
 
 def _load_all() -> None:
     # the modules register their converters on import
-    from . import activations, arithmetic, convolution, normalization, pooling, structure  # noqa: F401
+    from . import activations, arithmetic, convolution, crop, normalization, pooling, structure  # noqa: F401
