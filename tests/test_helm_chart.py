@@ -54,6 +54,7 @@ def api_path(obj: dict[str, Any]) -> str:
               "ClusterRoleBinding": "clusterrolebindings", "RoleBinding": "rolebindings", "Service": "services",
               "Deployment": "deployments", "HorizontalPodAutoscaler": "horizontalpodautoscalers",
               "NetworkPolicy": "networkpolicies", "ServiceMonitor": "servicemonitors",
+              "PodDisruptionBudget": "poddisruptionbudgets", "ConfigMap": "configmaps",
               "CustomResourceDefinition": "customresourcedefinitions"}[obj["kind"]]
     resource = f"{group_version}/{plural}"
     return resource_path(resource, obj["metadata"].get("namespace"), obj["metadata"]["name"])
@@ -124,7 +125,7 @@ def test_install_creates_the_crd_rbac_deployments_and_service(default_install):
         ("ClusterRole", f"{PREFIX}-operator"), ("ClusterRoleBinding", f"{PREFIX}-operator"),
         ("ClusterRole", f"{PREFIX}-gateway"), ("ClusterRoleBinding", f"{PREFIX}-gateway"),
         ("Deployment", f"{PREFIX}-operator"), ("Deployment", f"{PREFIX}-gateway"),
-        ("Service", f"{PREFIX}-gateway"),
+        ("Service", f"{PREFIX}-gateway"), ("PodDisruptionBudget", f"{PREFIX}-gateway"),
     ])
     for obj in stored:
         if obj["kind"] not in ("CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"):
