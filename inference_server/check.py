@@ -65,17 +65,21 @@ def _shown_shape(declared: tuple[int, ...], probed: tuple[int, ...]) -> list[int
 
 
 def _batching_line(label: str, found) -> str:
+    if found.separable is None:
+        return f"batching ({label}): {found.reason}"
     verdict = "can be batched" if found.separable else "cannot be batched"
     return f"batching ({label}): the net {verdict}: {found.reason}"
 
 
 def _probe(backend, cfg):
+    """The backend's description and what the server's load-time probe would find with it."""
     from .parity import value_range
-    from .probe import probe
+    from .probe import probe, runs_batches
 
     desc = backend.describe()
     return desc, probe(backend, {b.name: b.shape for b in desc.outputs}, {b.name: b.shape[1:] for b in desc.inputs},
-                       [b.name for b in desc.outputs], cfg.parity_tolerance, value_range(cfg.preprocessing))
+                       [b.name for b in desc.outputs], cfg.parity_tolerance, value_range(cfg.preprocessing),
+                       runs_batches(cfg))
 
 
 def run_checks(cfg, runs: int, out) -> int:

@@ -29,7 +29,7 @@ from .calibration import BatchingDecision, decide, measure_curve
 from .config import ServerConfig
 from .errors import DeadlineExceeded, InferenceError, ModelLoadError, Unavailable
 from .parity import value_range
-from .probe import NetProbe, probe
+from .probe import NetProbe, probe, runs_batches
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +175,9 @@ class Executor:
         items = {b.name: b.shape[1:] for b in desc.inputs}
         declared = {b.name: b.shape for b in desc.outputs}
         outputs = [b.name for b in desc.outputs]
-        self.probe = probe(backend, declared, items, outputs, self.cfg.parity_tolerance, value_range(self.cfg.preprocessing))
         enabled = self.cfg.batching.enabled
+        self.probe = probe(backend, declared, items, outputs, self.cfg.parity_tolerance,
+                           value_range(self.cfg.preprocessing), runs_batches(self.cfg))
         if not self.probe.separable:
             if enabled is True:
                 raise ModelLoadError(f"batching is enabled but this net cannot be batched: {self.probe.reason}; "

@@ -195,7 +195,7 @@ def check_parity(net, session, outputs: list[str], logits: list[dict], inputs: l
         except Exception as e:
             report.problem = f"the converted graph does not run a batch of {len(inputs)}: {e}"
             return report
-        ref = _caffe_forward(net, stacked, outputs, logits)  # not the items' concatenation: a net may fold the batch
+        ref = _caffe_forward(net, stacked, outputs, logits)  # not the items' concatenation: Caffe may fold a batch
         for blob, arr in zip(blobs, got):
             pairs[blob].append((ref[blob], arr))
 

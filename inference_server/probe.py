@@ -12,7 +12,9 @@ Two facts the prototxt does not tell, and both decide what clients may rely on:
   batched would hand one client another's result.
 
 The probe runs two single-item forwards and their batch of two on the backend that serves (pycaffe
-or ONNX Runtime), and compares item by item with the parity gate's bound.
+or ONNX Runtime), and compares item by item with the parity gate's bound. Where the server would
+never run a batch (batching off and requests limited to one item) the batch of two is skipped: a net
+with a batch size baked into a Reshape aborts the process in Caffe rather than raise.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ SEED = 20240619
 @dataclass
 class NetProbe:
     shapes: dict[str, tuple[int, ...]]  # per served output: axis 0 and every data-dependent axis are -1
-    separable: bool
+    separable: bool | None  # None: not checked
     reason: str  # why the net can or cannot be batched, naming the output that decides
 
 
@@ -83,20 +85,29 @@ def probe_inputs(item_shapes: dict[str, tuple[int, ...]], value_range: tuple[flo
             for _ in range(n)]
 
 
+def runs_batches(cfg) -> bool:
+    """Whether the server configured by `cfg` would ever run a forward of more than one item."""
+    return cfg.batching.enabled is not False or cfg.limits.max_batch > 1
+
+
 def probe(backend, declared: dict[str, tuple[int, ...]], item_shapes: dict[str, tuple[int, ...]],
-          outputs: list[str], tolerance: float, value_range: tuple[float, float] = (-1.0, 1.0)) -> NetProbe:
-    """Run `backend` on two items alone and stacked; `declared` are the outputs' reshape-time shapes."""
+          outputs: list[str], tolerance: float, value_range: tuple[float, float] = (-1.0, 1.0),
+          batches: bool = True) -> NetProbe:
+    """Run `backend` on two items alone and (with `batches`) stacked; `declared` are the outputs'
+    reshape-time shapes."""
     singles_in = probe_inputs(item_shapes, value_range)
     stacked_in = {k: np.concatenate([x[k] for x in singles_in]) for k in item_shapes}
     try:
         singles = [backend.infer(x, outputs) for x in singles_in]
-        stacked = backend.infer(stacked_in, outputs)
+        stacked = backend.infer(stacked_in, outputs) if batches else None
     except Exception as e:  # a net that cannot run the probe cannot be proved separable either
         shapes = {n: metadata_shape(declared[n]) for n in outputs}
         return NetProbe(shapes, False, f"the probe forward failed ({type(e).__name__}: {e})")
     shapes = {}
     for name in outputs:
-        seen = [s[name].shape for s in singles] + [stacked[name].shape]
+        seen = [s[name].shape for s in singles] + ([stacked[name].shape] if batches else [])
         shapes[name] = metadata_shape(declared[name], *seen)
+    if not batches:
+        return NetProbe(shapes, None, "not checked: batching is off and requests are limited to one item")
     separable, reason = separability(outputs, singles, stacked, tolerance)
     return NetProbe(shapes, separable, reason)

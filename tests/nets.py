@@ -103,6 +103,19 @@ def batch_folding_net():
     return n
 
 
+def fixed_batch_net():
+    """A Reshape with the batch size written into it ([1, 2, 3]): Caffe aborts the process (a glog CHECK)
+    on any other batch size, so only batch 1 may ever run."""
+    import caffe
+    from caffe import layers as L
+
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 4]))
+    n.fc = L.InnerProduct(n.data, num_output=6)
+    n.grid = L.Reshape(n.fc, shape=dict(dim=[1, 2, 3]))
+    return n
+
+
 def batch_statistics_net():
     """BatchNorm told to normalize with the batch's own statistics: axis 0 follows the batch, but every
     item's answer depends on the others in its batch."""

@@ -24,8 +24,8 @@ from inference_server.backends import BackendChoice
 from inference_server.config import parse_config
 from inference_server.errors import InferenceError
 from inference_server.executor import Executor, WorkItem
-from nets import (batch_folding_net, batch_statistics_net, forward, save_net, save_weights, silenced_net, ssd_head,
-                  small_input_dim_prototxt)
+from nets import (batch_folding_net, batch_statistics_net, fixed_batch_net, forward, save_net, save_weights,
+                  silenced_net, small_input_dim_prototxt, ssd_head)
 from server_process import ServerProcess, http, http_json
 from test_onnx_backend import every_layer_net
 from test_server_parity import zoo_net
@@ -168,6 +168,18 @@ def test_detection_output_reports_its_data_dependent_dimension_as_minus_one(zoo_
         assert_same({"detection_out": got}, forward(proto, weights, {"data": x}))
 
 
+def test_a_net_that_only_runs_batch_1_is_not_probed_with_a_batch_when_the_server_never_runs_one(tmp_path):
+    proto, weights = save_net(fixed_batch_net(), tmp_path, "fixed")
+    cfg = {"name": "fixed", "backend": "pycaffe", "model": {"prototxt": str(proto), "weights": str(weights)},
+           "limits": {"maxBatch": 1}}
+    with ServerProcess(cfg, tmp_path) as server:
+        meta = http_json("GET", server.url + "/v2/models/fixed")[1]
+        assert meta["parameters"]["batch_separable"] is None
+        assert meta["parameters"]["batch_separable_reason"].startswith("not checked")
+        x = np.ones((1, 4), np.float32)
+        assert_same(infer(server.url, "fixed", {"data": x}), forward(proto, weights, {"data": x}))
+
+
 # --- outputs can be any blob
 
 def test_a_net_whose_blobs_all_feed_silence_is_refused_with_what_to_configure(zoo_files, tmp_path):
@@ -212,7 +224,8 @@ def tiny_input(tmp_model_dir):
 
 
 @pytest.mark.parametrize("backend", ["pycaffe", "onnxruntime"])
-def test_metadata_describes_the_net_at_the_served_input_shape_not_the_prototxts(backend, tiny_input, tmp_path, onnx_env):
+def test_metadata_describes_the_net_at_the_served_input_shape_not_the_prototxts(backend, tiny_input, tmp_path,
+                                                                                onnx_env):
     proto, weights = tiny_input
     cfg = {"name": "tiny", "backend": backend, "model": {"prototxt": str(proto), "weights": str(weights)},
            "inputs": [{"name": "image", "shape": [1, 3, 368, 368]}], "batching": {"enabled": "auto", "maxBatchSize": 2}}
