@@ -66,9 +66,9 @@ class TensorSpec(CamelModel):
 
 
 class OutputSpec(CamelModel):
-    """A model output (a blob of the net)."""
+    """A model output: any blob of the net, not only the ones Caffe calls net outputs."""
 
-    name: str = Field(description="Blob name in the Caffe net.")
+    name: str = Field(description="Blob name in the Caffe net: any blob, e.g. one that feeds a Silence layer.")
 
 
 class Preprocessing(CamelModel):
@@ -126,7 +126,10 @@ class Batching(CamelModel):
 
     enabled: bool | Literal["auto"] = Field(
         default=False,
-        description="true, false, or auto (time forward passes at load; batch only where it raises throughput).",
+        description="true, false, or auto. Only a batch-separable net is batched (checked at load: every output "
+        "keeps the batch on axis 0 and a stacked forward equals the items' own); true on any other net refuses to "
+        "start, auto leaves batching off and says why in the metadata. auto also times forward passes at load and "
+        "batches only where it raises throughput.",
     )
     max_batch_size: int = Field(default=8, ge=1, le=4096, description="Largest stacked batch.")
     max_queue_delay_ms: float = Field(
@@ -171,7 +174,9 @@ class ModelServing(CamelModel):
     """How a model is served: the part of the config the operator's CR spec shares."""
 
     inputs: list[TensorSpec] | None = Field(default=None, description="Default: the net's Input layers.")
-    outputs: list[OutputSpec] | None = Field(default=None, description="Default: the net's output blobs.")
+    outputs: list[OutputSpec] | None = Field(
+        default=None, description="Blobs to serve, any blob of the net. Default: Caffe's net outputs."
+    )
     preprocessing: Preprocessing | None = Field(default=None, description="For BYTES (encoded image) inputs.")
     device: Device = Field(default_factory=Device)
     instances: int = Field(default=1, ge=1, le=64, description="Net copies, each owned by one worker thread.")

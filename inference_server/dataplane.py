@@ -90,6 +90,7 @@ class Model:
         self.choice: BackendChoice | None = None
         self.inputs: dict[str, InputBinding] = {}
         self.outputs: list[str] = []
+        self.output_shapes: dict[str, tuple[int, ...]] = {}
         self.labels: list[str] | None = None
         self.metadata: bytes = b""
         self.max_elements = cfg.limits.max_request_bytes
@@ -127,12 +128,8 @@ class Model:
                 mean_path = str(cfg.path(cfg.preprocessing.mean_file)) if cfg.preprocessing.mean_file else None
                 image = ImagePreprocessor(cfg.preprocessing, shape, cfg.limits.max_image_pixels, mean_path)
             self.inputs[spec.name] = InputBinding(spec.name, spec.datatype, tuple(shape[1:]), image)
-        net_outputs = [b.name for b in desc.outputs]
-        self.outputs = [o.name for o in cfg.outputs] if cfg.outputs else net_outputs
-        for o in self.outputs:
-            if o not in net_outputs:
-                raise ModelLoadError(f"config output '{o}' is not an output of the net (it has {net_outputs})")
-        self.output_shapes = {b.name: b.shape for b in desc.outputs}
+        self.outputs = [b.name for b in desc.outputs]  # the config's (any blobs), checked by the backend
+        self.output_shapes = dict(self.executor.probe.shapes)  # -1 on axis 0 and where the data decides
         if cfg.model.labels:
             with open(cfg.path(cfg.model.labels)) as f:
                 self.labels = [line.rstrip("\n") for line in f if line.strip()]
@@ -148,6 +145,7 @@ class Model:
         ex = self.executor
         params = {"backend": self.choice.name, "backend_reason": self.choice.reason, **self.choice.details,
                   "instances": self.cfg.instances, "batching": ex.batching,
+                  "batch_separable": ex.probe.separable, "batch_separable_reason": ex.probe.reason,
                   "max_request_batch": self.max_batch}
         if ex.batching:
             params["batching_max_batch_size"] = ex.max_batch
@@ -162,7 +160,7 @@ class Model:
             "platform": "caffe",
             "inputs": [{"name": b.name, "datatype": b.datatype, "shape": [-1, *b.item_shape],
                         **({"parameters": {"image": True}} if b.image else {})} for b in self.inputs.values()],
-            "outputs": [{"name": n, "datatype": "FP32", "shape": [-1, *self.output_shapes[n][1:]]} for n in self.outputs],
+            "outputs": [{"name": n, "datatype": "FP32", "shape": list(self.output_shapes[n])} for n in self.outputs],
             "parameters": params,
         }
 
@@ -184,7 +182,7 @@ class Model:
         requested = req.outputs
         names = self.outputs if requested is None else [o.name for o in requested]
         for n in names:  # before any image is decoded: a bad request costs nothing
-            if n not in self.output_shapes or n not in self.outputs:
+            if n not in self.output_shapes:
                 raise BadRequest(f"unknown output '{n}'; the model's outputs are: {', '.join(self.outputs)}")
         blobs = await self._blobs(req)
         batch = next(iter(blobs.values())).shape[0]

@@ -5,6 +5,11 @@ whole life. Requests reach the workers through one bounded queue; a worker takes
 and with batching on keeps taking compatible items (same per-item shapes and outputs) until the batch
 is full or `max_queue_delay_ms` has passed since it took the first. Results go back to the asyncio
 loop with one `call_soon_threadsafe` per item. Items whose deadline passed while queued are never run.
+
+Batching is only ever on for a batch-separable net (probe.py, run by the first worker at load):
+`enabled: true` on any other net is a load error naming the output, `auto` leaves it off and says why.
+The split asserts what it assumes (every output's axis 0 is the stacked batch) and fails the batch
+rather than hand out rows that belong to someone else.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from .backends.base import NetDescription
 from .calibration import BatchingDecision, decide, measure_curve
 from .config import ServerConfig
 from .errors import DeadlineExceeded, InferenceError, ModelLoadError, Unavailable
+from .parity import value_range
+from .probe import NetProbe, probe, runs_batches
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +96,8 @@ class Executor:
         self.threads: list[threading.Thread] = []
         self.description: NetDescription | None = None
         self.on_batch = on_batch  # callback(batch_size, compute_s) for metrics, called in the worker thread
-        self.decision: BatchingDecision | None = None  # set by calibration with `batching: auto`
+        self.decision: BatchingDecision | None = None  # set with `batching: auto`
+        self.probe: NetProbe | None = None  # set by the first worker at load
 
     # --- lifecycle
     def start(self) -> NetDescription:
@@ -139,8 +147,8 @@ class Executor:
         try:
             backend = create_backend(self.cfg, self.choice)
             desc = backend.describe()
-            if index == 0 and self.cfg.batching.enabled == "auto":
-                self._calibrate(backend, desc)
+            if index == 0:
+                self._probe(backend, desc)
             err = None
         except Exception as e:  # reported to start(); the thread ends
             backend, desc, err = None, None, e
@@ -162,10 +170,29 @@ class Executor:
             if carry is self._STOP:
                 return
 
-    def _calibrate(self, backend, desc: NetDescription) -> None:
+    def _probe(self, backend, desc: NetDescription) -> None:
+        """Find the data-dependent output shapes and whether the net may be batched; then apply `batching`."""
+        items = {b.name: b.shape[1:] for b in desc.inputs}
+        declared = {b.name: b.shape for b in desc.outputs}
+        outputs = [b.name for b in desc.outputs]
+        enabled = self.cfg.batching.enabled
+        self.probe = probe(backend, declared, items, outputs, self.cfg.parity_tolerance,
+                           value_range(self.cfg.preprocessing), runs_batches(self.cfg))
+        if not self.probe.separable:
+            if enabled is True:
+                raise ModelLoadError(f"batching is enabled but this net cannot be batched: {self.probe.reason}; "
+                                     "set batching.enabled to false (or auto, which batches only nets that can)")
+            if enabled == "auto":
+                self.decision = BatchingDecision(False, 1, f"the net cannot be batched: {self.probe.reason}")
+                self.batching, self.max_batch = False, 1
+                log.info("batching auto: off (%s)", self.decision.reason)
+            return
+        if enabled == "auto":
+            self._calibrate(backend, items, outputs)
+
+    def _calibrate(self, backend, items: dict[str, tuple[int, ...]], outputs: list[str]) -> None:
         """`batching: auto`: time this worker's Net at several batch sizes and decide (before serving)."""
-        shapes = {b.name: b.shape[1:] for b in desc.inputs}
-        curve = measure_curve(backend, shapes, [b.name for b in desc.outputs], self.cfg.batching.max_batch_size)
+        curve = measure_curve(backend, items, outputs, self.cfg.batching.max_batch_size)
         self.decision = decide(curve, self.cfg.batching)
         self.batching = self.decision.enabled
         self.max_batch = self.decision.max_batch_size
@@ -209,6 +236,11 @@ class Executor:
                 names = list(live[0].inputs)
                 stacked = {n: np.concatenate([it.inputs[n] for it in live]) for n in names}
                 out = backend.infer(stacked, live[0].outputs)
+                rows = sum(it.batch for it in live)
+                for k, v in out.items():
+                    if v.ndim == 0 or v.shape[0] != rows:  # the probe rules this out; never split a guess
+                        raise InferenceError(f"output '{k}' has shape {list(v.shape)} for {rows} stacked items: "
+                                             "its axis 0 is not the batch, so it cannot be split between requests")
                 results, start = [], 0
                 for it in live:
                     results.append({k: v[start : start + it.batch] for k, v in out.items()})

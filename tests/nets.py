@@ -9,11 +9,16 @@ import numpy as np
 
 def save_net(netspec, directory: Path, name: str, seed: int = 0) -> tuple[Path, Path]:
     """Write `netspec` as NAME.prototxt and NAME.caffemodel with seeded random weights."""
-    import caffe
-
     directory.mkdir(parents=True, exist_ok=True)
     proto = directory / f"{name}.prototxt"
     proto.write_text(str(netspec.to_proto()))
+    return proto, save_weights(proto, seed)
+
+
+def save_weights(proto: Path, seed: int = 0) -> Path:
+    """Seeded random weights for the net in `proto`, saved beside it as NAME.caffemodel."""
+    import caffe
+
     net = caffe.Net(str(proto), caffe.TEST)
     rng = np.random.default_rng(seed)
     for layer_name, blobs in net.params.items():
@@ -29,13 +34,14 @@ def save_net(netspec, directory: Path, name: str, seed: int = 0) -> tuple[Path, 
                     b.data[...] = 0.999
             else:
                 b.data[...] = rng.normal(0, 0.3, b.data.shape)
-    weights = directory / f"{name}.caffemodel"
+    weights = proto.with_suffix(".caffemodel")
     net.save(str(weights))
-    return proto, weights
+    return weights
 
 
-def forward(proto: Path, weights: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A direct pycaffe forward pass: the reference the server must match."""
+def forward(proto: Path, weights: Path, inputs: dict[str, np.ndarray], blobs: list[str] | None = None
+            ) -> dict[str, np.ndarray]:
+    """A direct pycaffe forward pass: the reference the server must match (its outputs, or `blobs`)."""
     import caffe
 
     caffe.set_mode_cpu()
@@ -46,4 +52,110 @@ def forward(proto: Path, weights: Path, inputs: dict[str, np.ndarray]) -> dict[s
     for k, v in inputs.items():
         net.blobs[k].data[...] = v
     out = net.forward()
+    if blobs is not None:
+        return {k: net.blobs[k].data.copy() for k in blobs}
     return {k: v.copy() for k, v in out.items()}
+
+
+# --- nets whose outputs do not follow the batch, or that Caffe reports no outputs for
+
+def ssd_head():
+    """An SSD-style detector head: L2 Normalize, loc/conf convolutions through Permute + Flatten, PriorBox
+    and DetectionOutput, whose [1, 1, detections, 7] output holds every image's boxes (image id in
+    column 0) and whose detection count depends on the data."""
+    import caffe
+    from caffe import layers as L, params as P
+
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3, 16, 16]))
+    n.feat = L.Convolution(n.data, num_output=8, kernel_size=3, stride=2, pad=1)  # 8x8
+    n.relu = L.ReLU(n.feat, in_place=True)
+    n.norm = L.Normalize(n.feat, norm_param=dict(across_spatial=False, channel_shared=False,
+                                                 scale_filler=dict(type="constant", value=20)))
+    priors, classes = 3, 3  # min size + max size + aspect ratio 2 → 3 priors per cell
+    n.loc = L.Convolution(n.norm, num_output=priors * 4, kernel_size=3, pad=1)
+    n.loc_perm = L.Permute(n.loc, permute_param=dict(order=[0, 2, 3, 1]))
+    n.loc_flat = L.Flatten(n.loc_perm, axis=1)
+    n.conf = L.Convolution(n.norm, num_output=priors * classes, kernel_size=3, pad=1)
+    n.conf_perm = L.Permute(n.conf, permute_param=dict(order=[0, 2, 3, 1]))
+    n.conf_flat = L.Flatten(n.conf_perm, axis=1)
+    n.priorbox = L.PriorBox(n.norm, n.data, prior_box_param=dict(
+        min_size=[4.0], max_size=[8.0], aspect_ratio=[2.0], flip=False, clip=True, variance=[0.1, 0.1, 0.2, 0.2]))
+    n.conf_shaped = L.Reshape(n.conf_flat, shape=dict(dim=[0, -1, classes]))
+    n.conf_soft = L.Softmax(n.conf_shaped, axis=2)
+    n.conf_scores = L.Flatten(n.conf_soft, axis=1)
+    n.detection_out = L.DetectionOutput(n.loc_flat, n.conf_scores, n.priorbox, detection_output_param=dict(
+        num_classes=classes, share_location=True, background_label_id=0,
+        nms_param=dict(nms_threshold=0.45, top_k=100), code_type=P.PriorBox.CENTER_SIZE,
+        keep_top_k=50, confidence_threshold=0.2))
+    return n
+
+
+def batch_folding_net():
+    """A Reshape that folds the batch into one row: [N, 6] → [1, 6N]."""
+    import caffe
+    from caffe import layers as L
+
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 4]))
+    n.fc = L.InnerProduct(n.data, num_output=6)
+    n.folded = L.Reshape(n.fc, shape=dict(dim=[1, -1]))
+    return n
+
+
+def fixed_batch_net():
+    """A Reshape with the batch size written into it ([1, 2, 3]): Caffe aborts the process (a glog CHECK)
+    on any other batch size, so only batch 1 may ever run."""
+    import caffe
+    from caffe import layers as L
+
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 4]))
+    n.fc = L.InnerProduct(n.data, num_output=6)
+    n.grid = L.Reshape(n.fc, shape=dict(dim=[1, 2, 3]))
+    return n
+
+
+def batch_statistics_net():
+    """BatchNorm told to normalize with the batch's own statistics: axis 0 follows the batch, but every
+    item's answer depends on the others in its batch."""
+    import caffe
+    from caffe import layers as L
+
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 3, 6, 6]))
+    n.conv = L.Convolution(n.data, num_output=4, kernel_size=3)
+    n.bn = L.BatchNorm(n.conv, use_global_stats=False)
+    n.score = L.InnerProduct(n.bn, num_output=5)
+    return n
+
+
+def silenced_net():
+    """A colorization-style net: its useful blob `class8_ab` feeds a Silence layer, so Caffe reports no
+    net outputs at all; pycaffe users read it as net.blobs['class8_ab']."""
+    import caffe
+    from caffe import layers as L
+
+    n = caffe.NetSpec()
+    n.data_l = L.Input(shape=dict(dim=[1, 1, 8, 8]))
+    n.conv1 = L.Convolution(n.data_l, num_output=6, kernel_size=3, pad=1)
+    n.relu1 = L.ReLU(n.conv1, in_place=True)  # conv1 as pycaffe shows it is the rectified one
+    n.class8_ab = L.Convolution(n.conv1, num_output=2, kernel_size=1)
+    n.silence = L.Silence(n.class8_ab, ntop=0)
+    return n
+
+
+def small_input_dim_prototxt(directory: Path, name: str = "tiny_input") -> Path:
+    """An old-style prototxt declaring `input_dim: 1 3 1 1` (as OpenPose's do), fully convolutional, so the
+    served input shape alone decides the output's spatial size."""
+    proto = directory / f"{name}.prototxt"
+    proto.write_text(
+        'name: "tiny_input"\n'
+        'input: "image"\ninput_dim: 1\ninput_dim: 3\ninput_dim: 1\ninput_dim: 1\n'
+        'layer { name: "conv" type: "Convolution" bottom: "image" top: "conv"\n'
+        '  convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }\n'
+        'layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }\n'
+        'layer { name: "pool" type: "Pooling" bottom: "conv" top: "heatmaps"\n'
+        '  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }\n'
+    )
+    return proto

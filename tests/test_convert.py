@@ -307,6 +307,28 @@ def test_in_place_chains_and_the_splits_caffe_inserts_for_shared_blobs(tmp_path)
     assert "Split" in model_info(model)["layer_types"]
 
 
+def test_any_blob_can_be_a_graph_output_with_the_value_pycaffe_shows_after_the_forward(tmp_path):
+    """A blob feeding Silence (Caffe reports no outputs) and one rewritten in place (pycaffe shows the last write)."""
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 2, 5, 5]))
+    n.conv = L.Convolution(n.data, num_output=3, kernel_size=3, pad=1)
+    n.relu = L.ReLU(n.conv, in_place=True)
+    n.ab = L.Convolution(n.conv, num_output=2, kernel_size=1)
+    n.silence = L.Silence(n.ab, ntop=0)
+    proto, weights = save_net(n, tmp_path, "silenced")
+    net = load_net(proto, weights)
+    assert list(net.outputs) == []
+    model = convert_net(net, outputs=["ab", "conv"])
+    onnx.checker.check_model(model)
+    assert [o.name for o in model.graph.output] == ["ab", "conv"]
+    assert [name for name, _ in model_info(model)["outputs"]] == ["ab", "conv"]
+    feed = random_feed(model)
+    ref, got = forward(proto, weights, feed, blobs=["ab", "conv"]), run_onnx(model, feed)
+    for blob in ("ab", "conv"):
+        assert np.abs(got[blob] - ref[blob]).max() <= TOL * max(1.0, float(np.abs(ref[blob]).max())), blob
+    assert ref["conv"].min() >= 0
+
+
 def test_graph_records_io_shapes_layer_types_and_the_logits_of_a_final_softmax(tmp_path):
     n = caffe.NetSpec()
     n.data = L.Input(shape=dict(dim=[2, 3, 4, 4]))

@@ -235,7 +235,7 @@ def test_a_broken_conversion_fails_parity_auto_falls_back_and_onnxruntime_refuse
     import inference_server.convert as convert
 
     real = convert.convert_net
-    monkeypatch.setattr(convert, "convert_net", lambda net, name="caffe": tamper(real(net, name)))
+    monkeypatch.setattr(convert, "convert_net", lambda net, name="caffe", **kw: tamper(real(net, name, **kw)))
     proto, weights = save_net(every_layer_net(), tmp_path, "every", seed=7)
     cfg = parse_config(server_config("every", proto, weights, "auto"))
     choice = choose_backend(cfg)

@@ -36,7 +36,7 @@ def create_backend(cfg: ServerConfig, choice: BackendChoice) -> Backend:
         from .pycaffe import PycaffeBackend
 
         return PycaffeBackend(
-            str(cfg.path(cfg.model.prototxt)), str(cfg.path(cfg.model.weights)), cfg.device.kind, cfg.device.id
+            str(cfg.path(cfg.model.prototxt)), str(cfg.path(cfg.model.weights)), cfg.device.kind, cfg.device.id, cfg
         )
     from .onnxruntime import OnnxRuntimeBackend
 

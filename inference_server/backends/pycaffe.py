@@ -57,21 +57,26 @@ def gpu_problem(device_id: int) -> str | None:
 class PycaffeBackend:
     name = "pycaffe"
 
-    def __init__(self, prototxt: str, weights: str, device_kind: str = "cpu", device_id: int = 0):
+    def __init__(self, prototxt: str, weights: str, device_kind: str = "cpu", device_id: int = 0, cfg=None):
+        """Load the net; with `cfg`, reshaped to the served input shapes and serving the config's outputs."""
         _set_device(device_kind, device_id)
         import caffe
+
+        from .. import served
 
         try:
             self.net = caffe.Net(prototxt, 1, weights=weights)  # 1 == caffe.TEST
         except Exception as e:
             raise ModelLoadError(f"pycaffe could not load {prototxt} with weights {weights}: {e}") from None
-        self._batch = {name: self.net.blobs[name].data.shape[0] for name in self.net.inputs}
+        if cfg is not None:
+            served.reshape(self.net, served.input_shapes(cfg, self.net))
+        self.outputs = served.output_blobs(cfg, self.net) if cfg is not None else list(self.net.outputs)
 
     def describe(self) -> NetDescription:
         net = self.net
         return NetDescription(
             inputs=[BlobInfo(n, tuple(net.blobs[n].data.shape)) for n in net.inputs],
-            outputs=[BlobInfo(n, tuple(net.blobs[n].data.shape)) for n in net.outputs],
+            outputs=[BlobInfo(n, tuple(net.blobs[n].data.shape)) for n in self.outputs],
             layer_types=[layer.type for layer in net.layers],
             parameters={"backend": self.name},
         )

@@ -5,10 +5,10 @@ parity gate; `backend: auto` serves with ONNX Runtime where it passes and with p
 Either way the BackendChoice says why, with the parity figures in `details`.
 
 Converted graphs are cached on disk under CAFFESERVE_CACHE_DIR (default ~/.cache/caffe-serving/onnx),
-keyed by the sha256 of the prototxt, the weights, the serving input shapes and the converter version,
-so a restart does not convert again. The parity gate runs at every load, cache hit or not: it is
-what proves the file on disk (which anyone could have changed) gives pycaffe's answers; a cached
-file that fails it is replaced by a fresh conversion, which is then the one judged.
+keyed by the sha256 of the prototxt, the weights, the serving input shapes, the served output blobs and
+the converter version, so a restart does not convert again. The parity gate runs at every load, cache
+hit or not: it is what proves the file on disk (which anyone could have changed) gives pycaffe's
+answers; a cached file that fails it is replaced by a fresh conversion, which is then the one judged.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import served
 from ..errors import ModelLoadError
 from ..hashing import file_sha256
 from . import BackendChoice
@@ -46,9 +47,13 @@ def cache_dir() -> Path:
     return Path(os.path.expanduser(os.environ.get("CAFFESERVE_CACHE_DIR") or DEFAULT_CACHE_DIR))
 
 
-def cache_key(prototxt: Path, weights: Path, input_shapes: dict, converter_version: str) -> str:
+def cache_key(prototxt: Path, weights: Path, input_shapes: dict, converter_version: str,
+              outputs: list[str] | None = None) -> str:
     h = hashlib.sha256()
-    for part in (file_sha256(prototxt), file_sha256(weights), json.dumps(sorted(input_shapes.items())), converter_version):
+    parts = [file_sha256(prototxt), file_sha256(weights), json.dumps(sorted(input_shapes.items())), converter_version]
+    if outputs is not None:  # the served blobs are the graph's outputs
+        parts.append(json.dumps(outputs))
+    for part in parts:
         h.update(part.encode() + b"\0")
     return h.hexdigest()
 
@@ -81,12 +86,6 @@ def _save_atomically(onnx_model, path: Path) -> None:
             tmp.unlink()
 
 
-def serving_input_shapes(cfg, net) -> dict[str, tuple[int, ...]]:
-    """Input shapes to convert for: the config's `inputs[].shape` where given, else the net's own."""
-    configured = {s.name: tuple(s.shape) for s in (cfg.inputs or []) if s.shape}
-    return {name: configured.get(name, tuple(net.blobs[name].data.shape)) for name in net.inputs}
-
-
 def _parity_session_model(onnx_model, logits: list[dict]) -> bytes:
     """The served graph plus the softmax logits as extra outputs, serialized for a session."""
     from onnx import TensorProto, helper
@@ -100,12 +99,12 @@ def _parity_session_model(onnx_model, logits: list[dict]) -> bytes:
     return m.SerializeToString()
 
 
-def _convert(net, path: Path, cfg):
-    """Convert and cache; returns (onnx model, None) or (None, the problem)."""
+def _convert(net, path: Path, cfg, outputs: list[str]):
+    """Convert (returning the served `outputs`) and cache; returns (onnx model, None) or (None, the problem)."""
     from ..convert import UnsupportedLayer, convert_net
 
     try:
-        onnx_model = convert_net(net, name=cfg.name)
+        onnx_model = convert_net(net, name=cfg.name, outputs=outputs)
     except UnsupportedLayer as e:
         return None, str(e)
     except ModelLoadError as e:
@@ -190,14 +189,12 @@ def evaluate(cfg, n_random: int | None = None) -> Evaluation:
     prototxt, weights = cfg.path(cfg.model.prototxt), cfg.path(cfg.model.weights)
     t0 = time.perf_counter()
     net = load_net(prototxt, weights)  # pycaffe must load it anyway; its errors are the model's errors
-    shapes = serving_input_shapes(cfg, net)
-    if any(shapes[n] != tuple(net.blobs[n].data.shape) for n in shapes):
-        for name, shape in shapes.items():
-            net.blobs[name].reshape(*shape)
-        net.reshape()
+    shapes = served.input_shapes(cfg, net)
+    served.reshape(net, shapes)
+    outputs = served.output_blobs(cfg, net)
     timings["load_s"] = time.perf_counter() - t0
 
-    key = cache_key(prototxt, weights, shapes, CONVERTER_VERSION)
+    key = cache_key(prototxt, weights, shapes, CONVERTER_VERSION, outputs)
     path = _writable_cache_dir() / f"{key}.onnx"
     details["onnx_cache_key"] = key[:16]
     onnx_model = _load_cached(path) if path.exists() else None
@@ -205,7 +202,7 @@ def evaluate(cfg, n_random: int | None = None) -> Evaluation:
     for attempt in ("cached", "fresh") if onnx_model is not None else ("fresh",):
         t0 = time.perf_counter()
         if attempt == "fresh":
-            onnx_model, problem = _convert(net, path, cfg)
+            onnx_model, problem = _convert(net, path, cfg, outputs)
             timings["convert_s"] = time.perf_counter() - t0
             if onnx_model is None:
                 return Evaluation(problem, details, None, "", timings)

@@ -13,9 +13,10 @@ from .registry import NOTES, UnsupportedLayer, supported_types
 from .source import load_net, read_net
 
 
-def convert_net(net, name: str = "caffe"):
-    """A loaded caffe.Net (reshaped to the serving input shapes) → onnx.ModelProto."""
-    return convert_model(read_net(net), name)
+def convert_net(net, name: str = "caffe", outputs: list[str] | None = None):
+    """A loaded caffe.Net (reshaped to the serving input shapes) → onnx.ModelProto returning `outputs`
+    (any blobs of the net; default: Caffe's net outputs)."""
+    return convert_model(read_net(net, outputs), name)
 
 
 __all__ = ["CONVERTER_VERSION", "OPSET", "NOTES", "UnsupportedLayer", "convert_net", "convert_model",

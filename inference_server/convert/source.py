@@ -23,7 +23,7 @@ class CaffeModel:
     params: list[list[np.ndarray]]  # float32 weights per layer, parallel to `layers`
     shapes: dict[str, tuple[int, ...]]  # every blob's shape at the input shapes the net was reshaped to
     inputs: list[str]
-    outputs: list[str]
+    outputs: list[str]  # the blobs the graph returns: any blob of the net, not only Caffe's outputs
 
 
 def load_net(prototxt: str, weights: str, input_shapes: dict[str, tuple[int, ...]] | None = None):
@@ -44,7 +44,8 @@ def load_net(prototxt: str, weights: str, input_shapes: dict[str, tuple[int, ...
     return net
 
 
-def read_net(net) -> CaffeModel:
+def read_net(net, outputs: list[str] | None = None) -> CaffeModel:
+    """The loaded net as layers + weights + shapes; `outputs` are the blobs to serve (default: Caffe's net outputs)."""
     from caffe.proto import caffe_pb2
 
     fd, path = tempfile.mkstemp(suffix=".caffemodel")
@@ -63,4 +64,4 @@ def read_net(net) -> CaffeModel:
         del layer.blobs[:]  # the weights come from the loaded net below
     params = [[np.array(b.data, dtype=np.float32) for b in net.layers[i].blobs] for i in range(len(layers))]
     shapes = {name: tuple(blob.data.shape) for name, blob in net.blobs.items()}
-    return CaffeModel(layers, params, shapes, list(net.inputs), list(net.outputs))
+    return CaffeModel(layers, params, shapes, list(net.inputs), list(outputs) if outputs else list(net.outputs))

@@ -159,7 +159,8 @@ class ModelSpec(CamelModel):
         "inputs", "The model's inputs as clients see them. Default: the net's Input layers."
     )
     outputs: list[OutputSpec] | None = _serving_field(
-        "outputs", "The blobs returned to clients. Default: the net's output blobs."
+        "outputs", "The blobs returned to clients: any blob of the net (e.g. one that feeds a Silence layer). "
+        "Default: Caffe's net outputs."
     )
     preprocessing: Preprocessing | None = _serving_field(
         "preprocessing", "How an encoded image (a BYTES input) becomes the input blob, as caffe.io.Transformer does it."
