@@ -18,7 +18,13 @@ $(STAMP): $(PY) pyproject.toml scripts/install_pycaffe.sh scripts/patch_caffe_so
 	$(PY) -c "import caffe, inference_server, caffe_operator"
 	touch $(STAMP)
 
-setup: $(STAMP)
+# checkov (Kubernetes manifest scanner) in a venv of its own: its pins are not ours.
+CHECKOV := .venv-checkov/bin/checkov
+$(CHECKOV):
+	$(PYTHON) -m venv .venv-checkov
+	.venv-checkov/bin/python -m pip install -q 'checkov==3.3.30'
+
+setup: $(STAMP) $(CHECKOV)
 
 test: setup
 	$(PY) -m pytest -q -ra
