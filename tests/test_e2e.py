@@ -199,7 +199,8 @@ def test_1_chart_is_lint_clean_and_installed_objects_are_valid(flow):
     assert not helm_lint()["Messages"]
     objects = rendered_objects(flow.release) + chart_crds()
     rbac = {"ClusterRole", "ClusterRoleBinding"} if flow.scope == "cluster" else {"Role", "RoleBinding"}
-    assert {o["kind"] for o in objects} == {"CustomResourceDefinition", "ServiceAccount", "Deployment", "Service"} | rbac
+    assert {o["kind"] for o in objects} == {"CustomResourceDefinition", "ServiceAccount", "Deployment", "Service",
+                                                  "PodDisruptionBudget"} | rbac
     for obj in objects:
         path = resource_path(_resource(obj), obj["metadata"].get("namespace"), obj["metadata"]["name"])
         stored = flow.cluster.request("GET", path)
@@ -210,7 +211,8 @@ def test_1_chart_is_lint_clean_and_installed_objects_are_valid(flow):
 
 def _resource(obj: dict[str, Any]) -> str:
     plural = {"ServiceAccount": "serviceaccounts", "Service": "services", "Deployment": "deployments",
-              "CustomResourceDefinition": "customresourcedefinitions", **RBAC_KINDS}[obj["kind"]]
+              "CustomResourceDefinition": "customresourcedefinitions", "PodDisruptionBudget": "poddisruptionbudgets",
+              **RBAC_KINDS}[obj["kind"]]
     return f"{obj['apiVersion']}/{plural}"
 
 
