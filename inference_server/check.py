@@ -86,12 +86,14 @@ def run_checks(cfg, runs: int, out) -> int:
     """Print what serving `cfg` would do; 0 when the configured server would start, else 1."""
     from .backends import BackendChoice, create_backend
     from .backends.pycaffe import PycaffeBackend
-    from .backends.selection import evaluate
+    from .backends.selection import decide, evaluate
     from .convert import supported_types
     from .dataplane import check_model_files
+    from .loadprobe import probe_load
 
     check_model_files(cfg)
     prototxt, weights = str(cfg.path(cfg.model.prototxt)), str(cfg.path(cfg.model.weights))
+    probed = probe_load(cfg)  # a Caffe abort (CHECK, FATAL) is a ModelLoadError here, printed with exit 1
     caffe_backend = PycaffeBackend(prototxt, weights, "cpu", 0, cfg)  # served shapes and outputs, as the server
     desc, caffe_probe = _probe(caffe_backend, cfg)
     out(f"model {cfg.name} version {cfg.version}")
@@ -112,7 +114,7 @@ def run_checks(cfg, runs: int, out) -> int:
     out(_batching_line("pycaffe", caffe_probe))
     del caffe_backend
 
-    ev = evaluate(cfg)
+    ev = evaluate(cfg, probed=probed, speed=True)
     d = ev.details
     out("onnxruntime backend:")
     if "parity_passed" in d:
@@ -123,8 +125,16 @@ def run_checks(cfg, runs: int, out) -> int:
             f"compared {d['parity_compared']}")
     else:
         out(f"  not available: {ev.problem}")
-    auto = "onnxruntime" if ev.problem is None else "pycaffe"
-    out(f"backend auto would choose: {auto}" + ("" if ev.problem is None else f" (because {ev.problem})"))
+    if ev.speed:
+        sp = ev.speed
+        out(f"  timing at load   onnxruntime {_fmt_ms(sp['onnxruntime_ms'])}, pycaffe {_fmt_ms(sp['pycaffe_ms'])} "
+            f"({sp['speedup']:.2f}× over {sp['pairs']} interleaved pairs"
+            f"{', recorded with the verdict' if d.get('verdict_cached') else ''})")
+    auto_cfg = cfg.model_copy(update={"backend": "auto"})
+    auto_choice = decide(auto_cfg, ev)
+    auto = auto_choice.name
+    why = auto_choice.reason.removeprefix("auto: serving with pycaffe ").removeprefix("auto: onnxruntime, ")
+    out(f"backend auto would choose: {auto} ({why})")
     serving = {"pycaffe": "pycaffe", "onnxruntime": "onnxruntime", "auto": auto}[cfg.backend]
     backend_ok = not (cfg.backend == "onnxruntime" and ev.problem is not None)
     out(f"configured backend: {cfg.backend}" + ("" if backend_ok else " — it would refuse to start"))

@@ -23,6 +23,7 @@ from .config import ServerConfig, TensorSpec
 from .errors import BadRequest, ModelLoadError, NotFound, Unavailable
 from .executor import Executor
 from .hashing import file_sha256
+from .loadprobe import probe_load
 from .metrics import ServerMetrics
 from .preprocess import ImagePreprocessor
 
@@ -93,6 +94,7 @@ class Model:
         self.output_shapes: dict[str, tuple[int, ...]] = {}
         self.labels: list[str] | None = None
         self.metadata: bytes = b""
+        self.load_times: dict[str, float] = {}  # load_seconds (start to ready), load_probe_seconds
         self.max_elements = cfg.limits.max_request_bytes
         self.max_batch = cfg.limits.max_batch
         self.timeout = cfg.limits.request_timeout_s
@@ -112,8 +114,11 @@ class Model:
 
     def _load(self) -> None:
         cfg = self.cfg
+        t0 = time.perf_counter()
         check_model_files(cfg)
-        self.choice = choose_backend(cfg)
+        probed = probe_load(cfg)  # a child process: a Caffe abort (CHECK, FATAL) becomes a ModelLoadError
+        self.load_times["load_probe_seconds"] = round(probed.seconds, 3)
+        self.choice = choose_backend(cfg, probed)
         log.info("model %s: serving with %s (%s)", self.name, self.choice.name, self.choice.reason)
         self.executor = Executor(cfg, self.choice, on_batch=self.metrics.observe_batch)
         desc = self.executor.start()
@@ -133,7 +138,9 @@ class Model:
         if cfg.model.labels:
             with open(cfg.path(cfg.model.labels)) as f:
                 self.labels = [line.rstrip("\n") for line in f if line.strip()]
+        self.load_times["load_seconds"] = round(time.perf_counter() - t0, 3)
         self.metadata = orjson.dumps(self._metadata(desc))
+        self.metrics.load_seconds.set(self.load_times["load_seconds"])
         self.metrics.set_backend(self.choice.name, self.choice.reason)
         self.metrics.set_batching(self.executor.batching, self.executor.max_batch if self.executor.batching else 1,
                                   self.executor.decision.curve if self.executor.decision else [])
@@ -146,7 +153,7 @@ class Model:
         params = {"backend": self.choice.name, "backend_reason": self.choice.reason, **self.choice.details,
                   "instances": self.cfg.instances, "batching": ex.batching,
                   "batch_separable": ex.probe.separable, "batch_separable_reason": ex.probe.reason,
-                  "max_request_batch": self.max_batch}
+                  "max_request_batch": self.max_batch, **self.load_times}
         if ex.batching:
             params["batching_max_batch_size"] = ex.max_batch
         if ex.decision is not None:

@@ -42,6 +42,10 @@ class ServerMetrics:
         self.ready = Gauge(
             "caffeserve_model_ready", "1 when the model is loaded and serving.", ["model", "version"], registry=r,
         ).labels(**self.labels)
+        self.load_seconds = Gauge(
+            "caffeserve_model_load_seconds", "Seconds from the start of the model's load to ready (0 until ready).",
+            ["model", "version"], registry=r,
+        ).labels(**self.labels)
         self.backend = Gauge(
             "caffeserve_model_backend_info", "The backend serving the model, and why (value is always 1).",
             ["model", "version", "backend", "reason"], registry=r,

@@ -386,8 +386,9 @@ def test_check_prints_io_layers_the_auto_decision_parity_and_timings(tmp_path, c
     assert code == 0
     assert "data                 [1, 1, 8, 8]" in out and "prob                 [1, 10]" in out
     assert "Convolution ×2" in out and "every layer type has an ONNX converter" in out
-    assert "backend auto would choose: onnxruntime" in out
-    assert "parity           PASS: max |Δ|" in out
+    # ONNX Runtime passes parity on the digits net but runs it at ~0.8× pycaffe's speed here: auto keeps pycaffe
+    assert "backend auto would choose: pycaffe (because onnxruntime is not faster here: forward " in out
+    assert "parity           PASS: max |Δ|" in out and "  timing at load   onnxruntime " in out
     assert "  pycaffe " in out and "  onnxruntime " in out and "× the speed of pycaffe" in out
 
 

@@ -21,14 +21,15 @@ class BackendChoice:
     artifact: str | None = None  # e.g. the converted ONNX file
 
 
-def choose_backend(cfg: ServerConfig) -> BackendChoice:
+def choose_backend(cfg: ServerConfig, probed=None) -> BackendChoice:
+    """`probed`: the child load's findings (loadprobe.ProbedLoad), which let a cached verdict skip loading the Net."""
     if cfg.backend == "pycaffe":
         return BackendChoice("pycaffe", "backend: pycaffe in the config")
     try:
         from .selection import choose_accelerated
     except ImportError:
         raise ModelLoadError(f"backend {cfg.backend!r} is not available in this build") from None
-    return choose_accelerated(cfg)
+    return choose_accelerated(cfg, probed)
 
 
 def create_backend(cfg: ServerConfig, choice: BackendChoice) -> Backend:

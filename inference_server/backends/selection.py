@@ -1,14 +1,20 @@
-"""Choosing the accelerated backend: convert (or reuse the cached graph), prove parity, decide.
+"""Choosing the accelerated backend: convert (or reuse the cached graph), prove parity, time, decide.
 
 `backend: onnxruntime` refuses to start (ModelLoadError) unless the converted graph passes the
-parity gate; `backend: auto` serves with ONNX Runtime where it passes and with pycaffe otherwise.
-Either way the BackendChoice says why, with the parity figures in `details`.
+parity gate. `backend: auto` serves with ONNX Runtime only where the graph passes the gate AND a short
+timing at load finds it at least `CAFFESERVE_AUTO_MIN_SPEEDUP` (default 1.1) times as fast as pycaffe
+at the served shapes on this machine; otherwise with pycaffe. Either way the BackendChoice says why,
+with the parity and speed figures in `details`.
 
 Converted graphs are cached on disk under CAFFESERVE_CACHE_DIR (default ~/.cache/caffe-serving/onnx),
-keyed by the sha256 of the prototxt, the weights, the serving input shapes, the served output blobs and
-the converter version, so a restart does not convert again. The parity gate runs at every load, cache
-hit or not: it is what proves the file on disk (which anyone could have changed) gives pycaffe's
-answers; a cached file that fails it is replaced by a fresh conversion, which is then the one judged.
+named by the sha256 of the prototxt, the weights, the served input shapes, the served output blobs and
+the converter version. The graph carries the logits feeding a final Softmax as extra outputs, so the
+file the gate judges is byte for byte the file that serves. Beside it, a verdict file records what the
+gate and the timing found together with the sha256 of the graph's bytes they judged, keyed further by
+the ONNX Runtime version, the device, the tolerance, the parity inputs (preprocessing, mean file) and
+this machine's CPUs. A restart whose graph hashes to the recorded bytes is served from the verdict
+without loading the Net, converting or rerunning the gate; any change to a keyed input, or to the
+graph's bytes, reruns them (a cached graph that then fails the gate is converted again once).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import hashlib
 import json
 import logging
 import os
+import platform
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,6 +38,12 @@ from . import BackendChoice
 log = logging.getLogger("caffeserve.backends")
 
 DEFAULT_CACHE_DIR = "~/.cache/caffe-serving/onnx"
+CACHE_FORMAT = "2"  # 2: the graph carries the logits outputs, a verdict file sits beside it
+MIN_SPEEDUP_ENV = "CAFFESERVE_AUTO_MIN_SPEEDUP"
+DEFAULT_MIN_SPEEDUP = 1.1  # a margin over the timing's noise on a busy machine: within it, pycaffe stays
+SPEED_BUDGET_S = 1.0  # the timing at load: pairs of runs until this is spent (at least 5, at most 200)
+SPEED_MIN_PAIRS = 5
+SPEED_MAX_PAIRS = 200
 
 
 @dataclass
@@ -41,6 +55,7 @@ class Evaluation:
     artifact: str | None = None
     summary: str = ""
     timings: dict = field(default_factory=dict)
+    speed: dict | None = None  # measure_speed's figures, where timed
 
 
 def cache_dir() -> Path:
@@ -50,7 +65,8 @@ def cache_dir() -> Path:
 def cache_key(prototxt: Path, weights: Path, input_shapes: dict, converter_version: str,
               outputs: list[str] | None = None) -> str:
     h = hashlib.sha256()
-    parts = [file_sha256(prototxt), file_sha256(weights), json.dumps(sorted(input_shapes.items())), converter_version]
+    parts = [file_sha256(prototxt), file_sha256(weights), json.dumps(sorted(input_shapes.items())), converter_version,
+             CACHE_FORMAT]
     if outputs is not None:  # the served blobs are the graph's outputs
         parts.append(json.dumps(outputs))
     for part in parts:
@@ -86,75 +102,134 @@ def _save_atomically(onnx_model, path: Path) -> None:
             tmp.unlink()
 
 
-def _parity_session_model(onnx_model, logits: list[dict]) -> bytes:
-    """The served graph plus the softmax logits as extra outputs, serialized for a session."""
+
+def with_logits_outputs(onnx_model, logits: list[dict]):
+    """Add the values feeding the final Softmax layers as graph outputs (in place), for the parity gate."""
     from onnx import TensorProto, helper
 
-    m = type(onnx_model)()
-    m.CopyFrom(onnx_model)
-    present = {o.name for o in m.graph.output}
+    present = {o.name for o in onnx_model.graph.output}
     for entry in logits:
         if entry["value"] not in present:
-            m.graph.output.append(helper.make_tensor_value_info(entry["value"], TensorProto.FLOAT, None))
-    return m.SerializeToString()
+            onnx_model.graph.output.append(helper.make_tensor_value_info(entry["value"], TensorProto.FLOAT, None))
+            present.add(entry["value"])
+    return onnx_model
 
 
-def _convert(net, path: Path, cfg, outputs: list[str]):
-    """Convert (returning the served `outputs`) and cache; returns (onnx model, None) or (None, the problem)."""
-    from ..convert import UnsupportedLayer, convert_net
+def _parity_session_model(onnx_model, logits: list[dict]) -> bytes:
+    """A copy of `onnx_model` with the logits outputs, serialized (for tests that gate a graph held in memory)."""
+    m = type(onnx_model)()
+    m.CopyFrom(onnx_model)
+    return with_logits_outputs(m, logits).SerializeToString()
+
+
+def _gated_logits(info: dict, outputs: list[str]) -> list[dict]:
+    return [e for e in info["softmax_logits"] if e["blob"] not in outputs]
+
+
+def _convert(net, path: Path, cfg, outputs: list[str]) -> tuple[str | None, bool]:
+    """Convert (serving `outputs`, plus the logits) into `path`; (problem or None, whether the problem is final).
+
+    The in-memory graph is dropped once written: the gate and the server read the file.
+    """
+    from ..convert import UnsupportedLayer, convert_net, model_info
 
     try:
         onnx_model = convert_net(net, name=cfg.name, outputs=outputs)
     except UnsupportedLayer as e:
-        return None, str(e)
+        return str(e), True  # a fact of this converter version: recorded in the verdict
     except ModelLoadError as e:
-        return None, f"the conversion failed: {e}"
+        return f"the conversion failed: {e}", False
     except Exception as e:  # a converter bug must not take the server down: report it, let auto fall back
         log.exception("converting %s failed", cfg.model.prototxt)
-        return None, f"the conversion failed ({type(e).__name__}: {e})"
+        return f"the conversion failed ({type(e).__name__}: {e})", False
+    with_logits_outputs(onnx_model, _gated_logits(model_info(onnx_model), outputs))
     _save_atomically(onnx_model, path)
-    return onnx_model, None
+    return None, False
 
 
-def _load_cached(path: Path):
-    import onnx
+# --- the verdict file
 
-    from ..convert import model_info
-
+def _cpu_model() -> str:
     try:
-        onnx_model = onnx.load(str(path))
-        model_info(onnx_model)
-        return onnx_model
-    except Exception as e:  # truncated, foreign or unreadable: convert again
-        log.warning("cached ONNX graph %s is unusable (%s); converting again", path, e)
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def verdict_key(cfg, graph_key: str, n_random: int) -> tuple[dict, str]:
+    """What the gate's and the timing's findings depend on beyond the graph: (fields, their sha256)."""
+    import onnxruntime
+
+    from ..cpus import available_cpus
+
+    pre = cfg.preprocessing
+    fields = {
+        "format": CACHE_FORMAT,
+        "graph": graph_key,
+        "onnxruntime": onnxruntime.__version__,
+        "device": [str(getattr(cfg.device.kind, "value", cfg.device.kind)), cfg.device.id],
+        "instances": cfg.instances,
+        "parity_tolerance": cfg.parity_tolerance,
+        "parity_random_inputs": n_random,
+        "preprocessing": pre.model_dump(mode="json") if pre is not None else None,
+        "mean_file_sha256": file_sha256(cfg.path(pre.mean_file)) if pre is not None and pre.mean_file else None,
+        "cpus": available_cpus(),
+        "cpu_model": _cpu_model(),
+        "machine": platform.machine(),
+    }
+    return fields, hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _read_verdict(path: Path, key: str) -> dict | None:
+    try:
+        verdict = json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
+    return verdict if isinstance(verdict, dict) and verdict.get("key") == key else None
 
 
-def _gate(net, onnx_model, cfg, shapes: dict, n_random: int | None, details: dict):
-    """Run the parity gate on `onnx_model` with the serving session options; (report, problem).
+def _write_verdict(path: Path, verdict: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(verdict, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:  # a verdict that cannot be kept costs the next load the gate again, nothing else
+        log.warning("could not write the verdict %s: %s", path, e)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# --- the gate and the timing
+
+def _gate(net, path: Path, cfg, shapes: dict, outputs: list[str], n_random: int, details: dict):
+    """Run the parity gate on the graph file with the serving session options; (report, problem, session).
 
     On a GPU with TensorRT installed, TensorRT is tried first (its default TF32 kernels may miss the
     bound); where it fails, the CUDA provider alone is judged. `details["onnx_tensorrt"]` says which.
     """
     from .. import parity
-    from ..convert import model_info
-    from .onnxruntime import make_session, tensorrt_available
+    from .onnxruntime import make_session, recorded_info, tensorrt_available
 
-    info = model_info(onnx_model)
-    outputs = [name for name, _ in info["outputs"]]
-    logits = [e for e in info["softmax_logits"] if e["blob"] not in outputs]
     pre = cfg.preprocessing
     mean_path = str(cfg.path(pre.mean_file)) if pre is not None and pre.mean_file else None
-    inputs = parity.parity_inputs(shapes, pre, mean_path, cfg.limits.max_image_pixels,
-                                  n_random=parity.N_RANDOM_INPUTS if n_random is None else n_random)
-    serialized = _parity_session_model(onnx_model, logits)
-    report, problem = None, None
+    inputs = parity.parity_inputs(shapes, pre, mean_path, cfg.limits.max_image_pixels, n_random=n_random)
+    report, problem, session = None, None, None
     for tensorrt in ((True, False) if cfg.device.kind == "gpu" and tensorrt_available() else (False,)):
         try:
-            session = make_session(serialized, cfg.device.kind, cfg.device.id, cfg.instances, tensorrt=tensorrt)
+            session = make_session(str(path), cfg.device.kind, cfg.device.id, cfg.instances, tensorrt=tensorrt)
+            info = recorded_info(session)
         except ModelLoadError as e:
-            report, problem = None, str(e)
+            report, problem, session = None, str(e), None
             continue
+        recorded = [name for name, _ in info["outputs"]]
+        if recorded != outputs:
+            return None, f"the graph serves {recorded}, not the served outputs {outputs}", None
+        logits = _gated_logits(info, outputs)
         report = parity.check_parity(net, session, outputs, logits, inputs, cfg.parity_tolerance)
         problem = None if report.passed else f"the parity check failed: {report.summary()}"
         details["onnx_tensorrt"] = tensorrt
@@ -162,23 +237,73 @@ def _gate(net, onnx_model, cfg, shapes: dict, n_random: int | None, details: dic
             break
         if tensorrt:
             log.warning("with TensorRT, %s; trying the CUDA provider alone", problem)
-    return report, problem
+    return report, problem, session
 
 
-def evaluate(cfg, n_random: int | None = None) -> Evaluation:
-    """Convert (or load from the cache) and run the parity gate; never raises for a model ONNX cannot serve.
+def measure_speed(net, session, shapes: dict, outputs: list[str], value_range: tuple[float, float] = (-1.0, 1.0),
+                  budget_s: float = SPEED_BUDGET_S, min_pairs: int = SPEED_MIN_PAIRS,
+                  max_pairs: int = SPEED_MAX_PAIRS) -> dict:
+    """Forward time of pycaffe and of ONNX Runtime at the served shapes, as each backend serves a request
+    (copy in, forward, copy out). Robust on a busy machine: runs alternate (each pair in turn order), the
+    figures are medians, and the speed-up is the median of the pairs' ratios (both runs of a pair see
+    about the same load)."""
+    import numpy as np
 
-    A cached graph that fails the gate is converted again once (a stale or altered file must not
-    demote the model for good); a fresh conversion that fails it is the verdict.
+    rng = np.random.default_rng(0)
+    lo, hi = value_range
+    feed = {n: rng.uniform(lo, hi, s).astype(np.float32) for n, s in shapes.items()}
+
+    def caffe_run():
+        for name, arr in feed.items():
+            net.blobs[name].data[...] = arr
+        net.forward()
+        return [net.blobs[b].data.copy() for b in outputs]
+
+    def ort_run():
+        return session.run(outputs, feed)
+
+    served.reshape(net, shapes)
+    for _ in range(2):  # warm-up: allocations, ORT's first-run planning
+        caffe_run()
+        ort_run()
+    pairs: list[tuple[float, float]] = []
+    spent, t_end = 0.0, time.perf_counter() + budget_s
+    while len(pairs) < min_pairs or (time.perf_counter() < t_end and len(pairs) < max_pairs):
+        runs = (caffe_run, ort_run) if len(pairs) % 2 == 0 else (ort_run, caffe_run)
+        took = {}
+        for run in runs:
+            t = time.perf_counter()
+            run()
+            took[run] = time.perf_counter() - t
+        pairs.append((took[caffe_run], took[ort_run]))
+        spent += sum(took.values())
+    caffe_ms = statistics.median(p[0] for p in pairs) * 1000
+    ort_ms = statistics.median(p[1] for p in pairs) * 1000
+    speedup = statistics.median(p[0] / max(p[1], 1e-9) for p in pairs)
+    return {"pycaffe_ms": round(caffe_ms, 4), "onnxruntime_ms": round(ort_ms, 4), "speedup": round(speedup, 3),
+            "pairs": len(pairs)}
+
+
+def evaluate(cfg, n_random: int | None = None, probed=None, speed: bool | None = None) -> Evaluation:
+    """Convert (or reuse the cache), run the parity gate and (with `speed`, default for `auto`) the timing;
+    never raises for a model ONNX cannot serve.
+
+    `probed` (loadprobe.ProbedLoad) gives the served shapes and outputs without loading the Net here: a
+    verdict cached for the graph's exact bytes is then all it reads. A cached graph that fails the gate is
+    converted again once (a stale or altered file must not demote the model for good); a fresh
+    conversion that fails it is the verdict.
     """
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError as e:
         return Evaluation(f"onnxruntime is not installed ({e.name} is missing)")
+    from .. import parity
     from ..convert import CONVERTER_VERSION, load_net
     from .onnxruntime import providers
 
+    n_random = parity.N_RANDOM_INPUTS if n_random is None else n_random
+    want_speed = cfg.backend == "auto" if speed is None else speed
     details: dict = {"converter_version": CONVERTER_VERSION}
     timings: dict = {}
     try:
@@ -187,42 +312,136 @@ def evaluate(cfg, n_random: int | None = None) -> Evaluation:
         return Evaluation(str(e), details)
 
     prototxt, weights = cfg.path(cfg.model.prototxt), cfg.path(cfg.model.weights)
-    t0 = time.perf_counter()
-    net = load_net(prototxt, weights)  # pycaffe must load it anyway; its errors are the model's errors
-    shapes = served.input_shapes(cfg, net)
-    served.reshape(net, shapes)
-    outputs = served.output_blobs(cfg, net)
-    timings["load_s"] = time.perf_counter() - t0
+    net = None
 
+    def load():
+        t0 = time.perf_counter()
+        loaded = load_net(prototxt, weights)  # pycaffe must load it anyway; its errors are the model's errors
+        served.reshape(loaded, served.input_shapes(cfg, loaded))
+        timings["load_s"] = round(time.perf_counter() - t0, 3)
+        return loaded
+
+    if probed is None:
+        net = load()
+        shapes, outputs = served.input_shapes(cfg, net), served.output_blobs(cfg, net)
+    else:
+        shapes, outputs = dict(probed.input_shapes), list(probed.outputs)
+
+    t0 = time.perf_counter()
     key = cache_key(prototxt, weights, shapes, CONVERTER_VERSION, outputs)
-    path = _writable_cache_dir() / f"{key}.onnx"
+    folder = _writable_cache_dir()
+    path = folder / f"{key}.onnx"
+    fields, vkey = verdict_key(cfg, key, n_random)
+    vpath = folder / f"{key}.{vkey[:16]}.verdict.json"
     details["onnx_cache_key"] = key[:16]
-    onnx_model = _load_cached(path) if path.exists() else None
-    details["onnx_cache_hit"] = onnx_model is not None
-    for attempt in ("cached", "fresh") if onnx_model is not None else ("fresh",):
+    verdict = _read_verdict(vpath, vkey)
+    graph_sha = file_sha256(path) if path.exists() else None
+    timings["hash_s"] = round(time.perf_counter() - t0, 3)
+
+    if verdict is not None and verdict.get("conversion_problem"):
+        details.update(onnx_cache_hit=False, verdict_cached=True)
+        return Evaluation(verdict["conversion_problem"], details, None, "", timings)
+    if verdict is not None and graph_sha is not None and graph_sha == verdict.get("onnx_sha256"):
+        gate = verdict["parity"]
+        if not (want_speed and gate["passed"] and not verdict.get("speed")):
+            details.update(gate["details"])
+            details.update(onnx_cache_hit=True, verdict_cached=True, onnx_tensorrt=verdict.get("onnx_tensorrt", False))
+            return Evaluation(gate["problem"], details, str(path), gate["summary"], timings, verdict.get("speed"))
+    elif verdict is not None and graph_sha is not None:
+        details["onnx_cache_rejected"] = "the cached graph's bytes are not the ones that passed the gate"
+
+    if net is None:
+        net = load()
+    report, problem, session, sha = None, None, None, None
+    for attempt in ("cached", "fresh") if graph_sha is not None else ("fresh",):
         t0 = time.perf_counter()
         if attempt == "fresh":
-            onnx_model, problem = _convert(net, path, cfg, outputs)
-            timings["convert_s"] = time.perf_counter() - t0
-            if onnx_model is None:
+            problem, final = _convert(net, path, cfg, outputs)
+            timings["convert_s"] = round(time.perf_counter() - t0, 3)
+            if problem is not None:
+                if final:
+                    _write_verdict(vpath, {"key": vkey, "fields": fields, "conversion_problem": problem})
+                details["onnx_cache_hit"] = False
                 return Evaluation(problem, details, None, "", timings)
             t0 = time.perf_counter()
-        report, problem = _gate(net, onnx_model, cfg, shapes, n_random, details)
-        timings["parity_s"] = time.perf_counter() - t0
+        sha = graph_sha if attempt == "cached" else file_sha256(path)
+        report, problem, session = _gate(net, path, cfg, shapes, outputs, n_random, details)
+        timings["parity_s"] = round(time.perf_counter() - t0, 3)
+        details["onnx_cache_hit"] = attempt == "cached"
         if problem is None or attempt == "fresh":
             break
         log.warning("cached ONNX graph %s failed the parity gate (%s); converting again", path, problem)
-        details["onnx_cache_hit"] = False
         details["onnx_cache_rejected"] = problem
-    if report is not None:
-        details.update(report.details())
-    return Evaluation(problem, details, str(path), report.summary() if report else "", timings)
+        session = None
+    if report is None:  # no gate ran (the graph would not load): nothing to record
+        return Evaluation(problem, details, str(path), "", timings)
+    details.update(report.details())
+    found_speed = None
+    if problem is None and want_speed:
+        t0 = time.perf_counter()
+        if cfg.device.kind == "gpu":
+            from .pycaffe import _set_device
+
+            _set_device(cfg.device.kind, cfg.device.id)
+        try:
+            found_speed = measure_speed(net, session, shapes, outputs, parity.value_range(cfg.preprocessing))
+        finally:
+            if cfg.device.kind == "gpu":
+                import caffe
+
+                caffe.set_mode_cpu()
+        timings["speed_s"] = round(time.perf_counter() - t0, 3)
+    _write_verdict(vpath, {
+        "key": vkey, "fields": fields, "onnx_sha256": sha, "onnx_tensorrt": details.get("onnx_tensorrt", False),
+        "parity": {"passed": problem is None, "problem": problem, "summary": report.summary(), "details": report.details()},
+        "speed": found_speed,
+    })
+    return Evaluation(problem, details, str(path), report.summary(), timings, found_speed)
 
 
-def choose_accelerated(cfg) -> BackendChoice:
+def min_speedup() -> float:
+    """How much faster ONNX Runtime must measure for `auto` to choose it (CAFFESERVE_AUTO_MIN_SPEEDUP)."""
+    raw = os.environ.get(MIN_SPEEDUP_ENV)
+    try:
+        return float(raw) if raw else DEFAULT_MIN_SPEEDUP
+    except ValueError:
+        log.warning("%s=%r is not a number; using %g", MIN_SPEEDUP_ENV, raw, DEFAULT_MIN_SPEEDUP)
+        return DEFAULT_MIN_SPEEDUP
+
+
+def _ms(ms: float) -> str:
+    return f"{ms:.3g} ms"
+
+
+def decide(cfg, ev: Evaluation) -> BackendChoice:
+    """The backend `cfg` gets from what `evaluate` found, with the reason in words."""
+    details = ev.details
+    if ev.speed:
+        details.update(speed_pycaffe_ms=ev.speed["pycaffe_ms"], speed_onnxruntime_ms=ev.speed["onnxruntime_ms"],
+                       speedup=ev.speed["speedup"], speed_pairs=ev.speed["pairs"])
+    if ev.problem is not None:
+        if cfg.backend == "onnxruntime":
+            raise ModelLoadError(f"backend onnxruntime cannot serve this model: {ev.problem}")
+        return BackendChoice("pycaffe", f"auto: serving with pycaffe because {ev.problem}", details)
+    if cfg.backend == "onnxruntime":
+        reason = f"backend: onnxruntime: parity check passed, the converted graph matches pycaffe ({ev.summary})"
+        return BackendChoice("onnxruntime", reason, details, ev.artifact)
+    need = min_speedup()
+    details["speed_min_speedup"] = need
+    sp = ev.speed or {}
+    figures = (f"forward {_ms(sp.get('onnxruntime_ms', float('nan')))} vs pycaffe {_ms(sp.get('pycaffe_ms', float('nan')))} "
+               f"({sp.get('speedup', float('nan')):.2f}×, {need:g}× needed)")
+    if sp.get("speedup", 0.0) >= need:
+        return BackendChoice("onnxruntime", f"auto: onnxruntime, parity check passed ({ev.summary}), {figures}",
+                             details, ev.artifact)
+    return BackendChoice("pycaffe", f"auto: serving with pycaffe because onnxruntime is not faster here: {figures}; "
+                         f"its parity check passed ({ev.summary})", details)
+
+
+def choose_accelerated(cfg, probed=None) -> BackendChoice:
     t0 = time.perf_counter()
     try:
-        ev = evaluate(cfg)
+        ev = evaluate(cfg, probed=probed)
     except ModelLoadError:
         raise  # pycaffe itself cannot load the model: no backend could serve it
     except Exception as e:  # anything unforeseen in the ONNX path must not cost `auto` its model
@@ -231,10 +450,5 @@ def choose_accelerated(cfg) -> BackendChoice:
         log.exception("the onnxruntime check failed")
         ev = Evaluation(f"the onnxruntime check failed unexpectedly ({type(e).__name__}: {e})")
     ev.details["backend_decision_s"] = round(time.perf_counter() - t0, 3)
-    if ev.problem is None:
-        prefix = "auto" if cfg.backend == "auto" else "backend: onnxruntime"
-        reason = f"{prefix}: parity check passed, the converted graph matches pycaffe ({ev.summary})"
-        return BackendChoice("onnxruntime", reason, ev.details, ev.artifact)
-    if cfg.backend == "onnxruntime":
-        raise ModelLoadError(f"backend onnxruntime cannot serve this model: {ev.problem}")
-    return BackendChoice("pycaffe", f"auto: serving with pycaffe because {ev.problem}", ev.details)
+    ev.details.update({f"backend_{k}": v for k, v in ev.timings.items()})
+    return decide(cfg, ev)
