@@ -377,11 +377,14 @@ def test_5_status_turns_ready_with_the_gateway_url(flow):
     assert cr["status"]["readyReplicas"] == 2
     assert cr["status"]["url"] == f"http://{PREFIX}-gateway.{NAMESPACE}.svc/v2/models/{MODEL}"
     assert cr["status"]["observedGeneration"] == cr["metadata"]["generation"]
-    # the example leaves backend to auto: the digits net converts and passes parity
+    # the example leaves backend to auto: the digits net converts and passes parity, but ONNX Runtime runs
+    # it at ~0.8× pycaffe's speed on this machine, so auto serves it with pycaffe and says both figures
     backend = flow.cluster.wait_for(
         lambda: (flow.cluster.get_object(CMS, MODEL_NS, MODEL).get("status") or {}).get("backend"),
         timeout=30, what="status.backend")
-    assert backend["name"] == "onnxruntime" and "parity check passed" in backend["reason"], backend
+    assert backend["name"] == "pycaffe", backend
+    assert backend["reason"].startswith("auto: serving with pycaffe because onnxruntime is not faster here"), backend
+    assert "its parity check passed" in backend["reason"], backend
 
 
 def test_5_spec_changes_and_hand_edits_are_reconciled(flow):

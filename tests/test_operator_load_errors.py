@@ -292,3 +292,23 @@ def test_events_are_core_v1_events_the_api_server_accepts():
     assert (body["eventTime"], body["lastTimestamp"]) == ("2026-11-25T10:00:00.123456Z", "2026-11-25T10:00:00Z")
     kubernetes_validate.validate(body | {"metadata": {**body["metadata"], "name": "caffe-serving-x"}},
                                  kubernetes_validate.latest_version(), strict=True)
+
+
+def test_a_caffe_abort_at_load_reaches_the_status_in_caffes_words(cluster, operator, tmp_path):
+    """Caffe ends a process with a CHECK (here: an unknown layer type); the server's load probe catches it in
+    a child process, so the pod stays up and says why, and the operator reports it as ModelLoadFailed."""
+    ns, pod = "load-abort", "digits-predictor-7c9d8e6f5-a1b2c"
+    proto = tmp_path / "unknown.prototxt"
+    proto.write_text((DIGITS_DIR / "deploy.prototxt").read_text().replace('type: "Softmax"', 'type: "Frobnicate"'))
+    cfg = server_config(DIGITS_DIR / "digits.caffemodel")
+    cfg["model"]["prototxt"] = str(proto)
+    cluster.apply(cms("digits", ns, runtime={"device": "cpu"}))
+    wait_children(cluster, operator, ns, "digits")
+    with ServerProcess(cfg, tmp_path, wait_ready=False) as server:
+        publish_endpoints(cluster, ns, "digits", {pod: server.port})
+        play_kubelet(cluster, ns, "digits", ready_=0, total=1)
+        cr = wait_ready(cluster, operator, ns, "digits", status="False", reason="ModelLoadFailed")
+        message = ready(cr)["message"]
+        assert message.startswith(f"pod {pod}: model 'digits' failed to load: Caffe aborted the load (SIGABRT)"), message
+        assert "Check failed: registry.count(type) == 1 (0 vs. 1) Unknown layer type: Frobnicate" in message
+        assert server.proc.poll() is None
