@@ -151,7 +151,7 @@ def test_the_baked_batch_net_names_the_batch_probe_and_serves_one_item_at_a_time
     cfg, want = make_case("baked_batch_reshape", tmp_path)
     with ServerProcess(cfg, tmp_path, wait_ready=False) as server:
         body = wait_failed(server.url)
-        assert "while running a forward at batch 2 (the batch probe" in body["error"]
+        assert "while reshaping the Net at batch 2 (the batch probe" in body["error"]
         assert "limits.maxBatch 1 and batching off" in body["error"]
     cfg = {**cfg, "batching": {"enabled": False}, "limits": {"maxBatch": 1}}
     with ServerProcess(cfg, tmp_path) as server:

@@ -263,9 +263,8 @@ def measure_speed(net, session, shapes: dict, outputs: list[str], value_range: t
         return session.run(outputs, feed)
 
     served.reshape(net, shapes)
-    for _ in range(2):  # warm-up: allocations, ORT's first-run planning
-        caffe_run()
-        ort_run()
+    caffe_run()  # warm-up: allocations, ORT's first-run planning
+    ort_run()
     pairs: list[tuple[float, float]] = []
     spent, t_end = 0.0, time.perf_counter() + budget_s
     while len(pairs) < min_pairs or (time.perf_counter() < t_end and len(pairs) < max_pairs):
