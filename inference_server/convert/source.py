@@ -44,6 +44,13 @@ def load_net(prototxt: str, weights: str, input_shapes: dict[str, tuple[int, ...
     return net
 
 
+def _read_only_view(data: np.ndarray) -> np.ndarray:
+    """The net's own weights, not a copy (a converter that wrote into them would raise, not corrupt the net)."""
+    view = data.view()
+    view.flags.writeable = False
+    return view if view.dtype == np.float32 else view.astype(np.float32)
+
+
 def read_net(net, outputs: list[str] | None = None) -> CaffeModel:
     """The loaded net as layers + weights + shapes; `outputs` are the blobs to serve (default: Caffe's net outputs)."""
     from caffe.proto import caffe_pb2
@@ -57,11 +64,15 @@ def read_net(net, outputs: list[str] | None = None) -> CaffeModel:
             proto.ParseFromString(f.read())
     finally:
         os.unlink(path)
-    layers = list(proto.layer)
+    layers = []
+    for layer in proto.layer:
+        del layer.blobs[:]  # the weights come from the loaded net below
+        kept = caffe_pb2.LayerParameter()
+        kept.CopyFrom(layer)  # a message of its own: the parsed file's weights are freed with `proto`
+        layers.append(kept)
+    del proto
     if len(layers) != len(net.layers):
         raise ModelLoadError(f"the saved net has {len(layers)} layers, the loaded one {len(net.layers)}")
-    for layer in layers:
-        del layer.blobs[:]  # the weights come from the loaded net below
-    params = [[np.array(b.data, dtype=np.float32) for b in net.layers[i].blobs] for i in range(len(layers))]
+    params = [[_read_only_view(b.data) for b in net.layers[i].blobs] for i in range(len(layers))]
     shapes = {name: tuple(blob.data.shape) for name, blob in net.blobs.items()}
     return CaffeModel(layers, params, shapes, list(net.inputs), list(outputs) if outputs else list(net.outputs))
