@@ -34,8 +34,6 @@ import datetime
 import itertools
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +51,7 @@ import kmock
 import yaml
 
 from caffe_testing import REPO
+from caffe_testing.servers import free_port, stop_process
 
 VENV_BIN = Path(sys.executable).parent
 KUBECTL = str(VENV_BIN / "kubectl")
@@ -376,12 +375,6 @@ class Cluster:
             time.sleep(interval)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class OperatorProcess:
     """`caffeserve operator` as a child process against a Cluster; logs go to a file."""
 
@@ -434,13 +427,7 @@ class OperatorProcess:
             self.proc.wait(10)
 
     def stop(self, grace_s: float = 10.0) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode if self.proc else None
+        return stop_process(self.proc, grace_s)
 
     def __enter__(self) -> "OperatorProcess":
         return self.start()

@@ -24,7 +24,6 @@ What cannot be done without a cluster is marked as such where it happens: creden
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,8 @@ from typing import Any
 
 import yaml
 
+from caffe_testing.servers import free_port, stop_process
+
 VENV_BIN = Path(sys.executable).parent
 IMAGE_ENV = {  # what Dockerfile.operator / Dockerfile.caffe-gpu set, with the venv for /opt/venv
     "PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin",
@@ -42,14 +43,6 @@ IMAGE_ENV = {  # what Dockerfile.operator / Dockerfile.caffe-gpu set, with the v
     "PYTHONDONTWRITEBYTECODE": "1",
     "LANG": "C.UTF-8",
 }
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ContainerProcess:
@@ -183,14 +176,7 @@ class ContainerProcess:
 
     def stop(self, grace_s: float = 15.0) -> int | None:
         """SIGTERM, then SIGKILL after the grace period, as the kubelet stops a container."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode if self.proc else None
+        return stop_process(self.proc, grace_s)
 
     def __enter__(self) -> "ContainerProcess":
         return self.start()

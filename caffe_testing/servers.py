@@ -26,6 +26,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc: subprocess.Popen | None, grace_s: float, sig=signal.SIGTERM) -> int | None:
+    """`sig` (SIGTERM), then SIGKILL once `grace_s` has passed, as the kubelet stops a container."""
+    if proc and proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode if proc else None
+
+
 def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 30):
     """(status, headers, body bytes) of one request; never raises for an HTTP error code."""
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
@@ -85,14 +97,7 @@ class ServerProcess:
         return ""
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 30.0) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode if self.proc else None
+        return stop_process(self.proc, timeout, sig)
 
     def __enter__(self):
         return self.start()

@@ -4,7 +4,7 @@
    clean and every object it created passes kubernetes-validate.
 2. The operator runs exactly as the chart's Deployment says (command, args, env), as a process.
 3. Real kubectl applies examples/digits/service.yaml; the operator creates the children.
-4. The test plays the kubelet (tests/kubelet.py): real `caffeserve serve` processes from the
+4. The test plays the kubelet (caffe_testing/kubelet.py): real `caffeserve serve` processes from the
    generated pod template and ConfigMap, one per replica, the PersistentVolumeClaim being the
    example's folder; it publishes their EndpointSlices as the EndpointSlice controller would and
    reports the Deployment's status as the Deployment controller would. The gateway replicas run as

@@ -1,7 +1,7 @@
 """The Helm chart (charts/caffe-serving) with real Helm, and the two images it runs.
 
 Helm is the real Helm Go library (helm-sdkpy): `Lint` as `helm lint` runs it, and `Install` into
-kmock's Kubernetes emulator (see chart_helpers.py for how). Every object Helm created is read back
+kmock's Kubernetes emulator (see caffe_testing/chart.py for how). Every object Helm created is read back
 from the emulator and checked against the Kubernetes OpenAPI schemas with kubernetes-validate.
 No Docker engine runs here: the Dockerfiles are checked for what the chart and operator rely on
 (the uid, the commands, the Caffe build options), and the scripts they run are run here.

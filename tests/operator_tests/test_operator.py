@@ -213,7 +213,7 @@ def test_delete_removes_everything(cluster, operator, ns):
     kids = wait_children(cluster, operator, ns, "digits")
     cr = wait_ready(cluster, operator, ns, "digits", observedGeneration=1)
     assert not cr["metadata"].get("finalizers")
-    # What a real garbage collector acts on (k8s_helpers.ApiServer plays it here).
+    # What a real garbage collector acts on (caffe_testing.cluster.ApiServer plays it here).
     assert all(k["metadata"]["ownerReferences"][0]["uid"] == cr["metadata"]["uid"] for k in kids)
 
     cluster.kubectl("delete", "caffemodelservice", "digits", "-n", ns, "--wait=false")
