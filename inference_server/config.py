@@ -240,13 +240,15 @@ def _merge(base: dict, over: dict) -> dict:
     return merged
 
 
-def format_validation_error(err: ValidationError) -> str:
-    """One line per problem, naming the field by its dotted path."""
-    lines = []
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One part per problem, naming the field by its path (`prefix` + `inputs[0].name`); also the
+    operator's message for a bad CR spec (prefix `spec.`)."""
+    parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
-        lines.append(f"{loc}: {e['msg']}")
-    return "; ".join(lines)
+        loc = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in e["loc"]).replace(".[", "[")
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{prefix}{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
 
 
 def parse_config(data: dict[str, Any], base_dir: str | None = None, environ: dict[str, str] | None = None) -> ServerConfig:

@@ -15,11 +15,13 @@ import sys
 import threading
 import time
 
+from caffe_http.lifecycle import install_uvloop
+from caffe_http.server import HTTPServer, ServerLimits, serve_until_signalled
+
 from .app import create_app
 from .config import ConfigError, load_config
 from .cpus import share_blas_threads
 from .dataplane import DataPlane, Model
-from .httpserver import HTTPServer, ServerLimits, install_uvloop, serve_until_signalled
 from .metrics import ServerMetrics
 
 log = logging.getLogger("caffeserve")
