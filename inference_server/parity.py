@@ -177,11 +177,9 @@ def check_parity(net, session, outputs: list[str], logits: list[dict], inputs: l
     report = ParityReport(tolerance=tolerance, n_inputs=len(inputs))
     names = outputs + [e["value"] for e in logits]
     blobs = outputs + [e["blob"] for e in logits]
-    refs: list[dict] = []
     pairs: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {b: [] for b in blobs}
     for feed in inputs:
         ref = _caffe_forward(net, feed, outputs, logits)  # pycaffe's own errors are the model's, not the gate's
-        refs.append(ref)
         try:
             got = session.run(names, feed)
         except Exception as e:  # ORT raises its own exception types
@@ -196,8 +194,11 @@ def check_parity(net, session, outputs: list[str], logits: list[dict], inputs: l
         except Exception as e:
             report.problem = f"the converted graph does not run a batch of {len(inputs)}: {e}"
             return report
+        # pycaffe's own answer for the batch, not the items' answers stacked: an output without a batch
+        # axis (SSD's PriorBox) or one that depends on the whole batch is compared as Caffe computes it
+        batch_ref = _caffe_forward(net, stacked, outputs, logits)
         for blob, arr in zip(blobs, got):
-            pairs[blob].append((np.concatenate([r[blob] for r in refs]), arr))
+            pairs[blob].append((batch_ref[blob], arr))
 
     for blob in blobs:
         diff = ref_max = 0.0
