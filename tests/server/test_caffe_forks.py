@@ -23,6 +23,7 @@ from google.protobuf import text_format
 
 import caffe_testing.fork_nets as ref
 from caffe_testing import REPO
+from caffe_testing.caffe_sources import fork_targets
 from caffe_testing.nets import save_net
 from inference_server.convert import UnsupportedLayer, convert_net, load_net
 
@@ -100,8 +101,6 @@ def test_the_cache_key_covers_the_fork_sources():
 
 
 def test_the_patch_adds_layers_and_fields_once_and_refuses_unknown_sources(tmp_path):
-    from test_build_scripts import fork_targets
-
     fork_targets(tmp_path)
     run = [sys.executable, str(SCRIPTS / "patch_caffe_forks.py"), str(tmp_path)]
     first = subprocess.run(run, capture_output=True, text=True)
