@@ -164,6 +164,18 @@ class ModelFiles(CamelModel):
     labels: str | None = Field(default=None, description="Text file, one class label per line (classification).")
 
 
+class Grpc(CamelModel):
+    """The Open Inference Protocol over gRPC (`inference.GRPCInferenceService`), served beside REST by the
+    same process, data plane and workers. Its message size limit is `limits.maxRequestBytes`."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Serve gRPC on `port` as well as REST. Off by default until the operator and local mode "
+        "expose the port (several servers on one host would otherwise all claim 8081).",
+    )
+    port: int = Field(default=8081, ge=0, le=65535, description="gRPC port (0: any free port, printed in the log).")
+
+
 Backend = Literal["pycaffe", "onnxruntime", "auto"]
 
 
@@ -187,6 +199,7 @@ class ModelServing(CamelModel):
         "and on the logits feeding a final Softmax, and the top-5 classes agree (1e-5 catches a BatchNorm off by 1e-5).",
     )
     limits: Limits = Field(default_factory=Limits)
+    grpc: Grpc = Field(default_factory=Grpc)
 
 
 class ServerConfig(ModelServing):
