@@ -199,7 +199,6 @@ class ModelServing(CamelModel):
         "and on the logits feeding a final Softmax, and the top-5 classes agree (1e-5 catches a BatchNorm off by 1e-5).",
     )
     limits: Limits = Field(default_factory=Limits)
-    grpc: Grpc = Field(default_factory=Grpc)
 
 
 class ServerConfig(ModelServing):
@@ -208,6 +207,8 @@ class ServerConfig(ModelServing):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", description="Model name in URLs.")
     version: str = Field(default="1", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     model: ModelFiles
+    # the process's own listener, like --port (not a ModelServing field: the operator will choose the pod's ports)
+    grpc: Grpc = Field(default_factory=Grpc)
     base_dir: str | None = Field(default=None, exclude=True, description="Folder relative paths resolve against.")
 
     def path(self, p: str | None) -> Path | None:
