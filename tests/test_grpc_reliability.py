@@ -151,3 +151,25 @@ def test_sigterm_finishes_grpc_and_rest_requests_in_flight_refuses_new_ones_and_
         client.close()
     finally:
         server.stop()
+
+
+def test_grpc_from_the_config_and_a_port_in_use_exits_1_saying_so(net_files, tmp_model_dir):
+    import socket
+
+    from server_process import ServerProcess, free_port
+
+    cfg = config(net_files, 1)
+    port = free_port()
+    cfg["grpc"] = {"enabled": True, "port": port}
+    with ServerProcess(cfg, tmp_model_dir) as server:  # no --grpc-port: the config's grpc section
+        client = OIPClient(port)
+        assert client.call("ServerReady", pb.ServerReadyRequest()).ready
+        client.close()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = grpc_server(cfg, tmp_model_dir, wait_ready=False)
+        server.args[1] = str(taken.getsockname()[1])  # --grpc-port: the taken port
+        with pytest.raises(RuntimeError) as e:
+            server.start(timeout=30)
+        assert "exited with 1" in str(e.value) and "cannot listen for gRPC" in str(e.value), str(e.value)
