@@ -167,6 +167,18 @@ class ModelFiles(CamelModel):
     labels: str | None = Field(default=None, description="Text file, one class label per line (classification).")
 
 
+class Grpc(CamelModel):
+    """The Open Inference Protocol over gRPC (`inference.GRPCInferenceService`), served beside REST by the
+    same process, data plane and workers. Its message size limit is `limits.maxRequestBytes`."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Serve gRPC on `port` as well as REST. Off by default until the operator and local mode "
+        "expose the port (several servers on one host would otherwise all claim 8081).",
+    )
+    port: int = Field(default=8081, ge=0, le=65535, description="gRPC port (0: any free port, printed in the log).")
+
+
 Backend = Literal["pycaffe", "onnxruntime", "auto"]
 
 
@@ -200,6 +212,8 @@ class ServerConfig(ModelServing):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", description="Model name in URLs.")
     version: str = Field(default="1", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     model: ModelFiles
+    # the process's own listener, like --port (not a ModelServing field: the operator will choose the pod's ports)
+    grpc: Grpc = Field(default_factory=Grpc)
     base_dir: str | None = Field(default=None, exclude=True, description="Folder relative paths resolve against.")
 
     def path(self, p: str | None) -> Path | None:
