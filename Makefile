@@ -15,7 +15,7 @@ $(STAMP): $(PY) pyproject.toml scripts/install_pycaffe.sh scripts/patch_caffe_so
 	bash scripts/install_pycaffe.sh $(VENV)
 	$(PY) -m pip install -q -e '.[operator,onnx,demo,bench,test]'
 	$(PY) -m pip install -q --ignore-requires-python helm-sdkpy
-	$(PY) -c "import caffe, inference_server, caffe_operator"
+	$(PY) -c "import caffe, caffeserve, caffe_local, caffe_operator, caffe_gateway, inference_server, caffe_http"
 	touch $(STAMP)
 
 # checkov (Kubernetes manifest scanner) in a venv of its own: its pins are not ours.
@@ -26,7 +26,9 @@ $(CHECKOV):
 
 setup: $(STAMP) $(CHECKOV)
 
+# the import layers (pyproject.toml, [tool.importlinter]) first, then every test
 test: setup
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -ra
 
 demo: setup

@@ -23,7 +23,6 @@ import numpy as np
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import caffe  # noqa: E402
@@ -175,7 +174,7 @@ def binary_body(x: np.ndarray, output: str) -> tuple[bytes, dict]:
 
 
 def served_rps(cfg_dict: dict, tmp: Path, x: np.ndarray, output: str, seconds: float) -> dict:
-    from server_process import ServerProcess
+    from caffe_testing.servers import ServerProcess
     from wrk import run_wrk
 
     with ServerProcess(cfg_dict, tmp, env={"CAFFESERVE_CACHE_DIR": os.environ["CAFFESERVE_CACHE_DIR"]},

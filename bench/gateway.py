@@ -25,10 +25,9 @@ from pathlib import Path
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from server_process import CAFFESERVE, ServerProcess, free_port, http  # noqa: E402
+from caffe_testing.servers import CAFFESERVE, ServerProcess, free_port, http  # noqa: E402
 from wrk import run_wrk  # noqa: E402
 
 CONFIG = ROOT / "examples/digits/server.yaml"

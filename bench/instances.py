@@ -24,11 +24,10 @@ import orjson
 # core and two Nets fight over them (the server sets this itself, per `instances`)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from nets import save_net  # noqa: E402
-from server_process import ServerProcess  # noqa: E402
+from caffe_testing.nets import save_net  # noqa: E402
+from caffe_testing.servers import ServerProcess  # noqa: E402
 from wrk import run_wrk  # noqa: E402
 
 

@@ -18,10 +18,9 @@ import numpy as np
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from server_process import ServerProcess  # noqa: E402
+from caffe_testing.servers import ServerProcess  # noqa: E402
 from wrk import run_wrk  # noqa: E402
 
 from inference_server.config import load_config  # noqa: E402

@@ -12,9 +12,10 @@ import time
 
 import orjson
 
+from caffe_http.server import Request, Response
+
 from .dataplane import DataPlane
 from .errors import InferenceError, NotFound
-from .httpserver import Request, Response
 from .metrics import ServerMetrics
 
 log = logging.getLogger(__name__)

@@ -167,6 +167,18 @@ class ModelFiles(CamelModel):
     labels: str | None = Field(default=None, description="Text file, one class label per line (classification).")
 
 
+class Grpc(CamelModel):
+    """The Open Inference Protocol over gRPC (`inference.GRPCInferenceService`), served beside REST by the
+    same process, data plane and workers. Its message size limit is `limits.maxRequestBytes`."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Serve gRPC on `port` as well as REST. Off by default until the operator and local mode "
+        "expose the port (several servers on one host would otherwise all claim 8081).",
+    )
+    port: int = Field(default=8081, ge=0, le=65535, description="gRPC port (0: any free port, printed in the log).")
+
+
 Backend = Literal["pycaffe", "onnxruntime", "auto"]
 
 
@@ -200,6 +212,8 @@ class ServerConfig(ModelServing):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", description="Model name in URLs.")
     version: str = Field(default="1", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     model: ModelFiles
+    # the process's own listener, like --port (not a ModelServing field: the operator will choose the pod's ports)
+    grpc: Grpc = Field(default_factory=Grpc)
     base_dir: str | None = Field(default=None, exclude=True, description="Folder relative paths resolve against.")
 
     def path(self, p: str | None) -> Path | None:
@@ -240,13 +254,15 @@ def _merge(base: dict, over: dict) -> dict:
     return merged
 
 
-def format_validation_error(err: ValidationError) -> str:
-    """One line per problem, naming the field by its dotted path."""
-    lines = []
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One part per problem, naming the field by its path (`prefix` + `inputs[0].name`); also the
+    operator's message for a bad CR spec (prefix `spec.`)."""
+    parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
-        lines.append(f"{loc}: {e['msg']}")
-    return "; ".join(lines)
+        loc = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in e["loc"]).replace(".[", "[")
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{prefix}{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
 
 
 def parse_config(data: dict[str, Any], base_dir: str | None = None, environ: dict[str, str] | None = None) -> ServerConfig:

@@ -20,7 +20,7 @@ from . import __version__
 from .backends import BackendChoice, choose_backend
 from .codecs import InferRequest, decode_request, encode_response
 from .config import ServerConfig, TensorSpec
-from .errors import BadRequest, ModelLoadError, NotFound, Unavailable
+from .errors import BadRequest, DeadlineExceeded, ModelLoadError, NotFound, Unavailable
 from .executor import Executor
 from .hashing import file_sha256
 from .loadprobe import probe_load
@@ -184,17 +184,30 @@ class Model:
         raise Unavailable(f"model '{self.name}' is loading", retry_after_s=2)
 
     async def infer(self, body: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+        """REST: an infer request body (JSON or binary extension) to the response body and extra headers."""
         self.check_ready()
         req = decode_request(body, headers, self.max_elements)
+        return encode_response(self.name, self.version, req.id, await self.run(req))
+
+    async def run(self, req: InferRequest, deadline: float | None = None) -> list[tuple[str, str, np.ndarray, bool]]:
+        """A decoded request's outputs as (name, datatype, array, as_binary), whatever the protocol.
+
+        `deadline` (time.monotonic()) is the client's own, if it gave one; `requestTimeoutS` bounds it.
+        A request whose deadline has passed is never run.
+        """
+        self.check_ready()
+        limit = time.monotonic() + self.timeout
+        deadline = limit if deadline is None else min(deadline, limit)
         requested = req.outputs
         names = self.outputs if requested is None else [o.name for o in requested]
         for n in names:  # before any image is decoded: a bad request costs nothing
             if n not in self.output_shapes:
                 raise BadRequest(f"unknown output '{n}'; the model's outputs are: {', '.join(self.outputs)}")
         blobs = await self._blobs(req)
+        if time.monotonic() >= deadline:
+            raise DeadlineExceeded("the request's deadline passed before it reached the model")
         batch = next(iter(blobs.values())).shape[0]
-        result, timing = await self.executor.submit(blobs, list(dict.fromkeys(names)), batch,
-                                                    time.monotonic() + self.timeout)
+        result, timing = await self.executor.submit(blobs, list(dict.fromkeys(names)), batch, deadline)
         self.metrics.queue_seconds.observe(timing.queue_s)
         outs = []
         if requested is None:
@@ -206,7 +219,7 @@ class Model:
                     outs.append((o.name, "BYTES", self._classify(o.name, arr, o.classification), o.binary))
                 else:
                     outs.append((o.name, "FP32", arr, o.binary))
-        return encode_response(self.name, self.version, req.id, outs)
+        return outs
 
     async def _blobs(self, req: InferRequest) -> dict[str, np.ndarray]:
         blobs = {}

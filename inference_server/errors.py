@@ -47,3 +47,24 @@ class DeadlineExceeded(InferenceError):
 
 class ModelLoadError(Exception):
     """The model could not be loaded; the message is the loader's own (shown in readiness and CR status)."""
+
+
+# The one table from our HTTP codes to gRPC status code names (grpc.StatusCode members), used by the
+# gRPC service for every InferenceError; the names, not grpc's enum, so this module needs no grpc.
+GRPC_STATUS_OF_HTTP = {
+    400: "INVALID_ARGUMENT",
+    404: "NOT_FOUND",
+    405: "UNIMPLEMENTED",
+    408: "DEADLINE_EXCEEDED",
+    413: "RESOURCE_EXHAUSTED",
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+def grpc_status_name(status_code: int) -> str:
+    """The gRPC status code name for an HTTP code (other 4xx: INVALID_ARGUMENT, other 5xx: INTERNAL)."""
+    return GRPC_STATUS_OF_HTTP.get(status_code) or ("INVALID_ARGUMENT" if 400 <= status_code < 500 else "INTERNAL")

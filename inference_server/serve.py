@@ -15,11 +15,13 @@ import sys
 import threading
 import time
 
+from caffe_http.lifecycle import install_uvloop
+from caffe_http.server import HTTPServer, ServerLimits, serve_until_signalled
+
 from .app import create_app
 from .config import ConfigError, load_config
 from .cpus import share_blas_threads
 from .dataplane import DataPlane, Model
-from .httpserver import HTTPServer, ServerLimits, install_uvloop, serve_until_signalled
 from .metrics import ServerMetrics
 
 log = logging.getLogger("caffeserve")
@@ -32,6 +34,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="the server config YAML: its fields are in the README, section 'The inference server'")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8080, help="REST port (0: any free port, printed in the log)")
+    p.add_argument("--grpc-port", type=int, default=None, metavar="PORT",
+                   help="gRPC port, overriding the config's grpc.port (and turning gRPC on); 0: any free port")
     p.add_argument("--grace-period", type=float, default=30.0, metavar="S",
                    help="seconds to finish in-flight requests on SIGTERM")
     p.add_argument("--log-level", default="INFO", type=str.upper,
@@ -59,9 +63,16 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"caffeserve serve: {e}", file=sys.stderr)
         return 2
+    if args.grpc_port is not None:
+        cfg.grpc.enabled, cfg.grpc.port = True, args.grpc_port
     blas = share_blas_threads(cfg.instances)
     plane, server, model = build(cfg)
     install_uvloop()
+    grpc_server = None
+    if cfg.grpc.enabled:
+        from .grpc.service import GRPCServer  # grpcio is imported only when gRPC is on
+
+        grpc_server = GRPCServer(plane, model.metrics, cfg.limits.max_request_bytes)
 
     def listening(port: int) -> None:
         log.info("listening on http://%s:%d (model %s loading; %d instance(s), %d BLAS thread(s) each)",
@@ -69,13 +80,30 @@ def main(argv: list[str]) -> int:
         threading.Thread(target=model.load, name="model-loader", daemon=True).start()
 
     signalled: list[float] = []
+    stopping: list[asyncio.Task] = []
 
     def draining() -> None:
         signalled.append(time.monotonic())
         plane.draining = True
         log.info("shutting down: finishing in-flight requests")
+        if grpc_server is not None:  # REST and gRPC drain together, within the same grace period
+            stopping.append(asyncio.ensure_future(grpc_server.stop(args.grace_period)))
 
-    asyncio.run(serve_until_signalled(server, args.host, args.port, listening, args.grace_period, draining))
+    async def run() -> int:
+        if grpc_server is not None:
+            try:
+                port = await grpc_server.start(args.host, cfg.grpc.port)
+            except OSError as e:
+                log.error("%s", e)
+                return 1
+            log.info("listening for gRPC on %s:%d", args.host, port)
+        await serve_until_signalled(server, args.host, args.port, listening, args.grace_period, draining)
+        if stopping:
+            await stopping[0]
+        return 0
+
+    if asyncio.run(run()) != 0:
+        return 1
     # The grace period bounds the whole shutdown: a forward pass still running when it ends does
     # not hold the exit (the workers are daemon threads; os._exit skips interpreter teardown, which
     # is not safe while a worker is inside Caffe).

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import yaml
 
+from caffe_testing.servers import free_port, http
+
 REPO = Path(__file__).resolve().parents[2]
 PEERS_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(REPO / "tests"))
-
-from server_process import free_port, http  # noqa: E402
 
 CACHE = Path(os.environ.get("CAFFE_SERVING_CACHE", Path.home() / ".cache/caffe-serving"))
 BENCH_VENVS = Path(os.environ.get("BENCH_VENVS", CACHE / "bench-venvs"))
@@ -156,7 +155,7 @@ class Ours(ServerUnderTest):
         return json.loads(body).get("parameters", {}).get("backend", "unknown") if status == 200 else "unknown"
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "inference_server.cli", "serve", "--config", str(self.model.config),
+        return [sys.executable, "-m", "caffeserve", "serve", "--config", str(self.model.config),
                 "--port", str(self.port), "--log-level", "WARNING"]
 
     def start(self, timeout: float = 120.0):

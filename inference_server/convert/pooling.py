@@ -69,8 +69,9 @@ def pooling(ctx: LayerContext):
         raise ctx.unsupported("STOCHASTIC pooling has no ONNX equivalent")
     if len(ctx.bottom_shapes[0]) != 4:
         raise ctx.unsupported(f"pooling needs a 4-D input, got {list(ctx.bottom_shapes[0])}")
-    if len(ctx.layer.top) > 1:
-        raise ctx.unsupported("a second top (the max-pooling mask) is not converted")
+    with_mask = len(ctx.layer.top) > 1  # MAX only (Caffe allows the mask top for MAX alone)
+    if with_mask and p.global_pooling:
+        raise ctx.unsupported("the mask top of global max pooling is not converted")
     _, _, height, width = ctx.bottom_shapes[0]
     x = ctx.bottoms[0]
     if p.global_pooling:
@@ -88,6 +89,8 @@ def pooling(ctx: LayerContext):
         raise ctx.unsupported("a pooling window lies entirely outside the input")
     attrs = {"kernel_shape": list(kernel), "strides": list(stride), "pads": [pad[0], pad[1], *end_pads]}
 
+    if p.pool == MAX and with_mask:
+        return max_pool_with_mask(ctx, x, height * width, attrs)
     if p.pool == MAX:
         return [ctx.op("MaxPool", [x], **attrs)]
 
@@ -100,3 +103,12 @@ def pooling(ctx: LayerContext):
     if np.all(ratio == 1.0):
         return [y]
     return [ctx.op("Mul", [y, ctx.const("divisor_ratio", ratio.reshape(1, 1, *ratio.shape))])]
+
+
+def max_pool_with_mask(ctx: LayerContext, x: str, plane: int, attrs: dict) -> list[str]:
+    """Caffe's mask top holds, per pooled value, the index y * W + x of its input cell within the plane,
+    as a float (SegNet's Upsample reads it). ONNX MaxPool's Indices count from the tensor's start, so
+    the plane index is that modulo H * W. Both take the first maximum in the window's row-major order."""
+    pooled, indices = ctx.op("MaxPool", [x], n_out=2, **attrs)
+    within = ctx.op("Mod", [indices, ctx.const("plane", np.int64(plane), np.int64)])
+    return [pooled, ctx.op("Cast", [within], to=1)]  # FLOAT

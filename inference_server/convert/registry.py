@@ -11,6 +11,7 @@ from typing import Callable
 
 CONVERTERS: dict[str, Callable] = {}
 NOTES: dict[str, str] = {}  # what each converter maps to, for the docs table and `caffeserve check`
+REFUSED: dict[str, str] = {}  # types deliberately left to pycaffe, with the reason the error gives
 
 
 class UnsupportedLayer(Exception):
@@ -44,9 +45,10 @@ def converter_for(layer_name: str, layer_type: str) -> Callable:
     try:
         return CONVERTERS[layer_type]
     except KeyError:
-        raise UnsupportedLayer(layer_name, layer_type) from None
+        raise UnsupportedLayer(layer_name, layer_type, REFUSED.get(layer_type)) from None
 
 
 def _load_all() -> None:
     # the modules register their converters on import
     from . import activations, arithmetic, convolution, crop, normalization, pooling, structure  # noqa: F401
+    from . import forks, ssd  # noqa: F401  (the Caffe forks' layers)

@@ -1,8 +1,8 @@
-"""The CaffeModelService API: the CR's pydantic types and the CRD generated from them.
+"""The CaffeModelService API: the CR's pydantic types, and what a spec says about its model files.
 
 One source of truth: the operator validates specs with these types and `caffeserve crd` prints
-the CRD (crds/caffemodelservices.yaml) built from their JSON schema, so the two cannot disagree
-(tests/test_crd.py fails when the checked-in file drifts). The serving fields reuse
+the CRD (crds/caffemodelservices.yaml) that crd.py builds from their JSON schema, so the two cannot
+disagree (tests/operator_tests/test_crd.py fails when the checked-in file drifts). The serving fields reuse
 `inference_server.config` (TensorSpec, Preprocessing, Batching, Limits, ...): what a CR says is
 what the server's config file says.
 
@@ -14,15 +14,14 @@ invalid child names) the model validators below say; the operator turns their me
 from __future__ import annotations
 
 import copy
-import json
+import posixpath
 import re
-import sys
 import urllib.parse
+from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from inference_server.config import (
     Batching,
@@ -33,6 +32,7 @@ from inference_server.config import (
     Preprocessing,
     Sha256,
     TensorSpec,
+    format_validation_error,
 )
 
 GROUP = "caffeserving.io"
@@ -81,6 +81,26 @@ def local_name(name: str) -> str:
     if is_url(name):
         return urllib.parse.urlsplit(name).path.rstrip("/").rsplit("/", 1)[-1]
     return name
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One model file as the spec names it, and everything that follows from that: the only place
+    that knows how a file's name becomes a local name, a download URL and a path."""
+
+    role: str  # prototxt, weights, labels, meanFile (the spec's own field names)
+    name: str  # relative to the source, or a full URL
+    sha256: str | None = None  # expected, where the spec gives one
+    url: str | None = None  # where it is downloaded from (source.url models; a file named by URL)
+
+    @property
+    def local_name(self) -> str:
+        """Its name in the model folder: the relative name, or a URL's last path segment."""
+        return local_name(self.name)
+
+    def path(self, model_dir: str) -> str:
+        """Where it is in `model_dir` (/models in a pod, a local folder in local mode)."""
+        return posixpath.join(model_dir, self.local_name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,17 +186,19 @@ class ModelSpec(CamelModel):
         "preprocessing", "How an encoded image (a BYTES input) becomes the input blob, as caffe.io.Transformer does it."
     )
 
-    def files(self) -> dict[str, str]:
-        """Every model file by role (prototxt, weights, labels, meanFile) as the spec names it."""
-        out = {"prototxt": self.prototxt, "weights": self.weights}
+    def files(self, base_url: str | None = None) -> list[ModelFile]:
+        """Every model file (prototxt, weights, labels, meanFile), downloaded from `base_url`
+        joined with its name (source.url) unless the file is itself a URL."""
+        named = {"prototxt": (self.prototxt, self.prototxt_sha256), "weights": (self.weights, self.weights_sha256)}
         if self.labels:
-            out["labels"] = self.labels
+            named["labels"] = (self.labels, None)
         if self.preprocessing and self.preprocessing.mean_file:
-            out["meanFile"] = self.preprocessing.mean_file
+            named["meanFile"] = (self.preprocessing.mean_file, None)
+        out = []
+        for role, (name, sha256) in named.items():
+            url = name if is_url(name) else base_url.rstrip("/") + "/" + name if base_url else None
+            out.append(ModelFile(role, name, sha256, url))
         return out
-
-    def sha256s(self) -> dict[str, str]:
-        return {k: v for k, v in {"prototxt": self.prototxt_sha256, "weights": self.weights_sha256}.items() if v}
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,20 +298,25 @@ class CaffeModelServiceSpec(CamelModel):
                     f"resources must not set {rt.gpu_resource}: runtime.gpus and runtime.device decide the GPUs"
                 )
         seen: dict[str, str] = {}
-        for role, name in self.model.files().items():
+        for f in self.model_files():
+            role, name, local = f.role, f.name, f.local_name
             if is_url(name):
                 if self.source.url is None:
                     raise ValueError(f"model.{role} is a URL ({name}); only a source.url model may name files by URL")
-                if not local_name(name) or _bad_path_reason(local_name(name)) or local_name(name) in (".", ".."):
+                if not local or _bad_path_reason(local) or local in (".", ".."):
                     raise ValueError(f"model.{role} URL {name} does not end in a file name")
             elif why := _bad_path_reason(name):
                 raise ValueError(f"model.{role} {name!r} {why}")
             elif self.source.config_map is not None and "/" in name:
                 raise ValueError(f"model.{role} {name!r}: ConfigMap keys cannot contain '/'")
-            if (other := seen.get(local_name(name))) is not None:
-                raise ValueError(f"model.{role} and model.{other} would both be /models/{local_name(name)}")
-            seen[local_name(name)] = role
+            if (other := seen.get(local)) is not None:
+                raise ValueError(f"model.{role} and model.{other} would both be /models/{local}")
+            seen[local] = role
         return self
+
+    def model_files(self) -> list[ModelFile]:
+        """Every model file with its download URL (see ModelSpec.files)."""
+        return self.model.files(self.source.url)
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,15 +378,6 @@ class InvalidSpec(Exception):
     """A spec the operator cannot act on; the message says which field and why."""
 
 
-def _format_errors(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in e["loc"]).replace(".[", "[")
-        msg = e["msg"].removeprefix("Value error, ")
-        parts.append(f"spec.{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
-
-
 def parse_spec(name: str, spec: dict[str, Any] | None) -> CaffeModelServiceSpec:
     """Validate a CR's name and spec, raising InvalidSpec with a readable message."""
     if len(name) > MAX_NAME_LENGTH or not re.match(_DNS_LABEL, name):
@@ -370,186 +388,5 @@ def parse_spec(name: str, spec: dict[str, Any] | None) -> CaffeModelServiceSpec:
     try:
         parsed = CaffeModelServiceSpec.model_validate(spec or {})
     except ValidationError as e:
-        raise InvalidSpec(_format_errors(e)) from None
+        raise InvalidSpec(format_validation_error(e, prefix="spec.")) from None
     return parsed
-
-
-# --------------------------------------------------------------------------------------------
-# CRD generation
-# --------------------------------------------------------------------------------------------
-_DROP = {"title", "default", "examples"}
-
-
-def _structural(node: Any, defs: dict[str, Any]) -> Any:
-    """pydantic's JSON schema (2020-12) → a Kubernetes structural OpenAPI v3 schema."""
-    if not isinstance(node, dict):
-        return node
-    node = dict(node)
-    if "$ref" in node:  # inline the definition; the field's own keys (description) win
-        target = defs[node.pop("$ref").split("/")[-1]]
-        node = {**target, **node}
-    if "anyOf" in node:
-        alternatives = [a for a in node.pop("anyOf") if a.get("type") != "null"]
-        if len(alternatives) == 1:  # Optional[X]: absent means unset
-            node = {**_resolve(alternatives[0], defs), **node}
-        else:  # a scalar of several types (e.g. true | false | "auto"): enumerate the values
-            values: list[Any] = []
-            for alt in (_resolve(a, defs) for a in alternatives):
-                if alt.get("type") == "boolean":
-                    values += [True, False]
-                elif "const" in alt:
-                    values.append(alt["const"])
-                elif "enum" in alt:
-                    values += alt["enum"]
-                else:
-                    raise ValueError(f"cannot express {alternatives} in a structural schema")
-            node.update({"x-kubernetes-preserve-unknown-fields": True, "enum": values})
-    default = node.get("default")
-    description = node.get("description")
-    if description and default not in (None, {}, []) and "Default:" not in description:
-        node["description"] = f"{description.rstrip('.')}. Default: {json.dumps(default)}."
-    for key in _DROP:
-        node.pop(key, None)
-    if "const" in node:
-        node["enum"] = [node.pop("const")]
-    if isinstance(node.get("exclusiveMinimum"), (int, float)) and not isinstance(node["exclusiveMinimum"], bool):
-        node["minimum"], node["exclusiveMinimum"] = node["exclusiveMinimum"], True
-    if isinstance(node.get("exclusiveMaximum"), (int, float)) and not isinstance(node["exclusiveMaximum"], bool):
-        node["maximum"], node["exclusiveMaximum"] = node["exclusiveMaximum"], True
-    if node.get("additionalProperties") is False:
-        del node["additionalProperties"]  # unknown fields are pruned (or rejected by kubectl's strict validation)
-    if node.get("additionalProperties") is True or node.get("additionalProperties") == {}:
-        del node["additionalProperties"]
-        node["x-kubernetes-preserve-unknown-fields"] = True
-    if "properties" in node:
-        node["properties"] = {k: _structural(v, defs) for k, v in node["properties"].items()}
-    if isinstance(node.get("items"), dict):
-        node["items"] = _structural(node["items"], defs)
-    if isinstance(node.get("additionalProperties"), dict):
-        node["additionalProperties"] = _structural(node["additionalProperties"], defs)
-    if node.get("x-kubernetes-preserve-unknown-fields") and node.get("type") is None and "enum" not in node:
-        node["type"] = "object"
-    return node
-
-
-_KEY_ORDER = ["type", "description", "default", "enum", "format", "pattern", "minimum", "exclusiveMinimum",
-              "maximum", "exclusiveMaximum", "minLength", "maxLength", "minItems", "maxItems", "required"]
-
-
-def _ordered(node: Any) -> Any:
-    """Readable key order: type and description first, nested schemas last."""
-    if isinstance(node, list):
-        return [_ordered(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    rank = {k: i for i, k in enumerate(_KEY_ORDER)}
-    keys = sorted(node, key=lambda k: (rank.get(k, len(rank)), k in ("properties", "items", "additionalProperties"), k))
-    out = {k: _ordered(node[k]) for k in keys}
-    if isinstance(node.get("properties"), dict):  # the fields keep the model's order
-        out["properties"] = {name: _ordered(sub) for name, sub in node["properties"].items()}
-    return out
-
-
-def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
-    if "$ref" in node:
-        return {**defs[node["$ref"].split("/")[-1]], **{k: v for k, v in node.items() if k != "$ref"}}
-    return node
-
-
-# Defaults the API server fills in, so that `kubectl get cms` shows them (Replicas, Device columns).
-# Every other default stays in the operator (stated in the field's description), so that a newer
-# operator's defaults reach existing objects.
-CRD_DEFAULTS: dict[tuple[str, ...], Any] = {
-    ("replicas",): 1,
-    ("runtime",): {},
-    ("runtime", "device"): RuntimeDevice.gpu.value,
-}
-
-
-def _set_defaults(spec_schema: dict[str, Any]) -> dict[str, Any]:
-    for path, value in CRD_DEFAULTS.items():
-        node = spec_schema
-        for key in path:
-            node = node["properties"][key]
-        node["default"] = value
-    return spec_schema
-
-
-def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The structural OpenAPI v3 schema of a pydantic model, as a CRD version embeds it."""
-    raw = model.model_json_schema(by_alias=True, mode="validation", ref_template="#/$defs/{model}")
-    defs = raw.pop("$defs", {})
-    return _ordered(_structural(raw, defs))
-
-
-def custom_resource_definition() -> dict[str, Any]:
-    """The CaffeModelService CRD (apiextensions.k8s.io/v1)."""
-    ready = '.status.conditions[?(@.type=="Ready")]'
-    schema = {
-        "type": "object",
-        "description": "A Caffe model (deploy.prototxt + .caffemodel) served over the Open Inference Protocol "
-        "(KServe V2 REST) by GPU or CPU pods that the caffe-serving operator runs.",
-        "required": ["spec"],
-        "properties": {
-            "apiVersion": {"type": "string", "description": "APIVersion of this object: caffeserving.io/v1alpha1."},
-            "kind": {"type": "string", "description": "Kind of this object: CaffeModelService."},
-            "metadata": {"type": "object"},
-            "spec": _set_defaults(openapi_schema(CaffeModelServiceSpec)),
-            "status": openapi_schema(CaffeModelServiceStatus),
-        },
-    }
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {
-            "name": f"{PLURAL}.{GROUP}",
-            "labels": {"app.kubernetes.io/part-of": "caffe-serving"},
-        },
-        "spec": {
-            "group": GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL, "singular": SINGULAR,
-                "shortNames": SHORT_NAMES, "categories": CATEGORIES,
-            },
-            "versions": [{
-                "name": VERSION,
-                "served": True,
-                "storage": True,
-                "schema": {"openAPIV3Schema": schema},
-                "subresources": {
-                    "status": {},
-                    "scale": {
-                        "specReplicasPath": ".spec.replicas",
-                        "statusReplicasPath": ".status.replicas",
-                        "labelSelectorPath": ".status.selector",
-                    },
-                },
-                "additionalPrinterColumns": [
-                    {"name": "Ready", "type": "string", "jsonPath": f"{ready}.status", "description": "Whether clients can use the model."},
-                    {"name": "Reason", "type": "string", "jsonPath": f"{ready}.reason", "priority": 1, "description": "Why (not) ready."},
-                    {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas", "description": "Desired server pods."},
-                    {"name": "Ready Replicas", "type": "integer", "jsonPath": ".status.readyReplicas", "description": "Ready server pods."},
-                    {"name": "Device", "type": "string", "jsonPath": ".spec.runtime.device", "description": "gpu or cpu."},
-                    {"name": "Backend", "type": "string", "jsonPath": ".status.backend.name",
-                     "description": "pycaffe or onnxruntime, as a ready pod reports it."},
-                    {"name": "URL", "type": "string", "jsonPath": ".status.url", "description": "Where clients reach the model."},
-                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                ],
-            }],
-        },
-    }
-
-
-def crd_yaml() -> str:
-    header = "# Generated by `caffeserve crd` from operator/caffe_operator/api.py. Do not edit.\n"
-    return header + yaml.safe_dump(custom_resource_definition(), sort_keys=False, width=120, allow_unicode=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(argv or [])
-    if argv and argv[0] in ("-h", "--help"):
-        print("usage: caffeserve crd\n\nPrint the CaffeModelService CRD (YAML) generated from the operator's model.")
-        return 0
-    sys.stdout.write(crd_yaml())
-    return 0

@@ -5,8 +5,8 @@ ONNX Runtime where the converted graph passes the parity check against pycaffe) 
 its model metadata, `GET /v2/models/NAME` → `parameters.backend`, `parameters.backend_reason`
 and, where the parity check ran, `parameters.parity_max_abs_diff`. The operator asks one ready
 endpoint of the model's Service (the first by pod name, so the choice is stable), found through
-its EndpointSlices with load_errors.py's machinery, on the same credential-free session and
-within the same 2 s timeout, and writes what it answers to `status.backend`. During a rollout
+its EndpointSlices and asked on the credential-free session (pods.py, as load_errors.py does),
+and writes what it answers to `status.backend`. During a rollout
 the pods may disagree; the status says what the asked pod says.
 
 It does not ask on every reconcile: `needs_probe` (pure) asks again only when there is no answer
@@ -14,8 +14,7 @@ for the current pod template (its config hash) and CR generation, when the answe
 during a rollout and the pods have changed since, or, after a failed ask, once the ready pods
 change or RETRY_FAILED_S has passed. A steady model costs nothing.
 
-API access: the `list` on discovery.k8s.io endpointslices that load_errors.py already needs;
-the GET goes to the pod's `http` port without credentials.
+API access: the `list` on discovery.k8s.io endpointslices that pods.py needs.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from caffe_operator.load_errors import MAX_MESSAGE_CHARS, LoadErrorProbe, Target, endpoint_targets, fetch
+from caffe_operator.pods import MAX_MESSAGE_CHARS, Pods, Target, endpoint_targets
 
 MAX_METADATA_BYTES = 256 * 1024  # model metadata carries the batching curve; larger than a health answer
 RETRY_FAILED_S = 60.0
@@ -122,8 +121,8 @@ def parse_metadata(status: int, body: bytes) -> BackendReport | str:
 class BackendProbe:
     """Asks one ready pod which backend serves; remembers the answer per model (see the docstring)."""
 
-    def __init__(self, endpoints: LoadErrorProbe, retry_s: float = RETRY_FAILED_S) -> None:
-        self.endpoints = endpoints
+    def __init__(self, pods: Pods, retry_s: float = RETRY_FAILED_S) -> None:
+        self.pods = pods
         self.retry_s = retry_s
         self.answers: dict[tuple[str, str], Answer] = {}
 
@@ -142,13 +141,13 @@ class BackendProbe:
         if why is None:
             return None
         namespace, name = key
-        slices = await self.endpoints.slices(namespace, service_name, logger)
+        slices = await self.pods.slices(namespace, service_name, logger)
         target = ready_target(slices, service_name, port, name)
         if target is None:
             result: BackendReport | str = "no ready endpoint is listed in the Service's EndpointSlices"
         else:
             try:
-                status, body = await fetch(self.endpoints.session(), target.url, MAX_METADATA_BYTES)
+                status, body = await self.pods.get(target.url, MAX_METADATA_BYTES)
                 result = parse_metadata(status, body)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
                 result = f"{type(e).__name__}: {e}"[:200]

@@ -18,13 +18,15 @@ from urllib.parse import urlencode
 import aiohttp
 import kopf
 
+from caffe_operator.api import API_VERSION, KIND, PLURAL
+
 # kind → (apiVersion, plural) of everything the operator reads or writes.
 RESOURCES: dict[str, tuple[str, str]] = {
     "ConfigMap": ("v1", "configmaps"),
     "Service": ("v1", "services"),
     "Deployment": ("apps/v1", "deployments"),
     "EndpointSlice": ("discovery.k8s.io/v1", "endpointslices"),
-    "CaffeModelService": ("caffeserving.io/v1alpha1", "caffemodelservices"),
+    KIND: (API_VERSION, PLURAL),
 }
 
 

@@ -17,27 +17,20 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import posixpath
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from caffe_operator.api import (
-    CaffeModelServiceSpec,
-    RuntimeDevice,
-    is_url,
-    local_name,
-)
+from caffe_operator.api import CaffeModelServiceSpec, RuntimeDevice
 from inference_server.config import ModelServing, ServerConfig
+from inference_server.slices import MODEL_LABEL, PORT, PORT_NAME
 
-PORT = 8080
 CONFIG_DIR = "/etc/caffeserve"
 CONFIG_KEY = "config.yaml"
 MODEL_DIR = "/models"
 RUN_AS = 1000  # the uid/gid the server images run as (numeric, for runAsNonRoot)
 
-MODEL_LABEL = "caffeserving.io/model"
 MANAGED_BY = "caffe-serving-operator"
 CONFIG_HASH_ANNOTATION = "caffeserving.io/config-hash"
 DEFAULT_SERVER_IMAGE = "ghcr.io/caffe-serving/caffe-server-gpu:0.1.0"
@@ -93,23 +86,14 @@ def model_url(name: str, namespace: str, gateway_url: str | None = None) -> str:
 # --------------------------------------------------------------------------------------------
 # the server config
 # --------------------------------------------------------------------------------------------
-def model_path(file: str, model_dir: str = MODEL_DIR) -> str:
-    return posixpath.join(model_dir, local_name(file))
-
-
 def server_config(name: str, spec: CaffeModelServiceSpec, model_dir: str = MODEL_DIR) -> ServerConfig:
     """The `caffeserve serve` config the pods run: the CR's serving fields, files under `model_dir`
     (/models in a pod; local mode passes its own folder)."""
     m, rt = spec.model, spec.runtime
-
-    def path(file: str) -> str:
-        return model_path(file, model_dir)
-
+    paths = {f.role: f.path(model_dir) for f in spec.model_files()}
     preprocessing = None
     if m.preprocessing is not None:
-        preprocessing = m.preprocessing.model_copy(
-            update={"mean_file": path(m.preprocessing.mean_file) if m.preprocessing.mean_file else None}
-        )
+        preprocessing = m.preprocessing.model_copy(update={"mean_file": paths.get("meanFile")})
     # Every serving field of the server config, from spec.model or spec.runtime (test_crd checks
     # that each has a home there), so a field added to the config reaches the pods unchanged.
     serving = {
@@ -121,11 +105,11 @@ def server_config(name: str, spec: CaffeModelServiceSpec, model_dir: str = MODEL
         name=name,
         version=m.version,
         model={
-            "prototxt": path(m.prototxt),
-            "weights": path(m.weights),
+            "prototxt": paths["prototxt"],
+            "weights": paths["weights"],
             "prototxt_sha256": m.prototxt_sha256,
             "weights_sha256": m.weights_sha256,
-            "labels": path(m.labels) if m.labels else None,
+            "labels": paths.get("labels"),
         },
         device={"kind": rt.device.value if isinstance(rt.device, RuntimeDevice) else rt.device, "id": 0},
         **serving,
@@ -164,7 +148,7 @@ def service(name: str, namespace: str) -> dict[str, Any]:
         "spec": {
             "type": "ClusterIP",
             "selector": selector(name),
-            "ports": [{"name": "http", "port": PORT, "targetPort": PORT, "protocol": "TCP", "appProtocol": "http"}],
+            "ports": [{"name": PORT_NAME, "port": PORT, "targetPort": PORT, "protocol": "TCP", "appProtocol": "http"}],
         },
     }
 
@@ -209,26 +193,17 @@ def _model_mount(spec: CaffeModelServiceSpec) -> dict[str, Any]:
     return mount
 
 
-def file_url(spec: CaffeModelServiceSpec, file: str) -> str:
-    """A model file's download URL (source.url joined with the name, or the file's own URL)."""
-    if is_url(file):
-        return file
-    assert spec.source.url is not None
-    return spec.source.url.rstrip("/") + "/" + file
-
-
 def _fetch_containers(spec: CaffeModelServiceSpec, image: str) -> list[dict[str, Any]]:
     """One init container per file: download, check the sha256, rename into place."""
     if spec.source.url is None:
         return []
-    sha = spec.model.sha256s()
     out = []
-    for role, file in spec.model.files().items():
-        command = ["caffeserve", "fetch", "--url", file_url(spec, file), "--dest", model_path(file)]
-        if role in sha:
-            command += ["--sha256", sha[role]]
+    for f in spec.model_files():
+        command = ["caffeserve", "fetch", "--url", f.url, "--dest", f.path(MODEL_DIR)]
+        if f.sha256:
+            command += ["--sha256", f.sha256]
         container = {
-            "name": f"fetch-{role.lower()}",
+            "name": f"fetch-{f.role.lower()}",
             "image": image,
             "command": command,
             "env": [{"name": "HOME", "value": "/tmp"}],
@@ -244,7 +219,7 @@ def _fetch_containers(spec: CaffeModelServiceSpec, image: str) -> list[dict[str,
 
 
 def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
-    return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "timeoutSeconds": 2, "failureThreshold": failures}
+    return {"httpGet": {"path": path, "port": PORT_NAME}, "periodSeconds": period, "timeoutSeconds": 2, "failureThreshold": failures}
 
 
 def _tolerations(spec: CaffeModelServiceSpec) -> list[dict[str, Any]]:
@@ -263,7 +238,7 @@ def pod_template(name: str, spec: CaffeModelServiceSpec, image: str) -> dict[str
         "name": "server",
         "image": image,
         "command": SERVE_COMMAND,
-        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
         "env": [{"name": "HOME", "value": "/tmp"}],
         "resources": _server_resources(spec),
         "securityContext": _container_security(),

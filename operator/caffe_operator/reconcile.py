@@ -25,7 +25,7 @@ or a ClusterRole for --all-namespaces). kopf watches and annotates, this module 
   apps deployments:                          get, list, watch, create, patch
   "" services, configmaps:                   get, list, watch, create, patch
   "" events:                                 create
-  discovery.k8s.io endpointslices:           list   (the pods to ask: load_errors.py, backend_report.py)
+  discovery.k8s.io endpointslices:           list   (the pods to ask: pods.py)
 The operator also sends plain HTTP GETs to model pods' /v2/health/ready (not-ready pods) and
 /v2/models/NAME (one ready pod: which backend serves, for status.backend) on their `http` port
 (8080), without credentials: a NetworkPolicy on model pods must let the operator in.
@@ -53,6 +53,7 @@ from caffe_operator.backend_report import BackendProbe, BackendReport
 from caffe_operator.kube import ApiError, KubeClient, object_path
 from caffe_operator.events import EventPoster
 from caffe_operator.load_errors import LoadErrorProbe
+from caffe_operator.pods import Pods
 from caffe_operator.status import (
     MODEL_LOAD_FAILED,
     READY,
@@ -201,13 +202,14 @@ def drift_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, A
 # --------------------------------------------------------------------------------------------
 class Reconciler:
     def __init__(self, client: KubeClient, config: OperatorConfig, post_event: PostEvent | None = None,
-                 probe: LoadErrorProbe | None = None) -> None:
+                 pods: Pods | None = None) -> None:
         self.client = client
         self.config = config
         # Our own poster, not kopf.event: the resync and follow-ups run outside kopf's handlers.
         self.post_event = post_event or EventPoster(client, manifests.MANAGED_BY)
-        self.probe = probe or LoadErrorProbe(client)
-        self.backends = BackendProbe(self.probe)
+        self.pods = pods or Pods(client)  # asks the model pods, for both probes below
+        self.probe = LoadErrorProbe(pods=self.pods)
+        self.backends = BackendProbe(self.pods)
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self.known: set[tuple[str, str]] = set()  # models seen by this process, for the resync
         self._rechecks: dict[tuple[str, str], asyncio.Task] = {}  # one pending follow-up per model
@@ -217,7 +219,7 @@ class Reconciler:
         for task in self._rechecks.values():
             task.cancel()
         self._rechecks.clear()
-        await self.probe.close()
+        await self.pods.close()
 
     async def reconcile_named(self, namespace: str, name: str, logger: logging.Logger | logging.LoggerAdapter) -> Outcome | None:
         """Reconcile the CR `namespace/name` if it exists and is not being deleted."""

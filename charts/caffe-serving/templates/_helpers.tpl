@@ -133,7 +133,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{/*
-RBAC: exactly what the components call; tests/test_e2e.py proves both directions against the API
+RBAC: exactly what the components call; tests/cluster/test_e2e.py proves both directions against the API
 requests they make (every request allowed, every permission used). The rules go into a Role in the
 watched namespace, or a ClusterRole with scope "cluster". Nothing else is granted: kopf's scanning
 of CRDs and namespaces is off (the operator waits for its CRD by API discovery, which every

@@ -1,0 +1,200 @@
+"""REST JSON vs REST binary vs gRPC on one server, for the digits net and an inception-size input.
+
+One server process answers all three (REST and gRPC share the data plane and workers), so the
+figures differ only by protocol. For each model and concurrency (1 and 8 connections) it prints
+p50 and p99 latency, requests/s and the server's CPU time per request (user + system over all its
+threads, from /proc), then each protocol's ratios to REST JSON, all from the same run.
+
+Load comes from `h2load` (nghttp2-client, a C client like wrk, cheap beside the server on 2 cores):
+HTTP/1.1 keep-alive for REST, HTTP/2 with gRPC framing for gRPC, one request in flight per connection;
+its per-request log gives the percentiles. h2load does not read grpc-status, so the answers of all
+three are checked against each other before measuring, and the server's gRPC counter must show every
+measured call OK.
+
+    .venv/bin/python bench/protocols.py [--seconds 10] [--models digits,inception] [--concurrency 1,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from caffe_testing.grpc import OIPClient, grpc_server, infer_request, output  # noqa: E402
+from caffe_testing.servers import http  # noqa: E402
+
+import inception_net  # noqa: E402
+from inference_server.grpc import messages as pb  # noqa: E402
+
+PROTOCOLS = ("REST JSON", "REST binary", "gRPC")
+
+
+def bodies(model: str, name: str, x: np.ndarray) -> dict[str, tuple[bytes, dict[str, str]]]:
+    """Each protocol's request body and headers for one FP32 input."""
+    shape = list(x.shape)
+    rest_json = orjson.dumps({"inputs": [{"name": name, "shape": shape, "datatype": "FP32", "data": x.ravel().tolist()}]})
+    head = orjson.dumps({"inputs": [{"name": name, "shape": shape, "datatype": "FP32",
+                                     "parameters": {"binary_data_size": x.nbytes}}],
+                         "parameters": {"binary_data_output": True}})
+    msg = infer_request(model, {name: x}).SerializeToString()
+    return {
+        "REST JSON": (rest_json, {"content-type": "application/json"}),
+        "REST binary": (head + x.tobytes(), {"content-type": "application/octet-stream",
+                                             "inference-header-content-length": str(len(head))}),
+        "gRPC": (b"\0" + struct.pack(">I", len(msg)) + msg, {"content-type": "application/grpc", "te": "trailers"}),
+    }
+
+
+def check_answers(server, model: str, name: str, out: str, x: np.ndarray, cases) -> np.ndarray:
+    """The three protocols give the same answer for the same input (raises otherwise)."""
+    status, _, body = http("POST", f"{server.url}/v2/models/{model}/infer", cases["REST JSON"][0],
+                           {"Content-Type": "application/json"})
+    assert status == 200, body[:300]
+    resp = orjson.loads(body)["outputs"][0]
+    rest = np.array(resp["data"], np.float32).reshape(resp["shape"])
+    status, headers, body = http("POST", f"{server.url}/v2/models/{model}/infer", cases["REST binary"][0],
+                                 {k.title(): v for k, v in cases["REST binary"][1].items()})
+    assert status == 200, body[:300]
+    n = int({k.lower(): v for k, v in headers.items()}["inference-header-content-length"])
+    binary = np.frombuffer(body[n:], np.float32).reshape(rest.shape)
+    client = OIPClient(server.grpc_port)
+    grpc_out = output(client.infer(infer_request(model, {name: x}, outputs=[out])), out)
+    client.close()
+    for label, got in (("REST binary", binary), ("gRPC", grpc_out)):
+        assert got.shape == rest.shape and np.abs(got - rest).max() <= 1e-6, f"{label} disagrees with REST JSON"
+    return rest
+
+
+def grpc_ok(server) -> float:
+    text = http("GET", server.url + "/metrics")[2].decode()
+    for line in text.splitlines():
+        if line.startswith("caffeserve_grpc_requests_total{") and 'grpc_code="OK"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def h2load(url: str, body: bytes, headers: dict[str, str], connections: int, seconds: float | None,
+           requests: int | None = None, h1: bool = False) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        body_file, log_file = Path(d) / "body", Path(d) / "log"
+        body_file.write_bytes(body)
+        cmd = ["h2load", f"-c{connections}", "-m1", "-t1", "-d", str(body_file), f"--log-file={log_file}"]
+        cmd += [f"-D{max(1, round(seconds))}"] if seconds else [f"-n{requests}"]
+        cmd += ["--h1"] if h1 else []
+        for k, v in headers.items():
+            cmd += ["-H", f"{k}: {v}"]
+        out = subprocess.run(cmd + [url], capture_output=True, text=True, check=True).stdout
+        rows = [line.split("\t") for line in log_file.read_text().splitlines() if line]
+    lat = np.array([int(r[2]) for r in rows]) / 1000.0
+    codes = [r[1] for r in rows]
+    first = min(int(r[0]) for r in rows) / 1e6
+    last = max(int(r[0]) / 1e6 + int(r[2]) / 1e6 for r in rows)
+    return {"n": len(rows), "ok": sum(c == "200" for c in codes), "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "rps": len(rows) / max(last - first, 1e-9), "raw": out}
+
+
+def cpu_s(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def measure(server, model: str, cases, concurrency: list[int], seconds: float) -> list[dict]:
+    rest_url = f"{server.url}/v2/models/{model}/infer"
+    grpc_url = f"http://127.0.0.1:{server.grpc_port}/{pb.SERVICE}/ModelInfer"
+    proc = psutil.Process(server.proc.pid)
+    rows = []
+    for conc in concurrency:
+        for proto in PROTOCOLS:
+            body, headers = cases[proto]
+            url, h1 = (grpc_url, False) if proto == "gRPC" else (rest_url, True)
+            h2load(url, body, headers, conc, None, requests=max(20, 10 * conc), h1=h1)  # warm-up
+            ok_before, cpu_before = grpc_ok(server), cpu_s(proc)
+            r = h2load(url, body, headers, conc, seconds, h1=h1)
+            cpu = cpu_s(proc) - cpu_before
+            if proto == "gRPC":  # HTTP 200 says nothing of grpc-status: the server's own count must agree
+                served = grpc_ok(server) - ok_before
+                assert served >= r["ok"], f"gRPC: {r['ok']} HTTP 200s but only {served:.0f} OK calls"
+            assert r["ok"] == r["n"], f"{proto}: {r['n'] - r['ok']} of {r['n']} requests failed\n{r['raw']}"
+            rows.append({"model": model, "protocol": proto, "concurrency": conc, "rps": r["rps"],
+                         "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "cpu_ms": 1000 * cpu / max(r["n"], 1),
+                         "body_bytes": len(body)})
+            print(f"  {model:<10} c={conc:<2} {proto:<11} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:8.3f} ms  "
+                  f"p99 {r['p99_ms']:8.3f} ms  cpu {1000 * cpu / max(r['n'], 1):7.3f} ms/req", flush=True)
+    return rows
+
+
+def report(rows: list[dict]) -> None:
+    print()
+    print(f"{'model':<10} {'conc':>4} {'protocol':<11} {'body B':>9} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} "
+          f"{'CPU ms/req':>10} {'×req/s':>7} {'×p50':>6} {'×CPU':>6}")
+    for r in rows:
+        base = next(b for b in rows if b["model"] == r["model"] and b["concurrency"] == r["concurrency"]
+                    and b["protocol"] == "REST JSON")
+        print(f"{r['model']:<10} {r['concurrency']:>4} {r['protocol']:<11} {r['body_bytes']:>9} {r['rps']:>9.1f} "
+              f"{r['p50_ms']:>9.3f} {r['p99_ms']:>9.3f} {r['cpu_ms']:>10.3f} {r['rps'] / base['rps']:>7.2f} "
+              f"{r['p50_ms'] / base['p50_ms']:>6.2f} {r['cpu_ms'] / base['cpu_ms']:>6.2f}")
+    print("(× columns: ratio to REST JSON at the same model and concurrency, this run)")
+
+
+def model_configs(tmp: Path, names: list[str], backend: str | None) -> list[tuple[str, Path, str, str, list[int]]]:
+    """(model name, config path, input name, output name, input shape) for each benchmarked model."""
+    out = []
+    if "digits" in names:
+        cfg = yaml.safe_load((ROOT / "examples/digits/server.yaml").read_text())
+        cfg["model"] = {k: (str(ROOT / "examples/digits" / v) if k in ("prototxt", "weights", "labels") else v)
+                        for k, v in cfg["model"].items()}
+        if backend:
+            cfg["backend"] = backend
+        path = tmp / "digits.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        out.append(("digits", path, "data", "prob", [1, 1, 8, 8]))
+    if "inception" in names:
+        proto, weights = inception_net.write(tmp / "inception")
+        cfg = {"name": "inception", "model": {"prototxt": str(proto), "weights": str(weights)}}
+        if backend:
+            cfg["backend"] = backend
+        path = tmp / "inception.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        out.append(("inception", path, "data", "prob", list(inception_net.INPUT_SHAPE)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=10, help="measurement per protocol and concurrency")
+    ap.add_argument("--models", default="digits,inception")
+    ap.add_argument("--concurrency", default="1,8")
+    ap.add_argument("--backend", default=None, help="override the configs' backend (pycaffe, onnxruntime, auto)")
+    args = ap.parse_args()
+    if shutil.which("h2load") is None:
+        raise SystemExit("h2load is not installed: apt-get install nghttp2-client (scripts/debian-packages.txt)")
+    conc = [int(c) for c in args.concurrency.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for model, path, name, out, shape in model_configs(Path(d), args.models.split(","), args.backend):
+            x = np.random.default_rng(0).random(shape, dtype=np.float32)
+            with grpc_server(path, Path(d), env={"OPENBLAS_NUM_THREADS": "1"}, args=["--log-level", "WARNING"]) as server:
+                backend = orjson.loads(http("GET", f"{server.url}/v2/models/{model}")[2])["parameters"]["backend"]
+                cases = bodies(model, name, x)
+                check_answers(server, model, name, out, x, cases)
+                print(f"{model}: input {shape}, backend {backend}; the three protocols agree; measuring", flush=True)
+                rows += measure(server, model, cases, conc, args.seconds)
+            time.sleep(0.5)
+    report(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The running gateway: discovery feeding the balancer, the proxy served by our HTTP server.
+
+`caffeserve gateway` (main.py) and local mode (`caffeserve up`) both start one of these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from caffe_http.server import HTTPServer, ServerLimits
+
+from .balancer import Balancer, BalancerSettings
+from .proxy import Gateway, ProxySettings
+
+log = logging.getLogger(__name__)
+
+
+class GatewayApp:
+    def __init__(self, discovery, balancer_settings: BalancerSettings | None = None,
+                 proxy_settings: ProxySettings | None = None, limits: ServerLimits | None = None):
+        self.discovery = discovery
+        self.balancer = Balancer(balancer_settings)
+        self.gateway = Gateway(self.balancer, proxy_settings, ready=self.ready)
+        # A client that went away cancels its request: it leaves the queue, or its upstream
+        # connection is closed (never reused half-read) and the server drops the work too.
+        self.server = HTTPServer(self.gateway.handle, limits or ServerLimits(), cancel_on_disconnect=True)
+        self._discovery_task: asyncio.Task | None = None
+        self.port: int | None = None
+
+    def ready(self) -> bool:
+        return self.discovery.synced.is_set() and not self.server.stopping
+
+    async def start(self, host: str, port: int, sock=None) -> int:
+        """Start discovery and listen; returns the bound port."""
+        self._discovery_task = asyncio.create_task(self.discovery.run(self.balancer), name="gateway-discovery")
+        self._discovery_task.add_done_callback(_log_crash)
+        self.port = await self.server.start(host, port, sock=sock)
+        return self.port
+
+    async def stop(self, grace_s: float = 30.0) -> None:
+        """Refuse new requests, let those in flight finish (up to `grace_s`), then close upstreams."""
+        await self.server.stop(grace_s)
+        if self._discovery_task is not None:
+            self._discovery_task.cancel()
+            try:
+                await self._discovery_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self.discovery.stop()
+        self.balancer.close()
+
+
+def _log_crash(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("discovery stopped: %r", task.exception())

@@ -1,0 +1,297 @@
+"""Which endpoint serves a request: least outstanding requests, a per-model wait queue, ejection.
+
+- Pick: Envoy's "least request" with two choices: of the endpoints that are not ejected and are
+  below the per-endpoint concurrency limit, sample two at random and take the one with fewer
+  active requests. If every ready endpoint is ejected, ejection is ignored (Envoy's panic mode):
+  a model is never made unreachable by ejection alone.
+- Wait: when every endpoint is at its limit, the request waits in a bounded FIFO queue for the
+  first free slot, at most `max_wait_s` and never past its own deadline.
+- Eject: `eject_after` consecutive failures (connect failures, timeouts, 5xx other than 503)
+  eject an endpoint for `eject_base_s` × the number of times it was ejected (capped), as Envoy's
+  outlier detection does. A 503 is the server saying "busy" and does not count.
+- Connection refused: an endpoint that could not be reached is also skipped for
+  `connect_backoff_s` (as nginx's `max_fails=1 fail_timeout` does), so that a crashed server does not
+  attract the requests that least-request would otherwise send to an idle-looking endpoint.
+- Retry budget: concurrent retries per model stay below max(min, percent × active requests),
+  active meaning every request of the model the gateway is handling (Envoy's retry budget).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import deque
+from dataclasses import dataclass
+
+from caffe_http.upstream import EndpointPool
+
+
+@dataclass
+class BalancerSettings:
+    max_concurrency: int = 16  # per endpoint
+    max_queue: int = 256  # waiting requests per model
+    max_wait_s: float = 10.0
+    eject_after: int = 5  # consecutive failures
+    eject_base_s: float = 30.0
+    eject_max_s: float = 300.0
+    retry_budget_percent: float = 20.0
+    retry_budget_min: int = 3
+    connect_timeout_s: float = 2.0
+    connect_backoff_s: float = 1.0
+
+
+class Endpoint:
+    """One ready server of one model."""
+
+    __slots__ = ("address", "pool", "active", "failures", "ejected_until", "ejections", "removed")
+
+    def __init__(self, host: str, port: int, connect_timeout_s: float):
+        self.pool = EndpointPool(host, port, connect_timeout_s)
+        self.address = self.pool.authority
+        self.active = 0
+        self.failures = 0  # consecutive
+        self.ejected_until = 0.0
+        self.ejections = 0
+        self.removed = False
+
+    def __repr__(self):
+        return f"Endpoint({self.address}, active={self.active})"
+
+
+class Overloaded(Exception):
+    """No slot could be had: the queue is full or the wait ran out (503 + Retry-After)."""
+
+
+class NoEndpoints(Exception):
+    """The model has no ready endpoint at all (503 + Retry-After)."""
+
+
+class DeadlinePassed(Exception):
+    """The request's own deadline passed while it waited (504); it was not forwarded."""
+
+
+class _Waiter:
+    __slots__ = ("future", "exclude")
+
+    def __init__(self, future: asyncio.Future, exclude: frozenset[str]):
+        self.future = future
+        self.exclude = exclude
+
+
+class ModelRoute:
+    """The endpoints of one model and the requests waiting for them."""
+
+    def __init__(self, name: str, settings: BalancerSettings):
+        self.name = name
+        self.settings = settings
+        self.endpoints: list[Endpoint] = []
+        self.waiters: deque[_Waiter] = deque()
+        self.queued = 0
+        self.in_flight = 0  # holding an endpoint slot
+        self.active = 0  # being handled by the gateway (waiting, in flight or between attempts)
+        self.retries_active = 0
+        self.ejections_total = 0
+        self.retries_total = 0
+        self._rearm: asyncio.TimerHandle | None = None
+        self._rng = random.Random()
+
+    # --- endpoint set (from discovery)
+    def set_endpoints(self, addresses: set[tuple[str, int]]) -> None:
+        """Replace the ready endpoints; requests in flight on a removed endpoint finish there."""
+        keep: list[Endpoint] = []
+        current = {(e.pool.host, e.pool.port): e for e in self.endpoints}
+        for key in sorted(addresses):
+            ep = current.pop(key, None)
+            keep.append(ep if ep is not None else Endpoint(key[0], key[1], self.settings.connect_timeout_s))
+        for ep in current.values():
+            ep.removed = True
+            if ep.active == 0:
+                ep.pool.close()
+        self.endpoints = keep
+        self._dispatch()
+
+    def ready_count(self) -> int:
+        return len(self.endpoints)
+
+    def ejected_count(self, now: float) -> int:
+        return sum(1 for e in self.endpoints if e.ejected_until > now)
+
+    # --- picking
+    def _pick(self, now: float, exclude: frozenset[str]) -> Endpoint | None:
+        limit = self.settings.max_concurrency
+        healthy = [e for e in self.endpoints
+                   if e.active < limit and e.ejected_until <= now and e.address not in exclude]
+        if not healthy:
+            if any(e.ejected_until <= now for e in self.endpoints):
+                return None  # some are healthy, just busy (or excluded): wait for them
+            healthy = [e for e in self.endpoints if e.active < limit and e.address not in exclude]  # panic
+            if not healthy:
+                return None
+        if len(healthy) == 1:
+            return healthy[0]
+        a, b = self._rng.sample(healthy, 2)
+        return a if a.active <= b.active else b
+
+    async def acquire(self, deadline: float, exclude: frozenset[str] = frozenset()) -> Endpoint:
+        """A slot on an endpoint, now or after waiting; raises NoEndpoints/Overloaded/DeadlinePassed."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if not self.endpoints:
+            raise NoEndpoints(f"model '{self.name}' has no ready endpoint")
+        waiters = self.waiters
+        while waiters and waiters[0].future.done():
+            waiters.popleft()
+        if not waiters or exclude:
+            ep = self._pick(now, exclude)
+            if ep is not None:
+                ep.active += 1
+                self.in_flight += 1
+                return ep
+        if exclude and all(e.address in exclude for e in self.endpoints):
+            raise NoEndpoints("no other endpoint to try")
+        if self.queued >= self.settings.max_queue:
+            raise Overloaded(f"model '{self.name}' is overloaded: {self.queued} requests already waiting")
+        wait_until = min(now + self.settings.max_wait_s, deadline)
+        fut = loop.create_future()
+        waiters.append(_Waiter(fut, exclude))
+        self.queued += 1
+        self._dispatch()
+        try:
+            async with asyncio.timeout_at(wait_until):
+                return await fut
+        except (TimeoutError, asyncio.CancelledError) as e:
+            got = fut.done() and not fut.cancelled() and fut.exception() is None
+            if got and isinstance(e, TimeoutError) and loop.time() < deadline:
+                return fut.result()  # the slot came just as the wait ran out: use it
+            if got:
+                self.release(fut.result(), None)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            if loop.time() >= deadline:
+                raise DeadlinePassed(f"request deadline passed while waiting for model '{self.name}'") from None
+            raise Overloaded(f"model '{self.name}' is overloaded: no endpoint free within "
+                             f"{self.settings.max_wait_s:g} s") from None
+        finally:
+            self.queued -= 1
+            if not fut.done():
+                fut.cancel()
+            if len(waiters) > 2 * self.settings.max_queue:
+                self.waiters = deque(w for w in waiters if not w.future.done())
+
+    def _dispatch(self) -> None:
+        """Hand free slots to waiters, oldest first."""
+        waiters = self.waiters
+        if not waiters:
+            return
+        now = asyncio.get_running_loop().time()
+        passed_over: list[_Waiter] = []  # retries waiting for an endpoint they did not exclude
+        while waiters:
+            w = waiters[0]
+            if w.future.done():
+                waiters.popleft()
+                continue
+            ep = self._pick(now, w.exclude)
+            if ep is None:
+                if not w.exclude:
+                    break  # nothing is free for anyone
+                passed_over.append(waiters.popleft())  # a later waiter may take what it excludes
+                continue
+            waiters.popleft()
+            ep.active += 1
+            self.in_flight += 1
+            w.future.set_result(ep)
+        waiters.extendleft(reversed(passed_over))
+        if waiters:
+            self._arm_for_ejection_expiry(now)
+
+    def _arm_for_ejection_expiry(self, now: float) -> None:
+        """Waiters blocked only by ejections are retried when the first ejection ends."""
+        ends = [e.ejected_until for e in self.endpoints if e.ejected_until > now]
+        if not ends or self._rearm is not None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def fire():
+            self._rearm = None
+            self._dispatch()
+
+        self._rearm = loop.call_at(min(ends), fire)
+
+    # --- outcomes
+    def release(self, ep: Endpoint, failed: bool | None) -> None:
+        """Give a slot back. `failed`: True/False feeds outlier detection; None says nothing."""
+        ep.active -= 1
+        self.in_flight -= 1
+        if failed:
+            ep.failures += 1
+            if ep.failures >= self.settings.eject_after and not ep.removed:
+                ep.failures = 0
+                ep.ejections += 1
+                self.ejections_total += 1
+                loop = asyncio.get_running_loop()
+                ep.ejected_until = loop.time() + min(self.settings.eject_base_s * ep.ejections,
+                                                     self.settings.eject_max_s)
+        elif failed is False:
+            ep.failures = 0
+        if ep.removed and ep.active == 0:
+            ep.pool.close()
+        if self.waiters:
+            self._dispatch()
+
+    def unreachable(self, ep: Endpoint) -> None:
+        """A connection to `ep` failed: skip it for a moment (not counted as an ejection)."""
+        until = asyncio.get_running_loop().time() + self.settings.connect_backoff_s
+        ep.ejected_until = max(ep.ejected_until, until)
+
+    def try_start_retry(self) -> bool:
+        """Whether one more retry fits the budget; the caller must call `end_retry` after it."""
+        budget = max(self.settings.retry_budget_min, self.active * self.settings.retry_budget_percent / 100.0)
+        if self.retries_active >= budget:
+            return False
+        self.retries_active += 1
+        self.retries_total += 1
+        return True
+
+    def end_retry(self) -> None:
+        self.retries_active -= 1
+
+    def close(self) -> None:
+        if self._rearm is not None:
+            self._rearm.cancel()
+        for ep in self.endpoints:
+            ep.removed = True
+            ep.pool.close()
+        for w in self.waiters:
+            if not w.future.done():
+                w.future.set_exception(NoEndpoints(f"model '{self.name}' was removed"))
+        self.waiters.clear()
+
+
+class Balancer:
+    """All models the gateway knows, by name."""
+
+    def __init__(self, settings: BalancerSettings | None = None):
+        self.settings = settings or BalancerSettings()
+        self.models: dict[str, ModelRoute] = {}
+
+    def set_model(self, name: str, addresses: set[tuple[str, int]]) -> None:
+        route = self.models.get(name)
+        if route is None:
+            route = self.models[name] = ModelRoute(name, self.settings)
+        route.set_endpoints(addresses)
+
+    def remove_model(self, name: str) -> None:
+        route = self.models.pop(name, None)
+        if route is not None:
+            route.close()
+
+    def replace_all(self, models: dict[str, set[tuple[str, int]]]) -> None:
+        for name in list(self.models):
+            if name not in models:
+                self.remove_model(name)
+        for name, addresses in models.items():
+            self.set_model(name, addresses)
+
+    def close(self) -> None:
+        for name in list(self.models):
+            self.remove_model(name)

@@ -1,0 +1,99 @@
+"""`caffeserve gateway`: forward Open Inference Protocol requests to each model's ready servers.
+
+    caffeserve gateway --static digits=http://127.0.0.1:8001,http://127.0.0.1:8002
+    caffeserve gateway --kubernetes [--namespace NS | --all-namespaces] [--kubeconfig FILE]
+
+Each request to /v2/models/{m}/... goes to the ready server of model m with the fewest requests
+in flight (two random choices), at most --max-concurrency per server; the others wait in a
+per-model queue. Overload (queue full, or no free server within --max-wait) and a model with no
+ready server are answered 503 with an integer Retry-After; a request whose deadline
+(--request-timeout) passes in the queue is answered 504 and never forwarded. Connection failures
+are retried on another server (retry budget: 20% of active requests, at least 3); 5 consecutive
+failures eject a server for 30 s. In a cluster the gateway needs `list` and `watch` on
+discovery.k8s.io endpointslices, nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from caffe_http.lifecycle import install_uvloop, stop_event
+
+from .app import GatewayApp
+from .discovery import EndpointSliceWatcher, KubeConfig, StaticDiscovery, parse_static
+from .settings import add_arguments, settings_from
+
+log = logging.getLogger("caffeserve.gateway")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="caffeserve gateway", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8080)
+    src = p.add_argument_group("discovery (one of)")
+    src.add_argument("--static", action="append", default=[], metavar="MODEL=URL[,URL...]",
+                     help="a model's servers, given directly (repeat per model)")
+    src.add_argument("--kubernetes", action="store_true",
+                     help="watch EndpointSlices labelled caffeserving.io/model (default inside a cluster)")
+    src.add_argument("--namespace", help="namespace to watch (default: the pod's, or the kubeconfig context's)")
+    src.add_argument("--all-namespaces", action="store_true", help="watch every namespace (needs a ClusterRole)")
+    src.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"),
+                     help="kubeconfig file (default $KUBECONFIG; in a cluster the service-account token)")
+    src.add_argument("--context", help="kubeconfig context (default: current-context)")
+    add_arguments(p)
+    p.add_argument("--grace", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, how long requests in flight may take to finish (default %(default)s)")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def make_discovery(args, p: argparse.ArgumentParser):
+    if args.static and args.kubernetes:
+        p.error("use either --static or --kubernetes, not both")
+    if args.static:
+        models = {}
+        for spec in args.static:
+            try:
+                name, addrs = parse_static(spec)
+            except ValueError as e:
+                p.error(f"--static: {e}")
+            models.setdefault(name, set()).update(addrs)
+        return StaticDiscovery(models)
+    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    if not (args.kubernetes or in_cluster):
+        p.error("give --static MODEL=URL[,URL...] or --kubernetes")
+    kube = KubeConfig.from_kubeconfig(args.kubeconfig, args.context) if args.kubeconfig else KubeConfig.in_cluster()
+    namespace = None if args.all_namespaces else (args.namespace or kube.namespace)
+    return EndpointSliceWatcher(kube, namespace)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    discovery = make_discovery(args, p)
+    balancer, proxy, limits = settings_from(args)
+    app = GatewayApp(discovery, balancer, proxy, limits)
+    install_uvloop()
+
+    asyncio.run(run_until_signalled(app, args.host, args.port, args.grace))
+    return 0
+
+
+async def run_until_signalled(app: GatewayApp, host: str, port: int, grace_s: float) -> None:
+    """Serve until SIGTERM/SIGINT, then drain: refuse new requests, finish those in flight."""
+    stop = stop_event()
+    bound = await app.start(host, port)
+    log.info("gateway listening on http://%s:%d", host, bound)
+    await stop.wait()
+    log.info("stopping: finishing requests in flight (up to %.0f s)", grace_s)
+    await app.stop(grace_s)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""`caffeserve up MANIFEST [--port P]`: a CaffeModelService manifest on this machine, no cluster.
+
+It reads the same manifest a user would `kubectl apply` (validated by the operator's own types),
+starts `spec.replicas` `caffeserve serve` processes on loopback per model with the very server
+config the operator would put in the pod (manifests.server_config, with this machine's folder for
+/models), puts the gateway in front, prints where to send requests, and on Ctrl-C or SIGTERM stops the gateway (finishing requests in
+flight), then the servers, and exits. Like a Deployment, it restarts a replica that dies, and
+the gateway only sends to replicas that are ready.
+
+Where the model files come from, per `spec.source`:
+- `pvc: {claimName: C, path: P}`: the files are in `ROOT/C/P` when the folder `ROOT/C` exists,
+  else in `ROOT/P`; ROOT is `--pvc-root` (default: the manifest's folder). So a manifest kept
+  beside its model files (examples/digits/service.yaml) runs as it is.
+- `url`: each file is downloaded by `caffeserve fetch` (sha256 checked) into
+  `--cache-dir/NAME/` (default `$XDG_CACHE_HOME/caffe-serving/models`, `~/.cache/caffe-serving/models`
+  without it: beside the converted ONNX graphs in `~/.cache/caffe-serving/onnx`); a file
+  already there with the expected sha256 is not downloaded again (one without a sha256 in the
+  manifest, e.g. labels, is downloaded at every start).
+- `configMap: {name: N}`: the ConfigMap `N` must be in the same file (`---`-separated); its
+  `data` and `binaryData` keys are written to a temporary folder.
+
+Runtime fields that only make sense in a cluster (image, GPU resource names, node selection) are
+ignored. `--device cpu` runs a `device: gpu` manifest on this machine's CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from caffe_gateway.settings import add_arguments, settings_from
+from caffe_http.lifecycle import install_uvloop, stop_event
+
+from .models import LocalError, default_cache_dir, local_models
+from .replicas import LocalService
+
+
+def parser(prog: str = "caffeserve up") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("manifest", type=Path, help="a CaffeModelService manifest (YAML; several documents allowed)")
+    p.add_argument("--host", default="127.0.0.1", help="gateway address (default %(default)s)")
+    p.add_argument("--port", type=int, default=8080, help="gateway port (default %(default)s; 0: any free port)")
+    p.add_argument("--pvc-root", type=Path, help="folder that holds PVC claims (default: the manifest's folder)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="where source.url files are downloaded")
+    p.add_argument("--device", choices=["cpu", "gpu"], help="override runtime.device (e.g. cpu on a laptop)")
+    p.add_argument("--replicas", type=int, help="override spec.replicas")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds to finish requests in flight on stop")
+    add_arguments(p)
+    return p
+
+
+async def run(args, on_ready=None) -> int:
+    """Run until SIGTERM/SIGINT (or until `on_ready(port)` returns, when given); 0 on a clean stop."""
+    tmp = Path(tempfile.mkdtemp(prefix="caffeserve-up-"))
+    service = None
+    try:
+        models = local_models(args.manifest, args.pvc_root, args.cache_dir or default_cache_dir(), tmp,
+                              args.device, args.replicas)
+        service = LocalService(models, tmp, settings_from(args), args.host, args.port, args.grace)
+        stop = stop_event()
+        starting = asyncio.create_task(service.start())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # stopped while starting
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            print("stopping", flush=True)
+            return 0
+        port = starting.result()
+        print(service.banner(port), flush=True)
+        if on_ready is not None:
+            result = await on_ready(port)
+            stopped.cancel()
+            return result
+        await stopped
+        print("stopping: finishing requests in flight, then the servers", flush=True)
+        return 0
+    except LocalError as e:
+        print(f"caffeserve up: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if service is not None:
+            await service.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_uvloop()
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Local mode's models: a CaffeModelService manifest read as server configs for this machine.
+
+The manifest is validated by the operator's own types (caffe_operator.api) and each model's
+config is the operator's (manifests.server_config) with this machine's folder in place of
+/models; where that folder is, per `spec.source`, is described in caffe_local/main.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from caffe_operator.api import API_VERSION, KIND, InvalidSpec, parse_spec
+from caffe_operator.manifests import server_config
+from inference_server.fetch import FetchError, fetch
+
+
+class LocalError(Exception):
+    """Something local mode cannot run; the message says what and how to fix it."""
+
+
+@dataclass
+class LocalModel:
+    name: str
+    replicas: int
+    config_yaml: str  # the `caffeserve serve` config, with this machine's file paths
+    startup_timeout_s: float
+
+
+def load_manifest(path: Path) -> list[dict]:
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    except OSError as e:
+        raise LocalError(f"cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise LocalError(f"{path} is not valid YAML: {e}") from None
+    if not all(isinstance(d, dict) for d in docs):
+        raise LocalError(f"{path}: every document must be a Kubernetes object (a mapping)")
+    return docs
+
+
+def _files_dir(name: str, spec, manifest: Path, docs: list[dict], pvc_root: Path | None, cache_dir: Path,
+               tmp: Path) -> Path:
+    """The local folder that plays /models for this model (the rules: caffe_local/main.py's docstring)."""
+    src = spec.source
+    if src.pvc is not None:
+        root = (pvc_root or manifest.parent).resolve()
+        claim = root / src.pvc.claim_name
+        base = claim if claim.is_dir() else root
+        return base / src.pvc.path.strip("/") if src.pvc.path.strip("/") else base
+    if src.url is not None:
+        dest = cache_dir / name
+        for f in spec.model_files():
+            try:
+                got = fetch(f.url, f.path(str(dest)), f.sha256)
+            except FetchError as e:
+                raise LocalError(f"{name}: model.{f.role}: {e}") from None
+            print(f"{name}: {f.local_name} {'downloaded' if got.downloaded else 'cached'} "
+                  f"({got.size} bytes, sha256 {got.sha256[:12]}…)", flush=True)
+        return dest
+    cm_name = src.config_map.name
+    cm = next((d for d in docs if d.get("kind") == "ConfigMap" and (d.get("metadata") or {}).get("name") == cm_name),
+              None)
+    if cm is None:
+        raise LocalError(f"{name}: source.configMap {cm_name!r} is not in {manifest}; "
+                         "add the ConfigMap to the same file (separated by ---)")
+    dest = tmp / f"configmap-{cm_name}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for key, text in (cm.get("data") or {}).items():
+        (dest / key).write_text(text)
+    for key, b64 in (cm.get("binaryData") or {}).items():
+        (dest / key).write_bytes(base64.b64decode(b64))
+    return dest
+
+
+def local_models(manifest: Path, pvc_root: Path | None, cache_dir: Path, tmp: Path,
+                 device: str | None = None, replicas: int | None = None) -> list[LocalModel]:
+    """Every CaffeModelService in the file, as server configs for this machine."""
+    docs = load_manifest(manifest)
+    services = [d for d in docs if d.get("kind") == KIND]
+    if not services:
+        raise LocalError(f"{manifest} has no {KIND} (apiVersion {API_VERSION})")
+    out = []
+    for doc in services:
+        if doc.get("apiVersion") != API_VERSION:
+            raise LocalError(f"{manifest}: apiVersion {doc.get('apiVersion')!r}; expected {API_VERSION}")
+        name = (doc.get("metadata") or {}).get("name") or ""
+        try:
+            spec = parse_spec(name, doc.get("spec"))
+        except InvalidSpec as e:
+            raise LocalError(f"{manifest}: {KIND} {name!r}: {e}") from None
+        files = _files_dir(name, spec, manifest, docs, pvc_root, cache_dir, tmp)
+        for f in spec.model_files():
+            if not (files / f.local_name).is_file():
+                hint = " (the pvc rule: see `caffeserve up --help`)" if spec.source.pvc is not None else ""
+                raise LocalError(f"{name}: model.{f.role} {f.local_name!r} not found in {files}{hint}")
+        cfg = server_config(name, spec, model_dir=str(files))
+        if device is not None:
+            cfg = cfg.model_copy(update={"device": cfg.device.model_copy(update={"kind": device})})
+        data = cfg.model_dump(by_alias=True, exclude_none=True, mode="json")
+        out.append(LocalModel(name, spec.replicas if replicas is None else replicas,
+                              yaml.safe_dump(data, sort_keys=False), float(spec.runtime.startup_timeout_seconds)))
+    names = [m.name for m in out]
+    if len(set(names)) != len(names):
+        raise LocalError(f"{manifest}: two {KIND}s share a name")
+    return out
+
+
+def default_cache_dir() -> Path:
+    """Where source.url files are downloaded: the project's one cache folder, `models` in it."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "caffe-serving" / "models"

@@ -1,0 +1,44 @@
+"""Stand-ins for the lines of Caffe's sources that our patch scripts anchor on, laid out as in the sdist:
+the tests run each patch on them and read what it wrote."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PYCAFFE_SNIPPET = """\
+void set_mode_cpu() { Caffe::set_mode(Caffe::CPU); }
+void set_mode_gpu() { Caffe::set_mode(Caffe::GPU); }
+  bp::class_<Net<Dtype>, shared_ptr<Net<Dtype> >, boost::noncopyable >("Net", bp::no_init)
+    .def("_forward", &Net<Dtype>::ForwardFromTo)
+    .def("_backward", &Net<Dtype>::BackwardFromTo)
+"""
+# brocolli-caffe 9.0.2's src/caffe/util/io.cpp, the lines the limit patch anchors on
+IO_CPP_SNIPPET = """\
+#include <fcntl.h>
+bool ReadProtoFromBinaryFile(const char* filename, Message* proto) {
+  CodedInputStream* coded_input = new CodedInputStream(raw_input);
+  coded_input->SetTotalBytesLimit(536870912);
+}
+bool ReadProtoFromBinaryMemory(unsigned char* buffer, int len, Message* proto) {
+  coded_input->SetTotalBytesLimit(536870912);
+}
+"""
+
+
+def caffe_tree(root: Path) -> Path:
+    (root / "python" / "caffe").mkdir(parents=True)
+    (root / "src" / "caffe" / "util").mkdir(parents=True)
+    (root / "python" / "caffe" / "_caffe.cpp").write_text(PYCAFFE_SNIPPET)
+    (root / "src" / "caffe" / "util" / "io.cpp").write_text(IO_CPP_SNIPPET)
+    fork_targets(root)  # what patch_caffe_forks.py edits
+    return root
+
+
+def fork_targets(root: Path) -> None:
+    (root / "src" / "caffe" / "proto").mkdir(parents=True, exist_ok=True)
+    (root / "src" / "caffe" / "layers").mkdir(parents=True, exist_ok=True)
+    (root / "src" / "caffe" / "proto" / "caffe.proto").write_text("".join(
+        f"message {m} {{\n  optional int32 x = 1;\n}}\n"
+        for m in ("LayerParameter", "BNParameter", "DetectionOutputParameter", "UpsampleParameter")))
+    (root / "src" / "caffe" / "layers" / "detection_output_layer.cpp").write_text(
+        "  const bool clip_bbox = false;\n  DecodeBBoxesAll(clip_bbox);\n")

@@ -1,0 +1,140 @@
+"""`caffeserve gateway` as a process for tests and benchmarks, and what is asked of it: metrics,
+the digits payloads and server configs (a "slow" server is the real digits server with batching
+that waits for a batch to fill), many requests at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+
+import numpy as np
+import psutil
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from caffe_testing.digits import DIGITS_DIR, digits_data
+from caffe_testing.servers import CAFFESERVE, REPO, ServerProcess, free_port, http
+
+IMAGES, LABELS = digits_data.held_out()
+
+
+class GatewayProcess:
+    """`caffeserve gateway ARGS...` on a free loopback port; `url` once ready."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = list(args)
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.log = b""
+
+    def start(self, timeout: float = 30.0) -> "GatewayProcess":
+        self.proc = subprocess.Popen(
+            CAFFESERVE + ["gateway", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
+            cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.proc.stdout.read().decode()}")
+            try:
+                if http("GET", self.url + "/v2/health/ready", timeout=2)[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError("gateway not ready")
+
+    def stop(self) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc and self.proc.stdout:
+            self.log = self.proc.stdout.read()
+        return self.proc.returncode if self.proc else None
+
+    def rss(self) -> int:
+        return psutil.Process(self.proc.pid).memory_info().rss
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` (exact sample name) whose labels include `labels`."""
+    text = http("GET", url + "/metrics")[2].decode()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def served(server: ServerProcess) -> float:
+    """Inference requests a server has answered (any code)."""
+    return metric(server.url, "caffeserve_inference_requests_total")
+
+
+def infer_payload(i: int) -> dict:
+    blob = digits_data.to_blob(IMAGES[i:i + 1])
+    return {"inputs": [{"name": "data", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": blob.ravel().tolist()}]}
+
+
+def predicted(body: dict) -> int:
+    return int(np.argmax(body["outputs"][0]["data"]))
+
+
+def digits_config(**overrides) -> dict:
+    """The digits server config with absolute model paths (so it can be written anywhere)."""
+    cfg = yaml.safe_load((DIGITS_DIR / "server.yaml").read_text())
+    for key in ("prototxt", "weights", "labels"):
+        cfg["model"][key] = str(DIGITS_DIR / cfg["model"][key])
+    cfg.update(overrides)
+    return cfg
+
+
+def slow_config(delay_ms: float) -> dict:
+    """Each lone request waits `delay_ms` for a batch to fill: a server that stays busy."""
+    return digits_config(batching={"enabled": True, "maxBatchSize": 8, "maxQueueDelayMs": delay_ms})
+
+
+def static(model: str, *servers: ServerProcess) -> str:
+    return f"{model}=" + ",".join(s.url for s in servers)
+
+
+async def _one_request(port: int, body: bytes, path: str = "/v2/models/digits/infer"):
+    """One POST on its own connection: (status, headers, body, seconds)."""
+    t0 = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body
+    )
+    data = await reader.read()
+    writer.close()
+    head, _, payload = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, payload, time.monotonic() - t0
+
+
+def burst(port: int, n: int, body: bytes) -> list[tuple[int, dict, bytes, float]]:
+    """`n` requests at once, each on its own connection."""
+
+    async def run():
+        return await asyncio.gather(*(_one_request(port, body) for _ in range(n)))
+
+    return asyncio.run(run())

@@ -1,0 +1,106 @@
+"""Start real `caffeserve serve` processes on loopback for tests (and benchmarks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from caffe_testing import REPO
+
+CAFFESERVE = [sys.executable, "-m", "caffeserve"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen | None, grace_s: float, sig=signal.SIGTERM) -> int | None:
+    """`sig` (SIGTERM), then SIGKILL once `grace_s` has passed, as the kubelet stops a container."""
+    if proc and proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode if proc else None
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 30):
+    """(status, headers, body bytes) of one request; never raises for an HTTP error code."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def http_json(method: str, url: str, payload=None, **kw):
+    body = None if payload is None else json.dumps(payload).encode()
+    status, headers, data = http(method, url, body, {"Content-Type": "application/json"}, **kw)
+    return status, (json.loads(data) if data else None)
+
+
+class ServerProcess:
+    """A `caffeserve serve` subprocess; `url` once started. Use as a context manager."""
+
+    def __init__(self, config: dict | str | Path, tmp_dir: Path | None = None, env: dict | None = None,
+                 wait_ready: bool = True, args: list[str] | None = None):
+        if isinstance(config, dict):
+            tmp_dir = Path(tmp_dir or ".")
+            path = tmp_dir / f"server-{os.getpid()}-{id(self)}.yaml"
+            path.write_text(yaml.safe_dump(config))
+            config = path
+        self.config_path = Path(config)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **(env or {})}
+        self.wait_ready = wait_ready
+        self.args = args or []
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> "ServerProcess":
+        self.proc = subprocess.Popen(
+            CAFFESERVE + ["serve", "--config", str(self.config_path), "--port", str(self.port), *self.args],
+            cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        path = "/v2/health/ready" if self.wait_ready else "/v2/health/live"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if http("GET", self.url + path, timeout=2)[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"server not {'ready' if self.wait_ready else 'live'} in {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        if self.proc and self.proc.stdout and self.proc.poll() is not None:
+            return self.proc.stdout.read().decode(errors="replace")
+        return ""
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        return stop_process(self.proc, timeout, sig)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,126 @@
+"""OIP gRPC messages ⇄ the data plane's requests and outputs: typed `contents` and raw contents.
+
+The checks and messages are REST's (codecs.py): the same shape, element-count and datatype rules,
+each error a BadRequest naming the input, which the service answers with INVALID_ARGUMENT.
+Responses mirror the request: raw inputs get `raw_output_contents` (what tritonclient reads),
+typed inputs get typed `contents`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..codecs import DTYPES, InferRequest, InputTensor, RequestedOutput, _binary_array, _bytes_payload, _check_shape, _object_array
+from ..errors import BadRequest
+from . import messages as pb
+
+# datatype -> (the InferTensorContents field that carries it, the field's own numpy dtype)
+CONTENTS_FIELD: dict[str, tuple[str, np.dtype]] = {
+    "BOOL": ("bool_contents", np.dtype(np.bool_)),
+    "INT8": ("int_contents", np.dtype(np.int32)),
+    "INT16": ("int_contents", np.dtype(np.int32)),
+    "INT32": ("int_contents", np.dtype(np.int32)),
+    "INT64": ("int64_contents", np.dtype(np.int64)),
+    "UINT8": ("uint_contents", np.dtype(np.uint32)),
+    "UINT16": ("uint_contents", np.dtype(np.uint32)),
+    "UINT32": ("uint_contents", np.dtype(np.uint32)),
+    "UINT64": ("uint64_contents", np.dtype(np.uint64)),
+    "FP32": ("fp32_contents", np.dtype(np.float32)),
+    "FP64": ("fp64_contents", np.dtype(np.float64)),
+    "BYTES": ("bytes_contents", np.dtype(object)),
+}
+_ALL_FIELDS = tuple(dict.fromkeys(f for f, _ in CONTENTS_FIELD.values()))
+
+
+def parameter_value(p):
+    """An InferParameter's value as a Python bool/int/str/float (None when unset)."""
+    which = p.WhichOneof("parameter_choice")
+    return None if which is None else getattr(p, which)
+
+
+def _typed_array(name: str, contents, datatype: str, shape: list[int], count: int) -> np.ndarray:
+    if datatype not in CONTENTS_FIELD:  # FP16
+        raise BadRequest(f"input '{name}': {datatype} data travels in raw_input_contents only "
+                         f"(the protocol has no typed contents field for it)")
+    field, field_dtype = CONTENTS_FIELD[datatype]
+    values = getattr(contents, field)
+    if len(values) != count:
+        others = [f for f in _ALL_FIELDS if f != field and len(getattr(contents, f))]
+        if others:
+            raise BadRequest(f"input '{name}': {datatype} data goes in contents.{field}, "
+                             f"the request filled contents.{others[0]}")
+        raise BadRequest(f"input '{name}': shape {shape} needs {count} elements, contents.{field} has {len(values)}")
+    if datatype == "BYTES":
+        return _object_array(list(values))  # flat, as REST's codec holds BYTES
+    arr = np.fromiter(values, dtype=field_dtype, count=count)
+    target = DTYPES[datatype]
+    if target != field_dtype:  # INT8/16 in int32, UINT8/16 in uint32: numpy would wrap 300 to 44
+        info = np.iinfo(target)
+        if arr.size and (arr.min() < info.min or arr.max() > info.max):
+            raise BadRequest(f"input '{name}': {datatype} data must be integers in [{info.min}, {info.max}]")
+        arr = arr.astype(target)
+    return arr.reshape(shape)
+
+
+def decode_infer_request(msg, max_elements: int) -> InferRequest:
+    """A ModelInferRequest as the data plane's InferRequest (numpy inputs); BadRequest when it is not valid."""
+    if not msg.inputs:
+        raise BadRequest("the request needs a non-empty 'inputs' list")
+    raw = msg.raw_input_contents
+    if raw and len(raw) != len(msg.inputs):
+        raise BadRequest(f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs; "
+                         f"send one per input, in the order of 'inputs'")
+    inputs: list[InputTensor] = []
+    for i, t in enumerate(msg.inputs):
+        name = t.name
+        if not name:
+            raise BadRequest("each input needs a 'name'")
+        datatype = t.datatype
+        if datatype not in DTYPES:
+            raise BadRequest(f"input '{name}': unknown datatype {datatype!r}; expected one of {', '.join(DTYPES)}")
+        shape = list(t.shape)
+        count = _check_shape(name, shape, max_elements)
+        has_contents = t.HasField("contents")
+        if raw:
+            if has_contents and any(len(getattr(t.contents, f)) for f in _ALL_FIELDS):
+                raise BadRequest(f"input '{name}': data is in both contents and raw_input_contents; send one")
+            arr = _binary_array(name, memoryview(raw[i]), datatype, shape, count)
+        elif has_contents:
+            arr = _typed_array(name, t.contents, datatype, shape, count)
+        elif count == 0:
+            arr = np.empty(shape, dtype=DTYPES[datatype])
+        else:
+            raise BadRequest(f"input '{name}' has neither contents nor raw_input_contents")
+        inputs.append(InputTensor(name, shape, datatype, arr))
+
+    outputs = None
+    if msg.outputs:
+        outputs = []
+        for o in msg.outputs:
+            if not o.name:
+                raise BadRequest("each requested output needs a 'name'")
+            cls = 0
+            if "classification" in o.parameters:
+                cls = parameter_value(o.parameters["classification"])
+                if type(cls) is not int or cls < 0:
+                    raise BadRequest(f"output '{o.name}': classification must be a non-negative integer")
+            outputs.append(RequestedOutput(o.name, True, cls))
+    params = {k: parameter_value(v) for k, v in msg.parameters.items()} if msg.parameters else {}
+    return InferRequest(msg.id or None, inputs, outputs, bool(raw), params)
+
+
+def encode_infer_response(model_name: str, model_version: str, request_id: str | None,
+                          outputs: list[tuple[str, str, np.ndarray, bool]], raw: bool) -> bytes:
+    """The serialized ModelInferResponse: raw_output_contents when `raw`, typed contents otherwise."""
+    resp = pb.ModelInferResponse(model_name=model_name, model_version=model_version, id=request_id or "")
+    raw = raw or any(dt not in CONTENTS_FIELD for _, dt, _, _ in outputs)  # FP16 has no typed field
+    for name, datatype, arr, _ in outputs:
+        o = resp.outputs.add(name=name, datatype=datatype, shape=arr.shape)
+        if raw:
+            resp.raw_output_contents.append(
+                _bytes_payload(arr) if datatype == "BYTES" else np.ascontiguousarray(arr).tobytes())
+        elif datatype == "BYTES":
+            o.contents.bytes_contents.extend(v if isinstance(v, bytes) else str(v).encode() for v in arr.ravel())
+        else:
+            getattr(o.contents, CONTENTS_FIELD[datatype][0]).extend(arr.ravel().tolist())
+    return resp.SerializeToString()

@@ -1,0 +1,191 @@
+"""`inference.GRPCInferenceService` on grpc.aio, in the REST server's event loop and process.
+
+The handlers call the same DataPlane and Model as the REST routes (app.py), so readiness, the
+executor's queue, deadlines, cancellation and metrics are one. Each InferenceError becomes a gRPC
+status through the one table in errors.py, its message as the status details; a full queue also
+says when to retry, three ways: `google.rpc.RetryInfo` in `grpc-status-details-bin` (the richer
+error model), `grpc-retry-pushback-ms` (honoured by gRPC's own retry policy) and `retry-after`
+(seconds, as REST's header).
+
+Messages travel as bytes through grpc (no (de)serializer registered): a request that does not parse
+is an INVALID_ARGUMENT we word ourselves, and each response is serialized once, by us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+import orjson
+from google.protobuf.message import DecodeError
+from prometheus_client import Counter
+
+from ..dataplane import DataPlane
+from ..errors import BadRequest, InferenceError, NotFound, grpc_status_name
+from ..metrics import ServerMetrics
+from . import messages as pb
+from .codec import decode_infer_request, encode_infer_response
+
+log = logging.getLogger(__name__)
+
+RETRY_INFO_TYPE = "type.googleapis.com/google.rpc.RetryInfo"
+
+
+def _parse(cls, data: bytes):
+    try:
+        return cls.FromString(data)
+    except DecodeError as e:
+        raise BadRequest(f"malformed {cls.DESCRIPTOR.name}: {e}") from None
+
+
+def error_status(e: InferenceError) -> tuple[grpc.StatusCode, str, tuple]:
+    """The gRPC code, details and trailing metadata for one of our errors (the table lives in errors.py)."""
+    code = grpc.StatusCode[grpc_status_name(e.status_code)]
+    trailing: tuple = ()
+    retry = e.headers.get("Retry-After")
+    if retry is not None:
+        seconds = int(retry)
+        info = pb.RetryInfo()
+        info.retry_delay.seconds = seconds
+        status = pb.Status(code=code.value[0], message=e.message)
+        status.details.add(type_url=RETRY_INFO_TYPE, value=info.SerializeToString())
+        trailing = (("retry-after", str(seconds)), ("grpc-retry-pushback-ms", str(seconds * 1000)),
+                    ("grpc-status-details-bin", status.SerializeToString()))
+    return code, e.message, trailing
+
+
+class GRPCService:
+    """The six RPCs over one DataPlane; `handler()` is what a grpc server registers."""
+
+    def __init__(self, plane: DataPlane, metrics: ServerMetrics):
+        self.plane = plane
+        self.metrics = metrics
+        meta = orjson.loads(plane.server_metadata)
+        self._server_metadata = pb.ServerMetadataResponse(
+            name=meta["name"], version=meta["version"], extensions=meta["extensions"]).SerializeToString()
+        self._live = pb.ServerLiveResponse(live=True).SerializeToString()
+        self._model_metadata: dict[str, tuple[bytes, bytes]] = {}  # name -> (the JSON it came from, serialized)
+        self._rpcs = Counter("caffeserve_grpc_requests", "gRPC ModelInfer calls by gRPC status code.",
+                             ["model", "version", "grpc_code"], registry=metrics.registry)
+        self._rpc_codes: dict[str, object] = {}
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            pb.SERVICE, {name: grpc.unary_unary_rpc_method_handler(getattr(self, name)) for name in pb.METHODS})
+
+    # --- health and metadata
+    async def ServerLive(self, data: bytes, context) -> bytes:
+        return self._live
+
+    async def ServerReady(self, data: bytes, context) -> bytes:
+        return pb.ServerReadyResponse(ready=self.plane.ready()).SerializeToString()
+
+    async def ModelReady(self, data: bytes, context) -> bytes:
+        """ready: false, not an error, for a model that is loading, failed or unknown (as Triton answers)."""
+        try:
+            req = _parse(pb.ModelReadyRequest, data)
+            m = self.plane.get(req.name, req.version or None)
+            ready = m.state == "ready" and not self.plane.draining
+        except NotFound:
+            ready = False
+        except InferenceError as e:
+            return await self._abort(context, e)
+        return pb.ModelReadyResponse(ready=ready).SerializeToString()
+
+    async def ServerMetadata(self, data: bytes, context) -> bytes:
+        return self._server_metadata
+
+    async def ModelMetadata(self, data: bytes, context) -> bytes:
+        try:
+            req = _parse(pb.ModelMetadataRequest, data)
+            m = self.plane.get(req.name, req.version or None)
+            m.check_ready()  # UNAVAILABLE with the loader's message while loading or after a failed load
+        except InferenceError as e:
+            return await self._abort(context, e)
+        cached = self._model_metadata.get(m.name)
+        if cached is None or cached[0] is not m.metadata:
+            meta = orjson.loads(m.metadata)
+            resp = pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"])
+            for kind in ("inputs", "outputs"):
+                for t in meta[kind]:
+                    getattr(resp, kind).add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+            cached = self._model_metadata[m.name] = (m.metadata, resp.SerializeToString())
+        return cached[1]
+
+    # --- inference
+    async def ModelInfer(self, data: bytes, context) -> bytes:
+        start = time.monotonic()
+        metrics = self.metrics
+        metrics.in_flight.inc()
+        code, error = 200, None
+        try:
+            msg = _parse(pb.ModelInferRequest, data)
+            plane = self.plane
+            m = plane.get(msg.model_name, msg.model_version or None)
+            if plane.draining:
+                raise InferenceError("the server is shutting down", 503, {"Retry-After": "1"})
+            m.check_ready()
+            req = decode_infer_request(msg, m.max_elements)
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else start + remaining
+            outs = await m.run(req, deadline)
+            return encode_infer_response(m.name, m.version, req.id, outs, req.binary_output)
+        except InferenceError as e:
+            code, error = e.status_code, e
+        except asyncio.CancelledError:
+            code = 499  # the client went away or its deadline passed: grpc cancelled us, the queued work is dropped
+            raise
+        except Exception as e:  # a bug of ours: INTERNAL with the message, and the server keeps serving
+            log.exception("ModelInfer failed")
+            code, error = 500, InferenceError(f"inference failed: {type(e).__name__}: {e}")
+        finally:
+            metrics.in_flight.dec()
+            metrics.count(code)
+            metrics.request_seconds.observe(time.monotonic() - start)
+            self._count(grpc_status_name(code) if code != 200 else "OK")
+        return await self._abort(context, error)
+
+    def _count(self, name: str) -> None:
+        child = self._rpc_codes.get(name)
+        if child is None:
+            child = self._rpc_codes[name] = self._rpcs.labels(grpc_code=name, **self.metrics.labels)
+        child.inc()
+
+    @staticmethod
+    async def _abort(context, e: InferenceError):
+        code, details, trailing = error_status(e)
+        await context.abort(code, details, trailing_metadata=trailing)
+
+
+class GRPCServer:
+    """A grpc.aio server for one DataPlane; its largest request message is `max_message_bytes`."""
+
+    def __init__(self, plane: DataPlane, metrics: ServerMetrics, max_message_bytes: int):
+        self.service = GRPCService(plane, metrics)
+        self.max_message_bytes = max_message_bytes
+        self.server: grpc.aio.Server | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Bind and start; returns the bound port. OSError when the port cannot be bound."""
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", self.max_message_bytes),  # beyond: RESOURCE_EXHAUSTED
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+        ])
+        self.server.add_generic_rpc_handlers((self.service.handler(),))
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            bound = self.server.add_insecure_port(address)
+        except RuntimeError as e:  # grpc raises this when it cannot bind
+            raise OSError(f"cannot listen for gRPC on {address}: {e}") from None
+        if not bound:
+            raise OSError(f"cannot listen for gRPC on {address}")
+        await self.server.start()
+        return bound
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new RPCs at once, let those in flight finish within `grace_s`, then cancel them."""
+        if self.server is not None:
+            await self.server.stop(grace_s)

@@ -1,0 +1,204 @@
+"""The CaffeModelService CRD, generated from the CR's pydantic types (api.py).
+
+`caffeserve crd` prints it; crds/caffemodelservices.yaml and the chart's copy are its output
+(`make crd`), and a test fails when either drifts from the types.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from caffe_operator.api import (
+    CATEGORIES,
+    GROUP,
+    KIND,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    VERSION,
+    CaffeModelServiceSpec,
+    CaffeModelServiceStatus,
+    RuntimeDevice,
+)
+
+_DROP = {"title", "default", "examples"}
+
+
+def _structural(node: Any, defs: dict[str, Any]) -> Any:
+    """pydantic's JSON schema (2020-12) → a Kubernetes structural OpenAPI v3 schema."""
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    if "$ref" in node:  # inline the definition; the field's own keys (description) win
+        target = defs[node.pop("$ref").split("/")[-1]]
+        node = {**target, **node}
+    if "anyOf" in node:
+        alternatives = [a for a in node.pop("anyOf") if a.get("type") != "null"]
+        if len(alternatives) == 1:  # Optional[X]: absent means unset
+            node = {**_resolve(alternatives[0], defs), **node}
+        else:  # a scalar of several types (e.g. true | false | "auto"): enumerate the values
+            values: list[Any] = []
+            for alt in (_resolve(a, defs) for a in alternatives):
+                if alt.get("type") == "boolean":
+                    values += [True, False]
+                elif "const" in alt:
+                    values.append(alt["const"])
+                elif "enum" in alt:
+                    values += alt["enum"]
+                else:
+                    raise ValueError(f"cannot express {alternatives} in a structural schema")
+            node.update({"x-kubernetes-preserve-unknown-fields": True, "enum": values})
+    default = node.get("default")
+    description = node.get("description")
+    if description and default not in (None, {}, []) and "Default:" not in description:
+        node["description"] = f"{description.rstrip('.')}. Default: {json.dumps(default)}."
+    for key in _DROP:
+        node.pop(key, None)
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    if isinstance(node.get("exclusiveMinimum"), (int, float)) and not isinstance(node["exclusiveMinimum"], bool):
+        node["minimum"], node["exclusiveMinimum"] = node["exclusiveMinimum"], True
+    if isinstance(node.get("exclusiveMaximum"), (int, float)) and not isinstance(node["exclusiveMaximum"], bool):
+        node["maximum"], node["exclusiveMaximum"] = node["exclusiveMaximum"], True
+    if node.get("additionalProperties") is False:
+        del node["additionalProperties"]  # unknown fields are pruned (or rejected by kubectl's strict validation)
+    if node.get("additionalProperties") is True or node.get("additionalProperties") == {}:
+        del node["additionalProperties"]
+        node["x-kubernetes-preserve-unknown-fields"] = True
+    if "properties" in node:
+        node["properties"] = {k: _structural(v, defs) for k, v in node["properties"].items()}
+    if isinstance(node.get("items"), dict):
+        node["items"] = _structural(node["items"], defs)
+    if isinstance(node.get("additionalProperties"), dict):
+        node["additionalProperties"] = _structural(node["additionalProperties"], defs)
+    if node.get("x-kubernetes-preserve-unknown-fields") and node.get("type") is None and "enum" not in node:
+        node["type"] = "object"
+    return node
+
+
+_KEY_ORDER = ["type", "description", "default", "enum", "format", "pattern", "minimum", "exclusiveMinimum",
+              "maximum", "exclusiveMaximum", "minLength", "maxLength", "minItems", "maxItems", "required"]
+
+
+def _ordered(node: Any) -> Any:
+    """Readable key order: type and description first, nested schemas last."""
+    if isinstance(node, list):
+        return [_ordered(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    rank = {k: i for i, k in enumerate(_KEY_ORDER)}
+    keys = sorted(node, key=lambda k: (rank.get(k, len(rank)), k in ("properties", "items", "additionalProperties"), k))
+    out = {k: _ordered(node[k]) for k in keys}
+    if isinstance(node.get("properties"), dict):  # the fields keep the model's order
+        out["properties"] = {name: _ordered(sub) for name, sub in node["properties"].items()}
+    return out
+
+
+def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    if "$ref" in node:
+        return {**defs[node["$ref"].split("/")[-1]], **{k: v for k, v in node.items() if k != "$ref"}}
+    return node
+
+
+# Defaults the API server fills in, so that `kubectl get cms` shows them (Replicas, Device columns).
+# Every other default stays in the operator (stated in the field's description), so that a newer
+# operator's defaults reach existing objects.
+CRD_DEFAULTS: dict[tuple[str, ...], Any] = {
+    ("replicas",): 1,
+    ("runtime",): {},
+    ("runtime", "device"): RuntimeDevice.gpu.value,
+}
+
+
+def _set_defaults(spec_schema: dict[str, Any]) -> dict[str, Any]:
+    for path, value in CRD_DEFAULTS.items():
+        node = spec_schema
+        for key in path:
+            node = node["properties"][key]
+        node["default"] = value
+    return spec_schema
+
+
+def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The structural OpenAPI v3 schema of a pydantic model, as a CRD version embeds it."""
+    raw = model.model_json_schema(by_alias=True, mode="validation", ref_template="#/$defs/{model}")
+    defs = raw.pop("$defs", {})
+    return _ordered(_structural(raw, defs))
+
+
+def custom_resource_definition() -> dict[str, Any]:
+    """The CaffeModelService CRD (apiextensions.k8s.io/v1)."""
+    ready = '.status.conditions[?(@.type=="Ready")]'
+    schema = {
+        "type": "object",
+        "description": "A Caffe model (deploy.prototxt + .caffemodel) served over the Open Inference Protocol "
+        "(KServe V2 REST) by GPU or CPU pods that the caffe-serving operator runs.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string", "description": "APIVersion of this object: caffeserving.io/v1alpha1."},
+            "kind": {"type": "string", "description": "Kind of this object: CaffeModelService."},
+            "metadata": {"type": "object"},
+            "spec": _set_defaults(openapi_schema(CaffeModelServiceSpec)),
+            "status": openapi_schema(CaffeModelServiceStatus),
+        },
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{PLURAL}.{GROUP}",
+            "labels": {"app.kubernetes.io/part-of": "caffe-serving"},
+        },
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL, "singular": SINGULAR,
+                "shortNames": SHORT_NAMES, "categories": CATEGORIES,
+            },
+            "versions": [{
+                "name": VERSION,
+                "served": True,
+                "storage": True,
+                "schema": {"openAPIV3Schema": schema},
+                "subresources": {
+                    "status": {},
+                    "scale": {
+                        "specReplicasPath": ".spec.replicas",
+                        "statusReplicasPath": ".status.replicas",
+                        "labelSelectorPath": ".status.selector",
+                    },
+                },
+                "additionalPrinterColumns": [
+                    {"name": "Ready", "type": "string", "jsonPath": f"{ready}.status", "description": "Whether clients can use the model."},
+                    {"name": "Reason", "type": "string", "jsonPath": f"{ready}.reason", "priority": 1, "description": "Why (not) ready."},
+                    {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas", "description": "Desired server pods."},
+                    {"name": "Ready Replicas", "type": "integer", "jsonPath": ".status.readyReplicas", "description": "Ready server pods."},
+                    {"name": "Device", "type": "string", "jsonPath": ".spec.runtime.device", "description": "gpu or cpu."},
+                    {"name": "Backend", "type": "string", "jsonPath": ".status.backend.name",
+                     "description": "pycaffe or onnxruntime, as a ready pod reports it."},
+                    {"name": "URL", "type": "string", "jsonPath": ".status.url", "description": "Where clients reach the model."},
+                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                ],
+            }],
+        },
+    }
+
+
+def crd_yaml() -> str:
+    header = "# Generated by `caffeserve crd` (operator/caffe_operator/crd.py) from the types in api.py. Do not edit.\n"
+    return header + yaml.safe_dump(custom_resource_definition(), sort_keys=False, width=120, allow_unicode=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(argv or [])
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: caffeserve crd\n\nPrint the CaffeModelService CRD (YAML) generated from the operator's model.")
+        return 0
+    sys.stdout.write(crd_yaml())
+    return 0

@@ -1,1 +1,0 @@
-"""The gateway: discovery, balancing, the proxy app."""

@@ -1,0 +1,120 @@
+// caffe-serving: the "BN" layer of SegNet and ENet (caffe-segnet, caffe-enet), written from its
+// published definition. Two blobs, scale and shift (1 x C x 1 x 1), and bn_param.bn_mode:
+//  - INFERENCE: top = scale * x + shift per channel. SegNet's and ENet's compute_bn_statistics.py fold
+//    the dataset's mean and variance into these two blobs (scale' = scale / sqrt(var + eps),
+//    shift' = shift - scale * mean / sqrt(var + eps)) before setting this mode: the published
+//    inference weights are meant for it.
+//  - LEARN (the default): normalize each channel with the statistics of the batch itself (mean and
+//    biased variance over N, H, W; eps = bn_param.eps when given, else the forks' 1e-9), then scale
+//    and shift. Optional tops 1 and 2 receive that batch mean and variance (1 x C x 1 x 1): the
+//    statistics compute_bn_statistics.py averages. Such a net's output for one image depends on the
+//    others in its batch.
+// The sdist's own BNLayer (yjxiong's, blobs slope/bias/mean/inv-std) is compiled but never registered;
+// this one takes the type name "BN". Inference only.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "caffe/filler.hpp"
+#include "caffe/layer.hpp"
+#include "caffe/layer_factory.hpp"
+
+namespace caffe {
+
+template <typename Dtype>
+class SegNetBNLayer : public Layer<Dtype> {
+ public:
+  explicit SegNetBNLayer(const LayerParameter& param) : Layer<Dtype>(param) {}
+
+  virtual void LayerSetUp(const vector<Blob<Dtype>*>& bottom, const vector<Blob<Dtype>*>& top) {
+    const BNParameter& p = this->layer_param_.bn_param();
+    inference_ = p.bn_mode() == BNParameter_BNMode_INFERENCE;
+    eps_ = p.has_eps() ? p.eps() : Dtype(1e-9);
+    CHECK(!inference_ || top.size() == 1)
+        << "BN: the batch mean and variance tops exist in bn_mode LEARN only";
+    CHECK_GE(bottom[0]->num_axes(), 2) << "BN: the input needs a channel axis";
+    const int channels = bottom[0]->shape(1);
+    if (this->blobs_.size() > 0) {
+      LOG(INFO) << "Skipping parameter initialization";
+    } else {
+      this->blobs_.resize(2);
+      vector<int> shape;
+      shape.push_back(1); shape.push_back(channels); shape.push_back(1); shape.push_back(1);
+      this->blobs_[0].reset(new Blob<Dtype>(shape));
+      this->blobs_[1].reset(new Blob<Dtype>(shape));
+      shared_ptr<Filler<Dtype> > scale_filler(GetFiller<Dtype>(p.scale_filler()));
+      scale_filler->Fill(this->blobs_[0].get());
+      shared_ptr<Filler<Dtype> > shift_filler(GetFiller<Dtype>(p.shift_filler()));
+      shift_filler->Fill(this->blobs_[1].get());
+    }
+    this->param_propagate_down_.resize(this->blobs_.size(), true);
+  }
+
+  virtual void Reshape(const vector<Blob<Dtype>*>& bottom, const vector<Blob<Dtype>*>& top) {
+    const int channels = bottom[0]->shape(1);
+    CHECK_EQ(this->blobs_.size(), 2)
+        << "BN: expected 2 blobs (scale, shift) as SegNet and ENet store them, got " << this->blobs_.size();
+    CHECK_EQ(this->blobs_[0]->count(), channels) << "BN: scale has " << this->blobs_[0]->count()
+        << " values for " << channels << " channels";
+    CHECK_EQ(this->blobs_[1]->count(), channels) << "BN: shift has " << this->blobs_[1]->count()
+        << " values for " << channels << " channels";
+    top[0]->ReshapeLike(*bottom[0]);
+    vector<int> stat_shape;
+    stat_shape.push_back(1); stat_shape.push_back(channels); stat_shape.push_back(1); stat_shape.push_back(1);
+    for (int i = 1; i < top.size(); ++i) top[i]->Reshape(stat_shape);
+  }
+
+  virtual inline const char* type() const { return "BN"; }
+  virtual inline int ExactNumBottomBlobs() const { return 1; }
+  virtual inline int MinTopBlobs() const { return 1; }
+  virtual inline int MaxTopBlobs() const { return 3; }
+
+ protected:
+  virtual void Forward_cpu(const vector<Blob<Dtype>*>& bottom, const vector<Blob<Dtype>*>& top) {
+    const int num = bottom[0]->shape(0), channels = bottom[0]->shape(1);
+    const int spatial = bottom[0]->count(2);
+    const Dtype* x = bottom[0]->cpu_data();
+    Dtype* y = top[0]->mutable_cpu_data();  // may be x itself (in place)
+    const Dtype* scale = this->blobs_[0]->cpu_data();
+    const Dtype* shift = this->blobs_[1]->cpu_data();
+    for (int c = 0; c < channels; ++c) {
+      Dtype a = scale[c], b = shift[c], m = 0;
+      if (!inference_) {
+        double sum = 0, sum_sq = 0;
+        for (int n = 0; n < num; ++n) {
+          const Dtype* plane = x + (n * channels + c) * spatial;
+          for (int i = 0; i < spatial; ++i) { sum += plane[i]; sum_sq += double(plane[i]) * plane[i]; }
+        }
+        const double count = double(num) * spatial;
+        const double mean = sum / count;
+        const double var = std::max(sum_sq / count - mean * mean, 0.0);
+        if (top.size() > 1) top[1]->mutable_cpu_data()[c] = Dtype(mean);
+        if (top.size() > 2) top[2]->mutable_cpu_data()[c] = Dtype(var);
+        const double inv_std = 1.0 / std::sqrt(var + double(eps_));
+        a = Dtype(scale[c] * inv_std);
+        m = Dtype(mean);
+      }
+      for (int n = 0; n < num; ++n) {
+        const int base = (n * channels + c) * spatial;
+        for (int i = 0; i < spatial; ++i) y[base + i] = a * (x[base + i] - m) + b;
+      }
+    }
+  }
+  virtual void Backward_cpu(const vector<Blob<Dtype>*>& top, const vector<bool>& propagate_down,
+                            const vector<Blob<Dtype>*>& bottom) {
+    LOG(FATAL) << "BN: caffe-serving builds this layer for inference only (no Backward)";
+  }
+
+  bool inference_;
+  Dtype eps_;
+};
+
+INSTANTIATE_CLASS(SegNetBNLayer);
+// REGISTER_LAYER_CLASS(BN) would name the sdist's BNLayer: register our class under "BN" by hand.
+template <typename Dtype>
+shared_ptr<Layer<Dtype> > Creator_SegNetBN(const LayerParameter& param) {
+  return shared_ptr<Layer<Dtype> >(new SegNetBNLayer<Dtype>(param));
+}
+REGISTER_LAYER_CREATOR(BN, Creator_SegNetBN);
+
+}  // namespace caffe

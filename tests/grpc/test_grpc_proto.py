@@ -1,0 +1,236 @@
+"""The gRPC service definition and codec, without a server: the checked-in descriptors match the
+.proto files, the messages are wire-identical to the ones tritonclient.grpc ships (checked in a
+subprocess: this process never imports tritonclient.grpc), and every datatype REST supports
+decodes from typed `contents` and from raw contents to the same numpy array."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference_server.codecs import DTYPES
+from inference_server.errors import BadRequest, GRPC_STATUS_OF_HTTP, InferenceError, Unavailable
+from inference_server.grpc import messages as pb
+from inference_server.grpc.codec import decode_infer_request, encode_infer_response
+from inference_server.grpc.generate import PROTOS, compile_descriptors, render
+from inference_server.grpc.service import error_status
+
+REPO = Path(__file__).resolve().parent.parent
+GRPC_DIR = REPO / "inference_server" / "grpc"
+OIP_MESSAGES = [m for m in pb.POOL.FindFileByName("open_inference_grpc.proto").message_types_by_name]
+
+
+def test_checked_in_descriptors_match_the_proto_files():
+    assert (GRPC_DIR / "_descriptors.py").read_text() == render(compile_descriptors()), \
+        "inference_server/grpc/_descriptors.py is stale: run python -m inference_server.grpc.generate"
+    assert set(PROTOS) == {p.name for p in GRPC_DIR.glob("*.proto")}
+
+
+def _fields(desc, prefix="") -> dict:
+    out = {}
+    for f in desc.fields:
+        out[prefix + f.name] = [f.number, f.type, f.label if hasattr(f, "label") else None,
+                                f.message_type.full_name if f.message_type else None]
+    for nested in desc.nested_types:
+        if not nested.GetOptions().map_entry:
+            out.update(_fields(nested, f"{prefix}{nested.name}."))
+    return out
+
+
+DUMP_TRITON = """
+import json, sys
+import tritonclient.grpc.service_pb2 as s
+from google.protobuf import descriptor_pool
+pool = descriptor_pool.Default()
+def fields(desc, prefix=""):
+    out = {}
+    for f in desc.fields:
+        out[prefix + f.name] = [f.number, f.type, f.label if hasattr(f, "label") else None,
+                                f.message_type.full_name if f.message_type else None]
+    for n in desc.nested_types:
+        if not n.GetOptions().map_entry:
+            out.update(fields(n, f"{prefix}{n.name}."))
+    return out
+names = json.loads(sys.argv[1])
+svc = pool.FindServiceByName("inference.GRPCInferenceService")
+print(json.dumps({
+    "messages": {n: fields(pool.FindMessageTypeByName("inference." + n)) for n in names},
+    "methods": {m.name: [m.input_type.full_name, m.output_type.full_name] for m in svc.methods},
+}))
+"""
+
+
+def test_messages_and_rpcs_are_wire_identical_to_tritonclients():
+    """Triton's grpc_service.proto extends the OIP: every message and RPC we define exists there with
+    the same field names, numbers and types (a field it adds on top is fine)."""
+    r = subprocess.run([sys.executable, "-c", DUMP_TRITON, json.dumps(OIP_MESSAGES)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    theirs = json.loads(r.stdout)
+    for name in OIP_MESSAGES:
+        ours = _fields(pb.POOL.FindMessageTypeByName("inference." + name))
+        for field, spec in ours.items():
+            assert theirs["messages"][name].get(field) == spec, (name, field)
+    svc = pb.POOL.FindServiceByName(pb.SERVICE)
+    for m in svc.methods:
+        assert theirs["methods"][m.name] == [m.input_type.full_name, m.output_type.full_name]
+    assert [m.name for m in svc.methods] == ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata",
+                                             "ModelMetadata", "ModelInfer"]
+
+
+def test_our_messages_import_beside_tritonclient_grpc_in_one_process():
+    """Our private descriptor pool never meets the default one: no "duplicate symbol" (kserve/kserve#3099)."""
+    code = ("import tritonclient.grpc, tritonclient.grpc.service_pb2 as s\n"
+            "from inference_server.grpc import messages as pb\n"
+            "m = pb.ModelInferRequest(model_name='x', id='7')\n"
+            "print(s.ModelInferRequest.FromString(m.SerializeToString()).id)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 0 and r.stdout.strip() == "7", r.stderr
+
+
+# --- the codec: every datatype, typed and raw
+
+SAMPLES = {
+    "BOOL": np.array([[True, False, True]]),
+    "UINT8": np.array([[0, 7, 255]], np.uint8),
+    "UINT16": np.array([[0, 7, 65535]], np.uint16),
+    "UINT32": np.array([[0, 7, 2**32 - 1]], np.uint32),
+    "UINT64": np.array([[0, 7, 2**64 - 1]], np.uint64),
+    "INT8": np.array([[-128, 7, 127]], np.int8),
+    "INT16": np.array([[-32768, 7, 32767]], np.int16),
+    "INT32": np.array([[-(2**31), 7, 2**31 - 1]], np.int32),
+    "INT64": np.array([[-(2**63), 7, 2**63 - 1]], np.int64),
+    "FP16": np.array([[0.5, -1.25, 65504]], np.float16),
+    "FP32": np.array([[0.5, -1.25, 3.4e38]], np.float32),
+    "FP64": np.array([[0.5, -1.25, 1e300]], np.float64),
+    "BYTES": np.array([b"ab", b"", b"\x00\xff"], dtype=object),
+}
+TYPED_FIELD = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+               "UINT32": "uint_contents", "UINT64": "uint64_contents", "INT8": "int_contents",
+               "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
+               "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+
+def raw_bytes(arr: np.ndarray, datatype: str) -> bytes:
+    if datatype == "BYTES":
+        return b"".join(struct.pack("<I", len(v)) + v for v in arr.ravel())
+    return arr.tobytes()
+
+
+def request(datatype: str, arr: np.ndarray, raw: bool):
+    msg = pb.ModelInferRequest(model_name="m")
+    shape = [3] if datatype == "BYTES" else list(arr.shape)
+    t = msg.inputs.add(name="x", datatype=datatype, shape=shape)
+    if raw:
+        msg.raw_input_contents.append(raw_bytes(arr, datatype))
+    else:
+        getattr(t.contents, TYPED_FIELD[datatype]).extend(arr.ravel().tolist())
+    return msg
+
+
+@pytest.mark.parametrize("raw", [True, False], ids=["raw", "typed"])
+@pytest.mark.parametrize("datatype", list(DTYPES))
+def test_every_datatype_decodes_to_the_same_array(datatype, raw):
+    arr = SAMPLES[datatype]
+    if datatype == "FP16" and not raw:  # the protocol has no typed field for FP16
+        msg = pb.ModelInferRequest(model_name="m")
+        msg.inputs.add(name="x", datatype="FP16", shape=[1, 3]).contents.fp32_contents.extend([1, 2, 3])
+        with pytest.raises(BadRequest, match="'x'.*raw_input_contents"):
+            decode_infer_request(msg, 1000)
+        return
+    req = decode_infer_request(request(datatype, arr, raw), 1000)
+    (t,) = req.inputs
+    assert t.name == "x" and t.datatype == datatype
+    if datatype == "BYTES":
+        assert list(t.array) == list(arr)
+    else:
+        assert t.array.dtype == DTYPES[datatype] and t.array.shape == arr.shape
+        assert np.array_equal(t.array, arr)
+    assert req.binary_output is raw
+
+
+@pytest.mark.parametrize("datatype, bad", [("INT8", 300), ("UINT8", 256), ("INT16", -40000), ("UINT16", 70000)])
+def test_narrow_integers_out_of_range_in_typed_contents_are_refused_not_wrapped(datatype, bad):
+    msg = pb.ModelInferRequest(model_name="m")
+    t = msg.inputs.add(name="x", datatype=datatype, shape=[1, 2])
+    getattr(t.contents, TYPED_FIELD[datatype]).extend([1, bad])
+    with pytest.raises(BadRequest, match=r"'x'.*integers in"):
+        decode_infer_request(msg, 1000)
+
+
+def test_bad_requests_name_what_is_wrong():
+    def bad(msg, *words):
+        with pytest.raises(BadRequest) as e:
+            decode_infer_request(msg, 1000)
+        for w in words:
+            assert w in e.value.message, (w, e.value.message)
+
+    bad(pb.ModelInferRequest(model_name="m"), "inputs")
+    m = pb.ModelInferRequest(model_name="m")
+    m.inputs.add(name="x", datatype="FP32", shape=[1, 2]).contents.int_contents.extend([1, 2])
+    bad(m, "'x'", "fp32_contents", "int_contents")
+    m = pb.ModelInferRequest(model_name="m")
+    m.inputs.add(name="x", datatype="FP32", shape=[1, 3]).contents.fp32_contents.extend([1, 2])
+    bad(m, "'x'", "3", "2")
+    m = pb.ModelInferRequest(model_name="m", raw_input_contents=[b"\0" * 8, b"\0" * 8])
+    m.inputs.add(name="x", datatype="FP32", shape=[1, 2])
+    bad(m, "raw_input_contents", "2 entries", "1 input")
+    m = pb.ModelInferRequest(model_name="m", raw_input_contents=[b"\0" * 7])
+    m.inputs.add(name="x", datatype="FP32", shape=[1, 2])
+    bad(m, "'x'", "8", "7")
+    m = pb.ModelInferRequest(model_name="m")
+    m.inputs.add(name="x", datatype="FLOAT", shape=[1])
+    bad(m, "'x'", "FLOAT")
+    m = pb.ModelInferRequest(model_name="m")
+    m.inputs.add(name="x", datatype="FP32", shape=[1, 2**30, 2**30])
+    bad(m, "'x'", str(2**60))
+    m = pb.ModelInferRequest(model_name="m")
+    m.inputs.add(name="x", datatype="FP32", shape=[1, -2])
+    bad(m, "'x'", "negative")
+    m = pb.ModelInferRequest(model_name="m")
+    m.inputs.add(name="x", datatype="FP32", shape=[1, 2])
+    bad(m, "'x'", "neither")
+    m = pb.ModelInferRequest(model_name="m")
+    m.inputs.add(name="x", datatype="FP32", shape=[1]).contents.fp32_contents.append(1)
+    m.outputs.add(name="y").parameters["classification"].string_param = "3"
+    bad(m, "'y'", "classification")
+
+
+def test_responses_are_raw_for_raw_requests_and_typed_for_typed_ones():
+    outs = [("prob", "FP32", np.array([[0.25, 0.75]], np.float32), True),
+            ("top", "BYTES", np.array([[b"0.75:1:dog"]], dtype=object), True)]
+    raw = pb.ModelInferResponse.FromString(encode_infer_response("m", "1", "r", outs, raw=True))
+    assert raw.id == "r" and [o.name for o in raw.outputs] == ["prob", "top"]
+    assert np.frombuffer(raw.raw_output_contents[0], np.float32).tolist() == [0.25, 0.75]
+    assert raw.raw_output_contents[1] == struct.pack("<I", 10) + b"0.75:1:dog"
+    assert list(raw.outputs[0].shape) == [1, 2] and not raw.outputs[0].HasField("contents")
+    typed = pb.ModelInferResponse.FromString(encode_infer_response("m", "1", None, outs, raw=False))
+    assert not typed.raw_output_contents and typed.id == ""
+    assert list(typed.outputs[0].contents.fp32_contents) == [0.25, 0.75]
+    assert list(typed.outputs[1].contents.bytes_contents) == [b"0.75:1:dog"]
+
+
+def test_one_table_maps_our_errors_to_grpc_codes_and_a_full_queue_says_when_to_retry():
+    import grpc
+
+    assert {GRPC_STATUS_OF_HTTP[c] for c in (400, 404, 503, 504, 499)} == {
+        "INVALID_ARGUMENT", "NOT_FOUND", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"}
+    assert all(name in grpc.StatusCode.__members__ for name in GRPC_STATUS_OF_HTTP.values())
+    code, details, trailing = error_status(BadRequest("input 'x': nope"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details == "input 'x': nope" and trailing == ()
+    code, details, trailing = error_status(Unavailable("the model's queue is full", retry_after_s=2))
+    assert code == grpc.StatusCode.UNAVAILABLE
+    meta = dict(trailing)
+    assert meta["retry-after"] == "2" and meta["grpc-retry-pushback-ms"] == "2000"
+    status = pb.Status.FromString(meta["grpc-status-details-bin"])
+    assert status.code == grpc.StatusCode.UNAVAILABLE.value[0] and status.message == details
+    (detail,) = status.details
+    assert detail.type_url == "type.googleapis.com/google.rpc.RetryInfo"
+    assert pb.RetryInfo.FromString(detail.value).retry_delay.seconds == 2
+    assert error_status(InferenceError("boom"))[0] == grpc.StatusCode.INTERNAL
