@@ -22,10 +22,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(HERE)]
+sys.path[:0] = [str(REPO), str(HERE)]
 
-import server_process  # noqa: E402
-from server_process import ServerProcess, http_json  # noqa: E402
+import caffe_testing.servers as server_process  # noqa: E402
+from caffe_testing.servers import ServerProcess, http_json  # noqa: E402
 
 
 def model_files(kind: str, d: Path) -> tuple[Path, Path, dict]:

@@ -8,10 +8,13 @@ is served from the verdict without loading the Net, converting or gating; any ch
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import caffe
+import numpy as np
 import onnx
 import pytest
+import yaml
 from caffe import layers as L
 from caffe import params as P
 
@@ -21,9 +24,31 @@ import inference_server.parity as parity
 from inference_server.backends import choose_backend
 from inference_server.config import parse_config
 from inference_server.loadprobe import probe_load
-from nets import save_net
-from server_process import ServerProcess, http, http_json
-from test_onnx_backend import tamper, write_digits_config
+from onnx import numpy_helper
+from caffe_testing.digits import DIGITS_DIR
+from caffe_testing.nets import save_net
+from caffe_testing.servers import ServerProcess, http, http_json
+
+
+def tamper(model: onnx.ModelProto, initializer: str, factor: float) -> onnx.ModelProto:
+    """One weight of the converted graph moved by `factor`."""
+    for init in model.graph.initializer:
+        if init.name == initializer:
+            w = numpy_helper.to_array(init).copy()
+            w.flat[0] *= np.float32(factor)
+            init.CopyFrom(numpy_helper.from_array(w, init.name))
+            return model
+    raise AssertionError(f"no initializer {initializer}")
+
+
+def write_digits_config(tmp_path: Path, backend: str) -> Path:
+    data = yaml.safe_load((DIGITS_DIR / "server.yaml").read_text())
+    data["backend"] = backend
+    for key in ("prototxt", "weights", "labels"):
+        data["model"][key] = str(DIGITS_DIR / data["model"][key])
+    path = tmp_path / f"digits-{backend}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
 
 
 @pytest.fixture(autouse=True)

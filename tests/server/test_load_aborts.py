@@ -20,8 +20,9 @@ import pytest
 from caffe import layers as L
 
 from inference_server import check
-from nets import save_net
-from server_process import CAFFESERVE, REPO, ServerProcess, http_json
+from caffe_testing import REPO
+from caffe_testing.nets import save_net
+from caffe_testing.servers import CAFFESERVE, ServerProcess, http_json
 
 
 def small_net() -> caffe.NetSpec:
