@@ -1,4 +1,4 @@
-"""tritonclient.grpc (sync), unchanged, against our server; run by tests/grpc/test_grpc_clients.py in its own
+"""tritonclient.grpc (sync), unchanged, against our server; run by tests/server/grpc_protocol/test_grpc_clients.py in its own
 process (tritonclient.grpc's stubs and ours must not share one). argv: PORT CASES.npz; exit 0 = all good."""
 
 import sys

@@ -2,7 +2,7 @@
 health, metadata, infer with raw contents, class_count, errors) and KServe's InferenceGRPCClient
 (raw and typed contents, classification).
 
-Each client runs as a script in its own process (tests/grpc/clients/): tritonclient.grpc's and the
+Each client runs as a script in its own process (tests/server/grpc_protocol/clients/): tritonclient.grpc's and the
 kserve SDK's stubs register the same `inference.*` names, and two such definitions in one process fail
 with "duplicate symbol" (kserve/kserve#3099). The kserve SDK lives in its own venv (bench/setup_peers.sh;
 its dependencies do not fit ours): that test is skipped where the venv is missing."""

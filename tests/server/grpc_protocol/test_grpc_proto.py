@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from caffe_testing import REPO
 from inference_server.codecs import DTYPES
 from inference_server.errors import BadRequest, GRPC_STATUS_OF_HTTP, InferenceError, Unavailable
 from inference_server.grpc import messages as pb
@@ -21,7 +22,6 @@ from inference_server.grpc.codec import decode_infer_request, encode_infer_respo
 from inference_server.grpc.generate import PROTOS, compile_descriptors, render
 from inference_server.grpc.service import error_status
 
-REPO = Path(__file__).resolve().parent.parent
 GRPC_DIR = REPO / "inference_server" / "grpc"
 OIP_MESSAGES = [m for m in pb.POOL.FindFileByName("open_inference_grpc.proto").message_types_by_name]
 
