@@ -6,7 +6,9 @@ For each model: pycaffe; auto with an empty ONNX cache (convert, gate, time); au
 cache; and the load probe alone (the child process that catches Caffe's aborts). Wall time is measured
 from starting the process to the first 200 from /v2/health/ready, the same way for every row; the
 server's own `load_seconds` (metadata) is printed beside it. `--before DIR` also starts the servers of
-an older checkout (e.g. `git archive <commit> | tar -x -C DIR`) the same way, for a before/after.
+an older checkout (e.g. `git archive <commit> | tar -x -C DIR`) the same way, for a before/after (it must
+have the `caffeserve` package: the figures in docs/onnx.md for e267cbb, older, were taken with
+`-m inference_server.cli`).
 """
 
 from __future__ import annotations
