@@ -13,8 +13,8 @@ the pod template as the API stores it:
   names. Paths under a mount in argv, env and the mounted YAML config files are mapped to those
   folders (a process here cannot see /models or /etc/caffeserve).
 - Every pod on a node would listen on the same container port, so each container port gets a free
-  loopback port: `--port 8080` and URLs with `:8080` in argv are mapped, and 0.0.0.0 becomes
-  127.0.0.1 (the pod IP).
+  loopback port: `--port 8080`, `--grpc-port 8081` and URLs with `:8080` in argv are mapped, and
+  0.0.0.0 becomes 127.0.0.1 (the pod IP).
 - Probes are httpGet against the mapped port, as the kubelet sends them.
 
 What cannot be done without a cluster is marked as such where it happens: credentials come from a
@@ -114,7 +114,7 @@ class ContainerProcess:
         return yaml.safe_dump(walk(yaml.safe_load(text)), sort_keys=False)
 
     def _map_arg(self, arg: str, previous: str | None) -> str:
-        if previous == "--port" and arg.isdigit() and int(arg) in self.ports:
+        if previous in ("--port", "--grpc-port") and arg.isdigit() and int(arg) in self.ports:
             return str(self.ports[int(arg)])
         arg = arg.replace("0.0.0.0", "127.0.0.1")
         for container_port, local_port in self.ports.items():
