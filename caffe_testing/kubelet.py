@@ -7,7 +7,8 @@ the pod template as the API stores it:
 - argv is the container's `command` + `args`; `caffeserve` is the venv's (the images put it on
   PATH from /opt/venv/bin). The environment is the image's (PATH, HOME=/tmp, ...) plus the
   container's `env`, with `fieldRef`s resolved as the downward API does; nothing else of the test's
-  environment leaks in.
+  environment leaks in but PYTHONPATH: the image holds the code under test, which a checkout
+  other than the venv's editable install names there.
 - volumeMounts become local folders: an emptyDir is a fresh folder, a ConfigMap's keys are written
   as files (read from the API, as the kubelet does), a PersistentVolumeClaim is a folder the test
   names. Paths under a mount in argv, env and the mounted YAML config files are mapped to those
@@ -23,6 +24,7 @@ What cannot be done without a cluster is marked as such where it happens: creden
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -42,6 +44,7 @@ IMAGE_ENV = {  # what Dockerfile.operator / Dockerfile.caffe-gpu set, with the v
     "PYTHONUNBUFFERED": "1",
     "PYTHONDONTWRITEBYTECODE": "1",
     "LANG": "C.UTF-8",
+    **({"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}),
 }
 
 
