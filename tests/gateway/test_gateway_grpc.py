@@ -266,3 +266,62 @@ def test_sigterm_finishes_grpc_calls_in_flight(tmp_path):
         finally:
             client.close()
             gw.stop()
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def test_endpointslices_and_static_lists_give_each_server_its_grpc_port():
+    from caffe_gateway.discovery import parse_static, slice_endpoints
+
+    sl = {"metadata": {"name": "m-predictor-abc", "namespace": "ml", "labels": {"caffeserving.io/model": "m"}},
+          "addressType": "IPv4",
+          "ports": [{"name": "grpc", "port": 8081, "protocol": "TCP"}, {"name": "http", "port": 8080, "protocol": "TCP"}],
+          "endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": True}},
+                        {"addresses": ["10.0.0.2"], "conditions": {"ready": False}}]}
+    assert slice_endpoints(sl) == ("m", {("10.0.0.1", 8080, 8081)})
+    rest_only = {**sl, "ports": [{"name": "http", "port": 8080}]}
+    assert slice_endpoints(rest_only) == ("m", {("10.0.0.1", 8080, None)})
+    grpc_only = {**sl, "ports": [{"name": "grpc", "port": 8081}]}  # no REST port: not an endpoint the gateway can use
+    assert slice_endpoints(grpc_only) == ("m", set())
+    assert parse_static("m=http://127.0.0.1:8001?grpc=8002,127.0.0.1:8003") == (
+        "m", {("127.0.0.1", 8001, 8002), ("127.0.0.1", 8003, None)})
+    for bad in ("m=http://h:1?grpc=x", "m=http://h:1?grpc=70000", "m=http://h:1?foo=1", "m=http://h:1/v2"):
+        with pytest.raises(ValueError):
+            parse_static(bad)
+
+
+def test_a_server_restarted_on_the_same_ports_is_used_again(tmp_path):
+    server = grpc_server(digits_config(), tmp_path).start()
+    with GatewayProcess("--static", static("digits", server), "--eject-after", "100") as gw:
+        client = OIPClient(gw.grpc_port)
+        try:
+            assert client.infer(digits_request(0)).outputs[0].name == "prob"
+            server.stop()
+            assert_status(client.error("ModelInfer", digits_request(0)), grpc.StatusCode.UNAVAILABLE,
+                          "cannot reach model 'digits'")
+            server.start()  # the same REST and gRPC ports
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    client.infer(digits_request(1))
+                    break
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, e.details()
+                    time.sleep(0.2)
+            assert time.monotonic() < deadline - 7, "the gateway took more than 3 s to use the restarted server again"
+        finally:
+            client.close()
+            server.stop()
+
+
+def test_a_grpc_port_in_use_stops_the_gateway_saying_so():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        gw = GatewayProcess("--static", "digits=http://127.0.0.1:1", "--grpc-port", str(taken.getsockname()[1]))
+        with pytest.raises(RuntimeError) as e:
+            gw.start(timeout=30)
+    assert "exited with 1" in str(e.value) and "cannot listen for gRPC" in str(e.value), str(e.value)
