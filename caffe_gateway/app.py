@@ -1,4 +1,5 @@
-"""The running gateway: discovery feeding the balancer, the proxy served by our HTTP server.
+"""The running gateway: discovery feeding the balancer, the proxy served by our HTTP server and
+(with a gRPC port) the gRPC proxy served by grpc.aio, both over the one balancer.
 
 `caffeserve gateway` (main.py) and local mode (`caffeserve up`) both start one of these.
 """
@@ -25,22 +26,40 @@ class GatewayApp:
         # A client that went away cancels its request: it leaves the queue, or its upstream
         # connection is closed (never reused half-read) and the server drops the work too.
         self.server = HTTPServer(self.gateway.handle, limits or ServerLimits(), cancel_on_disconnect=True)
+        self.limits = limits or ServerLimits()
+        self.grpc_server = None  # grpc_proxy.GRPCGatewayServer once started with a gRPC port
         self._discovery_task: asyncio.Task | None = None
         self.port: int | None = None
+        self.grpc_port: int | None = None
 
     def ready(self) -> bool:
         return self.discovery.synced.is_set() and not self.server.stopping
 
-    async def start(self, host: str, port: int, sock=None) -> int:
-        """Start discovery and listen; returns the bound port."""
+    async def start(self, host: str, port: int, sock=None, grpc_port: int | None = None) -> int:
+        """Start discovery and listen (REST on `port`, gRPC on `grpc_port` unless None); returns
+        the bound REST port (`self.grpc_port` is the bound gRPC port). OSError when a port is taken."""
+        if grpc_port is not None:
+            from .grpc_proxy import GRPCGateway, GRPCGatewayServer  # grpcio only when gRPC is on
+
+            grpc_gateway = GRPCGateway(self.balancer, self.gateway.metrics, self.gateway.settings, self.ready,
+                                       self.gateway.version)
+            self.grpc_server = GRPCGatewayServer(grpc_gateway, self.limits.max_body_bytes)
+            self.grpc_port = await self.grpc_server.start(host, grpc_port)
         self._discovery_task = asyncio.create_task(self.discovery.run(self.balancer), name="gateway-discovery")
         self._discovery_task.add_done_callback(_log_crash)
-        self.port = await self.server.start(host, port, sock=sock)
+        try:
+            self.port = await self.server.start(host, port, sock=sock)
+        except BaseException:
+            await self.stop(0)
+            raise
         return self.port
 
     async def stop(self, grace_s: float = 30.0) -> None:
         """Refuse new requests, let those in flight finish (up to `grace_s`), then close upstreams."""
-        await self.server.stop(grace_s)
+        stopping = [self.server.stop(grace_s)]
+        if self.grpc_server is not None:  # REST and gRPC drain together, within the same grace period
+            stopping.append(self.grpc_server.stop(grace_s))
+        await asyncio.gather(*stopping)
         if self._discovery_task is not None:
             self._discovery_task.cancel()
             try:

@@ -14,6 +14,9 @@
   attract the requests that least-request would otherwise send to an idle-looking endpoint.
 - Retry budget: concurrent retries per model stay below max(min, percent × active requests),
   active meaning every request of the model the gateway is handling (Envoy's retry budget).
+
+An endpoint is one server (one pod): its REST port and, when it serves gRPC, its gRPC port. REST
+and gRPC requests share its slots, failure count and ejection, as they share the server.
 """
 
 from __future__ import annotations
@@ -40,19 +43,41 @@ class BalancerSettings:
     connect_backoff_s: float = 1.0
 
 
+# A server as discovery reports it: (host, REST port) or (host, REST port, gRPC port or None).
+Address = tuple[str, int] | tuple[str, int, int | None]
+
+
 class Endpoint:
     """One ready server of one model."""
 
-    __slots__ = ("address", "pool", "active", "failures", "ejected_until", "ejections", "removed")
+    __slots__ = ("address", "pool", "grpc_port", "grpc", "active", "failures", "ejected_until", "ejections",
+                 "removed")
 
-    def __init__(self, host: str, port: int, connect_timeout_s: float):
+    def __init__(self, host: str, port: int, connect_timeout_s: float, grpc_port: int | None = None):
         self.pool = EndpointPool(host, port, connect_timeout_s)
         self.address = self.pool.authority
+        self.grpc_port = grpc_port
+        self.grpc = None  # the gRPC proxy's channel to it, made on first use (grpc_proxy.py)
         self.active = 0
         self.failures = 0  # consecutive
         self.ejected_until = 0.0
         self.ejections = 0
         self.removed = False
+
+    def set_grpc_port(self, grpc_port: int | None) -> None:
+        if grpc_port != self.grpc_port:
+            self.grpc_port = grpc_port
+            self._close_grpc()
+
+    def _close_grpc(self) -> None:
+        upstream, self.grpc = self.grpc, None
+        if upstream is not None:
+            upstream.close()
+
+    def close(self) -> None:
+        """Close its idle connections (REST) and its gRPC channel."""
+        self.pool.close()
+        self._close_grpc()
 
     def __repr__(self):
         return f"Endpoint({self.address}, active={self.active})"
@@ -96,17 +121,25 @@ class ModelRoute:
         self._rng = random.Random()
 
     # --- endpoint set (from discovery)
-    def set_endpoints(self, addresses: set[tuple[str, int]]) -> None:
+    def set_endpoints(self, addresses: set[Address]) -> None:
         """Replace the ready endpoints; requests in flight on a removed endpoint finish there."""
         keep: list[Endpoint] = []
         current = {(e.pool.host, e.pool.port): e for e in self.endpoints}
-        for key in sorted(addresses):
-            ep = current.pop(key, None)
-            keep.append(ep if ep is not None else Endpoint(key[0], key[1], self.settings.connect_timeout_s))
+        wanted: dict[tuple[str, int], int | None] = {}
+        for address in addresses:  # one endpoint per (host, REST port); a gRPC port wins over none
+            key = (address[0], address[1])
+            wanted[key] = wanted.get(key) or (address[2] if len(address) > 2 else None)
+        for (host, port), grpc_port in sorted(wanted.items()):
+            ep = current.pop((host, port), None)
+            if ep is None:
+                ep = Endpoint(host, port, self.settings.connect_timeout_s, grpc_port)
+            else:
+                ep.set_grpc_port(grpc_port)
+            keep.append(ep)
         for ep in current.values():
             ep.removed = True
             if ep.active == 0:
-                ep.pool.close()
+                ep.close()
         self.endpoints = keep
         self._dispatch()
 
@@ -234,7 +267,7 @@ class ModelRoute:
         elif failed is False:
             ep.failures = 0
         if ep.removed and ep.active == 0:
-            ep.pool.close()
+            ep.close()
         if self.waiters:
             self._dispatch()
 
@@ -260,7 +293,7 @@ class ModelRoute:
             self._rearm.cancel()
         for ep in self.endpoints:
             ep.removed = True
-            ep.pool.close()
+            ep.close()
         for w in self.waiters:
             if not w.future.done():
                 w.future.set_exception(NoEndpoints(f"model '{self.name}' was removed"))
@@ -274,7 +307,7 @@ class Balancer:
         self.settings = settings or BalancerSettings()
         self.models: dict[str, ModelRoute] = {}
 
-    def set_model(self, name: str, addresses: set[tuple[str, int]]) -> None:
+    def set_model(self, name: str, addresses: set[Address]) -> None:
         route = self.models.get(name)
         if route is None:
             route = self.models[name] = ModelRoute(name, self.settings)
@@ -285,7 +318,7 @@ class Balancer:
         if route is not None:
             route.close()
 
-    def replace_all(self, models: dict[str, set[tuple[str, int]]]) -> None:
+    def replace_all(self, models: dict[str, set[Address]]) -> None:
         for name in list(self.models):
             if name not in models:
                 self.remove_model(name)

@@ -1,8 +1,8 @@
 """Where each model's servers are: a static list (local mode) or Kubernetes EndpointSlices.
 
 Cluster contract (what the operator creates): each CaffeModelService `m` has a Service
-`m-predictor` labelled `caffeserving.io/model: m` with a port named `http`; Kubernetes copies the
-Service's labels onto its EndpointSlices. The watcher lists and watches
+`m-predictor` labelled `caffeserving.io/model: m` with a port named `http` (and `grpc` when the
+pods serve gRPC); Kubernetes copies the Service's labels onto its EndpointSlices. The watcher lists and watches
 `discovery.k8s.io/v1` EndpointSlices with the label selector `caffeserving.io/model` and keeps the
 balancer's endpoint sets equal to the ready endpoints, so pods coming and going need no restart.
 
@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import orjson
 import yaml
@@ -32,21 +32,23 @@ import yaml
 from inference_server.slices import MODEL_LABEL, slice_labels
 from inference_server.slices import slice_endpoints as pod_endpoints
 
-from .balancer import Balancer
+from .balancer import Address, Balancer
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = "caffeserve-gateway"
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
-Address = tuple[str, int]
-
 
 # --------------------------------------------------------------------------- static
 
 
 def parse_static(spec: str) -> tuple[str, set[Address]]:
-    """`MODEL=URL[,URL...]` (URL: `http://host:port` or `host:port`) → (model, {(host, port)})."""
+    """`MODEL=URL[,URL...]` → (model, {(host, port, gRPC port or None)}).
+
+    URL: `http://host:port` or `host:port`, with `?grpc=PORT` when that server also serves gRPC
+    (on the same host), e.g. `digits=http://127.0.0.1:8001?grpc=8002`.
+    """
     model, sep, urls = spec.partition("=")
     model = model.strip()
     if not sep or not model or not urls.strip():
@@ -63,7 +65,15 @@ def parse_static(spec: str) -> tuple[str, set[Address]]:
             raise ValueError(f"{url}: only http:// servers are supported")
         if not parts.hostname or not parts.port:
             raise ValueError(f"{url}: expected host:port")
-        out.add((parts.hostname, parts.port))
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        grpc_port = None
+        if "grpc" in query:
+            if not query["grpc"].isdigit() or not 0 < int(query["grpc"]) < 65536:
+                raise ValueError(f"{url}: grpc= must be a port number")
+            grpc_port = int(query["grpc"])
+        if set(query) - {"grpc"} or parts.path.strip("/"):
+            raise ValueError(f"{url}: expected http://host:port, optionally with ?grpc=PORT")
+        out.add((parts.hostname, parts.port, grpc_port))
     return model, out
 
 
@@ -86,7 +96,8 @@ class StaticDiscovery:
 
 
 def slice_endpoints(obj: dict[str, Any]) -> tuple[str, set[Address]] | None:
-    """The model and ready (address, port)s of one EndpointSlice; None if it is not a model's.
+    """The model and ready (address, port, gRPC port)s of one EndpointSlice; None if it is not a model's.
+    The gRPC port is the slice's port named `grpc` (None without one: the pods serve REST only).
 
     Readiness follows the EndpointSlice API: an endpoint whose `conditions.ready` is false is
     skipped (terminating pods are not ready); an absent `ready` means ready, as the API documents.
@@ -96,7 +107,7 @@ def slice_endpoints(obj: dict[str, Any]) -> tuple[str, set[Address]] | None:
         return None
     if obj.get("addressType", "IPv4") not in ("IPv4", "IPv6"):
         return None
-    return model, {(ep.address, ep.port) for ep in pod_endpoints(obj) if ep.ready}
+    return model, {(ep.address, ep.port, ep.grpc_port) for ep in pod_endpoints(obj) if ep.ready}
 
 
 @dataclass

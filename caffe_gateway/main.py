@@ -11,6 +11,9 @@ ready server are answered 503 with an integer Retry-After; a request whose deadl
 are retried on another server (retry budget: 20% of active requests, at least 3); 5 consecutive
 failures eject a server for 30 s. In a cluster the gateway needs `list` and `watch` on
 discovery.k8s.io endpointslices, nothing else.
+
+gRPC (`inference.GRPCInferenceService`, port --grpc-port) is forwarded the same way, to the
+servers' gRPC ports (EndpointSlice port `grpc`; `--static m=http://host:8001?grpc=8002`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="caffeserve gateway", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="REST port (default %(default)s; 0: any free port)")
+    p.add_argument("--grpc-port", type=int, default=8081, metavar="PORT",
+                   help="gRPC port (default %(default)s; 0: any free port)")
+    p.add_argument("--no-grpc", action="store_true", help="serve REST only")
     src = p.add_argument_group("discovery (one of)")
     src.add_argument("--static", action="append", default=[], metavar="MODEL=URL[,URL...]",
                      help="a model's servers, given directly (repeat per model)")
@@ -81,18 +87,26 @@ def main(argv: list[str] | None = None) -> int:
     app = GatewayApp(discovery, balancer, proxy, limits)
     install_uvloop()
 
-    asyncio.run(run_until_signalled(app, args.host, args.port, args.grace))
-    return 0
+    grpc_port = None if args.no_grpc else args.grpc_port
+    return asyncio.run(run_until_signalled(app, args.host, args.port, args.grace, grpc_port))
 
 
-async def run_until_signalled(app: GatewayApp, host: str, port: int, grace_s: float) -> None:
+async def run_until_signalled(app: GatewayApp, host: str, port: int, grace_s: float,
+                              grpc_port: int | None = None) -> int:
     """Serve until SIGTERM/SIGINT, then drain: refuse new requests, finish those in flight."""
     stop = stop_event()
-    bound = await app.start(host, port)
+    try:
+        bound = await app.start(host, port, grpc_port=grpc_port)
+    except OSError as e:
+        log.error("gateway cannot listen: %s", e.strerror or e)
+        return 1
     log.info("gateway listening on http://%s:%d", host, bound)
+    if app.grpc_port is not None:
+        log.info("gateway listening for gRPC on %s:%d", host, app.grpc_port)
     await stop.wait()
     log.info("stopping: finishing requests in flight (up to %.0f s)", grace_s)
     await app.stop(grace_s)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The gateway's Prometheus metrics.
 
-Per-request figures (requests by model and code, upstream latency) are counted as they happen;
+Per-request figures (REST requests by model and HTTP code, gRPC calls by model, method and
+status code, upstream latency of both) are counted as they happen;
 the state figures (queue depth, in flight, endpoints, retries, ejections) are read from the
 balancer when scraped, so they cost the hot path nothing. `caffeserve_gateway_inflight_requests` plus
 `caffeserve_gateway_queued_requests` per model is the concurrency an autoscaler would scale on.
@@ -62,8 +63,12 @@ class GatewayMetrics:
         self._latency = Histogram("caffeserve_gateway_upstream_latency_seconds",
                                   "Time from forwarding a request to an inference server to its whole answer.",
                                   ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._grpc_requests = Counter("caffeserve_gateway_grpc_requests",
+                                      "gRPC calls answered, by model, method and gRPC status code.",
+                                      ["model", "method", "grpc_code"], registry=self.registry)
         self.registry.register(_BalancerState(balancer))
         self._request_children: dict[tuple[str, int], object] = {}
+        self._grpc_children: dict[tuple[str, str, str], object] = {}
         self._latency_children: dict[str, object] = {}
 
     def count(self, model: str, code: int) -> None:
@@ -71,6 +76,13 @@ class GatewayMetrics:
         child = self._request_children.get(key)
         if child is None:
             child = self._request_children[key] = self._requests.labels(model, str(code))
+        child.inc()
+
+    def count_grpc(self, model: str, method: str, code: str) -> None:
+        key = (model, method, code)
+        child = self._grpc_children.get(key)
+        if child is None:
+            child = self._grpc_children[key] = self._grpc_requests.labels(model, method, code)
         child.inc()
 
     def observe_upstream(self, model: str, seconds: float) -> None:

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p = parser("caffeserve demo")
     p.description = __doc__
     p.add_argument("--index", type=int, help="which digit to send (default: a random one)")
-    p.set_defaults(port=0)
+    p.set_defaults(port=0, grpc_port=0)
     args = p.parse_args(argv)
     png, truth, source = pick_digit(args.manifest, args.index)
     outcome: dict[str, str] = {}

@@ -3,7 +3,8 @@
 It reads the same manifest a user would `kubectl apply` (validated by the operator's own types),
 starts `spec.replicas` `caffeserve serve` processes on loopback per model with the very server
 config the operator would put in the pod (manifests.server_config, with this machine's folder for
-/models), puts the gateway in front, prints where to send requests, and on Ctrl-C or SIGTERM stops the gateway (finishing requests in
+/models; each replica on free REST and gRPC ports), puts the gateway in front (REST on --port,
+gRPC on --grpc-port), prints where to send requests, and on Ctrl-C or SIGTERM stops the gateway (finishing requests in
 flight), then the servers, and exits. Like a Deployment, it restarts a replica that dies, and
 the gateway only sends to replicas that are ready.
 
@@ -45,6 +46,9 @@ def parser(prog: str = "caffeserve up") -> argparse.ArgumentParser:
     p.add_argument("manifest", type=Path, help="a CaffeModelService manifest (YAML; several documents allowed)")
     p.add_argument("--host", default="127.0.0.1", help="gateway address (default %(default)s)")
     p.add_argument("--port", type=int, default=8080, help="gateway port (default %(default)s; 0: any free port)")
+    p.add_argument("--grpc-port", type=int, default=8081,
+                   help="gateway gRPC port (default %(default)s; 0: any free port); each replica gets a free one")
+    p.add_argument("--no-grpc", action="store_true", help="the gateway serves REST only")
     p.add_argument("--pvc-root", type=Path, help="folder that holds PVC claims (default: the manifest's folder)")
     p.add_argument("--cache-dir", type=Path, default=None, help="where source.url files are downloaded")
     p.add_argument("--device", choices=["cpu", "gpu"], help="override runtime.device (e.g. cpu on a laptop)")
@@ -61,7 +65,8 @@ async def run(args, on_ready=None) -> int:
     try:
         models = local_models(args.manifest, args.pvc_root, args.cache_dir or default_cache_dir(), tmp,
                               args.device, args.replicas)
-        service = LocalService(models, tmp, settings_from(args), args.host, args.port, args.grace)
+        service = LocalService(models, tmp, settings_from(args), args.host, args.port, args.grace,
+                               None if args.no_grpc else args.grpc_port)
         stop = stop_event()
         starting = asyncio.create_task(service.start())
         stopped = asyncio.create_task(stop.wait())

@@ -29,6 +29,7 @@ class LocalModel:
     replicas: int
     config_yaml: str  # the `caffeserve serve` config, with this machine's file paths
     startup_timeout_s: float
+    grpc: bool = True  # spec.runtime.grpc.enabled: each replica serves gRPC on a port of its own
 
 
 def load_manifest(path: Path) -> list[dict]:
@@ -103,7 +104,8 @@ def local_models(manifest: Path, pvc_root: Path | None, cache_dir: Path, tmp: Pa
             cfg = cfg.model_copy(update={"device": cfg.device.model_copy(update={"kind": device})})
         data = cfg.model_dump(by_alias=True, exclude_none=True, mode="json")
         out.append(LocalModel(name, spec.replicas if replicas is None else replicas,
-                              yaml.safe_dump(data, sort_keys=False), float(spec.runtime.startup_timeout_seconds)))
+                              yaml.safe_dump(data, sort_keys=False), float(spec.runtime.startup_timeout_seconds),
+                              spec.runtime.grpc.enabled))
     names = [m.name for m in out]
     if len(set(names)) != len(names):
         raise LocalError(f"{manifest}: two {KIND}s share a name")

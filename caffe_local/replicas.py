@@ -49,6 +49,7 @@ class Replica:
     config_path: Path
     host: str
     port: int
+    grpc_port: int | None = None  # its own, so that replicas on one machine do not all claim 8081
     proc: asyncio.subprocess.Process | None = None
     ready: bool = False
     restarts: int = 0
@@ -67,6 +68,7 @@ class Replica:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "inference_server", "serve", "--config", str(self.config_path),
             "--host", self.host, "--port", str(self.port),
+            *(["--grpc-port", str(self.grpc_port)] if self.grpc_port is not None else []),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches `up` only; it stops the servers in order
             preexec_fn=_die_with_parent,
@@ -117,17 +119,19 @@ class LocalService:
     """The replicas of every model plus the gateway, started and stopped together."""
 
     def __init__(self, models: list[LocalModel], workdir: Path, gateway_settings: GatewaySettings, host: str = "127.0.0.1",
-                 port: int = 8080, grace_s: float = 30.0):
+                 port: int = 8080, grace_s: float = 30.0, grpc_port: int | None = None):
         self.models = models
         self.host = host
         self.port = port
+        self.grpc_port = grpc_port  # the gateway's; None: REST only
         self.grace_s = grace_s
         self.replicas: list[Replica] = []
         for m in models:
             cfg_path = workdir / f"{m.name}.yaml"
             cfg_path.write_text(m.config_yaml)
             for i in range(m.replicas):
-                self.replicas.append(Replica(m.name, i, cfg_path, "127.0.0.1", _free_port("127.0.0.1")))
+                self.replicas.append(Replica(m.name, i, cfg_path, "127.0.0.1", _free_port("127.0.0.1"),
+                                             _free_port("127.0.0.1") if m.grpc else None))
         balancer, proxy, limits = gateway_settings
         self.app = GatewayApp(StaticDiscovery({m.name: set() for m in models}), balancer, proxy, limits)
         self._supervisor: asyncio.Task | None = None
@@ -135,7 +139,7 @@ class LocalService:
 
     def _publish(self, model: str) -> None:
         """The gateway sends only to ready replicas (what EndpointSlices do in a cluster)."""
-        ready = {(r.host, r.port) for r in self.replicas if r.model == model and r.ready}
+        ready = {(r.host, r.port, r.grpc_port) for r in self.replicas if r.model == model and r.ready}
         self.app.balancer.set_model(model, ready)
 
     async def start(self) -> int:
@@ -144,10 +148,10 @@ class LocalService:
         timeout = {m.name: m.startup_timeout_s for m in self.models}
         await asyncio.gather(*(self._wait_ready(r, timeout[r.model]) for r in self.replicas))
         try:
-            port = await self.app.start(self.host, self.port)
+            port = await self.app.start(self.host, self.port, grpc_port=self.grpc_port)
         except OSError as e:
-            raise LocalError(f"the gateway cannot listen on {self.host}:{self.port}: {e.strerror or e}; "
-                             "choose another --port") from None
+            raise LocalError(f"the gateway cannot listen on {self.host} (port {self.port}, gRPC {self.grpc_port}): "
+                             f"{e.strerror or e}; choose another --port / --grpc-port") from None
         for m in self.models:
             self._publish(m.name)
         self._supervisor = asyncio.create_task(self._supervise())
@@ -217,8 +221,13 @@ class LocalService:
         url = f"http://{self.host if self.host not in ('0.0.0.0', '') else '127.0.0.1'}:{port}"
         lines = []
         for m in self.models:
-            servers = ", ".join(r.url for r in self.replicas if r.model == m.name)
+            servers = ", ".join(r.url + (f" (gRPC :{r.grpc_port})" if r.grpc_port else "")
+                                for r in self.replicas if r.model == m.name)
             lines.append(f"{m.name}: {m.replicas} replica(s) ready ({servers})")
+        host = self.host if self.host not in ("0.0.0.0", "") else "127.0.0.1"
+        if self.app.grpc_port is not None:
+            lines.append(f"gateway gRPC: {host}:{self.app.grpc_port}   (tritonclient.grpc.InferenceServerClient"
+                         f"(\"{host}:{self.app.grpc_port}\"))")
         lines.append(f"gateway: {url}   (Ctrl-C or SIGTERM stops everything)")
         for m in self.models:
             lines.append(f"  curl {url}/v2/models/{m.name}")

@@ -22,12 +22,16 @@ IMAGES, LABELS = digits_data.held_out()
 
 
 class GatewayProcess:
-    """`caffeserve gateway ARGS...` on a free loopback port; `url` once ready."""
+    """`caffeserve gateway ARGS...` on free loopback ports (REST `url`, gRPC `grpc_port`) once ready."""
 
     def __init__(self, *args: str, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = list(args)
+        self.grpc_port = None
+        if "--no-grpc" not in self.args and "--grpc-port" not in self.args:
+            self.grpc_port = free_port()
+            self.args += ["--grpc-port", str(self.grpc_port)]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.log = b""
@@ -112,7 +116,9 @@ def slow_config(delay_ms: float) -> dict:
 
 
 def static(model: str, *servers: ServerProcess) -> str:
-    return f"{model}=" + ",".join(s.url for s in servers)
+    """A --static argument; a server started with a gRPC port (`grpc_port`) is given with it."""
+    return f"{model}=" + ",".join(s.url + (f"?grpc={s.grpc_port}" if getattr(s, "grpc_port", None) else "")
+                                  for s in servers)
 
 
 async def _one_request(port: int, body: bytes, path: str = "/v2/models/digits/infer"):

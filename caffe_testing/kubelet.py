@@ -7,14 +7,15 @@ the pod template as the API stores it:
 - argv is the container's `command` + `args`; `caffeserve` is the venv's (the images put it on
   PATH from /opt/venv/bin). The environment is the image's (PATH, HOME=/tmp, ...) plus the
   container's `env`, with `fieldRef`s resolved as the downward API does; nothing else of the test's
-  environment leaks in.
+  environment leaks in but PYTHONPATH: the image holds the code under test, which a checkout
+  other than the venv's editable install names there.
 - volumeMounts become local folders: an emptyDir is a fresh folder, a ConfigMap's keys are written
   as files (read from the API, as the kubelet does), a PersistentVolumeClaim is a folder the test
   names. Paths under a mount in argv, env and the mounted YAML config files are mapped to those
   folders (a process here cannot see /models or /etc/caffeserve).
 - Every pod on a node would listen on the same container port, so each container port gets a free
-  loopback port: `--port 8080` and URLs with `:8080` in argv are mapped, and 0.0.0.0 becomes
-  127.0.0.1 (the pod IP).
+  loopback port: `--port 8080`, `--grpc-port 8081` and URLs with `:8080` in argv are mapped, and
+  0.0.0.0 becomes 127.0.0.1 (the pod IP).
 - Probes are httpGet against the mapped port, as the kubelet sends them.
 
 What cannot be done without a cluster is marked as such where it happens: credentials come from a
@@ -23,6 +24,7 @@ What cannot be done without a cluster is marked as such where it happens: creden
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -42,6 +44,7 @@ IMAGE_ENV = {  # what Dockerfile.operator / Dockerfile.caffe-gpu set, with the v
     "PYTHONUNBUFFERED": "1",
     "PYTHONDONTWRITEBYTECODE": "1",
     "LANG": "C.UTF-8",
+    **({"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}),
 }
 
 
@@ -114,7 +117,7 @@ class ContainerProcess:
         return yaml.safe_dump(walk(yaml.safe_load(text)), sort_keys=False)
 
     def _map_arg(self, arg: str, previous: str | None) -> str:
-        if previous == "--port" and arg.isdigit() and int(arg) in self.ports:
+        if previous in ("--port", "--grpc-port") and arg.isdigit() and int(arg) in self.ports:
             return str(self.ports[int(arg)])
         arg = arg.replace("0.0.0.0", "127.0.0.1")
         for container_port, local_port in self.ports.items():

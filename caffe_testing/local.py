@@ -13,12 +13,14 @@ from caffe_testing.servers import CAFFESERVE, REPO, free_port
 
 
 class UpProcess:
-    """`caffeserve up ...` with its output collected; `url` is the gateway."""
+    """`caffeserve up ...` with its output collected; `url` is the gateway, `grpc_port` its gRPC port."""
 
     def __init__(self, *args: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(CAFFESERVE + ["up", *args, "--port", str(self.port)], cwd=REPO,
+        self.grpc_port = None if "--no-grpc" in args else free_port()
+        grpc = [] if self.grpc_port is None else ["--grpc-port", str(self.grpc_port)]
+        self.proc = subprocess.Popen(CAFFESERVE + ["up", *args, "--port", str(self.port), *grpc], cwd=REPO,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -59,6 +59,7 @@ class ServerProcess:
 
     def __init__(self, config: dict | str | Path, tmp_dir: Path | None = None, env: dict | None = None,
                  wait_ready: bool = True, args: list[str] | None = None):
+        config_dict = config
         if isinstance(config, dict):
             tmp_dir = Path(tmp_dir or ".")
             path = tmp_dir / f"server-{os.getpid()}-{id(self)}.yaml"
@@ -69,7 +70,10 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **(env or {})}
         self.wait_ready = wait_ready
-        self.args = args or []
+        self.args = list(args or [])
+        if "--grpc-port" not in self.args and not (isinstance(config_dict, dict) and "grpc" in config_dict):
+            # gRPC is on by default (port 8081): several servers on one host need a port each
+            self.args += ["--grpc-port", "0"]
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> "ServerProcess":

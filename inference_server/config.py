@@ -172,9 +172,9 @@ class Grpc(CamelModel):
     same process, data plane and workers. Its message size limit is `limits.maxRequestBytes`."""
 
     enabled: bool = Field(
-        default=False,
-        description="Serve gRPC on `port` as well as REST. Off by default until the operator and local mode "
-        "expose the port (several servers on one host would otherwise all claim 8081).",
+        default=True,
+        description="Serve gRPC on `port` as well as REST (as Triton, KServe and MLServer do by default). Several "
+        "servers on one host need a port each (`--grpc-port`, or 0 for any free port).",
     )
     port: int = Field(default=8081, ge=0, le=65535, description="gRPC port (0: any free port, printed in the log).")
 

@@ -35,7 +35,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8080, help="REST port (0: any free port, printed in the log)")
     p.add_argument("--grpc-port", type=int, default=None, metavar="PORT",
-                   help="gRPC port, overriding the config's grpc.port (and turning gRPC on); 0: any free port")
+                   help="gRPC port, overriding the config's grpc.port (and turning gRPC on); 0: any free port "
+                   "(default: the config's, 8081 unless it says otherwise)")
     p.add_argument("--grace-period", type=float, default=30.0, metavar="S",
                    help="seconds to finish in-flight requests on SIGTERM")
     p.add_argument("--log-level", default="INFO", type=str.upper,

@@ -156,7 +156,7 @@ class Ours(ServerUnderTest):
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "caffeserve", "serve", "--config", str(self.model.config),
-                "--port", str(self.port), "--log-level", "WARNING"]
+                "--port", str(self.port), "--grpc-port", "0", "--log-level", "WARNING"]
 
     def start(self, timeout: float = 120.0):
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), self.env.get("PYTHONPATH")]))

@@ -3,9 +3,7 @@
 The handlers call the same DataPlane and Model as the REST routes (app.py), so readiness, the
 executor's queue, deadlines, cancellation and metrics are one. Each InferenceError becomes a gRPC
 status through the one table in errors.py, its message as the status details; a full queue also
-says when to retry, three ways: `google.rpc.RetryInfo` in `grpc-status-details-bin` (the richer
-error model), `grpc-retry-pushback-ms` (honoured by gRPC's own retry policy) and `retry-after`
-(seconds, as REST's header).
+says when to retry (status.py, which the gateway shares).
 
 Messages travel as bytes through grpc (no (de)serializer registered): a request that does not parse
 is an INVALID_ARGUMENT we word ourselves, and each response is serialized once, by us.
@@ -27,10 +25,9 @@ from ..errors import BadRequest, InferenceError, NotFound, grpc_status_name
 from ..metrics import ServerMetrics
 from . import messages as pb
 from .codec import decode_infer_request, encode_infer_response
+from .status import RETRY_INFO_TYPE, error_status  # noqa: F401 (RETRY_INFO_TYPE: re-exported)
 
 log = logging.getLogger(__name__)
-
-RETRY_INFO_TYPE = "type.googleapis.com/google.rpc.RetryInfo"
 
 
 def _parse(cls, data: bytes):
@@ -38,22 +35,6 @@ def _parse(cls, data: bytes):
         return cls.FromString(data)
     except DecodeError as e:
         raise BadRequest(f"malformed {cls.DESCRIPTOR.name}: {e}") from None
-
-
-def error_status(e: InferenceError) -> tuple[grpc.StatusCode, str, tuple]:
-    """The gRPC code, details and trailing metadata for one of our errors (the table lives in errors.py)."""
-    code = grpc.StatusCode[grpc_status_name(e.status_code)]
-    trailing: tuple = ()
-    retry = e.headers.get("Retry-After")
-    if retry is not None:
-        seconds = int(retry)
-        info = pb.RetryInfo()
-        info.retry_delay.seconds = seconds
-        status = pb.Status(code=code.value[0], message=e.message)
-        status.details.add(type_url=RETRY_INFO_TYPE, value=info.SerializeToString())
-        trailing = (("retry-after", str(seconds)), ("grpc-retry-pushback-ms", str(seconds * 1000)),
-                    ("grpc-status-details-bin", status.SerializeToString()))
-    return code, e.message, trailing
 
 
 class GRPCService:

@@ -209,6 +209,17 @@ class RuntimeDevice(str, Enum):
     cpu = "cpu"
 
 
+class GrpcSpec(CamelModel):
+    """The Open Inference Protocol over gRPC beside REST, from the same server process."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Serve gRPC (inference.GRPCInferenceService) on each pod's port 8081, named grpc: the "
+        "Service exposes it (appProtocol grpc) and the gateway forwards gRPC calls to it. Its message size "
+        "limit is limits.maxRequestBytes.",
+    )
+
+
 class RuntimeSpec(CamelModel):
     """How each replica runs the model: the server image, the device, and the server's own settings."""
 
@@ -237,6 +248,7 @@ class RuntimeSpec(CamelModel):
     backend: Literal["pycaffe", "onnxruntime", "auto"] = _serving_field("backend")
     parity_tolerance: float = _serving_field("parity_tolerance")
     limits: Limits = Field(default_factory=Limits, description="Per-request limits inside each replica.")
+    grpc: GrpcSpec = Field(default_factory=GrpcSpec, description="gRPC beside REST (on by default).")
     startup_timeout_seconds: int = Field(
         default=600, ge=10, le=86400,
         description="How long a replica may take to load the model before the kubelet restarts it (its startup probe budget).",
@@ -367,6 +379,10 @@ class CaffeModelServiceStatus(CamelModel):
     ready_replicas: int | None = Field(default=None, description="Server pods that are ready.")
     url: str | None = Field(default=None, description="Where clients reach this model: its Open Inference Protocol URL "
                                      "(.../v2/models/NAME), through the gateway when there is one, else its Service.")
+    grpc_address: str | None = Field(
+        default=None, description="Where gRPC clients reach this model (host:port; the request names the model): "
+        "the gateway's gRPC address when there is one, else its Service's port grpc. Unset with runtime.grpc.enabled false.",
+    )
     selector: str | None = Field(default=None, description="Label selector of the server pods (for the scale subresource).")
     backend: BackendStatus | None = Field(
         default=None, description="The backend serving the model, as one ready pod reports it (during a rollout, "

@@ -183,6 +183,8 @@ def custom_resource_definition() -> dict[str, Any]:
                     {"name": "Backend", "type": "string", "jsonPath": ".status.backend.name",
                      "description": "pycaffe or onnxruntime, as a ready pod reports it."},
                     {"name": "URL", "type": "string", "jsonPath": ".status.url", "description": "Where clients reach the model."},
+                    {"name": "gRPC", "type": "string", "jsonPath": ".status.grpcAddress",
+                     "description": "Where gRPC clients reach the model (host:port)."},
                     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                 ],
             }],

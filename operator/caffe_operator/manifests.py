@@ -9,7 +9,8 @@ cluster, and `caffeserve up` can run the very same server config locally.
   ConfigMap volume, or an emptyDir filled by `caffeserve fetch` init containers), GPU limits,
   probes on the V2 health endpoints, the Pod Security "restricted" profile, and a config-hash
   annotation on the pod template so that any change to what the pods see rolls them.
-- Service `{name}-predictor`: port `http` 8080 in front of the pods.
+- Service `{name}-predictor`: port `http` 8080 in front of the pods, and `grpc` 8081 (appProtocol
+  grpc) unless spec.runtime.grpc.enabled is false.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from typing import Any
 import yaml
 
 from caffe_operator.api import CaffeModelServiceSpec, RuntimeDevice
-from inference_server.config import ModelServing, ServerConfig
-from inference_server.slices import MODEL_LABEL, PORT, PORT_NAME
+from inference_server.config import Grpc, ModelServing, ServerConfig
+from inference_server.slices import GRPC_PORT, GRPC_PORT_NAME, MODEL_LABEL, PORT, PORT_NAME
 
 CONFIG_DIR = "/etc/caffeserve"
 CONFIG_KEY = "config.yaml"
@@ -36,6 +37,12 @@ CONFIG_HASH_ANNOTATION = "caffeserving.io/config-hash"
 DEFAULT_SERVER_IMAGE = "ghcr.io/caffe-serving/caffe-server-gpu:0.1.0"
 
 SERVE_COMMAND = ["caffeserve", "serve", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}", "--host", "0.0.0.0", "--port", str(PORT)]
+GRPC_ARGS = ["--grpc-port", str(GRPC_PORT)]
+
+
+def serve_command(spec: CaffeModelServiceSpec) -> list[str]:
+    """The server container's command: REST on 8080, and gRPC on 8081 unless turned off."""
+    return SERVE_COMMAND + (GRPC_ARGS if spec.runtime.grpc.enabled else [])
 
 # Optional pod-spec fields that come from the CR: when the CR drops one, the patch must remove it.
 OPTIONAL_POD_FIELDS = (
@@ -83,6 +90,18 @@ def model_url(name: str, namespace: str, gateway_url: str | None = None) -> str:
     return service_url(name, namespace)
 
 
+def grpc_address(name: str, namespace: str, spec: CaffeModelServiceSpec | None,
+                 gateway_grpc_address: str | None = None) -> str | None:
+    """Where gRPC clients reach the model (host:port; each call names the model): the gateway's
+    gRPC address when there is one, else the Service's port grpc; None when gRPC is off (or the
+    spec is not known)."""
+    if spec is None or not spec.runtime.grpc.enabled:
+        return None
+    if gateway_grpc_address:
+        return gateway_grpc_address
+    return f"{predictor_name(name)}.{namespace}.svc:{GRPC_PORT}"
+
+
 # --------------------------------------------------------------------------------------------
 # the server config
 # --------------------------------------------------------------------------------------------
@@ -104,6 +123,8 @@ def server_config(name: str, spec: CaffeModelServiceSpec, model_dir: str = MODEL
     return ServerConfig(
         name=name,
         version=m.version,
+        # the port is the pod's (the command says it too, so that each local replica can get its own)
+        grpc=Grpc(enabled=rt.grpc.enabled, port=GRPC_PORT),
         model={
             "prototxt": paths["prototxt"],
             "weights": paths["weights"],
@@ -140,16 +161,16 @@ def config_map(name: str, namespace: str, spec: CaffeModelServiceSpec) -> dict[s
     }
 
 
-def service(name: str, namespace: str) -> dict[str, Any]:
+def service(name: str, namespace: str, spec: CaffeModelServiceSpec) -> dict[str, Any]:
+    ports = [{"name": PORT_NAME, "port": PORT, "targetPort": PORT, "protocol": "TCP", "appProtocol": "http"}]
+    if spec.runtime.grpc.enabled:
+        ports.append({"name": GRPC_PORT_NAME, "port": GRPC_PORT, "targetPort": GRPC_PORT, "protocol": "TCP",
+                      "appProtocol": "grpc"})
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(predictor_name(name), namespace, name),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": selector(name),
-            "ports": [{"name": PORT_NAME, "port": PORT, "targetPort": PORT, "protocol": "TCP", "appProtocol": "http"}],
-        },
+        "spec": {"type": "ClusterIP", "selector": selector(name), "ports": ports},
     }
 
 
@@ -237,8 +258,9 @@ def pod_template(name: str, spec: CaffeModelServiceSpec, image: str) -> dict[str
     server = {
         "name": "server",
         "image": image,
-        "command": SERVE_COMMAND,
-        "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
+        "command": serve_command(spec),
+        "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}]
+        + ([{"name": GRPC_PORT_NAME, "containerPort": GRPC_PORT, "protocol": "TCP"}] if rt.grpc.enabled else []),
         "env": [{"name": "HOME", "value": "/tmp"}],
         "resources": _server_resources(spec),
         "securityContext": _container_security(),
@@ -342,5 +364,5 @@ def children(name: str, namespace: str, spec: CaffeModelServiceSpec, default_ima
     return Children(
         config_map=cm,
         deployment=deployment(name, namespace, spec, server_image(spec, default_image), cm),
-        service=service(name, namespace),
+        service=service(name, namespace, spec),
     )

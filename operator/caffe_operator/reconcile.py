@@ -75,6 +75,7 @@ class OperatorConfig:
 
     server_image: str = manifests.DEFAULT_SERVER_IMAGE
     gateway_url: str | None = None
+    gateway_grpc_address: str | None = None  # host:port of the gateway's gRPC
     load_recheck_s: float = 10.0  # first look again at a not-ready model; 0: never
 
     @classmethod
@@ -83,6 +84,7 @@ class OperatorConfig:
         return cls(
             server_image=env.get("CAFFESERVE_SERVER_IMAGE") or manifests.DEFAULT_SERVER_IMAGE,
             gateway_url=env.get("CAFFESERVE_GATEWAY_URL") or None,
+            gateway_grpc_address=env.get("CAFFESERVE_GATEWAY_GRPC_ADDRESS") or None,
             load_recheck_s=float(env.get("CAFFESERVE_LOAD_RECHECK_SECONDS") or 10.0),
         )
 
@@ -282,7 +284,9 @@ class Reconciler:
             message = str(e) + ("" if deployment is None else "; the previous spec's pods keep running")
             outcome.ready = Readiness("False", "InvalidSpec", message)
             url = None if deployment is None else manifests.model_url(name, namespace, self.config.gateway_url)
-            await self._write_status(cr, outcome.ready, deployment, url, logger)
+            # the previous spec's pods keep serving gRPC as they did (or did not)
+            grpc = None if deployment is None else previous.get("grpcAddress")
+            await self._write_status(cr, outcome.ready, deployment, url, logger, grpc_address=grpc)
             return outcome
 
         kids = manifests.children(name, namespace, spec, self.config.server_image)
@@ -302,7 +306,8 @@ class Reconciler:
             outcome.ready = with_load_errors(outcome.ready, health, old_ready)
         backend = await self._backend(cr, results["Deployment"], outcome.ready, logger)
         await self._write_status(cr, outcome.ready, results["Deployment"],
-                                 manifests.model_url(name, namespace, self.config.gateway_url), logger, backend)
+                                 manifests.model_url(name, namespace, self.config.gateway_url), logger, backend,
+                                 manifests.grpc_address(name, namespace, spec, self.config.gateway_grpc_address))
         return outcome
 
     async def _backend(self, cr: dict[str, Any], deployment: dict[str, Any], ready: Readiness,
@@ -353,12 +358,13 @@ class Reconciler:
             logger.info(f"{action} {what}")
 
     async def _write_status(self, cr: dict[str, Any], ready: Readiness, deployment: dict[str, Any] | None,
-                            url: str | None, logger: Any, backend: BackendReport | None = None) -> None:
+                            url: str | None, logger: Any, backend: BackendReport | None = None,
+                            grpc_address: str | None = None) -> None:
         meta = cr["metadata"]
         previous = cr.get("status") or {}
         new = build_status(
             generation=meta.get("generation"), readiness_=ready, deployment=deployment, previous=previous,
-            url=url, selector=manifests.selector_string(meta["name"]),
+            url=url, grpc_address=grpc_address, selector=manifests.selector_string(meta["name"]),
             backend=backend.as_status() if backend is not None else None,
         )
         if same_status(previous, new):
@@ -376,7 +382,8 @@ class Reconciler:
             if old.get("reason") != MODEL_LOAD_FAILED:  # once when it appears, not on every resync
                 await self.post_event(cr, "Warning", MODEL_LOAD_FAILED, ready.message)
         elif ready.status == "True" and old.get("status") != "True":
-            await self.post_event(cr, "Normal", "Ready", f"{ready.message}; serving at {url}")
+            grpc = f" and gRPC {grpc_address}" if grpc_address else ""
+            await self.post_event(cr, "Normal", "Ready", f"{ready.message}; serving at {url}{grpc}")
         elif ready.status != "True" and old.get("status") == "True":
             await self.post_event(cr, "Warning", "NotReady", f"{ready.reason}: {ready.message}")
         elif ready.reason == "RolloutStalled" and old.get("reason") != "RolloutStalled":

@@ -143,6 +143,7 @@ def build_status(
     selector: str | None,
     backend: dict[str, Any] | None = None,
     now: str | None = None,
+    grpc_address: str | None = None,
 ) -> dict[str, Any]:
     """The whole status object (the operator owns every field of it). `backend` is a fresh answer
     from a pod (backend_report.py); without one the previous answer stays."""
@@ -156,6 +157,7 @@ def build_status(
         "replicas": st.get("replicas", 0),
         "readyReplicas": st.get("readyReplicas", 0),
         "url": url,
+        **({"grpcAddress": grpc_address} if grpc_address else {}),
         "selector": selector,
         **({"backend": backend} if backend is not None else {}),
     }
@@ -172,8 +174,11 @@ def same_status(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
 
 def status_patch(previous: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     """A JSON merge patch from `previous` to `new`: a merge patch keeps keys it does not name, so
-    the keys `new.backend` no longer has (maxAbsDiff once pycaffe serves) are nulled."""
+    the keys `new.backend` no longer has (maxAbsDiff once pycaffe serves) are nulled, and so is
+    grpcAddress once gRPC is turned off."""
     patch = dict(new)
+    if (previous or {}).get("grpcAddress") and "grpcAddress" not in new:
+        patch["grpcAddress"] = None
     old_backend, new_backend = (previous or {}).get("backend"), new.get("backend")
     if isinstance(old_backend, dict) and isinstance(new_backend, dict):
         patch["backend"] = {**{k: None for k in old_backend if k not in new_backend}, **new_backend}

@@ -31,7 +31,7 @@ def exported_names(url: str) -> set[str]:
 def exported() -> set[str]:
     with ServerProcess(DIGITS_DIR / "server.yaml", env={"CAFFESERVE__BACKEND": "pycaffe"}) as server:
         port = free_port()
-        gateway = subprocess.Popen(CAFFESERVE + ["gateway", "--host", "127.0.0.1", "--port", str(port),
+        gateway = subprocess.Popen(CAFFESERVE + ["gateway", "--host", "127.0.0.1", "--port", str(port), "--no-grpc",
                                                  "--static", f"digits={server.url}"],
                                    cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

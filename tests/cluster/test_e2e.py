@@ -40,6 +40,7 @@ import yaml
 from caffe_operator import manifests
 from caffe_testing.chart import chart_crds, helm_cluster, helm_install, helm_lint, rendered_objects, restricted_violations
 from caffe_testing.digits import DIGITS_DIR, digits_data
+from caffe_testing.grpc import OIPClient, infer_request, output
 from caffe_testing.cluster import CMS, CONFIGMAPS, DEPLOYMENTS, REPO, SERVICES, Cluster, resource_path
 from caffe_testing.kubelet import ContainerProcess, endpoint_slice
 from caffe_testing.rbac import (
@@ -171,7 +172,8 @@ def flow(request):
         f.timings["servers ready"] = time.monotonic() - start
         for server in f.servers:  # the EndpointSlice controller: a ready pod behind the Service
             cluster.create("discovery.k8s.io/v1/endpointslices", MODEL_NS, endpoint_slice(
-                svc, server.pod_name, "127.0.0.1", [{"name": "http", "port": server.port("http"), "protocol": "TCP"}]))
+                svc, server.pod_name, "127.0.0.1", [{"name": "http", "port": server.port("http"), "protocol": "TCP"},
+                                                    {"name": "grpc", "port": server.port("grpc"), "protocol": "TCP"}]))
         n = len(f.servers)  # the Deployment controller: every replica updated, ready and available
         cluster.patch(DEPLOYMENTS, MODEL_NS, f"{MODEL}-predictor", {"status": {
             "observedGeneration": dep["metadata"]["generation"], "replicas": n, "updatedReplicas": n,
@@ -241,9 +243,10 @@ def test_3_kubectl_apply_makes_the_children_with_the_charts_server_image(flow):
     operator_env = {e["name"]: e.get("value") for e in cluster.get_object(
         DEPLOYMENTS, NAMESPACE, f"{PREFIX}-operator")["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert server["image"] == operator_env["CAFFESERVE_SERVER_IMAGE"] == f"ghcr.io/caffe-serving/caffe-server-gpu:{flow.release['chart']['metadata']['appVersion']}"
-    assert server["command"] == manifests.SERVE_COMMAND
+    assert server["command"] == manifests.SERVE_COMMAND + manifests.GRPC_ARGS
     assert restricted_violations(dep["spec"]["template"]["spec"]) == []
     assert svc["spec"]["ports"][0]["name"] == "http" and svc["spec"]["ports"][0]["port"] == 8080
+    assert svc["spec"]["ports"][1]["name"] == "grpc" and svc["spec"]["ports"][1]["appProtocol"] == "grpc"
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,7 +258,8 @@ def test_4_model_pods_run_the_generated_template_and_config(flow):
     assert generated["model"]["prototxt"] == "/models/deploy.prototxt"
     for server in flow.servers:
         assert server.argv[1:] == ["serve", "--config", str(server.mounts["/etc/caffeserve"] / "config.yaml"),
-                                   "--host", "127.0.0.1", "--port", str(server.port("http"))]
+                                   "--host", "127.0.0.1", "--port", str(server.port("http")),
+                                   "--grpc-port", str(server.port("grpc"))]
         mounted = yaml.safe_load((server.mounts["/etc/caffeserve"] / "config.yaml").read_text())
         # the same config, its /models paths pointing at the claim's folder (examples/digits)
         assert mounted["model"]["prototxt"] == str(DIGITS_DIR / "deploy.prototxt")
@@ -296,6 +300,18 @@ def test_5_tritonclient_through_the_gateway_reads_the_digits(flow, replica):
     finally:
         client.close()
     assert [int(a[2]) for a in answers] == labels, on_failure_logs(flow)
+
+
+@pytest.mark.parametrize("replica", [0, 1])
+def test_5_grpc_through_the_gateway_reads_the_digits(flow, replica):
+    """The gateway learnt each pod's gRPC port from the EndpointSlice's port named grpc."""
+    images, labels = one_digit_per_class()
+    client = OIPClient(flow.gateways[replica].port("grpc"))
+    try:
+        resp = client.infer(infer_request(MODEL, {"data": digits_data.to_blob(np.stack(images))}))
+    finally:
+        client.close()
+    assert [int(i) for i in np.argmax(output(resp, "prob"), axis=1)] == labels, on_failure_logs(flow)
 
 
 def test_5_plain_json_through_the_gateway_reads_a_digit(flow):
@@ -376,6 +392,7 @@ def test_5_status_turns_ready_with_the_gateway_url(flow):
     assert ready_condition(cr)["reason"] == "ReplicasReady"
     assert cr["status"]["readyReplicas"] == 2
     assert cr["status"]["url"] == f"http://{PREFIX}-gateway.{NAMESPACE}.svc/v2/models/{MODEL}"
+    assert cr["status"]["grpcAddress"] == f"{PREFIX}-gateway.{NAMESPACE}.svc:8081"
     assert cr["status"]["observedGeneration"] == cr["metadata"]["generation"]
     # the example leaves backend to auto: the digits net converts and passes parity, but ONNX Runtime runs
     # it at ~0.8× pycaffe's speed on this machine, so auto serves it with pycaffe and says both figures

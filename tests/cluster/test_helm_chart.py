@@ -201,6 +201,7 @@ def test_operator_runs_one_replica_with_the_server_image_and_gateway_url(default
     assert env["CAFFESERVE_SERVER_IMAGE"] == manifests.DEFAULT_SERVER_IMAGE == \
         f"ghcr.io/caffe-serving/caffe-server-gpu:{APP_VERSION}"
     assert env["CAFFESERVE_GATEWAY_URL"] == f"http://{PREFIX}-gateway.{NAMESPACE}.svc"
+    assert env["CAFFESERVE_GATEWAY_GRPC_ADDRESS"] == f"{PREFIX}-gateway.{NAMESPACE}.svc:8081"
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
 
 
@@ -220,13 +221,16 @@ def test_gateway_scales_on_its_own_behind_its_service(default_install, everythin
     (c,) = pod["containers"]
     assert c["image"] == f"ghcr.io/caffe-serving/caffe-serving-operator:{APP_VERSION}"  # same image
     assert c["command"] + c["args"] == ["caffeserve", "gateway", "--kubernetes", "--all-namespaces", "--host",
-                                        "0.0.0.0", "--port", "8080", "--grace", "30"]
+                                        "0.0.0.0", "--port", "8080", "--grpc-port", "8081", "--grace", "30"]
+    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                          {"name": "grpc", "containerPort": 8081, "protocol": "TCP"}]
     assert pod["terminationGracePeriodSeconds"] == 40
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     svc = one(stored, "Service", f"{PREFIX}-gateway")
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
-    assert svc["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP",
-                                     "appProtocol": "http"}]
+    assert svc["spec"]["ports"] == [
+        {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"},
+        {"name": "grpc", "port": 8081, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}]
     # With autoscaling, the HPA owns the replica count.
     _, stored = everything_install
     dep = one(stored, "Deployment", f"{PREFIX}-gateway")
@@ -234,6 +238,24 @@ def test_gateway_scales_on_its_own_behind_its_service(default_install, everythin
     hpa = one(stored, "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"]["name"] == f"{PREFIX}-gateway"
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 12)
+
+
+def test_gateway_grpc_can_be_turned_off_or_moved():
+    _, stored = install({"gateway": {"grpc": {"enabled": False}}})
+    (c,) = one(stored, "Deployment", f"{PREFIX}-gateway")["spec"]["template"]["spec"]["containers"]
+    assert "--no-grpc" in c["args"] and "--grpc-port" not in c["args"]
+    assert [p["name"] for p in c["ports"]] == ["http"]
+    assert [p["name"] for p in one(stored, "Service", f"{PREFIX}-gateway")["spec"]["ports"]] == ["http"]
+    (op,) = one(stored, "Deployment", f"{PREFIX}-operator")["spec"]["template"]["spec"]["containers"]
+    assert "CAFFESERVE_GATEWAY_GRPC_ADDRESS" not in {e["name"] for e in op["env"]}
+    _, stored = install({"gateway": {"grpc": {"port": 9001}, "service": {"grpcPort": 443}}})
+    (c,) = one(stored, "Deployment", f"{PREFIX}-gateway")["spec"]["template"]["spec"]["containers"]
+    assert c["args"][c["args"].index("--grpc-port") + 1] == "9001"
+    (grpc_port,) = [p for p in one(stored, "Service", f"{PREFIX}-gateway")["spec"]["ports"] if p["name"] == "grpc"]
+    assert grpc_port["port"] == 443 and grpc_port["targetPort"] == "grpc"
+    (op,) = one(stored, "Deployment", f"{PREFIX}-operator")["spec"]["template"]["spec"]["containers"]
+    assert {e["name"]: e.get("value") for e in op["env"]}["CAFFESERVE_GATEWAY_GRPC_ADDRESS"] == \
+        f"{PREFIX}-gateway.{NAMESPACE}.svc:443"
 
 
 def test_gateway_can_be_left_out():
@@ -302,7 +324,7 @@ def test_optional_servicemonitors_and_networkpolicies(everything_install):
     assert operator_np["spec"]["policyTypes"] == ["Ingress"] and "ingress" not in operator_np["spec"]
     gateway_np = one(stored, "NetworkPolicy", f"{PREFIX}-gateway")
     assert gateway_np["spec"]["ingress"] == [{
-        "ports": [{"port": "http", "protocol": "TCP"}],
+        "ports": [{"port": "http", "protocol": "TCP"}, {"port": "grpc", "protocol": "TCP"}],
         "from": [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}],
     }]
 
@@ -386,6 +408,8 @@ BAD_VALUES = {
     "digest that is not sha256": ({"operator": {"image": {"digest": "md5:abc"}}}, "digest"),
     "pull policy typo": ({"operator": {"image": {"pullPolicy": "Sometimes"}}}, "pullPolicy"),
     "port out of range": ({"gateway": {"port": 70000}}, "port"),
+    "grpc port out of range": ({"gateway": {"grpc": {"port": 0}}}, "port"),
+    "grpc flag as a string": ({"gateway": {"grpc": {"enabled": "yes"}}}, "enabled"),
     "service type typo": ({"gateway": {"service": {"type": "Ingress"}}}, "type"),
     "bad scrape interval": ({"metrics": {"serviceMonitor": {"interval": "30 seconds"}}}, "interval"),
     "extraArgs not strings": ({"operator": {"extraArgs": [1, 2]}}, "extraArgs"),

@@ -16,11 +16,13 @@ import subprocess
 import threading
 import time
 
+import numpy as np
 import orjson
 import psutil
 import yaml
 
 from caffe_testing.digits import DIGITS_DIR, digits_data
+from caffe_testing.grpc import OIPClient, infer_request, output
 from caffe_testing.servers import CAFFESERVE, REPO, http, http_json
 
 SERVICE = DIGITS_DIR / "service.yaml"
@@ -58,6 +60,17 @@ def test_up_serves_the_digits_manifest_with_two_replicas_and_sigterm_leaves_no_p
     assert http_json("GET", up.url + "/v2/models") == (200, {"models": ["digits"]})
     text = http("GET", up.url + "/metrics")[2].decode()
     assert 'caffeserve_gateway_endpoints{model="digits",state="ready"} 2.0' in text
+
+    # gRPC through the same gateway, spread over both replicas (each on a gRPC port of its own)
+    assert f"gateway gRPC: 127.0.0.1:{up.grpc_port}" in up.output
+    assert len(set(re.findall(r"\(gRPC :(\d+)\)", up.output))) == 2
+    client = OIPClient(up.grpc_port)
+    right = sum(int(np.argmax(output(client.infer(infer_request("digits", {"data": digits_data.to_blob(IMAGES[i:i + 1])})),
+                                     "prob"))) == LABELS[i] for i in range(20))
+    client.close()
+    assert right >= 19
+    text = http("GET", up.url + "/metrics")[2].decode()
+    assert 'caffeserve_gateway_grpc_requests_total{grpc_code="OK",method="ModelInfer",model="digits"} 20.0' in text
 
     assert up.terminate() == 0
     assert gone(servers), "server processes left behind after SIGTERM"

@@ -274,3 +274,13 @@ def test_the_status_the_operator_writes_fits_the_schema():
                           url="http://digits-predictor.ml.svc:8080/v2/models/digits", selector="caffeserving.io/model=digits")
     assert schema_errors({**sample(), "status": status}) == []
     api.CaffeModelServiceStatus.model_validate(status)
+
+
+def test_kubectl_get_shows_the_grpc_address():
+    version = yaml.safe_load(CRD_FILE.read_text())["spec"]["versions"][0]
+    columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
+    assert columns["gRPC"]["jsonPath"] == ".status.grpcAddress" and columns["gRPC"].get("priority", 0) == 0
+    status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    assert status["grpcAddress"]["type"] == "string"
+    runtime = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["runtime"]["properties"]
+    assert runtime["grpc"]["properties"]["enabled"]["type"] == "boolean"

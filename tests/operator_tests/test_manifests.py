@@ -88,7 +88,8 @@ def test_names_and_labels_are_the_contract():
     assert c.deployment["spec"]["selector"] == {"matchLabels": {"caffeserving.io/model": "digits"}}
     assert c.service["spec"]["selector"] == {"caffeserving.io/model": "digits"}
     assert c.service["spec"]["ports"] == [
-        {"name": "http", "port": 8080, "targetPort": 8080, "protocol": "TCP", "appProtocol": "http"}
+        {"name": "http", "port": 8080, "targetPort": 8080, "protocol": "TCP", "appProtocol": "http"},
+        {"name": "grpc", "port": 8081, "targetPort": 8081, "protocol": "TCP", "appProtocol": "grpc"},
     ]
 
 
@@ -112,6 +113,25 @@ def test_the_server_config_is_what_caffeserve_serve_accepts():
     assert (cfg.backend, cfg.parity_tolerance, cfg.limits.max_batch) == ("auto", 1e-4, 4)
 
 
+def test_grpc_is_on_by_default_and_can_be_turned_off():
+    on = build()
+    assert "grpc" not in yaml.safe_load(on.config_map["data"]["config.yaml"])  # the server's default: on, 8081
+    assert manifests.grpc_address("digits", "ml", spec()) == "digits-predictor.ml.svc:8081"
+    assert manifests.grpc_address("digits", "ml", spec(), "gw.caffe-system.svc:8081") == "gw.caffe-system.svc:8081"
+    off = build(spec(runtime={"grpc": {"enabled": False}}))
+    cfg = parse_config(yaml.safe_load(off.config_map["data"]["config.yaml"]), environ={})
+    assert cfg.grpc.enabled is False
+    c = server(off)
+    assert "--grpc-port" not in c["command"] and [p["name"] for p in c["ports"]] == ["http"]
+    assert [p["name"] for p in off.service["spec"]["ports"]] == ["http"]
+    assert manifests.grpc_address("digits", "ml", spec(runtime={"grpc": {"enabled": False}}), "gw:8081") is None
+    # turning it off changes what the pods see: they roll
+    hash_of = lambda c: c.deployment["spec"]["template"]["metadata"]["annotations"][manifests.CONFIG_HASH_ANNOTATION]
+    assert hash_of(on) != hash_of(off)
+    # probes stay on REST
+    assert c["readinessProbe"] == server(on)["readinessProbe"]
+
+
 def test_cpu_config_says_cpu():
     text = build(spec(runtime={"device": "cpu"})).config_map["data"]["config.yaml"]
     assert parse_config(yaml.safe_load(text), environ={}).device.kind == "cpu"
@@ -120,9 +140,10 @@ def test_cpu_config_says_cpu():
 def test_server_container_runs_caffeserve_serve_with_probes():
     c = server(build())
     assert c["command"] == ["caffeserve", "serve", "--config", "/etc/caffeserve/config.yaml",
-                            "--host", "0.0.0.0", "--port", "8080"]
+                            "--host", "0.0.0.0", "--port", "8080", "--grpc-port", "8081"]
     assert c["image"] == "registry.example/caffe:1"
-    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                          {"name": "grpc", "containerPort": 8081, "protocol": "TCP"}]
     assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert c["startupProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}

@@ -58,11 +58,18 @@ def test_apply_creates_the_children(cluster, operator, ns):
                                         "https://models.example.com/alexnet/bvlc_alexnet.caffemodel",
                                         "--dest", "/models/bvlc_alexnet.caffemodel", "--sha256", SHA]
     assert svc["spec"]["ports"][0]["port"] == 8080 and svc["spec"]["selector"] == {"caffeserving.io/model": "alexnet"}
+    # gRPC beside REST: port 8081 named grpc on the pod and the Service (appProtocol grpc); probes stay on http
+    assert server["command"][-2:] == ["--grpc-port", "8081"]
+    assert {"name": "grpc", "containerPort": 8081, "protocol": "TCP"} in server["ports"]
+    assert svc["spec"]["ports"][1] == {"name": "grpc", "port": 8081, "targetPort": 8081, "protocol": "TCP",
+                                       "appProtocol": "grpc"}
+    assert {server[p]["httpGet"]["port"] for p in ("startupProbe", "livenessProbe", "readinessProbe")} == {"http"}
 
     cr_now = wait_ready(cluster, operator, ns, "alexnet", status="False", reason="Progressing")
     st = cr_now["status"]
     assert st["url"] == f"http://alexnet-predictor.{ns}.svc:8080/v2/models/alexnet"
     assert st["selector"] == "caffeserving.io/model=alexnet" and st["observedGeneration"] == 1
+    assert st["grpcAddress"] == f"alexnet-predictor.{ns}.svc:8081"
     assert not cr_now["metadata"].get("finalizers")  # nothing blocks deletion, even without the operator
     created = {m for t, r, m in events(cluster, ns, "alexnet") if r == "Created"}
     assert created == {"created ConfigMap alexnet-config", "created Deployment alexnet-predictor",
@@ -81,7 +88,8 @@ def test_existing_child_is_adopted(cluster, operator, ns):
         refs = svc["metadata"].get("ownerReferences") or []
         return svc if [r["uid"] for r in refs] == [uid] else None
     svc = eventually(operator, adopted, "the Service adopted")
-    assert svc["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": 8080, "protocol": "TCP", "appProtocol": "http"}]
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": 8080, "protocol": "TCP", "appProtocol": "http"},
+                                    {"name": "grpc", "port": 8081, "targetPort": 8081, "protocol": "TCP", "appProtocol": "grpc"}]
     assert svc["metadata"]["labels"]["caffeserving.io/model"] == "digits"
     assert len(cluster.list_objects(SERVICES, ns)) == 1
 
@@ -223,6 +231,27 @@ def test_delete_removes_everything(cluster, operator, ns):
     assert children(cluster, ns, "digits") == (None, None, None)
 
 
+def test_turning_grpc_off_closes_its_ports_and_clears_the_grpc_address(cluster, operator, ns):
+    cluster.apply(cms("digits", ns, runtime={"device": "cpu"}))
+    wait_children(cluster, operator, ns, "digits")
+    cr = eventually(operator, lambda: (c := cluster.get_object(CMS, ns, "digits")).get("status", {}).get("grpcAddress")
+                    and c, "status.grpcAddress")
+    assert cr["status"]["grpcAddress"] == f"digits-predictor.{ns}.svc:8081"
+
+    cluster.apply(cms("digits", ns, runtime={"device": "cpu", "grpc": {"enabled": False}}))
+    svc = eventually(operator, lambda: (s := cluster.get_object(SERVICES, ns, "digits-predictor"))
+                     and len(s["spec"]["ports"]) == 1 and s, "the Service without its grpc port")
+    assert svc["spec"]["ports"][0]["name"] == "http"
+    dep = cluster.get_object(DEPLOYMENTS, ns, "digits-predictor")
+    (server,) = dep["spec"]["template"]["spec"]["containers"]
+    assert "--grpc-port" not in server["command"] and [p["name"] for p in server["ports"]] == ["http"]
+    cm = cluster.get_object(CONFIGMAPS, ns, "digits-config")
+    assert parse_config(yaml.safe_load(cm["data"]["config.yaml"]), environ={}).grpc.enabled is False
+    cr = eventually(operator, lambda: (c := cluster.get_object(CMS, ns, "digits"))
+                    and c["status"].get("observedGeneration") == 2 and c, "status of generation 2")
+    assert "grpcAddress" not in cr["status"] and cr["status"]["url"]
+
+
 # ---------------------------------------------------------------------------------------------
 # restart
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +260,8 @@ def test_restart_in_the_middle_of_a_reconcile_converges():
     answered), start another: it converges on exactly one of each child. This one runs its own
     emulator and a namespaced operator with a gateway URL."""
     with cluster_with_crd() as cluster:
-        gateway = {"CAFFESERVE_GATEWAY_URL": "https://models.example.com"}
+        gateway = {"CAFFESERVE_GATEWAY_URL": "https://models.example.com",
+                   "CAFFESERVE_GATEWAY_GRPC_ADDRESS": "grpc.models.example.com:443"}
         release = cluster.hang_requests("POST", "/api/v1/namespaces/prod/services")
         first = OperatorProcess(cluster, namespaces=["prod"], env=gateway).start()
         try:
@@ -249,6 +279,7 @@ def test_restart_in_the_middle_of_a_reconcile_converges():
         try:
             cr = wait_ready(cluster, second, "prod", "digits", status="False", reason="Progressing")
             assert cr["status"]["url"] == "https://models.example.com/v2/models/digits"
+            assert cr["status"]["grpcAddress"] == "grpc.models.example.com:443"
             assert [len(cluster.list_objects(r, "prod")) for r in (CONFIGMAPS, DEPLOYMENTS, SERVICES)] == [1, 1, 1]
             assert all(children(cluster, "prod", "digits"))
             play_kubelet(cluster, "prod", "digits", ready_=1)

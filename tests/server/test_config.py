@@ -31,7 +31,7 @@ def base_config() -> dict:
 
 def run_serve(config_path, env: dict | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(
-        CAFFESERVE + ["serve", "--config", str(config_path), "--port", str(free_port())],
+        CAFFESERVE + ["serve", "--config", str(config_path), "--port", str(free_port()), "--grpc-port", "0"],
         cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
     )
 

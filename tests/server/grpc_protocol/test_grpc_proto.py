@@ -20,7 +20,7 @@ from inference_server.errors import BadRequest, GRPC_STATUS_OF_HTTP, InferenceEr
 from inference_server.grpc import messages as pb
 from inference_server.grpc.codec import decode_infer_request, encode_infer_response
 from inference_server.grpc.generate import PROTOS, compile_descriptors, render
-from inference_server.grpc.service import error_status
+from inference_server.grpc.status import error_status
 
 GRPC_DIR = REPO / "inference_server" / "grpc"
 OIP_MESSAGES = [m for m in pb.POOL.FindFileByName("open_inference_grpc.proto").message_types_by_name]
