@@ -28,6 +28,7 @@ from caffe_http.upstream import ConnectFailed, ResponseBroken, UpstreamTimeout
 from .balancer import Balancer, DeadlinePassed, NoEndpoints, Overloaded
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import GatewayMetrics
+from .stats import answer as stats_answer
 
 # Forwarded to the server (lower-case names as the server parses them).
 REQUEST_HEADERS = (
@@ -44,8 +45,9 @@ RESPONSE_HEADERS = {
 
 MODELS_PREFIX = "/v2/models/"
 GATEWAY_NAME = "caffe-serving-gateway"
-# OIP/Triton extensions that work through the gateway (it forwards the bytes unchanged).
-FORWARDED_EXTENSIONS = ("binary_tensor_data", "classification")
+# OIP/Triton extensions that work through the gateway (it forwards the bytes unchanged; statistics
+# are summed over a model's replicas by stats.py).
+FORWARDED_EXTENSIONS = ("binary_tensor_data", "classification", "statistics", "model_configuration")
 
 
 @dataclass
@@ -77,6 +79,8 @@ class Gateway:
 
     async def handle(self, req: Request) -> Response:
         path = req.path
+        if path.endswith("stats") and (stats := await stats_answer(self.balancer, req, self._retry_after)):
+            return stats
         if path.startswith(MODELS_PREFIX) and len(path) > len(MODELS_PREFIX):
             return await self._forward(req, path[len(MODELS_PREFIX):].split("/", 1)[0])
         if req.method not in ("GET", "HEAD", "POST"):
