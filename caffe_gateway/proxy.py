@@ -41,6 +41,7 @@ RESPONSE_HEADERS = {
     "inference-header-content-length": "Inference-Header-Content-Length",
     "retry-after": "Retry-After",
     "x-request-id": "X-Request-Id",
+    "vary": "Vary",
 }
 
 MODELS_PREFIX = "/v2/models/"

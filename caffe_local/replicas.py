@@ -67,6 +67,7 @@ class Replica:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "inference_server", "serve", "--config", str(self.config_path),
             "--host", self.host, "--port", str(self.port),
+            "--no-access-log",  # the gateway's access line names every request; errors are still logged
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches `up` only; it stops the servers in order
             preexec_fn=_die_with_parent,
