@@ -23,6 +23,7 @@ from typing import Callable
 import orjson
 
 from caffe_http.server import Request, Response
+from caffe_http.tryit import is_page, page_response
 from caffe_http.upstream import ConnectFailed, ResponseBroken, UpstreamTimeout
 
 from .balancer import Balancer, DeadlinePassed, NoEndpoints, Overloaded
@@ -42,6 +43,7 @@ RESPONSE_HEADERS = {
     "retry-after": "Retry-After",
     "x-request-id": "X-Request-Id",
     "vary": "Vary",
+    "x-caffeserve-backend": "X-Caffeserve-Backend",
 }
 
 MODELS_PREFIX = "/v2/models/"
@@ -99,6 +101,8 @@ class Gateway:
             return await self._index(req)
         if path == "/metrics":
             return Response(200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
+        if is_page(path) and req.method in ("GET", "HEAD"):  # the try-it page
+            return page_response()
         return _error(404, f"no route for {req.method} {path}")
 
     async def _index(self, req: Request) -> Response:

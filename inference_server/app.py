@@ -13,6 +13,7 @@ import time
 import orjson
 
 from caffe_http.server import Request, Response
+from caffe_http.tryit import is_page, page_response
 
 from .dataplane import DataPlane
 from .errors import InferenceError, NotFound
@@ -42,8 +43,9 @@ def create_app(plane: DataPlane, metrics: ServerMetrics):
             if plane.draining:
                 raise InferenceError("the server is shutting down", 503, {"Retry-After": "1"})
             body, extra = await m.infer(req.body, req.headers)
-            ctype = "application/octet-stream" if extra else "application/json"
-            return Response(200, body, ctype, extra)
+            if extra:
+                return Response(200, body, "application/octet-stream", {**extra, **m.answer_headers})
+            return Response(200, body, "application/json", m.answer_headers)
         except InferenceError as e:
             code = e.status_code
             return error_response(e)
@@ -107,6 +109,8 @@ def create_app(plane: DataPlane, metrics: ServerMetrics):
                         {"name": m.name, "version": m.version, "state": m.state.upper(), "reason": m.error or ""}
                         for m in plane.models.values()
                     ]))
+            elif is_page(path) and method in READ_METHODS:  # the try-it page
+                return page_response()
             elif path == "/metrics":
                 if method not in READ_METHODS:
                     return _method_not_allowed("GET")

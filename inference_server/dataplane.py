@@ -95,6 +95,7 @@ class Model:
         self.labels: list[str] | None = None
         self.metadata: bytes = b""
         self.config_json: bytes = b""  # Triton's model configuration (stats.model_config)
+        self.answer_headers: dict[str, str] = {}  # on every infer answer: which backend answered
         self.stats = ModelStats()
         self.max_elements = cfg.limits.max_request_bytes
         self.max_batch = cfg.limits.max_batch
@@ -138,6 +139,7 @@ class Model:
                 self.labels = [line.rstrip("\n") for line in f if line.strip()]
         self.metadata = orjson.dumps(self._metadata(desc))
         self.config_json = orjson.dumps(model_config(self))
+        self.answer_headers = {"X-Caffeserve-Backend": self.choice.name}
         self.metrics.set_backend(self.choice.name, self.choice.reason)
         self.metrics.set_batching(self.executor.batching, self.executor.max_batch if self.executor.batching else 1,
                                   self.executor.decision.curve if self.executor.decision else [])
