@@ -85,6 +85,13 @@ class ContainerProcess:
                 cm = cluster.get_object("v1/configmaps", self.namespace, volume["configMap"]["name"])
                 assert cm is not None, f"ConfigMap {volume['configMap']['name']} is not there"
                 config_map_files += [(local / key, value) for key, value in (cm.get("data") or {}).items()]
+            elif "secret" in volume:  # the Secret's keys as files, read from the API as the kubelet does
+                local = self.dir / "volumes" / m["name"]
+                local.mkdir(parents=True, exist_ok=True)
+                secret = cluster.get_object("v1/secrets", self.namespace, volume["secret"]["secretName"])
+                assert secret is not None, f"Secret {volume['secret']['secretName']} is not there"
+                for key, value in (secret.get("data") or {}).items():
+                    (local / key).write_bytes(base64.b64decode(value))
             else:
                 raise NotImplementedError(f"volume {m['name']}: {sorted(volume)}")
             if m.get("subPath"):
@@ -141,13 +148,6 @@ class ContainerProcess:
                 env[item["name"]] = {"metadata.namespace": self.namespace, "metadata.name": self.pod_name}[ref["fieldPath"]]
             else:
                 raise NotImplementedError(f"env {item['name']}: {item}")
-        for source in self.container.get("envFrom") or []:  # a Secret's keys, read from the API as the kubelet does
-            ref = source.get("secretRef")
-            if ref is None:
-                raise NotImplementedError(f"envFrom: {source}")
-            secret = self.cluster.get_object("v1/secrets", self.namespace, ref["name"])
-            assert secret is not None, f"Secret {ref['name']} is not there"
-            env.update({k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()})
         return env
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .hashing import file_sha256
-from .s3 import S3Options, open_object
+from .s3 import S3Options, open_object, read_credentials
 
 GiB = 1024**3
 DEFAULT_MAX_BYTES = 8 * GiB
@@ -167,6 +167,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--s3-endpoint", metavar="URL",
                    help="S3-compatible endpoint for s3:// URLs (MinIO, Ceph, ...); default: AWS (or $AWS_ENDPOINT_URL)")
     p.add_argument("--s3-region", metavar="REGION", help="region for s3:// URLs (default: $AWS_REGION, the SDK's)")
+    p.add_argument("--s3-credentials-dir", metavar="DIR",
+                   help="a folder of files named AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN): a Secret "
+                        "mounted as a volume; default: the SDK's chain (environment, ~/.aws, IRSA, Pod Identity)")
     return p.parse_args(argv)
 
 
@@ -176,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         got = fetch(args.url, args.dest, args.sha256, max_bytes=args.max_bytes, timeout_s=args.timeout,
                     read_timeout_s=args.read_timeout, attempts=args.attempts,
-                    s3=S3Options(endpoint=args.s3_endpoint, region=args.s3_region))
-    except FetchError as e:
+                    s3=S3Options(endpoint=args.s3_endpoint, region=args.s3_region,
+                                 credentials=read_credentials(args.s3_credentials_dir)))
+    except (FetchError, OSError) as e:
         print(f"fetch: {e}", file=sys.stderr)
         return 1
     if got.downloaded:

@@ -2,8 +2,9 @@
 
 The library is boto3, AWS's own SDK: maintained by AWS with releases every week, it signs requests
 (SigV4) the way every S3-compatible store expects and finds credentials where Kubernetes users put
-them: the environment (a Secret through `envFrom`: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-AWS_SESSION_TOKEN), EKS IAM Roles for Service Accounts (AWS_WEB_IDENTITY_TOKEN_FILE), EKS Pod
+them: a Secret's keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) mounted as files in
+the fetch containers (`--s3-credentials-dir`, `read_credentials`; files rather than environment
+variables, so they are not in every process's environment), the environment, EKS IAM Roles for Service Accounts (AWS_WEB_IDENTITY_TOKEN_FILE), EKS Pod
 Identity and instance profiles, and a custom endpoint with path-style addressing for stores that
 are not AWS. obstore (smaller, also GCS and Azure) was the alternative; boto3's credential chain and
 its years in production decided it. It is an optional dependency (`caffe-serving[s3]`), imported
@@ -17,6 +18,7 @@ transient (throttling, 5xx, connection errors) or not.
 
 from __future__ import annotations
 
+import os
 import urllib.parse
 from dataclasses import dataclass
 
@@ -29,6 +31,25 @@ class S3Options:
     endpoint: str | None = None  # e.g. http://minio.storage:9000; None: AWS
     region: str | None = None
     credentials: dict[str, str] | None = None  # AWS_ACCESS_KEY_ID/... (local mode's Secret); None: the default chain
+
+
+CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION")
+
+
+def read_credentials(folder: str | None) -> dict[str, str] | None:
+    """The credentials in a mounted Secret's folder (one file per key); None without a folder."""
+    if not folder:
+        return None
+    out = {}
+    for key in CREDENTIAL_KEYS:
+        path = os.path.join(folder, key)
+        if os.path.isfile(path):
+            with open(path) as f:
+                out[key] = f.read().strip()
+    if "AWS_ACCESS_KEY_ID" not in out or "AWS_SECRET_ACCESS_KEY" not in out:
+        raise OSError(f"{folder} has no AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY files: the Secret named by "
+                      "source.s3.secretRef needs those keys")
+    return out
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:

@@ -151,9 +151,9 @@ class S3Source(CamelModel):
     region: str | None = Field(default=None, pattern=r"^[a-z0-9-]{1,64}$", description="The bucket's region.")
     secret_ref: LocalObjectReference | None = Field(
         default=None,
-        description="A Secret in the CR's namespace whose keys become the fetch containers' environment: "
-        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN). Default: the pods' own identity "
-        "(IRSA, Pod Identity), through spec.serviceAccountName.",
+        description="A Secret in the CR's namespace with the keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+        "(and AWS_SESSION_TOKEN), mounted as files in the fetch init containers only. Default: the pods' own "
+        "identity (IRSA, Pod Identity), through spec.serviceAccountName.",
     )
 
     @field_validator("prefix")

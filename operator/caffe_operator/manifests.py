@@ -41,6 +41,7 @@ RUN_AS = 1000  # the uid/gid the server images run as (numeric, for runAsNonRoot
 # room for AlexNet-size weights, their Net and the request buffers. Big nets set their own.
 DEFAULT_MEMORY_LIMIT = "4Gi"
 TMP_SIZE_LIMIT = "1Gi"  # /tmp (an emptyDir): ONNX conversions, Python's scratch files
+S3_CREDENTIALS_DIR = "/var/run/secrets/caffeserve/s3"  # source.s3.secretRef's keys as files (fetch containers only)
 MODELS_SIZE_LIMIT = "20Gi"  # /models for downloaded files (source.url, source.s3); fetch caps a file at 8 GiB
 
 MANAGED_BY = "caffe-serving-operator"
@@ -224,6 +225,8 @@ def _fetch_containers(spec: CaffeModelServiceSpec, image: str) -> list[dict[str,
                 command += ["--s3-endpoint", s3.endpoint]
             if s3.region:
                 command += ["--s3-region", s3.region]
+            if s3.secret_ref is not None:
+                command += ["--s3-credentials-dir", S3_CREDENTIALS_DIR]
         container = {
             "name": f"fetch-{f.role.lower()}",
             "image": image,
@@ -233,8 +236,8 @@ def _fetch_containers(spec: CaffeModelServiceSpec, image: str) -> list[dict[str,
             "terminationMessagePolicy": "FallbackToLogsOnError",
             "volumeMounts": [{"name": "models", "mountPath": MODEL_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
         }
-        if s3 is not None and s3.secret_ref is not None:
-            container["envFrom"] = [{"secretRef": {"name": s3.secret_ref.name}}]
+        if s3 is not None and s3.secret_ref is not None:  # as files, not environment variables
+            container["volumeMounts"].append({"name": "s3-credentials", "mountPath": S3_CREDENTIALS_DIR, "readOnly": True})
         if spec.runtime.image_pull_policy:
             container["imagePullPolicy"] = spec.runtime.image_pull_policy
         if resources := _fetch_resources(spec):
@@ -301,6 +304,10 @@ def pod_template(name: str, spec: CaffeModelServiceSpec, image: str) -> dict[str
     }
     if init := _fetch_containers(spec, image):
         pod["initContainers"] = init
+    if spec.source.s3 is not None and spec.source.s3.secret_ref is not None:
+        # readable by the pod's group (fsGroup) only; mounted into the fetch containers, not the server
+        pod["volumes"].append({"name": "s3-credentials",
+                               "secret": {"secretName": spec.source.s3.secret_ref.name, "defaultMode": 0o440}})
     optional = {
         "nodeSelector": spec.node_selector,
         "tolerations": _tolerations(spec),

@@ -36,8 +36,14 @@ def fetch(s3, key: str, dest, *extra: str, env: dict | None = None) -> subproces
 
 
 def test_fetch_from_s3_checks_the_sha256_and_keeps_a_good_file(s3, tmp_path):
+    # the credentials as the init container has them: the Secret's keys as files, none in the environment
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    for key, value in CREDENTIALS.items():
+        (secret / key).write_text(value)
     dest = tmp_path / "models" / "digits.caffemodel"
-    got = fetch(s3, "zoo/digits/v1/digits.caffemodel", dest, "--sha256", WEIGHTS_SHA)
+    got = fetch(s3, "zoo/digits/v1/digits.caffemodel", dest, "--sha256", WEIGHTS_SHA, "--s3-credentials-dir", str(secret),
+                env=s3_env(with_credentials=False))
     assert got.returncode == 0, got.stderr
     assert dest.read_bytes() == FILES["digits.caffemodel"].read_bytes()
     assert f"sha256 {WEIGHTS_SHA}" in got.stdout

@@ -87,11 +87,15 @@ def test_s3_source_downloads_from_the_bucket_with_the_secrets_credentials():
     assert set(init) == {"fetch-prototxt", "fetch-weights", "fetch-labels"}
     assert init["fetch-weights"]["command"] == [
         "caffeserve", "fetch", "--url", "s3://models/zoo/digits/digits.caffemodel", "--dest", "/models/digits.caffemodel",
-        "--sha256", SHA, "--s3-endpoint", "http://minio.storage:9000", "--s3-region", "eu-west-1"]
-    assert all(i["envFrom"] == [{"secretRef": {"name": "s3-creds"}}] for i in init.values())
+        "--sha256", SHA, "--s3-endpoint", "http://minio.storage:9000", "--s3-region", "eu-west-1",
+        "--s3-credentials-dir", manifests.S3_CREDENTIALS_DIR]
+    mount = {"name": "s3-credentials", "mountPath": manifests.S3_CREDENTIALS_DIR, "readOnly": True}
+    assert all(mount in i["volumeMounts"] and "envFrom" not in i for i in init.values())  # files, not environment
     assert all(i["terminationMessagePolicy"] == "FallbackToLogsOnError" for i in init.values())
+    assert {"name": "s3-credentials", "secret": {"secretName": "s3-creds", "defaultMode": 0o440}} in \
+        pod(build(VARIANTS["s3"]))["volumes"]
     # the server itself never sees the credentials
-    assert "envFrom" not in server(build(VARIANTS["s3"]))
+    assert all(m["name"] != "s3-credentials" for m in server(build(VARIANTS["s3"]))["volumeMounts"])
 
 
 def test_a_network_policy_only_when_the_operator_is_given_peers():
@@ -177,7 +181,7 @@ def test_pods_meet_pod_security_restricted():
             assert sc["capabilities"] == {"drop": ["ALL"]}
             assert sc["runAsNonRoot"] is True
         kinds = {next(k for k in v if k != "name") for v in p["volumes"]}
-        assert kinds <= {"configMap", "emptyDir", "persistentVolumeClaim"}  # restricted allows these
+        assert kinds <= {"configMap", "emptyDir", "persistentVolumeClaim", "secret"}  # restricted allows these
 
 
 def test_gpu_limits_and_toleration():

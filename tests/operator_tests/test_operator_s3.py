@@ -19,7 +19,7 @@ from caffe_testing.cluster import CMS
 from caffe_testing.cms import cms, events, wait_children, wait_ready
 from caffe_testing.digits import DIGITS_DIR
 from caffe_testing.kubelet import ContainerProcess
-from caffe_testing.s3 import CREDENTIALS, ISOLATED_ENV, MotoS3
+from caffe_testing.s3 import CREDENTIALS, MotoS3
 
 SERVER = yaml.safe_load((DIGITS_DIR / "server.yaml").read_text())
 WEIGHTS_SHA = SERVER["model"]["weightsSha256"]
@@ -59,7 +59,7 @@ def play_kubelet_for_init_containers(cluster, ns: str, name: str, workdir) -> li
 
 
 def s3_model(cluster, ns: str, endpoint: str, prefix: str, weights_sha: str) -> dict:
-    secret_data = {**CREDENTIALS, **ISOLATED_ENV}
+    secret_data = {**CREDENTIALS, "AWS_REGION": "us-east-1"}
     cluster.create("v1/secrets", ns, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
                                       "data": {k: base64.b64encode(v.encode()).decode() for k, v in secret_data.items()}})
     return cms("digits", ns, source={"s3": {"bucket": "models", "prefix": prefix, "endpoint": endpoint,
@@ -76,7 +76,7 @@ def test_a_failed_s3_fetch_is_a_clear_status(cluster, operator, ns, s3, tmp_path
     init = {c["name"]: c for c in dep["spec"]["template"]["spec"]["initContainers"]}
     assert init["fetch-weights"]["command"][:4] == ["caffeserve", "fetch", "--url",
                                                     f"s3://models/{prefix}/digits.caffemodel"]
-    assert init["fetch-weights"]["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    assert init["fetch-weights"]["command"][-2:] == ["--s3-credentials-dir", "/var/run/secrets/caffeserve/s3"]
 
     statuses = play_kubelet_for_init_containers(cluster, ns, "digits", tmp_path)
     failed = statuses[-1]["name"]
