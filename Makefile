@@ -13,7 +13,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml scripts/install_pycaffe.sh scripts/patch_caffe_sources.py scripts/patch_pycaffe_gil.py scripts/patch_pycaffe_io.py scripts/setup_system.sh scripts/debian-packages.txt
 	bash scripts/setup_system.sh
 	bash scripts/install_pycaffe.sh $(VENV)
-	$(PY) -m pip install -q -e '.[operator,onnx,demo,bench,test]'
+	$(PY) -m pip install -q -e '.[operator,onnx,demo,bench,s3,test]'
 	$(PY) -m pip install -q --ignore-requires-python helm-sdkpy
 	$(PY) -c "import caffe, caffeserve, caffe_local, caffe_operator, caffe_gateway, inference_server, caffe_http"
 	touch $(STAMP)

@@ -9,24 +9,41 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from caffe_http.server import HTTPServer, ServerLimits
+from caffe_http.access_log import AccessLog, log_refusal, with_access_log
+from caffe_http.encoding import with_content_coding
+from caffe_http.server import HTTPServer, Request, ServerLimits
 
 from .balancer import Balancer, BalancerSettings
-from .proxy import Gateway, ProxySettings
+from .proxy import MODELS_PREFIX, Gateway, ProxySettings
+from .stats import ALL_STATS_PATH, stats_target
 
 log = logging.getLogger(__name__)
 
 
+def forwarded_unread(req: Request) -> bool:
+    """Model requests go upstream with their body still compressed: the server decompresses it and
+    applies its own limit to the decompressed size (the gateway never holds the inflated body)."""
+    path = req.path
+    return (path.startswith(MODELS_PREFIX) and path.rstrip("/") != ALL_STATS_PATH
+            and stats_target(path) is None)
+
+
 class GatewayApp:
     def __init__(self, discovery, balancer_settings: BalancerSettings | None = None,
-                 proxy_settings: ProxySettings | None = None, limits: ServerLimits | None = None):
+                 proxy_settings: ProxySettings | None = None, limits: ServerLimits | None = None,
+                 access_log: AccessLog | None = None):
         self.discovery = discovery
         self.balancer = Balancer(balancer_settings)
         self.gateway = Gateway(self.balancer, proxy_settings, ready=self.ready)
+        limits = limits or ServerLimits()
+        access = access_log or AccessLog("gateway")
+        handler = with_access_log(
+            with_content_coding(self.gateway.handle, limits.max_body_bytes, passthrough=forwarded_unread), access)
         # A client that went away cancels its request: it leaves the queue, or its upstream
         # connection is closed (never reused half-read) and the server drops the work too.
-        self.server = HTTPServer(self.gateway.handle, limits or ServerLimits(), cancel_on_disconnect=True)
-        self.limits = limits or ServerLimits()
+        self.server = HTTPServer(handler, limits, cancel_on_disconnect=True)
+        self.server.on_refuse = log_refusal(access)
+        self.limits = limits
         self.grpc_server = None  # grpc_proxy.GRPCGatewayServer once started with a gRPC port
         self._discovery_task: asyncio.Task | None = None
         self.port: int | None = None

@@ -24,6 +24,7 @@ import logging
 import os
 import sys
 
+from caffe_http.access_log import AccessLog, add_logging_arguments, configure_logging
 from caffe_http.lifecycle import install_uvloop, stop_event
 
 from .app import GatewayApp
@@ -54,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.add_argument("--grace", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, how long requests in flight may take to finish (default %(default)s)")
-    p.add_argument("--log-level", default="INFO")
+    add_logging_arguments(p)
     return p
 
 
@@ -81,10 +82,10 @@ def make_discovery(args, p: argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     discovery = make_discovery(args, p)
     balancer, proxy, limits = settings_from(args)
-    app = GatewayApp(discovery, balancer, proxy, limits)
+    app = GatewayApp(discovery, balancer, proxy, limits, AccessLog("gateway", args.access_log))
     install_uvloop()
 
     grpc_port = None if args.no_grpc else args.grpc_port

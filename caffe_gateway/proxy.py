@@ -23,11 +23,13 @@ from typing import Callable
 import orjson
 
 from caffe_http.server import Request, Response
+from caffe_http.tryit import is_page, page_response
 from caffe_http.upstream import ConnectFailed, ResponseBroken, UpstreamTimeout
 
 from .balancer import Balancer, DeadlinePassed, NoEndpoints, Overloaded
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import GatewayMetrics
+from .stats import answer as stats_answer
 
 # Forwarded to the server (lower-case names as the server parses them).
 REQUEST_HEADERS = (
@@ -40,12 +42,15 @@ RESPONSE_HEADERS = {
     "inference-header-content-length": "Inference-Header-Content-Length",
     "retry-after": "Retry-After",
     "x-request-id": "X-Request-Id",
+    "vary": "Vary",
+    "x-caffeserve-backend": "X-Caffeserve-Backend",
 }
 
 MODELS_PREFIX = "/v2/models/"
 GATEWAY_NAME = "caffe-serving-gateway"
-# OIP/Triton extensions that work through the gateway (it forwards the bytes unchanged).
-FORWARDED_EXTENSIONS = ("binary_tensor_data", "classification")
+# OIP/Triton extensions that work through the gateway (it forwards the bytes unchanged; statistics
+# are summed over a model's replicas by stats.py).
+FORWARDED_EXTENSIONS = ("binary_tensor_data", "classification", "statistics", "model_configuration")
 
 
 @dataclass
@@ -77,6 +82,8 @@ class Gateway:
 
     async def handle(self, req: Request) -> Response:
         path = req.path
+        if path.endswith("stats") and (stats := await stats_answer(self.balancer, req, self._retry_after)):
+            return stats
         if path.startswith(MODELS_PREFIX) and len(path) > len(MODELS_PREFIX):
             return await self._forward(req, path[len(MODELS_PREFIX):].split("/", 1)[0])
         if req.method not in ("GET", "HEAD", "POST"):
@@ -94,6 +101,8 @@ class Gateway:
             return await self._index(req)
         if path == "/metrics":
             return Response(200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
+        if is_page(path) and req.method in ("GET", "HEAD"):  # the try-it page
+            return page_response()
         return _error(404, f"no route for {req.method} {path}")
 
     async def _index(self, req: Request) -> Response:

@@ -273,6 +273,8 @@ class _Connection(asyncio.Protocol):
     def _refuse(self, status: int, message: str, raise_: bool = True):
         """Answer an error the server decides on its own, then close the connection."""
         if not self.closing and not self.refused and self.transport is not None:
+            if self.server.on_refuse is not None:  # the access log's line for answers no handler saw
+                self.server.on_refuse(self.client, *self._request_line(), status, message)
             resp = Response(status, self.server.error_body(message))
             if self.worker is None:
                 self.transport.write(encode_response(resp, False))
@@ -284,6 +286,14 @@ class _Connection(asyncio.Protocol):
                 self.pending.append((resp, False))
         if raise_:
             raise _Refused()
+
+    def _request_line(self) -> tuple[str, str]:
+        """(method, path) of the request being read, as far as they are known."""
+        try:
+            method = self.parser.get_method().decode("latin-1") if self.parser is not None else ""
+        except Exception:  # not parsed yet
+            method = ""
+        return method, self.url.split(b"?", 1)[0].decode("latin-1", "replace")
 
     def _close(self):
         self.closing = True
@@ -311,6 +321,9 @@ class HTTPServer:
         self.cancel_on_disconnect = cancel_on_disconnect
         self.limits = limits or ServerLimits()
         self.error_body = error_body
+        # on_refuse(client, method, path, status, message): called for each answer the transport
+        # itself gives (413, 408, 431, malformed HTTP), for the access log
+        self.on_refuse: Callable[[str, str, str, int, str], None] | None = None
         self.connections: set[_Connection] = set()
         self.in_flight = 0
         self.stopping = False

@@ -17,6 +17,10 @@ Where the model files come from, per `spec.source`:
   without it: beside the converted ONNX graphs in `~/.cache/caffe-serving/onnx`); a file
   already there with the expected sha256 is not downloaded again (one without a sha256 in the
   manifest, e.g. labels, is downloaded at every start).
+- `s3: {bucket, prefix, endpoint, region, secretRef}`: downloaded the same way as `url` (and into the
+  same cache), from the bucket; the credentials are the `secretRef` Secret's keys when that Secret is
+  in the same file (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), else this machine's (environment,
+  ~/.aws), as the AWS SDK finds them.
 - `configMap: {name: N}`: the ConfigMap `N` must be in the same file (`---`-separated); its
   `data` and `binaryData` keys are written to a temporary folder.
 

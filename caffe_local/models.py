@@ -17,6 +17,7 @@ import yaml
 from caffe_operator.api import API_VERSION, KIND, InvalidSpec, parse_spec
 from caffe_operator.manifests import server_config
 from inference_server.fetch import FetchError, fetch
+from inference_server.s3 import S3Options
 
 
 class LocalError(Exception):
@@ -53,11 +54,12 @@ def _files_dir(name: str, spec, manifest: Path, docs: list[dict], pvc_root: Path
         claim = root / src.pvc.claim_name
         base = claim if claim.is_dir() else root
         return base / src.pvc.path.strip("/") if src.pvc.path.strip("/") else base
-    if src.url is not None:
+    if src.downloaded:
         dest = cache_dir / name
+        s3 = _s3_options(name, src.s3, manifest, docs) if src.s3 is not None else None
         for f in spec.model_files():
             try:
-                got = fetch(f.url, f.path(str(dest)), f.sha256)
+                got = fetch(f.url, f.path(str(dest)), f.sha256, s3=s3)
             except FetchError as e:
                 raise LocalError(f"{name}: model.{f.role}: {e}") from None
             print(f"{name}: {f.local_name} {'downloaded' if got.downloaded else 'cached'} "
@@ -76,6 +78,22 @@ def _files_dir(name: str, spec, manifest: Path, docs: list[dict], pvc_root: Path
     for key, b64 in (cm.get("binaryData") or {}).items():
         (dest / key).write_bytes(base64.b64decode(b64))
     return dest
+
+
+def _s3_options(name: str, s3, manifest: Path, docs: list[dict]) -> S3Options:
+    """source.s3 as fetch options: its endpoint and region, and the credentials of its secretRef,
+    read from a Secret in the same file (as the pod's envFrom would); without one, the environment's."""
+    credentials = None
+    if s3.secret_ref is not None:
+        secret = next((d for d in docs if d.get("kind") == "Secret"
+                       and (d.get("metadata") or {}).get("name") == s3.secret_ref.name), None)
+        if secret is not None:
+            credentials = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+            credentials.update(secret.get("stringData") or {})
+        else:
+            print(f"{name}: Secret {s3.secret_ref.name!r} is not in {manifest}; using this machine's AWS credentials",
+                  flush=True)
+    return S3Options(endpoint=s3.endpoint, region=s3.region, credentials=credentials)
 
 
 def local_models(manifest: Path, pvc_root: Path | None, cache_dir: Path, tmp: Path,

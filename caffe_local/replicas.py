@@ -69,6 +69,7 @@ class Replica:
             sys.executable, "-m", "inference_server", "serve", "--config", str(self.config_path),
             "--host", self.host, "--port", str(self.port),
             *(["--grpc-port", str(self.grpc_port)] if self.grpc_port is not None else []),
+            "--no-access-log",  # the gateway's access line names every request; errors are still logged
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches `up` only; it stops the servers in order
             preexec_fn=_die_with_parent,

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -35,16 +37,21 @@ class GatewayProcess:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.log = b""
+        self.log_path: Path | None = None
 
     def start(self, timeout: float = 30.0) -> "GatewayProcess":
-        self.proc = subprocess.Popen(
-            CAFFESERVE + ["gateway", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
-            cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
+        # to a file, not a pipe that nobody reads (it would fill up with access-log lines and block)
+        fd, log_path = tempfile.mkstemp(prefix="caffeserve-gateway-", suffix=".log")
+        self.log_path = Path(log_path)
+        with os.fdopen(fd, "wb") as log:
+            self.proc = subprocess.Popen(
+                CAFFESERVE + ["gateway", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
+                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.proc.stdout.read().decode()}")
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.output()}")
             try:
                 if http("GET", self.url + "/v2/health/ready", timeout=2)[0] == 200:
                     return self
@@ -62,9 +69,14 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc and self.proc.stdout:
-            self.log = self.proc.stdout.read()
+        self.log = self.output().encode()
         return self.proc.returncode if self.proc else None
+
+    def output(self) -> str:
+        """Everything the gateway has written so far."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_bytes().decode(errors="replace")
 
     def rss(self) -> int:
         return psutil.Process(self.proc.pid).memory_info().rss

@@ -25,6 +25,7 @@ What cannot be done without a cluster is marked as such where it happens: creden
 from __future__ import annotations
 
 import os
+import base64
 import re
 import subprocess
 import sys
@@ -55,7 +56,9 @@ class ContainerProcess:
                  workdir: Path, cluster=None, pvcs: dict[str, Path] | None = None,
                  extra_args: list[str] | None = None) -> None:
         spec = pod["spec"] if "spec" in pod else pod
-        self.container = next(c for c in spec["containers"] if c["name"] == container)
+        self.container = next(c for c in spec["containers"] + (spec.get("initContainers") or [])
+                              if c["name"] == container)
+        self.cluster = cluster
         self.namespace = namespace
         self.pod_name = pod_name
         self.dir = Path(tempfile.mkdtemp(prefix=f"{pod_name}-", dir=workdir))
@@ -85,6 +88,13 @@ class ContainerProcess:
                 cm = cluster.get_object("v1/configmaps", self.namespace, volume["configMap"]["name"])
                 assert cm is not None, f"ConfigMap {volume['configMap']['name']} is not there"
                 config_map_files += [(local / key, value) for key, value in (cm.get("data") or {}).items()]
+            elif "secret" in volume:  # the Secret's keys as files, read from the API as the kubelet does
+                local = self.dir / "volumes" / m["name"]
+                local.mkdir(parents=True, exist_ok=True)
+                secret = cluster.get_object("v1/secrets", self.namespace, volume["secret"]["secretName"])
+                assert secret is not None, f"Secret {volume['secret']['secretName']} is not there"
+                for key, value in (secret.get("data") or {}).items():
+                    (local / key).write_bytes(base64.b64decode(value))
             else:
                 raise NotImplementedError(f"volume {m['name']}: {sorted(volume)}")
             if m.get("subPath"):
@@ -173,6 +183,24 @@ class ContainerProcess:
                 return
             time.sleep(0.1)
         raise AssertionError(f"{self.pod_name}: {kind} did not pass in {timeout}s:\n{self.logs()}")
+
+    def run_to_completion(self, timeout: float = 120.0) -> dict[str, Any]:
+        """Run an init container to its end; its `initContainerStatuses` entry as the kubelet writes it
+        (with terminationMessagePolicy FallbackToLogsOnError, a failure's message is its log's tail)."""
+        self.start()
+        rc = self.proc.wait(timeout)
+        status: dict[str, Any] = {"name": self.container["name"], "image": self.container.get("image", ""),
+                                  "imageID": "", "ready": rc == 0, "restartCount": 0 if rc == 0 else 1}
+        terminated: dict[str, Any] = {"exitCode": rc, "reason": "Completed" if rc == 0 else "Error"}
+        if rc != 0 and self.container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+            lines = self.log_path.read_text(errors="replace").splitlines()[-80:]
+            terminated["message"] = "\n".join(lines)[-2048:]
+        if rc == 0:
+            status["state"] = {"terminated": terminated}
+        else:  # failed again and again: the kubelet waits between restarts and keeps the last end
+            status["state"] = {"waiting": {"reason": "CrashLoopBackOff"}}
+            status["lastState"] = {"terminated": terminated}
+        return status
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -75,12 +76,18 @@ class ServerProcess:
             # gRPC is on by default (port 8081): several servers on one host need a port each
             self.args += ["--grpc-port", "0"]
         self.proc: subprocess.Popen | None = None
+        self.log_path: Path | None = None
 
     def start(self, timeout: float = 60.0) -> "ServerProcess":
-        self.proc = subprocess.Popen(
-            CAFFESERVE + ["serve", "--config", str(self.config_path), "--port", str(self.port), *self.args],
-            cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
+        # Output goes to a file, not a pipe: a pipe nobody reads fills up (64 KiB of access-log lines)
+        # and blocks the server's logging.
+        fd, log_path = tempfile.mkstemp(prefix="caffeserve-server-", suffix=".log")
+        self.log_path = Path(log_path)
+        with os.fdopen(fd, "wb") as log:
+            self.proc = subprocess.Popen(
+                CAFFESERVE + ["serve", "--config", str(self.config_path), "--port", str(self.port), *self.args],
+                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + timeout
         path = "/v2/health/ready" if self.wait_ready else "/v2/health/live"
         while time.monotonic() < deadline:
@@ -96,9 +103,10 @@ class ServerProcess:
         raise TimeoutError(f"server not {'ready' if self.wait_ready else 'live'} in {timeout}s:\n{self.output()}")
 
     def output(self) -> str:
-        if self.proc and self.proc.stdout and self.proc.poll() is not None:
-            return self.proc.stdout.read().decode(errors="replace")
-        return ""
+        """Everything the server has written so far (stdout and stderr)."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_bytes().decode(errors="replace")
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 30.0) -> int | None:
         return stop_process(self.proc, timeout, sig)

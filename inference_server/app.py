@@ -13,6 +13,7 @@ import time
 import orjson
 
 from caffe_http.server import Request, Response
+from caffe_http.tryit import is_page, page_response
 
 from .dataplane import DataPlane
 from .errors import InferenceError, NotFound
@@ -42,8 +43,9 @@ def create_app(plane: DataPlane, metrics: ServerMetrics):
             if plane.draining:
                 raise InferenceError("the server is shutting down", 503, {"Retry-After": "1"})
             body, extra = await m.infer(req.body, req.headers)
-            ctype = "application/octet-stream" if extra else "application/json"
-            return Response(200, body, ctype, extra)
+            if extra:
+                return Response(200, body, "application/octet-stream", {**extra, **m.answer_headers})
+            return Response(200, body, "application/json", m.answer_headers)
         except InferenceError as e:
             code = e.status_code
             return error_response(e)
@@ -57,9 +59,13 @@ def create_app(plane: DataPlane, metrics: ServerMetrics):
 
     def model_get(model: str, version: str | None, tail: str) -> Response:
         m = plane.get(model, version)
+        if tail == "stats":  # counters exist from the start, loaded or not (Triton's statistics extension)
+            return Response(200, orjson.dumps({"model_stats": [m.stats.as_json(m.name, m.version)]}))
         m.check_ready()  # 503 with the loader's message while loading or after a failed load
         if tail == "ready":
             return Response(200, orjson.dumps({"name": m.name, "ready": True}))
+        if tail == "config":
+            return Response(200, m.config_json)
         return Response(200, m.metadata)
 
     async def handle(req: Request) -> Response:
@@ -68,6 +74,11 @@ def create_app(plane: DataPlane, metrics: ServerMetrics):
             parts = path.strip("/").split("/")
             if parts[0] == "v2":
                 n = len(parts)
+                if n == 3 and parts[1] == "models" and parts[2] == "stats":  # every model's statistics
+                    if method not in READ_METHODS:
+                        return _method_not_allowed("GET")
+                    return Response(200, orjson.dumps(
+                        {"model_stats": [m.stats.as_json(m.name, m.version) for m in plane.models.values()]}))
                 if n >= 3 and parts[1] == "models":
                     model = parts[2]
                     version, rest = (parts[4], parts[5:]) if n >= 5 and parts[3] == "versions" else (None, parts[3:])
@@ -76,7 +87,7 @@ def create_app(plane: DataPlane, metrics: ServerMetrics):
                         if method != "POST":
                             return _method_not_allowed("POST")
                         return await infer(req, model, version)
-                    if tail in ("", "ready"):
+                    if tail in ("", "ready", "stats", "config"):
                         if method not in READ_METHODS:
                             return _method_not_allowed("GET")
                         return model_get(model, version, tail)
@@ -98,6 +109,8 @@ def create_app(plane: DataPlane, metrics: ServerMetrics):
                         {"name": m.name, "version": m.version, "state": m.state.upper(), "reason": m.error or ""}
                         for m in plane.models.values()
                     ]))
+            elif is_page(path) and method in READ_METHODS:  # the try-it page
+                return page_response()
             elif path == "/metrics":
                 if method not in READ_METHODS:
                     return _method_not_allowed("GET")

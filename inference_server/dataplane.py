@@ -26,10 +26,11 @@ from .hashing import file_sha256
 from .loadprobe import probe_load
 from .metrics import ServerMetrics
 from .preprocess import ImagePreprocessor
+from .stats import ModelStats, model_config
 
 log = logging.getLogger(__name__)
 SERVER_NAME = "caffe-serving"
-EXTENSIONS = ["binary_tensor_data", "classification"]
+EXTENSIONS = ["binary_tensor_data", "classification", "statistics", "model_configuration"]
 
 
 def check_model_files(cfg: ServerConfig) -> None:
@@ -95,6 +96,9 @@ class Model:
         self.labels: list[str] | None = None
         self.metadata: bytes = b""
         self.load_times: dict[str, float] = {}  # load_seconds (start to ready), load_probe_seconds
+        self.config_json: bytes = b""  # Triton's model configuration (stats.model_config)
+        self.answer_headers: dict[str, str] = {}  # on every infer answer: which backend answered
+        self.stats = ModelStats()
         self.max_elements = cfg.limits.max_request_bytes
         self.max_batch = cfg.limits.max_batch
         self.timeout = cfg.limits.request_timeout_s
@@ -120,7 +124,7 @@ class Model:
         self.load_times["load_probe_seconds"] = round(probed.seconds, 3)
         self.choice = choose_backend(cfg, probed)
         log.info("model %s: serving with %s (%s)", self.name, self.choice.name, self.choice.reason)
-        self.executor = Executor(cfg, self.choice, on_batch=self.metrics.observe_batch)
+        self.executor = Executor(cfg, self.choice, on_batch=self._on_batch)
         desc = self.executor.start()
         net_inputs = {b.name: b.shape for b in desc.inputs}
         specs = cfg.inputs or [TensorSpec(name=n) for n in net_inputs]
@@ -141,6 +145,8 @@ class Model:
         self.load_times["load_seconds"] = round(time.perf_counter() - t0, 3)
         self.metadata = orjson.dumps(self._metadata(desc))
         self.metrics.load_seconds.set(self.load_times["load_seconds"])
+        self.config_json = orjson.dumps(model_config(self))
+        self.answer_headers = {"X-Caffeserve-Backend": self.choice.name}
         self.metrics.set_backend(self.choice.name, self.choice.reason)
         self.metrics.set_batching(self.executor.batching, self.executor.max_batch if self.executor.batching else 1,
                                   self.executor.decision.curve if self.executor.decision else [])
@@ -171,6 +177,11 @@ class Model:
             "parameters": params,
         }
 
+    def _on_batch(self, size: int, compute_s: float) -> None:
+        """A worker finished a forward pass (called in its thread)."""
+        self.metrics.observe_batch(size, compute_s)
+        self.stats.execution(size, int(compute_s * 1e9))
+
     def close(self, timeout: float = 30.0) -> bool:
         """Stop the workers; False when a forward pass was still running after `timeout`."""
         return self.executor.stop(timeout) if self.executor is not None else True
@@ -186,8 +197,19 @@ class Model:
     async def infer(self, body: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
         """REST: an infer request body (JSON or binary extension) to the response body and extra headers."""
         self.check_ready()
-        req = decode_request(body, headers, self.max_elements)
-        return encode_response(self.name, self.version, req.id, await self.run(req))
+        started = time.perf_counter_ns()
+        try:
+            req = decode_request(body, headers, self.max_elements)
+            outs, phases = await self._run_timed(req, None, started)
+            t = time.perf_counter_ns()
+            answer = encode_response(self.name, self.version, req.id, outs)
+        except BaseException:
+            self.stats.failure(time.perf_counter_ns() - started)
+            raise
+        output_ns = time.perf_counter_ns() - t
+        total, queue_ns, input_ns, infer_ns, rows, batch_size = phases
+        self.stats.success(total + output_ns, queue_ns, input_ns, infer_ns, output_ns, rows, batch_size)
+        return answer
 
     async def run(self, req: InferRequest, deadline: float | None = None) -> list[tuple[str, str, np.ndarray, bool]]:
         """A decoded request's outputs as (name, datatype, array, as_binary), whatever the protocol.
@@ -196,6 +218,23 @@ class Model:
         A request whose deadline has passed is never run.
         """
         self.check_ready()
+        started = time.perf_counter_ns()
+        try:
+            outs, phases = await self._run_timed(req, deadline, started)
+        except BaseException:
+            self.stats.failure(time.perf_counter_ns() - started)
+            raise
+        total, queue_ns, input_ns, infer_ns, rows, batch_size = phases
+        self.stats.success(total, queue_ns, input_ns, infer_ns, 0, rows, batch_size)
+        return outs
+
+    async def _run_timed(self, req: InferRequest, deadline: float | None, started: int):
+        """`_run`, and the request's phases for `stats` (ns since `started`, a perf_counter_ns())."""
+        outs, timing, submitted, rows = await self._run(req, deadline)
+        return outs, (time.perf_counter_ns() - started, int(timing.queue_s * 1e9), submitted - started,
+                      int(timing.compute_s * 1e9), rows, timing.batch_size)
+
+    async def _run(self, req: InferRequest, deadline: float | None):
         limit = time.monotonic() + self.timeout
         deadline = limit if deadline is None else min(deadline, limit)
         requested = req.outputs
@@ -207,6 +246,7 @@ class Model:
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("the request's deadline passed before it reached the model")
         batch = next(iter(blobs.values())).shape[0]
+        submitted = time.perf_counter_ns()
         result, timing = await self.executor.submit(blobs, list(dict.fromkeys(names)), batch, deadline)
         self.metrics.queue_seconds.observe(timing.queue_s)
         outs = []
@@ -219,7 +259,7 @@ class Model:
                     outs.append((o.name, "BYTES", self._classify(o.name, arr, o.classification), o.binary))
                 else:
                     outs.append((o.name, "FP32", arr, o.binary))
-        return outs
+        return outs, timing, submitted, batch
 
     async def _blobs(self, req: InferRequest) -> dict[str, np.ndarray]:
         blobs = {}

@@ -1,7 +1,7 @@
 """`caffeserve fetch --url U --dest PATH [--sha256 HEX]`: download one model file, safely.
 
-Used by the init containers of `source.url` models and by local mode. What it guarantees:
-- only http(s) URLs; a size cap (Content-Length checked first, then the bytes actually read);
+Used by the init containers of `source.url` and `source.s3` models and by local mode. What it guarantees:
+- http(s) URLs, and `s3://BUCKET/KEY` (S3 or an S3-compatible store at `--s3-endpoint`; s3.py); a size cap (Content-Length checked first, then the bytes actually read);
   a read timeout and an overall deadline, so a stalled server cannot hang a pod forever;
 - the sha256 is computed while streaming and checked before the file appears at PATH: the file
   is written beside PATH under a temporary name, fsynced, then renamed (atomic on one filesystem),
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .hashing import file_sha256
+from .s3 import S3Options, open_object, read_credentials
 
 GiB = 1024**3
 DEFAULT_MAX_BYTES = 8 * GiB
@@ -50,8 +51,8 @@ class Fetched:
     downloaded: bool  # False: the file was already there with the expected sha256
 
 
-def _download_once(url: str, dest: Path, max_bytes: int, read_timeout_s: float, deadline: float) -> tuple[int, str]:
-    """Stream `url` into a temporary file beside `dest`; return (size, sha256) and leave it at dest+'.part'."""
+def _open_http(url: str, read_timeout_s: float):
+    """(Content-Length or None, read(n), close) of a GET of `url`."""
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
         response = urllib.request.urlopen(request, timeout=read_timeout_s)
@@ -61,36 +62,53 @@ def _download_once(url: str, dest: Path, max_bytes: int, read_timeout_s: float, 
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", e)
         raise FetchError(f"{url}: {reason}", transient=True) from None
-    with response:
-        length = response.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > max_bytes:
-            raise FetchError(f"{url}: {int(length)} bytes is over the limit of {max_bytes} bytes (--max-bytes)")
-        h = hashlib.sha256()
-        size = 0
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                while True:
-                    if time.monotonic() > deadline:
-                        raise FetchError(f"{url}: not finished within the deadline (--timeout)", transient=False)
-                    try:
-                        chunk = response.read(CHUNK)
-                    except (OSError, TimeoutError, http.client.HTTPException) as e:
-                        raise FetchError(f"{url}: read failed after {size} bytes: {e}", transient=True) from None
-                    if not chunk:
-                        break
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise FetchError(f"{url}: more than {max_bytes} bytes (--max-bytes)")
-                    h.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            if length is not None and length.isdigit() and size != int(length):
-                raise FetchError(f"{url}: got {size} of {length} bytes", transient=True)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+    length = response.headers.get("Content-Length")
+    return (int(length) if length is not None and length.isdigit() else None), response.read, response.close
+
+
+def _download_once(url: str, dest: Path, max_bytes: int, read_timeout_s: float, deadline: float,
+                   s3: S3Options | None = None) -> tuple[int, str]:
+    """Stream `url` into a temporary file beside `dest`; return (size, sha256) and leave it at dest+'.part'."""
+    if url.startswith("s3://"):
+        length, read, close = open_object(url, s3 or S3Options(), read_timeout_s, FetchError)
+    else:
+        length, read, close = _open_http(url, read_timeout_s)
+    try:
+        return _stream(url, dest, max_bytes, deadline, length, read)
+    finally:
+        close()
+
+
+def _stream(url: str, dest: Path, max_bytes: int, deadline: float, length: int | None, read) -> tuple[int, str]:
+    """Hash and write what `read` gives into a temporary file beside `dest`, renamed to dest+'.part'."""
+    if length is not None and length > max_bytes:
+        raise FetchError(f"{url}: {length} bytes is over the limit of {max_bytes} bytes (--max-bytes)")
+    h = hashlib.sha256()
+    size = 0
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while True:
+                if time.monotonic() > deadline:
+                    raise FetchError(f"{url}: not finished within the deadline (--timeout)", transient=False)
+                try:
+                    chunk = read(CHUNK)
+                except (OSError, TimeoutError, http.client.HTTPException) as e:
+                    raise FetchError(f"{url}: read failed after {size} bytes: {e}", transient=True) from None
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > max_bytes:
+                    raise FetchError(f"{url}: more than {max_bytes} bytes (--max-bytes)")
+                h.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if length is not None and size != length:
+            raise FetchError(f"{url}: got {size} of {length} bytes", transient=True)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     os.replace(tmp, str(dest) + ".part")
     return size, h.hexdigest()
 
@@ -105,10 +123,11 @@ def fetch(
     read_timeout_s: float = 60.0,
     attempts: int = 4,
     backoff_s: float = 1.0,
+    s3: S3Options | None = None,
 ) -> Fetched:
     """Download `url` to `dest` (verified, atomically); raise FetchError with a clear message."""
-    if not re.match(r"^https?://", url):
-        raise FetchError(f"{url}: only http:// and https:// URLs can be fetched")
+    if not re.match(r"^(https?|s3)://", url):
+        raise FetchError(f"{url}: only http://, https:// and s3:// URLs can be fetched")
     expected = sha256.lower() if sha256 else None
     if expected is not None and not re.fullmatch(r"[0-9a-f]{64}", expected):
         raise FetchError(f"--sha256 {sha256!r} is not 64 hex digits")
@@ -121,7 +140,7 @@ def fetch(
     part = Path(str(path) + ".part")
     for attempt in range(1, attempts + 1):
         try:
-            size, digest = _download_once(url, path, max_bytes, min(read_timeout_s, timeout_s), deadline)
+            size, digest = _download_once(url, path, max_bytes, min(read_timeout_s, timeout_s), deadline, s3)
             break
         except FetchError as e:
             if not e.transient or attempt == attempts or time.monotonic() + backoff_s > deadline:
@@ -138,13 +157,19 @@ def fetch(
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="caffeserve fetch", description="Download a model file and check its sha256.")
-    p.add_argument("--url", required=True, help="http(s) URL of the file")
+    p.add_argument("--url", required=True, help="http(s) URL of the file, or s3://BUCKET/KEY")
     p.add_argument("--dest", required=True, help="where to write it (written beside it first, then renamed)")
     p.add_argument("--sha256", help="expected sha256 (hex); the file is kept only if it matches")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="refuse files larger than this (default 8 GiB)")
     p.add_argument("--timeout", type=float, default=1800.0, help="overall deadline in seconds (default 1800)")
     p.add_argument("--read-timeout", type=float, default=60.0, help="longest wait for the next bytes (default 60)")
     p.add_argument("--attempts", type=int, default=4, help="tries on transient errors (default 4)")
+    p.add_argument("--s3-endpoint", metavar="URL",
+                   help="S3-compatible endpoint for s3:// URLs (MinIO, Ceph, ...); default: AWS (or $AWS_ENDPOINT_URL)")
+    p.add_argument("--s3-region", metavar="REGION", help="region for s3:// URLs (default: $AWS_REGION, the SDK's)")
+    p.add_argument("--s3-credentials-dir", metavar="DIR",
+                   help="a folder of files named AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN): a Secret "
+                        "mounted as a volume; default: the SDK's chain (environment, ~/.aws, IRSA, Pod Identity)")
     return p.parse_args(argv)
 
 
@@ -153,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         got = fetch(args.url, args.dest, args.sha256, max_bytes=args.max_bytes, timeout_s=args.timeout,
-                    read_timeout_s=args.read_timeout, attempts=args.attempts)
-    except FetchError as e:
+                    read_timeout_s=args.read_timeout, attempts=args.attempts,
+                    s3=S3Options(endpoint=args.s3_endpoint, region=args.s3_region,
+                                 credentials=read_credentials(args.s3_credentials_dir)))
+    except (FetchError, OSError) as e:
         print(f"fetch: {e}", file=sys.stderr)
         return 1
     if got.downloaded:

@@ -132,7 +132,10 @@ class ImagePreprocessor:
                 f"{self.max_pixels} pixels (limits.maxImagePixels)"
             ) from None
         except Exception as e:  # Pillow raises many types for undecodable data
-            raise BadRequest(f"input '{name}': cannot decode image: {e}") from None
+            why = str(e)
+            if why.startswith("cannot identify image file"):  # Pillow names its BytesIO object: say what it means
+                why = "not an image format the server reads (JPEG, PNG, BMP, GIF, TIFF, WebP, ...)"
+            raise BadRequest(f"input '{name}': cannot decode image: {why}") from None
         # Transformer.preprocess, step for step (in-place ops round as Caffe's do)
         arr = arr.transpose(2, 0, 1)
         if self.channel_swap is not None:

@@ -15,6 +15,8 @@ import sys
 import threading
 import time
 
+from caffe_http.access_log import AccessLog, add_logging_arguments, configure_logging, log_refusal, with_access_log
+from caffe_http.encoding import with_content_coding
 from caffe_http.lifecycle import install_uvloop
 from caffe_http.server import HTTPServer, ServerLimits, serve_until_signalled
 
@@ -39,12 +41,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "(default: the config's, 8081 unless it says otherwise)")
     p.add_argument("--grace-period", type=float, default=30.0, metavar="S",
                    help="seconds to finish in-flight requests on SIGTERM")
-    p.add_argument("--log-level", default="INFO", type=str.upper,
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log threshold")
+    add_logging_arguments(p)
     return p.parse_args(argv)
 
 
-def build(cfg) -> tuple[DataPlane, HTTPServer, Model]:
+def build(cfg, access_log: bool = True) -> tuple[DataPlane, HTTPServer, Model]:
     metrics = ServerMetrics(cfg.name, cfg.version)
     model = Model(cfg, metrics)
     plane = DataPlane(model)
@@ -53,12 +54,18 @@ def build(cfg) -> tuple[DataPlane, HTTPServer, Model]:
         header_timeout_s=cfg.limits.header_timeout_s,
         body_timeout_s=cfg.limits.body_timeout_s,
     )
-    return plane, HTTPServer(create_app(plane, metrics), limits, cancel_on_disconnect=True), model
+    # request bodies in gzip/deflate are decompressed up to maxRequestBytes (413 beyond); answers are
+    # compressed when the client asks; one access line per request (caffe_http.access_log)
+    access = AccessLog("server", access_log)
+    handler = with_access_log(with_content_coding(create_app(plane, metrics), cfg.limits.max_request_bytes), access)
+    server = HTTPServer(handler, limits, cancel_on_disconnect=True)
+    server.on_refuse = log_refusal(access)
+    return plane, server, model
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
@@ -67,7 +74,7 @@ def main(argv: list[str]) -> int:
     if args.grpc_port is not None:
         cfg.grpc.enabled, cfg.grpc.port = True, args.grpc_port
     blas = share_blas_threads(cfg.instances)
-    plane, server, model = build(cfg)
+    plane, server, model = build(cfg, access_log=args.access_log)
     install_uvloop()
     grpc_server = None
     if cfg.grpc.enabled:

@@ -130,11 +130,51 @@ class ConfigMapSource(CamelModel):
     name: str = Field(pattern=_DNS_SUBDOMAIN, max_length=253, description="Name of the ConfigMap, in the CR's namespace.")
 
 
+class LocalObjectReference(CamelModel):
+    """A reference to an object in the same namespace."""
+
+    name: str = Field(pattern=_DNS_SUBDOMAIN, max_length=253, description="Name of the object.")
+
+
+class S3Source(CamelModel):
+    """A bucket in S3 or an S3-compatible store (MinIO, Ceph RGW, ...) that holds the model files."""
+
+    bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", description="The bucket's name.")
+    prefix: str = Field(
+        default="", max_length=1024,
+        description="Key prefix (folder) of the files: each file in spec.model is downloaded from PREFIX/NAME.",
+    )
+    endpoint: str | None = Field(
+        default=None, pattern=_URL, max_length=2048,
+        description="http(s) URL of an S3-compatible store (path-style addressing). Default: AWS S3.",
+    )
+    region: str | None = Field(default=None, pattern=r"^[a-z0-9-]{1,64}$", description="The bucket's region.")
+    secret_ref: LocalObjectReference | None = Field(
+        default=None,
+        description="A Secret in the CR's namespace with the keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+        "(and AWS_SESSION_TOKEN), mounted as files in the fetch init containers only. Default: the pods' own "
+        "identity (IRSA, Pod Identity), through spec.serviceAccountName.",
+    )
+
+    @field_validator("prefix")
+    @classmethod
+    def _safe_prefix(cls, v: str) -> str:
+        if v and ".." in v.split("/"):
+            raise ValueError(f"prefix {v!r} must not contain '..'")
+        return v
+
+    def url(self, name: str) -> str:
+        """The s3:// URL of a file named `name`."""
+        key = f"{self.prefix.strip('/')}/{name}" if self.prefix.strip("/") else name
+        return f"s3://{self.bucket}/{key}"
+
+
 class ModelSource(CamelModel):
-    """Where the model files come from. Set exactly one of pvc, url, configMap."""
+    """Where the model files come from. Set exactly one of pvc, url, s3, configMap."""
 
     model_config = CamelModel.model_config | {
-        "json_schema_extra": {"oneOf": [{"required": ["pvc"]}, {"required": ["url"]}, {"required": ["configMap"]}]}
+        "json_schema_extra": {"oneOf": [{"required": ["pvc"]}, {"required": ["url"]}, {"required": ["s3"]},
+                                        {"required": ["configMap"]}]}
     }
 
     pvc: PvcSource | None = Field(default=None, description="Files on a PersistentVolumeClaim.")
@@ -144,18 +184,28 @@ class ModelSource(CamelModel):
         "by an init container (`caffeserve fetch`) that checks its sha256. Files named by a full URL are "
         "downloaded from there instead.",
     )
+    s3: S3Source | None = Field(
+        default=None,
+        description="Files in an S3 (or S3-compatible) bucket, downloaded by init containers (`caffeserve fetch`) "
+        "that check each file's sha256 and rename it into place only when it matches.",
+    )
     config_map: ConfigMapSource | None = Field(default=None, description="Files stored as keys of a ConfigMap.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "ModelSource":
-        chosen = [k for k in ("pvc", "url", "config_map") if getattr(self, k) is not None]
+        chosen = [k for k in ("pvc", "url", "s3", "config_map") if getattr(self, k) is not None]
         if len(chosen) != 1:
-            raise ValueError("set exactly one of source.pvc, source.url, source.configMap")
+            raise ValueError("set exactly one of source.pvc, source.url, source.s3, source.configMap")
         return self
 
     @property
     def kind(self) -> str:
-        return "pvc" if self.pvc else "url" if self.url else "configMap"
+        return "pvc" if self.pvc else "url" if self.url else "s3" if self.s3 else "configMap"
+
+    @property
+    def downloaded(self) -> bool:
+        """Whether init containers download the files (url, s3) into an emptyDir."""
+        return self.url is not None or self.s3 is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,9 +236,9 @@ class ModelSpec(CamelModel):
         "preprocessing", "How an encoded image (a BYTES input) becomes the input blob, as caffe.io.Transformer does it."
     )
 
-    def files(self, base_url: str | None = None) -> list[ModelFile]:
+    def files(self, base_url: str | None = None, s3: "S3Source | None" = None) -> list[ModelFile]:
         """Every model file (prototxt, weights, labels, meanFile), downloaded from `base_url`
-        joined with its name (source.url) unless the file is itself a URL."""
+        joined with its name (source.url), or from the bucket (source.s3), unless the file is itself a URL."""
         named = {"prototxt": (self.prototxt, self.prototxt_sha256), "weights": (self.weights, self.weights_sha256)}
         if self.labels:
             named["labels"] = (self.labels, None)
@@ -196,7 +246,12 @@ class ModelSpec(CamelModel):
             named["meanFile"] = (self.preprocessing.mean_file, None)
         out = []
         for role, (name, sha256) in named.items():
-            url = name if is_url(name) else base_url.rstrip("/") + "/" + name if base_url else None
+            if is_url(name):
+                url = name
+            elif s3 is not None:
+                url = s3.url(name)
+            else:
+                url = base_url.rstrip("/") + "/" + name if base_url else None
             out.append(ModelFile(role, name, sha256, url))
         return out
 
@@ -262,12 +317,6 @@ class RuntimeSpec(CamelModel):
 # --------------------------------------------------------------------------------------------
 # spec
 # --------------------------------------------------------------------------------------------
-class LocalObjectReference(CamelModel):
-    """A reference to an object in the same namespace."""
-
-    name: str = Field(pattern=_DNS_SUBDOMAIN, max_length=253, description="Name of the object.")
-
-
 _ANY_OBJECT = {"x-kubernetes-preserve-unknown-fields": True}
 
 
@@ -328,7 +377,7 @@ class CaffeModelServiceSpec(CamelModel):
 
     def model_files(self) -> list[ModelFile]:
         """Every model file with its download URL (see ModelSpec.files)."""
-        return self.model.files(self.source.url)
+        return self.model.files(self.source.url, self.source.s3)
 
 
 # --------------------------------------------------------------------------------------------

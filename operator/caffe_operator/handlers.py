@@ -107,3 +107,9 @@ async def on_child(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_
     model = (body.metadata.labels or {}).get(manifests.MODEL_LABEL)
     if model and body.metadata.namespace:
         await memo.reconciler.reconcile_named(body.metadata.namespace, model, logger)
+
+
+# Model pods' NetworkPolicies are children only when the chart turns them on (networkPolicy.enabled);
+# only then does the operator watch them (and need RBAC for them).
+if os.environ.get("CAFFESERVE_NETWORK_POLICY_FROM", "").strip():
+    kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=CHILDREN)(on_child)

@@ -26,6 +26,8 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Service": ("v1", "services"),
     "Deployment": ("apps/v1", "deployments"),
     "EndpointSlice": ("discovery.k8s.io/v1", "endpointslices"),
+    "Pod": ("v1", "pods"),
+    "NetworkPolicy": ("networking.k8s.io/v1", "networkpolicies"),
     KIND: (API_VERSION, PLURAL),
 }
 

@@ -11,6 +11,13 @@ cluster, and `caffeserve up` can run the very same server config locally.
   annotation on the pod template so that any change to what the pods see rolls them.
 - Service `{name}-predictor`: port `http` 8080 in front of the pods, and `grpc` 8081 (appProtocol
   grpc) unless spec.runtime.grpc.enabled is false.
+- NetworkPolicy `{name}-predictor`, when the operator is given the peers allowed in
+  (`CAFFESERVE_NETWORK_POLICY_FROM`, set by the chart's `networkPolicy.enabled`): ingress to the
+  pods on the Service's ports from those peers only (the gateway, the operator, and what the chart
+  adds, e.g. Prometheus).
+
+Every container has a memory limit (the server's from `spec.resources`, else DEFAULT_MEMORY_LIMIT;
+a container without one can take a node's memory), and every emptyDir a `sizeLimit`.
 """
 
 from __future__ import annotations
@@ -31,6 +38,12 @@ CONFIG_DIR = "/etc/caffeserve"
 CONFIG_KEY = "config.yaml"
 MODEL_DIR = "/models"
 RUN_AS = 1000  # the uid/gid the server images run as (numeric, for runAsNonRoot)
+# A model pod's memory limit when spec.resources sets none (a request without a limit sets it too):
+# room for AlexNet-size weights, their Net and the request buffers. Big nets set their own.
+DEFAULT_MEMORY_LIMIT = "4Gi"
+TMP_SIZE_LIMIT = "1Gi"  # /tmp (an emptyDir): ONNX conversions, Python's scratch files
+S3_CREDENTIALS_DIR = "/var/run/secrets/caffeserve/s3"  # source.s3.secretRef's keys as files (fetch containers only)
+MODELS_SIZE_LIMIT = "20Gi"  # /models for downloaded files (source.url, source.s3); fetch caps a file at 8 GiB
 
 MANAGED_BY = "caffe-serving-operator"
 CONFIG_HASH_ANNOTATION = "caffeserving.io/config-hash"
@@ -185,6 +198,9 @@ def _container_security() -> dict[str, Any]:
 
 def _server_resources(spec: CaffeModelServiceSpec) -> dict[str, Any]:
     resources = json.loads(json.dumps(spec.resources or {}))
+    limits = resources.setdefault("limits", {})
+    if "memory" not in limits:
+        limits["memory"] = (resources.get("requests") or {}).get("memory") or DEFAULT_MEMORY_LIMIT
     if spec.runtime.device == RuntimeDevice.gpu:
         resources.setdefault("limits", {})[spec.runtime.gpu_resource] = spec.runtime.gpu_count
     return resources
@@ -194,7 +210,7 @@ def _fetch_resources(spec: CaffeModelServiceSpec) -> dict[str, Any]:
     """An init container gets the server's cpu/memory (so quotas and LimitRanges agree), never GPUs."""
     return {
         part: {k: v for k, v in values.items() if k in ("cpu", "memory", "ephemeral-storage")}
-        for part, values in (spec.resources or {}).items() if part in ("requests", "limits") and isinstance(values, dict)
+        for part, values in _server_resources(spec).items() if part in ("requests", "limits") and isinstance(values, dict)
     }
 
 
@@ -204,7 +220,7 @@ def _model_volume(spec: CaffeModelServiceSpec) -> dict[str, Any]:
         return {"name": "models", "persistentVolumeClaim": {"claimName": src.pvc.claim_name, "readOnly": src.pvc.read_only}}
     if src.config_map is not None:
         return {"name": "models", "configMap": {"name": src.config_map.name}}
-    return {"name": "models", "emptyDir": {}}
+    return {"name": "models", "emptyDir": {"sizeLimit": MODELS_SIZE_LIMIT}}
 
 
 def _model_mount(spec: CaffeModelServiceSpec) -> dict[str, Any]:
@@ -215,22 +231,34 @@ def _model_mount(spec: CaffeModelServiceSpec) -> dict[str, Any]:
 
 
 def _fetch_containers(spec: CaffeModelServiceSpec, image: str) -> list[dict[str, Any]]:
-    """One init container per file: download, check the sha256, rename into place."""
-    if spec.source.url is None:
+    """One init container per file: download, check the sha256, rename into place. A failure's last
+    lines (`fetch: <why>`) become the container's termination message, which the operator reports."""
+    if not spec.source.downloaded:
         return []
+    s3 = spec.source.s3
     out = []
     for f in spec.model_files():
         command = ["caffeserve", "fetch", "--url", f.url, "--dest", f.path(MODEL_DIR)]
         if f.sha256:
             command += ["--sha256", f.sha256]
+        if s3 is not None and f.url.startswith("s3://"):
+            if s3.endpoint:
+                command += ["--s3-endpoint", s3.endpoint]
+            if s3.region:
+                command += ["--s3-region", s3.region]
+            if s3.secret_ref is not None:
+                command += ["--s3-credentials-dir", S3_CREDENTIALS_DIR]
         container = {
             "name": f"fetch-{f.role.lower()}",
             "image": image,
             "command": command,
             "env": [{"name": "HOME", "value": "/tmp"}],
             "securityContext": _container_security(),
+            "terminationMessagePolicy": "FallbackToLogsOnError",
             "volumeMounts": [{"name": "models", "mountPath": MODEL_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
         }
+        if s3 is not None and s3.secret_ref is not None:  # as files, not environment variables
+            container["volumeMounts"].append({"name": "s3-credentials", "mountPath": S3_CREDENTIALS_DIR, "readOnly": True})
         if spec.runtime.image_pull_policy:
             container["imagePullPolicy"] = spec.runtime.image_pull_policy
         if resources := _fetch_resources(spec):
@@ -293,11 +321,15 @@ def pod_template(name: str, spec: CaffeModelServiceSpec, image: str) -> dict[str
         "volumes": [
             {"name": "config", "configMap": {"name": config_map_name(name)}},
             _model_volume(spec),
-            {"name": "tmp", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}},
         ],
     }
     if init := _fetch_containers(spec, image):
         pod["initContainers"] = init
+    if spec.source.s3 is not None and spec.source.s3.secret_ref is not None:
+        # readable by the pod's group (fsGroup) only; mounted into the fetch containers, not the server
+        pod["volumes"].append({"name": "s3-credentials",
+                               "secret": {"secretName": spec.source.s3.secret_ref.name, "defaultMode": 0o440}})
     optional = {
         "nodeSelector": spec.node_selector,
         "tolerations": _tolerations(spec),
@@ -343,26 +375,47 @@ def deployment(name: str, namespace: str, spec: CaffeModelServiceSpec, image: st
     }
 
 
+def network_policy(name: str, namespace: str, spec: CaffeModelServiceSpec, peers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Ingress to the model's pods on the Service's ports (http, and grpc when on), from `peers` (NetworkPolicyPeers) only."""
+    ports = [{"port": p["targetPort"], "protocol": p.get("protocol", "TCP")}
+             for p in service(name, namespace, spec)["spec"]["ports"]]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(predictor_name(name), namespace, name),
+        "spec": {
+            "podSelector": {"matchLabels": selector(name)},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": peers, "ports": ports}],
+        },
+    }
+
+
 @dataclass(frozen=True)
 class Children:
     config_map: dict[str, Any]
     deployment: dict[str, Any]
     service: dict[str, Any]
+    network_policy: dict[str, Any] | None = None
 
     def all(self) -> list[dict[str, Any]]:
-        """In creation order: the config before the pods that mount it, the Service last."""
-        return [self.config_map, self.deployment, self.service]
+        """In creation order: the policy and the config before the pods, the Service last."""
+        first = [self.network_policy] if self.network_policy is not None else []
+        return first + [self.config_map, self.deployment, self.service]
 
 
 def server_image(spec: CaffeModelServiceSpec, default_image: str = DEFAULT_SERVER_IMAGE) -> str:
     return spec.runtime.image or default_image
 
 
-def children(name: str, namespace: str, spec: CaffeModelServiceSpec, default_image: str = DEFAULT_SERVER_IMAGE) -> Children:
-    """Every child of one CaffeModelService (without owner references: the operator adds them)."""
+def children(name: str, namespace: str, spec: CaffeModelServiceSpec, default_image: str = DEFAULT_SERVER_IMAGE,
+             network_peers: list[dict[str, Any]] | None = None) -> Children:
+    """Every child of one CaffeModelService (without owner references: the operator adds them);
+    a NetworkPolicy when `network_peers` is given (None: no policy)."""
     cm = config_map(name, namespace, spec)
     return Children(
         config_map=cm,
         deployment=deployment(name, namespace, spec, server_image(spec, default_image), cm),
         service=service(name, namespace, spec),
+        network_policy=network_policy(name, namespace, spec, network_peers) if network_peers is not None else None,
     )

@@ -26,6 +26,8 @@ or a ClusterRole for --all-namespaces). kopf watches and annotates, this module 
   "" services, configmaps:                   get, list, watch, create, patch
   "" events:                                 create
   discovery.k8s.io endpointslices:           list   (the pods to ask: pods.py)
+  "" pods:                                   list   (failed fetch init containers: fetch_errors.py)
+  networking.k8s.io networkpolicies:         get, list, watch, create, patch   (with CAFFESERVE_NETWORK_POLICY)
 The operator also sends plain HTTP GETs to model pods' /v2/health/ready (not-ready pods) and
 /v2/models/NAME (one ready pod: which backend serves, for status.backend) on their `http` port
 (8080), without credentials: a NetworkPolicy on model pods must let the operator in.
@@ -36,6 +38,7 @@ discovery of /apis/caffeserving.io/v1alpha1 is open to every authenticated clien
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -52,6 +55,7 @@ from caffe_operator.api import KIND, InvalidSpec, parse_spec
 from caffe_operator.backend_report import BackendProbe, BackendReport
 from caffe_operator.kube import ApiError, KubeClient, object_path
 from caffe_operator.events import EventPoster
+from caffe_operator.fetch_errors import MODEL_FETCH_FAILED, FetchErrorProbe, failure_message
 from caffe_operator.load_errors import LoadErrorProbe
 from caffe_operator.pods import Pods
 from caffe_operator.status import (
@@ -77,6 +81,8 @@ class OperatorConfig:
     gateway_url: str | None = None
     gateway_grpc_address: str | None = None  # host:port of the gateway's gRPC
     load_recheck_s: float = 10.0  # first look again at a not-ready model; 0: never
+    # NetworkPolicyPeers allowed into model pods (CAFFESERVE_NETWORK_POLICY_FROM, JSON); None: no policies
+    network_peers: tuple | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "OperatorConfig":
@@ -86,7 +92,18 @@ class OperatorConfig:
             gateway_url=env.get("CAFFESERVE_GATEWAY_URL") or None,
             gateway_grpc_address=env.get("CAFFESERVE_GATEWAY_GRPC_ADDRESS") or None,
             load_recheck_s=float(env.get("CAFFESERVE_LOAD_RECHECK_SECONDS") or 10.0),
+            network_peers=network_peers_from(env.get("CAFFESERVE_NETWORK_POLICY_FROM")),
         )
+
+
+def network_peers_from(raw: str | None) -> tuple | None:
+    """CAFFESERVE_NETWORK_POLICY_FROM: a JSON list of NetworkPolicyPeers; unset or empty: no policies."""
+    if not raw or not raw.strip():
+        return None
+    peers = json.loads(raw)
+    if not isinstance(peers, list) or not all(isinstance(p, dict) for p in peers):
+        raise ValueError("CAFFESERVE_NETWORK_POLICY_FROM must be a JSON list of NetworkPolicyPeer objects")
+    return tuple(peers)
 
 
 def recheck_delay(attempt: int, first_s: float) -> float:
@@ -212,6 +229,7 @@ class Reconciler:
         self.pods = pods or Pods(client)  # asks the model pods, for both probes below
         self.probe = LoadErrorProbe(pods=self.pods)
         self.backends = BackendProbe(self.pods)
+        self.fetches = FetchErrorProbe(client)
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self.known: set[tuple[str, str]] = set()  # models seen by this process, for the resync
         self._rechecks: dict[tuple[str, str], asyncio.Task] = {}  # one pending follow-up per model
@@ -289,7 +307,8 @@ class Reconciler:
             await self._write_status(cr, outcome.ready, deployment, url, logger, grpc_address=grpc)
             return outcome
 
-        kids = manifests.children(name, namespace, spec, self.config.server_image)
+        peers = list(self.config.network_peers) if self.config.network_peers is not None else None
+        kids = manifests.children(name, namespace, spec, self.config.server_image, peers)
         objs = kids.all()
         kopf.append_owner_reference(objs, owner=cr)
         results: dict[str, dict[str, Any]] = {}
@@ -304,6 +323,11 @@ class Reconciler:
             health = await self.probe.health(namespace, manifests.predictor_name(name), manifests.PORT, logger)
             old_ready = next((c for c in previous.get("conditions") or [] if c.get("type") == READY), None)
             outcome.ready = with_load_errors(outcome.ready, health, old_ready)
+            if outcome.ready.reason != MODEL_LOAD_FAILED:
+                # pods that never started their server: did a fetch init container fail? (fetch_errors.py)
+                failed = await self.fetches.failures(namespace, manifests.selector_string(name), logger)
+                if failed:
+                    outcome.ready = Readiness("False", MODEL_FETCH_FAILED, failure_message(failed))
         backend = await self._backend(cr, results["Deployment"], outcome.ready, logger)
         await self._write_status(cr, outcome.ready, results["Deployment"],
                                  manifests.model_url(name, namespace, self.config.gateway_url), logger, backend,
@@ -378,9 +402,9 @@ class Reconciler:
         if ready.reason == "InvalidSpec":
             if (old.get("reason"), old.get("message")) != (ready.reason, ready.message):
                 await self.post_event(cr, "Warning", "InvalidSpec", ready.message)
-        elif ready.reason == MODEL_LOAD_FAILED:
-            if old.get("reason") != MODEL_LOAD_FAILED:  # once when it appears, not on every resync
-                await self.post_event(cr, "Warning", MODEL_LOAD_FAILED, ready.message)
+        elif ready.reason in (MODEL_LOAD_FAILED, MODEL_FETCH_FAILED):
+            if old.get("reason") != ready.reason:  # once when it appears, not on every resync
+                await self.post_event(cr, "Warning", ready.reason, ready.message)
         elif ready.status == "True" and old.get("status") != "True":
             grpc = f" and gRPC {grpc_address}" if grpc_address else ""
             await self.post_event(cr, "Normal", "Ready", f"{ready.message}; serving at {url}{grpc}")

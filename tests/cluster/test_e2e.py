@@ -109,9 +109,10 @@ class Flow:
     timings: dict[str, float]
 
 
-SCOPES = {  # the chart's two RBAC shapes: its default, and one watched namespace
-    "cluster": {},
-    "namespace": {"watch": {"scope": "namespace", "namespace": MODEL_NS}},
+SCOPES = {  # the chart's two RBAC shapes: its default, and one watched namespace (NetworkPolicies on,
+    # so that the operator's NetworkPolicy per model is in the request log the RBAC tests read)
+    "cluster": {"networkPolicy": {"enabled": True}},
+    "namespace": {"watch": {"scope": "namespace", "namespace": MODEL_NS}, "networkPolicy": {"enabled": True}},
 }
 
 
@@ -202,7 +203,7 @@ def test_1_chart_is_lint_clean_and_installed_objects_are_valid(flow):
     objects = rendered_objects(flow.release) + chart_crds()
     rbac = {"ClusterRole", "ClusterRoleBinding"} if flow.scope == "cluster" else {"Role", "RoleBinding"}
     assert {o["kind"] for o in objects} == {"CustomResourceDefinition", "ServiceAccount", "Deployment", "Service",
-                                                  "PodDisruptionBudget"} | rbac
+                                                  "PodDisruptionBudget", "NetworkPolicy"} | rbac
     for obj in objects:
         path = resource_path(_resource(obj), obj["metadata"].get("namespace"), obj["metadata"]["name"])
         stored = flow.cluster.request("GET", path)
@@ -214,6 +215,7 @@ def test_1_chart_is_lint_clean_and_installed_objects_are_valid(flow):
 def _resource(obj: dict[str, Any]) -> str:
     plural = {"ServiceAccount": "serviceaccounts", "Service": "services", "Deployment": "deployments",
               "CustomResourceDefinition": "customresourcedefinitions", "PodDisruptionBudget": "poddisruptionbudgets",
+              "NetworkPolicy": "networkpolicies",
               **RBAC_KINDS}[obj["kind"]]
     return f"{obj['apiVersion']}/{plural}"
 
@@ -247,6 +249,21 @@ def test_3_kubectl_apply_makes_the_children_with_the_charts_server_image(flow):
     assert restricted_violations(dep["spec"]["template"]["spec"]) == []
     assert svc["spec"]["ports"][0]["name"] == "http" and svc["spec"]["ports"][0]["port"] == 8080
     assert svc["spec"]["ports"][1]["name"] == "grpc" and svc["spec"]["ports"][1]["appProtocol"] == "grpc"
+
+
+def test_3_model_pods_get_a_network_policy_letting_in_the_gateway_and_the_operator(flow):
+    """networkPolicy.enabled covers the model pods: the operator makes one NetworkPolicy per model."""
+    cluster = flow.cluster
+    policy = cluster.get_object("networking.k8s.io/v1/networkpolicies", MODEL_NS, f"{MODEL}-predictor")
+    assert policy is not None and policy["metadata"]["ownerReferences"][0]["kind"] == "CaffeModelService"
+    assert policy["spec"]["podSelector"] == {"matchLabels": {manifests.MODEL_LABEL: MODEL}}
+    [rule] = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    components = {p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in rule["from"]}
+    assert components == {"gateway", "operator"}
+    assert all(p["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}} for p in rule["from"])
+    kubernetes_validate.validate({k: v for k, v in policy.items() if k != "status"},
+                                 kubernetes_validate.utils.latest_version(), strict=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,6 +440,12 @@ def test_5_spec_changes_and_hand_edits_are_reconciled(flow):
                     '{"spec":{"ports":[{"name":"http","port":9090,"targetPort":8080,"protocol":"TCP"}]}}')
     cluster.wait_for(lambda: cluster.get_object(SERVICES, MODEL_NS, f"{MODEL}-predictor")["spec"]["ports"][0]["port"] == 8080,
                      timeout=30, what="the Service's port restored")
+
+    # a NetworkPolicy opened to everyone by hand is closed again
+    policies = "networking.k8s.io/v1/networkpolicies"
+    cluster.patch(policies, MODEL_NS, f"{MODEL}-predictor", {"spec": {"ingress": [{}]}})
+    cluster.wait_for(lambda: cluster.get_object(policies, MODEL_NS, f"{MODEL}-predictor")["spec"]["ingress"][0].get("from"),
+                     timeout=30, what="the model's NetworkPolicy restored")
 
 
 # --------------------------------------------------------------------------------------------

@@ -67,13 +67,45 @@ VARIANTS = {
         serviceAccountName="model-reader",
         runtime={"image": "mine/caffe:2", "imagePullPolicy": "Always", "gpus": 2, "gpuResource": "nvidia.com/mig-2g.20gb"},
     ),
+    "s3": spec(source={"s3": {"bucket": "models", "prefix": "zoo/digits/", "endpoint": "http://minio.storage:9000",
+                              "region": "eu-west-1", "secretRef": {"name": "s3-creds"}}}),
 }
+GATEWAY_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "caffe-system"}},
+                "podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}}}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_child_passes_kubernetes_validate(variant):
-    for obj in build(VARIANTS[variant]).all():
+    kids = manifests.children("digits", "ml", VARIANTS[variant], "registry.example/caffe:1", [GATEWAY_PEER])
+    assert kids.network_policy is not None
+    for obj in kids.all():
         kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_s3_source_downloads_from_the_bucket_with_the_secrets_credentials():
+    init = {i["name"]: i for i in pod(build(VARIANTS["s3"]))["initContainers"]}
+    assert set(init) == {"fetch-prototxt", "fetch-weights", "fetch-labels"}
+    assert init["fetch-weights"]["command"] == [
+        "caffeserve", "fetch", "--url", "s3://models/zoo/digits/digits.caffemodel", "--dest", "/models/digits.caffemodel",
+        "--sha256", SHA, "--s3-endpoint", "http://minio.storage:9000", "--s3-region", "eu-west-1",
+        "--s3-credentials-dir", manifests.S3_CREDENTIALS_DIR]
+    mount = {"name": "s3-credentials", "mountPath": manifests.S3_CREDENTIALS_DIR, "readOnly": True}
+    assert all(mount in i["volumeMounts"] and "envFrom" not in i for i in init.values())  # files, not environment
+    assert all(i["terminationMessagePolicy"] == "FallbackToLogsOnError" for i in init.values())
+    assert {"name": "s3-credentials", "secret": {"secretName": "s3-creds", "defaultMode": 0o440}} in \
+        pod(build(VARIANTS["s3"]))["volumes"]
+    # the server itself never sees the credentials
+    assert all(m["name"] != "s3-credentials" for m in server(build(VARIANTS["s3"]))["volumeMounts"])
+
+
+def test_a_network_policy_only_when_the_operator_is_given_peers():
+    assert build().network_policy is None and len(build().all()) == 3
+    kids = manifests.children("digits", "ml", spec(), "img", [GATEWAY_PEER])
+    np_ = kids.network_policy
+    assert kids.all()[0] is np_ and np_["metadata"]["name"] == "digits-predictor"
+    assert np_["metadata"]["labels"] == CONTRACT_LABELS
+    assert np_["spec"] == {"podSelector": {"matchLabels": {"caffeserving.io/model": "digits"}}, "policyTypes": ["Ingress"],
+                           "ingress": [{"from": [GATEWAY_PEER], "ports": [{"port": 8080, "protocol": "TCP"}]}]}
 
 
 def test_names_and_labels_are_the_contract():
@@ -170,12 +202,12 @@ def test_pods_meet_pod_security_restricted():
             assert sc["capabilities"] == {"drop": ["ALL"]}
             assert sc["runAsNonRoot"] is True
         kinds = {next(k for k in v if k != "name") for v in p["volumes"]}
-        assert kinds <= {"configMap", "emptyDir", "persistentVolumeClaim"}  # restricted allows these
+        assert kinds <= {"configMap", "emptyDir", "persistentVolumeClaim", "secret"}  # restricted allows these
 
 
 def test_gpu_limits_and_toleration():
     c = build()
-    assert server(c)["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    assert server(c)["resources"]["limits"] == {"nvidia.com/gpu": 1, "memory": manifests.DEFAULT_MEMORY_LIMIT}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod(c)["tolerations"]
     mig = build(VARIANTS["everything"])
     assert server(mig)["resources"] == {"requests": {"cpu": "500m", "memory": "1Gi"},
@@ -184,8 +216,21 @@ def test_gpu_limits_and_toleration():
 
 def test_cpu_pods_ask_for_no_gpu():
     c = build(VARIANTS["configMap cpu"])
-    assert "limits" not in server(c)["resources"]
+    assert server(c)["resources"]["limits"] == {"memory": manifests.DEFAULT_MEMORY_LIMIT}  # a memory limit, no GPU
     assert "tolerations" not in pod(c)
+
+
+def test_every_container_has_a_memory_limit_and_every_emptydir_a_size_limit():
+    for variant, s in VARIANTS.items():
+        p = pod(build(s))
+        for c in p["containers"] + p.get("initContainers", []):
+            assert c["resources"]["limits"]["memory"], (variant, c["name"])
+        for v in p["volumes"]:
+            if "emptyDir" in v:
+                assert v["emptyDir"]["sizeLimit"], (variant, v["name"])
+    # a memory request without a limit becomes the limit too
+    req = spec(resources={"requests": {"memory": "6Gi"}})
+    assert server(build(req))["resources"]["limits"]["memory"] == "6Gi"
 
 
 def test_pod_placement_fields_are_passed_through():
@@ -225,7 +270,8 @@ def test_url_source_downloads_each_file_in_an_init_container():
     assert "--sha256" not in init["fetch-meanfile"]["command"]
     assert all(i["image"] == "registry.example/caffe:1" for i in init.values())
     assert all("nvidia.com/gpu" not in str(i.get("resources")) for i in init.values())
-    assert {"name": "models", "emptyDir": {}} in pod(c)["volumes"]
+    assert {"name": "models", "emptyDir": {"sizeLimit": manifests.MODELS_SIZE_LIMIT}} in pod(c)["volumes"]
+    assert all(i["terminationMessagePolicy"] == "FallbackToLogsOnError" for i in init.values())
     cfg = yaml.safe_load(c.config_map["data"]["config.yaml"])
     assert cfg["model"]["weights"] == "/models/digits-v2.caffemodel"
 

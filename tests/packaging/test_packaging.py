@@ -23,11 +23,27 @@ def caffeserve(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "caffeserve", *args], capture_output=True, text=True, timeout=60)
 
 
+def _optional_imports(tree: ast.AST) -> set[int]:
+    """ids of the import nodes inside a `try:` whose handler catches ImportError: an optional
+    dependency, with its extra named in the error it raises (e.g. boto3 for s3:// sources)."""
+    out: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(
+                isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError") for h in node.handlers):
+            out.update(id(n) for stmt in node.body for n in ast.walk(stmt) if isinstance(n, (ast.Import, ast.ImportFrom)))
+    return out
+
+
 def imported_names(path: Path) -> set[str]:
-    """Every module an import statement in the file names (function-level imports too)."""
+    """Every module an import statement in the file names (function-level imports too), except
+    optional ones (guarded by `except ImportError`)."""
     names: set[str] = set()
     package = ".".join(path.relative_to(REPO / "operator" if "caffe_operator" in path.parts else REPO).with_suffix("").parts[:-1])
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    optional = _optional_imports(tree)
+    for node in ast.walk(tree):
+        if id(node) in optional:
+            continue
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):

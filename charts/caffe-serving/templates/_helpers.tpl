@@ -168,6 +168,36 @@ ownerReferences hand them to the garbage collector with their CaffeModelService)
 - apiGroups: ["discovery.k8s.io"]
   resources: ["endpointslices"]
   verbs: ["list"]
+# The model pods of a model that is not ready: a fetch init container that failed (wrong sha256,
+# missing object) says why in its termination message; the status then reads ModelFetchFailed.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
+{{- if .Values.networkPolicy.enabled }}
+# One NetworkPolicy per model (networkPolicy.enabled): created, read back, watched and patched
+# like the other children.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+{{- end }}
+{{- end }}
+
+{{- /*
+The NetworkPolicyPeers allowed into model pods (the operator's CAFFESERVE_NETWORK_POLICY_FROM): the
+gateway (it forwards requests), the operator (it asks pods why they are not ready and which
+backend serves), and networkPolicy.modelFrom (e.g. Prometheus).
+*/}}
+{{- define "caffe-serving.modelPeers" -}}
+{{- $peers := list -}}
+{{- $ns := dict "matchLabels" (dict "kubernetes.io/metadata.name" .Release.Namespace) -}}
+{{- if .Values.gateway.enabled -}}
+{{- $peers = append $peers (dict "namespaceSelector" $ns "podSelector" (dict "matchLabels" (include "caffe-serving.selectorLabels" (dict "root" . "component" "gateway") | fromYaml))) -}}
+{{- end -}}
+{{- $peers = append $peers (dict "namespaceSelector" $ns "podSelector" (dict "matchLabels" (include "caffe-serving.selectorLabels" (dict "root" . "component" "operator") | fromYaml))) -}}
+{{- range .Values.networkPolicy.modelFrom -}}
+{{- $peers = append $peers . -}}
+{{- end -}}
+{{- toJson $peers -}}
 {{- end }}
 
 {{- define "caffe-serving.gatewayRules" -}}

@@ -1,0 +1,202 @@
+"""The access log and the log format of the server and the gateway.
+
+`with_access_log(handler, name)` wraps a request handler: one line per request on the logger
+`caffeserve.access` (method, path, model, status, response bytes, duration, request id, client), at
+INFO; answers 4xx/5xx at WARNING with their `error` message. Successful health probes and metric
+scrapes (`/v2/health/*`, `/metrics`: one every few seconds per kubelet and Prometheus) are at DEBUG.
+With the access log off (`--no-access-log`) only the 4xx/5xx lines are written: an operator can
+still answer "who sent the 400s?".
+
+A request without an `X-Request-Id` gets one (16 hex digits); it is answered in `X-Request-Id`,
+and the gateway forwards it, so one id names the same request in the gateway's and the server's
+lines. Requests the transport refuses before any handler runs (413 by Content-Length, 408, 431,
+malformed HTTP) are logged by `log_refusal` the same way.
+
+`configure_logging(level, fmt)` sets up the process's logging: `text` (one human line) or `json`
+(one JSON object per line: time, level, logger, message, and for access lines every field on its
+own). Records are handed to a background thread through a queue (`QueueHandler`), so a slow log
+reader never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import logging.handlers
+import os
+import queue
+import sys
+import time
+
+import orjson
+
+from .server import Handler, Request, Response
+
+ACCESS_LOGGER = "caffeserve.access"
+_FIELDS = ("method", "path", "model", "status", "bytes", "duration_ms", "request_id", "client", "error", "server")
+_QUIET_PATHS = ("/v2/health/live", "/v2/health/ready", "/metrics")
+MODELS_PREFIX = "/v2/models/"
+
+
+def new_request_id() -> str:
+    return os.urandom(8).hex()
+
+
+def model_of(path: str) -> str:
+    """The model a path names (`/v2/models/{m}/...`), else ''."""
+    if path.startswith(MODELS_PREFIX):
+        name = path[len(MODELS_PREFIX):].split("/", 1)[0]
+        return "" if name == "stats" else name
+    return ""
+
+
+def error_message(resp: Response) -> str:
+    """The `error` of a JSON error answer (uncompressed), else ''."""
+    if resp.status < 400 or not resp.body or any(k.lower() == "content-encoding" for k in resp.headers):
+        return ""
+    try:
+        payload = orjson.loads(resp.body)
+    except orjson.JSONDecodeError:
+        return resp.body[:200].decode("utf-8", "replace")
+    return str(payload.get("error", "")) if isinstance(payload, dict) else ""
+
+
+class AccessLog:
+    """Writes the access lines; `enabled` False keeps only the 4xx/5xx ones."""
+
+    def __init__(self, server: str, enabled: bool = True):
+        self.server = server  # "server" or "gateway": which program wrote the line
+        self.enabled = enabled
+        self.log = logging.getLogger(ACCESS_LOGGER)
+
+    def write(self, method: str, path: str, status: int, size: int, seconds: float, request_id: str,
+              client: str, error: str = "") -> None:
+        if status >= 400:
+            level = logging.WARNING
+        elif not self.enabled:
+            return
+        elif path in _QUIET_PATHS:
+            level = logging.DEBUG
+        else:
+            level = logging.INFO
+        if not self.log.isEnabledFor(level):
+            return
+        fields = {"method": method, "path": path, "model": model_of(path), "status": status, "bytes": size,
+                  "duration_ms": round(seconds * 1000.0, 3), "request_id": request_id, "client": client,
+                  "error": error, "server": self.server}
+        text = (f'{client} "{method} {path}" {status} {size}B {fields["duration_ms"]:.3f}ms '
+                f'model={fields["model"] or "-"} request_id={request_id or "-"}')
+        if error:
+            text += f" error={orjson.dumps(error).decode()}"
+        self.log.log(level, text, extra={"access": fields})
+
+
+def with_access_log(handler: Handler, access: AccessLog) -> Handler:
+    """`handler` with one access line per request (module docstring)."""
+    perf = time.perf_counter
+
+    async def handle(req: Request) -> Response:
+        t0 = perf()
+        headers = req.headers
+        rid = headers.get("x-request-id")
+        if not rid:
+            rid = headers["x-request-id"] = new_request_id()
+        status, size, error = 499, 0, "the client went away before the answer"
+        try:
+            resp = await handler(req)
+            status, size, error = resp.status, len(resp.body), error_message(resp)
+            if "X-Request-Id" not in resp.headers:
+                resp.headers = {**resp.headers, "X-Request-Id": rid}
+            return resp
+        except BaseException as e:
+            if not isinstance(e, asyncio.CancelledError):
+                status, error = 500, f"internal error: {type(e).__name__}: {e}"
+            raise
+        finally:
+            access.write(req.method, req.path, status, size, perf() - t0, rid, req.client, error)
+
+    return handle
+
+
+def log_refusal(access: AccessLog):
+    """A callback for `HTTPServer.on_refuse`: the transport's own 4xx answers, logged like the others."""
+
+    def refused(client: str, method: str, path: str, status: int, message: str) -> None:
+        access.write(method or "-", path or "-", status, 0, 0.0, "", client, message)
+
+    return refused
+
+
+# ------------------------------------------------------------------------------------------------
+# process logging
+# ------------------------------------------------------------------------------------------------
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (RFC 3339, UTC), level, logger, message, and access fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        access = getattr(record, "access", None)
+        if access:
+            out.update(access)
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            out["exception"] = record.exc_text
+        return orjson.dumps(out).decode()
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMATS = ("text", "json")
+
+
+def configure_logging(level: str = "INFO", fmt: str = "text", stream=None) -> None:
+    """The process's logging: `fmt` text or json, written by a background thread (module docstring)."""
+    target = logging.StreamHandler(stream or sys.stderr)
+    target.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    q: queue.SimpleQueue = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(q, target, respect_handler_level=False)
+    listener.start()
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    root.addHandler(_QueueHandler(q, listener))
+    root.setLevel(level.upper())
+
+
+class _QueueHandler(logging.handlers.QueueHandler):
+    """QueueHandler that keeps the record's own fields (the access dict) for the formatter thread, and
+    on close (logging.shutdown(), also at exit) lets that thread write every queued line first."""
+
+    def __init__(self, q, listener: logging.handlers.QueueListener):
+        super().__init__(q)
+        self.listener: logging.handlers.QueueListener | None = listener
+
+    def close(self) -> None:
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            listener.stop()
+        super().close()
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record.message = record.getMessage()
+        record.msg, record.args = record.message, None
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        return record
+
+
+def add_logging_arguments(p, default_level: str = "INFO") -> None:
+    """--log-level, --log-format and --no-access-log, the same on the server, the gateway and `up`."""
+    p.add_argument("--log-level", default=default_level, type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log threshold")
+    p.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                   help="text: one readable line per record; json: one JSON object per line (for log collectors)")
+    p.add_argument("--no-access-log", dest="access_log", action="store_false",
+                   help="no line per request (answers 4xx/5xx are still logged, with their message)")

@@ -1,0 +1,116 @@
+"""The access log, read as an operator reads it: one line per request on the server and the gateway,
+every 4xx/5xx with its message, `--log-format json` for collectors, `--no-access-log` to quiet it."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+
+import pytest
+
+from caffe_testing.gateway import GatewayProcess, digits_config, infer_payload, static
+from caffe_testing.servers import ServerProcess, http
+
+CFG = digits_config(limits={"maxRequestBytes": 64 * 1024})
+
+
+def infer(url: str, payload=None, headers: dict | None = None):
+    data = json.dumps(infer_payload(0) if payload is None else payload).encode()
+    return http("POST", url + "/v2/models/digits/infer", data, {"Content-Type": "application/json", **(headers or {})})
+
+
+def lines_with(proc, needle: str, timeout: float = 5.0) -> list[str]:
+    """The output lines containing `needle`, waiting for the log thread to write them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [line for line in proc.output().splitlines() if needle in line]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with ServerProcess(CFG, tmp_path_factory.mktemp("access")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def json_server(tmp_path_factory):
+    with ServerProcess(CFG, tmp_path_factory.mktemp("access-json"), args=["--log-format", "json"]) as s:
+        yield s
+
+
+def test_one_line_per_request_with_who_what_and_how_long(server):
+    status, headers, _ = infer(server.url, headers={"X-Request-Id": "req-ok-1"})
+    assert status == 200 and headers["X-Request-Id"] == "req-ok-1"
+    [line] = lines_with(server, "request_id=req-ok-1")
+    m = re.search(r'INFO caffeserve\.access: 127\.0\.0\.1:\d+ "POST /v2/models/digits/infer" 200 (\d+)B '
+                  r'([\d.]+)ms model=digits request_id=req-ok-1$', line)
+    assert m, line
+    assert int(m.group(1)) > 0 and float(m.group(2)) > 0
+
+
+def test_every_error_is_logged_with_its_message(server):
+    bad = {"inputs": [{"name": "data", "shape": [1, 1, 7, 7], "datatype": "FP32", "data": [0.0] * 49}]}
+    status, _, answer = infer(server.url, bad, {"X-Request-Id": "req-bad-shape"})
+    assert status == 400
+    [line] = lines_with(server, "request_id=req-bad-shape")
+    assert "WARNING caffeserve.access" in line and '"POST /v2/models/digits/infer" 400' in line
+    assert json.dumps(json.loads(answer)["error"]) in line  # the client's own message, quoted
+    # an unknown model (404), and a request id the server made up (answered in X-Request-Id)
+    status, headers, _ = http("GET", server.url + "/v2/models/nope")
+    [line] = lines_with(server, f"request_id={headers['X-Request-Id']}")
+    assert status == 404 and '"GET /v2/models/nope" 404' in line and "model=nope" in line and "not served here" in line
+    assert re.fullmatch(r"[0-9a-f]{16}", headers["X-Request-Id"])
+
+
+def test_a_body_the_transport_refuses_is_logged_too(server):
+    """413 by Content-Length is answered before any handler runs; it is still in the log."""
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n")
+        assert b" 413 " in s.recv(4096)
+    [line] = lines_with(server, '"POST /v2/models/digits/infer" 413')
+    assert "exceeds the limit" in line
+
+
+def test_json_log_format(json_server):
+    infer(json_server.url, headers={"X-Request-Id": "req-json-1"})
+    [line] = lines_with(json_server, '"req-json-1"')
+    record = json.loads(line)
+    assert record["logger"] == "caffeserve.access" and record["level"] == "INFO"
+    assert {k: record[k] for k in ("method", "path", "model", "status", "request_id", "server")} == {
+        "method": "POST", "path": "/v2/models/digits/infer", "model": "digits", "status": 200,
+        "request_id": "req-json-1", "server": "server"}
+    assert record["bytes"] > 0 and record["duration_ms"] > 0 and record["client"].startswith("127.0.0.1:")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["time"])
+    # every other line is JSON too (startup, model loading)
+    for other in json_server.output().splitlines():
+        assert json.loads(other)["message"] is not None, other
+
+
+def test_no_access_log_keeps_only_the_errors(tmp_path):
+    with ServerProcess(CFG, tmp_path, args=["--no-access-log"]) as s:
+        infer(s.url, headers={"X-Request-Id": "quiet-ok"})
+        http("GET", s.url + "/v2/models/digits/versions/9", headers={"X-Request-Id": "quiet-404"})
+        assert lines_with(s, "request_id=quiet-404")
+        assert not lines_with(s, "request_id=quiet-ok", timeout=0.5)
+
+
+def test_gateway_and_server_lines_share_the_request_id(server):
+    with GatewayProcess("--static", static("digits", server), "--log-format", "json") as g:
+        status, headers, _ = infer(g.url)
+        assert status == 200
+        rid = headers["X-Request-Id"]  # made by the gateway, forwarded to the server, answered back
+        [gw_line] = lines_with(g, rid)
+        record = json.loads(gw_line)
+        assert (record["server"], record["model"], record["status"]) == ("gateway", "digits", 200)
+        [srv_line] = lines_with(server, f"request_id={rid}")
+        assert '"POST /v2/models/digits/infer" 200' in srv_line
+        # the gateway's own errors carry their message
+        status, _, _ = http("POST", g.url + "/v2/models/unknown/infer", b"{}", {"X-Request-Id": "gw-404"})
+        [line] = lines_with(g, '"gw-404"')
+        record = json.loads(line)
+        assert status == 404 and record["level"] == "WARNING" and "not known to the gateway" in record["error"]
