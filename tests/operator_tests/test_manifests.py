@@ -105,7 +105,11 @@ def test_a_network_policy_only_when_the_operator_is_given_peers():
     assert kids.all()[0] is np_ and np_["metadata"]["name"] == "digits-predictor"
     assert np_["metadata"]["labels"] == CONTRACT_LABELS
     assert np_["spec"] == {"podSelector": {"matchLabels": {"caffeserving.io/model": "digits"}}, "policyTypes": ["Ingress"],
-                           "ingress": [{"from": [GATEWAY_PEER], "ports": [{"port": 8080, "protocol": "TCP"}]}]}
+                           "ingress": [{"from": [GATEWAY_PEER], "ports": [{"port": 8080, "protocol": "TCP"},
+                                                                          {"port": 8081, "protocol": "TCP"}]}]}
+    # with gRPC off, only the http port is let in
+    off = manifests.children("digits", "ml", spec(runtime={"grpc": {"enabled": False}}), "img", [GATEWAY_PEER])
+    assert off.network_policy["spec"]["ingress"][0]["ports"] == [{"port": 8080, "protocol": "TCP"}]
 
 
 def test_names_and_labels_are_the_contract():
