@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .balancer import Balancer
+from .traffic import TrafficState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -62,7 +63,12 @@ class GatewayMetrics:
         self._latency = Histogram("caffeserve_gateway_upstream_latency_seconds",
                                   "Time from forwarding a request to an inference server to its whole answer.",
                                   ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._variant_requests = Counter("caffeserve_gateway_variant_requests",
+                                         "Requests answered, by model, variant (primary, canary) and HTTP code.",
+                                         ["model", "variant", "code"], registry=self.registry)
         self.registry.register(_BalancerState(balancer))
+        self.registry.register(TrafficState(balancer))
+        self._variant_children: dict[tuple[str, str, int], object] = {}
         self._request_children: dict[tuple[str, int], object] = {}
         self._latency_children: dict[str, object] = {}
 
@@ -71,6 +77,13 @@ class GatewayMetrics:
         child = self._request_children.get(key)
         if child is None:
             child = self._request_children[key] = self._requests.labels(model, str(code))
+        child.inc()
+
+    def count_variant(self, model: str, variant: str, code: int) -> None:
+        key = (model, variant, code)
+        child = self._variant_children.get(key)
+        if child is None:
+            child = self._variant_children[key] = self._variant_requests.labels(model, variant, str(code))
         child.inc()
 
     def observe_upstream(self, model: str, seconds: float) -> None:
