@@ -175,7 +175,7 @@ class ModelRoute:
             raise Overloaded(f"model '{self.name}' is overloaded: {self.queued} requests already waiting")
         if holding:
             self.held_total += 1
-        wait_s = max(self.settings.max_wait_s, self.cold_start_s) if holding else self.settings.max_wait_s
+        wait_s = self.cold_start_s if holding else self.settings.max_wait_s
         wait_until = min(now + wait_s, deadline)
         fut = loop.create_future()
         waiters.append(_Waiter(fut, exclude))
