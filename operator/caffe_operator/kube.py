@@ -26,6 +26,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Service": ("v1", "services"),
     "Deployment": ("apps/v1", "deployments"),
     "EndpointSlice": ("discovery.k8s.io/v1", "endpointslices"),
+    "ScaledObject": ("keda.sh/v1alpha1", "scaledobjects"),
     KIND: (API_VERSION, PLURAL),
 }
 
@@ -136,6 +137,17 @@ class KubeClient:
     async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         api_version, plural = RESOURCES[obj["kind"]]
         return await self.request("POST", collection_path(api_version, plural, obj["metadata"]["namespace"]), obj)
+
+    async def delete(self, path: str) -> bool:
+        """Delete the object at `path` (its dependents in the background); False if it was not there."""
+        try:
+            await self.request("DELETE", path, {"kind": "DeleteOptions", "apiVersion": "v1",
+                                                "propagationPolicy": "Background"})
+        except ApiError as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
 
     async def merge_patch(self, path: str, patch: dict[str, Any]) -> dict[str, Any]:
         return await self.request("PATCH", path, patch, content_type="application/merge-patch+json")

@@ -14,6 +14,9 @@ replica is left, and all of them are ready. Otherwise the reason says what is mi
                      the loader's own words, e.g. a missing weights file or a sha256 mismatch);
                      see `with_load_errors` and load_errors.py, which asks the not-ready pods
   ReplicasReady      (True) every desired replica is ready
+  IdleScaledToZero   (True) spec.autoscaling scaled the idle model to zero; the gateway holds a
+                     request while a pod starts
+  AutoscalerMissing  (True) serving, but spec.autoscaling needs KEDA, which the cluster lacks
 """
 
 from __future__ import annotations
@@ -143,6 +146,7 @@ def build_status(
     selector: str | None,
     backend: dict[str, Any] | None = None,
     now: str | None = None,
+    variants: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The whole status object (the operator owns every field of it). `backend` is a fresh answer
     from a pod (backend_report.py); without one the previous answer stays."""
@@ -158,6 +162,7 @@ def build_status(
         "url": url,
         "selector": selector,
         **({"backend": backend} if backend is not None else {}),
+        **({"variants": variants} if variants is not None else {}),
     }
 
 
@@ -174,6 +179,8 @@ def status_patch(previous: dict[str, Any] | None, new: dict[str, Any]) -> dict[s
     """A JSON merge patch from `previous` to `new`: a merge patch keeps keys it does not name, so
     the keys `new.backend` no longer has (maxAbsDiff once pycaffe serves) are nulled."""
     patch = dict(new)
+    if (previous or {}).get("variants") is not None and new.get("variants") is None:
+        patch["variants"] = None  # the canary is gone
     old_backend, new_backend = (previous or {}).get("backend"), new.get("backend")
     if isinstance(old_backend, dict) and isinstance(new_backend, dict):
         patch["backend"] = {**{k: None for k in old_backend if k not in new_backend}, **new_backend}
