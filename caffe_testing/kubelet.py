@@ -7,7 +7,7 @@ the pod template as the API stores it:
 - argv is the container's `command` + `args`; `caffeserve` is the venv's (the images put it on
   PATH from /opt/venv/bin). The environment is the image's (PATH, HOME=/tmp, ...) plus the
   container's `env`, with `fieldRef`s resolved as the downward API does; nothing else of the test's
-  environment leaks in.
+  environment leaks in, except PYTHONPATH when set (the checkout under test plays the image's code).
 - volumeMounts become local folders: an emptyDir is a fresh folder, a ConfigMap's keys are written
   as files (read from the API, as the kubelet does), a PersistentVolumeClaim is a folder the test
   names. Paths under a mount in argv, env and the mounted YAML config files are mapped to those
@@ -23,6 +23,7 @@ What cannot be done without a cluster is marked as such where it happens: creden
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -131,6 +132,8 @@ class ContainerProcess:
 
     def _env(self) -> dict[str, str]:
         env = dict(IMAGE_ENV, HOME=self.map_path("/tmp"))
+        if os.environ.get("PYTHONPATH"):  # the checkout under test is the image's code (else the venv's install)
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         for item in self.container.get("env") or []:
             if "value" in item:
                 env[item["name"]] = self.map_path(str(item["value"]))
