@@ -5,9 +5,9 @@ Variants (canary): a model has its primary route and, while a canary runs, a can
 inference_server/slices.py). The split is a weighted round robin with a running credit, so over
 any N requests the canary gets N × percent / 100 of them, ±1: exact, not a coin toss. A request
 whose URL names a version (`/v2/models/m/versions/v/...`) goes to the variant serving `v` when
-exactly one does. A variant with no ready endpoint takes no share: its requests go to the other
-(so a canary that is still loading, or being removed, fails nothing); only when neither has a
-ready endpoint does the primary hold requests (scale to zero) or answer 503.
+exactly one does. A variant with no ready endpoint and no hold takes no share: its requests go to the other
+(so a canary that is still loading, or being removed, fails nothing). A primary scaled to zero
+keeps its share: its requests are held, and wake it.
 
 The load signal: in-flight + queued requests (held ones included) per model and variant, what
 KEDA's HTTP add-on and Knative's KPA scale on. The gateway serves it
@@ -34,6 +34,11 @@ def pinned_version(rest: str) -> str | None:
     return None
 
 
+def _can_take(route: ModelRoute) -> bool:
+    """A ready endpoint, or a hold (scaled to zero: the request waits and wakes it)."""
+    return bool(route.endpoints) or route.cold_start_s > 0
+
+
 def choose(balancer: Balancer, model: str, version: str | None = None) -> ModelRoute | None:
     """The route of the variant that takes this request; None for an unknown model."""
     primary = balancer.models.get(model)
@@ -42,12 +47,12 @@ def choose(balancer: Balancer, model: str, version: str | None = None) -> ModelR
         return primary
     if version is not None and primary.version != canary.version:
         if version == canary.version:
-            return canary if canary.endpoints or not primary.endpoints else primary
+            return canary if _can_take(canary) or not _can_take(primary) else primary
         if version == primary.version:
             return primary
-    if not canary.endpoints:
+    if not _can_take(canary):
         return primary
-    if not primary.endpoints:
+    if not _can_take(primary):
         return canary
     canary.credit += canary.percent
     if canary.credit >= 100.0:

@@ -146,6 +146,12 @@ def test_the_canary_split_is_exact_and_a_version_pins_a_variant_and_a_variant_wi
         assert traffic.autoscaling_answer(b, "/autoscaling/m/canary/") == (200, {
             "model": "m", "variant": "canary", "concurrency": 0, "inFlight": 0, "queued": 0, "readyEndpoints": 0})
         assert traffic.autoscaling_answer(b, "/autoscaling/nope/")[0] == 404
+        b.set_canary("m", {("10.0.0.2", 1)}, 10, version="2")
+        b.set_model("m", set())  # the primary scaled to zero: with a hold it keeps its share (and wakes)
+        b.configure("m", version="1", cold_start_s=30)
+        assert [traffic.choose(b, "m").variant for _ in range(100)].count("canary") == 10
+        b.configure("m", version="1", cold_start_s=0)  # no hold: the canary takes everything
+        assert {traffic.choose(b, "m").variant for _ in range(50)} == {"canary"}
         b.set_canary("m", None)
         assert traffic.choose(b, "m").variant == "primary" and traffic.choose(b, "x") is None
     asyncio.run(run())
