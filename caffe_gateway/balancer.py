@@ -14,6 +14,11 @@
   attract the requests that least-request would otherwise send to an idle-looking endpoint.
 - Retry budget: concurrent retries per model stay below max(min, percent × active requests),
   active meaning every request of the model the gateway is handling (Envoy's retry budget).
+- Hold (scale to zero): a model with a cold-start time (`cold_start_s`) and no ready endpoint
+  keeps its requests in the wait queue, up to that long, until an endpoint appears; they count as
+  queued (the demand that wakes the model) and the queue limit applies. Past it: 503 + Retry-After.
+- Variants (canary): a model may have a second route, its canary, with a share of the requests;
+  traffic.py chooses between them per request.
 
 An endpoint is one server (one pod): its REST port and, when it serves gRPC, its gRPC port. REST
 and gRPC requests share its slots, failure count and ejection, as they share the server.
@@ -91,6 +96,10 @@ class NoEndpoints(Exception):
     """The model has no ready endpoint at all (503 + Retry-After)."""
 
 
+class ColdStartTimeout(NoEndpoints):
+    """A request held for a model scaled to zero waited its whole cold-start time (503 + Retry-After)."""
+
+
 class DeadlinePassed(Exception):
     """The request's own deadline passed while it waited (504); it was not forwarded."""
 
@@ -106,8 +115,12 @@ class _Waiter:
 class ModelRoute:
     """The endpoints of one model and the requests waiting for them."""
 
-    def __init__(self, name: str, settings: BalancerSettings):
+    def __init__(self, name: str, settings: BalancerSettings, variant: str = "primary"):
         self.name = name
+        self.variant = variant
+        self.version: str | None = None  # the model version its servers serve, when known
+        self.percent: float = 100.0  # its share of the model's requests (a canary's is set)
+        self.credit = 0.0  # the weighted split's running credit (traffic.py)
         self.settings = settings
         self.endpoints: list[Endpoint] = []
         self.waiters: deque[_Waiter] = deque()
@@ -117,6 +130,10 @@ class ModelRoute:
         self.retries_active = 0
         self.ejections_total = 0
         self.retries_total = 0
+        # Scale to zero: while the model has no ready endpoint, a request waits (in the queue, so
+        # queue limits apply and it counts as demand) up to this long for one; 0: answered 503 at once.
+        self.cold_start_s = 0.0
+        self.held_total = 0  # requests that arrived while there was no ready endpoint, and waited
         self._rearm: asyncio.TimerHandle | None = None
         self._rng = random.Random()
 
@@ -146,6 +163,10 @@ class ModelRoute:
     def ready_count(self) -> int:
         return len(self.endpoints)
 
+    def concurrency(self) -> int:
+        """In-flight plus queued (held ones included): the load an autoscaler scales on."""
+        return self.in_flight + self.queued
+
     def ejected_count(self, now: float) -> int:
         return sum(1 for e in self.endpoints if e.ejected_until > now)
 
@@ -169,7 +190,8 @@ class ModelRoute:
         """A slot on an endpoint, now or after waiting; raises NoEndpoints/Overloaded/DeadlinePassed."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        if not self.endpoints:
+        holding = not self.endpoints
+        if holding and self.cold_start_s <= 0:
             raise NoEndpoints(f"model '{self.name}' has no ready endpoint")
         waiters = self.waiters
         while waiters and waiters[0].future.done():
@@ -180,11 +202,14 @@ class ModelRoute:
                 ep.active += 1
                 self.in_flight += 1
                 return ep
-        if exclude and all(e.address in exclude for e in self.endpoints):
+        if exclude and not holding and all(e.address in exclude for e in self.endpoints):
             raise NoEndpoints("no other endpoint to try")
         if self.queued >= self.settings.max_queue:
             raise Overloaded(f"model '{self.name}' is overloaded: {self.queued} requests already waiting")
-        wait_until = min(now + self.settings.max_wait_s, deadline)
+        if holding:
+            self.held_total += 1
+        wait_s = self.cold_start_s if holding else self.settings.max_wait_s
+        wait_until = min(now + wait_s, deadline)
         fut = loop.create_future()
         waiters.append(_Waiter(fut, exclude))
         self.queued += 1
@@ -202,6 +227,9 @@ class ModelRoute:
                 raise
             if loop.time() >= deadline:
                 raise DeadlinePassed(f"request deadline passed while waiting for model '{self.name}'") from None
+            if holding and not self.endpoints:
+                raise ColdStartTimeout(f"model '{self.name}' has no ready endpoint: none became ready within "
+                                       f"{self.cold_start_s:g} s (cold start)") from None
             raise Overloaded(f"model '{self.name}' is overloaded: no endpoint free within "
                              f"{self.settings.max_wait_s:g} s") from None
         finally:
@@ -288,6 +316,13 @@ class ModelRoute:
     def end_retry(self) -> None:
         self.retries_active -= 1
 
+    def close_waiters(self) -> None:
+        """Answer every waiting request now (503): the hold was turned off while none had come."""
+        for w in self.waiters:
+            if not w.future.done():
+                w.future.set_exception(NoEndpoints(f"model '{self.name}' has no ready endpoint"))
+        self.waiters.clear()
+
     def close(self) -> None:
         if self._rearm is not None:
             self._rearm.cancel()
@@ -306,6 +341,7 @@ class Balancer:
     def __init__(self, settings: BalancerSettings | None = None):
         self.settings = settings or BalancerSettings()
         self.models: dict[str, ModelRoute] = {}
+        self.canaries: dict[str, ModelRoute] = {}  # model -> its canary variant, when it has one
 
     def set_model(self, name: str, addresses: set[Address]) -> None:
         route = self.models.get(name)
@@ -317,6 +353,33 @@ class Balancer:
         route = self.models.pop(name, None)
         if route is not None:
             route.close()
+        self.set_canary(name, None)
+
+    def configure(self, name: str, *, version: str | None = None, cold_start_s: float = 0.0) -> None:
+        """A known model's primary variant: its version (for pinning) and cold-start hold."""
+        route = self.models.get(name)
+        if route is not None:
+            route.version = version
+            route.cold_start_s = cold_start_s
+            if not cold_start_s and not route.endpoints:
+                route.close_waiters()
+
+    def set_canary(self, name: str, addresses: set[tuple[str, int]] | None, percent: float = 0.0,
+                   version: str | None = None, cold_start_s: float = 0.0) -> None:
+        """Give model `name` a canary variant with `percent` of its requests, or (None) remove it:
+        requests in flight on it finish there."""
+        route = self.canaries.get(name)
+        if addresses is None:
+            if route is not None:
+                del self.canaries[name]
+                route.close()
+            return
+        if route is None:
+            route = self.canaries[name] = ModelRoute(name, self.settings, variant="canary")
+        route.percent = max(0.0, min(100.0, percent))
+        route.version = version
+        route.cold_start_s = cold_start_s
+        route.set_endpoints(addresses)
 
     def replace_all(self, models: dict[str, set[Address]]) -> None:
         for name in list(self.models):
@@ -328,3 +391,5 @@ class Balancer:
     def close(self) -> None:
         for name in list(self.models):
             self.remove_model(name)
+        for name in list(self.canaries):
+            self.set_canary(name, None)

@@ -6,6 +6,12 @@ pods serve gRPC); Kubernetes copies the Service's labels onto its EndpointSlices
 `discovery.k8s.io/v1` EndpointSlices with the label selector `caffeserving.io/model` and keeps the
 balancer's endpoint sets equal to the ready endpoints, so pods coming and going need no restart.
 
+Traffic labels (slices.py) on the Services, hence on their slices: a slice labelled
+`caffeserving.io/variant: canary` holds the model's canary pods, with its share in
+`caffeserving.io/traffic-percent`; `caffeserving.io/version` names each variant's model version
+(URL pinning) and `caffeserving.io/cold-start-timeout-seconds` turns on holding requests while a
+variant has no ready pod (scale to zero).
+
 API verbs used (for least-privilege RBAC): `list` and `watch` on `endpointslices` in the
 `discovery.k8s.io` group, in the watched namespace (a Role) or cluster-wide with
 `--all-namespaces` (a ClusterRole). Nothing else is read or written.
@@ -29,7 +35,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 import orjson
 import yaml
 
-from inference_server.slices import MODEL_LABEL, slice_labels
+from inference_server.slices import CANARY, MODEL_LABEL, SliceTraffic, slice_labels, slice_traffic
 from inference_server.slices import slice_endpoints as pod_endpoints
 
 from .balancer import Address, Balancer
@@ -232,6 +238,7 @@ class EndpointSliceWatcher:
         self.watch_timeout_s = watch_timeout_s
         self.synced = asyncio.Event()
         self.slices: dict[tuple[str, str], tuple[str, set[Address]]] = {}
+        self.traffic: dict[tuple[str, str], SliceTraffic] = {}  # each slice's traffic labels
         self._balancer: Balancer | None = None
         self._session = None
         self._warned: set[str] = set()
@@ -325,6 +332,7 @@ class EndpointSliceWatcher:
         elif kind == "DELETED":
             meta = obj.get("metadata") or {}
             self.slices.pop((meta.get("namespace", ""), meta.get("name", "")), None)
+            self.traffic.pop((meta.get("namespace", ""), meta.get("name", "")), None)
         self._publish()
         return new_rv
 
@@ -334,8 +342,10 @@ class EndpointSliceWatcher:
         parsed = slice_endpoints(obj)
         if parsed is None:
             self.slices.pop(key, None)
+            self.traffic.pop(key, None)
         else:
             self.slices[key] = parsed
+            self.traffic[key] = slice_traffic(obj)
 
     def models(self) -> dict[str, set[Address]]:
         """Model → ready endpoints, the union over its slices.
@@ -344,19 +354,43 @@ class EndpointSliceWatcher:
         only with --all-namespaces), the first namespace in sort order serves it and a warning
         says so.
         """
+        return self._variant_models(canary=False)
+
+    def _variant_models(self, canary: bool) -> dict[str, set[Address]]:
         by_model: dict[str, dict[str, set[Address]]] = {}
-        for (ns, _), (model, addrs) in self.slices.items():
-            by_model.setdefault(model, {}).setdefault(ns, set()).update(addrs)
+        for key, (model, addrs) in self.slices.items():
+            if (self.traffic.get(key, SliceTraffic()).variant == CANARY) != canary:
+                continue
+            by_model.setdefault(model, {}).setdefault(key[0], set()).update(addrs)
         out: dict[str, set[Address]] = {}
         for model, per_ns in by_model.items():
             chosen = sorted(per_ns)[0]
-            if len(per_ns) > 1 and model not in self._warned:
+            if len(per_ns) > 1 and model not in self._warned and not canary:
                 self._warned.add(model)
                 log.warning("model %r exists in namespaces %s; serving the one in %r",
                             model, sorted(per_ns), chosen)
             out[model] = per_ns[chosen]
         return out
 
+    def traffic_of(self, model: str, canary: bool) -> SliceTraffic | None:
+        """The traffic labels of a model's variant (its first slice in sort order), None if none."""
+        for key in sorted(self.traffic):
+            t = self.traffic[key]
+            if self.slices[key][0] == model and (t.variant == CANARY) == canary:
+                return t
+        return None
+
     def _publish(self) -> None:
-        if self._balancer is not None:
-            self._balancer.replace_all(self.models())
+        if self._balancer is None:
+            return
+        primaries = self.models()
+        self._balancer.replace_all(primaries)
+        canaries = self._variant_models(canary=True)
+        for model in primaries:
+            t = self.traffic_of(model, canary=False) or SliceTraffic()
+            self._balancer.configure(model, version=t.version, cold_start_s=t.cold_start_s)
+            c = self.traffic_of(model, canary=True) if model in canaries else None
+            if c is None:
+                self._balancer.set_canary(model, None)
+            else:
+                self._balancer.set_canary(model, canaries[model], c.percent or 0.0, c.version, c.cold_start_s)

@@ -9,7 +9,9 @@ per-model queue. Overload (queue full, or no free server within --max-wait) and 
 ready server are answered 503 with an integer Retry-After; a request whose deadline
 (--request-timeout) passes in the queue is answered 504 and never forwarded. Connection failures
 are retried on another server (retry budget: 20% of active requests, at least 3); 5 consecutive
-failures eject a server for 30 s. In a cluster the gateway needs `list` and `watch` on
+failures eject a server for 30 s. A model scaled to zero (its Service labelled with a cold-start
+time) holds requests until a server is ready; a canary takes its labelled share of the requests;
+`GET /autoscaling/MODEL` serves the load signal KEDA scales on (docs/traffic.md). In a cluster the gateway needs `list` and `watch` on
 discovery.k8s.io endpointslices, nothing else.
 
 gRPC (`inference.GRPCInferenceService`, port --grpc-port) is forwarded the same way, to the

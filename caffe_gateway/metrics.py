@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .balancer import Balancer
+from .traffic import TrafficState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -66,7 +67,12 @@ class GatewayMetrics:
         self._grpc_requests = Counter("caffeserve_gateway_grpc_requests",
                                       "gRPC calls answered, by model, method and gRPC status code.",
                                       ["model", "method", "grpc_code"], registry=self.registry)
+        self._variant_requests = Counter("caffeserve_gateway_variant_requests",
+                                         "Requests answered, by model, variant (primary, canary) and HTTP code.",
+                                         ["model", "variant", "code"], registry=self.registry)
         self.registry.register(_BalancerState(balancer))
+        self.registry.register(TrafficState(balancer))
+        self._variant_children: dict[tuple[str, str, int], object] = {}
         self._request_children: dict[tuple[str, int], object] = {}
         self._grpc_children: dict[tuple[str, str, str], object] = {}
         self._latency_children: dict[str, object] = {}
@@ -83,6 +89,13 @@ class GatewayMetrics:
         child = self._grpc_children.get(key)
         if child is None:
             child = self._grpc_children[key] = self._grpc_requests.labels(model, method, code)
+        child.inc()
+
+    def count_variant(self, model: str, variant: str, code: int) -> None:
+        key = (model, variant, code)
+        child = self._variant_children.get(key)
+        if child is None:
+            child = self._variant_children[key] = self._variant_requests.labels(model, variant, str(code))
         child.inc()
 
     def observe_upstream(self, model: str, seconds: float) -> None:

@@ -9,6 +9,11 @@ What a client sees:
 - Overload (queue full, or no free endpoint within the maximum wait) and a model with no ready
   endpoint are answered **503** with an integer `Retry-After`, as Triton, Envoy and Knative do.
   A request whose deadline passed before it could be forwarded is answered 504 and never sent.
+- A model scaled to zero (no ready endpoint, a cold-start time set) holds its requests until an
+  endpoint is ready, up to that time, which is added to the request's own deadline; past it, 503
+  with `Retry-After`. Never a 4xx for "not ready".
+- A model with a canary: each request goes to one variant by weight, or by the version its URL
+  names (traffic.py); `GET /autoscaling/{model}[/{variant}]` serves the load signal for KEDA.
 - A connection failure (nothing of the answer received) is retried on another endpoint, within
   the retry budget and the request's deadline; a connection that breaks mid-answer is a 502.
 """
@@ -26,6 +31,7 @@ from caffe_http.server import Request, Response
 from caffe_http.tryit import is_page, page_response
 from caffe_http.upstream import ConnectFailed, ResponseBroken, UpstreamTimeout
 
+from . import traffic
 from .balancer import Balancer, DeadlinePassed, NoEndpoints, Overloaded
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import GatewayMetrics
@@ -85,7 +91,8 @@ class Gateway:
         if path.endswith("stats") and (stats := await stats_answer(self.balancer, req, self._retry_after)):
             return stats
         if path.startswith(MODELS_PREFIX) and len(path) > len(MODELS_PREFIX):
-            return await self._forward(req, path[len(MODELS_PREFIX):].split("/", 1)[0])
+            rest = path[len(MODELS_PREFIX):]
+            return await self._forward(req, rest.split("/", 1)[0], traffic.pinned_version(rest))
         if req.method not in ("GET", "HEAD", "POST"):
             return _error(405, f"method {req.method} is not allowed on {path}")
         if path == "/v2/health/live":
@@ -103,6 +110,9 @@ class Gateway:
             return Response(200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
         if is_page(path) and req.method in ("GET", "HEAD"):  # the try-it page
             return page_response()
+        if path.startswith(traffic.AUTOSCALING_PREFIX) or path == traffic.AUTOSCALING_PREFIX.rstrip("/"):
+            status, answer = traffic.autoscaling_answer(self.balancer, path + "/")
+            return _json(answer, status)
         return _error(404, f"no route for {req.method} {path}")
 
     async def _index(self, req: Request) -> Response:
@@ -136,8 +146,8 @@ class Gateway:
             out.append({k: entry.get(k, "") for k in ("name", "version", "state", "reason")})
         return _json(out)
 
-    async def _forward(self, req: Request, model: str) -> Response:
-        route = self.balancer.models.get(model)
+    async def _forward(self, req: Request, model: str, version: str | None = None) -> Response:
+        route = traffic.choose(self.balancer, model, version)
         if route is None:
             self.metrics.count("", 404)
             return _error(404, f"model '{model}' is not known to the gateway")
@@ -151,11 +161,14 @@ class Gateway:
             self.metrics.count(model, 499)  # the client went away (nginx's code); nothing was answered
             raise
         self.metrics.count(model, resp.status)
+        self.metrics.count_variant(model, route.variant, resp.status)
         return resp
 
     async def _forward_to(self, req: Request, route) -> Response:
         loop = asyncio.get_running_loop()
         deadline = (req.arrived or loop.time()) + self.settings.request_timeout_s
+        if not route.endpoints and route.cold_start_s > 0:
+            deadline += route.cold_start_s  # a cold start is not charged to the request's own time
         target = f"{req.path}?{req.query}" if req.query else req.path
         rh = req.headers
         headers = [(k, rh[k]) for k in REQUEST_HEADERS if k in rh]
@@ -167,12 +180,23 @@ class Gateway:
         retries = 0
         holds_retry = False  # this attempt counts against the model's retry budget
         last_failure = ""
+        fell_back = False
         route.active += 1
         try:
             while True:
                 try:
                     ep = await route.acquire(deadline, exclude)
-                except (NoEndpoints, Overloaded) as e:
+                except NoEndpoints as e:
+                    other = traffic.fallback(self.balancer, route) if not (exclude or fell_back) else None
+                    if other is not None:  # its variant went away while it waited: the other takes it
+                        fell_back = True
+                        route.active -= 1
+                        route = other
+                        route.active += 1
+                        continue
+                    msg = f"cannot reach model '{route.name}': {last_failure}; {e}" if last_failure else str(e)
+                    return _error(503, msg, dict(self._retry_after))
+                except Overloaded as e:
                     msg = f"cannot reach model '{route.name}': {last_failure}; {e}" if last_failure else str(e)
                     return _error(503, msg, dict(self._retry_after))
                 except DeadlinePassed as e:

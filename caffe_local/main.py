@@ -24,6 +24,13 @@ Where the model files come from, per `spec.source`:
 - `configMap: {name: N}`: the ConfigMap `N` must be in the same file (`---`-separated); its
   `data` and `binaryData` keys are written to a temporary folder.
 
+`spec.autoscaling` is honoured: each model's replica processes follow the gateway's load signal
+(in-flight + queued requests per replica) between minReplicas and maxReplicas, down to zero, and
+a request to a model at zero waits for a replica (up to coldStartTimeoutSeconds), then succeeds.
+`spec.canary` runs a second set of replicas with its share of the requests. The manifest file is
+watched: saving a change (promote or roll back a canary, change a weight or the bounds) is applied
+without losing a request (replicas.py says how).
+
 Runtime fields that only make sense in a cluster (image, GPU resource names, node selection) are
 ignored. `--device cpu` runs a `device: gpu` manifest on this machine's CPU.
 """
@@ -82,11 +89,15 @@ async def run(args, on_ready=None) -> int:
             return 0
         port = starting.result()
         print(service.banner(port), flush=True)
-        if on_ready is not None:
-            result = await on_ready(port)
-            stopped.cancel()
-            return result
-        await stopped
+        watcher = asyncio.create_task(watch_manifest(args, tmp, service))
+        try:
+            if on_ready is not None:
+                result = await on_ready(port)
+                stopped.cancel()
+                return result
+            await stopped
+        finally:
+            watcher.cancel()
         print("stopping: finishing requests in flight, then the servers", flush=True)
         return 0
     except LocalError as e:
@@ -96,6 +107,37 @@ async def run(args, on_ready=None) -> int:
         if service is not None:
             await service.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def watch_manifest(args, tmp: Path, service: LocalService, interval_s: float = 0.5) -> None:
+    """Apply the manifest again whenever its file changes (a bad edit is reported and ignored)."""
+    path = args.manifest
+    if not path.is_file():
+        return  # /dev/stdin, a pipe: nothing to watch
+
+    def stamp():
+        try:
+            st = path.stat()
+            return (st.st_mtime_ns, st.st_size)
+        except OSError:
+            return None
+
+    seen = stamp()
+    while True:
+        await asyncio.sleep(interval_s)
+        now = stamp()
+        if now is None or now == seen:
+            continue
+        seen = now
+        try:
+            models = await asyncio.to_thread(local_models, path, args.pvc_root, args.cache_dir or default_cache_dir(),
+                                             tmp, args.device, args.replicas)
+        except LocalError as e:
+            print(f"caffeserve up: {path} changed but cannot be applied: {e}; keeping what runs", flush=True)
+            continue
+        print(f"{path} changed: applying", flush=True)
+        await service.apply(models)
+        print("manifest applied", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

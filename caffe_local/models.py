@@ -24,6 +24,17 @@ class LocalError(Exception):
     """Something local mode cannot run; the message says what and how to fix it."""
 
 
+@dataclass(frozen=True)
+class LocalAutoscaling:
+    """spec.autoscaling, as local mode uses it (see autoscale.py)."""
+
+    min_replicas: int
+    max_replicas: int
+    target: int
+    cold_start_s: float
+    scale_down_delay_s: float
+
+
 @dataclass
 class LocalModel:
     name: str
@@ -31,6 +42,18 @@ class LocalModel:
     config_yaml: str  # the `caffeserve serve` config, with this machine's file paths
     startup_timeout_s: float
     grpc: bool = True  # spec.runtime.grpc.enabled: each replica serves gRPC on a port of its own
+    variant: str = "primary"  # or "canary" (spec.canary)
+    traffic_percent: int = 100
+    version: str | None = None
+    autoscaling: LocalAutoscaling | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.name, self.variant)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.variant == "primary" else f"{self.name}-{self.variant}"
 
 
 def load_manifest(path: Path) -> list[dict]:
@@ -112,19 +135,31 @@ def local_models(manifest: Path, pvc_root: Path | None, cache_dir: Path, tmp: Pa
             spec = parse_spec(name, doc.get("spec"))
         except InvalidSpec as e:
             raise LocalError(f"{manifest}: {KIND} {name!r}: {e}") from None
-        files = _files_dir(name, spec, manifest, docs, pvc_root, cache_dir, tmp)
-        for f in spec.model_files():
-            if not (files / f.local_name).is_file():
-                hint = " (the pvc rule: see `caffeserve up --help`)" if spec.source.pvc is not None else ""
-                raise LocalError(f"{name}: model.{f.role} {f.local_name!r} not found in {files}{hint}")
-        cfg = server_config(name, spec, model_dir=str(files))
-        if device is not None:
-            cfg = cfg.model_copy(update={"device": cfg.device.model_copy(update={"kind": device})})
-        data = cfg.model_dump(by_alias=True, exclude_none=True, mode="json")
-        out.append(LocalModel(name, spec.replicas if replicas is None else replicas,
-                              yaml.safe_dump(data, sort_keys=False), float(spec.runtime.startup_timeout_seconds),
-                              spec.runtime.grpc.enabled))
-    names = [m.name for m in out]
+        variants = [("primary", spec)] + ([("canary", spec.canary_spec())] if spec.canary is not None else [])
+        canary_percent = spec.canary.traffic_percent if spec.canary is not None else 0
+        for variant, vspec in variants:
+            files = _files_dir(name if variant == "primary" else f"{name}-{variant}", vspec, manifest, docs,
+                               pvc_root, cache_dir, tmp)
+            for f in vspec.model_files():
+                if not (files / f.local_name).is_file():
+                    hint = " (the pvc rule: see `caffeserve up --help`)" if vspec.source.pvc is not None else ""
+                    where = "model" if variant == "primary" else f"{variant}.model"
+                    raise LocalError(f"{name}: {where}.{f.role} {f.local_name!r} not found in {files}{hint}")
+            cfg = server_config(name, vspec, model_dir=str(files))
+            if device is not None:
+                cfg = cfg.model_copy(update={"device": cfg.device.model_copy(update={"kind": device})})
+            data = cfg.model_dump(by_alias=True, exclude_none=True, mode="json")
+            auto = vspec.autoscaling
+            count = vspec.replicas if replicas is None or variant != "primary" else replicas
+            out.append(LocalModel(
+                name, count, yaml.safe_dump(data, sort_keys=False), float(vspec.runtime.startup_timeout_seconds),
+                vspec.runtime.grpc.enabled, variant=variant, version=vspec.model.version,
+                traffic_percent=canary_percent if variant == "canary" else 100 - canary_percent,
+                autoscaling=None if auto is None else LocalAutoscaling(
+                    auto.min_replicas, auto.max_replicas, auto.target, float(auto.cold_start_timeout_seconds),
+                    float(auto.scale_down_delay_seconds)),
+            ))
+    names = [m.name for m in out if m.variant == "primary"]
     if len(set(names)) != len(names):
         raise LocalError(f"{manifest}: two {KIND}s share a name")
     return out

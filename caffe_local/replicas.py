@@ -1,9 +1,20 @@
 """Local mode's processes: a `caffeserve serve` per replica, supervised, behind a gateway.
 
-`LocalService` starts every replica of every model, waits until each is ready, starts the
-gateway (caffe_gateway) with a static endpoint list it keeps equal to the ready replicas (what
-EndpointSlices do in a cluster), restarts a replica that dies (with backoff, as the kubelet does),
-and stops the gateway first, then the servers.
+`LocalService` starts every replica of every model variant (the primary, and a canary when the
+manifest has one), waits until each is ready, starts the gateway (caffe_gateway) with a static
+endpoint list it keeps equal to the ready replicas (what EndpointSlices do in a cluster),
+restarts a replica that dies (with backoff, as the kubelet does), and stops the gateway first,
+then the servers.
+
+With `spec.autoscaling` a variant's replica count follows the gateway's load signal
+(autoscale.py) between minReplicas and maxReplicas, down to zero: the gateway holds requests
+while no replica is ready (up to coldStartTimeoutSeconds) and a held request starts one. A
+replica leaves the gateway's list first, finishes its requests, then gets SIGTERM: none is lost.
+
+`apply` takes a new manifest (main.py watches the file): a variant whose server config changed is
+rolled (new replicas ready first, then the old ones retired as above), a new variant (a canary)
+is started, a removed one retired after the others settled; weights and autoscaling bounds
+change in place. So promoting or rolling back a canary loses no request.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from caffe_gateway.discovery import StaticDiscovery
 from caffe_gateway.settings import GatewaySettings
 from caffe_http.upstream import EndpointPool, UpstreamError
 
+from .autoscale import Autoscaler
 from .models import LocalError, LocalModel
 
 log = logging.getLogger("caffeserve.up")
@@ -53,6 +65,7 @@ class Replica:
     proc: asyncio.subprocess.Process | None = None
     ready: bool = False
     restarts: int = 0
+    starting: bool = False  # being brought up by a scaling step (the supervisor leaves it alone)
     output: list[str] = field(default_factory=list)  # the last lines, for error messages
 
     @property
@@ -116,46 +129,101 @@ class Replica:
             await self.proc.wait()
 
 
+class Group:
+    """The replicas of one model variant."""
+
+    def __init__(self, model: LocalModel, cfg_path: Path):
+        self.model = model
+        self.cfg_path = cfg_path
+        self.replicas: list[Replica] = []
+        self.next_index = 0
+        self.lock = asyncio.Lock()  # one scaling step or rollout at a time
+        self.scaler = Autoscaler(model.autoscaling) if model.autoscaling else None
+        self.scale_ups = 0
+        self.scale_downs = 0
+
+    def initial_count(self) -> int:
+        return self.model.autoscaling.min_replicas if self.model.autoscaling else self.model.replicas
+
+
 class LocalService:
     """The replicas of every model plus the gateway, started and stopped together."""
 
     def __init__(self, models: list[LocalModel], workdir: Path, gateway_settings: GatewaySettings, host: str = "127.0.0.1",
-                 port: int = 8080, grace_s: float = 30.0, grpc_port: int | None = None):
+                 port: int = 8080, grace_s: float = 30.0, grpc_port: int | None = None,
+                 scale_interval_s: float = 0.25):
         self.models = models
+        self.workdir = workdir
         self.host = host
         self.port = port
         self.grpc_port = grpc_port  # the gateway's; None: REST only
         self.grace_s = grace_s
-        self.replicas: list[Replica] = []
+        self.scale_interval_s = scale_interval_s
+        self.groups: dict[tuple[str, str], Group] = {}
+        self._configs = 0
         for m in models:
-            cfg_path = workdir / f"{m.name}.yaml"
-            cfg_path.write_text(m.config_yaml)
-            for i in range(m.replicas):
-                self.replicas.append(Replica(m.name, i, cfg_path, "127.0.0.1", _free_port("127.0.0.1"),
-                                             _free_port("127.0.0.1") if m.grpc else None))
+            g = self.groups[m.key] = Group(m, self._write_config(m))
+            for _ in range(g.initial_count()):
+                self._new_replica(g)
         balancer, proxy, limits = gateway_settings
-        self.app = GatewayApp(StaticDiscovery({m.name: set() for m in models}), balancer, proxy, limits)
+        primaries = {m.name: set() for m in models if m.variant == "primary"}
+        self.app = GatewayApp(StaticDiscovery(primaries), balancer, proxy, limits)
         self._supervisor: asyncio.Task | None = None
+        self._scaler: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
         self.stopping = False
+        self.events: list[tuple[float, str, str, int]] = []  # (time, variant label, "up"/"down"/"ready", replicas)
 
-    def _publish(self, model: str) -> None:
+    @property
+    def replicas(self) -> list[Replica]:
+        return [r for g in self.groups.values() for r in g.replicas]
+
+    def _write_config(self, m: LocalModel) -> Path:
+        self._configs += 1
+        path = self.workdir / f"{m.label}-{self._configs}.yaml"
+        path.write_text(m.config_yaml)
+        return path
+
+    def _new_replica(self, g: Group) -> Replica:
+        r = Replica(g.model.label, g.next_index, g.cfg_path, "127.0.0.1", _free_port("127.0.0.1"),
+                    _free_port("127.0.0.1") if g.model.grpc else None)
+        g.next_index += 1
+        g.replicas.append(r)
+        return r
+
+    def _route(self, g: Group):
+        b = self.app.balancer
+        return b.models.get(g.model.name) if g.model.variant == "primary" else b.canaries.get(g.model.name)
+
+    def _publish(self, g: Group) -> None:
         """The gateway sends only to ready replicas (what EndpointSlices do in a cluster)."""
-        ready = {(r.host, r.port, r.grpc_port) for r in self.replicas if r.model == model and r.ready}
-        self.app.balancer.set_model(model, ready)
+        m = g.model
+        ready = {(r.host, r.port, r.grpc_port) for r in g.replicas if r.ready}
+        auto = m.autoscaling
+        hold = auto.cold_start_s if auto is not None and auto.min_replicas == 0 else 0.0
+        if m.variant == "primary":
+            self.app.balancer.set_model(m.name, ready)
+            self.app.balancer.configure(m.name, version=m.version, cold_start_s=hold)
+        else:
+            self.app.balancer.set_canary(m.name, ready, m.traffic_percent, m.version, hold)
+
+    def _group_of(self, r: Replica) -> Group | None:
+        return next((g for g in self.groups.values() if r in g.replicas), None)
 
     async def start(self) -> int:
         """Start every replica, wait until all are ready, start the gateway; returns its port."""
         await asyncio.gather(*(r.start() for r in self.replicas))
-        timeout = {m.name: m.startup_timeout_s for m in self.models}
-        await asyncio.gather(*(self._wait_ready(r, timeout[r.model]) for r in self.replicas))
+        await asyncio.gather(*(self._wait_ready(r, g.model.startup_timeout_s)
+                               for g in self.groups.values() for r in g.replicas))
         try:
             port = await self.app.start(self.host, self.port, grpc_port=self.grpc_port)
         except OSError as e:
             raise LocalError(f"the gateway cannot listen on {self.host} (port {self.port}, gRPC {self.grpc_port}): "
                              f"{e.strerror or e}; choose another --port / --grpc-port") from None
-        for m in self.models:
-            self._publish(m.name)
+        for g in self.groups.values():
+            self._publish(g)
         self._supervisor = asyncio.create_task(self._supervise())
+        self._scaler = asyncio.create_task(self._autoscale())
         return port
 
     async def _wait_ready(self, r: Replica, timeout_s: float) -> None:
@@ -174,8 +242,13 @@ class LocalService:
                 hint = ("; to run this manifest on this machine's CPU: caffeserve up --device cpu ..."
                         if "device kind 'gpu'" in why else "")
                 raise LocalError(f"{r.label}: {why}{hint}")
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05)
         raise LocalError(f"{r.label} not ready within {timeout_s:g} s (runtime.startupTimeoutSeconds): {why}")
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _supervise(self) -> None:
         """Restart replicas that die (with backoff, as the kubelet does); track readiness."""
@@ -185,35 +258,170 @@ class LocalService:
             for r in self.replicas:
                 if self.stopping:
                     return
+                g = self._group_of(r)
+                if g is None or r.starting or r.proc is None:
+                    continue  # retired meanwhile, or still being brought up by its scaler
                 if not r.alive():
                     if r.ready:
                         r.ready = False
-                        self._publish(r.model)
+                        self._publish(g)
                         log.warning("%s exited with code %s; restarting", r.label, r.proc.returncode)
                     delay = backoff.get(r.label, 1.0)
                     backoff[r.label] = min(delay * 2, 30.0)
                     await asyncio.sleep(delay)
-                    if self.stopping:
-                        return
+                    if self.stopping or self._group_of(r) is None:
+                        continue
                     r.restarts += 1
                     await r.start()
                     continue
                 ok, _ = await r.readiness()
-                if ok != r.ready:
+                if ok != r.ready and self._group_of(r) is g:
                     r.ready = ok
-                    self._publish(r.model)
+                    self._publish(g)
                     if ok:
                         backoff.pop(r.label, None)
+
+    # --- autoscaling
+    async def _autoscale(self) -> None:
+        """Every tick, each autoscaled variant's replicas follow the gateway's load signal."""
+        loop = asyncio.get_running_loop()
+        while not self.stopping:
+            await asyncio.sleep(self.scale_interval_s)
+            for g in list(self.groups.values()):
+                if g.scaler is None or g.lock.locked() or self.stopping:
+                    continue
+                route = self._route(g)
+                load = route.concurrency() if route is not None else 0
+                current = len(g.replicas)
+                want = g.scaler.desired(load, current, loop.time())
+                if want != current:
+                    self._spawn(self._scale(g, want))
+
+    async def _scale(self, g: Group, want: int) -> None:
+        async with g.lock:
+            current = len(g.replicas)
+            if want > current:
+                g.scale_ups += 1
+                self._note(g, "up", want)
+                print(f"{g.model.label}: scaling up {current} -> {want} replica(s) "
+                      f"(load {self._load(g)}, target {g.model.autoscaling.target})", flush=True)
+                await asyncio.gather(*(self._bring_up(g, self._new_replica(g)) for _ in range(want - current)))
+            elif want < current:
+                g.scale_downs += 1
+                self._note(g, "down", want)
+                print(f"{g.model.label}: scaling down {current} -> {want} replica(s)", flush=True)
+                # not-ready ones first, then the newest
+                victims = sorted(g.replicas, key=lambda r: (r.ready, r.index))[:current - want]
+                await self._retire(g, victims)
+
+    def _load(self, g: Group) -> int:
+        route = self._route(g)
+        return route.concurrency() if route is not None else 0
+
+    def _note(self, g: Group, what: str, replicas: int) -> None:
+        self.events.append((time.monotonic(), g.model.label, what, replicas))
+
+    async def _bring_up(self, g: Group, r: Replica) -> None:
+        """Start a replica and publish it as soon as it is ready (the supervisor takes over then)."""
+        r.starting = True
+        try:
+            await r.start()
+            await self._wait_ready(r, g.model.startup_timeout_s)
+        except LocalError as e:
+            log.warning("%s", e)
+            r.starting = False
+            return
+        r.starting = False
+        if self._group_of(r) is g:
+            self._publish(g)
+            self._note(g, "ready", sum(1 for x in g.replicas if x.ready))
+            print(f"{r.label} ready ({sum(1 for x in g.replicas if x.ready)} of {len(g.replicas)})", flush=True)
+
+    async def _retire(self, g: Group | None, victims: list[Replica], route=None) -> None:
+        """Out of the gateway's list first; once their requests there are answered, SIGTERM."""
+        route = route if route is not None else (self._route(g) if g is not None else None)
+        addresses = {(r.host, r.port) for r in victims}
+        endpoints = [e for e in (route.endpoints if route is not None else [])
+                     if (e.pool.host, e.pool.port) in addresses]
+        if g is not None:
+            g.replicas = [r for r in g.replicas if r not in victims]
+            self._publish(g)
+        deadline = time.monotonic() + self.grace_s
+        while any(e.active for e in endpoints) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*(r.stop(self.grace_s) for r in victims))
+
+    # --- a changed manifest
+    async def apply(self, models: list[LocalModel]) -> None:
+        """Bring the running variants to `models` (see the module docstring), losing no request."""
+        new = {m.key: m for m in models}
+        for key, m in new.items():
+            g = self.groups.get(key)
+            if g is None:
+                g = self.groups[key] = Group(m, self._write_config(m))
+                if m.variant == "primary":
+                    self.app.balancer.set_model(m.name, set())
+                self._publish(g)
+                print(f"{m.label}: starting {g.initial_count()} replica(s)", flush=True)
+                await asyncio.gather(*(self._bring_up(g, self._new_replica(g)) for _ in range(g.initial_count())))
+                continue
+            async with g.lock:
+                old = g.model
+                g.model = m
+                if m.autoscaling != old.autoscaling:
+                    g.scaler = Autoscaler(m.autoscaling) if m.autoscaling else None
+                if m.config_yaml != old.config_yaml:
+                    await self._roll(g, m)
+                self._publish(g)
+            if g.scaler is None and len(g.replicas) != m.replicas:
+                async with g.lock:
+                    if m.replicas > len(g.replicas):
+                        await asyncio.gather(*(self._bring_up(g, self._new_replica(g))
+                                               for _ in range(m.replicas - len(g.replicas))))
+                    else:
+                        await self._retire(g, sorted(g.replicas, key=lambda r: (r.ready, r.index))[:len(g.replicas) - m.replicas])
+        for key in [k for k in self.groups if k not in new]:
+            g = self.groups.pop(key)
+            print(f"{g.model.label}: removed from the manifest; retiring {len(g.replicas)} replica(s)", flush=True)
+            route = self._route(g)
+            if g.model.variant == "canary":
+                self.app.balancer.set_canary(g.model.name, None)
+            else:
+                self.app.balancer.remove_model(g.model.name)
+            await self._retire(None, g.replicas, route)
+        self.models = models
+
+    async def _roll(self, g: Group, m: LocalModel) -> None:
+        """New replicas with the new config, ready first; then the old ones retire."""
+        count = len(g.replicas) if g.scaler is None or g.replicas else 0
+        g.cfg_path = self._write_config(m)
+        old = list(g.replicas)
+        fresh = [Replica(m.label, g.next_index + i, g.cfg_path, "127.0.0.1", _free_port("127.0.0.1"),
+                         _free_port("127.0.0.1") if m.grpc else None) for i in range(count)]
+        g.next_index += count
+        print(f"{m.label}: config changed; rolling {count} replica(s)", flush=True)
+        await asyncio.gather(*(r.start() for r in fresh))
+        try:
+            await asyncio.gather(*(self._wait_ready(r, m.startup_timeout_s) for r in fresh))
+        except LocalError as e:
+            print(f"{m.label}: the new config does not serve ({e}); keeping the old replicas", flush=True)
+            await asyncio.gather(*(r.stop(self.grace_s) for r in fresh))
+            return
+        route = self._route(g)
+        g.replicas = fresh
+        self._publish(g)
+        await self._retire(None, old, route)
 
     async def stop(self) -> None:
         """Gateway first (refuse new requests, finish those in flight), then every server."""
         self.stopping = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            try:
-                await self._supervisor
-            except asyncio.CancelledError:
-                pass
+        for task in (self._supervisor, self._scaler, *self._tasks):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
         if self.app.port is not None:
             await self.app.stop(self.grace_s)
         await asyncio.gather(*(r.stop(self.grace_s) for r in self.replicas))
@@ -221,16 +429,22 @@ class LocalService:
     def banner(self, port: int) -> str:
         url = f"http://{self.host if self.host not in ('0.0.0.0', '') else '127.0.0.1'}:{port}"
         lines = []
-        for m in self.models:
-            servers = ", ".join(r.url + (f" (gRPC :{r.grpc_port})" if r.grpc_port else "")
-                                for r in self.replicas if r.model == m.name)
-            lines.append(f"{m.name}: {m.replicas} replica(s) ready ({servers})")
+        for g in self.groups.values():
+            m = g.model
+            servers = ", ".join(r.url + (f" (gRPC :{r.grpc_port})" if r.grpc_port else "") for r in g.replicas)
+            extra = ""
+            if m.autoscaling:
+                a = m.autoscaling
+                extra = f"; autoscaling {a.min_replicas}-{a.max_replicas}, target {a.target} requests per replica"
+            if m.variant != "primary" or any(x.variant != "primary" for x in self.models if x.name == m.name):
+                extra += f"; {m.variant} version {m.version}, {m.traffic_percent}% of requests"
+            lines.append(f"{m.label}: {len(g.replicas)} replica(s) ready ({servers}){extra}")
         host = self.host if self.host not in ("0.0.0.0", "") else "127.0.0.1"
         if self.app.grpc_port is not None:
             lines.append(f"gateway gRPC: {host}:{self.app.grpc_port}   (tritonclient.grpc.InferenceServerClient"
                          f"(\"{host}:{self.app.grpc_port}\"))")
         lines.append(f"gateway: {url}   (Ctrl-C or SIGTERM stops everything)")
-        for m in self.models:
-            lines.append(f"  curl {url}/v2/models/{m.name}")
-            lines.append(f"  POST {url}/v2/models/{m.name}/infer")
+        for name in dict.fromkeys(m.name for m in self.models):
+            lines.append(f"  curl {url}/v2/models/{name}")
+            lines.append(f"  POST {url}/v2/models/{name}/infer")
         return "\n".join(lines)

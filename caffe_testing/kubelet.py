@@ -144,6 +144,8 @@ class ContainerProcess:
 
     def _env(self) -> dict[str, str]:
         env = dict(IMAGE_ENV, HOME=self.map_path("/tmp"))
+        if os.environ.get("PYTHONPATH"):  # the checkout under test is the image's code (else the venv's install)
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         for item in self.container.get("env") or []:
             if "value" in item:
                 env[item["name"]] = self.map_path(str(item["value"]))

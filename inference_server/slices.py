@@ -10,6 +10,7 @@ Pure functions of the API's objects, no client: this package stays free of Kuber
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -74,3 +75,58 @@ def slice_endpoints(slice_: Mapping[str, Any], default_port: int | None = None) 
 
 def slice_labels(slice_: Mapping[str, Any]) -> Mapping[str, str]:
     return (slice_.get("metadata") or {}).get("labels") or {}
+
+
+# --------------------------------------------------------------------------------------------
+# traffic: canary variants and scale to zero (read by the gateway, written by the operator)
+# --------------------------------------------------------------------------------------------
+# Labels on a predictor Service, which Kubernetes copies onto its EndpointSlices (labels are
+# copied, annotations are not): which variant of the model the Service's pods serve, its share
+# of the model's requests, its model version, and how long the gateway holds a request while the
+# variant has no ready pod (scale to zero). A Service without them is the model's only variant:
+# primary, 100 %, no hold.
+VARIANT_LABEL = "caffeserving.io/variant"  # primary | canary
+TRAFFIC_LABEL = "caffeserving.io/traffic-percent"  # "0".."100"
+VERSION_LABEL = "caffeserving.io/version"  # the model version (when it is a valid label value)
+COLD_START_LABEL = "caffeserving.io/cold-start-timeout-seconds"  # hold up to this long; absent: 0
+# A canary's pods carry this label (value: the model) instead of MODEL_LABEL, so that the primary
+# Deployment's and Service's selector (MODEL_LABEL) never matches them.
+CANARY_OF_LABEL = "caffeserving.io/canary-of"
+PRIMARY, CANARY = "primary", "canary"
+
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def label_value_ok(value: str) -> bool:
+    """Whether `value` can be a Kubernetes label value (63 characters, alphanumeric at both ends)."""
+    return len(value) <= 63 and bool(_LABEL_VALUE.match(value))
+
+
+@dataclass(frozen=True)
+class SliceTraffic:
+    """What a slice's labels say about its variant (defaults: the model's only variant)."""
+
+    variant: str = PRIMARY
+    percent: float | None = None  # None: not said (a primary takes what the canary leaves)
+    version: str | None = None
+    cold_start_s: float = 0.0
+
+
+def slice_traffic(slice_: Mapping[str, Any]) -> SliceTraffic:
+    """The traffic labels of a slice; malformed numbers read as absent."""
+    labels = slice_labels(slice_)
+
+    def number(key: str) -> float | None:
+        try:
+            value = float(labels[key])
+        except (KeyError, TypeError, ValueError):
+            return None
+        return value if value >= 0 else None
+
+    percent = number(TRAFFIC_LABEL)
+    return SliceTraffic(
+        variant=CANARY if labels.get(VARIANT_LABEL) == CANARY else PRIMARY,
+        percent=None if percent is None else min(percent, 100.0),
+        version=labels.get(VERSION_LABEL) or None,
+        cold_start_s=number(COLD_START_LABEL) or 0.0,
+    )

@@ -320,6 +320,51 @@ class RuntimeSpec(CamelModel):
 _ANY_OBJECT = {"x-kubernetes-preserve-unknown-fields": True}
 
 
+class AutoscalingSpec(CamelModel):
+    """Scale the predictor on load: in-flight + queued requests per replica, as the gateway counts them
+    (the signal KEDA's HTTP add-on and Knative's KPA use). In a cluster a KEDA ScaledObject scales the
+    predictor Deployment on the gateway's signal; `caffeserve up` scales its server processes itself."""
+
+    min_replicas: int = Field(
+        default=1, ge=0, le=1000,
+        description="Fewest server pods. 0: scale to zero when idle; the gateway holds a request while no pod is "
+        "ready (up to coldStartTimeoutSeconds), and held requests wake the model.",
+    )
+    max_replicas: int = Field(ge=1, le=1000, description="Most server pods.")
+    target: int = Field(
+        default=4, ge=1, le=100000,
+        description="In-flight + queued requests per replica the autoscaler aims at (replicas = ceil(load / target)).",
+    )
+    cold_start_timeout_seconds: int = Field(
+        default=300, ge=1, le=3600,
+        description="With minReplicas 0: how long the gateway holds a request while no pod is ready; past it, 503 "
+        "with Retry-After.",
+    )
+    scale_down_delay_seconds: int = Field(
+        default=60, ge=0, le=3600,
+        description="How long the load must stay lower before replicas are removed (and before the last goes, with "
+        "minReplicas 0): KEDA's cooldownPeriod and the HPA's scale-down stabilization window.",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingSpec":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"autoscaling.minReplicas ({self.min_replicas}) is above maxReplicas ({self.max_replicas})")
+        return self
+
+
+class CanarySpec(CamelModel):
+    """A second version of the model beside the first, given a share of the requests. Promote it by
+    moving its model (and source) into spec.model (spec.source) and removing spec.canary; roll it back
+    by removing spec.canary."""
+
+    model: ModelSpec = Field(description="The canary's model files and tensors (as spec.model).")
+    source: ModelSource | None = Field(default=None, description="Where its files come from. Default: spec.source.")
+    traffic_percent: int = Field(ge=0, le=100, description="Share of the model's requests the canary gets (0-100); "
+                                 "a request that names a version in its URL goes to the variant serving it.")
+    replicas: int = Field(default=1, ge=0, le=1000, description="Server pods of the canary (not autoscaled).")
+
+
 class CaffeModelServiceSpec(CamelModel):
     """What the user wants: a Caffe model served over the Open Inference Protocol by `replicas` pods."""
 
@@ -345,6 +390,10 @@ class CaffeModelServiceSpec(CamelModel):
         default=None, pattern=_DNS_SUBDOMAIN,
         description="ServiceAccount the pods run as (its token is not mounted). Default: the namespace's default.",
     )
+    autoscaling: AutoscalingSpec | None = Field(
+        default=None, description="Scale on load between minReplicas and maxReplicas (spec.replicas is then ignored).",
+    )
+    canary: CanarySpec | None = Field(default=None, description="A canary version with a share of the requests.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "CaffeModelServiceSpec":
@@ -373,7 +422,19 @@ class CaffeModelServiceSpec(CamelModel):
             if (other := seen.get(local)) is not None:
                 raise ValueError(f"model.{role} and model.{other} would both be /models/{local}")
             seen[local] = role
+        if self.canary is not None:
+            try:
+                CaffeModelServiceSpec.model_validate(self.canary_spec().model_dump(by_alias=True, exclude_none=True))
+            except ValidationError as e:
+                raise ValueError("canary: " + format_validation_error(e, prefix="canary.")) from None
         return self
+
+    def canary_spec(self) -> "CaffeModelServiceSpec":
+        """The canary as a spec of its own: this one with the canary's model, source and replicas."""
+        c = self.canary
+        assert c is not None
+        return self.model_copy(update={"model": c.model, "source": c.source or self.source, "replicas": c.replicas,
+                                       "autoscaling": None, "canary": None})
 
     def model_files(self) -> list[ModelFile]:
         """Every model file with its download URL (see ModelSpec.files)."""
@@ -437,6 +498,23 @@ class CaffeModelServiceStatus(CamelModel):
         default=None, description="The backend serving the model, as one ready pod reports it (during a rollout, "
         "what the asked pod says). Asked again when the pod template or the spec changes.",
     )
+    variants: list[VariantStatus] | None = Field(
+        default=None, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        description="With a canary: each variant, its version, share of the requests and readiness.",
+    )
+
+
+class VariantStatus(CamelModel):
+    """One variant of the model (primary, canary) as the cluster shows it."""
+
+    model_config = CamelModel.model_config | {"extra": "ignore"}
+
+    name: Literal["primary", "canary"] = Field(description="primary, or canary.")
+    version: str = Field(description="The model version it serves.")
+    traffic_percent: int = Field(description="Its share of the model's requests.")
+    replicas: int = Field(default=0, description="Its server pods.")
+    ready_replicas: int = Field(default=0, description="Its ready server pods.")
+    ready: bool = Field(description="Whether every desired pod of it runs the current spec and is ready.")
 
 
 class InvalidSpec(Exception):

@@ -28,6 +28,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "EndpointSlice": ("discovery.k8s.io/v1", "endpointslices"),
     "Pod": ("v1", "pods"),
     "NetworkPolicy": ("networking.k8s.io/v1", "networkpolicies"),
+    "ScaledObject": ("keda.sh/v1alpha1", "scaledobjects"),
     KIND: (API_VERSION, PLURAL),
 }
 
@@ -138,6 +139,17 @@ class KubeClient:
     async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         api_version, plural = RESOURCES[obj["kind"]]
         return await self.request("POST", collection_path(api_version, plural, obj["metadata"]["namespace"]), obj)
+
+    async def delete(self, path: str) -> bool:
+        """Delete the object at `path` (its dependents in the background); False if it was not there."""
+        try:
+            await self.request("DELETE", path, {"kind": "DeleteOptions", "apiVersion": "v1",
+                                                "propagationPolicy": "Background"})
+        except ApiError as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
 
     async def merge_patch(self, path: str, patch: dict[str, Any]) -> dict[str, Any]:
         return await self.request("PATCH", path, patch, content_type="application/merge-patch+json")

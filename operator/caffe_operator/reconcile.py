@@ -28,6 +28,8 @@ or a ClusterRole for --all-namespaces). kopf watches and annotates, this module 
   discovery.k8s.io endpointslices:           list   (the pods to ask: pods.py)
   "" pods:                                   list   (failed fetch init containers: fetch_errors.py)
   networking.k8s.io networkpolicies:         get, list, watch, create, patch   (with CAFFESERVE_NETWORK_POLICY)
+  apps deployments, "" services, configmaps: delete (a canary removed: rolled back or promoted)
+  keda.sh scaledobjects:                     get, create, patch, delete   (spec.autoscaling, where KEDA is installed)
 The operator also sends plain HTTP GETs to model pods' /v2/health/ready (not-ready pods) and
 /v2/models/NAME (one ready pod: which backend serves, for status.backend) on their `http` port
 (8080), without credentials: a NetworkPolicy on model pods must let the operator in.
@@ -50,7 +52,7 @@ from typing import Any
 
 import kopf
 
-from caffe_operator import manifests
+from caffe_operator import manifests, traffic
 from caffe_operator.api import KIND, InvalidSpec, parse_spec
 from caffe_operator.backend_report import BackendProbe, BackendReport
 from caffe_operator.kube import ApiError, KubeClient, object_path
@@ -83,6 +85,8 @@ class OperatorConfig:
     load_recheck_s: float = 10.0  # first look again at a not-ready model; 0: never
     # NetworkPolicyPeers allowed into model pods (CAFFESERVE_NETWORK_POLICY_FROM, JSON); None: no policies
     network_peers: tuple | None = None
+    gateway_metrics_url: str | None = None  # where KEDA reads the load signal (in-cluster gateway URL)
+    prometheus_url: str | None = None  # with it, KEDA sums the signal over gateway replicas (traffic.py)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "OperatorConfig":
@@ -93,6 +97,8 @@ class OperatorConfig:
             gateway_grpc_address=env.get("CAFFESERVE_GATEWAY_GRPC_ADDRESS") or None,
             load_recheck_s=float(env.get("CAFFESERVE_LOAD_RECHECK_SECONDS") or 10.0),
             network_peers=network_peers_from(env.get("CAFFESERVE_NETWORK_POLICY_FROM")),
+            gateway_metrics_url=env.get("CAFFESERVE_GATEWAY_METRICS_URL") or env.get("CAFFESERVE_GATEWAY_URL") or None,
+            prometheus_url=env.get("CAFFESERVE_PROMETHEUS_URL") or None,
         )
 
 
@@ -308,7 +314,7 @@ class Reconciler:
             return outcome
 
         peers = list(self.config.network_peers) if self.config.network_peers is not None else None
-        kids = manifests.children(name, namespace, spec, self.config.server_image, peers)
+        kids = traffic.with_traffic(manifests.children(name, namespace, spec, self.config.server_image, peers), spec)
         objs = kids.all()
         kopf.append_owner_reference(objs, owner=cr)
         results: dict[str, dict[str, Any]] = {}
@@ -318,8 +324,18 @@ class Reconciler:
             key = f"{obj['kind']}/{obj['metadata']['name']}"
             outcome.actions[key] = action
             await self._announce(cr, previous, generation, obj, action, logger)
-        outcome.ready = readiness(spec.replicas, results["Deployment"])
-        if outcome.ready.status != "True" and spec.replicas > 0:
+        desired = spec.replicas
+        if spec.autoscaling is not None:  # the autoscaler owns the count (Kubernetes starts at 1)
+            desired = int((results["Deployment"].get("spec") or {}).get("replicas", 1))
+        outcome.ready = readiness(desired, results["Deployment"])
+        if spec.autoscaling is not None and desired == 0:
+            outcome.ready = Readiness("True", "IdleScaledToZero", "no pod runs while the model is idle; the gateway "
+                                      "holds a request while one starts (up to "
+                                      f"{spec.autoscaling.cold_start_timeout_seconds} s)")
+        await self._drop_stale_labels(results["Service"], traffic.service_traffic_labels(spec))
+        variants = await self._canary(cr, previous, generation, spec, results["Deployment"], outcome, logger)
+        await self._autoscaler(cr, previous, generation, spec, outcome, logger)
+        if outcome.ready.status != "True" and desired > 0:
             health = await self.probe.health(namespace, manifests.predictor_name(name), manifests.PORT, logger)
             old_ready = next((c for c in previous.get("conditions") or [] if c.get("type") == READY), None)
             outcome.ready = with_load_errors(outcome.ready, health, old_ready)
@@ -331,8 +347,87 @@ class Reconciler:
         backend = await self._backend(cr, results["Deployment"], outcome.ready, logger)
         await self._write_status(cr, outcome.ready, results["Deployment"],
                                  manifests.model_url(name, namespace, self.config.gateway_url), logger, backend,
-                                 manifests.grpc_address(name, namespace, spec, self.config.gateway_grpc_address))
+                                 manifests.grpc_address(name, namespace, spec, self.config.gateway_grpc_address),
+                                 variants)
         return outcome
+
+    # --- traffic: the canary and the autoscaler (traffic.py builds them)
+    async def _drop_stale_labels(self, service: dict[str, Any], wanted: dict[str, str]) -> None:
+        """Remove traffic labels the spec no longer says (a merge patch keeps what it does not name)."""
+        have = (service.get("metadata") or {}).get("labels") or {}
+        stale = {k: None for k in traffic.OPTIONAL_TRAFFIC_LABELS if k in have and k not in wanted}
+        if stale:
+            meta = service["metadata"]
+            await self.client.merge_patch(object_path("Service", meta["namespace"], meta["name"]),
+                                          {"metadata": {"labels": stale}})
+
+    async def _canary(self, cr: dict[str, Any], previous: dict[str, Any], generation: int | None,
+                      spec: Any, primary: dict[str, Any], outcome: Outcome, logger: Any) -> list[dict[str, Any]] | None:
+        """Create or patch the canary's children; delete them once the spec has no canary. Returns
+        status.variants (None without a canary)."""
+        meta = cr["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
+        if spec.canary is None:
+            if await self.client.get(object_path("Deployment", namespace, traffic.canary_name(name))) is not None:
+                for kind, child in (("Service", traffic.canary_name(name)), ("Deployment", traffic.canary_name(name)),
+                                    ("ConfigMap", traffic.canary_config_map_name(name))):
+                    if await self.client.delete(object_path(kind, namespace, child)):
+                        outcome.actions[f"{kind}/{child}"] = "deleted"
+                logger.info("deleted the canary")
+                await self.post_event(cr, "Normal", "CanaryRemoved",
+                                      f"the canary {traffic.canary_name(name)} is removed; all requests go to "
+                                      f"version {spec.model.version}")
+            return None
+        objs = traffic.canary_children(name, namespace, spec, self.config.server_image)
+        kopf.append_owner_reference(objs, owner=cr)
+        applied: dict[str, dict[str, Any]] = {}
+        for obj in objs:
+            current, action = await self._apply(obj)
+            applied[obj["kind"]] = current
+            outcome.actions[f"{obj['kind']}/{obj['metadata']['name']}"] = action
+            await self._announce(cr, previous, generation, obj, action, logger)
+        await self._drop_stale_labels(applied["Service"], traffic.service_traffic_labels(spec, "canary"))
+        percent = spec.canary.traffic_percent
+
+        def variant(which: str, version: str, share: int, deployment: dict[str, Any], ready: Readiness) -> dict[str, Any]:
+            st = deployment.get("status") or {}
+            return {"name": which, "version": version, "trafficPercent": share, "replicas": st.get("replicas", 0),
+                    "readyReplicas": st.get("readyReplicas", 0), "ready": ready.status == "True"}
+
+        return [variant("primary", spec.model.version, 100 - percent, primary, outcome.ready),
+                variant("canary", spec.canary.model.version, percent, applied["Deployment"],
+                        readiness(spec.canary.replicas, applied["Deployment"]))]
+
+    async def _keda_installed(self) -> bool:
+        found = await self.client.get(f"/apis/{traffic.KEDA_GROUP_VERSION}")
+        return bool(found) and any(r.get("name") == "scaledobjects" for r in found.get("resources") or [])
+
+    async def _autoscaler(self, cr: dict[str, Any], previous: dict[str, Any], generation: int | None,
+                          spec: Any, outcome: Outcome, logger: Any) -> None:
+        """The KEDA ScaledObject of spec.autoscaling: created, patched, or deleted once the spec drops it."""
+        meta = cr["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
+        if not await self._keda_installed():
+            if spec.autoscaling is not None and outcome.ready.status == "True":
+                outcome.ready = Readiness("True", "AutoscalerMissing", "serving, but spec.autoscaling needs KEDA "
+                                          "(keda.sh/v1alpha1 ScaledObject), which this cluster does not serve: "
+                                          "the replica count stays where it is")
+            return
+        path = object_path("ScaledObject", namespace, traffic.scaled_object_name(name))
+        if spec.autoscaling is None:
+            current = await self.client.get(path)
+            labels = ((current or {}).get("metadata") or {}).get("labels") or {}
+            if current is not None and labels.get("app.kubernetes.io/managed-by") == manifests.MANAGED_BY:
+                await self.client.delete(path)
+                outcome.actions[f"ScaledObject/{traffic.scaled_object_name(name)}"] = "deleted"
+                await self.post_event(cr, "Normal", "AutoscalingRemoved", f"deleted ScaledObject {traffic.scaled_object_name(name)}")
+            return
+        gateway = self.config.gateway_metrics_url or f"http://caffe-serving-gateway.{namespace}.svc:8080"
+        obj = traffic.scaled_object(name, namespace, spec, gateway, self.config.prometheus_url)
+        kopf.append_owner_reference(obj, owner=cr)
+        _, action = await self._apply(obj)
+        outcome.actions[f"ScaledObject/{obj['metadata']['name']}"] = action
+        await self._announce(cr, previous, generation, obj, action, logger)
 
     async def _backend(self, cr: dict[str, Any], deployment: dict[str, Any], ready: Readiness,
                        logger: Any) -> BackendReport | None:
@@ -383,13 +478,13 @@ class Reconciler:
 
     async def _write_status(self, cr: dict[str, Any], ready: Readiness, deployment: dict[str, Any] | None,
                             url: str | None, logger: Any, backend: BackendReport | None = None,
-                            grpc_address: str | None = None) -> None:
+                            grpc_address: str | None = None, variants: list[dict[str, Any]] | None = None) -> None:
         meta = cr["metadata"]
         previous = cr.get("status") or {}
         new = build_status(
             generation=meta.get("generation"), readiness_=ready, deployment=deployment, previous=previous,
             url=url, grpc_address=grpc_address, selector=manifests.selector_string(meta["name"]),
-            backend=backend.as_status() if backend is not None else None,
+            backend=backend.as_status() if backend is not None else None, variants=variants,
         )
         if same_status(previous, new):
             return

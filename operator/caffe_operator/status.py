@@ -14,6 +14,9 @@ replica is left, and all of them are ready. Otherwise the reason says what is mi
                      the loader's own words, e.g. a missing weights file or a sha256 mismatch);
                      see `with_load_errors` and load_errors.py, which asks the not-ready pods
   ReplicasReady      (True) every desired replica is ready
+  IdleScaledToZero   (True) spec.autoscaling scaled the idle model to zero; the gateway holds a
+                     request while a pod starts
+  AutoscalerMissing  (True) serving, but spec.autoscaling needs KEDA, which the cluster lacks
 """
 
 from __future__ import annotations
@@ -144,6 +147,7 @@ def build_status(
     backend: dict[str, Any] | None = None,
     now: str | None = None,
     grpc_address: str | None = None,
+    variants: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The whole status object (the operator owns every field of it). `backend` is a fresh answer
     from a pod (backend_report.py); without one the previous answer stays."""
@@ -160,6 +164,7 @@ def build_status(
         **({"grpcAddress": grpc_address} if grpc_address else {}),
         "selector": selector,
         **({"backend": backend} if backend is not None else {}),
+        **({"variants": variants} if variants is not None else {}),
     }
 
 
@@ -179,6 +184,8 @@ def status_patch(previous: dict[str, Any] | None, new: dict[str, Any]) -> dict[s
     patch = dict(new)
     if (previous or {}).get("grpcAddress") and "grpcAddress" not in new:
         patch["grpcAddress"] = None
+    if (previous or {}).get("variants") is not None and new.get("variants") is None:
+        patch["variants"] = None  # the canary is gone
     old_backend, new_backend = (previous or {}).get("backend"), new.get("backend")
     if isinstance(old_backend, dict) and isinstance(new_backend, dict):
         patch["backend"] = {**{k: None for k in old_backend if k not in new_backend}, **new_backend}

@@ -10,7 +10,8 @@
    reports the Deployment's status as the Deployment controller would. The gateway replicas run as
    the chart's gateway Deployment says and find the pods through their EndpointSlices.
 5. tritonclient and a plain JSON request through the gateway get the right digits from pycaffe;
-   the CaffeModelService turns Ready with the gateway URL.
+   the CaffeModelService turns Ready with the gateway URL. A second model with a canary and
+   autoscaling gets its canary children and a KEDA ScaledObject, deleted when the spec drops them.
 6. Least privilege, from the emulator's request log: each component talks to the API with its own
    ServiceAccount's token; every request it made is allowed by the RBAC objects the chart created,
    and every permission those grant was used.
@@ -42,6 +43,7 @@ from caffe_testing.chart import chart_crds, helm_cluster, helm_install, helm_lin
 from caffe_testing.digits import DIGITS_DIR, digits_data
 from caffe_testing.grpc import OIPClient, infer_request, output
 from caffe_testing.cluster import CMS, CONFIGMAPS, DEPLOYMENTS, REPO, SERVICES, Cluster, resource_path
+from caffe_testing.keda import SCALEDOBJECT_CRD, SCALEDOBJECTS, unknown_fields
 from caffe_testing.kubelet import ContainerProcess, endpoint_slice
 from caffe_testing.rbac import (
     Attributes,
@@ -446,6 +448,37 @@ def test_5_spec_changes_and_hand_edits_are_reconciled(flow):
     cluster.patch(policies, MODEL_NS, f"{MODEL}-predictor", {"spec": {"ingress": [{}]}})
     cluster.wait_for(lambda: cluster.get_object(policies, MODEL_NS, f"{MODEL}-predictor")["spec"]["ingress"][0].get("from"),
                      timeout=30, what="the model's NetworkPolicy restored")
+
+
+def test_5_a_canary_and_a_keda_scaledobject_come_and_go_with_the_spec(flow):
+    """spec.canary and spec.autoscaling on a second model: the canary's children and a KEDA
+    ScaledObject appear, follow a spec change, and are deleted when the spec drops them. (KEDA's
+    CRD is installed, as in a cluster with KEDA; this exercises the operator's delete and
+    scaledobjects permissions, which the RBAC proof below needs. The traffic itself is tested in
+    tests/operator_tests/test_operator_traffic.py and tests/local.)"""
+    cluster = flow.cluster
+    cluster.kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump(SCALEDOBJECT_CRD))
+    doc = yaml.safe_load((REPO / "examples/digits/service.yaml").read_text())
+    doc["metadata"] = {"name": "digits-traffic", "namespace": MODEL_NS}
+    doc["spec"]["canary"] = {"model": dict(doc["spec"]["model"], version="2"), "trafficPercent": 10}
+    doc["spec"]["autoscaling"] = {"minReplicas": 0, "maxReplicas": 2, "target": 4}
+    cluster.kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump(doc))
+    so = cluster.wait_for(lambda: cluster.get_object(SCALEDOBJECTS, MODEL_NS, "digits-traffic-predictor"),
+                          timeout=60, what="the ScaledObject")
+    assert unknown_fields(so) == []
+    cluster.wait_for(lambda: cluster.get_object(DEPLOYMENTS, MODEL_NS, "digits-traffic-canary"), timeout=30,
+                     what="the canary's Deployment")
+    cluster.kubectl("patch", "cms", "digits-traffic", "-n", MODEL_NS, "--type", "merge", "-p",
+                    '{"spec":{"autoscaling":{"maxReplicas":3}}}')
+    cluster.wait_for(lambda: cluster.get_object(SCALEDOBJECTS, MODEL_NS, "digits-traffic-predictor")
+                     ["spec"]["maxReplicaCount"] == 3, timeout=30, what="the ScaledObject patched")
+    cluster.kubectl("patch", "cms", "digits-traffic", "-n", MODEL_NS, "--type", "merge", "-p",
+                    '{"spec":{"autoscaling":null,"canary":null}}')
+    cluster.wait_for(lambda: cluster.get_object(SCALEDOBJECTS, MODEL_NS, "digits-traffic-predictor") is None
+                     and cluster.get_object(DEPLOYMENTS, MODEL_NS, "digits-traffic-canary") is None
+                     and cluster.get_object(SERVICES, MODEL_NS, "digits-traffic-canary") is None
+                     and cluster.get_object(CONFIGMAPS, MODEL_NS, "digits-traffic-canary-config") is None,
+                     timeout=30, what="the canary and the ScaledObject deleted")
 
 
 # --------------------------------------------------------------------------------------------

@@ -152,13 +152,18 @@ ownerReferences hand them to the garbage collector with their CaffeModelService)
   verbs: ["patch"]
 # The children: the server config, the predictor Service and Deployment. Created, read back,
 # watched (a hand edit or a deletion is undone; the Deployment's ready replicas reach the status)
-# and patched when the spec changes or they drift.
+# and patched when the spec changes or they drift. Deleted: only a canary's (spec.canary removed:
+# rolled back or promoted); everything else goes with its CR (garbage collection).
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# spec.autoscaling: a KEDA ScaledObject per autoscaled model, deleted when the spec drops autoscaling.
+- apiGroups: ["keda.sh"]
+  resources: ["scaledobjects"]
+  verbs: ["get", "create", "patch", "delete"]
 # Events on the CaffeModelService (created, invalid spec, ready, ...).
 - apiGroups: [""]
   resources: ["events"]
