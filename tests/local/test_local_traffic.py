@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 
+import psutil
 import pytest
 
 from caffe_testing.digits import DIGITS_DIR
@@ -32,7 +33,14 @@ def up(up_processes, tmp_path, doc) -> tuple:
 
 
 def servers(proc) -> int:
-    return sum(1 for p in proc.servers() if "serve" in p.cmdline())
+    """Running `caffeserve serve` children (one that is exiting right now, a zombie, does not count)."""
+    count = 0
+    for p in proc.servers():
+        try:
+            count += "serve" in p.cmdline()
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            pass
+    return count
 
 
 def wait_until(fn, timeout: float, what: str, proc=None):
