@@ -70,15 +70,28 @@ def _depth_ok(obj, depth: int = 0) -> bool:
     return True
 
 
+MAX_DIMS = 32  # numpy's limit
+
+
 def _check_shape(name: str, shape, max_elements: int) -> int:
+    """The element count of a valid shape; a 400 naming the input otherwise.
+
+    Safe against zeros and overflow: the product of the non-zero dimensions (so every dimension) must
+    stay within `max_elements`, so that `[0, 2**62, 4]` (0 elements, but no array of that shape
+    can be built) is refused here and never reaches numpy's reshape.
+    """
     if not isinstance(shape, list) or not all(type(d) is int for d in shape):
         raise BadRequest(f"input '{name}': shape must be a list of integers, got {shape!r}")
-    if any(d < 0 for d in shape):
-        raise BadRequest(f"input '{name}': shape {shape} has a negative dimension")
-    n = prod(shape)
-    if n > max_elements:
-        raise BadRequest(f"input '{name}': shape {shape} has {n} elements, more than the {max_elements} this server accepts")
-    return n
+    if len(shape) > MAX_DIMS:
+        raise BadRequest(f"input '{name}': shape has {len(shape)} dimensions, more than {MAX_DIMS}")
+    for d in shape:
+        if d < 0:
+            raise BadRequest(f"input '{name}': shape {shape} has a negative dimension")
+    nonzero = prod(d for d in shape if d)  # Python ints: no overflow; at most 32 factors
+    if nonzero > max_elements:
+        what = f"has {nonzero} elements" if 0 not in shape else f"has non-zero dimensions that multiply to {nonzero}"
+        raise BadRequest(f"input '{name}': shape {shape} {what}, more than the {max_elements} this server accepts")
+    return 0 if 0 in shape else nonzero
 
 
 def _json_array(name: str, data, datatype: str, shape: list[int], count: int) -> np.ndarray:

@@ -204,6 +204,13 @@ def test_absurd_shape_is_400_naming_the_input_not_a_crash(img):
     assert_error(status, body, 400, "'data'", str(2**60))
     status, body = post(img.infer_url(), {"inputs": [fp32_input(shape=[2**64, 3, 8, 8], data=[0.5])]})
     assert_error(status, body, 400, "'data'")
+    # a zero makes the element count 0, so a count check alone passes it (it was a 500 from reshape)
+    status, body = post(img.infer_url(), {"inputs": [fp32_input(shape=[0, 4611686018427387904, 4], data=[])]})
+    assert_error(status, body, 400, "'data'", "shape")
+    head = json.dumps({"inputs": [{"name": "data", "shape": [0, 4611686018427387904, 4], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": 0}}]}).encode()
+    status, _, raw = http("POST", img.infer_url(), head, {"Inference-Header-Content-Length": str(len(head))})
+    assert_error(status, raw, 400, "'data'", "shape")
     img.good_request_succeeds()
 
 
