@@ -49,6 +49,7 @@ def build(cfg) -> tuple[DataPlane, HTTPServer, Model]:
         max_body_bytes=cfg.limits.max_request_bytes,
         header_timeout_s=cfg.limits.header_timeout_s,
         body_timeout_s=cfg.limits.body_timeout_s,
+        max_inflight_bytes=cfg.limits.max_inflight_bytes,
     )
     return plane, HTTPServer(create_app(plane, metrics), limits, cancel_on_disconnect=True), model
 
