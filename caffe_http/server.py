@@ -115,6 +115,7 @@ class _Connection(asyncio.Protocol):
         self.writable: asyncio.Event | None = None  # set while the transport's write buffer has room
         self.timer_kind: str | None = None
         self.arrived = 0.0
+        self.last_read = 0.0
         self.discarding = False  # the current body was refused: read it and drop it (see max_drain_bytes)
         self.discarded = 0
         self.drain_until = 0.0
@@ -128,6 +129,7 @@ class _Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
         self.server.connections.add(self)
+        self.last_read = self.loop.time()  # a connection made counts as activity: its first bytes may follow
         self._arm(self.limits.keepalive_timeout_s, None)
 
     def connection_lost(self, exc):
@@ -159,6 +161,7 @@ class _Connection(asyncio.Protocol):
             self.writable.set()
 
     def data_received(self, data: bytes):
+        self.last_read = self.loop.time()
         if self.closing or self.refused:
             return
         if not self.in_message and self.timer_kind != "header":
@@ -424,8 +427,11 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
-    def close_if_idle(self):
-        if self.worker is None and not self.pending and not self.in_message:
+    def close_if_idle(self, idle_for_s: float = 0.0):
+        """Close the connection if no request is on it, none has begun, and nothing arrived for
+        `idle_for_s` (bytes a client sent just before may still be on their way to us)."""
+        if (self.worker is None and not self.pending and not self.in_message
+                and self.loop.time() - self.last_read >= idle_for_s):
             self._close()
 
 
@@ -468,30 +474,57 @@ class HTTPServer:
         if self.stopping and self.in_flight == 0 and self._drained is not None:
             self._drained.set()
 
+    def begin_drain(self) -> None:
+        """From now on every response closes its connection (`Connection: close`): clients still
+        sending here reconnect, and by then the listener is closed or routing has moved them."""
+        self.stopping = True
+
     async def stop(self, grace_s: float = 30.0):
-        """Stop accepting, let in-flight requests finish (up to `grace_s`), close every connection."""
+        """Stop accepting, finish every request received (up to `grace_s`), close every connection.
+
+        A request already received, or arriving on a connection still open, is served (with
+        `Connection: close`); an idle keep-alive connection is closed once nothing has arrived on it
+        for `IDLE_SETTLE_S` (bytes a client sent just before the listener closed are read first).
+        """
         self.stopping = True
         if self._server is not None:
             self._server.close()
-        for c in list(self.connections):
-            c.close_if_idle()
-        self._maybe_drained()
-        if self.in_flight:
-            try:
-                await asyncio.wait_for(self._drained.wait(), grace_s)
-            except asyncio.TimeoutError:
-                log.warning("shutdown: %d requests still in flight after %g s", self.in_flight, grace_s)
+        loop = self.loop or asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while True:
+            for c in list(self.connections):
+                c.close_if_idle(IDLE_SETTLE_S)
+            self._maybe_drained()
+            if not self.connections or loop.time() >= deadline:
+                break
+            await asyncio.sleep(min(0.02, max(0.0, deadline - loop.time())))
+        if self.connections and self.in_flight:
+            log.warning("shutdown: %d requests still in flight after %g s", self.in_flight, grace_s)
         for c in list(self.connections):
             c._close()
 
 
+# How long an idle connection must have been quiet before shutdown closes it: bytes a client sent
+# just before are read (and served) first, instead of being met with a reset.
+IDLE_SETTLE_S = 0.1
+
+
 async def serve_until_signalled(server: HTTPServer, host: str, port: int, on_listening=None,
-                                grace_s: float = 30.0, before_stop=None) -> None:
-    """Run until SIGTERM/SIGINT, then drain and stop. `on_listening(port)` is called once bound."""
+                                grace_s: float = 30.0, before_stop=None, drain_delay_s: float = 0.0) -> None:
+    """Run until SIGTERM/SIGINT, then drain and stop. `on_listening(port)` is called once bound.
+
+    On the signal: `before_stop()` (readiness turns false there), then the listener stays open for
+    `drain_delay_s`, serving as before but closing each connection after its response, so that
+    whoever routes here (Kubernetes endpoints, a gateway) stops before the listener closes; then
+    `stop(grace_s)`.
+    """
     bound = await server.start(host, port)
     if on_listening is not None:
         on_listening(bound)
     await stop_event().wait()
     if before_stop is not None:
         before_stop()
+    server.begin_drain()
+    if drain_delay_s > 0:
+        await asyncio.sleep(drain_delay_s)
     await server.stop(grace_s)

@@ -192,8 +192,8 @@ class Model:
         if self.state == "ready":
             return
         if self.state == "failed":
-            raise Unavailable(f"model '{self.name}' failed to load: {self.error}", retry_after_s=30)
-        raise Unavailable(f"model '{self.name}' is loading", retry_after_s=2)
+            raise Unavailable(f"model '{self.name}' failed to load: {self.error}", retry_after_s=30, not_run=True)
+        raise Unavailable(f"model '{self.name}' is loading", retry_after_s=2, not_run=True)
 
     def _check_input(self, name: str, datatype: str, shape: list[int]) -> None:
         binding = self.inputs.get(name)

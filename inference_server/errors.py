@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+# On a 503 that says the request was not started here because of this replica's state (loading,
+# failed, shutting down), so that a gateway may send it to another replica without running it twice.
+NOT_RUN_HEADER = "Caffe-Not-Run"
+
+
 class InferenceError(Exception):
     """An error a client should see as `{"error": message}` with `status_code`."""
 
@@ -37,8 +42,11 @@ class Unavailable(InferenceError):
 
     status_code = 503
 
-    def __init__(self, message: str, retry_after_s: int = 1):
-        super().__init__(message, headers={"Retry-After": str(int(retry_after_s))})
+    def __init__(self, message: str, retry_after_s: int = 1, not_run: bool = False):
+        headers = {"Retry-After": str(int(retry_after_s))}
+        if not_run:  # this replica could not start the request; another may (a gateway retries it there)
+            headers[NOT_RUN_HEADER] = "true"
+        super().__init__(message, headers=headers)
 
 
 class DeadlineExceeded(InferenceError):

@@ -1,8 +1,10 @@
 """`caffeserve serve --config FILE`: one model over the Open Inference Protocol.
 
 Starts listening at once (liveness true), loads the model in a background thread (readiness true
-when it is loaded, false with the loader's message when it failed), and on SIGTERM refuses new
-work, finishes requests in flight and exits 0 within the grace period.
+when it is loaded, false with the loader's message when it failed). On SIGTERM readiness turns 503
+at once, the listener stays open for the drain delay (every response then closes its connection),
+then closes; every request received is finished, and the process exits 0 within drain delay + grace
+period.
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8080, help="REST port (0: any free port, printed in the log)")
     p.add_argument("--grace-period", type=float, default=30.0, metavar="S",
-                   help="seconds to finish in-flight requests on SIGTERM")
+                   help="seconds to finish in-flight requests on SIGTERM, after the drain delay")
+    p.add_argument("--drain-delay", type=float, default=0.0, metavar="S",
+                   help="on SIGTERM, readiness turns 503 at once while the listener stays open this long (each "
+                        "response closing its connection), so that routing stops before it closes; "
+                        "in Kubernetes a few seconds (the operator sets 5)"),
     p.add_argument("--log-level", default="INFO", type=str.upper,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log threshold")
     return p.parse_args(argv)
@@ -76,13 +82,16 @@ def main(argv: list[str]) -> int:
     def draining() -> None:
         signalled.append(time.monotonic())
         plane.draining = True
-        log.info("shutting down: finishing in-flight requests")
+        log.info("shutting down: readiness is 503; draining for %g s, then finishing the requests received",
+                 args.drain_delay)
 
-    asyncio.run(serve_until_signalled(server, args.host, args.port, listening, args.grace_period, draining))
+    asyncio.run(serve_until_signalled(server, args.host, args.port, listening, args.grace_period, draining,
+                                      args.drain_delay))
     # The grace period bounds the whole shutdown: a forward pass still running when it ends does
     # not hold the exit (the workers are daemon threads; os._exit skips interpreter teardown, which
     # is not safe while a worker is inside Caffe).
-    left = args.grace_period - (time.monotonic() - signalled[0]) if signalled else args.grace_period
+    budget = args.grace_period + args.drain_delay
+    left = budget - (time.monotonic() - signalled[0]) if signalled else args.grace_period
     if not model.close(timeout=max(0.0, left)):
         log.warning("stopped with a forward pass still running at the end of the grace period")
         logging.shutdown()

@@ -36,6 +36,16 @@ CONFIG_HASH_ANNOTATION = "caffeserving.io/config-hash"
 DEFAULT_SERVER_IMAGE = "ghcr.io/caffe-serving/caffe-server-gpu:0.1.0"
 
 SERVE_COMMAND = ["caffeserve", "serve", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}", "--host", "0.0.0.0", "--port", str(PORT)]
+# On SIGTERM the server turns its readiness 503 at once and keeps its listener open this long, so that
+# the endpoints controller, kube-proxy and the gateway stop sending before it closes (Knative's
+# queue-proxy and Envoy drain the same way); then it finishes what it received within the grace
+# period. No preStop hook is needed: a `sleep` preStop would only delay the SIGTERM, while this delay
+# also turns readiness false at once and closes each kept-alive connection after its next response.
+DRAIN_DELAY_S = 5
+GRACE_PERIOD_S = 30
+SERVE_ARGS = ["--drain-delay", str(DRAIN_DELAY_S), "--grace-period", str(GRACE_PERIOD_S)]
+# The kubelet's SIGKILL comes after the drain, the grace period and a margin for the exit itself.
+TERMINATION_GRACE_S = DRAIN_DELAY_S + GRACE_PERIOD_S + 5
 
 # Optional pod-spec fields that come from the CR: when the CR drops one, the patch must remove it.
 OPTIONAL_POD_FIELDS = (
@@ -238,6 +248,7 @@ def pod_template(name: str, spec: CaffeModelServiceSpec, image: str) -> dict[str
         "name": "server",
         "image": image,
         "command": SERVE_COMMAND,
+        "args": SERVE_ARGS,
         "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
         "env": [{"name": "HOME", "value": "/tmp"}],
         "resources": _server_resources(spec),
@@ -265,8 +276,8 @@ def pod_template(name: str, spec: CaffeModelServiceSpec, image: str) -> dict[str
             "fsGroup": RUN_AS,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        # The server drains in-flight requests within 30 s of SIGTERM.
-        "terminationGracePeriodSeconds": 40,
+        # drain delay + grace period + a margin (see DRAIN_DELAY_S)
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
         "containers": [server],
         "volumes": [
             {"name": "config", "configMap": {"name": config_map_name(name)}},
