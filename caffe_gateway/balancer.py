@@ -92,22 +92,31 @@ class ModelRoute:
         self.retries_active = 0
         self.ejections_total = 0
         self.retries_total = 0
+        self.rescued_total = 0  # requests taken back from an endpoint that stopped answering
         self._rearm: asyncio.TimerHandle | None = None
         self._rng = random.Random()
 
     # --- endpoint set (from discovery)
-    def set_endpoints(self, addresses: set[tuple[str, int]]) -> None:
-        """Replace the ready endpoints; requests in flight on a removed endpoint finish there."""
+    def set_endpoints(self, addresses: set[tuple[str, int]], draining: set[tuple[str, int]] = frozenset()) -> None:
+        """Replace the ready endpoints.
+
+        A removed endpoint that is `draining` (shutting down, still answering: a terminating pod)
+        finishes the requests in flight on it. One that is not (its readiness probe failed: hung,
+        or gone) has them taken back: they fail with EndpointLost, which the proxy retries on a
+        healthy endpoint within the retry budget and the request's deadline.
+        """
         keep: list[Endpoint] = []
         current = {(e.pool.host, e.pool.port): e for e in self.endpoints}
         for key in sorted(addresses):
             ep = current.pop(key, None)
             keep.append(ep if ep is not None else Endpoint(key[0], key[1], self.settings.connect_timeout_s))
-        for ep in current.values():
+        self.endpoints = keep
+        for key, ep in current.items():
             ep.removed = True
             if ep.active == 0:
                 ep.pool.close()
-        self.endpoints = keep
+            elif key not in draining:
+                self.rescued_total += ep.pool.abort(f"{ep.address} stopped answering its readiness probe")
         self._dispatch()
 
     def ready_count(self) -> int:
@@ -274,23 +283,25 @@ class Balancer:
         self.settings = settings or BalancerSettings()
         self.models: dict[str, ModelRoute] = {}
 
-    def set_model(self, name: str, addresses: set[tuple[str, int]]) -> None:
+    def set_model(self, name: str, addresses: set[tuple[str, int]],
+                  draining: set[tuple[str, int]] = frozenset()) -> None:
         route = self.models.get(name)
         if route is None:
             route = self.models[name] = ModelRoute(name, self.settings)
-        route.set_endpoints(addresses)
+        route.set_endpoints(addresses, draining)
 
     def remove_model(self, name: str) -> None:
         route = self.models.pop(name, None)
         if route is not None:
             route.close()
 
-    def replace_all(self, models: dict[str, set[tuple[str, int]]]) -> None:
+    def replace_all(self, models: dict[str, set[tuple[str, int]]],
+                    draining: dict[str, set[tuple[str, int]]] | None = None) -> None:
         for name in list(self.models):
             if name not in models:
                 self.remove_model(name)
         for name, addresses in models.items():
-            self.set_model(name, addresses)
+            self.set_model(name, addresses, (draining or {}).get(name, frozenset()))
 
     def close(self) -> None:
         for name in list(self.models):

@@ -99,6 +99,13 @@ def slice_endpoints(obj: dict[str, Any]) -> tuple[str, set[Address]] | None:
     return model, {(ep.address, ep.port) for ep in pod_endpoints(obj) if ep.ready}
 
 
+def slice_draining(obj: dict[str, Any]) -> set[Address]:
+    """The endpoints of a slice that are terminating: their pods drain the requests they hold (the
+    gateway leaves those to finish); a not-ready endpoint that is not terminating failed its
+    readiness probe (hung), and the gateway takes its requests back."""
+    return {(ep.address, ep.port) for ep in pod_endpoints(obj) if ep.terminating and not ep.ready}
+
+
 @dataclass
 class KubeConfig:
     """How to reach the API server: URL, TLS and credentials."""
@@ -221,6 +228,7 @@ class EndpointSliceWatcher:
         self.watch_timeout_s = watch_timeout_s
         self.synced = asyncio.Event()
         self.slices: dict[tuple[str, str], tuple[str, set[Address]]] = {}
+        self.draining_slices: dict[tuple[str, str], set[Address]] = {}
         self._balancer: Balancer | None = None
         self._session = None
         self._warned: set[str] = set()
@@ -274,6 +282,7 @@ class EndpointSliceWatcher:
                 raise RuntimeError(f"list endpointslices: HTTP {resp.status}: {body[:300]!r}")
         doc = orjson.loads(body)
         self.slices = {}
+        self.draining_slices = {}
         for obj in doc.get("items") or []:
             self._upsert(obj)
         self._publish()
@@ -314,6 +323,7 @@ class EndpointSliceWatcher:
         elif kind == "DELETED":
             meta = obj.get("metadata") or {}
             self.slices.pop((meta.get("namespace", ""), meta.get("name", "")), None)
+            self.draining_slices.pop((meta.get("namespace", ""), meta.get("name", "")), None)
         self._publish()
         return new_rv
 
@@ -323,8 +333,10 @@ class EndpointSliceWatcher:
         parsed = slice_endpoints(obj)
         if parsed is None:
             self.slices.pop(key, None)
+            self.draining_slices.pop(key, None)
         else:
             self.slices[key] = parsed
+            self.draining_slices[key] = slice_draining(obj)
 
     def models(self) -> dict[str, set[Address]]:
         """Model → ready endpoints, the union over its slices.
@@ -346,6 +358,13 @@ class EndpointSliceWatcher:
             out[model] = per_ns[chosen]
         return out
 
+    def draining(self) -> dict[str, set[Address]]:
+        """Model → its terminating endpoints (any namespace: an address is one pod)."""
+        out: dict[str, set[Address]] = {}
+        for key, (model, _) in self.slices.items():
+            out.setdefault(model, set()).update(self.draining_slices.get(key, ()))
+        return out
+
     def _publish(self) -> None:
         if self._balancer is not None:
-            self._balancer.replace_all(self.models())
+            self._balancer.replace_all(self.models(), self.draining())

@@ -45,6 +45,10 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+# A 503 with this header says the server did not start the request because of its own state
+# (loading, failed, shutting down): a proxy may send it to another server, where it runs once.
+NOT_RUN_HEADER = "Caffe-Not-Run"
 # Called when the server itself refuses a request (too large, too slow, unparsable).
 ErrorBody = Callable[[str], bytes]
 
@@ -297,7 +301,6 @@ class _Connection(asyncio.Protocol):
                     finally:
                         self.server.in_flight -= 1
                         self._release(reserved)
-                        req.body = b""  # the body's memory goes back now, not when the connection closes
                 keep_alive = keep_alive and not self.server.stopping
                 if self.closing:
                     return

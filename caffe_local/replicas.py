@@ -27,6 +27,12 @@ from .models import LocalError, LocalModel
 
 log = logging.getLogger("caffeserve.up")
 
+PROBE_PERIOD_S = 0.25  # each replica's readiness probe (the kubelet's periodSeconds, scaled down)
+PROBE_TIMEOUT_S = 1.0  # a replica that does not answer within this is not ready (hung)
+# A replica told to stop keeps its listener open this long after its readiness turns 503, so that
+# the gateway (which sees that within PROBE_PERIOD_S) stops sending before it closes.
+DRAIN_DELAY_S = 1.0
+
 
 def _free_port(host: str) -> int:
     with socket.socket() as s:
@@ -51,6 +57,7 @@ class Replica:
     port: int
     proc: asyncio.subprocess.Process | None = None
     ready: bool = False
+    draining: bool = False  # answered its readiness probe with "shutting down"
     restarts: int = 0
     output: list[str] = field(default_factory=list)  # the last lines, for error messages
 
@@ -63,10 +70,10 @@ class Replica:
         return f"http://{self.host}:{self.port}"
 
     async def start(self) -> None:
-        self.ready = False
+        self.ready = self.draining = False
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "inference_server", "serve", "--config", str(self.config_path),
-            "--host", self.host, "--port", str(self.port),
+            "--host", self.host, "--port", str(self.port), "--drain-delay", str(DRAIN_DELAY_S),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches `up` only; it stops the servers in order
             preexec_fn=_die_with_parent,
@@ -83,24 +90,24 @@ class Replica:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
-    async def readiness(self) -> tuple[bool, str]:
-        """(ready, why not) from the server's /v2/health/ready."""
-        pool = EndpointPool(self.host, self.port, connect_timeout_s=1.0)
+    async def readiness(self, timeout_s: float = 2.0) -> tuple[bool, str, bool]:
+        """(ready, why not, whether it answered at all) from the server's /v2/health/ready."""
+        pool = EndpointPool(self.host, self.port, connect_timeout_s=min(1.0, timeout_s))
         try:
             loop = asyncio.get_running_loop()
-            resp = await pool.request("GET", "/v2/health/ready", [], b"", loop.time() + 2.0)
+            resp = await pool.request("GET", "/v2/health/ready", [], b"", loop.time() + timeout_s)
         except UpstreamError as e:
-            return False, str(e)
+            return False, str(e), False
         finally:
             pool.close()
         if resp.status == 200:
-            return True, ""
+            return True, "", True
         try:
             import orjson
 
-            return False, orjson.loads(resp.body).get("error") or f"HTTP {resp.status}"
+            return False, orjson.loads(resp.body).get("error") or f"HTTP {resp.status}", True
         except Exception:
-            return False, f"HTTP {resp.status}"
+            return False, f"HTTP {resp.status}", True
 
     async def stop(self, grace_s: float) -> None:
         if not self.alive():
@@ -136,7 +143,8 @@ class LocalService:
     def _publish(self, model: str) -> None:
         """The gateway sends only to ready replicas (what EndpointSlices do in a cluster)."""
         ready = {(r.host, r.port) for r in self.replicas if r.model == model and r.ready}
-        self.app.balancer.set_model(model, ready)
+        draining = {(r.host, r.port) for r in self.replicas if r.model == model and r.draining}
+        self.app.balancer.set_model(model, ready, draining)
 
     async def start(self) -> int:
         """Start every replica, wait until all are ready, start the gateway; returns its port."""
@@ -161,7 +169,7 @@ class LocalService:
                 await asyncio.sleep(0.1)  # let the relay print its last lines
                 raise LocalError(f"{r.label} exited with code {r.proc.returncode} before it was ready"
                                  + (f": {r.output[-1]}" if r.output else ""))
-            ok, why = await r.readiness()
+            ok, why, _ = await r.readiness()
             if ok:
                 r.ready = True
                 return
@@ -173,32 +181,43 @@ class LocalService:
         raise LocalError(f"{r.label} not ready within {timeout_s:g} s (runtime.startupTimeoutSeconds): {why}")
 
     async def _supervise(self) -> None:
-        """Restart replicas that die (with backoff, as the kubelet does); track readiness."""
-        backoff: dict[str, float] = {}
+        """One watcher per replica (a slow probe or a restart backoff holds up no other)."""
+        await asyncio.gather(*(self._watch(r) for r in self.replicas))
+
+    async def _watch(self, r: Replica) -> None:
+        """Restart the replica when it dies (with backoff, as the kubelet does); track its readiness.
+
+        Its readiness decides where the gateway sends requests, as EndpointSlices do in a cluster:
+        a replica that answers 503 (shutting down: it drains) finishes what it holds; one that does
+        not answer its probe within PROBE_TIMEOUT_S (hung) has its requests taken back by the
+        gateway and sent to another.
+        """
+        backoff = 1.0
         while not self.stopping:
-            await asyncio.sleep(0.5)
-            for r in self.replicas:
+            await asyncio.sleep(PROBE_PERIOD_S)
+            if self.stopping:
+                return
+            if not r.alive():
+                if r.ready or r.draining:
+                    r.ready = r.draining = False
+                    self._publish(r.model)
+                    log.warning("%s exited with code %s; restarting", r.label, r.proc.returncode)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
                 if self.stopping:
                     return
-                if not r.alive():
-                    if r.ready:
-                        r.ready = False
-                        self._publish(r.model)
-                        log.warning("%s exited with code %s; restarting", r.label, r.proc.returncode)
-                    delay = backoff.get(r.label, 1.0)
-                    backoff[r.label] = min(delay * 2, 30.0)
-                    await asyncio.sleep(delay)
-                    if self.stopping:
-                        return
-                    r.restarts += 1
-                    await r.start()
-                    continue
-                ok, _ = await r.readiness()
-                if ok != r.ready:
-                    r.ready = ok
-                    self._publish(r.model)
-                    if ok:
-                        backoff.pop(r.label, None)
+                r.restarts += 1
+                await r.start()
+                continue
+            ok, why, answered = await r.readiness(PROBE_TIMEOUT_S)
+            draining = not ok and answered and "shutting down" in why
+            if ok != r.ready or draining != r.draining:
+                r.ready, r.draining = ok, draining
+                self._publish(r.model)
+                if ok:
+                    backoff = 1.0
+                elif not answered:
+                    log.warning("%s did not answer its readiness probe: %s", r.label, why)
 
     async def stop(self) -> None:
         """Gateway first (refuse new requests, finish those in flight), then every server."""

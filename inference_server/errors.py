@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 
-# On a 503 that says the request was not started here because of this replica's state (loading,
-# failed, shutting down), so that a gateway may send it to another replica without running it twice.
-NOT_RUN_HEADER = "Caffe-Not-Run"
+from caffe_http.server import NOT_RUN_HEADER  # noqa: F401 - on a 503 for a request this replica did not start
 
 
 class InferenceError(Exception):
