@@ -14,6 +14,12 @@
   attract the requests that least-request would otherwise send to an idle-looking endpoint.
 - Retry budget: concurrent retries per model stay below max(min, percent × active requests),
   active meaning every request of the model the gateway is handling (Envoy's retry budget).
+- Rescue: an endpoint that leaves the ready set without draining (its readiness probe failed:
+  hung) has the requests waiting on it failed with EndpointLost, which the proxy sends to another
+  endpoint within the request's deadline and its retry count. A rescue is outside the concurrent
+  retry budget, which keeps retries from multiplying the load on struggling servers: a rescue
+  moves work off a server that does none, bounded by what it held (`max_concurrency`). A draining
+  endpoint (a terminating pod, a local replica answering "shutting down") finishes its own.
 """
 
 from __future__ import annotations
