@@ -28,7 +28,11 @@ from .models import LocalError, LocalModel
 log = logging.getLogger("caffeserve.up")
 
 PROBE_PERIOD_S = 0.25  # each replica's readiness probe (the kubelet's periodSeconds, scaled down)
-PROBE_TIMEOUT_S = 1.0  # a replica that does not answer within this is not ready (hung)
+PROBE_TIMEOUT_S = 2.0  # the pods' readiness probe timeoutSeconds
+# Unanswered probes in a row before a replica is not ready (hung), as the kubelet's failureThreshold:
+# one slow answer on a loaded machine must not take a healthy replica (or all of them) out.
+# An answer (503: shutting down, loading) counts at once.
+PROBE_FAILURES = 2
 # A replica told to stop keeps its listener open this long after its readiness turns 503, so that
 # the gateway (which sees that within PROBE_PERIOD_S) stops sending before it closes.
 DRAIN_DELAY_S = 1.0
@@ -189,10 +193,11 @@ class LocalService:
 
         Its readiness decides where the gateway sends requests, as EndpointSlices do in a cluster:
         a replica that answers 503 (shutting down: it drains) finishes what it holds; one that does
-        not answer its probe within PROBE_TIMEOUT_S (hung) has its requests taken back by the
-        gateway and sent to another.
+        not answer PROBE_FAILURES probes in a row within PROBE_TIMEOUT_S each (hung) has its
+        requests taken back by the gateway and sent to another.
         """
         backoff = 1.0
+        unanswered = 0
         while not self.stopping:
             await asyncio.sleep(PROBE_PERIOD_S)
             if self.stopping:
@@ -210,6 +215,9 @@ class LocalService:
                 await r.start()
                 continue
             ok, why, answered = await r.readiness(PROBE_TIMEOUT_S)
+            unanswered = 0 if answered else unanswered + 1
+            if not answered and unanswered < PROBE_FAILURES:
+                continue
             draining = not ok and answered and "shutting down" in why
             if ok != r.ready or draining != r.draining:
                 r.ready, r.draining = ok, draining
