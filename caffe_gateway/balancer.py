@@ -182,7 +182,9 @@ class ModelRoute:
                 self.release(fut.result(), None)
             if isinstance(e, asyncio.CancelledError):
                 raise
-            if loop.time() >= deadline:
+            # the deadline ended the wait when it came before max_wait (the timer may fire a hair
+            # before loop.time() reaches it: asyncio runs timers within its clock resolution)
+            if loop.time() >= deadline or wait_until >= deadline:
                 raise DeadlinePassed(f"request deadline passed while waiting for model '{self.name}'") from None
             raise Overloaded(f"model '{self.name}' is overloaded: no endpoint free within "
                              f"{self.settings.max_wait_s:g} s") from None

@@ -52,7 +52,10 @@ def test_the_operator_converges_after_a_minute_of_api_faults_without_a_hot_loop(
     seen = cluster.in_loop(lambda: list(api.seen))
     injected = [s for s in seen if s.injected]
     assert len(injected) >= 10 and {s.injected for s in injected} == {429, 500}
-    assert cluster.in_loop(lambda: api.dropped_watches) == 1
+    assert cluster.in_loop(lambda: api.dropped_watches) == 1, "no watch was cut"
+    (cut,) = cluster.in_loop(lambda: list(api.cut))
+    assert any(s.watch and s.path == cut and s.at > started and not s.injected for s in seen), \
+        f"the operator did not watch {cut} again after it was cut"
 
     # converges: children once each, matching the spec; status as the Deployments say
     if not cluster.get_object(DEPLOYMENTS, ns, "alpha-predictor")["status"].get("readyReplicas"):
@@ -87,6 +90,7 @@ def test_the_operator_converges_after_a_minute_of_api_faults_without_a_hot_loop(
     per_second = Counter(int(s.at - started) for s in during)
     time.sleep(10)
     after = cluster.in_loop(lambda: [s for s in api.seen if s.at > converged_at])
+    print(f"cut watch: {cut} of {cluster.in_loop(lambda: api.open_at_start)}")
     print(f"operator requests: {len(during)} in the {FAULT_S:.0f} s of faults ({len(injected)} failed), "
           f"busiest second {max(per_second.values())}, {len(after)} in the 10 s after converging")
     assert len(during) < 20 * FAULT_S, f"{len(during)} requests in {FAULT_S} s"
