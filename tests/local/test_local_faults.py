@@ -72,7 +72,15 @@ class Load:
 
 
 def _servers(up) -> list[psutil.Process]:
-    return sorted((p for p in up.servers() if "serve" in p.cmdline()), key=lambda p: p.pid)
+    """The live server processes (a killed one not yet reaped is a zombie: not counted)."""
+    out = []
+    for p in up.servers():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "serve" in p.cmdline():
+                out.append(p)
+        except psutil.Error:
+            pass
+    return sorted(out, key=lambda p: p.pid)
 
 
 def _wait(pred, timeout: float, what: str):
