@@ -19,6 +19,12 @@
   queued (the demand that wakes the model) and the queue limit applies. Past it: 503 + Retry-After.
 - Variants (canary): a model may have a second route, its canary, with a share of the requests;
   traffic.py chooses between them per request.
+- Rescue: an endpoint that leaves the ready set without draining (its readiness probe failed:
+  hung) has the requests waiting on it failed with EndpointLost, which the proxy sends to another
+  endpoint within the request's deadline and its retry count. A rescue is outside the concurrent
+  retry budget, which keeps retries from multiplying the load on struggling servers: a rescue
+  moves work off a server that does none, bounded by what it held (`max_concurrency`). A draining
+  endpoint (a terminating pod, a local replica answering "shutting down") finishes its own.
 
 An endpoint is one server (one pod): its REST port and, when it serves gRPC, its gRPC port. REST
 and gRPC requests share its slots, failure count and ejection, as they share the server.
@@ -134,12 +140,19 @@ class ModelRoute:
         # queue limits apply and it counts as demand) up to this long for one; 0: answered 503 at once.
         self.cold_start_s = 0.0
         self.held_total = 0  # requests that arrived while there was no ready endpoint, and waited
+        self.rescued_total = 0  # requests taken back from an endpoint that stopped answering
         self._rearm: asyncio.TimerHandle | None = None
         self._rng = random.Random()
 
     # --- endpoint set (from discovery)
-    def set_endpoints(self, addresses: set[Address]) -> None:
-        """Replace the ready endpoints; requests in flight on a removed endpoint finish there."""
+    def set_endpoints(self, addresses: set[Address], draining: set[Address] = frozenset()) -> None:
+        """Replace the ready endpoints.
+
+        A removed endpoint that is `draining` (shutting down, still answering: a terminating pod)
+        finishes the requests in flight on it. One that is not (its readiness probe failed: hung,
+        or gone) has them taken back: they fail with EndpointLost, which the proxy retries on a
+        healthy endpoint within the request's deadline.
+        """
         keep: list[Endpoint] = []
         current = {(e.pool.host, e.pool.port): e for e in self.endpoints}
         wanted: dict[tuple[str, int], int | None] = {}
@@ -153,11 +166,14 @@ class ModelRoute:
             else:
                 ep.set_grpc_port(grpc_port)
             keep.append(ep)
-        for ep in current.values():
+        self.endpoints = keep
+        draining_keys = {(a[0], a[1]) for a in draining}
+        for key, ep in current.items():
             ep.removed = True
             if ep.active == 0:
                 ep.close()
-        self.endpoints = keep
+            elif key not in draining_keys:
+                self.rescued_total += ep.pool.abort(f"{ep.address} stopped answering its readiness probe")
         self._dispatch()
 
     def ready_count(self) -> int:
@@ -225,7 +241,9 @@ class ModelRoute:
                 self.release(fut.result(), None)
             if isinstance(e, asyncio.CancelledError):
                 raise
-            if loop.time() >= deadline:
+            # the deadline ended the wait when it came before max_wait (the timer may fire a hair
+            # before loop.time() reaches it: asyncio runs timers within its clock resolution)
+            if loop.time() >= deadline or wait_until >= deadline:
                 raise DeadlinePassed(f"request deadline passed while waiting for model '{self.name}'") from None
             if holding and not self.endpoints:
                 raise ColdStartTimeout(f"model '{self.name}' has no ready endpoint: none became ready within "
@@ -343,11 +361,11 @@ class Balancer:
         self.models: dict[str, ModelRoute] = {}
         self.canaries: dict[str, ModelRoute] = {}  # model -> its canary variant, when it has one
 
-    def set_model(self, name: str, addresses: set[Address]) -> None:
+    def set_model(self, name: str, addresses: set[Address], draining: set[Address] = frozenset()) -> None:
         route = self.models.get(name)
         if route is None:
             route = self.models[name] = ModelRoute(name, self.settings)
-        route.set_endpoints(addresses)
+        route.set_endpoints(addresses, draining)
 
     def remove_model(self, name: str) -> None:
         route = self.models.pop(name, None)
@@ -381,12 +399,12 @@ class Balancer:
         route.cold_start_s = cold_start_s
         route.set_endpoints(addresses)
 
-    def replace_all(self, models: dict[str, set[Address]]) -> None:
+    def replace_all(self, models: dict[str, set[Address]], draining: dict[str, set[Address]] | None = None) -> None:
         for name in list(self.models):
             if name not in models:
                 self.remove_model(name)
         for name, addresses in models.items():
-            self.set_model(name, addresses)
+            self.set_model(name, addresses, (draining or {}).get(name, frozenset()))
 
     def close(self) -> None:
         for name in list(self.models):

@@ -116,6 +116,13 @@ def slice_endpoints(obj: dict[str, Any]) -> tuple[str, set[Address]] | None:
     return model, {(ep.address, ep.port, ep.grpc_port) for ep in pod_endpoints(obj) if ep.ready}
 
 
+def slice_draining(obj: dict[str, Any]) -> set[Address]:
+    """The endpoints of a slice that are terminating: their pods drain the requests they hold (the
+    gateway leaves those to finish); a not-ready endpoint that is not terminating failed its
+    readiness probe (hung), and the gateway takes its requests back."""
+    return {(ep.address, ep.port) for ep in pod_endpoints(obj) if ep.terminating and not ep.ready}
+
+
 @dataclass
 class KubeConfig:
     """How to reach the API server: URL, TLS and credentials."""
@@ -239,6 +246,7 @@ class EndpointSliceWatcher:
         self.synced = asyncio.Event()
         self.slices: dict[tuple[str, str], tuple[str, set[Address]]] = {}
         self.traffic: dict[tuple[str, str], SliceTraffic] = {}  # each slice's traffic labels
+        self.draining_slices: dict[tuple[str, str], set[Address]] = {}
         self._balancer: Balancer | None = None
         self._session = None
         self._warned: set[str] = set()
@@ -292,6 +300,7 @@ class EndpointSliceWatcher:
                 raise RuntimeError(f"list endpointslices: HTTP {resp.status}: {body[:300]!r}")
         doc = orjson.loads(body)
         self.slices = {}
+        self.draining_slices = {}
         for obj in doc.get("items") or []:
             self._upsert(obj)
         self._publish()
@@ -333,6 +342,7 @@ class EndpointSliceWatcher:
             meta = obj.get("metadata") or {}
             self.slices.pop((meta.get("namespace", ""), meta.get("name", "")), None)
             self.traffic.pop((meta.get("namespace", ""), meta.get("name", "")), None)
+            self.draining_slices.pop((meta.get("namespace", ""), meta.get("name", "")), None)
         self._publish()
         return new_rv
 
@@ -343,9 +353,11 @@ class EndpointSliceWatcher:
         if parsed is None:
             self.slices.pop(key, None)
             self.traffic.pop(key, None)
+            self.draining_slices.pop(key, None)
         else:
             self.slices[key] = parsed
             self.traffic[key] = slice_traffic(obj)
+            self.draining_slices[key] = slice_draining(obj)
 
     def models(self) -> dict[str, set[Address]]:
         """Model → ready endpoints, the union over its slices.
@@ -372,6 +384,13 @@ class EndpointSliceWatcher:
             out[model] = per_ns[chosen]
         return out
 
+    def draining(self) -> dict[str, set[Address]]:
+        """Model → its terminating endpoints (any namespace: an address is one pod)."""
+        out: dict[str, set[Address]] = {}
+        for key, (model, _) in self.slices.items():
+            out.setdefault(model, set()).update(self.draining_slices.get(key, ()))
+        return out
+
     def traffic_of(self, model: str, canary: bool) -> SliceTraffic | None:
         """The traffic labels of a model's variant (its first slice in sort order), None if none."""
         for key in sorted(self.traffic):
@@ -384,7 +403,7 @@ class EndpointSliceWatcher:
         if self._balancer is None:
             return
         primaries = self.models()
-        self._balancer.replace_all(primaries)
+        self._balancer.replace_all(primaries, self.draining())
         canaries = self._variant_models(canary=True)
         for model in primaries:
             t = self.traffic_of(model, canary=False) or SliceTraffic()

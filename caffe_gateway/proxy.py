@@ -14,8 +14,15 @@ What a client sees:
   with `Retry-After`. Never a 4xx for "not ready".
 - A model with a canary: each request goes to one variant by weight, or by the version its URL
   names (traffic.py); `GET /autoscaling/{model}[/{variant}]` serves the load signal for KEDA.
-- A connection failure (nothing of the answer received) is retried on another endpoint, within
-  the retry budget and the request's deadline; a connection that breaks mid-answer is a 502.
+- A request that did not run is retried on another endpoint, within the retry budget and the
+  request's deadline: a connection failure (nothing of the answer received, e.g. a pod that closed
+  its listener), a 503 that says the server did not start it (`Caffe-Not-Run`, or "shutting down"),
+  and a request waiting on an endpoint whose readiness probe then failed (a hung replica: the
+  balancer takes it back, see `ModelRoute.set_endpoints`). A connection that breaks mid-answer is a 502.
+- Why readiness and not a per-try timeout (Envoy's `per_try_timeout`): a per-try timeout cannot
+  tell a hung replica from a slow answer (a large batch, a cold cache), so it either fires on
+  healthy work, duplicating it when the servers are loaded, or is set long enough to barely help;
+  the readiness probe asks the replica itself and already marks a hung one within seconds.
 """
 
 from __future__ import annotations
@@ -27,9 +34,9 @@ from typing import Callable
 
 import orjson
 
-from caffe_http.server import Request, Response
+from caffe_http.server import NOT_RUN_HEADER, Request, Response
 from caffe_http.tryit import is_page, page_response
-from caffe_http.upstream import ConnectFailed, ResponseBroken, UpstreamTimeout
+from caffe_http.upstream import ConnectFailed, EndpointLost, ResponseBroken, UpstreamTimeout
 
 from . import traffic
 from .balancer import Balancer, DeadlinePassed, NoEndpoints, Overloaded
@@ -52,6 +59,7 @@ RESPONSE_HEADERS = {
     "x-caffeserve-backend": "X-Caffeserve-Backend",
 }
 
+_NOT_RUN = NOT_RUN_HEADER.lower()
 MODELS_PREFIX = "/v2/models/"
 GATEWAY_NAME = "caffe-serving-gateway"
 # OIP/Triton extensions that work through the gateway (it forwards the bytes unchanged; statistics
@@ -205,24 +213,20 @@ class Gateway:
                     route.release(ep, None)
                     return _error(504, f"request deadline passed before it could be forwarded to model '{route.name}'")
                 t0 = time.perf_counter()
+                not_run = None  # a reason to send the request elsewhere: it did not run (or was taken back)
+                rescued = False
                 try:
                     up = await ep.pool.request(req.method, target, headers, req.body, deadline)
                 except ConnectFailed as e:
                     route.unreachable(ep)
                     route.release(ep, True)
-                    last_failure = str(e)
-                    exclude = exclude | {ep.address}
-                    if holds_retry:
-                        route.end_retry()
-                        holds_retry = False
-                    if retries >= self.settings.max_retries or loop.time() >= deadline:
-                        return _error(503, f"cannot reach model '{route.name}': {e}", dict(self._retry_after))
-                    if not route.try_start_retry():
-                        return _error(503, f"cannot reach model '{route.name}' (retry budget exhausted): {e}",
-                                      dict(self._retry_after))
-                    holds_retry = True
-                    retries += 1
-                    continue
+                    not_run = f"cannot reach model '{route.name}': {e}"
+                except EndpointLost as e:
+                    # its readiness probe failed while the request waited there (hung): the request is
+                    # taken back and, inference being idempotent, sent to a healthy endpoint
+                    route.release(ep, None)
+                    not_run = f"model '{route.name}' at {e}"
+                    rescued = True
                 except ResponseBroken as e:
                     route.release(ep, True)
                     return _error(502, f"model '{route.name}' at {ep.address}: {e}")
@@ -233,13 +237,49 @@ class Gateway:
                 except BaseException:
                     route.release(ep, None)
                     raise
-                self.metrics.observe_upstream(route.name, time.perf_counter() - t0)
-                route.release(ep, up.status >= 500 and up.status != 503)
-                return _passthrough(up)
+                else:
+                    self.metrics.observe_upstream(route.name, time.perf_counter() - t0)
+                    route.release(ep, up.status >= 500 and up.status != 503)
+                    if not _not_run(up):
+                        return _passthrough(up)
+                    # the server did not start it (shutting down, loading): another replica may
+                    not_run = f"model '{route.name}' at {ep.address} did not run the request: {_error_of(up)}"
+                last_failure = not_run
+                exclude = exclude | {ep.address}
+                if holds_retry:
+                    route.end_retry()
+                    holds_retry = False
+                if retries >= self.settings.max_retries or loop.time() >= deadline:
+                    return _error(503, not_run, dict(self._retry_after))
+                if rescued:
+                    # Outside the concurrent-retry budget, which exists so that retries do not multiply
+                    # the load on struggling servers: a rescue moves work off a server that does none
+                    # (it stopped answering), and is bounded by what that server held (max concurrency).
+                    route.retries_total += 1
+                elif not route.try_start_retry():
+                    return _error(503, f"{not_run} (retry budget exhausted)", dict(self._retry_after))
+                else:
+                    holds_retry = True
+                retries += 1
         finally:
             route.active -= 1
             if holds_retry:
                 route.end_retry()
+
+
+def _not_run(up) -> bool:
+    """A 503 that says the server did not start the request: its Caffe-Not-Run header, or the
+    "shutting down" answer of servers older than that header."""
+    if up.status != 503:
+        return False
+    return any(name == _NOT_RUN for name, _ in up.headers) or b"shutting down" in up.body
+
+
+def _error_of(up) -> str:
+    try:
+        return str(orjson.loads(up.body).get("error") or f"HTTP {up.status}")
+    except (orjson.JSONDecodeError, AttributeError):
+        return f"HTTP {up.status}"
 
 
 def _passthrough(up) -> Response:

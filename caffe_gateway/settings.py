@@ -37,6 +37,8 @@ OPTIONS = (
     Option("--eject-seconds", "balancer", "eject_base_s", float, "S",
            "ejection time, times the number of ejections so far"),
     Option("--max-body-bytes", "limits", "max_body_bytes", int, "B", "largest request body; beyond, 413", "64 MiB"),
+    Option("--max-inflight-bytes", "limits", "max_inflight_bytes", int, "B",
+           "request bodies held at once; beyond, 503 + Retry-After before the body is read (0: no limit)"),
 )
 
 DEFAULTS = {"balancer": BalancerSettings(), "proxy": ProxySettings(), "limits": ServerLimits()}

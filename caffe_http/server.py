@@ -30,7 +30,7 @@ class Request:
     path: str
     query: str
     headers: dict[str, str]  # lower-cased names
-    body: bytes
+    body: bytes  # a bytearray for bodies over 1 MiB (grown in place as it arrives)
     client: str = ""
     # loop.time() when the headers were complete: the start of the request's deadline
     arrived: float = 0.0
@@ -45,6 +45,10 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+# A 503 with this header says the server did not start the request because of its own state
+# (loading, failed, shutting down): a proxy may send it to another server, where it runs once.
+NOT_RUN_HEADER = "Caffe-Not-Run"
 # Called when the server itself refuses a request (too large, too slow, unparsable).
 ErrorBody = Callable[[str], bytes]
 
@@ -80,8 +84,19 @@ class ServerLimits:
     body_timeout_s: float = 30.0
     keepalive_timeout_s: float = 15.0
     max_header_bytes: int = 64 * 1024
+    # Request bodies held at once (being received, decoded or served), summed over every connection;
+    # past it a request is answered 503 + Retry-After before its body is read. 0: no limit.
+    max_inflight_bytes: int = 0
+    # A refused body (413, or 503 over max_inflight_bytes) that the client sends anyway is read and
+    # dropped up to this many bytes (and within body_timeout_s) before the connection closes, so
+    # that a client which sends the whole body before reading (Python's http.client) sees the answer
+    # instead of a connection reset. A declared Content-Length above it is not drained at all.
+    max_drain_bytes: int = 64 * 1024 * 1024
+    drain_idle_s: float = 2.0  # ... and the drain ends when no byte of it arrives for this long
+    retry_after_s: int = 1  # Retry-After on the 503 over max_inflight_bytes
 
 
+_GROW_IN_PLACE_FROM = 1024 * 1024
 MAX_PIPELINED = 16  # requests read ahead on one connection before it stops reading
 
 
@@ -104,6 +119,12 @@ class _Connection(asyncio.Protocol):
         self.writable: asyncio.Event | None = None  # set while the transport's write buffer has room
         self.timer_kind: str | None = None
         self.arrived = 0.0
+        self.last_read = 0.0
+        self.discarding = False  # the current body was refused: read it and drop it (see max_drain_bytes)
+        self.discarded = 0
+        self.drain_until = 0.0
+        self.answer_written = False  # the refusal of the body being discarded has been written
+        self.reserved = 0  # bytes of the current message counted in the server's in-flight bytes
         self._reset_message()
 
     # --- connection lifecycle
@@ -112,6 +133,7 @@ class _Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
         self.server.connections.add(self)
+        self.last_read = self.loop.time()  # a connection made counts as activity: its first bytes may follow
         self._arm(self.limits.keepalive_timeout_s, None)
 
     def connection_lost(self, exc):
@@ -120,10 +142,15 @@ class _Connection(asyncio.Protocol):
         if self.writable is not None:
             self.writable.set()  # a worker waiting to write sees the connection is gone
         self.server.connections.discard(self)
+        self._release(self.reserved)
+        self.reserved = 0
+        for item in self.pending:
+            self._release(item[2])
         # The parser refers back to this protocol: break the cycle so that the connection and the
         # body it last read are freed now, not at the next full garbage collection.
         self.parser = None
         self.body_parts = []
+        self.body_buf = None
         if self.worker is not None and self.server.cancel_on_disconnect:
             # nobody will read the answer: stop waiting for it (queued inference work is dropped)
             self.worker.cancel()
@@ -138,6 +165,7 @@ class _Connection(asyncio.Protocol):
             self.writable.set()
 
     def data_received(self, data: bytes):
+        self.last_read = self.loop.time()
         if self.closing or self.refused:
             return
         if not self.in_message and self.timer_kind != "header":
@@ -148,7 +176,10 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._refuse(400, "protocol upgrades are not supported", raise_=False)
         except httptools.HttpParserError as e:  # also a callback's _Refused, which httptools wraps
-            self._refuse(400, f"malformed HTTP request: {e}", raise_=False)
+            if self.discarding:  # a refused body that does not parse: it has been answered already
+                self._end_discard()
+            else:
+                self._refuse(400, f"malformed HTTP request: {e}", raise_=False)
         except _Refused:
             pass
 
@@ -157,6 +188,7 @@ class _Connection(asyncio.Protocol):
         self.url = b""
         self.headers: dict[str, str] = {}
         self.body_parts: list[bytes] = []
+        self.body_buf: bytearray | None = None
         self.body_len = 0
         self.header_bytes = 0
         self.in_message = False
@@ -178,23 +210,55 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self):
         clen = self.headers.get("content-length")
-        if clen is not None and clen.isdigit() and int(clen) > self.limits.max_body_bytes:
-            self._refuse(413, f"request body of {clen} bytes exceeds the limit of {self.limits.max_body_bytes} bytes")
-        if self.headers.get("expect", "").lower() == "100-continue":
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        size = int(clen) if clen is not None and clen.isdigit() else None
+        expect = self.headers.get("expect", "").lower() == "100-continue"
         self.arrived = self.loop.time()
+        if size is not None and size > self.limits.max_body_bytes:
+            self._refuse_body(413, f"request body of {clen} bytes exceeds the limit of {self.limits.max_body_bytes} bytes",
+                              size, expect)
+            return
+        if size and not self._reserve(size):
+            self._refuse_body(503, self._busy_message(size), size, expect)
+            return
+        if expect:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._arm(self.limits.body_timeout_s, "body")
 
     def on_body(self, chunk: bytes):
+        if self.discarding:
+            self.discarded += len(chunk)
+            if self.discarded > self.limits.max_drain_bytes:
+                self._close()
+                raise _Refused()
+            self._arm_drain()
+            return
         self.body_len += len(chunk)
         if self.body_len > self.limits.max_body_bytes:
-            self._refuse(413, f"request body exceeds the limit of {self.limits.max_body_bytes} bytes")
-        self.body_parts.append(chunk)
+            self._refuse_body(413, f"request body exceeds the limit of {self.limits.max_body_bytes} bytes")
+            return
+        if self.body_len > self.reserved and not self._reserve(self.body_len - self.reserved):  # chunked
+            self._refuse_body(503, self._busy_message(self.body_len))
+            return
+        if self.body_buf is not None:
+            self.body_buf += chunk
+        else:
+            self.body_parts.append(chunk)
+            if self.body_len > _GROW_IN_PLACE_FROM:
+                # a large body grows one buffer (realloc, in place for large blocks) rather than a list
+                # of chunks joined at the end, which would hold the body twice at that moment
+                self.body_buf = bytearray().join(self.body_parts)
+                self.body_parts = []
 
     def on_message_complete(self):
         self._disarm()
+        if self.discarding:  # the refused body is all read: close now, or once the refusal is written
+            self._end_discard()
+            raise _Refused()
         url = httptools.parse_url(self.url)
-        body = self.body_parts[0] if len(self.body_parts) == 1 else b"".join(self.body_parts)
+        if self.body_buf is not None:
+            body, self.body_buf = self.body_buf, None
+        else:
+            body = self.body_parts[0] if len(self.body_parts) == 1 else b"".join(self.body_parts)
         req = Request(
             method=self.parser.get_method().decode("latin-1"),
             path=url.path.decode("latin-1"),
@@ -204,7 +268,8 @@ class _Connection(asyncio.Protocol):
             client=self.client,
             arrived=self.arrived,
         )
-        self.pending.append((req, self.parser.should_keep_alive()))
+        self.pending.append((req, self.parser.should_keep_alive(), self.reserved))
+        self.reserved = 0
         self.in_message = False
         self.timer_kind = None
         if len(self.pending) >= MAX_PIPELINED and not self.reading_paused:
@@ -218,7 +283,7 @@ class _Connection(asyncio.Protocol):
     async def _serve_pending(self):
         try:
             while self.pending and not self.closing:
-                req, keep_alive = self.pending.popleft()
+                req, keep_alive, reserved = self.pending.popleft()
                 if self.reading_paused and not self.refused and len(self.pending) < MAX_PIPELINED // 2:
                     self.reading_paused = False
                     self.transport.resume_reading()
@@ -235,12 +300,16 @@ class _Connection(asyncio.Protocol):
                         resp = Response(500, self.server.error_body("internal server error"))
                     finally:
                         self.server.in_flight -= 1
+                        self._release(reserved)
                 keep_alive = keep_alive and not self.server.stopping
                 if self.closing:
                     return
                 head_only = not isinstance(req, Response) and req.method == "HEAD"
                 self.transport.write(encode_response(resp, keep_alive, with_body=not head_only))
                 if not keep_alive:
+                    if self.discarding:  # a refused body is still arriving: drop it, close at its end
+                        self.answer_written = True
+                        return
                     self._close()
                     return
         finally:
@@ -262,6 +331,9 @@ class _Connection(asyncio.Protocol):
 
     def _on_timeout(self, kind: str | None):
         self.timer = None
+        if kind == "drain":  # a refused body was not all sent within the body deadline
+            self._close()
+            return
         if kind is None:
             if self.worker is None and not self.pending:
                 self._close()  # idle keep-alive connection
@@ -275,17 +347,86 @@ class _Connection(asyncio.Protocol):
         if not self.closing and not self.refused and self.transport is not None:
             if self.server.on_refuse is not None:  # the access log's line for answers no handler saw
                 self.server.on_refuse(self.client, *self._request_line(), status, message)
-            resp = Response(status, self.server.error_body(message))
+            self._refuse_with(Response(status, self.server.error_body(message)))
+        if raise_:
+            raise _Refused()
+
+    def _refuse_body(self, status: int, message: str, size: int | None = None, expect: bool = False):
+        """Refuse a request whose body follows: answer now (in order), then read and drop the body.
+
+        Closing at once with unread bytes makes the kernel send a reset, and a client that sends
+        its whole body before reading (Python's http.client) then sees only the reset.
+        """
+        if self.server.on_refuse is not None and not (self.closing or self.refused or self.discarding):
+            self.server.on_refuse(self.client, *self._request_line(), status, message)
+        headers = {"Retry-After": str(self.limits.retry_after_s)} if status == 503 else {}
+        resp = Response(status, self.server.error_body(message), headers=headers)
+        if expect or (size is not None and size > self.limits.max_drain_bytes):
+            # the client waits for 100 Continue before sending the body, or the body is too large to drain
+            self._refuse_with(resp)
+            raise _Refused()
+        if self.closing or self.refused or self.discarding:
+            return
+        self._release(self.reserved)
+        self.reserved = 0
+        self.body_parts = []
+        self.body_buf = None
+        self.discarding = True
+        self.discarded = 0
+        self.answer_written = False
+        self.drain_until = self.loop.time() + self.limits.body_timeout_s
+        self._arm_drain()
+        if self.worker is None:
+            self.transport.write(encode_response(resp, False))
+            self.answer_written = True
+        else:  # earlier pipelined requests are answered first, in order
+            self.pending.append((resp, False, 0))
+
+    def _end_discard(self):
+        self.discarding = False
+        self.in_message = False
+        self.refused = True
+        self._disarm()
+        if self.answer_written:
+            self._close()
+        elif not self.closing:
+            self.transport.pause_reading()
+
+    def _arm_drain(self):
+        left = self.drain_until - self.loop.time()
+        self._arm(max(0.0, min(left, self.limits.drain_idle_s)), "drain")
+
+    def _refuse_with(self, resp: Response):
+        if not self.closing and not self.refused and self.transport is not None:
             if self.worker is None:
                 self.transport.write(encode_response(resp, False))
                 self._close()
-            else:  # earlier pipelined requests are answered first, in order
+            else:
                 self.refused = True
                 self._disarm()
                 self.transport.pause_reading()
-                self.pending.append((resp, False))
-        if raise_:
-            raise _Refused()
+                self.pending.append((resp, False, 0))
+
+    def _reserve(self, n: int) -> bool:
+        """Count `n` more body bytes against the server's budget; False if they do not fit.
+
+        A request alone always fits (a body the size limit allows is never refused for the budget).
+        """
+        srv = self.server
+        limit = self.limits.max_inflight_bytes
+        if limit and srv.inflight_bytes and srv.inflight_bytes + n > limit:
+            return False
+        srv.inflight_bytes += n
+        self.reserved += n
+        return True
+
+    def _release(self, n: int):
+        if n:
+            self.server.inflight_bytes -= n
+
+    def _busy_message(self, size: int) -> str:
+        return (f"the server is busy: {self.server.inflight_bytes} bytes of requests are in flight and "
+                f"{size} more would exceed limits.maxInflightBytes ({self.limits.max_inflight_bytes}); retry later")
 
     def _request_line(self) -> tuple[str, str]:
         """(method, path) of the request being read, as far as they are known."""
@@ -301,8 +442,11 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
-    def close_if_idle(self):
-        if self.worker is None and not self.pending and not self.in_message:
+    def close_if_idle(self, idle_for_s: float = 0.0):
+        """Close the connection if no request is on it, none has begun, and nothing arrived for
+        `idle_for_s` (bytes a client sent just before may still be on their way to us)."""
+        if (self.worker is None and not self.pending and not self.in_message
+                and self.loop.time() - self.last_read >= idle_for_s):
             self._close()
 
 
@@ -326,6 +470,7 @@ class HTTPServer:
         self.on_refuse: Callable[[str, str, str, int, str], None] | None = None
         self.connections: set[_Connection] = set()
         self.in_flight = 0
+        self.inflight_bytes = 0  # request bodies held (see ServerLimits.max_inflight_bytes)
         self.stopping = False
         self._server: asyncio.base_events.Server | None = None
         self._drained: asyncio.Event | None = None
@@ -347,30 +492,57 @@ class HTTPServer:
         if self.stopping and self.in_flight == 0 and self._drained is not None:
             self._drained.set()
 
+    def begin_drain(self) -> None:
+        """From now on every response closes its connection (`Connection: close`): clients still
+        sending here reconnect, and by then the listener is closed or routing has moved them."""
+        self.stopping = True
+
     async def stop(self, grace_s: float = 30.0):
-        """Stop accepting, let in-flight requests finish (up to `grace_s`), close every connection."""
+        """Stop accepting, finish every request received (up to `grace_s`), close every connection.
+
+        A request already received, or arriving on a connection still open, is served (with
+        `Connection: close`); an idle keep-alive connection is closed once nothing has arrived on it
+        for `IDLE_SETTLE_S` (bytes a client sent just before the listener closed are read first).
+        """
         self.stopping = True
         if self._server is not None:
             self._server.close()
-        for c in list(self.connections):
-            c.close_if_idle()
-        self._maybe_drained()
-        if self.in_flight:
-            try:
-                await asyncio.wait_for(self._drained.wait(), grace_s)
-            except asyncio.TimeoutError:
-                log.warning("shutdown: %d requests still in flight after %g s", self.in_flight, grace_s)
+        loop = self.loop or asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while True:
+            for c in list(self.connections):
+                c.close_if_idle(IDLE_SETTLE_S)
+            self._maybe_drained()
+            if not self.connections or loop.time() >= deadline:
+                break
+            await asyncio.sleep(min(0.02, max(0.0, deadline - loop.time())))
+        if self.connections and self.in_flight:
+            log.warning("shutdown: %d requests still in flight after %g s", self.in_flight, grace_s)
         for c in list(self.connections):
             c._close()
 
 
+# How long an idle connection must have been quiet before shutdown closes it: bytes a client sent
+# just before are read (and served) first, instead of being met with a reset.
+IDLE_SETTLE_S = 0.1
+
+
 async def serve_until_signalled(server: HTTPServer, host: str, port: int, on_listening=None,
-                                grace_s: float = 30.0, before_stop=None) -> None:
-    """Run until SIGTERM/SIGINT, then drain and stop. `on_listening(port)` is called once bound."""
+                                grace_s: float = 30.0, before_stop=None, drain_delay_s: float = 0.0) -> None:
+    """Run until SIGTERM/SIGINT, then drain and stop. `on_listening(port)` is called once bound.
+
+    On the signal: `before_stop()` (readiness turns false there), then the listener stays open for
+    `drain_delay_s`, serving as before but closing each connection after its response, so that
+    whoever routes here (Kubernetes endpoints, a gateway) stops before the listener closes; then
+    `stop(grace_s)`.
+    """
     bound = await server.start(host, port)
     if on_listening is not None:
         on_listening(bound)
     await stop_event().wait()
     if before_stop is not None:
         before_stop()
+    server.begin_drain()
+    if drain_delay_s > 0:
+        await asyncio.sleep(drain_delay_s)
     await server.stop(grace_s)

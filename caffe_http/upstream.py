@@ -36,6 +36,11 @@ class UpstreamTimeout(UpstreamError):
     pass
 
 
+class EndpointLost(UpstreamError):
+    """The endpoint was marked unresponsive (not ready, not draining) while the request waited on
+    it: the request is abandoned there, and may be sent elsewhere (inference is idempotent)."""
+
+
 @dataclass(slots=True)
 class UpstreamResponse:
     status: int
@@ -138,6 +143,7 @@ class EndpointPool:
         self.connect_timeout_s = connect_timeout_s
         self.max_idle = max_idle
         self.idle: list[_Connection] = []
+        self.busy: set[_Connection] = set()  # connections with a request on them
         self.closed = False
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Connection:
@@ -193,17 +199,29 @@ class EndpointPool:
             raise UpstreamTimeout(f"{self.authority} did not answer before the request's deadline") from None
 
     async def _exchange(self, conn: _Connection, head: bytes, rest: bytes | None, loop) -> UpstreamResponse:
+        self.busy.add(conn)
         try:
             resp = await conn.send(head, rest, loop)
         except BaseException:
             conn.close()
             raise
+        finally:
+            self.busy.discard(conn)
         if conn.keep_alive and not conn.closed and not self.closed and len(self.idle) < self.max_idle:
             conn.waiter = None
             self.idle.append(conn)
         else:
             conn.close()
         return resp
+
+    def abort(self, reason: str) -> int:
+        """Fail every request waiting on this endpoint with EndpointLost (and close its connection);
+        returns how many there were."""
+        conns = list(self.busy)
+        for conn in conns:
+            conn._fail(EndpointLost(reason))
+            conn.close()
+        return len(conns)
 
     def close(self):
         """Close the idle connections; connections in use close when their request ends."""

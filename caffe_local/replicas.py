@@ -39,6 +39,16 @@ from .models import LocalError, LocalModel
 
 log = logging.getLogger("caffeserve.up")
 
+PROBE_PERIOD_S = 0.25  # each replica's readiness probe (the kubelet's periodSeconds, scaled down)
+PROBE_TIMEOUT_S = 2.0  # the pods' readiness probe timeoutSeconds
+# Unanswered probes in a row before a replica is not ready (hung), as the kubelet's failureThreshold:
+# one slow answer on a loaded machine must not take a healthy replica (or all of them) out.
+# An answer (503: shutting down, loading) counts at once.
+PROBE_FAILURES = 2
+# A replica told to stop keeps its listener open this long after its readiness turns 503, so that
+# the gateway (which sees that within PROBE_PERIOD_S) stops sending before it closes.
+DRAIN_DELAY_S = 1.0
+
 
 def _free_port(host: str) -> int:
     with socket.socket() as s:
@@ -64,6 +74,7 @@ class Replica:
     grpc_port: int | None = None  # its own, so that replicas on one machine do not all claim 8081
     proc: asyncio.subprocess.Process | None = None
     ready: bool = False
+    draining: bool = False  # answered its readiness probe with "shutting down"
     restarts: int = 0
     starting: bool = False  # being brought up by a scaling step (the supervisor leaves it alone)
     output: list[str] = field(default_factory=list)  # the last lines, for error messages
@@ -77,10 +88,10 @@ class Replica:
         return f"http://{self.host}:{self.port}"
 
     async def start(self) -> None:
-        self.ready = False
+        self.ready = self.draining = False
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "inference_server", "serve", "--config", str(self.config_path),
-            "--host", self.host, "--port", str(self.port),
+            "--host", self.host, "--port", str(self.port), "--drain-delay", str(DRAIN_DELAY_S),
             *(["--grpc-port", str(self.grpc_port)] if self.grpc_port is not None else []),
             "--no-access-log",  # the gateway's access line names every request; errors are still logged
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -99,24 +110,24 @@ class Replica:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
-    async def readiness(self) -> tuple[bool, str]:
-        """(ready, why not) from the server's /v2/health/ready."""
-        pool = EndpointPool(self.host, self.port, connect_timeout_s=1.0)
+    async def readiness(self, timeout_s: float = 2.0) -> tuple[bool, str, bool]:
+        """(ready, why not, whether it answered at all) from the server's /v2/health/ready."""
+        pool = EndpointPool(self.host, self.port, connect_timeout_s=min(1.0, timeout_s))
         try:
             loop = asyncio.get_running_loop()
-            resp = await pool.request("GET", "/v2/health/ready", [], b"", loop.time() + 2.0)
+            resp = await pool.request("GET", "/v2/health/ready", [], b"", loop.time() + timeout_s)
         except UpstreamError as e:
-            return False, str(e)
+            return False, str(e), False
         finally:
             pool.close()
         if resp.status == 200:
-            return True, ""
+            return True, "", True
         try:
             import orjson
 
-            return False, orjson.loads(resp.body).get("error") or f"HTTP {resp.status}"
+            return False, orjson.loads(resp.body).get("error") or f"HTTP {resp.status}", True
         except Exception:
-            return False, f"HTTP {resp.status}"
+            return False, f"HTTP {resp.status}", True
 
     async def stop(self, grace_s: float) -> None:
         if not self.alive():
@@ -160,6 +171,7 @@ class LocalService:
         self.grace_s = grace_s
         self.scale_interval_s = scale_interval_s
         self.groups: dict[tuple[str, str], Group] = {}
+        self._retiring: set[tuple[str, int]] = set()  # addresses being retired by the scaler
         self._configs = 0
         for m in models:
             g = self.groups[m.key] = Group(m, self._write_config(m))
@@ -199,10 +211,12 @@ class LocalService:
         """The gateway sends only to ready replicas (what EndpointSlices do in a cluster)."""
         m = g.model
         ready = {(r.host, r.port, r.grpc_port) for r in g.replicas if r.ready}
+        # a replica draining itself, or one the scaler is retiring: it finishes what it holds
+        draining = {(r.host, r.port) for r in g.replicas if r.draining} | self._retiring
         auto = m.autoscaling
         hold = auto.cold_start_s if auto is not None and auto.min_replicas == 0 else 0.0
         if m.variant == "primary":
-            self.app.balancer.set_model(m.name, ready)
+            self.app.balancer.set_model(m.name, ready, draining)
             self.app.balancer.configure(m.name, version=m.version, cold_start_s=hold)
         else:
             self.app.balancer.set_canary(m.name, ready, m.traffic_percent, m.version, hold)
@@ -234,7 +248,7 @@ class LocalService:
                 await asyncio.sleep(0.1)  # let the relay print its last lines
                 raise LocalError(f"{r.label} exited with code {r.proc.returncode} before it was ready"
                                  + (f": {r.output[-1]}" if r.output else ""))
-            ok, why = await r.readiness()
+            ok, why, _ = await r.readiness()
             if ok:
                 r.ready = True
                 return
@@ -251,36 +265,59 @@ class LocalService:
         task.add_done_callback(self._tasks.discard)
 
     async def _supervise(self) -> None:
-        """Restart replicas that die (with backoff, as the kubelet does); track readiness."""
-        backoff: dict[str, float] = {}
+        """One watcher per replica (a slow probe or a restart backoff holds up no other); a replica the
+        autoscaler adds gets its watcher on the next pass, one it retires ends its own."""
+        watched: dict[str, asyncio.Task] = {}
         while not self.stopping:
-            await asyncio.sleep(0.5)
             for r in self.replicas:
-                if self.stopping:
-                    return
-                g = self._group_of(r)
-                if g is None or r.starting or r.proc is None:
-                    continue  # retired meanwhile, or still being brought up by its scaler
-                if not r.alive():
-                    if r.ready:
-                        r.ready = False
-                        self._publish(g)
-                        log.warning("%s exited with code %s; restarting", r.label, r.proc.returncode)
-                    delay = backoff.get(r.label, 1.0)
-                    backoff[r.label] = min(delay * 2, 30.0)
-                    await asyncio.sleep(delay)
-                    if self.stopping or self._group_of(r) is None:
-                        continue
-                    r.restarts += 1
-                    await r.start()
-                    continue
-                ok, _ = await r.readiness()
-                if ok != r.ready and self._group_of(r) is g:
-                    r.ready = ok
-                    self._publish(g)
-                    if ok:
-                        backoff.pop(r.label, None)
+                task = watched.get(r.label)
+                if task is None or task.done():
+                    watched[r.label] = asyncio.create_task(self._watch(r))
+                    self._tasks.add(watched[r.label])
+                    watched[r.label].add_done_callback(self._tasks.discard)
+            await asyncio.sleep(PROBE_PERIOD_S)
 
+    async def _watch(self, r: Replica) -> None:
+        """Restart the replica when it dies (with backoff, as the kubelet does); track its readiness.
+
+        Its readiness decides where the gateway sends requests, as EndpointSlices do in a cluster:
+        a replica that answers 503 (shutting down: it drains) finishes what it holds; one that does
+        not answer PROBE_FAILURES probes in a row within PROBE_TIMEOUT_S each (hung) has its
+        requests taken back by the gateway and sent to another.
+        """
+        backoff = 1.0
+        unanswered = 0
+        while not self.stopping:
+            await asyncio.sleep(PROBE_PERIOD_S)
+            g = self._group_of(r)
+            if self.stopping or g is None:
+                return  # stopping, or retired by the autoscaler
+            if r.starting or r.proc is None:
+                continue  # still being brought up by its scaler
+            if not r.alive():
+                if r.ready or r.draining:
+                    r.ready = r.draining = False
+                    self._publish(g)
+                    log.warning("%s exited with code %s; restarting", r.label, r.proc.returncode)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                if self.stopping or self._group_of(r) is None:
+                    return
+                r.restarts += 1
+                await r.start()
+                continue
+            ok, why, answered = await r.readiness(PROBE_TIMEOUT_S)
+            unanswered = 0 if answered else unanswered + 1
+            if not answered and unanswered < PROBE_FAILURES:
+                continue
+            draining = not ok and answered and "shutting down" in why
+            if (ok != r.ready or draining != r.draining) and self._group_of(r) is g:
+                r.ready, r.draining = ok, draining
+                self._publish(g)
+                if ok:
+                    backoff = 1.0
+                elif not answered:
+                    log.warning("%s did not answer its readiness probe: %s", r.label, why)
     # --- autoscaling
     async def _autoscale(self) -> None:
         """Every tick, each autoscaled variant's replicas follow the gateway's load signal."""
@@ -343,13 +380,17 @@ class LocalService:
         addresses = {(r.host, r.port) for r in victims}
         endpoints = [e for e in (route.endpoints if route is not None else [])
                      if (e.pool.host, e.pool.port) in addresses]
-        if g is not None:
-            g.replicas = [r for r in g.replicas if r not in victims]
-            self._publish(g)
-        deadline = time.monotonic() + self.grace_s
-        while any(e.active for e in endpoints) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        await asyncio.gather(*(r.stop(self.grace_s) for r in victims))
+        self._retiring |= addresses  # not hung: the gateway leaves their requests to finish there
+        try:
+            if g is not None:
+                g.replicas = [r for r in g.replicas if r not in victims]
+                self._publish(g)
+            deadline = time.monotonic() + self.grace_s
+            while any(e.active for e in endpoints) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            await asyncio.gather(*(r.stop(self.grace_s) for r in victims))
+        finally:
+            self._retiring -= addresses
 
     # --- a changed manifest
     async def apply(self, models: list[LocalModel]) -> None:

@@ -40,8 +40,7 @@ def create_app(plane: DataPlane, metrics: ServerMetrics):
         code = 200
         try:
             m = plane.get(model, version)
-            if plane.draining:
-                raise InferenceError("the server is shutting down", 503, {"Retry-After": "1"})
+            # while draining (SIGTERM), requests are still served: only readiness says we are going
             body, extra = await m.infer(req.body, req.headers)
             if extra:
                 return Response(200, body, "application/octet-stream", {**extra, **m.answer_headers})

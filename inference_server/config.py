@@ -155,6 +155,12 @@ class Limits(CamelModel):
     max_queue: int = Field(default=256, ge=1, description="Requests waiting per model before 503 + Retry-After.")
     header_timeout_s: float = Field(default=10.0, gt=0, description="Deadline to receive a request's headers.")
     body_timeout_s: float = Field(default=30.0, gt=0, description="Deadline to receive a request's whole body.")
+    max_inflight_bytes: int = Field(
+        default=128 * MiB, ge=0,
+        description="Request bodies held at once (being received, decoded or served); past it a request is "
+        "answered 503 + Retry-After before its body is read (a request alone always fits). 0: no limit. "
+        "One request's memory stays within about 4x its body, so this bounds the server's request memory.",
+    )
 
 
 class ModelFiles(CamelModel):

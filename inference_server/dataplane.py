@@ -12,13 +12,14 @@ import functools
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import orjson
 
 from . import __version__
 from .backends import BackendChoice, choose_backend
-from .codecs import InferRequest, decode_request, encode_response
+from .codecs import HEADER_LENGTH, STREAM_MIN_BYTES, InferRequest, decode_request, encode_response
 from .config import ServerConfig, TensorSpec
 from .errors import BadRequest, DeadlineExceeded, ModelLoadError, NotFound, Unavailable
 from .executor import Executor
@@ -29,6 +30,18 @@ from .preprocess import ImagePreprocessor
 from .stats import ModelStats, model_config
 
 log = logging.getLogger(__name__)
+_decoder_pool: ThreadPoolExecutor | None = None
+
+
+def _decoders() -> ThreadPoolExecutor:
+    """The threads that decode large JSON bodies: two, as many as the CPU they may usefully share
+    with the event loop (how many bodies are held at once is limits.maxInflightBytes' job)."""
+    global _decoder_pool
+    if _decoder_pool is None:
+        _decoder_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="json-decode")
+    return _decoder_pool
+
+
 SERVER_NAME = "caffe-serving"
 EXTENSIONS = ["binary_tensor_data", "classification", "statistics", "model_configuration"]
 
@@ -57,20 +70,26 @@ class InputBinding:
     def __init__(self, name: str, datatype: str, item_shape: tuple[int, ...], image: ImagePreprocessor | None):
         self.name, self.datatype, self.item_shape, self.image = name, datatype, item_shape, image
 
-    def to_blob(self, t, max_batch: int) -> np.ndarray:
-        if t.datatype == "BYTES" and self.image is not None:
-            if len(t.shape) not in (1, 2) or (len(t.shape) == 2 and t.shape[1] != 1):
-                raise BadRequest(f"input '{self.name}': images are sent as a BYTES tensor of shape [N] or [N, 1], got {t.shape}")
-            self._check_batch(t.shape[0], max_batch)
-            return functools.partial(self.image, self.name, t.array)  # decoded off the event loop
-        if t.datatype != self.datatype:
+    def check(self, datatype: str, shape: list[int], max_batch: int) -> None:
+        """What the model accepts, from the request's fields alone (before any tensor is built)."""
+        if datatype == "BYTES" and self.image is not None:
+            if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+                raise BadRequest(f"input '{self.name}': images are sent as a BYTES tensor of shape [N] or [N, 1], got {shape}")
+            self._check_batch(shape[0], max_batch)
+            return
+        if datatype != self.datatype:
             accepted = self.datatype + (" or BYTES (encoded images)" if self.image is not None else "")
-            raise BadRequest(f"input '{self.name}': datatype {t.datatype} does not match the model's {accepted}")
-        if tuple(t.shape[1:]) != self.item_shape or len(t.shape) != len(self.item_shape) + 1:
+            raise BadRequest(f"input '{self.name}': datatype {datatype} does not match the model's {accepted}")
+        if tuple(shape[1:]) != self.item_shape or len(shape) != len(self.item_shape) + 1:
             raise BadRequest(
-                f"input '{self.name}': shape {t.shape} does not match the model's {[-1, *self.item_shape]}"
+                f"input '{self.name}': shape {shape} does not match the model's {[-1, *self.item_shape]}"
             )
-        self._check_batch(t.shape[0], max_batch)
+        self._check_batch(shape[0], max_batch)
+
+    def to_blob(self, t, max_batch: int) -> np.ndarray:
+        self.check(t.datatype, t.shape, max_batch)
+        if t.datatype == "BYTES" and self.image is not None:
+            return functools.partial(self.image, self.name, t.array)  # decoded off the event loop
         arr = t.array
         return arr if arr.dtype == np.float32 else arr.astype(np.float32)
 
@@ -191,15 +210,29 @@ class Model:
         if self.state == "ready":
             return
         if self.state == "failed":
-            raise Unavailable(f"model '{self.name}' failed to load: {self.error}", retry_after_s=30)
-        raise Unavailable(f"model '{self.name}' is loading", retry_after_s=2)
+            raise Unavailable(f"model '{self.name}' failed to load: {self.error}", retry_after_s=30, not_run=True)
+        raise Unavailable(f"model '{self.name}' is loading", retry_after_s=2, not_run=True)
+
+    def _check_input(self, name: str, datatype: str, shape: list[int]) -> None:
+        binding = self.inputs.get(name)
+        if binding is None:
+            raise BadRequest(f"unknown input '{name}'; the model's inputs are: {', '.join(self.inputs)}")
+        binding.check(datatype, shape, self.max_batch)
 
     async def infer(self, body: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
         """REST: an infer request body (JSON or binary extension) to the response body and extra headers."""
         self.check_ready()
         started = time.perf_counter_ns()
         try:
-            req = decode_request(body, headers, self.max_elements)
+            header_len = headers.get(HEADER_LENGTH)
+            json_len = int(header_len) if header_len is not None and header_len.isdecimal() else len(body)
+            if json_len >= STREAM_MIN_BYTES:
+                # a large JSON body: decoded in a thread, in short steps that give the event loop the
+                # GIL back every few milliseconds (health probes and small requests keep being answered)
+                req = await asyncio.get_running_loop().run_in_executor(
+                    _decoders(), decode_request, body, headers, self.max_elements, self._check_input)
+            else:
+                req = decode_request(body, headers, self.max_elements, self._check_input)
             outs, phases = await self._run_timed(req, None, started)
             t = time.perf_counter_ns()
             answer = encode_response(self.name, self.version, req.id, outs)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 
+from caffe_http.server import NOT_RUN_HEADER  # noqa: F401 - on a 503 for a request this replica did not start
+
+
 class InferenceError(Exception):
     """An error a client should see as `{"error": message}` with `status_code`."""
 
@@ -37,8 +40,11 @@ class Unavailable(InferenceError):
 
     status_code = 503
 
-    def __init__(self, message: str, retry_after_s: int = 1):
-        super().__init__(message, headers={"Retry-After": str(int(retry_after_s))})
+    def __init__(self, message: str, retry_after_s: int = 1, not_run: bool = False):
+        headers = {"Retry-After": str(int(retry_after_s))}
+        if not_run:  # this replica could not start the request; another may (a gateway retries it there)
+            headers[NOT_RUN_HEADER] = "true"
+        super().__init__(message, headers=headers)
 
 
 class DeadlineExceeded(InferenceError):

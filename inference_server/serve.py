@@ -1,8 +1,10 @@
 """`caffeserve serve --config FILE`: one model over the Open Inference Protocol.
 
 Starts listening at once (liveness true), loads the model in a background thread (readiness true
-when it is loaded, false with the loader's message when it failed), and on SIGTERM refuses new
-work, finishes requests in flight and exits 0 within the grace period.
+when it is loaded, false with the loader's message when it failed). On SIGTERM readiness turns 503
+at once, the listener stays open for the drain delay (every response then closes its connection),
+then closes; every request received is finished, and the process exits 0 within drain delay + grace
+period.
 """
 
 from __future__ import annotations
@@ -40,7 +42,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="gRPC port, overriding the config's grpc.port (and turning gRPC on); 0: any free port "
                    "(default: the config's, 8081 unless it says otherwise)")
     p.add_argument("--grace-period", type=float, default=30.0, metavar="S",
-                   help="seconds to finish in-flight requests on SIGTERM")
+                   help="seconds to finish in-flight requests on SIGTERM, after the drain delay")
+    p.add_argument("--drain-delay", type=float, default=0.0, metavar="S",
+                   help="on SIGTERM, readiness turns 503 at once while the listener stays open this long (each "
+                        "response closing its connection), so that routing stops before it closes; "
+                        "in Kubernetes a few seconds (the operator sets 5)")
     add_logging_arguments(p)
     return p.parse_args(argv)
 
@@ -53,6 +59,7 @@ def build(cfg, access_log: bool = True) -> tuple[DataPlane, HTTPServer, Model]:
         max_body_bytes=cfg.limits.max_request_bytes,
         header_timeout_s=cfg.limits.header_timeout_s,
         body_timeout_s=cfg.limits.body_timeout_s,
+        max_inflight_bytes=cfg.limits.max_inflight_bytes,
     )
     # request bodies in gzip/deflate are decompressed up to maxRequestBytes (413 beyond); answers are
     # compressed when the client asks; one access line per request (caffe_http.access_log)
@@ -93,7 +100,8 @@ def main(argv: list[str]) -> int:
     def draining() -> None:
         signalled.append(time.monotonic())
         plane.draining = True
-        log.info("shutting down: finishing in-flight requests")
+        log.info("shutting down: readiness is 503; draining for %g s, then finishing the requests received",
+                 args.drain_delay)
         if grpc_server is not None:  # REST and gRPC drain together, within the same grace period
             stopping.append(asyncio.ensure_future(grpc_server.stop(args.grace_period)))
 
@@ -105,7 +113,8 @@ def main(argv: list[str]) -> int:
                 log.error("%s", e)
                 return 1
             log.info("listening for gRPC on %s:%d", args.host, port)
-        await serve_until_signalled(server, args.host, args.port, listening, args.grace_period, draining)
+        await serve_until_signalled(server, args.host, args.port, listening, args.grace_period, draining,
+                                    args.drain_delay)
         if stopping:
             await stopping[0]
         return 0
@@ -115,7 +124,8 @@ def main(argv: list[str]) -> int:
     # The grace period bounds the whole shutdown: a forward pass still running when it ends does
     # not hold the exit (the workers are daemon threads; os._exit skips interpreter teardown, which
     # is not safe while a worker is inside Caffe).
-    left = args.grace_period - (time.monotonic() - signalled[0]) if signalled else args.grace_period
+    budget = args.grace_period + args.drain_delay
+    left = budget - (time.monotonic() - signalled[0]) if signalled else args.grace_period
     if not model.close(timeout=max(0.0, left)):
         log.warning("stopped with a forward pass still running at the end of the grace period")
         logging.shutdown()

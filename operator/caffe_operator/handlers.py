@@ -25,7 +25,7 @@ import kopf
 
 from caffe_operator import manifests
 from caffe_operator.api import GROUP, PLURAL, VERSION
-from caffe_operator.kube import KubeClient
+from caffe_operator.kube import ApiError, KubeClient
 from caffe_operator.reconcile import OperatorConfig, Reconciler
 
 CR = (GROUP, VERSION, PLURAL)
@@ -106,7 +106,14 @@ async def on_spec(name: str, namespace: str, memo: kopf.Memo, logger: logging.Lo
 async def on_child(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     model = (body.metadata.labels or {}).get(manifests.MODEL_LABEL)
     if model and body.metadata.namespace:
-        await memo.reconciler.reconcile_named(body.metadata.namespace, model, logger)
+        try:
+            await memo.reconciler.reconcile_named(body.metadata.namespace, model, logger)
+        except ApiError as e:
+            # An event handler is not retried by kopf (it would log a traceback and drop it): the
+            # API failing (429, 5xx) is expected weather, and the next event or the resync retries.
+            logger.warning("reconcile of %s/%s after a change to %s failed: %s; the next event or the resync "
+                           "(every %g s) tries again", body.metadata.namespace, model, body.metadata.name, e,
+                           RESYNC_SECONDS)
 
 
 # Model pods' NetworkPolicies are children only when the chart turns them on (networkPolicy.enabled);

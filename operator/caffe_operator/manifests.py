@@ -56,6 +56,16 @@ GRPC_ARGS = ["--grpc-port", str(GRPC_PORT)]
 def serve_command(spec: CaffeModelServiceSpec) -> list[str]:
     """The server container's command: REST on 8080, and gRPC on 8081 unless turned off."""
     return SERVE_COMMAND + (GRPC_ARGS if spec.runtime.grpc.enabled else [])
+# On SIGTERM the server turns its readiness 503 at once and keeps its listener open this long, so that
+# the endpoints controller, kube-proxy and the gateway stop sending before it closes (Knative's
+# queue-proxy and Envoy drain the same way); then it finishes what it received within the grace
+# period. No preStop hook is needed: a `sleep` preStop would only delay the SIGTERM, while this delay
+# also turns readiness false at once and closes each kept-alive connection after its next response.
+DRAIN_DELAY_S = 5
+GRACE_PERIOD_S = 30
+SERVE_ARGS = ["--drain-delay", str(DRAIN_DELAY_S), "--grace-period", str(GRACE_PERIOD_S)]
+# The kubelet's SIGKILL comes after the drain, the grace period and a margin for the exit itself.
+TERMINATION_GRACE_S = DRAIN_DELAY_S + GRACE_PERIOD_S + 5
 
 # Optional pod-spec fields that come from the CR: when the CR drops one, the patch must remove it.
 OPTIONAL_POD_FIELDS = (
@@ -287,6 +297,7 @@ def pod_template(name: str, spec: CaffeModelServiceSpec, image: str) -> dict[str
         "name": "server",
         "image": image,
         "command": serve_command(spec),
+        "args": SERVE_ARGS,
         "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}]
         + ([{"name": GRPC_PORT_NAME, "containerPort": GRPC_PORT, "protocol": "TCP"}] if rt.grpc.enabled else []),
         "env": [{"name": "HOME", "value": "/tmp"}],
@@ -315,8 +326,8 @@ def pod_template(name: str, spec: CaffeModelServiceSpec, image: str) -> dict[str
             "fsGroup": RUN_AS,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        # The server drains in-flight requests within 30 s of SIGTERM.
-        "terminationGracePeriodSeconds": 40,
+        # drain delay + grace period + a margin (see DRAIN_DELAY_S)
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
         "containers": [server],
         "volumes": [
             {"name": "config", "configMap": {"name": config_map_name(name)}},

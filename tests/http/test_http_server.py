@@ -65,3 +65,118 @@ def test_a_refused_request_is_answered_without_a_fatal_transport_error(caplog):
         bad = _exchange(b"NOT HTTP AT ALL\r\n\r\n", ServerLimits())
     assert got.startswith(b"HTTP/1.1 413") and bad.startswith(b"HTTP/1.1 400"), (got, bad)
     assert not [r for r in caplog.records if "Fatal error" in r.getMessage()]
+
+
+# --- refusals a client that sends its whole body first can read (413, and 503 over the byte budget)
+
+import http.client  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+
+
+@contextmanager
+def serving(limits: ServerLimits, handler=_handler):
+    """The HTTPServer on its own loop in a thread, for blocking clients (http.client) in the test."""
+    started = threading.Event()
+    box: dict = {}
+
+    def run():
+        async def main():
+            server = HTTPServer(handler, limits)
+            box["port"] = await server.start("127.0.0.1", 0)
+            box["loop"], box["stop"] = asyncio.get_running_loop(), asyncio.Event()
+            box["server"] = server
+            started.set()
+            await box["stop"].wait()
+            await server.stop(1)
+
+        asyncio.run(main())
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert started.wait(10)
+    try:
+        yield box["port"], box["server"]
+    finally:
+        box["loop"].call_soon_threadsafe(box["stop"].set)
+        t.join(10)
+
+
+def _post(port: int, path: str, body, headers: dict | None = None, timeout: float = 20.0):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", path, body, headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def test_http_client_reads_the_413_for_a_body_over_the_limit_sent_without_expect():
+    # http.client sends the whole body before it reads: closing at once (with unread bytes, so a
+    # reset) made it see ConnectionResetError instead of the 413
+    limits = ServerLimits(max_body_bytes=64 * 1024)
+    with serving(limits) as (port, _):
+        for size in (200 * 1024, 8 * 1024 * 1024):
+            status, headers, body = _post(port, "/x", b"x" * size)
+            assert status == 413, body
+            assert b"exceeds the limit of 65536 bytes" in body
+            assert headers.get("connection") == "close"
+        # a chunked body (no Content-Length) over the limit: refused once its chunks pass it
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        conn.request("POST", "/x", iter([b"y" * 65536] * 64), encode_chunked=True)
+        resp = conn.getresponse()
+        status, body = resp.status, resp.read()
+        conn.close()
+        assert status == 413 and b"exceeds the limit" in body
+        # and the server still serves
+        assert _post(port, "/ok", b"{}")[0] == 200
+
+
+def test_a_refused_body_is_drained_only_within_its_bounds():
+    limits = ServerLimits(max_body_bytes=1024, max_drain_bytes=1024 * 1024, drain_idle_s=0.5)
+    # a declared length above the drain bound: answered and closed at once, never read
+    got = _exchange(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n\r\n", limits, timeout=5)
+    assert got.startswith(b"HTTP/1.1 413"), got
+    # a client that declares a body and sends nothing: answered at once, closed when it stays idle
+    started = time.monotonic()
+    got = _exchange(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4096\r\n\r\n", limits, timeout=10)
+    assert got.startswith(b"HTTP/1.1 413") and time.monotonic() - started < 5, got
+
+
+def test_bodies_past_the_in_flight_byte_budget_get_503_with_retry_after_before_they_are_read():
+    release = threading.Event()
+    entered = threading.Event()
+
+    async def handler(req):
+        if req.path == "/hold":
+            entered.set()
+            while not release.is_set():
+                await asyncio.sleep(0.01)
+        return Response(200, b'{"n":%d}' % len(req.body))
+
+    limits = ServerLimits(max_body_bytes=4 * 1024 * 1024, max_inflight_bytes=1024 * 1024)
+    with serving(limits, handler) as (port, server):
+        held: dict = {}
+        t = threading.Thread(target=lambda: held.update(r=_post(port, "/hold", b"a" * 800_000)))
+        t.start()
+        try:
+            assert entered.wait(20)
+            # a second large body does not fit beside the first: 503 + Retry-After, and the client reads it
+            status, headers, body = _post(port, "/x", b"b" * 800_000)
+            assert status == 503 and headers.get("Retry-After") == "1", (status, headers)
+            assert b"maxInflightBytes" in body
+            # small requests and probes still fit
+            assert _post(port, "/small", b"c" * 1000)[0] == 200
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/live")
+            assert conn.getresponse().status == 200
+            conn.close()
+        finally:
+            release.set()
+            t.join(20)
+        assert held["r"][0] == 200
+        # the budget came back: the same large body now fits
+        assert _post(port, "/x", b"b" * 800_000)[:1] == (200,)
+        assert server.inflight_bytes == 0

@@ -189,6 +189,17 @@ def test_server_container_runs_caffeserve_serve_with_probes():
     assert mounts["/etc/caffeserve"]["readOnly"] and mounts["/models"]["readOnly"]
 
 
+def test_the_pod_gives_the_server_time_to_drain_before_the_kubelet_kills_it():
+    # SIGTERM: readiness 503 at once, the listener open for the drain delay (endpoints catch up),
+    # then the requests received are finished within the grace period; SIGKILL only after both
+    c = server(build())
+    args = dict(zip(c["args"][::2], c["args"][1::2]))
+    drain, grace = float(args["--drain-delay"]), float(args["--grace-period"])
+    assert drain >= 3  # endpoints propagation takes seconds
+    assert pod(build())["terminationGracePeriodSeconds"] > drain + grace
+    assert "lifecycle" not in c  # no preStop: the server's own drain delay does what a preStop sleep would
+
+
 def test_startup_budget_follows_the_spec():
     c = server(build(spec(runtime={"startupTimeoutSeconds": 1800})))
     assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] == 1800

@@ -148,3 +148,93 @@ def test_a_forward_pass_longer_than_the_grace_period_does_not_hold_up_the_exit(t
         assert "still running at the end of the grace period" in server.output()
     finally:
         server.stop()
+
+
+# --- the drain (issue 15): nothing fully sent is lost
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_model_dir):
+    """Requests of 3 MB JSON bodies that take about 200 ms (batching's queue delay holds them)."""
+    proto, weights = save_net(dense_net(150_000, 4), tmp_model_dir, "wide")
+    return {"name": "wide", "model": {"prototxt": str(proto), "weights": str(weights)}, "backend": "pycaffe",
+            "batching": {"enabled": True, "maxBatchSize": 64, "maxQueueDelayMs": 200}}
+
+
+def _wide_body(seed: int) -> bytes:
+    x = np.random.default_rng(seed).normal(0, 1, (4, 150_000)).astype(np.float32)
+    return json.dumps({"inputs": [{"name": "data", "shape": [4, 150_000], "datatype": "FP32",
+                                   "data": np.round(x, 3).ravel().tolist()}]}).encode()
+
+
+@pytest.mark.parametrize("drain_delay", [0.0, 1.0])
+def test_sigterm_just_after_six_large_requests_loses_none_of_them(wide_model, tmp_model_dir, drain_delay):
+    server = ServerProcess(wide_model, tmp_model_dir, args=["--drain-delay", str(drain_delay)]).start()
+    try:
+        bodies = [_wide_body(i) for i in range(6)]
+        assert all(len(b) > 1_000_000 for b in bodies)
+        results: list = [None] * 6
+
+        def client(i: int):
+            conn = HTTPConnection("127.0.0.1", server.port, timeout=60)
+            try:
+                conn.request("POST", "/v2/models/wide/infer", bodies[i], {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                results[i] = (resp.status, resp.read())
+            except OSError as e:
+                results[i] = (repr(e), b"")
+            finally:
+                conn.close()
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(0.05)
+        server.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        assert [r[0] for r in results] == [200] * 6, [(r[0], r[1][:200]) for r in results]
+        assert server.proc.wait(30) == 0
+    finally:
+        server.stop()
+
+
+def test_on_sigterm_readiness_fails_at_once_while_the_listener_drains_and_keepalive_clients_are_told_to_close(
+        wide_model, tmp_model_dir):
+    delay = 2.0
+    server = ServerProcess(wide_model, tmp_model_dir, args=["--drain-delay", str(delay)]).start()
+    try:
+        idle = HTTPConnection("127.0.0.1", server.port, timeout=10)  # a keep-alive client, idle at SIGTERM
+        idle.request("GET", "/v2/health/live")
+        first = idle.getresponse()
+        first.read()
+        assert first.getheader("connection") != "close"
+
+        server.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        while http("GET", server.url + "/v2/health/ready")[0] != 503:  # turns 503 at once...
+            assert time.monotonic() - signalled < 1.0, "readiness still 200 a second after SIGTERM"
+            time.sleep(0.02)
+        assert time.monotonic() - signalled < delay * 0.5
+        status, _, body = http("GET", server.url + "/v2/health/ready")
+        assert status == 503 and b"shutting down" in body
+        assert http("GET", server.url + "/v2/health/live")[0] == 200  # ... while liveness stays true
+        # new connections are still accepted and served during the drain delay
+        status, body = http_json("POST", server.url + "/v2/models/wide/infer", {"inputs": [
+            {"name": "data", "shape": [1, 150_000], "datatype": "FP32", "data": [0.5] * 150_000}]})
+        assert status == 200, body
+        # the idle keep-alive connection's next request is answered, with Connection: close (no reset)
+        idle.request("GET", "/v2/health/live")
+        second = idle.getresponse()
+        assert second.status == 200 and second.getheader("connection") == "close"
+        second.read()
+        idle.close()
+        assert time.monotonic() - signalled < delay
+
+        while not refused(server.port):  # then the listener closes, and the process exits 0
+            assert time.monotonic() - signalled < delay + 5
+            time.sleep(0.05)
+        assert time.monotonic() - signalled >= delay * 0.9
+        assert server.proc.wait(30) == 0
+    finally:
+        server.stop()
