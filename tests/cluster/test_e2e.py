@@ -260,7 +260,7 @@ def test_3_model_pods_get_a_network_policy_letting_in_the_gateway_and_the_operat
     assert policy is not None and policy["metadata"]["ownerReferences"][0]["kind"] == "CaffeModelService"
     assert policy["spec"]["podSelector"] == {"matchLabels": {manifests.MODEL_LABEL: MODEL}}
     [rule] = policy["spec"]["ingress"]
-    assert rule["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    assert rule["ports"] == [{"port": 8080, "protocol": "TCP"}, {"port": 8081, "protocol": "TCP"}]  # http, grpc
     components = {p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in rule["from"]}
     assert components == {"gateway", "operator"}
     assert all(p["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}} for p in rule["from"])
@@ -278,7 +278,7 @@ def test_4_model_pods_run_the_generated_template_and_config(flow):
     for server in flow.servers:
         assert server.argv[1:] == ["serve", "--config", str(server.mounts["/etc/caffeserve"] / "config.yaml"),
                                    "--host", "127.0.0.1", "--port", str(server.port("http")),
-                                   "--grpc-port", str(server.port("grpc"))]
+                                   "--grpc-port", str(server.port("grpc")), *manifests.SERVE_ARGS]
         mounted = yaml.safe_load((server.mounts["/etc/caffeserve"] / "config.yaml").read_text())
         # the same config, its /models paths pointing at the claim's folder (examples/digits)
         assert mounted["model"]["prototxt"] == str(DIGITS_DIR / "deploy.prototxt")
