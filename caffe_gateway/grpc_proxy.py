@@ -34,6 +34,7 @@ from typing import Callable
 import grpc
 
 from inference_server.grpc import messages as pb
+from inference_server.grpc.listener import GRPCListener
 from inference_server.grpc.status import retry_trailers
 
 from .balancer import Balancer, DeadlinePassed, Endpoint, ModelRoute, NoEndpoints, Overloaded
@@ -345,33 +346,9 @@ class GRPCGateway:
         return resp, await call.initial_metadata(), await call.trailing_metadata()
 
 
-class GRPCGatewayServer:
+class GRPCGatewayServer(GRPCListener):
     """The gateway's grpc.aio server; its largest request message is `max_message_bytes`."""
 
     def __init__(self, gateway: GRPCGateway, max_message_bytes: int):
+        super().__init__(gateway.handler, max_message_bytes)
         self.gateway = gateway
-        self.max_message_bytes = max_message_bytes
-        self.server: grpc.aio.Server | None = None
-
-    async def start(self, host: str, port: int) -> int:
-        """Bind and start; returns the bound port. OSError when the port cannot be bound."""
-        self.server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", self.max_message_bytes),  # beyond: RESOURCE_EXHAUSTED
-            ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 0),
-        ])
-        self.server.add_generic_rpc_handlers((self.gateway.handler(),))
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        try:
-            bound = self.server.add_insecure_port(address)
-        except RuntimeError as e:
-            raise OSError(f"cannot listen for gRPC on {address}: {e}") from None
-        if not bound:
-            raise OSError(f"cannot listen for gRPC on {address}")
-        await self.server.start()
-        return bound
-
-    async def stop(self, grace_s: float) -> None:
-        """Refuse new calls at once, let those in flight finish within `grace_s`, then cancel them."""
-        if self.server is not None:
-            await self.server.stop(grace_s)

@@ -26,6 +26,7 @@ from ..metrics import ServerMetrics
 from . import messages as pb
 from .codec import decode_infer_request, encode_infer_response
 from .status import RETRY_INFO_TYPE, error_status  # noqa: F401 (RETRY_INFO_TYPE: re-exported)
+from .listener import GRPCListener
 
 log = logging.getLogger(__name__)
 
@@ -140,33 +141,9 @@ class GRPCService:
         await context.abort(code, details, trailing_metadata=trailing)
 
 
-class GRPCServer:
+class GRPCServer(GRPCListener):
     """A grpc.aio server for one DataPlane; its largest request message is `max_message_bytes`."""
 
     def __init__(self, plane: DataPlane, metrics: ServerMetrics, max_message_bytes: int):
         self.service = GRPCService(plane, metrics)
-        self.max_message_bytes = max_message_bytes
-        self.server: grpc.aio.Server | None = None
-
-    async def start(self, host: str, port: int) -> int:
-        """Bind and start; returns the bound port. OSError when the port cannot be bound."""
-        self.server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", self.max_message_bytes),  # beyond: RESOURCE_EXHAUSTED
-            ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
-        ])
-        self.server.add_generic_rpc_handlers((self.service.handler(),))
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        try:
-            bound = self.server.add_insecure_port(address)
-        except RuntimeError as e:  # grpc raises this when it cannot bind
-            raise OSError(f"cannot listen for gRPC on {address}: {e}") from None
-        if not bound:
-            raise OSError(f"cannot listen for gRPC on {address}")
-        await self.server.start()
-        return bound
-
-    async def stop(self, grace_s: float) -> None:
-        """Refuse new RPCs at once, let those in flight finish within `grace_s`, then cancel them."""
-        if self.server is not None:
-            await self.server.stop(grace_s)
+        super().__init__(self.service.handler, max_message_bytes)
