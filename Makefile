@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PYTHON ?= python3.11
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup test demo bench bench-compare clean crd
+.PHONY: setup test demo bench bench-compare clean crd cuda-build gpu-bundle gpu-rehearsal
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,19 @@ bench: setup
 bench-compare: setup
 	bash bench/setup_peers.sh
 	$(PY) bench/compare.py --no-setup
+
+# Caffe with CUDA 13 (sm_90), compiled here from PyPI's CUDA wheels; no GPU needed (not part of `make test`).
+cuda-build: setup
+	bash scripts/cuda_build.sh --python $(PY)
+
+# .gpu-bundle/: what a lent GPU machine lacks (pycaffe for its Python 3.12, libraries, wheels), for
+# scripts/gpu_check.sh there; `make gpu-rehearsal` runs that check here (its GPU steps print SKIP).
+gpu-bundle: cuda-build
+	PROJECT_PY=$(abspath $(PY)) bash scripts/gpu_bundle.sh
+
+gpu-rehearsal: gpu-bundle
+	PYTHON=.caffe-cuda/py312-venv/bin/python CUDA_LIB_DIRS=$$(readlink -f .caffe-cuda/cuda)/lib GPU_CHECK_KEEP_LIBS=1 \
+	  OUT=$${OUT:-/tmp/gpu-rehearsal} bash scripts/gpu_check.sh .gpu-bundle
 
 clean:
 	rm -rf $(VENV)

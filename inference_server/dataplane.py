@@ -147,8 +147,10 @@ class Model:
     def _metadata(self, desc) -> dict:
         ex = self.executor
         params = {"backend": self.choice.name, "backend_reason": self.choice.reason, **self.choice.details,
-                  "instances": self.cfg.instances, "batching": ex.batching,
+                  "device": self.cfg.device.kind.value, "instances": self.cfg.instances, "batching": ex.batching,
                   "max_request_batch": self.max_batch}
+        if self.cfg.device.kind.value == "gpu":
+            params["device_id"] = self.cfg.device.id
         if ex.batching:
             params["batching_max_batch_size"] = ex.max_batch
         if ex.decision is not None:
