@@ -10,7 +10,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): $(PY) pyproject.toml scripts/install_pycaffe.sh scripts/patch_caffe_sources.py scripts/patch_pycaffe_gil.py scripts/patch_pycaffe_io.py scripts/setup_system.sh scripts/debian-packages.txt
+$(STAMP): $(PY) pyproject.toml scripts/install_pycaffe.sh scripts/build_caffe.sh scripts/patch_caffe_sources.py scripts/patch_pycaffe_gil.py scripts/patch_pycaffe_io.py scripts/setup_system.sh scripts/debian-packages.txt
 	bash scripts/setup_system.sh
 	bash scripts/install_pycaffe.sh $(VENV)
 	$(PY) -m pip install -q -e '.[operator,onnx,test]'
