@@ -147,9 +147,9 @@ class Model:
     def _metadata(self, desc) -> dict:
         ex = self.executor
         params = {"backend": self.choice.name, "backend_reason": self.choice.reason, **self.choice.details,
-                  "device": self.cfg.device.kind.value, "instances": self.cfg.instances, "batching": ex.batching,
+                  "device": str(self.cfg.device.kind), "instances": self.cfg.instances, "batching": ex.batching,
                   "max_request_batch": self.max_batch}
-        if self.cfg.device.kind.value == "gpu":
+        if self.cfg.device.kind == "gpu":
             params["device_id"] = self.cfg.device.id
         if ex.batching:
             params["batching_max_batch_size"] = ex.max_batch

@@ -111,16 +111,45 @@ def hungry_netspec(elements: int = 2**27, copies: int = 16):
     return n
 
 
+def save_he(netspec, directory: Path, name: str, seed: int) -> tuple[Path, Path]:
+    """NAME.prototxt and NAME.caffemodel with He-initialised weights and BatchNorm statistics near
+    the identity, so that activations stay O(1) through a deep net."""
+    import caffe
+
+    directory.mkdir(parents=True, exist_ok=True)
+    proto = directory / f"{name}.prototxt"
+    proto.write_text(str(netspec.to_proto()))
+    net = caffe.Net(str(proto), caffe.TEST)
+    rng = np.random.default_rng(seed)
+    types = {n: layer.type for n, layer in zip(net._layer_names, net.layers)}
+    for layer, blobs in net.params.items():
+        if types[layer] == "BatchNorm":
+            blobs[0].data[...] = rng.normal(0, 0.1, blobs[0].data.shape)
+            blobs[1].data[...] = rng.uniform(0.5, 1.5, blobs[1].data.shape)
+            blobs[2].data[...] = 1.0
+        elif types[layer] == "Scale":
+            blobs[0].data[...] = rng.uniform(0.5, 1.5, blobs[0].data.shape)
+            if len(blobs) > 1:
+                blobs[1].data[...] = rng.normal(0, 0.1, blobs[1].data.shape)
+        else:
+            w = blobs[0].data
+            w[...] = rng.normal(0.0, np.sqrt(2.0 / int(np.prod(w.shape[1:]))), w.shape)
+            if len(blobs) > 1:
+                blobs[1].data[...] = rng.normal(0.0, 0.01, blobs[1].data.shape)
+    weights = directory / f"{name}.caffemodel"
+    net.save(str(weights))
+    return proto, weights
+
+
 def make_nets(work: Path) -> dict:
     """{name: (prototxt, weights, input blob, input shape for one item, logit blob)}."""
     import inception_net
-    from nets import save_net
 
     digits = REPO / "examples" / "digits"
     nets = {"digits": (digits / "deploy.prototxt", digits / "digits.caffemodel", "data", (1, 8, 8), None)}
     proto, weights = inception_net.write(work / "inception")
     nets["inception"] = (proto, weights, "data", (3, 224, 224), "fc")
-    proto, weights = save_net(residual_netspec(), work / "residual", "residual", seed=1)
+    proto, weights = save_he(residual_netspec(), work / "residual", "residual", seed=1)
     nets["residual"] = (proto, weights, "data", (3, 224, 224), "fc")
     proto = work / "hungry.prototxt"
     proto.write_text(str(hungry_netspec().to_proto()))
@@ -204,8 +233,11 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log.read_text()[-3000:]}")
             try:
-                if http("GET", self.url + path, timeout=2)[0] == 200:
+                status, body = http("GET", self.url + path, timeout=2)
+                if status == 200:
                     return self
+                if self.ready and "failed" in (body or {}).get("error", ""):
+                    raise RuntimeError(f"the model failed to load: {body['error']}")
             except OSError:
                 pass
             time.sleep(0.1)
@@ -296,6 +328,7 @@ def step_serve_digits(work: Path, gpu: bool, refs: Path | None) -> None:
     if refs is not None and (refs / "digits.npz").exists():
         ref = np.load(refs / "digits.npz")
         x = ref["input"][:4]
+    cfg["backend"] = "pycaffe"  # this checks pycaffe's CUDA build (ONNX Runtime is another backend)
     cpu_cfg = {**cfg, "device": {"kind": "cpu"}}
     with Server(work, cpu_cfg) as s:
         status, body = http("POST", s.url + "/v2/models/digits/infer", infer_payload("data", x))
@@ -359,7 +392,7 @@ def step_throughput(nets, work: Path, gpu: bool) -> None:
         f"batch 64 {curve[-1]['items_per_s']} items/s", curve=curve)
     cfg = {"name": "inception", "model": {"prototxt": str(proto), "weights": str(weights)},
            "inputs": [{"name": inp, "shape": [1, *shape], "datatype": "FP32"}], "outputs": [{"name": "prob"}],
-           "device": {"kind": "gpu"}, "batching": {"enabled": "auto", "maxBatchSize": 64}}
+           "device": {"kind": "gpu"}, "backend": "pycaffe", "batching": {"enabled": "auto", "maxBatchSize": 64}}
     with Server(work, cfg) as s:
         status, meta = http("GET", s.url + "/v2/models/inception")
         p = meta.get("parameters", {})
@@ -378,7 +411,7 @@ def step_instances(nets, work: Path, gpu: bool) -> None:
     ref = forward(proto, weights, {inp: x}, ["prob"])["prob"].ravel()
     cfg = {"name": "residual", "model": {"prototxt": str(proto), "weights": str(weights)},
            "inputs": [{"name": inp, "shape": [1, *shape], "datatype": "FP32"}], "outputs": [{"name": "prob"}],
-           "device": {"kind": "gpu"}, "instances": 2}
+           "device": {"kind": "gpu"}, "backend": "pycaffe", "instances": 2}
     with Server(work, cfg) as s:
         rest = smi(s.proc.pid)
         payload = infer_payload(inp, x)
@@ -423,7 +456,7 @@ def step_oom(nets, work: Path, gpu: bool) -> None:
     proto, weights, inp, shape, _ = nets["hungry"]
     cfg = {"name": "hungry", "model": {"prototxt": str(proto), "weights": str(weights)},
            "inputs": [{"name": inp, "shape": [1, *shape], "datatype": "FP32"}], "outputs": [{"name": "total"}],
-           "device": {"kind": "gpu"}}
+           "device": {"kind": "gpu"}, "backend": "pycaffe"}
     x1 = np.random.default_rng(3).random((1, *shape), dtype=np.float32)
     with Server(work, cfg) as s:
         url = s.url + "/v2/models/hungry/infer"
