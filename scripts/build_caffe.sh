@@ -90,7 +90,8 @@ record_build_debs() {
 make_with_progress() {
   # make prints "[ NN%]" lines; show one every 30 s instead of minutes of silence.
   local dir=$1 target=$2 logf=$3 last=0 pct
-  (cd "$dir" && nice -n "${CAFFE_BUILD_NICE:-0}" make -j"$(nproc)" "$target" >"$logf" 2>&1) &
+  # -k: one failed build shows every file that does not compile, not only the first
+  (cd "$dir" && nice -n "${CAFFE_BUILD_NICE:-0}" make -k -j"$(nproc)" "$target" >"$logf" 2>&1) &
   local pid=$! start=$SECONDS
   while kill -0 "$pid" 2>/dev/null; do
     sleep 2
@@ -169,7 +170,8 @@ build_cuda() {
   grep -q "CUDA detected: $CUDA_VERSION" "$work/cmake.log" \
     || { tail -40 "$work/cmake.log" >&2; log "cmake did not take the CUDA toolkit at $CUDA_ROOT"; exit 1; }
   make_with_progress "$src/build" caffe "$work/make.log" \
-    || { grep -B3 -A12 -m3 'error' "$work/make.log" >&2 || tail -60 "$work/make.log" >&2; log "make failed"; exit 1; }
+    || { grep -B3 -A12 -m3 'error' "$work/make.log" >&2 || tail -60 "$work/make.log" >&2
+         log "make failed; the build folder is kept for a look: $work (log: $work/make.log)"; exit 1; }
   local stage="$CACHE.tmp"; rm -rf "$stage"; mkdir -p "$stage/lib" "$stage/include" "$stage/python"
   record_build_debs "$src/build" "$stage/build-debs.txt"
   cp -a "$src/build/lib/"libcaffe.so* "$stage/lib/"

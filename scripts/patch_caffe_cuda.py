@@ -161,18 +161,25 @@ def missing_gpu_methods(src: str) -> dict[str, list[tuple[str, str]]]:
 
 
 def add_gpu_fallbacks(src: str) -> list[str]:
-    """Define the missing GPU methods (before INSTANTIATE_CLASS, outside CPU_ONLY); the layers patched."""
+    """Define the missing GPU methods; the layers patched. Where the layer's .cu file instantiates its
+    GPU methods (INSTANTIATE_LAYER_GPU_FUNCS, e.g. Proposal's, with Forward_gpu only), the definitions
+    go there, before that line; else into its .cpp, before INSTANTIATE_CLASS, outside CPU_ONLY."""
     patched = []
     for path, methods in missing_gpu_methods(src).items():
-        with open(path) as f:
-            source = f.read()
         for cls in dict.fromkeys(c for c, _ in methods):
             code = "".join(FALLBACK[m].format(cls=cls) for c, m in methods if c == cls)
-            anchor = f"INSTANTIATE_CLASS({cls});"
-            source = source.replace(anchor, f"#ifndef CPU_ONLY\n{FALLBACK_MARK}\n{code}#endif\n\n{anchor}", 1)
+            cu = path[:-len(".cpp")] + ".cu"
+            cu_anchor = f"INSTANTIATE_LAYER_GPU_FUNCS({cls});"
+            if os.path.exists(cu) and cu_anchor in open(cu).read():
+                target, anchor, block = cu, cu_anchor, f"{FALLBACK_MARK}\n{code}\n{cu_anchor}"
+            else:
+                anchor = f"INSTANTIATE_CLASS({cls});"
+                target, block = path, f"#ifndef CPU_ONLY\n{FALLBACK_MARK}\n{code}#endif\n\n{anchor}"
+            with open(target) as f:
+                source = f.read()
+            with open(target, "w") as f:
+                f.write(source.replace(anchor, block, 1))
             patched.append(cls.removesuffix("Layer"))
-        with open(path, "w") as f:
-            f.write(source)
     return patched
 
 
