@@ -115,8 +115,9 @@ outside=$(LD_LIBRARY_PATH="$STAGE/caffe:$STAGE/lib:$CUDA_LIB" ldd "$STAGE/caffe/
 rm -rf "$OUTDIR"; mkdir -p "$OUTDIR"
 (cd "$STAGE" && tar cf - MANIFEST.txt caffe lib wheels refs | xz -T0 -6 > "$OUTDIR/caffe-gpu-bundle.tar.xz")
 cp "$STAGE/MANIFEST.txt" "$OUTDIR/MANIFEST.txt"
-bundle=$(du -sm "$OUTDIR" | cut -f1)
-tree=$(cd "$REPO" && { git ls-files -co --exclude-standard -z | xargs -0 -r du -cm 2>/dev/null | tail -1 | cut -f1; })
+bundle=$(( $(du -sb "$OUTDIR" | cut -f1) / 1048576 + 1 ))
+tree=$(cd "$REPO" && git ls-files -co --exclude-standard -z | xargs -0 -r stat -c %s 2>/dev/null \
+       | awk '{s += $1} END {print int(s / 1048576) + 1}')
 echo "bundle: $(du -sh "$OUTDIR/caffe-gpu-bundle.tar.xz" | cut -f1) compressed; with the working tree (${tree} MiB) $((bundle + tree)) MiB travels" >> "$OUTDIR/MANIFEST.txt"
 cat "$OUTDIR/MANIFEST.txt" >&2
 if (( bundle + tree > LIMIT_MIB )); then

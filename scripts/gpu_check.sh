@@ -34,7 +34,7 @@ if [ "${GPU_CHECK_KEEP_LIBS:-0}" != 1 ]; then
   for f in "$SCRATCH"/lib/*; do
     n=$(basename "$f")
     case "$n" in libboost_*|libglog*|libgflags*|libprotobuf*|libhdf5*|libopenblas*|libgfortran*|libquadmath*) continue ;; esac
-    if ldconfig -p | grep -q " $n "; then rm -f "$f"; fi
+    if ldconfig -p | awk '{print $1}' | grep -qxF "$n"; then rm -f "$f"; fi
   done
 fi
 log "carried libraries in use: $(ls "$SCRATCH/lib" | tr '\n' ' ')"
