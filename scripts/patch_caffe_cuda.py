@@ -16,7 +16,7 @@ are all still there. These patches, applied only for a CUDA build (the CPU build
 - nvcc reads the caffe.pb.h this build generates, not the stale copy the sdist ships in include/.
 - nvcc compiles with its own -std (CUDA 13's Thrust needs C++17), not the host's -std=c++14.
 - Layers whose header declares Forward_gpu/Backward_gpu but whose source has no CUDA code (the
-  sdist's Upsample, MaxUnPool, PixelShuffle, ReLU6, HardSigmoid, HardSwish, ...: stubbed out only
+  sdist's Upsample, MaxUnPool, PixelShuffle, ReLU6, HardSigmoid, HardSwish, Proposal: stubbed out only
   for CPU_ONLY) get GPU methods that run their CPU code, as Caffe's base Layer does for a layer
   without GPU methods; without them libcaffe has undefined symbols and pycaffe fails to import.
 - common.cpp's DeviceQuery reads three cudaDeviceProp fields that CUDA 13 removed; it asks
@@ -149,6 +149,7 @@ def declared_only(body: str, method: str) -> bool:
 def missing_gpu_methods(src: str) -> dict[str, list[tuple[str, str]]]:
     """{layer .cpp path: [(class, method)]} for GPU methods declared but defined in no source file."""
     headers = "".join(open(f).read() for f in sorted(glob.glob(os.path.join(src, "include/caffe/**/*.hpp"), recursive=True)))
+    headers = re.sub(r"//[^\n]*|/\*.*?\*/", "", headers, flags=re.S)  # a commented-out declaration declares nothing
     cuda = "".join(open(f).read() for f in sorted(glob.glob(os.path.join(src, "src/caffe/**/*.cu"), recursive=True)))
     found: dict[str, list[tuple[str, str]]] = {}
     for path in sorted(glob.glob(os.path.join(src, "src/caffe/layers/*.cpp"))):
