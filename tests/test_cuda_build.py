@@ -164,11 +164,15 @@ def test_layers_without_cuda_code_get_gpu_methods_that_run_the_cpu_code(tmp_path
     (tmp_path / "include/caffe/layers/ok_layer.hpp").write_text(
         "template <typename Dtype>\nclass OkLayer : public Layer<Dtype> {\n"
         "  virtual void Forward_gpu(const vector<Blob<Dtype>*>& bottom, const vector<Blob<Dtype>*>& top);\n};\n")
+    (tmp_path / "include/caffe/layers/bi_layer.hpp").write_text(
+        "template <typename Dtype>\nclass BiLayer : public Layer<Dtype>{\n"
+        "  //virtual void Forward_gpu(const vector<Blob<Dtype>*>& bottom,\n  //    const vector<Blob<Dtype>*>& top);\n};\n")
+    (tmp_path / "src/caffe/layers/bi_layer.cpp").write_text("INSTANTIATE_CLASS(BiLayer);\n")
     up = tmp_path / "src/caffe/layers/up_layer.cpp"
     up.write_text("#ifdef CPU_ONLY\nSTUB_GPU(UpLayer);\n#endif\n\nINSTANTIATE_CLASS(UpLayer);\n")
     (tmp_path / "src/caffe/layers/ok_layer.cpp").write_text("INSTANTIATE_CLASS(OkLayer);\n")
     (tmp_path / "src/caffe/layers/ok_layer.cu").write_text("void OkLayer<Dtype>::Forward_gpu(...) {}\n")
-    assert patch.add_gpu_fallbacks(str(tmp_path)) == ["Up"]
+    assert patch.add_gpu_fallbacks(str(tmp_path)) == ["Up"]  # not Bi: its declaration is commented out
     text = up.read_text()
     assert "void UpLayer<Dtype>::Forward_gpu(" in text and "Forward_cpu(bottom, top);" in text
     assert "Backward_gpu" not in text  # defined inline in the header: left alone
