@@ -15,7 +15,8 @@
 # PyPI has no CPython interpreters to install). Its venv (numpy 2, scipy, scikit-image, like the
 # lent machine's) lives in the build cache; the rehearsal runs in it.
 #
-# usage: scripts/gpu_bundle.sh      (after scripts/cuda_build.sh, which it calls for Python 3.12)
+# usage: scripts/gpu_bundle.sh      (calls scripts/cuda_build.sh for Python 3.12; cached after the first time)
+#   PROJECT_PY: the project venv's Python (default .venv/bin/python); PYTHON312: see above
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$HERE")
@@ -49,7 +50,11 @@ if [ ! -f "$VENV/.done" ]; then
   touch "$VENV/.done"
 fi
 
-BUILD=$(bash "$HERE/cuda_build.sh" --python "$PROJECT_PY" --python "$VENV/bin/python" | tail -1)
+if [ -n "${GPU_BUNDLE_BUILD:-}" ]; then   # an existing CUDA build folder with py3.12/ (skips cuda_build.sh)
+  BUILD=$GPU_BUNDLE_BUILD
+else
+  BUILD=$(bash "$HERE/cuda_build.sh" --python "$PROJECT_PY" --python "$VENV/bin/python" | tail -1)
+fi
 CUDA_LIB=$(readlink -f "$REPO/.caffe-cuda/cuda")/lib
 ln -sfn "$VENV" "$REPO/.caffe-cuda/py312-venv"   # the rehearsal's Python (make gpu-rehearsal)
 
@@ -62,7 +67,7 @@ mkdir -p "$STAGE/lib"
 LD_LIBRARY_PATH="$STAGE/caffe:$CUDA_LIB" ldd "$STAGE/caffe/_caffe.so" "$STAGE/caffe/libcaffe.so.1.0.0" \
   | awk '/=> \// {print $1, $3}' | sort -u | while read -r name path; do
     case "$name" in
-      libc.so*|libm.so*|libpthread.so*|libdl.so*|librt.so*|ld-linux*|libstdc++.so*|libgcc_s.so*) continue ;;
+      libc.so*|libm.so*|libpthread.so*|libdl.so*|librt.so*|libresolv.so*|ld-linux*|libstdc++.so*|libgcc_s.so*) continue ;;
       libcudart.so*|libcublas.so*|libcublasLt.so*|libcurand.so*) continue ;;   # the machine's CUDA 13
       libcaffe.so*|libboost_python3*) continue ;;                              # in caffe/ already
     esac
@@ -101,7 +106,7 @@ EOF
 # outside glibc and the C++ runtime.
 outside=$(LD_LIBRARY_PATH="$STAGE/caffe:$STAGE/lib:$CUDA_LIB" ldd "$STAGE/caffe/_caffe.so" "$STAGE/caffe/libcaffe.so.1.0.0" "$STAGE"/lib/*.so* \
   | awk '/=> \// {print $3}' | grep -v -e "^$STAGE" -e "^$CUDA_LIB" \
-  | grep -v -E '/(libc|libm|libpthread|libdl|librt|libstdc\+\+|libgcc_s)\.so' | sort -u || true)
+  | grep -v -E '/(libc|libm|libpthread|libdl|librt|libresolv|libstdc\+\+|libgcc_s)\.so' | sort -u || true)
 [ -z "$outside" ] || { log "the bundle misses libraries: $outside"; exit 1; }
 
 { echo "caffe-serving GPU bundle, made $(date -u +%FT%TZ) by scripts/gpu_bundle.sh"
