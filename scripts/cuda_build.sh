@@ -59,5 +59,5 @@ export PYTHONPATH="$BUILD/py$PYV\${PYTHONPATH:+:\$PYTHONPATH}"
 export LD_LIBRARY_PATH="$CUDA_ROOT/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
 EOF
 log "CUDA Caffe: $BUILD ($(du -sh "$BUILD/lib" | cut -f1) libcaffe; $((SECONDS - start)) s)"
-ls -d "$BUILD"/py*/caffe >&2
+ls -d "$BUILD"/py[0-9]*/caffe >&2
 echo "$BUILD"
