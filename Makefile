@@ -4,13 +4,13 @@ PY     := $(VENV)/bin/python
 PYTHON ?= python3.11
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup test demo bench bench-compare clean crd
+.PHONY: setup test demo bench bench-compare clean crd cuda-build gpu-bundle gpu-rehearsal
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): $(PY) pyproject.toml scripts/install_pycaffe.sh scripts/patch_caffe_sources.py scripts/patch_pycaffe_gil.py scripts/patch_pycaffe_io.py scripts/setup_system.sh scripts/debian-packages.txt
+$(STAMP): $(PY) pyproject.toml scripts/install_pycaffe.sh scripts/build_caffe.sh scripts/patch_caffe_sources.py scripts/patch_pycaffe_gil.py scripts/patch_pycaffe_io.py scripts/setup_system.sh scripts/debian-packages.txt
 	bash scripts/setup_system.sh
 	bash scripts/install_pycaffe.sh $(VENV)
 	$(PY) -m pip install -q -e '.[operator,onnx,demo,bench,s3,test]'
@@ -48,6 +48,19 @@ bench: setup
 bench-compare: setup
 	bash bench/setup_peers.sh
 	$(PY) bench/compare.py --no-setup
+
+# Caffe with CUDA 13 (sm_90), compiled here from PyPI's CUDA wheels; no GPU needed (not part of `make test`).
+cuda-build: setup
+	bash scripts/cuda_build.sh --python $(PY)
+
+# .gpu-bundle/: what a lent GPU machine lacks (pycaffe for its Python 3.12, libraries, wheels), for
+# scripts/gpu_check.sh there; `make gpu-rehearsal` runs that check here (its GPU steps print SKIP).
+gpu-bundle: cuda-build
+	PROJECT_PY=$(abspath $(PY)) bash scripts/gpu_bundle.sh
+
+gpu-rehearsal: gpu-bundle
+	PYTHON=.caffe-cuda/py312-venv/bin/python CUDA_LIB_DIRS=$$(readlink -f .caffe-cuda/cuda)/lib GPU_CHECK_KEEP_LIBS=1 \
+	  OUT=$${OUT:-/tmp/gpu-rehearsal} bash scripts/gpu_check.sh .gpu-bundle
 
 clean:
 	rm -rf $(VENV)

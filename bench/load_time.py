@@ -8,7 +8,7 @@ from starting the process to the first 200 from /v2/health/ready, the same way f
 server's own `load_seconds` (metadata) is printed beside it. `--before DIR` also starts the servers of
 an older checkout (e.g. `git archive <commit> | tar -x -C DIR`) the same way, for a before/after (it must
 have the `caffeserve` package: the figures in docs/onnx.md for e267cbb, older, were taken with
-`-m inference_server.cli`).
+`-m caffeserve`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def model_files(kind: str, d: Path) -> tuple[Path, Path, dict]:
 
 def time_to_ready(cfg: dict, d: Path, env: dict, code_root: Path) -> tuple[float, dict]:
     server = ServerProcess(cfg, d, env={**env, "PYTHONPATH": str(code_root)})
-    server_process.REPO = code_root  # the process's working folder: `-m inference_server.cli` imports from it
+    server_process.REPO = code_root  # the process's working folder: `-m caffeserve` imports from it
     t0 = time.perf_counter()
     with server:
         wall = time.perf_counter() - t0

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import Batching
+from .errors import GpuOutOfMemory
 
 
 @dataclass
@@ -39,7 +40,10 @@ def measure_curve(backend, inputs: dict[str, tuple[int, ...]], outputs: list[str
     curve = []
     for b in batch_sizes(max_batch):
         feed = {n: rng.random((b, *shape), dtype=np.float32) for n, shape in inputs.items()}
-        backend.infer(feed, outputs)  # warm-up (allocations, reshape)
+        try:
+            backend.infer(feed, outputs)  # warm-up (allocations, reshape)
+        except GpuOutOfMemory:  # this batch does not fit on the GPU: neither will larger ones
+            break
         times, spent = [], 0.0
         while len(times) < 3 or (spent < budget_s and len(times) < 50):
             t = time.perf_counter()

@@ -176,9 +176,11 @@ class Model:
     def _metadata(self, desc) -> dict:
         ex = self.executor
         params = {"backend": self.choice.name, "backend_reason": self.choice.reason, **self.choice.details,
-                  "instances": self.cfg.instances, "batching": ex.batching,
+                  "device": str(self.cfg.device.kind), "instances": self.cfg.instances, "batching": ex.batching,
                   "batch_separable": ex.probe.separable, "batch_separable_reason": ex.probe.reason,
                   "max_request_batch": self.max_batch, **self.load_times}
+        if self.cfg.device.kind == "gpu":
+            params["device_id"] = self.cfg.device.id
         if ex.batching:
             params["batching_max_batch_size"] = ex.max_batch
         if ex.decision is not None:

@@ -47,6 +47,15 @@ class Unavailable(InferenceError):
         super().__init__(message, headers=headers)
 
 
+class GpuOutOfMemory(InferenceError):
+    """A forward pass at this batch size would not fit in the GPU's free memory; nothing was run.
+
+    507 Insufficient Storage: the request is valid and smaller batches fit; retrying it as is won't help.
+    """
+
+    status_code = 507
+
+
 class DeadlineExceeded(InferenceError):
     status_code = 504
 

@@ -27,7 +27,7 @@ from .backends import BackendChoice, create_backend
 from .backends.base import NetDescription
 from .calibration import BatchingDecision, decide, measure_curve
 from .config import ServerConfig
-from .errors import DeadlineExceeded, InferenceError, ModelLoadError, Unavailable
+from .errors import DeadlineExceeded, GpuOutOfMemory, InferenceError, ModelLoadError, Unavailable
 from .parity import value_range
 from .probe import NetProbe, probe, runs_batches
 
@@ -246,6 +246,13 @@ class Executor:
                     results.append({k: v[start : start + it.batch] for k, v in out.items()})
                     start += it.batch
             error = None
+        except GpuOutOfMemory as e:
+            if len(live) == 1:
+                results, error = [None], e
+            else:  # the stacked batch did not fit: each request on its own may
+                for it in live:
+                    self._execute(backend, [it])
+                return
         except InferenceError as e:
             results, error = [None] * len(live), e
         except Exception as e:  # a backend failure is the server's fault: 500 with the message

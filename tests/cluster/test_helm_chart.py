@@ -511,19 +511,36 @@ def test_server_image_runs_what_the_operator_puts_in_model_pods():
     assert entrypoint(dockerfile("Dockerfile.caffe-gpu")) == manifests.SERVE_COMMAND
 
 
-def test_gpu_image_builds_bvlc_caffe_for_volta_to_hopper():
+def test_gpu_image_builds_the_cpu_builds_source_with_the_same_script():
+    """One Caffe source (the PyPI sdist) and one build script (scripts/build_caffe.sh, through
+    install_pycaffe.sh) for the CPU pycaffe and the GPU image; CUDA 13 with cuDNN 9 for ONNX Runtime."""
     text = dockerfile("Dockerfile.caffe-gpu")
-    commit = re.search(r"^ARG CAFFE_COMMIT=([0-9a-f]{40})$", text, re.M).group(1)
-    assert commit.startswith("9b89154")
+    assert "github.com" not in text and "CAFFE_COMMIT" not in text, "the image builds the sdist, not a GitHub tarball"
+    assert re.search(r"install_pycaffe\.sh /opt/venv \\\n\s+--cuda /usr/local/cuda", text)
+    install = (REPO / "scripts" / "install_pycaffe.sh").read_text()
+    build = (REPO / "scripts" / "build_caffe.sh").read_text()
+    assert 'build_caffe.sh" "$@" --python "$PY"' in install  # CPU (no options) and CUDA (--cuda ...) alike
+    assert re.search(r"^SDIST_VERSION=9\.0\.2$", build, re.M) and 'brocolli-caffe==$SDIST_VERSION' in build
     cuda = re.search(r"^ARG CUDA_VERSION=(\d+)\.(\d+)\.(\d+)$", text, re.M)
-    assert cuda.group(1) == "12", "CUDA 13 drops Volta (sm_70)"
-    assert re.search(r'^ARG CUDA_ARCH_BIN="70 75 80 86 89 90"$', text, re.M)
+    assert cuda.group(1) == "13", "onnxruntime-gpu (<= 1.31.1) is built for CUDA 13"
+    archs = re.search(r'^ARG CUDA_ARCH_BIN="([\d ]+)"$', text, re.M).group(1).split()
+    assert "90" in archs and all(int(a) >= 75 for a in archs), "CUDA 13 builds sm_75 and newer"
     assert re.search(r"^FROM nvidia/cuda:\$\{CUDA_VERSION\}-devel-", text, re.M)
-    assert re.search(r"^FROM nvidia/cuda:\$\{CUDA_VERSION\}-runtime-", text, re.M)
-    for option in ("USE_CUDNN := 0", "USE_OPENCV := 0", "USE_LEVELDB := 0", "USE_LMDB := 0"):
-        assert option in text
-    assert "WITH_PYTHON_LAYER := 1" not in text  # the GIL patch needs no Python layer
-    assert "patch_pycaffe_gil.py python/caffe/_caffe.cpp" in text
+    assert re.search(r"^FROM nvidia/cuda:\$\{CUDA_VERSION\}-cudnn-runtime-", text, re.M), "cuDNN 9 for ONNX Runtime"
+    assert '"onnxruntime-gpu>=1.24,<=1.31.1"' in text
+    assert "-DUSE_CUDNN=OFF" in build  # Caffe's cuDNN code predates cuDNN 8
+    assert "-DBUILD_python_layer=ON" not in build and "BUILD_python_layer" not in text  # the GIL patch needs none
+
+
+def test_both_builds_apply_the_same_source_patches():
+    """build_caffe.sh patches every build with patch_caffe_sources.py (GIL release, 2 GiB protobuf
+    reads), and a CUDA build also with patch_caffe_cuda.py; the CPU cache key ignores the CUDA patch."""
+    build = (REPO / "scripts" / "build_caffe.sh").read_text()
+    assert '"$PY" "$HERE/patch_caffe_sources.py" "$src"' in build
+    assert '[ -z "$CUDA_ROOT" ] || "$PY" "$HERE/patch_caffe_cuda.py" "$src"' in build
+    assert 'PATCHES=("$HERE/patch_caffe_sources.py" "$HERE/patch_pycaffe_gil.py")' in build
+    sources = (REPO / "scripts" / "patch_caffe_sources.py").read_text()
+    assert "import patch_pycaffe_gil" in sources and "patch_pycaffe_gil.patch" in sources
 
 
 def test_dockerignore_keeps_the_venv_and_git_out():

@@ -37,9 +37,9 @@ def test_the_one_package_list_holds_what_the_build_and_tests_need():
                    "libopenblas-dev", "libhdf5-dev", "wrk"):
         assert needed in packages
     # no other script names a package of its own: the list is read, never repeated
-    for script in ("install_pycaffe.sh", "setup_system.sh", "check_build_debs.sh"):
+    for script in ("install_pycaffe.sh", "build_caffe.sh", "setup_system.sh", "check_build_debs.sh"):
         assert not re.search(r"libboost-\w+-dev|apt-get install\S* .*lib", (SCRIPTS / script).read_text())
-    assert 'bash "$HERE/setup_system.sh"' in (SCRIPTS / "install_pycaffe.sh").read_text()
+    assert 'bash "$HERE/setup_system.sh"' in (SCRIPTS / "build_caffe.sh").read_text()
 
 
 def test_the_installed_build_compiled_only_against_listed_packages():
@@ -83,7 +83,7 @@ def test_source_patches_release_the_gil_and_lift_the_weights_limit(tmp_path):
     alone.write_text(PYCAFFE_SNIPPET)
     assert run("patch_pycaffe_gil.py", alone).returncode == 0
     assert alone.read_text() == cpp
-    assert '"$HERE/patch_caffe_sources.py" "$src"' in (SCRIPTS / "install_pycaffe.sh").read_text()
+    assert '"$HERE/patch_caffe_sources.py" "$src"' in (SCRIPTS / "build_caffe.sh").read_text()
 
 
 def test_source_patches_refuse_sources_they_do_not_know(tmp_path):
@@ -105,19 +105,22 @@ def test_installed_pycaffe_carries_the_patches():
     assert "from skimage.transform import resize" in source and "as_grey" not in source
 
 
-def test_protobuf_fix_makes_caffe_call_what_current_protobuf_has(tmp_path):
-    """Caffe 9b89154's io.cpp calls SetTotalBytesLimit(limit, warning_threshold); protobuf 3.21 (in
-    the image, and here) has only SetTotalBytesLimit(limit). The image's sed turns the one into the other."""
+def test_protobuf_fix_makes_caffe_call_what_current_protobuf_has():
+    """Caffe's io.cpp calls SetTotalBytesLimit(limit, warning_threshold) (BVLC) or with a 512 MiB literal
+    (the sdist); protobuf 3.21 (Debian 12, Ubuntu 24.04) has only SetTotalBytesLimit(limit), and weights
+    up to 2 GiB must load. patch_caffe_sources.py, which both builds apply, turns either into that."""
     header = Path("/usr/include/google/protobuf/io/coded_stream.h")
     if header.exists():
         declared = re.findall(r"void SetTotalBytesLimit\(([^)]*)\)", header.read_text())
         assert declared == ["int total_bytes_limit"]
-    command = re.search(r"^RUN (sed -i '(s/SetTotalBytesLimit[^']*)' src/caffe/util/io.cpp)", dockerfile("Dockerfile.caffe-gpu"), re.M)
-    io_cpp = tmp_path / "io.cpp"
-    io_cpp.write_text("  CodedInputStream* coded_input = new CodedInputStream(raw_input);\n"
-                      "  coded_input->SetTotalBytesLimit(kProtoReadBytesLimit, 536870912);\n")
-    subprocess.run(["sed", "-i", command.group(2), str(io_cpp)], check=True)
-    assert "coded_input->SetTotalBytesLimit(kProtoReadBytesLimit);" in io_cpp.read_text()
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import patch_caffe_sources
+    finally:
+        sys.path.pop(0)
+    for call in ("SetTotalBytesLimit(kProtoReadBytesLimit, 536870912)", "SetTotalBytesLimit(536870912)"):
+        patched = patch_caffe_sources.patch_proto_limit(f"  coded_input->{call};\n")
+        assert "coded_input->SetTotalBytesLimit(INT_MAX);" in patched and "#include <climits>" in patched
 
 
 def test_runtime_package_list_covers_what_pycaffe_links():
