@@ -169,18 +169,11 @@ def _child(req: dict) -> dict:
 
     from . import served
 
+    from .backends.pycaffe import set_device
+
     native = _import_native()
     kind, device_id = req["device"]
-    if kind == "gpu":
-        from .backends.pycaffe import gpu_problem
-
-        problem = gpu_problem(device_id)
-        if problem:
-            raise ModelLoadError(problem)
-        native.set_device(device_id)
-        native.set_mode_gpu()
-    else:
-        native.set_mode_cpu()
+    set_device(kind, device_id, native)
     _step(f"building the Net from {req['prototxt']} and {req['weights']}")
     try:
         net = _RawNet(native.Net(req["prototxt"], 1, weights=req["weights"]))  # 1 == TEST

@@ -8,9 +8,14 @@ from ..errors import BadRequest, GpuOutOfMemory, ModelLoadError
 from .base import BlobInfo, NetDescription
 
 
-def _set_device(device_kind: str, device_id: int) -> None:
-    """Caffe's mode and device are per thread: call this in the thread that will run the Net."""
-    import caffe
+def set_device(device_kind: str, device_id: int, caffe=None) -> None:
+    """Caffe's mode and device are per thread: call this in the thread that will run the Net.
+
+    `caffe` is the module whose set_mode_* to call: pycaffe itself, or its native `caffe._caffe`
+    (the load probe imports only that).
+    """
+    if caffe is None:
+        import caffe
 
     if device_kind == "gpu":
         problem = gpu_problem(device_id)
@@ -105,7 +110,7 @@ class PycaffeBackend:
 
     def __init__(self, prototxt: str, weights: str, device_kind: str = "cpu", device_id: int = 0, cfg=None):
         """Load the net; with `cfg`, reshaped to the served input shapes and serving the config's outputs."""
-        _set_device(device_kind, device_id)
+        set_device(device_kind, device_id)
         import caffe
 
         from .. import served

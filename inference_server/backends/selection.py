@@ -385,9 +385,9 @@ def evaluate(cfg, n_random: int | None = None, probed=None, speed: bool | None =
     if problem is None and want_speed:
         t0 = time.perf_counter()
         if cfg.device.kind == "gpu":
-            from .pycaffe import _set_device
+            from .pycaffe import set_device
 
-            _set_device(cfg.device.kind, cfg.device.id)
+            set_device(cfg.device.kind, cfg.device.id)
         try:
             found_speed = measure_speed(net, session, shapes, outputs, parity.value_range(cfg.preprocessing))
         finally:

@@ -196,7 +196,8 @@ def test_canary_runs_beside_the_primary_shows_in_the_status_and_rollback_deletes
     apply_cr(cluster, ns, digits_spec(replicas=1, canary=canary(25)))
     dep = eventually(operator, lambda: cluster.get_object(DEPLOYMENTS, ns, "digits-canary"), "the canary Deployment")
     assert cluster.get_object(CONFIGMAPS, ns, "digits-canary-config") is not None
-    svc = cluster.get_object(SERVICES, ns, "digits-canary")
+    # the canary's children come one after the other: the Service is the last of them
+    svc = eventually(operator, lambda: cluster.get_object(SERVICES, ns, "digits-canary"), "the canary Service")
     assert svc["metadata"]["labels"][slices.TRAFFIC_LABEL] == "25"
     assert cluster.get_object(SERVICES, ns, "digits-predictor")["metadata"]["labels"][slices.TRAFFIC_LABEL] == "75"
     deployment_status(cluster, ns, "digits-predictor", 1)

@@ -87,7 +87,7 @@ def uniform(*shape, seed=0):
 # --- the build patch -------------------------------------------------------------------------------
 
 def test_the_cache_key_covers_the_fork_sources():
-    """install_pycaffe.sh keys its cache by patch_caffe_sources.py's hash; FORKS_DIGEST in it must be the
+    """build_caffe.sh keys its cache by patch_caffe_sources.py's hash; FORKS_DIGEST in it must be the
     digest of everything patch_caffe_forks adds, or a changed layer would be served from a stale cache."""
     sys.path.insert(0, str(SCRIPTS))
     try:
@@ -97,7 +97,7 @@ def test_the_cache_key_covers_the_fork_sources():
         sys.path.remove(str(SCRIPTS))
     assert patch_caffe_sources.FORKS_DIGEST == patch_caffe_forks.digest(), (
         f'set FORKS_DIGEST = "{patch_caffe_forks.digest()}" in scripts/patch_caffe_sources.py')
-    assert "patch_caffe_sources.py" in (SCRIPTS / "install_pycaffe.sh").read_text().split("PATCHES=", 1)[1].split("\n")[0]
+    assert "patch_caffe_sources.py" in (SCRIPTS / "build_caffe.sh").read_text().split("PATCHES=", 1)[1].split("\n")[0]
 
 
 def test_the_patch_adds_layers_and_fields_once_and_refuses_unknown_sources(tmp_path):
