@@ -127,7 +127,8 @@ def heavy_net() -> caffe.NetSpec:
 def test_a_forward_pass_longer_than_the_grace_period_does_not_hold_up_the_exit(tmp_model_dir):
     grace = 0.5
     proto, weights = save_net(heavy_net(), tmp_model_dir, "heavy")
-    cfg = {"name": "heavy", "model": {"prototxt": str(proto), "weights": str(weights)}}
+    cfg = {"name": "heavy", "backend": "pycaffe",  # a Caffe forward pass: what a grace period cannot cut short
+           "model": {"prototxt": str(proto), "weights": str(weights)}}
     server = ServerProcess(cfg, tmp_model_dir, args=["--grace-period", str(grace)]).start()
     try:
         x = np.zeros((16, 64, 64, 64), np.float32)
