@@ -2,7 +2,8 @@
 
 `with_access_log(handler, name)` wraps a request handler: one line per request on the logger
 `caffeserve.access` (method, path, model, status, response bytes, duration, request id, client), at
-INFO; answers 4xx/5xx at WARNING with their `error` message. Successful health probes and metric
+INFO; answers 4xx/5xx at WARNING with their `error` message (a readiness 503 while loading or draining
+is the probe's expected answer: DEBUG). Successful health probes and metric
 scrapes (`/v2/health/*`, `/metrics`: one every few seconds per kubelet and Prometheus) are at DEBUG.
 With the access log off (`--no-access-log`) only the 4xx/5xx lines are written: an operator can
 still answer "who sent the 400s?".
@@ -35,6 +36,7 @@ from .server import Handler, Request, Response
 ACCESS_LOGGER = "caffeserve.access"
 _FIELDS = ("method", "path", "model", "status", "bytes", "duration_ms", "request_id", "client", "error", "server")
 _QUIET_PATHS = ("/v2/health/live", "/v2/health/ready", "/metrics")
+_HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 MODELS_PREFIX = "/v2/models/"
 
 
@@ -71,8 +73,12 @@ class AccessLog:
 
     def write(self, method: str, path: str, status: int, size: int, seconds: float, request_id: str,
               client: str, error: str = "") -> None:
-        if status >= 400:
+        if status >= 400 and not (path in _HEALTH_PATHS and status == 503):
             level = logging.WARNING
+        elif path in _HEALTH_PATHS and status == 503:
+            # not ready yet (loading) or any more (draining): the probe's expected answer, polled every
+            # few seconds; the server logs the state change itself
+            level = logging.DEBUG
         elif not self.enabled:
             return
         elif path in _QUIET_PATHS:
