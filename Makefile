@@ -26,9 +26,12 @@ $(CHECKOV):
 
 setup: $(STAMP) $(CHECKOV)
 
-# the import layers (pyproject.toml, [tool.importlinter]) first, then every test
+# the gates first (pyproject.toml: import layers [tool.importlinter], lint [tool.ruff], types [tool.mypy]),
+# then every test
 test: setup
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -ra
 
 demo: setup

@@ -35,7 +35,13 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 from peers.servers import (  # noqa: E402
-    SERVERS, ServedModel, ServerUnderTest, http, peer_python, pycaffe_dir, write_our_config,
+    SERVERS,
+    ServedModel,
+    ServerUnderTest,
+    http,
+    peer_python,
+    pycaffe_dir,
+    write_our_config,
 )
 from wrk import run_wrk  # noqa: E402
 
@@ -143,7 +149,8 @@ def drain(server: ServerUnderTest, body: bytes, headers: dict) -> None:
     http("POST", server.infer_url, body, headers, timeout=120)
 
 
-def measure(server: ServerUnderTest, body: bytes, headers: dict, concurrencies: list[int], seconds: float) -> list[dict]:
+def measure(server: ServerUnderTest, body: bytes, headers: dict, concurrencies: list[int],
+            seconds: float) -> list[dict]:
     """wrk at each concurrency, plus the server's CPU time per request (less noisy than req/s on a busy machine)."""
     wrk(server.infer_url, body, headers, max(concurrencies), 1)  # warm-up: connections, caches, lazy imports
     drain(server, body, headers)
@@ -253,7 +260,8 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
 
 def print_table(rows: list[dict], ratios: list[dict], forward_ms: dict[str, float]) -> None:
     print()
-    print(f"{'server':<30} {'model':<10} {'conc':>4} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'CPU ms/req':>10} {'errors':>6}")
+    print(f"{'server':<30} {'model':<10} {'conc':>4} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} "
+          f"{'CPU ms/req':>10} {'errors':>6}")
     for r in rows:
         if "error" in r:
             print(f"{r['server']:<30} {r['model']:<10} {'':>4} {r['error'][:60]}")
@@ -313,7 +321,8 @@ def peer_versions() -> dict[str, str]:
     out = {}
     for venv, dist in (("kserve", "kserve"), ("mlserver", "mlserver")):
         try:
-            out[dist] = subprocess.run([str(peer_python(venv)), "-c", f"import importlib.metadata as m; print(m.version('{dist}'))"],
+            code = f"import importlib.metadata as m; print(m.version('{dist}'))"
+            out[dist] = subprocess.run([str(peer_python(venv)), "-c", code],
                                        capture_output=True, text=True, check=True).stdout.strip()
         except (SystemExit, subprocess.CalledProcessError):
             out[dist] = "missing"
@@ -323,7 +332,8 @@ def peer_versions() -> dict[str, str]:
 def git_commit() -> str:
     """The commit measured; `+dirty` when the server's code differs from it in the working tree."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "inference_server"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "inference_server"], cwd=REPO,
+                           capture_output=True, text=True)
     return (head.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else "")
 
 
@@ -352,7 +362,7 @@ def main() -> int:
     os.environ.update(env)  # before `import caffe`: the reference forward runs like the servers do
     if not args.no_setup and any(s in PEERS for s in args.servers):
         subprocess.run(["bash", str(BENCH / "setup_peers.sh")], check=True, stdout=subprocess.DEVNULL)
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     t0 = time.monotonic()
     load_before = os.getloadavg()
 

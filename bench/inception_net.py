@@ -44,8 +44,7 @@ def _inception(n, L, P, name, bottom, widths):
 def netspec():
     """The deploy net as a caffe.NetSpec: input `data` [1,3,224,224], output `prob` [1,1000]."""
     import caffe
-    from caffe import layers as L
-    from caffe import params as P
+    from caffe import layers as L, params as P
 
     n = caffe.NetSpec()
     n.data = L.Input(shape=[{"dim": list(INPUT_SHAPE)}])

@@ -33,10 +33,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+import inception_net  # noqa: E402
 from caffe_testing.grpc import OIPClient, grpc_server, infer_request, output  # noqa: E402
 from caffe_testing.servers import http  # noqa: E402
-
-import inception_net  # noqa: E402
 from inference_server.grpc import messages as pb  # noqa: E402
 
 PROTOCOLS = ("REST JSON", "REST binary", "gRPC")
@@ -45,7 +44,8 @@ PROTOCOLS = ("REST JSON", "REST binary", "gRPC")
 def bodies(model: str, name: str, x: np.ndarray) -> dict[str, tuple[bytes, dict[str, str]]]:
     """Each protocol's request body and headers for one FP32 input."""
     shape = list(x.shape)
-    rest_json = orjson.dumps({"inputs": [{"name": name, "shape": shape, "datatype": "FP32", "data": x.ravel().tolist()}]})
+    rest_json = orjson.dumps({"inputs": [{"name": name, "shape": shape, "datatype": "FP32",
+                                          "data": x.ravel().tolist()}]})
     head = orjson.dumps({"inputs": [{"name": name, "shape": shape, "datatype": "FP32",
                                      "parameters": {"binary_data_size": x.nbytes}}],
                          "parameters": {"binary_data_output": True}})
@@ -186,7 +186,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         for model, path, name, out, shape in model_configs(Path(d), args.models.split(","), args.backend):
             x = np.random.default_rng(0).random(shape, dtype=np.float32)
-            with grpc_server(path, Path(d), env={"OPENBLAS_NUM_THREADS": "1"}, args=["--log-level", "WARNING"]) as server:
+            env = {"OPENBLAS_NUM_THREADS": "1"}
+            with grpc_server(path, Path(d), env=env, args=["--log-level", "WARNING"]) as server:
                 backend = orjson.loads(http("GET", f"{server.url}/v2/models/{model}")[2])["parameters"]["backend"]
                 cases = bodies(model, name, x)
                 check_answers(server, model, name, out, x, cases)

@@ -110,7 +110,8 @@ def run(repo: Path, model: str, cfg: dict, payload: bytes, copies: int, tmp: Pat
         prober.join(60)
         _, peak = rss(server.proc.pid)
         line = (f"  statuses {[r[0] for r in results]}, seconds {[r[1] for r in results]}\n"
-                f"  RSS ready {ready_rss / MiB:.0f} MiB, peak {peak / MiB:.0f} MiB (+{(peak - ready_rss) / MiB:.0f} MiB)"
+                f"  RSS ready {ready_rss / MiB:.0f} MiB, peak {peak / MiB:.0f} MiB"
+                f" (+{(peak - ready_rss) / MiB:.0f} MiB)"
                 f"; longest /v2/health/live answer {worst[0] * 1000:.0f} ms")
         if tensor_bytes:
             line += f"\n  peak growth / decoded tensor: {(peak - ready_rss) / tensor_bytes:.1f}x"
@@ -129,8 +130,8 @@ def main() -> None:
     p.add_argument("--scenarios", default="numbers,trailing-string,4x-trailing-string,valid")
     p.add_argument("--backend", default="pycaffe", help="the servers' backend (pycaffe, onnxruntime, auto)")
     args = p.parse_args()
-    from caffe import layers as L, params as P
     import caffe
+    from caffe import layers as L, params as P
 
     from caffe_testing.nets import dense_net, save_net
 

@@ -21,9 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from caffe_testing.servers import ServerProcess  # noqa: E402
-from wrk import run_wrk  # noqa: E402
-
 from inference_server.config import load_config  # noqa: E402
+from wrk import run_wrk  # noqa: E402
 
 
 def direct_forward_p50(cfg, x: np.ndarray, iterations: int = 2000) -> float:
@@ -70,7 +69,8 @@ def main() -> None:
             rows.append((conc, r))
     print(f"{'concurrency':>11} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
     for conc, r in rows:
-        print(f"{conc:>11} {r['rps']:>9.0f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['non2xx'] + r['socket_errors']:>6}")
+        errors = r["non2xx"] + r["socket_errors"]
+        print(f"{conc:>11} {r['rps']:>9.0f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {errors:>6}")
     print(f"overhead at concurrency 1 (HTTP p50 − forward p50): {rows[0][1]['p50_ms'] - fwd:.3f} ms")
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 import orjson
 
@@ -57,7 +57,7 @@ def request_coding(header: str | None) -> str | None:
     return coding
 
 
-def _decompressor(coding: str, first: bytes):
+def _decompressor(coding: str, first: bytes | bytearray):
     if coding == "gzip":
         return zlib.decompressobj(16 + zlib.MAX_WBITS)
     # RFC 9110's "deflate" is the zlib format; a raw deflate stream (no zlib header) is common too.
@@ -66,7 +66,7 @@ def _decompressor(coding: str, first: bytes):
     return zlib.decompressobj(-zlib.MAX_WBITS)
 
 
-def decompress(body: bytes, coding: str, limit: int) -> bytes:
+def decompress(body: bytes | bytearray, coding: str, limit: int) -> bytes:
     """`body` decoded; CodingError 413 as soon as the output passes `limit` bytes, 400 if it is corrupt."""
     parts: list[bytes] = []
     size = 0

@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Awaitable, Callable
 
 import httptools
 
@@ -30,7 +30,7 @@ class Request:
     path: str
     query: str
     headers: dict[str, str]  # lower-cased names
-    body: bytes  # a bytearray for bodies over 1 MiB (grown in place as it arrives)
+    body: bytes | bytearray  # a bytearray for bodies over 1 MiB (grown in place as it arrives)
     client: str = ""
     # loop.time() when the headers were complete: the start of the request's deadline
     arrived: float = 0.0
@@ -103,14 +103,27 @@ MAX_PIPELINED = 16  # requests read ahead on one connection before it stops read
 class _Connection(asyncio.Protocol):
     """One client connection: parses requests, hands complete ones to the handler in order."""
 
-    def __init__(self, server: "HTTPServer"):
+    # the message being read (_reset_message)
+    url: bytes
+    headers: dict[str, str]
+    body_parts: list[bytes]
+    body_buf: bytearray | None
+    body_len: int
+    header_bytes: int
+    in_message: bool
+
+    def __init__(self, server: HTTPServer):
         self.server = server
-        self.loop = server.loop
+        assert server.loop is not None  # connections are made only after start()
+        self.loop: asyncio.AbstractEventLoop = server.loop
         self.limits = server.limits
-        self.parser = httptools.HttpRequestParser(self)
-        self.transport: asyncio.Transport | None = None
+        # None only once the connection is lost (connection_lost breaks the reference cycle)
+        self.parser: httptools.HttpRequestParser = httptools.HttpRequestParser(self)
+        # None only until connection_made, which runs before any other callback
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.client = ""
-        self.pending: deque[Request] = deque()
+        # (request, keep-alive, bytes reserved) in arrival order; a refusal queued in order is a Response
+        self.pending: deque[tuple[Request | Response, bool, int]] = deque()
         self.worker: asyncio.Task | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.closing = False
@@ -148,7 +161,7 @@ class _Connection(asyncio.Protocol):
             self._release(item[2])
         # The parser refers back to this protocol: break the cycle so that the connection and the
         # body it last read are freed now, not at the next full garbage collection.
-        self.parser = None
+        self.parser = None  # type: ignore[assignment]
         self.body_parts = []
         self.body_buf = None
         if self.worker is not None and self.server.cancel_on_disconnect:
@@ -186,9 +199,9 @@ class _Connection(asyncio.Protocol):
     # --- parser callbacks
     def _reset_message(self):
         self.url = b""
-        self.headers: dict[str, str] = {}
-        self.body_parts: list[bytes] = []
-        self.body_buf: bytearray | None = None
+        self.headers = {}
+        self.body_parts = []
+        self.body_buf = None
         self.body_len = 0
         self.header_bytes = 0
         self.in_message = False
@@ -214,8 +227,8 @@ class _Connection(asyncio.Protocol):
         expect = self.headers.get("expect", "").lower() == "100-continue"
         self.arrived = self.loop.time()
         if size is not None and size > self.limits.max_body_bytes:
-            self._refuse_body(413, f"request body of {clen} bytes exceeds the limit of {self.limits.max_body_bytes} bytes",
-                              size, expect)
+            limit = self.limits.max_body_bytes
+            self._refuse_body(413, f"request body of {clen} bytes exceeds the limit of {limit} bytes", size, expect)
             return
         if size and not self._reserve(size):
             self._refuse_body(503, self._busy_message(size), size, expect)
@@ -255,6 +268,7 @@ class _Connection(asyncio.Protocol):
             self._end_discard()
             raise _Refused()
         url = httptools.parse_url(self.url)
+        body: bytes | bytearray
         if self.body_buf is not None:
             body, self.body_buf = self.body_buf, None
         else:

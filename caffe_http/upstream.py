@@ -55,7 +55,8 @@ class _Connection(asyncio.Protocol):
                  "body", "keep_alive", "reused")
 
     def __init__(self):
-        self.transport: asyncio.Transport | None = None
+        # None only until connection_made, which runs before the connection is handed out
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future | None = None
         self.started = False

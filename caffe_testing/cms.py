@@ -67,6 +67,7 @@ def play_kubelet(cluster: Cluster, ns: str, name: str, ready_: int, total: int |
                  conditions: list[dict] | None = None) -> None:
     """Stand-in for the Deployment controller and kubelets: report `ready_` ready pods."""
     dep = cluster.get_object(DEPLOYMENTS, ns, f"{name}-predictor")
+    assert dep is not None, f"no Deployment {ns}/{name}-predictor to play the kubelet for"
     total = dep["spec"]["replicas"] if total is None else total
     status = {"observedGeneration": dep["metadata"]["generation"], "replicas": total, "updatedReplicas": total,
               "readyReplicas": ready_, "availableReplicas": ready_}

@@ -41,7 +41,7 @@ class FaultyApiServer(ApiServer):
         self.drop_watches = 0
         self.dropped_watches = 0
         self.seen: list[Seen] = []
-        self.watches: list[tuple[str, object]] = []  # the operator's watch requests: (path, aiohttp request)
+        self.watches: list[tuple[str, aiohttp.web.BaseRequest]] = []  # the operator's watch requests: (path, request)
         self.cut: list[str] = []  # the paths of the watches cut
         self.open_at_start: list[str] = []
         self._rng = random.Random(15)

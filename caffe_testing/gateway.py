@@ -17,8 +17,9 @@ import psutil
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from caffe_testing import REPO
 from caffe_testing.digits import DIGITS_DIR, digits_data
-from caffe_testing.servers import CAFFESERVE, REPO, ServerProcess, free_port, http
+from caffe_testing.servers import CAFFESERVE, ServerProcess, free_port, http
 
 IMAGES, LABELS = digits_data.held_out()
 
@@ -39,7 +40,7 @@ class GatewayProcess:
         self.log = b""
         self.log_path: Path | None = None
 
-    def start(self, timeout: float = 30.0) -> "GatewayProcess":
+    def start(self, timeout: float = 30.0) -> GatewayProcess:
         # to a file, not a pipe that nobody reads (it would fill up with access-log lines and block)
         fd, log_path = tempfile.mkstemp(prefix="caffeserve-gateway-", suffix=".log")
         self.log_path = Path(log_path)
@@ -79,6 +80,7 @@ class GatewayProcess:
         return self.log_path.read_bytes().decode(errors="replace")
 
     def rss(self) -> int:
+        assert self.proc is not None, "the gateway was not started"
         return psutil.Process(self.proc.pid).memory_info().rss
 
     def __enter__(self):
@@ -129,8 +131,11 @@ def slow_config(delay_ms: float) -> dict:
 
 def static(model: str, *servers: ServerProcess) -> str:
     """A --static argument; a server started with a gRPC port (`grpc_port`) is given with it."""
-    return f"{model}=" + ",".join(s.url + (f"?grpc={s.grpc_port}" if getattr(s, "grpc_port", None) else "")
-                                  for s in servers)
+    urls = []
+    for s in servers:
+        port = getattr(s, "grpc_port", None)
+        urls.append(s.url + (f"?grpc={port}" if port else ""))
+    return f"{model}=" + ",".join(urls)
 
 
 async def _one_request(port: int, body: bytes, path: str = "/v2/models/digits/infer"):

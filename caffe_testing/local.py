@@ -9,7 +9,8 @@ import time
 
 import psutil
 
-from caffe_testing.servers import CAFFESERVE, REPO, free_port
+from caffe_testing import REPO
+from caffe_testing.servers import CAFFESERVE, free_port
 
 
 class UpProcess:
@@ -27,6 +28,7 @@ class UpProcess:
         self._reader.start()
 
     def _read(self):
+        assert self.proc.stdout is not None  # Popen(stdout=PIPE)
         for line in self.proc.stdout:
             self.lines.append(line.decode(errors="replace"))
 
@@ -34,7 +36,7 @@ class UpProcess:
     def output(self) -> str:
         return "".join(self.lines)
 
-    def wait_ready(self, timeout: float = 60) -> "UpProcess":
+    def wait_ready(self, timeout: float = 60) -> UpProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

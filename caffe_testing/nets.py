@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # for the annotations only: importing this module must not need pycaffe
+    import caffe
 
 
 def save_net(netspec, directory: Path, name: str, seed: int = 0) -> tuple[Path, Path]:
@@ -188,7 +192,7 @@ def small_input_dim_prototxt(directory: Path, name: str = "tiny_input") -> Path:
     return proto
 
 
-def zoo_net() -> "caffe.NetSpec":
+def zoo_net() -> caffe.NetSpec:
     """Grouped + dilated conv, BatchNorm+Scale, ceil-rounded MAX/AVE pooling, both LRNs, Concat,
     three Eltwise ops, Dropout, InnerProduct, Softmax; three output blobs."""
     import caffe
@@ -218,7 +222,7 @@ def zoo_net() -> "caffe.NetSpec":
     return n
 
 
-def every_layer_net() -> "caffe.NetSpec":
+def every_layer_net() -> caffe.NetSpec:
     """One net with every layer type the issue lists, odd sizes where pooling rounds, three outputs."""
     import caffe
     from caffe import layers as L, params as P

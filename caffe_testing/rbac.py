@@ -140,7 +140,8 @@ def grants_for(service_account: str, sa_namespace: str, objects: list[dict[str, 
         binding_ns = binding["metadata"].get("namespace") if binding["kind"] == "RoleBinding" else None
         role_ns = binding_ns if ref["kind"] == "Role" else None
         role = roles.get((ref["kind"], role_ns, ref["name"]))
-        assert role is not None, f"{binding['kind']} {binding['metadata']['name']} refers to a missing {ref['kind']} {ref['name']}"
+        assert role is not None, \
+            f"{binding['kind']} {binding['metadata']['name']} refers to a missing {ref['kind']} {ref['name']}"
         out += [Grant(rule, f"{ref['kind']}/{ref['name']}", binding_ns) for rule in role.get("rules") or []]
     return out
 

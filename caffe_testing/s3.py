@@ -41,7 +41,7 @@ class MotoS3:
         self.proc: subprocess.Popen | None = None
         self.log = Path(tempfile.mkstemp(prefix="moto-", suffix=".log")[1])
 
-    def __enter__(self) -> "MotoS3":
+    def __enter__(self) -> MotoS3:
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                                          stdout=out, stderr=subprocess.STDOUT, env=s3_env())

@@ -78,7 +78,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
 
-    def start(self, timeout: float = 60.0) -> "ServerProcess":
+    def start(self, timeout: float = 60.0) -> ServerProcess:
         # Output goes to a file, not a pipe: a pipe nobody reads fills up (64 KiB of access-log lines)
         # and blocks the server's logging.
         fd, log_path = tempfile.mkstemp(prefix="caffeserve-server-", suffix=".log")

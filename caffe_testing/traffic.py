@@ -77,12 +77,12 @@ class ClosedLoad:
                 status, version = 0, ""
             self.results.append((t0, time.monotonic() - t0, status, version))
 
-    def start(self) -> "ClosedLoad":
+    def start(self) -> ClosedLoad:
         for t in self._threads:
             t.start()
         return self
 
-    def stop(self) -> "ClosedLoad":
+    def stop(self) -> ClosedLoad:
         self._stop.set()
         for t in self._threads:
             t.join(150)
@@ -94,7 +94,7 @@ class ClosedLoad:
     def versions(self, since: float = 0.0) -> Counter:
         return Counter(r[3] for r in self.results if r[0] >= since)
 
-    def __enter__(self) -> "ClosedLoad":
+    def __enter__(self) -> ClosedLoad:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -36,7 +36,8 @@ def main() -> None:
         ax.add_patch(FancyBboxPatch((g["x"] + 0.15, g["y"] + 0.15), g["w"] - 0.3, g["h"] - 0.3,
                                     boxstyle="round,pad=0,rounding_size=0.3", fc="#f4f6fa", ec="#9aa4b2"))
         ax.text(g["x"] + 0.5, g["y"] + 0.9, p["title"], fontsize=11, weight="bold", va="center")
-        metrics = sorted({m for t in p.get("targets", []) for m in re.findall(r"caffeserve_[a-z_]+", t.get("expr", ""))})
+        exprs = [t.get("expr", "") for t in p.get("targets", [])]
+        metrics = sorted({m for e in exprs for m in re.findall(r"caffeserve_[a-z_]+", e)})
         ax.text(g["x"] + 0.5, g["y"] + 1.8, f"{p['type']}\n" + "\n".join(metrics), fontsize=8, va="top",
                 family="monospace", color="#44505f")
     fig.savefig(OUT, dpi=90, bbox_inches="tight")

@@ -73,7 +73,7 @@ class ServerUnderTest:
     def command(self) -> list[str]:
         raise NotImplementedError
 
-    def start(self, timeout: float = 120.0) -> "ServerUnderTest":
+    def start(self, timeout: float = 120.0) -> ServerUnderTest:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.command(), cwd=self.workdir, env=self.env,
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

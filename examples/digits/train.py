@@ -29,8 +29,10 @@ from PIL import Image
 os.environ.setdefault("GLOG_minloglevel", "2")  # keep Caffe's per-layer setup log out of the output
 
 import caffe  # noqa: E402
-from caffe import layers as L  # noqa: E402
-from caffe import params as P  # noqa: E402
+from caffe import (
+    layers as L,  # noqa: E402
+    params as P,  # noqa: E402
+)
 from caffe.proto import caffe_pb2  # noqa: E402
 from google.protobuf import text_format  # noqa: E402
 
@@ -49,10 +51,12 @@ def net_body(n: caffe.NetSpec, phase_train: bool) -> None:
     xavier = dict(type="xavier")
     zero = dict(type="constant", value=0)
     lr = [dict(lr_mult=1, decay_mult=1), dict(lr_mult=2, decay_mult=0)]
-    n.conv1 = L.Convolution(n.data, num_output=16, kernel_size=3, pad=1, weight_filler=xavier, bias_filler=zero, param=lr)
+    n.conv1 = L.Convolution(n.data, num_output=16, kernel_size=3, pad=1, weight_filler=xavier, bias_filler=zero,
+                            param=lr)
     n.relu1 = L.ReLU(n.conv1, in_place=True)
     n.pool1 = L.Pooling(n.relu1, pool=P.Pooling.MAX, kernel_size=2, stride=2)  # 8×8 → 4×4
-    n.conv2 = L.Convolution(n.pool1, num_output=32, kernel_size=3, pad=1, weight_filler=xavier, bias_filler=zero, param=lr)
+    n.conv2 = L.Convolution(n.pool1, num_output=32, kernel_size=3, pad=1, weight_filler=xavier, bias_filler=zero,
+                            param=lr)
     n.relu2 = L.ReLU(n.conv2, in_place=True)
     n.pool2 = L.Pooling(n.relu2, pool=P.Pooling.MAX, kernel_size=2, stride=2)  # 4×4 → 2×2
     n.fc1 = L.InnerProduct(n.pool2, num_output=64, weight_filler=xavier, bias_filler=zero, param=lr)
@@ -111,7 +115,8 @@ def shift(gray8: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """Move the image by (dy, dx) pixels, filling with background (0)."""
     out = np.zeros_like(gray8)
     h, w = gray8.shape
-    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = gray8[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    src = gray8[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = src
     return out
 
 
@@ -213,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         deploy_path.write_text(str(deploy_net_proto()))
         deploy = caffe.Net(str(deploy_path), caffe.TEST)
         for name, params in deploy.params.items():
-            for dst, src in zip(params, sgd.net.params[name]):
+            for dst, src in zip(params, sgd.net.params[name], strict=True):
                 dst.data[...] = src.data
         deploy.save(str(weights_path))
 

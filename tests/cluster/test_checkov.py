@@ -67,7 +67,8 @@ def accepted() -> list[dict]:
 
 
 def is_accepted(finding: dict, entry: dict) -> bool:
-    return finding["check_id"] == entry["check"] and any(fnmatch.fnmatch(finding["resource"], p) for p in entry["resources"])
+    return (finding["check_id"] == entry["check"]
+            and any(fnmatch.fnmatch(finding["resource"], p) for p in entry["resources"]))
 
 
 def test_every_finding_is_accepted_with_a_reason(findings):
@@ -75,7 +76,8 @@ def test_every_finding_is_accepted_with_a_reason(findings):
     assert all(len(e["reason"].split()) >= 15 for e in entries)
     unexplained = [f"{f['check_id']} {f['resource']}: {f['check_name']}" for f in findings
                    if not any(is_accepted(f, e) for e in entries)]
-    assert not unexplained, "fix these, or accept them in charts/checkov-accepted.yaml with a reason:\n" + "\n".join(unexplained)
+    assert not unexplained, ("fix these, or accept them in charts/checkov-accepted.yaml with a reason:\n"
+                             + "\n".join(unexplained))
 
 
 def test_every_accepted_finding_still_occurs(findings):

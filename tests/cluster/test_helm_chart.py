@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -89,7 +85,8 @@ def register_servicemonitors(cluster) -> None:
         "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
                  "names": {"kind": "ServiceMonitor", "plural": "servicemonitors", "singular": "servicemonitor"},
                  "versions": [{"name": "v1", "served": True, "storage": True,
-                               "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
+                               "schema": {"openAPIV3Schema": {"type": "object",
+                                                              "x-kubernetes-preserve-unknown-fields": True}}}]},
     })
 
 
@@ -315,7 +312,8 @@ def test_optional_servicemonitors_and_networkpolicies(everything_install):
     models_sm = one(stored, "ServiceMonitor", f"{PREFIX}-models")
     for sm in (gateway_sm, models_sm):
         assert sm["metadata"]["labels"]["release"] == "prometheus"
-        assert sm["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s", "scrapeTimeout": "10s"}]
+        assert sm["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s",
+                                            "scrapeTimeout": "10s"}]
     gateway_svc = one(stored, "Service", f"{PREFIX}-gateway")
     assert gateway_sm["spec"]["selector"]["matchLabels"].items() <= gateway_svc["metadata"]["labels"].items()
     # The model servers' Services are the operator's {name}-predictor, labelled caffeserving.io/model.

@@ -42,8 +42,8 @@ def test_fetch_from_s3_checks_the_sha256_and_keeps_a_good_file(s3, tmp_path):
     for key, value in CREDENTIALS.items():
         (secret / key).write_text(value)
     dest = tmp_path / "models" / "digits.caffemodel"
-    got = fetch(s3, "zoo/digits/v1/digits.caffemodel", dest, "--sha256", WEIGHTS_SHA, "--s3-credentials-dir", str(secret),
-                env=s3_env(with_credentials=False))
+    got = fetch(s3, "zoo/digits/v1/digits.caffemodel", dest, "--sha256", WEIGHTS_SHA,
+                "--s3-credentials-dir", str(secret), env=s3_env(with_credentials=False))
     assert got.returncode == 0, got.stderr
     assert dest.read_bytes() == FILES["digits.caffemodel"].read_bytes()
     assert f"sha256 {WEIGHTS_SHA}" in got.stdout
@@ -55,8 +55,8 @@ def test_a_wrong_checksum_leaves_no_file(s3, tmp_path):
     dest = tmp_path / "digits.caffemodel"
     got = fetch(s3, "zoo/digits/v1/digits.caffemodel", dest, "--sha256", "0" * 64)
     assert got.returncode == 1
-    assert f"fetch: s3://models/zoo/digits/v1/digits.caffemodel: sha256 mismatch: expected {'0' * 64}, got {WEIGHTS_SHA}" \
-        in got.stderr
+    assert (f"fetch: s3://models/zoo/digits/v1/digits.caffemodel: sha256 mismatch: "
+            f"expected {'0' * 64}, got {WEIGHTS_SHA}") in got.stderr
     assert list(tmp_path.iterdir()) == []  # neither the file nor a partial one
 
 

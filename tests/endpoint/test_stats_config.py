@@ -88,7 +88,8 @@ def test_model_config_in_tritons_shape(servers):
     assert config["max_batch_size"] == 64  # limits.maxBatch: the largest batch one request may carry
     assert config["input"] == [{"name": "data", "data_type": "TYPE_FP32", "format": "FORMAT_NCHW", "dims": [1, 8, 8],
                                 "allow_ragged_batch": False, "optional": False}]
-    assert config["output"] == [{"name": "prob", "data_type": "TYPE_FP32", "dims": [10], "label_filename": "labels.txt"}]
+    assert config["output"] == [{"name": "prob", "data_type": "TYPE_FP32", "dims": [10],
+                                 "label_filename": "labels.txt"}]
     assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 1000
     assert config["instance_group"] == [{"name": "digits", "kind": "KIND_CPU", "count": 1, "gpus": []}]
     assert config["parameters"]["batching_max_batch_size"] == {"string_value": "8"}
@@ -108,7 +109,7 @@ def test_gateway_forwards_config_and_sums_statistics_over_replicas(servers, gate
     replicas = [stats_of(client_for(s.url)) for s in servers]
     summed = stats_of(client)
     assert sum(r["inference_stats"]["success"]["count"] - d["inference_stats"]["success"]["count"]
-               for r, d in zip(replicas, direct)) == 6
+               for r, d in zip(replicas, direct, strict=True)) == 6
     for phase in ("success", "fail", "queue", "compute_infer"):
         assert summed["inference_stats"][phase]["count"] == sum(r["inference_stats"][phase]["count"] for r in replicas)
         assert summed["inference_stats"][phase]["ns"] == sum(r["inference_stats"][phase]["ns"] for r in replicas)

@@ -9,22 +9,30 @@ deterministic way to hold a server busy without a test double.
 from __future__ import annotations
 
 import asyncio
-from http.client import HTTPConnection
 import re
 import threading
 import time
+from http.client import HTTPConnection
 from pathlib import Path
 
 import numpy as np
 import orjson
 import tritonclient.http as triton
-import yaml
 
 from caffe_testing.digits import DIGITS_DIR, digits_data
-from caffe_testing.gateway import (IMAGES, LABELS, GatewayProcess, burst, infer_payload, metric, predicted, served,
-                                   slow_config, static)
+from caffe_testing.gateway import (
+    IMAGES,
+    LABELS,
+    GatewayProcess,
+    burst,
+    infer_payload,
+    metric,
+    predicted,
+    served,
+    slow_config,
+    static,
+)
 from caffe_testing.servers import ServerProcess, free_port, http, http_json
-
 
 # --------------------------------------------------------------------------- forwarding
 
@@ -50,7 +58,7 @@ def test_requests_spread_over_both_servers_and_predict_the_digits(servers, gatew
     assert all(status == 200 for status, _ in answers.values()), answers
     correct = sum(predicted(body) == LABELS[i] for i, (_, body) in answers.items())
     assert correct >= 0.95 * n
-    delta = [served(s) - b for s, b in zip(servers, before)]
+    delta = [served(s) - b for s, b in zip(servers, before, strict=True)]
     assert sum(delta) == n
     assert min(delta) >= n // 6, f"requests per server {delta}: not spread"
 
@@ -272,7 +280,8 @@ def test_a_request_whose_deadline_passes_while_queued_is_never_forwarded():
         never_sent = sum("deadline passed while waiting" in e for e in errors)
         assert never_sent >= 1 and sum("did not answer within" in e for e in errors) == 3 - never_sent, errors
         time.sleep(0.6)  # let the server finish the ones it was sent and then abandoned
-        assert served(slow) - before == 4 - never_sent, "a request whose deadline passed in the queue reached the server"
+        assert served(slow) - before == 4 - never_sent, \
+            "a request whose deadline passed in the queue reached the server"
 
 
 def test_a_model_without_ready_servers_is_503_with_retry_after():
@@ -313,7 +322,7 @@ def test_least_request_never_picks_the_busiest_of_three_and_respects_the_limit()
     async def run():
         route = ModelRoute("m", BalancerSettings(max_concurrency=10))
         route.set_endpoints({("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)})
-        for ep, active in zip(route.endpoints, (0, 4, 9)):
+        for ep, active in zip(route.endpoints, (0, 4, 9), strict=True):
             ep.active = active
         picks = [route._pick(0.0, frozenset()).address for _ in range(300)]
         assert "10.0.0.3:1" not in picks and picks.count("10.0.0.1:1") > 150
@@ -358,6 +367,7 @@ def endpoint_slice(name: str, model: str, port: int, ready: list[bool], namespac
 
 def test_discovery_follows_endpointslices_without_a_restart(servers):
     import kmock
+
     from caffe_testing.cluster import Cluster
 
     a, b = servers
@@ -404,7 +414,8 @@ def test_discovery_follows_endpointslices_without_a_restart(servers):
             # no ready endpoint at all: 503 + Retry-After; the model is gone with its slices: 404
             cluster.patch(ENDPOINTSLICES, "default", "digits-predictor-b", {"endpoints": []})
             cluster.wait_for(lambda: http_json("POST", gw.url + "/v2/repository/index", {})[1]
-                             == [{"name": "digits", "version": "", "state": "UNAVAILABLE", "reason": "no ready endpoint"}])
+                             == [{"name": "digits", "version": "", "state": "UNAVAILABLE",
+                                  "reason": "no ready endpoint"}])
             status, headers, _ = http("POST", gw.url + "/v2/models/digits/infer", orjson.dumps(infer_payload(0)))
             assert status == 503 and int(headers["Retry-After"]) >= 1
             cluster.delete(ENDPOINTSLICES, "default", "digits-predictor-a")

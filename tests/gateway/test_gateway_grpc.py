@@ -78,10 +78,10 @@ def test_tritonclient_grpc_works_through_the_gateway_unchanged(grpc_servers, grp
     cases = tmp_path / "cases.npz"
     np.savez(cases, x=digits_data.to_blob(IMAGES[:n]), labels=LABELS[:n], png=np.array(pngs, dtype=object))
     before = [grpc_count(s) for s in grpc_servers]
-    r = subprocess.run([sys.executable, str(CLIENTS / "triton_via_gateway.py"), str(grpc_gateway.grpc_port), str(cases)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, str(CLIENTS / "triton_via_gateway.py"), str(grpc_gateway.grpc_port),
+                        str(cases)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), f"{r.stdout}\n{r.stderr}"
-    spread = [grpc_count(s) - b for s, b in zip(grpc_servers, before)]
+    spread = [grpc_count(s) - b for s, b in zip(grpc_servers, before, strict=True)]
     assert sum(spread) == n + 9 and min(spread) >= 5, f"ModelInfer calls per server: {spread}"
     assert metric(grpc_gateway.url, "caffeserve_gateway_grpc_requests_total", model="digits", method="ModelInfer",
                   grpc_code="OK") >= n + 9
@@ -154,7 +154,8 @@ def test_bytes_and_metadata_pass_through_unchanged_and_the_deadline_is_passed_on
             assert answer == rec.answer  # not re-encoded (a decode and encode would drop the unknown field)
             method, got, md, left = rec.calls[-1]
             assert method == f"/{pb.SERVICE}/ModelInfer" and got == sent
-            assert md["x-request-id"] == "abc" and md["traceparent"] == "00-1-2-01" and md["x-custom-bin"] == b"\x00\xff"
+            assert md["x-request-id"] == "abc" and md["traceparent"] == "00-1-2-01"
+            assert md["x-custom-bin"] == b"\x00\xff"
             assert md["x-forwarded-for"] == "127.0.0.1"
             assert left is not None and 5 < left <= 7, left  # the client's deadline, less the time spent
             assert dict(c.initial_metadata())["x-served-by"] == "recorder"
@@ -199,7 +200,8 @@ def test_a_model_whose_servers_cannot_be_reached_is_unavailable_with_retry_info(
 def test_a_model_served_without_grpc_is_unimplemented(grpc_servers):
     with GatewayProcess("--static", f"digits={grpc_servers[0].url}") as gw:  # no ?grpc=: REST only
         client = OIPClient(gw.grpc_port)
-        assert_status(client.error("ModelInfer", digits_request(0)), grpc.StatusCode.UNIMPLEMENTED, "not served over gRPC")
+        assert_status(client.error("ModelInfer", digits_request(0)), grpc.StatusCode.UNIMPLEMENTED,
+                      "not served over gRPC")
         client.close()
 
 
@@ -229,7 +231,8 @@ def test_deadlines_the_clients_the_gateways_and_one_passed_in_the_queue_is_never
             assert never_sent >= 1 and sum("did not answer within" in e for e in errors) == 3 - never_sent, errors
             time.sleep(0.8)
             after = grpc_count(slow, "OK") + grpc_count(slow, "DEADLINE_EXCEEDED") + grpc_count(slow, "CANCELLED")
-            assert after - before == 4 - never_sent, "a call whose deadline passed in the gateway's queue reached the server"
+            assert after - before == 4 - never_sent, \
+                "a call whose deadline passed in the gateway's queue reached the server"
         finally:
             client.close()
 
@@ -276,7 +279,8 @@ def test_endpointslices_and_static_lists_give_each_server_its_grpc_port():
 
     sl = {"metadata": {"name": "m-predictor-abc", "namespace": "ml", "labels": {"caffeserving.io/model": "m"}},
           "addressType": "IPv4",
-          "ports": [{"name": "grpc", "port": 8081, "protocol": "TCP"}, {"name": "http", "port": 8080, "protocol": "TCP"}],
+          "ports": [{"name": "grpc", "port": 8081, "protocol": "TCP"},
+                    {"name": "http", "port": 8080, "protocol": "TCP"}],
           "endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": True}},
                         {"addresses": ["10.0.0.2"], "conditions": {"ready": False}}]}
     assert slice_endpoints(sl) == ("m", {("10.0.0.1", 8080, 8081)})

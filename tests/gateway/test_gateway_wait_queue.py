@@ -12,8 +12,8 @@ from pathlib import Path
 
 import orjson
 
-from caffe_testing.servers import ServerProcess, http
 from caffe_testing.gateway import GatewayProcess, infer_payload, metric, slow_config, static
+from caffe_testing.servers import ServerProcess, http
 
 
 def _send_and_leave(port: int, body: bytes) -> None:

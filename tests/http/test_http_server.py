@@ -28,7 +28,7 @@ def _exchange(raw: bytes, limits: ServerLimits, timeout: float = 5.0) -> bytes:
         writer.write(raw)
         try:
             return await asyncio.wait_for(reader.read(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return b"<still open after %gs>" % timeout
         finally:
             writer.close()

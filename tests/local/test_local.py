@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import base64
 import functools
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import os
 import re
 import subprocess
 import threading
 import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import orjson
@@ -65,8 +65,12 @@ def test_up_serves_the_digits_manifest_with_two_replicas_and_sigterm_leaves_no_p
     assert f"gateway gRPC: 127.0.0.1:{up.grpc_port}" in up.output
     assert len(set(re.findall(r"\(gRPC :(\d+)\)", up.output))) == 2
     client = OIPClient(up.grpc_port)
-    right = sum(int(np.argmax(output(client.infer(infer_request("digits", {"data": digits_data.to_blob(IMAGES[i:i + 1])})),
-                                     "prob"))) == LABELS[i] for i in range(20))
+
+    def label(i: int) -> int:
+        answer = client.infer(infer_request("digits", {"data": digits_data.to_blob(IMAGES[i:i + 1])}))
+        return int(np.argmax(output(answer, "prob")))
+
+    right = sum(label(i) == LABELS[i] for i in range(20))
     client.close()
     assert right >= 19
     text = http("GET", up.url + "/metrics")[2].decode()

@@ -124,7 +124,8 @@ def test_every_field_has_a_description_for_kubectl_explain():
     schema = crd_schema()
     nodes = [*_walk(schema["properties"]["spec"], ".spec"), *_walk(schema["properties"]["status"], ".status")]
     # items of scalar lists (shape: [1, 3, 224, 224]) are described by their list
-    missing = [p for p, node in nodes if not node.get("description") and not (p.endswith("[]") and node.get("type") != "object")]
+    missing = [p for p, node in nodes
+               if not node.get("description") and not (p.endswith("[]") and node.get("type") != "object")]
     assert not missing, f"fields without a description: {missing}"
 
 
@@ -132,7 +133,8 @@ def test_schema_is_structural():
     """Every node has a type (or preserves unknown fields); junctors carry only value validations."""
     problems = []
     for path, node in _walk(crd_schema()):
-        if "type" not in node and not node.get("x-kubernetes-preserve-unknown-fields") and not node.get("x-kubernetes-int-or-string"):
+        if "type" not in node and not node.get("x-kubernetes-preserve-unknown-fields") \
+                and not node.get("x-kubernetes-int-or-string"):
             problems.append(f"{path}: no type")
         for junctor in ("oneOf", "anyOf", "allOf", "not"):
             for alt in node.get(junctor, []) if junctor != "not" else [node.get("not") or {}]:
@@ -246,7 +248,8 @@ SEMANTIC = {
     "GPU in resources": (sample(resources={"limits": {"nvidia.com/gpu": 2}}), "nvidia.com/gpu"),
     "two files, one path": (sample(source={"url": "https://x.example/"},
                                    model={"prototxt": "w", "weights": "https://y.example/w"}), "/models/w"),
-    "slash in configMap key": (sample(source={"configMap": {"name": "m"}}, model={"prototxt": "a/d", "weights": "w"}), "ConfigMap"),
+    "slash in configMap key": (sample(source={"configMap": {"name": "m"}}, model={"prototxt": "a/d", "weights": "w"}),
+                               "ConfigMap"),
 }
 
 
@@ -271,7 +274,8 @@ def test_the_status_the_operator_writes_fits_the_schema():
     dep = {"metadata": {"generation": 1}, "status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2,
                                                       "readyReplicas": 2}}
     status = build_status(generation=4, readiness_=readiness(2, dep), deployment=dep, previous=None,
-                          url="http://digits-predictor.ml.svc:8080/v2/models/digits", selector="caffeserving.io/model=digits")
+                          url="http://digits-predictor.ml.svc:8080/v2/models/digits",
+                          selector="caffeserving.io/model=digits")
     assert schema_errors({**sample(), "status": status}) == []
     api.CaffeModelServiceStatus.model_validate(status)
 

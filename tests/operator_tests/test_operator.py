@@ -15,7 +15,17 @@ import pytest
 import yaml
 
 from caffe_testing.cluster import CMS, CONFIGMAPS, DEPLOYMENTS, SERVICES, Cluster, OperatorProcess, cluster_with_crd
-from caffe_testing.cms import children, cms, events, eventually, play_kubelet, pod_hash, ready, wait_children, wait_ready
+from caffe_testing.cms import (
+    children,
+    cms,
+    events,
+    eventually,
+    play_kubelet,
+    pod_hash,
+    ready,
+    wait_children,
+    wait_ready,
+)
 from inference_server.config import parse_config
 
 SHA = "ab" * 32
@@ -29,7 +39,8 @@ def test_apply_creates_the_children(cluster, operator, ns):
              source={"url": "https://models.example.com/alexnet/"},
              model={"prototxt": "deploy.prototxt", "weights": "bvlc_alexnet.caffemodel", "weightsSha256": SHA,
                     "labels": "synset_words.txt", "inputs": [{"name": "data", "datatype": "BYTES"}],
-                    "preprocessing": {"imageSize": [227, 227], "channelSwap": [2, 1, 0], "meanValues": [104, 117, 123]}},
+                    "preprocessing": {"imageSize": [227, 227], "channelSwap": [2, 1, 0],
+                                      "meanValues": [104, 117, 123]}},
              runtime={"instances": 2, "batching": {"enabled": "auto"}},
              resources={"requests": {"cpu": "2", "memory": "4Gi"}})
     cluster.apply(cr)
@@ -88,8 +99,9 @@ def test_existing_child_is_adopted(cluster, operator, ns):
         refs = svc["metadata"].get("ownerReferences") or []
         return svc if [r["uid"] for r in refs] == [uid] else None
     svc = eventually(operator, adopted, "the Service adopted")
-    assert svc["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": 8080, "protocol": "TCP", "appProtocol": "http"},
-                                    {"name": "grpc", "port": 8081, "targetPort": 8081, "protocol": "TCP", "appProtocol": "grpc"}]
+    assert svc["spec"]["ports"] == [
+        {"name": "http", "port": 8080, "targetPort": 8080, "protocol": "TCP", "appProtocol": "http"},
+        {"name": "grpc", "port": 8081, "targetPort": 8081, "protocol": "TCP", "appProtocol": "grpc"}]
     assert svc["metadata"]["labels"]["caffeserving.io/model"] == "digits"
     assert len(cluster.list_objects(SERVICES, ns)) == 1
 
@@ -111,7 +123,8 @@ def test_spec_update_patches_children_and_rolls_pods(cluster, operator, ns):
     assert cfg.batching.enabled is True and cfg.batching.max_batch_size == 16
     cr = wait_ready(cluster, operator, ns, "digits", observedGeneration=2)
     assert cr["status"]["observedGeneration"] == 2
-    assert ("Normal", "Updated", "updated Deployment digits-predictor for generation 2") in events(cluster, ns, "digits")
+    updated = ("Normal", "Updated", "updated Deployment digits-predictor for generation 2")
+    assert updated in events(cluster, ns, "digits")
 
     # Scaling changes the replica count, not what the pods see: no rollout.
     second_hash = pod_hash(dep)
@@ -129,14 +142,16 @@ def test_hand_edits_and_deletions_are_undone(cluster, operator, ns):
     image = dep["spec"]["template"]["spec"]["containers"][0]["image"]
 
     cluster.kubectl("patch", "deployment", "digits-predictor", "-n", ns, "--type", "merge", "-p",
-                    '{"spec": {"replicas": 9, "template": {"spec": {"containers": [{"name": "server", "image": "evil:1"}]}}}}')
+                    '{"spec": {"replicas": 9, "template": {"spec": {"containers": '
+                    '[{"name": "server", "image": "evil:1"}]}}}}')
     restored = eventually(operator, lambda: (d := cluster.get_object(DEPLOYMENTS, ns, "digits-predictor"))
                           and d["spec"]["template"]["spec"]["containers"][0]["image"] == image and d, "image restored")
     assert restored["spec"]["replicas"] == 1
     assert restored["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["caffeserve", "serve"]
 
     cluster.patch(CONFIGMAPS, ns, "digits-config", {"data": {"config.yaml": "name: hacked\n"}})
-    eventually(operator, lambda: cluster.get_object(CONFIGMAPS, ns, "digits-config")["data"] == cm["data"], "config restored")
+    eventually(operator, lambda: cluster.get_object(CONFIGMAPS, ns, "digits-config")["data"] == cm["data"],
+               "config restored")
 
     cluster.kubectl("delete", "service", "digits-predictor", "-n", ns, "--wait=false")
     eventually(operator, lambda: cluster.get_object(SERVICES, ns, "digits-predictor"), "Service recreated")
@@ -156,7 +171,8 @@ def test_status_follows_the_pods(cluster, operator, ns):
     wait_children(cluster, operator, ns, "digits")
 
     play_kubelet(cluster, ns, "digits", ready_=1)
-    cr = wait_ready(cluster, operator, ns, "digits", status="False", reason="Progressing", message="1/2 replicas ready (loading the model?)")
+    cr = wait_ready(cluster, operator, ns, "digits", status="False", reason="Progressing",
+                    message="1/2 replicas ready (loading the model?)")
     assert (cr["status"]["replicas"], cr["status"]["readyReplicas"]) == (2, 1)
 
     play_kubelet(cluster, ns, "digits", ready_=2)
@@ -179,7 +195,8 @@ def test_status_follows_the_pods(cluster, operator, ns):
 def test_bad_specs_get_a_condition_and_no_children(cluster, operator, ns):
     cluster.apply(cms("cpu-with-gpus", ns, runtime={"device": "cpu", "gpus": 2}))
     cluster.apply(cms("escape", ns, source={"pvc": {"claimName": "models", "path": "a/../../etc"}}))
-    cluster.apply({**cms("no-model", ns), "spec": {"source": {"pvc": {"claimName": "m"}}}})  # a real API server's schema stops this one
+    # a real API server's schema stops this one
+    cluster.apply({**cms("no-model", ns), "spec": {"source": {"pvc": {"claimName": "m"}}}})
 
     cr = wait_ready(cluster, operator, ns, "cpu-with-gpus", status="False", reason="InvalidSpec")
     assert "runtime.gpus is 2 but runtime.device is cpu" in ready(cr)["message"]

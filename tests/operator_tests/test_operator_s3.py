@@ -60,8 +60,9 @@ def play_kubelet_for_init_containers(cluster, ns: str, name: str, workdir) -> li
 
 def s3_model(cluster, ns: str, endpoint: str, prefix: str, weights_sha: str) -> dict:
     secret_data = {**CREDENTIALS, "AWS_REGION": "us-east-1"}
+    data = {k: base64.b64encode(v.encode()).decode() for k, v in secret_data.items()}
     cluster.create("v1/secrets", ns, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
-                                      "data": {k: base64.b64encode(v.encode()).decode() for k, v in secret_data.items()}})
+                                      "data": data})
     return cms("digits", ns, source={"s3": {"bucket": "models", "prefix": prefix, "endpoint": endpoint,
                                             "secretRef": {"name": "s3-creds"}}},
                model={"prototxt": "deploy.prototxt", "weights": "digits.caffemodel", "weightsSha256": weights_sha},

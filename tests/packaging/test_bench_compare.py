@@ -68,7 +68,8 @@ def test_a_run_prints_the_table_and_writes_json_and_plot(tmp_path):
     out, png = tmp_path / "compare.json", tmp_path / "compare.png"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench/compare.py"), "--servers", "caffe-serving", "--models", "digits",
-         "--seconds", "1", "--rounds", "1", "--concurrency", "1", "--auto-backend-models", "--out", str(out), "--plot", str(png)],
+         "--seconds", "1", "--rounds", "1", "--concurrency", "1", "--auto-backend-models",
+         "--out", str(out), "--plot", str(png)],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

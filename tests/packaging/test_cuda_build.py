@@ -167,7 +167,8 @@ def test_layers_without_cuda_code_get_gpu_methods_that_run_the_cpu_code(tmp_path
         "  virtual void Forward_gpu(const vector<Blob<Dtype>*>& bottom, const vector<Blob<Dtype>*>& top);\n};\n")
     (tmp_path / "include/caffe/layers/bi_layer.hpp").write_text(
         "template <typename Dtype>\nclass BiLayer : public Layer<Dtype>{\n"
-        "  //virtual void Forward_gpu(const vector<Blob<Dtype>*>& bottom,\n  //    const vector<Blob<Dtype>*>& top);\n};\n")
+        "  //virtual void Forward_gpu(const vector<Blob<Dtype>*>& bottom,\n"
+        "  //    const vector<Blob<Dtype>*>& top);\n};\n")
     (tmp_path / "src/caffe/layers/bi_layer.cpp").write_text("INSTANTIATE_CLASS(BiLayer);\n")
     up = tmp_path / "src/caffe/layers/up_layer.cpp"
     up.write_text("#ifdef CPU_ONLY\nSTUB_GPU(UpLayer);\n#endif\n\nINSTANTIATE_CLASS(UpLayer);\n")

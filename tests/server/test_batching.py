@@ -59,7 +59,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_unbatched_result(
     with ThreadPoolExecutor(len(xs)) as pool:
         results = list(pool.map(lambda x: infer(server.url, x), xs))
     after = batch_histogram(server.url)
-    for x, got in zip(xs, results):
+    for x, got in zip(xs, results, strict=True):
         ref = forward(proto, weights, {"data": x})["prob"]
         assert got.shape == ref.shape
         assert np.abs(got - ref).max() <= 1e-6

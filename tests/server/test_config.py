@@ -48,7 +48,8 @@ INVALID = {
                 ["model.weightsSha256"]),
     "bad-name": ({"name": "a/b"}, ["name"]),
     "no-model": ({"model": None}, ["model"]),
-    "two-means": ({"preprocessing": {"meanValues": [1.0], "meanFile": "mean.binaryproto"}}, ["preprocessing", "at most one"]),
+    "two-means": ({"preprocessing": {"meanValues": [1.0], "meanFile": "mean.binaryproto"}},
+                  ["preprocessing", "at most one"]),
 }
 
 

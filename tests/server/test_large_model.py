@@ -3,8 +3,8 @@
 The sdist's Caffe capped a protobuf read at 512 MiB and aborted the process on larger weights; our
 build reads up to INT_MAX. The ONNX path (protobuf's 2 GiB cap) must carry such weights too: `backend:
 onnxruntime` converts, passes the parity gate and serves. (`auto` would also time both backends: one big
-InnerProduct runs at about the same speed in either, so which it picks is not what this test is about.) The files (about 1.1 GB with the
-converted graph) are deleted when the module ends.
+InnerProduct runs at about the same speed in either, so which it picks is not what this test is about.) The files
+(about 1.1 GB with the converted graph) are deleted when the module ends.
 """
 
 from __future__ import annotations

@@ -65,7 +65,8 @@ def test_request_past_its_deadline_gets_504_and_the_server_goes_on(net_files):
         assert elapsed < 1.4  # answered at the deadline, not when the batch window closed
         time.sleep(1.5)  # the expired item is dropped by the worker, never run
         metrics = http("GET", server.url + "/metrics")[2].decode()
-        assert "caffeserve_batch_size_count" not in metrics or 'caffeserve_batch_size_count{model="tiny",version="1"} 0.0' in metrics
+        assert "caffeserve_batch_size_count" not in metrics \
+            or 'caffeserve_batch_size_count{model="tiny",version="1"} 0.0' in metrics
         assert 'code="504"' in metrics
 
 

@@ -110,7 +110,7 @@ def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> tuple[int | N
                     closed = True
                     break
                 chunks.append(c)
-        except socket.timeout:
+        except TimeoutError:
             pass
         except ConnectionResetError:
             closed = True
@@ -126,7 +126,8 @@ def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> tuple[int | N
 
 
 def test_malformed_json_is_400(img):
-    status, _, body = http("POST", img.infer_url(), b'{"inputs": [{"name": "data", ', {"Content-Type": "application/json"})
+    status, _, body = http("POST", img.infer_url(), b'{"inputs": [{"name": "data", ',
+                           {"Content-Type": "application/json"})
     assert_error(status, body, 400, "JSON")
     img.good_request_succeeds()
 
@@ -191,10 +192,11 @@ def test_data_length_mismatch_is_400_with_both_counts(img):
     # the same in the binary extension: binary_data_size disagrees with the shape
     head = json.dumps({"inputs": [{"name": "data", "shape": [1, 3, 8, 8], "datatype": "FP32",
                                    "parameters": {"binary_data_size": 400}}]}).encode()
-    status, _, body = http("POST", img.infer_url(), head + b"\0" * 400, {"Inference-Header-Content-Length": str(len(head))})
+    binary = {"Inference-Header-Content-Length": str(len(head))}
+    status, _, body = http("POST", img.infer_url(), head + b"\0" * 400, binary)
     assert_error(status, body, 400, "'data'", "768", "400")
     # and a binary_data_size that runs past the end of the body
-    status, _, body = http("POST", img.infer_url(), head + b"\0" * 10, {"Inference-Header-Content-Length": str(len(head))})
+    status, _, body = http("POST", img.infer_url(), head + b"\0" * 10, binary)
     assert_error(status, body, 400, "'data'", "binary_data_size")
     img.good_request_succeeds()
 
@@ -299,7 +301,8 @@ def test_chunked_body_over_the_limit_is_413(img):
 
 
 def test_unknown_model_is_404(img):
-    for method, path in (("POST", "/v2/models/nope/infer"), ("GET", "/v2/models/nope"), ("GET", "/v2/models/nope/ready")):
+    for method, path in (("POST", "/v2/models/nope/infer"), ("GET", "/v2/models/nope"),
+                         ("GET", "/v2/models/nope/ready")):
         status, _, body = http(method, img.url + path, b"{}" if method == "POST" else None)
         assert_error(status, body, 404, "nope")
     status, _, body = http("GET", img.url + "/v3/anything")
@@ -308,7 +311,8 @@ def test_unknown_model_is_404(img):
 
 
 def test_unknown_version_is_404_and_the_served_version_works(img):
-    status, _, body = http("POST", img.url + "/v2/models/img/versions/9/infer", json.dumps({"inputs": [fp32_input()]}).encode())
+    body = json.dumps({"inputs": [fp32_input()]}).encode()
+    status, _, body = http("POST", img.url + "/v2/models/img/versions/9/infer", body)
     assert_error(status, body, 404, "'9'")
     status, _, body = http("GET", img.url + "/v2/models/img/versions/9")
     assert_error(status, body, 404, "'9'")
@@ -357,8 +361,8 @@ def test_slow_body_gets_408_and_closes_while_other_clients_are_served(img):
 
 
 def test_slow_headers_get_408_and_close(img):
-    status, err, elapsed, closed = raw_exchange(img.port, b"POST /v2/models/img/infer HTTP/1.1\r\nHost: t\r\nContent-Le",
-                                                timeout=HEADER_TIMEOUT_S + 5)
+    status, err, elapsed, closed = raw_exchange(
+        img.port, b"POST /v2/models/img/infer HTTP/1.1\r\nHost: t\r\nContent-Le", timeout=HEADER_TIMEOUT_S + 5)
     assert_error(status, err, 408, "headers")
     assert closed and elapsed < HEADER_TIMEOUT_S + 3
     img.good_request_succeeds()
@@ -392,7 +396,8 @@ def test_model_with_missing_weights_is_live_but_not_ready_with_the_loaders_messa
     assert body["ready"] is False
     assert str(tmp_model_dir / "gone.caffemodel") in body["error"] and "does not exist" in body["error"]
     assert http_json("GET", url + "/v2/health/live") == (200, {"live": True})
-    status, headers, err = http("POST", url + "/v2/models/broken/infer", json.dumps({"inputs": [fp32_input()]}).encode())
+    body = json.dumps({"inputs": [fp32_input()]}).encode()
+    status, headers, err = http("POST", url + "/v2/models/broken/infer", body)
     assert_error(status, err, 503, "gone.caffemodel")
     retry_after = {k.lower(): v for k, v in headers.items()}["retry-after"]
     assert retry_after.isdigit() and int(retry_after) > 0
@@ -414,7 +419,8 @@ def test_sha256_mismatch_refuses_to_load_naming_the_file(wrong_sha):
     server, weights = wrong_sha
     body = wait_for_failed_load(server.url)
     assert str(weights) in body["error"] and "sha256" in body["error"] and "ab" * 32 in body["error"]
-    status, _, err = http("POST", server.url + "/v2/models/tampered/infer", json.dumps({"inputs": [fp32_input()]}).encode())
+    request = json.dumps({"inputs": [fp32_input()]}).encode()
+    status, _, err = http("POST", server.url + "/v2/models/tampered/infer", request)
     assert_error(status, err, 503, "sha256")
     assert http_json("GET", server.url + "/v2/health/live")[0] == 200
 

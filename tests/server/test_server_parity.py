@@ -11,9 +11,9 @@ import json
 import caffe
 import numpy as np
 import pytest
-from caffe import layers as L, params as P
+from caffe import layers as L
 
-from caffe_testing.nets import zoo_net, forward, save_net
+from caffe_testing.nets import forward, save_net, zoo_net
 from caffe_testing.servers import ServerProcess, http, http_json
 
 TOL = 1e-6
@@ -209,7 +209,8 @@ def test_fp64_int32_uint8_inputs_as_binary_tensors(typed):
         "parameters": {"binary_data_output": True},
     }
     head = json.dumps(header).encode()
-    status, rh, resp = http("POST", server.url + "/v2/models/typed/infer", head + a.tobytes() + b.tobytes() + c.tobytes(),
+    status, rh, resp = http("POST", server.url + "/v2/models/typed/infer",
+                            head + a.tobytes() + b.tobytes() + c.tobytes(),
                             {"Inference-Header-Content-Length": str(len(head))})
     assert status == 200, resp
     got = parse_binary_response(rh, resp)

@@ -67,7 +67,7 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(model_
 
         for t in threads:
             t.join(GRACE_S)
-        for x, (status, body) in zip(xs, results):
+        for x, (status, body) in zip(xs, results, strict=True):
             assert status == 200, body
             got = np.array(body["outputs"][0]["data"], np.float32).reshape(body["outputs"][0]["shape"])
             assert np.abs(got - forward(proto, weights, {"data": x})["prob"]).max() <= 1e-6

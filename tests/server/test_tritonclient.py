@@ -117,9 +117,9 @@ def test_class_count_returns_top_k_as_score_index_label(served, binary):
     top = result.as_numpy("prob")
     assert top.shape == (2, 3)
     ref = forward(proto, weights, {"data": x})["prob"]
-    for row, probs in zip(top, ref):
+    for row, probs in zip(top, ref, strict=True):
         expected = np.argsort(-probs, kind="stable")[:3]
-        for entry, idx in zip(row, expected):
+        for entry, idx in zip(row, expected, strict=True):
             text = entry.decode() if isinstance(entry, bytes) else entry
             score, index, label = text.split(":")
             assert int(index) == idx and label == LABELS[idx]
@@ -156,14 +156,15 @@ def png_and_blob(seed: int) -> tuple[bytes, np.ndarray]:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     rgb01 = pixels.astype(np.float32) * np.float32(1.0 / 255.0)
-    blob = rgb01.transpose(2, 0, 1)[[2, 1, 0]] * np.float32(255.0) - np.array([104, 117, 123], np.float32).reshape(3, 1, 1)
+    mean = np.array([104, 117, 123], np.float32).reshape(3, 1, 1)
+    blob = rgb01.transpose(2, 0, 1)[[2, 1, 0]] * np.float32(255.0) - mean
     return buf.getvalue(), blob
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json-base64", "binary"])
 def test_encoded_images_as_bytes_input_with_class_count(image_model, binary):
     client, proto, weights = image_model
-    pngs, blobs = zip(*(png_and_blob(s) for s in (1, 2)))
+    pngs, blobs = zip(*(png_and_blob(s) for s in (1, 2)), strict=True)
     items = [p if binary else base64.b64encode(p) for p in pngs]
     inp = httpclient.InferInput("data", [2], "BYTES")
     inp.set_data_from_numpy(np.array(items, dtype=object), binary_data=binary)
@@ -171,7 +172,7 @@ def test_encoded_images_as_bytes_input_with_class_count(image_model, binary):
         httpclient.InferRequestedOutput("prob", binary_data=binary, class_count=2)])
     top = result.as_numpy("prob")
     ref = forward(proto, weights, {"data": np.stack(blobs)})["prob"]
-    for row, probs in zip(top, ref):
+    for row, probs in zip(top, ref, strict=True):
         first = (row[0].decode() if isinstance(row[0], bytes) else row[0]).split(":")
         best = int(np.argmax(probs))
         assert int(first[1]) == best and first[2] == LABELS[best]

@@ -1,6 +1,7 @@
 """tritonclient.grpc (sync and aio), unchanged, through the gateway; run by tests/gateway/test_gateway_grpc.py
 in its own process (tritonclient.grpc's stubs and ours must not share one).
-argv: GATEWAY_GRPC_PORT CASES.npz (blobs `x` (N, 1, 8, 8), their `labels`, PNGs `png` (N,) as bytes); exit 0 = all good."""
+argv: GATEWAY_GRPC_PORT CASES.npz (blobs `x` (N, 1, 8, 8), their `labels`, PNGs `png` (N,) as bytes);
+exit 0 = all good."""
 
 import asyncio
 import sys
@@ -20,7 +21,8 @@ assert meta["name"] == "caffe-serving-gateway" and "classification" in meta["ext
 assert c.is_model_ready("digits") and not c.is_model_ready("nope")
 meta = c.get_model_metadata("digits", as_json=True)  # the server's answer, through the gateway
 assert meta["name"] == "digits" and meta["platform"] == "caffe", meta
-for call in (lambda: c.get_model_metadata("nope"), lambda: c.infer("nope", [grpcclient.InferInput("data", [1], "FP32")])):
+for call in (lambda: c.get_model_metadata("nope"),
+             lambda: c.infer("nope", [grpcclient.InferInput("data", [1], "FP32")])):
     try:
         call()
         raise AssertionError("an unknown model answered")

@@ -5,8 +5,6 @@ SIGTERM finishes gRPC and REST requests in flight, refuses new ones and exits 0.
 
 from __future__ import annotations
 
-import json
-import re
 import signal
 import threading
 import time
@@ -18,9 +16,9 @@ import pytest
 from caffe import layers as L
 
 from caffe_testing.grpc import OIPClient, assert_status, grpc_server, infer_request, output
-from inference_server.grpc import messages as pb
 from caffe_testing.nets import forward, save_net
 from caffe_testing.servers import http, http_json
+from inference_server.grpc import messages as pb
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +137,7 @@ def test_sigterm_finishes_grpc_and_rest_requests_in_flight_refuses_new_ones_and_
         err = late.error("ModelInfer", infer_request("tiny", {"data": x()}), timeout=2)
         assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
         assert not all(f.done() for f in futures), "in-flight calls were done before new ones were refused"
-        for a, f in zip(xs, futures):
+        for a, f in zip(xs, futures, strict=True):
             got = output(f.result(), "ip")
             assert np.abs(got - forward(proto, weights, {"data": a})["ip"]).max() <= 1e-5
         t.join(10)

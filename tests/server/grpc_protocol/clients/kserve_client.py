@@ -32,7 +32,8 @@ async def main(port: str, cases) -> None:
     top = (await c.infer(req)).outputs[0].as_numpy()
     assert top.shape == (x.shape[0], 3), top.shape
     first = top.ravel()[0]
-    assert int((first.decode() if isinstance(first, bytes) else first).split(":")[1]) == int(np.argmax(cases["prob"][0]))
+    first = first.decode() if isinstance(first, bytes) else first
+    assert int(first.split(":")[1]) == int(np.argmax(cases["prob"][0]))
     await c.close()
 
 

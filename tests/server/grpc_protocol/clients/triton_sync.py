@@ -1,5 +1,5 @@
-"""tritonclient.grpc (sync), unchanged, against our server; run by tests/server/grpc_protocol/test_grpc_clients.py in its own
-process (tritonclient.grpc's stubs and ours must not share one). argv: PORT CASES.npz; exit 0 = all good."""
+"""tritonclient.grpc (sync), unchanged, against our server; run by tests/server/grpc_protocol/test_grpc_clients.py
+in its own process (tritonclient.grpc's stubs and ours must not share one). argv: PORT CASES.npz; exit 0 = all good."""
 
 import sys
 
@@ -18,7 +18,8 @@ meta = c.get_server_metadata(as_json=True)
 assert meta["name"] == "caffe-serving" and {"binary_tensor_data", "classification"} <= set(meta["extensions"]), meta
 meta = c.get_model_metadata("animals", "3", as_json=True)
 assert meta["name"] == "animals" and meta["versions"] == ["3"] and meta["platform"] == "caffe", meta
-assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in meta["inputs"]] == [("data", "FP32", [-1, 2, 6, 6])]
+assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in meta["inputs"]] \
+    == [("data", "FP32", [-1, 2, 6, 6])]
 assert {t["name"] for t in meta["outputs"]} == {"prob", "embedding"}
 try:
     c.get_model_metadata("nope")
@@ -44,8 +45,8 @@ assert {o.name for o in r.get_response().outputs} == {"prob", "embedding"}
 r = c.infer("animals", [inp], outputs=[grpcclient.InferRequestedOutput("prob", class_count=3)])
 top = r.as_numpy("prob")
 assert top.shape == (x.shape[0], 3), top.shape
-for row, probs in zip(top, cases["prob"]):
-    for entry, i in zip(row, np.argsort(-probs)[:3]):
+for row, probs in zip(top, cases["prob"], strict=True):
+    for entry, i in zip(row, np.argsort(-probs)[:3], strict=True):
         score, index, label = entry.decode().split(":", 2)
         assert int(index) == i and label == labels[i] and abs(float(score) - probs[i]) < 1e-5, entry
 
