@@ -28,6 +28,8 @@ import os
 import queue
 import sys
 import time
+from collections.abc import Callable
+from typing import TextIO
 
 import orjson
 
@@ -124,7 +126,7 @@ def with_access_log(handler: Handler, access: AccessLog) -> Handler:
     return handle
 
 
-def log_refusal(access: AccessLog):
+def log_refusal(access: AccessLog) -> Callable[[str, str, str, int, str], None]:
     """A callback for `HTTPServer.on_refuse`: the transport's own 4xx answers, logged like the others."""
 
     def refused(client: str, method: str, path: str, status: int, message: str) -> None:
@@ -160,11 +162,11 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_FORMATS = ("text", "json")
 
 
-def configure_logging(level: str = "INFO", fmt: str = "text", stream=None) -> None:
+def configure_logging(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
     """The process's logging: `fmt` text or json, written by a background thread (module docstring)."""
     target = logging.StreamHandler(stream or sys.stderr)
     target.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
-    q: queue.SimpleQueue = queue.SimpleQueue()
+    q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     listener = logging.handlers.QueueListener(q, target, respect_handler_level=False)
     listener.start()
     root = logging.getLogger()
@@ -179,7 +181,7 @@ class _QueueHandler(logging.handlers.QueueHandler):
     """QueueHandler that keeps the record's own fields (the access dict) for the formatter thread, and
     on close (logging.shutdown(), also at exit) lets that thread write every queued line first."""
 
-    def __init__(self, q, listener: logging.handlers.QueueListener):
+    def __init__(self, q: queue.SimpleQueue[logging.LogRecord], listener: logging.handlers.QueueListener):
         super().__init__(q)
         self.listener: logging.handlers.QueueListener | None = listener
 

@@ -57,7 +57,7 @@ def request_coding(header: str | None) -> str | None:
     return coding
 
 
-def _decompressor(coding: str, first: bytes | bytearray):
+def _decompressor(coding: str, first: bytes | bytearray) -> zlib._Decompress:
     if coding == "gzip":
         return zlib.decompressobj(16 + zlib.MAX_WBITS)
     # RFC 9110's "deflate" is the zlib format; a raw deflate stream (no zlib header) is common too.

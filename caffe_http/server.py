@@ -16,10 +16,14 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 
 import httptools
 
 from .lifecycle import stop_event
+
+if TYPE_CHECKING:
+    import socket
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +128,7 @@ class _Connection(asyncio.Protocol):
         self.client = ""
         # (request, keep-alive, bytes reserved) in arrival order; a refusal queued in order is a Response
         self.pending: deque[tuple[Request | Response, bool, int]] = deque()
-        self.worker: asyncio.Task | None = None
+        self.worker: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.closing = False
         self.refused = False  # a refusal is queued behind earlier pipelined requests: read no more
@@ -141,15 +145,15 @@ class _Connection(asyncio.Protocol):
         self._reset_message()
 
     # --- connection lifecycle
-    def connection_made(self, transport):
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a TCP connection's: an asyncio.Transport
         peer = transport.get_extra_info("peername")
         self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
         self.server.connections.add(self)
         self.last_read = self.loop.time()  # a connection made counts as activity: its first bytes may follow
         self._arm(self.limits.keepalive_timeout_s, None)
 
-    def connection_lost(self, exc):
+    def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self._disarm()
         if self.writable is not None:
@@ -168,16 +172,16 @@ class _Connection(asyncio.Protocol):
             # nobody will read the answer: stop waiting for it (queued inference work is dropped)
             self.worker.cancel()
 
-    def pause_writing(self):
+    def pause_writing(self) -> None:
         if self.writable is None:
             self.writable = asyncio.Event()
         self.writable.clear()
 
-    def resume_writing(self):
+    def resume_writing(self) -> None:
         if self.writable is not None:
             self.writable.set()
 
-    def data_received(self, data: bytes):
+    def data_received(self, data: bytes) -> None:
         self.last_read = self.loop.time()
         if self.closing or self.refused:
             return
@@ -197,7 +201,7 @@ class _Connection(asyncio.Protocol):
             pass
 
     # --- parser callbacks
-    def _reset_message(self):
+    def _reset_message(self) -> None:
         self.url = b""
         self.headers = {}
         self.body_parts = []
@@ -206,22 +210,22 @@ class _Connection(asyncio.Protocol):
         self.header_bytes = 0
         self.in_message = False
 
-    def on_message_begin(self):
+    def on_message_begin(self) -> None:
         self._reset_message()
         self.in_message = True
         if self.timer_kind != "header":  # a pipelined request that began in the previous one's last packet
             self._arm(self.limits.header_timeout_s, "header")
 
-    def on_url(self, url: bytes):
+    def on_url(self, url: bytes) -> None:
         self.url += url
 
-    def on_header(self, name: bytes, value: bytes):
+    def on_header(self, name: bytes, value: bytes) -> None:
         self.header_bytes += len(name) + len(value)
         if self.header_bytes > self.limits.max_header_bytes:
             self._refuse(431, "request headers too large")
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
-    def on_headers_complete(self):
+    def on_headers_complete(self) -> None:
         clen = self.headers.get("content-length")
         size = int(clen) if clen is not None and clen.isdigit() else None
         expect = self.headers.get("expect", "").lower() == "100-continue"
@@ -237,7 +241,7 @@ class _Connection(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._arm(self.limits.body_timeout_s, "body")
 
-    def on_body(self, chunk: bytes):
+    def on_body(self, chunk: bytes) -> None:
         if self.discarding:
             self.discarded += len(chunk)
             if self.discarded > self.limits.max_drain_bytes:
@@ -262,7 +266,7 @@ class _Connection(asyncio.Protocol):
                 self.body_buf = bytearray().join(self.body_parts)
                 self.body_parts = []
 
-    def on_message_complete(self):
+    def on_message_complete(self) -> None:
         self._disarm()
         if self.discarding:  # the refused body is all read: close now, or once the refusal is written
             self._end_discard()
@@ -294,7 +298,7 @@ class _Connection(asyncio.Protocol):
             self.worker = self.loop.create_task(self._serve_pending())
 
     # --- request handling
-    async def _serve_pending(self):
+    async def _serve_pending(self) -> None:
         try:
             while self.pending and not self.closing:
                 req, keep_alive, reserved = self.pending.popleft()
@@ -333,17 +337,17 @@ class _Connection(asyncio.Protocol):
             self._arm(self.limits.keepalive_timeout_s, None)
 
     # --- deadlines and refusals
-    def _arm(self, seconds: float, kind: str | None):
+    def _arm(self, seconds: float, kind: str | None) -> None:
         self._disarm()
         self.timer_kind = kind
         self.timer = self.loop.call_later(seconds, self._on_timeout, kind)
 
-    def _disarm(self):
+    def _disarm(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
 
-    def _on_timeout(self, kind: str | None):
+    def _on_timeout(self, kind: str | None) -> None:
         self.timer = None
         if kind == "drain":  # a refused body was not all sent within the body deadline
             self._close()
@@ -356,7 +360,7 @@ class _Connection(asyncio.Protocol):
         limit = self.limits.header_timeout_s if kind == "header" else self.limits.body_timeout_s
         self._refuse(408, f"request {what} not received within {limit:g} s", raise_=False)
 
-    def _refuse(self, status: int, message: str, raise_: bool = True):
+    def _refuse(self, status: int, message: str, raise_: bool = True) -> None:
         """Answer an error the server decides on its own, then close the connection."""
         if not self.closing and not self.refused and self.transport is not None:
             if self.server.on_refuse is not None:  # the access log's line for answers no handler saw
@@ -365,7 +369,7 @@ class _Connection(asyncio.Protocol):
         if raise_:
             raise _Refused()
 
-    def _refuse_body(self, status: int, message: str, size: int | None = None, expect: bool = False):
+    def _refuse_body(self, status: int, message: str, size: int | None = None, expect: bool = False) -> None:
         """Refuse a request whose body follows: answer now (in order), then read and drop the body.
 
         Closing at once with unread bytes makes the kernel send a reset, and a client that sends
@@ -396,7 +400,7 @@ class _Connection(asyncio.Protocol):
         else:  # earlier pipelined requests are answered first, in order
             self.pending.append((resp, False, 0))
 
-    def _end_discard(self):
+    def _end_discard(self) -> None:
         self.discarding = False
         self.in_message = False
         self.refused = True
@@ -406,11 +410,11 @@ class _Connection(asyncio.Protocol):
         elif not self.closing:
             self.transport.pause_reading()
 
-    def _arm_drain(self):
+    def _arm_drain(self) -> None:
         left = self.drain_until - self.loop.time()
         self._arm(max(0.0, min(left, self.limits.drain_idle_s)), "drain")
 
-    def _refuse_with(self, resp: Response):
+    def _refuse_with(self, resp: Response) -> None:
         if not self.closing and not self.refused and self.transport is not None:
             if self.worker is None:
                 self.transport.write(encode_response(resp, False))
@@ -434,7 +438,7 @@ class _Connection(asyncio.Protocol):
         self.reserved += n
         return True
 
-    def _release(self, n: int):
+    def _release(self, n: int) -> None:
         if n:
             self.server.inflight_bytes -= n
 
@@ -450,13 +454,13 @@ class _Connection(asyncio.Protocol):
             method = ""
         return method, self.url.split(b"?", 1)[0].decode("latin-1", "replace")
 
-    def _close(self):
+    def _close(self) -> None:
         self.closing = True
         self._disarm()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
-    def close_if_idle(self, idle_for_s: float = 0.0):
+    def close_if_idle(self, idle_for_s: float = 0.0) -> None:
         """Close the connection if no request is on it, none has begun, and nothing arrived for
         `idle_for_s` (bytes a client sent just before may still be on their way to us)."""
         if (self.worker is None and not self.pending and not self.in_message
@@ -490,7 +494,7 @@ class HTTPServer:
         self._drained: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    async def start(self, host: str, port: int, sock=None) -> int:
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> int:
         """Start listening; returns the bound port (useful with port 0)."""
         self.loop = asyncio.get_running_loop()
         self._drained = asyncio.Event()
@@ -500,9 +504,10 @@ class HTTPServer:
             self._server = await self.loop.create_server(
                 lambda: _Connection(self), host, port, backlog=1024, reuse_address=True
             )
-        return self._server.sockets[0].getsockname()[1]
+        bound: int = self._server.sockets[0].getsockname()[1]
+        return bound
 
-    def _maybe_drained(self):
+    def _maybe_drained(self) -> None:
         if self.stopping and self.in_flight == 0 and self._drained is not None:
             self._drained.set()
 
@@ -511,7 +516,7 @@ class HTTPServer:
         sending here reconnect, and by then the listener is closed or routing has moved them."""
         self.stopping = True
 
-    async def stop(self, grace_s: float = 30.0):
+    async def stop(self, grace_s: float = 30.0) -> None:
         """Stop accepting, finish every request received (up to `grace_s`), close every connection.
 
         A request already received, or arriving on a connection still open, is served (with
@@ -541,8 +546,9 @@ class HTTPServer:
 IDLE_SETTLE_S = 0.1
 
 
-async def serve_until_signalled(server: HTTPServer, host: str, port: int, on_listening=None,
-                                grace_s: float = 30.0, before_stop=None, drain_delay_s: float = 0.0) -> None:
+async def serve_until_signalled(server: HTTPServer, host: str, port: int,
+                                on_listening: Callable[[int], object] | None = None, grace_s: float = 30.0,
+                                before_stop: Callable[[], object] | None = None, drain_delay_s: float = 0.0) -> None:
     """Run until SIGTERM/SIGINT, then drain and stop. `on_listening(port)` is called once bound.
 
     On the signal: `before_stop()` (readiness turns false there), then the listener stays open for

@@ -54,11 +54,11 @@ class _Connection(asyncio.Protocol):
     __slots__ = ("transport", "parser", "waiter", "started", "closed", "status", "headers",
                  "body", "keep_alive", "reused")
 
-    def __init__(self):
+    def __init__(self) -> None:
         # None only until connection_made, which runs before the connection is handed out
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = httptools.HttpResponseParser(self)
-        self.waiter: asyncio.Future | None = None
+        self.waiter: asyncio.Future[UpstreamResponse] | None = None
         self.started = False
         self.closed = False
         self.reused = False
@@ -67,10 +67,10 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = True
 
     # --- asyncio.Protocol
-    def connection_made(self, transport):
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a TCP connection's: an asyncio.Transport
 
-    def data_received(self, data: bytes):
+    def data_received(self, data: bytes) -> None:
         if not self.started:
             self.started = True
         try:
@@ -79,10 +79,10 @@ class _Connection(asyncio.Protocol):
             self._fail(ResponseBroken(f"malformed response from upstream: {e}"))
             self.close()
 
-    def eof_received(self):
+    def eof_received(self) -> bool:
         return False  # close the transport
 
-    def connection_lost(self, exc):
+    def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         w = self.waiter
         if w is not None and not w.done():
@@ -93,13 +93,13 @@ class _Connection(asyncio.Protocol):
                 w.set_exception(ConnectFailed(f"upstream closed the connection before answering{reason}"))
 
     # --- httptools callbacks
-    def on_header(self, name: bytes, value: bytes):
+    def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
 
-    def on_body(self, chunk: bytes):
+    def on_body(self, chunk: bytes) -> None:
         self.body.append(chunk)
 
-    def on_message_complete(self):
+    def on_message_complete(self) -> None:
         self.keep_alive = self.parser.should_keep_alive()
         w = self.waiter
         if w is not None and not w.done():
@@ -107,7 +107,8 @@ class _Connection(asyncio.Protocol):
             w.set_result(UpstreamResponse(self.parser.get_status_code(), self.headers, body))
 
     # --- use
-    def send(self, data: bytes, body: bytes | None, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+    def send(self, data: bytes, body: bytes | None,
+             loop: asyncio.AbstractEventLoop) -> asyncio.Future[UpstreamResponse]:
         self.waiter = loop.create_future()
         self.started = False
         self.headers = []
@@ -118,12 +119,12 @@ class _Connection(asyncio.Protocol):
             self.transport.writelines((data, body))
         return self.waiter
 
-    def _fail(self, exc: Exception):
+    def _fail(self, exc: Exception) -> None:
         w = self.waiter
         if w is not None and not w.done():
             w.set_exception(exc)
 
-    def close(self):
+    def close(self) -> None:
         self.closed = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
@@ -199,7 +200,8 @@ class EndpointPool:
         except TimeoutError:
             raise UpstreamTimeout(f"{self.authority} did not answer before the request's deadline") from None
 
-    async def _exchange(self, conn: _Connection, head: bytes, rest: bytes | None, loop) -> UpstreamResponse:
+    async def _exchange(self, conn: _Connection, head: bytes, rest: bytes | None,
+                        loop: asyncio.AbstractEventLoop) -> UpstreamResponse:
         self.busy.add(conn)
         try:
             resp = await conn.send(head, rest, loop)
@@ -224,7 +226,7 @@ class EndpointPool:
             conn.close()
         return len(conns)
 
-    def close(self):
+    def close(self) -> None:
         """Close the idle connections; connections in use close when their request ends."""
         self.closed = True
         for conn in self.idle:
