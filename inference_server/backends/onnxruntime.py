@@ -79,7 +79,7 @@ def make_session(model: str | bytes, device_kind: str, device_id: int, instances
 
 def recorded_info(sess) -> dict:
     """What the converter recorded in the graph's metadata (Caffe I/O shapes, layer types)."""
-    from ..convert.net import METADATA_KEY
+    from ..loading.convert.net import METADATA_KEY
 
     raw = sess.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     if raw is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..codecs import DTYPES, InferRequest, InputTensor, RequestedOutput, _binary_array, _bytes_payload, _check_shape, _object_array
+from ..serving.codecs import DTYPES, InferRequest, InputTensor, RequestedOutput, _binary_array, _bytes_payload, _check_shape, _object_array
 from ..errors import BadRequest
 from . import messages as pb
 

@@ -18,12 +18,12 @@ import yaml
 from caffe import layers as L
 from caffe import params as P
 
-import inference_server.backends.selection as selection
-import inference_server.convert as convert
-import inference_server.parity as parity
+import inference_server.loading.selection as selection
+import inference_server.loading.convert as convert
+import inference_server.loading.parity as parity
 from inference_server.backends import choose_backend
 from inference_server.config import parse_config
-from inference_server.loadprobe import probe_load
+from inference_server.loading.child_load import probe_load
 from onnx import numpy_helper
 from caffe_testing.digits import DIGITS_DIR
 from caffe_testing.nets import save_net

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from caffe_testing import REPO
-from inference_server.codecs import DTYPES
+from inference_server.serving.codecs import DTYPES
 from inference_server.errors import BadRequest, GRPC_STATUS_OF_HTTP, InferenceError, Unavailable
 from inference_server.grpc import messages as pb
 from inference_server.grpc.codec import decode_infer_request, encode_infer_response
