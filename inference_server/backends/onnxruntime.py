@@ -1,6 +1,6 @@
 """The ONNX Runtime backend: one InferenceSession per worker, on a graph converted from the Caffe net.
 
-The graph comes from `choose_accelerated` (backends/selection.py), which converted it, cached it and
+The graph comes from `choose_accelerated` (loading/selection.py), which converted it, cached it and
 proved it equal to pycaffe; this module only runs it. Sessions are built here and nowhere else, so the
 parity gate checks exactly the session options and execution providers that serve.
 """

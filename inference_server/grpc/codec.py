@@ -1,6 +1,6 @@
 """OIP gRPC messages ⇄ the data plane's requests and outputs: typed `contents` and raw contents.
 
-The checks and messages are REST's (codecs.py): the same shape, element-count and datatype rules,
+The checks and messages are REST's (serving/codecs.py): the same shape, element-count and datatype rules,
 each error a BadRequest naming the input, which the service answers with INVALID_ARGUMENT.
 Responses mirror the request: raw inputs get `raw_output_contents` (what tritonclient reads),
 typed inputs get typed `contents`.

@@ -1,7 +1,7 @@
 """Restart without redoing work, and `auto` chooses ONNX Runtime only where it is faster.
 
 The parity gate's and the timing's verdict is recorded beside the cached graph with the sha256 of the
-graph's bytes it judged (backends/selection.py). A load whose keyed inputs and graph bytes are unchanged
+graph's bytes it judged (loading/selection.py). A load whose keyed inputs and graph bytes are unchanged
 is served from the verdict without loading the Net, converting or gating; any change reruns the gate.
 """
 
