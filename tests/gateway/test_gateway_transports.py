@@ -30,7 +30,7 @@ from caffe_gateway.app import GatewayApp
 from caffe_gateway.balancer import BalancerSettings
 from caffe_gateway.discovery import StaticDiscovery
 from caffe_gateway.proxy import ProxySettings
-from caffe_http.server import NOT_RUN_HEADER, HTTPServer, Response
+from caffe_http.server import HTTPServer, Response
 from caffe_http.upstream import EndpointPool
 from inference_server.errors import InferenceError, Unavailable
 from inference_server.grpc import messages as pb
