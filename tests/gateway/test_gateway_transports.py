@@ -180,6 +180,19 @@ async def replicas(*names: str, version: str = "1") -> list[Replica]:
     return made
 
 
+async def get_text(app: GatewayApp, path: str) -> str:
+    pool = EndpointPool("127.0.0.1", app.port)
+    try:
+        r = await pool.request("GET", path, [], b"", asyncio.get_running_loop().time() + 10)
+        return r.body.decode()
+    finally:
+        pool.close()
+
+
+async def get_json(app: GatewayApp, path: str):
+    return orjson.loads(await get_text(app, path))
+
+
 async def until(predicate, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -216,7 +229,9 @@ async def hold_while_scaled_to_zero(transport: str):
         held = [asyncio.create_task(client.infer()) for _ in range(3)]
         await asyncio.sleep(1.5)  # longer than the request timeout
         assert not any(t.done() for t in held), [t.result() for t in held if t.done()]
-        assert app.balancer.models["m"].concurrency() == 3  # the demand that wakes the model
+        signal = await get_json(app, "/autoscaling/m")  # the demand that wakes the model
+        assert signal["queued"] == 3 and signal["concurrency"] == 3 and signal["readyEndpoints"] == 0, signal
+        assert 'caffeserve_gateway_held_requests_total{model="m",variant="primary"} 3.0' in await get_text(app, "/metrics")
         app.balancer.set_model("m", {p.address})  # its pod turns ready
         got = await asyncio.wait_for(asyncio.gather(*held), 10)
         assert [o.code for o in got] == ["OK"] * 3 and {o.who for o in got} == {"P"}, got
