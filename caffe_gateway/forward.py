@@ -93,7 +93,10 @@ class Transport(Protocol):
 
 
 class Forwarder:
-    """The loop both transports forward through, over the one balancer and metrics."""
+    """The loop both transports forward through, over the one balancer and metrics.
+
+    One coroutine per request on the hot path (choose, acquire, send, release); the rare paths
+    (fallback, retry, the gRPC-less endpoints) are small methods. Speed is bench/gateway.py's."""
 
     def __init__(self, balancer: Balancer, metrics: GatewayMetrics, settings: ProxySettings):
         self.balancer = balancer
@@ -108,134 +111,104 @@ class Forwarder:
         and never past the client's own deadline. `route`: this variant, not one chosen by traffic."""
         if route is None:
             route = traffic.choose(self.balancer, model, version)
-        if route is None:
-            raise Refused(UNKNOWN, f"model '{model}' is not known to the gateway")
+            if route is None:
+                raise Refused(UNKNOWN, f"model '{model}' is not known to the gateway")
         deadline = arrived + self.settings.request_timeout_s
         if not route.endpoints and route.cold_start_s > 0:
             deadline += route.cold_start_s  # a cold start is not charged to the request's own time
         if client_deadline is not None and client_deadline < deadline:
             deadline = client_deadline
-        call = _Call(self, transport, request, route, deadline)
+        needs_grpc = transport.needs_grpc
+        exclude = _rest_only(route) if needs_grpc else _EMPTY
+        tries = _NO_TRIES  # made on the first failure: the hot path allocates nothing for it
         code = transport.cancelled_code
+        loop = asyncio.get_running_loop()
+        route.active += 1
         try:
-            answer = await call.run()
-            code = transport.code(answer)
-            return answer
+            while True:
+                try:
+                    ep = await route.acquire(deadline, exclude)
+                except NoEndpoints as e:
+                    if tries is _NO_TRIES:
+                        tries = _Tries()
+                    other = tries.fallback(self.balancer, route, e)
+                    route.active -= 1
+                    route = other
+                    route.active += 1
+                    exclude = _rest_only(route) if needs_grpc else _EMPTY
+                    continue
+                except Overloaded as e:
+                    raise Refused(UNAVAILABLE, tries.why(route, e)) from None
+                except DeadlinePassed as e:
+                    raise Refused(DEADLINE, str(e)) from None
+                if loop.time() >= deadline:
+                    route.release(ep, None)
+                    raise Refused(DEADLINE, f"request deadline passed before it could be forwarded to model "
+                                            f"'{route.name}'")
+                if needs_grpc and ep.grpc_port is None:  # discovery changed it while the call waited
+                    route.release(ep, None)
+                    exclude = exclude | {ep.address}
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    answer = await transport.send(route, ep, request, deadline)
+                except NotRun as e:
+                    if e.unreachable:
+                        route.unreachable(ep)
+                    route.release(ep, e.failed)
+                    exclude = exclude | {ep.address}
+                    if tries is _NO_TRIES:
+                        tries = _Tries()
+                    tries.next(route, e, loop.time() >= deadline, self.settings.max_retries)
+                    continue
+                except Refused:
+                    route.release(ep, True)
+                    raise
+                except BaseException:
+                    route.release(ep, None)
+                    raise
+                self.metrics.observe_upstream(route.name, time.perf_counter() - t0)
+                route.release(ep, transport.failed(answer))
+                code = transport.code(answer)
+                return answer
         except Refused as e:
             code = transport.refused_code(e.kind)
             raise
         finally:
-            self.metrics.count_variant(model, call.route.variant, code)
+            route.active -= 1
+            if tries.holds_retry:
+                route.end_retry()
+            self.metrics.count_variant(model, route.variant, code)
 
 
-def _without_grpc(route: ModelRoute) -> frozenset[str]:
-    return frozenset(e.address for e in route.endpoints if e.grpc_port is None)
+def _rest_only(route: ModelRoute) -> frozenset[str]:
+    """The endpoints a gRPC call cannot use (no gRPC port); NOT_SERVED when that is all of them."""
+    exclude = frozenset(e.address for e in route.endpoints if e.grpc_port is None)
+    if route.endpoints and len(exclude) == len(route.endpoints):
+        raise Refused(NOT_SERVED, f"model '{route.name}' is not served over gRPC: its servers expose no gRPC "
+                                  "port (spec.runtime.grpc.enabled is false?)")
+    return exclude
 
 
-class _Call:
-    """One request's way through the loop: its route, deadline, exclusions and retries."""
+class _Tries:
+    """A request's attempts so far: whether another may be made (retries, budget), and why not."""
 
-    __slots__ = ("fwd", "transport", "request", "route", "deadline", "exclude", "retries", "holds_retry",
-                 "last_failure", "fell_back")
+    __slots__ = ("retries", "holds_retry", "last_failure", "fell_back")
 
-    def __init__(self, fwd: Forwarder, transport: Transport, request: Any, route: ModelRoute, deadline: float):
-        self.fwd, self.transport, self.request, self.deadline = fwd, transport, request, deadline
-        self.route = route
-        self.exclude = _EMPTY
+    def __init__(self):
         self.retries = 0
-        self.holds_retry = False  # this attempt counts against the model's retry budget
+        self.holds_retry = False  # the next attempt counts against the model's retry budget
         self.last_failure = ""
         self.fell_back = False
 
-    def _exclude_rest_only(self) -> None:
-        route = self.route
-        self.exclude = _without_grpc(route)
-        if route.endpoints and len(self.exclude) == len(route.endpoints):
-            raise Refused(NOT_SERVED, f"model '{route.name}' is not served over gRPC: its servers expose no gRPC "
-                                      "port (spec.runtime.grpc.enabled is false?)")
-
-    async def run(self) -> Any:
-        if self.transport.needs_grpc:
-            self._exclude_rest_only()
-        self.route.active += 1
-        try:
-            while True:
-                ep = await self._acquire()
-                if ep is None:
-                    continue
-                try:
-                    return await self._attempt(ep)
-                except NotRun as e:
-                    self._after_not_run(ep, e)
-        finally:
-            self.route.active -= 1
-            if self.holds_retry:
-                self.route.end_retry()
-
-    async def _acquire(self) -> Endpoint | None:
-        """A slot for the next attempt; None to go round again (fell back, or an endpoint to skip)."""
-        route = self.route
-        try:
-            ep = await route.acquire(self.deadline, self.exclude)
-        except NoEndpoints as e:
-            if not (self.last_failure or self.fell_back):
-                other = traffic.fallback(self.fwd.balancer, route)
-                if other is not None:  # its variant went away while it waited: the other takes it
-                    self._switch(other)
-                    return None
-            raise Refused(UNAVAILABLE, self._why(e)) from None
-        except Overloaded as e:
-            raise Refused(UNAVAILABLE, self._why(e)) from None
-        except DeadlinePassed as e:
-            raise Refused(DEADLINE, str(e)) from None
-        if asyncio.get_running_loop().time() >= self.deadline:
-            route.release(ep, None)
-            raise Refused(DEADLINE, f"request deadline passed before it could be forwarded to model '{route.name}'")
-        if self.transport.needs_grpc and ep.grpc_port is None:  # discovery changed it while the call waited
-            route.release(ep, None)
-            self.exclude = self.exclude | {ep.address}
-            return None
-        return ep
-
-    def _switch(self, other: ModelRoute) -> None:
-        self.fell_back = True
-        self.route.active -= 1
-        self.route = other
-        other.active += 1
-        self.exclude = _EMPTY
-        if self.transport.needs_grpc:
-            self._exclude_rest_only()
-
-    async def _attempt(self, ep: Endpoint) -> Any:
-        route = self.route
-        t0 = time.perf_counter()
-        try:
-            answer = await self.transport.send(route, ep, self.request, self.deadline)
-        except NotRun as e:
-            if e.unreachable:
-                route.unreachable(ep)
-            route.release(ep, e.failed)
-            raise
-        except Refused:
-            route.release(ep, True)
-            raise
-        except BaseException:
-            route.release(ep, None)
-            raise
-        self.fwd.metrics.observe_upstream(route.name, time.perf_counter() - t0)
-        route.release(ep, self.transport.failed(answer))
-        return answer
-
-    def _after_not_run(self, ep: Endpoint, e: NotRun) -> None:
-        """Prepare the next attempt on another endpoint, or raise Refused when none may be made."""
-        route = self.route
+    def next(self, route: ModelRoute, e: NotRun, past_deadline: bool, max_retries: int) -> None:
+        """After an attempt that did not run: allow the next one, or raise Refused."""
         reason = str(e)
         self.last_failure = reason
-        self.exclude = self.exclude | {ep.address}
         if self.holds_retry:
             route.end_retry()
             self.holds_retry = False
-        if self.retries >= self.fwd.settings.max_retries or asyncio.get_running_loop().time() >= self.deadline:
+        if self.retries >= max_retries or past_deadline:
             raise Refused(UNAVAILABLE, reason)
         if e.rescued:
             # Outside the concurrent-retry budget, which exists so that retries do not multiply
@@ -248,7 +221,19 @@ class _Call:
             self.holds_retry = True
         self.retries += 1
 
-    def _why(self, e: Exception) -> str:
+    def fallback(self, balancer: Balancer, route: ModelRoute, e: NoEndpoints) -> ModelRoute:
+        """The other variant, when this one went away while the request waited (a canary rolled
+        back) and nothing was tried yet; else Refused."""
+        other = None if (self.last_failure or self.fell_back) else traffic.fallback(balancer, route)
+        if other is None:
+            raise Refused(UNAVAILABLE, self.why(route, e)) from None
+        self.fell_back = True
+        return other
+
+    def why(self, route: ModelRoute, e: Exception) -> str:
         if self.last_failure:
-            return f"cannot reach model '{self.route.name}': {self.last_failure}; {e}"
+            return f"cannot reach model '{route.name}': {self.last_failure}; {e}"
         return str(e)
+
+
+_NO_TRIES = _Tries()  # shared, never changed: a request that has not failed yet
