@@ -12,7 +12,7 @@ Then, for REST JSON and gRPC alike (h2load, one request in flight, as bench/prot
 them): p50 direct and through the gateway, the difference, and the gateway process's CPU time per
 request (user + system, from /proc). `--baseline DIR` runs a second gateway from another checkout
 (e.g. `git archive main | tar -x -C DIR`) in front of the same server, measured in the same run,
-rounds interleaved (this, baseline, this, ...), each figure the median over `--rounds`: a change's
+rounds interleaved (direct, this, baseline, then the reverse order, ...), each figure the median over `--rounds`: a change's
 before and after on the same machine state.
 
 On a 2-core machine wrk, the gateway and the servers share the cores, so the 2-replica figure
@@ -118,9 +118,12 @@ def per_protocol(server: ServerProcess, gateways: dict[str, "Gateway"], seconds:
             targets[name] = (f"http://127.0.0.1:{gw.grpc_port}{grpc_path}" if grpc else gw.url + path, gw)
         for url, gw in targets.values():  # warm-up: connections, caches
             h2load(url, case[0], case[1], 1, None, requests=200, h1=not grpc)
+        order = list(targets)
         for _ in range(rounds):
-            for name, (url, gw) in targets.items():
+            for name in order:
+                url, gw = targets[name]
                 results.setdefault((proto, name), []).append(one_run(url, case, seconds, grpc, gw))
+            order.reverse()  # no build always runs right after another
     med = {k: {f: statistics.median(r[f] for r in runs) for f in runs[0]} for k, runs in results.items()}
     print(f"\nadded by the gateway, one request in flight (h2load; median of {rounds} interleaved rounds of "
           f"{seconds:g} s)")

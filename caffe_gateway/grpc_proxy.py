@@ -329,7 +329,14 @@ class GRPCGateway:
                 raise _Abort(Code.INVALID_ARGUMENT, f"malformed {method}Request: {e}") from None
             if method == "ModelReady" and not self._any_ready(model):
                 return self._not_ready
-            answer = await self._ask(method, data, context, model, version or None)
+            now = asyncio.get_running_loop().time()
+            remaining = context.time_remaining()
+            try:
+                answer = await self.forwarder.forward(self.transport, (method, data, self._request_metadata(context)),
+                                                      model, version or None, now,
+                                                      None if remaining is None else now + remaining)
+            except Refused as e:
+                raise self._refusal(e) from None
             if answer.code is not Code.OK:  # the server's own status, passed through
                 raise _Abort(answer.code, answer.details, _reply_metadata(answer.trailing))
             if initial := _reply_metadata(answer.initial):
@@ -350,18 +357,9 @@ class GRPCGateway:
         route, canary = self.balancer.models.get(model), self.balancer.canaries.get(model)
         return bool((route is not None and route.endpoints) or (canary is not None and canary.endpoints))
 
-    async def _ask(self, method: str, data: bytes, context, model: str, version: str | None) -> _Answer:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        remaining = context.time_remaining()
-        try:
-            return await self.forwarder.forward(self.transport, (method, data, self._request_metadata(context)),
-                                                model, version, now, None if remaining is None else now + remaining)
-        except Refused as e:
-            code = REFUSALS[e.kind]
-            if code is Code.UNAVAILABLE:
-                raise self._unavailable(e.message) from None
-            raise _Abort(code, e.message) from None
+    def _refusal(self, e: Refused) -> _Abort:
+        code = REFUSALS[e.kind]
+        return self._unavailable(e.message) if code is Code.UNAVAILABLE else _Abort(code, e.message)
 
     def _unavailable(self, message: str) -> _Abort:
         seconds = int(self.settings.retry_after_s)

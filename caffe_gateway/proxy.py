@@ -205,8 +205,7 @@ class Gateway:
         routes = sorted(self.balancer.models.items())
         asked = Request("POST", "/v2/repository/index", "", {"content-type": "application/json"}, b"{}",
                         arrived=req.arrived)
-        answers = await asyncio.gather(*(self._ask(asked, name, route=route) for name, route in routes
-                                         if route.ready_count()))
+        answers = await asyncio.gather(*(self._ask(asked, route) for _, route in routes if route.ready_count()))
         by_name: dict[str, dict] = {}
         for resp in answers:
             if resp.status == 200:
@@ -226,39 +225,47 @@ class Gateway:
     async def _forward(self, req: Request, model: str, version: str | None = None) -> Response:
         if req.method not in FORWARDED_METHODS:
             known = model in self.balancer.models
-            resp = _error(405, f"method {req.method} is not allowed on {req.path}") if known else self._unknown(model)
+            resp = (_error(405, f"method {req.method} is not allowed on {req.path}") if known
+                    else _error(404, f"model '{model}' is not known to the gateway"))
             self.metrics.count(model if known else "", resp.status)
             return resp
         try:
-            resp = await self._ask(req, model, version)
+            up = await self.forwarder.forward(self.transport, _upstream_request(req), model, version,
+                                              req.arrived or asyncio.get_running_loop().time())
+        except Refused as e:
+            resp = self._refusal(e)
+            self.metrics.count(model if e.kind != UNKNOWN else "", resp.status)
+            return resp
         except asyncio.CancelledError:
             self.metrics.count(model, HTTPTransport.cancelled_code)
             raise
-        self.metrics.count(model if resp.status != 404 or model in self.balancer.models else "", resp.status)
-        return resp
-
-    async def _ask(self, req: Request, model: str, version: str | None = None,
-                   route: ModelRoute | None = None) -> Response:
-        """`req` forwarded to model `model` (to its variant `route` when given): the server's
-        answer, or the gateway's own."""
-        target = f"{req.path}?{req.query}" if req.query else req.path
-        rh = req.headers
-        headers = [(k, rh[k]) for k in REQUEST_HEADERS if k in rh]
-        if req.client:
-            ip = req.client.rsplit(":", 1)[0]
-            prior = rh.get("x-forwarded-for")
-            headers.append(("x-forwarded-for", f"{prior}, {ip}" if prior else ip))
-        arrived = req.arrived or asyncio.get_running_loop().time()
-        try:
-            up = await self.forwarder.forward(self.transport, (req.method, target, headers, req.body), model, version,
-                                              arrived, route=route)
-        except Refused as e:
-            status = REFUSALS[e.kind]
-            return _error(status, e.message, dict(self._retry_after) if status == 503 else None)
+        self.metrics.count(model, up.status)
         return _passthrough(up)
 
-    def _unknown(self, model: str) -> Response:
-        return _error(404, f"model '{model}' is not known to the gateway")
+    async def _ask(self, req: Request, route: ModelRoute) -> Response:
+        """`req` forwarded to the variant `route` (not counted: the gateway asks for itself)."""
+        try:
+            up = await self.forwarder.forward(self.transport, _upstream_request(req), route.name, None,
+                                              req.arrived or asyncio.get_running_loop().time(), route=route)
+        except Refused as e:
+            return self._refusal(e)
+        return _passthrough(up)
+
+    def _refusal(self, e: Refused) -> Response:
+        status = REFUSALS[e.kind]
+        return _error(status, e.message, dict(self._retry_after) if status == 503 else None)
+
+
+def _upstream_request(req: Request) -> tuple[str, str, list[tuple[str, str]], bytes]:
+    """What goes upstream: method, target, the allow-listed headers plus x-forwarded-for, body."""
+    target = f"{req.path}?{req.query}" if req.query else req.path
+    rh = req.headers
+    headers = [(k, rh[k]) for k in REQUEST_HEADERS if k in rh]
+    if req.client:
+        ip = req.client.rsplit(":", 1)[0]
+        prior = rh.get("x-forwarded-for")
+        headers.append(("x-forwarded-for", f"{prior}, {ip}" if prior else ip))
+    return req.method, target, headers, req.body
 
 
 def _not_run(up: UpstreamResponse) -> bool:
