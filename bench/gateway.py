@@ -160,7 +160,7 @@ def main() -> None:
             per_protocol(a, builds, args.seconds, args.rounds)
             if args.only_protocols:
                 return
-            for url in (a.url, b.url, one.url, two.url):  # warm-up: connections, caches
+            for url in (a.url, b.url, one.url, two.url, *([base.url] if base else [])):  # warm-up
                 run_wrk(url + path, body, headers, 2, 1)
             rows = {
                 "direct, 1 server": run_wrk(a.url + path, body, headers, 1, args.seconds),
@@ -170,6 +170,9 @@ def main() -> None:
                 "direct, 1 server": run_wrk(a.url + path, body, headers, args.concurrency, args.seconds),
                 "gateway, 1 replica": run_wrk(one.url + path, body, headers, args.concurrency, args.seconds),
             }
+            if base:
+                rows["baseline, 1 replica"] = run_wrk(base.url + path, body, headers, 1, args.seconds)
+                load["baseline, 1 replica"] = run_wrk(base.url + path, body, headers, args.concurrency, args.seconds)
             before = [served(s) for s in (a, b)]
             load["gateway, 2 replicas"] = run_wrk(two.url + path, body, headers, args.concurrency, args.seconds)
             spread = [served(s) - n for s, n in zip((a, b), before)]

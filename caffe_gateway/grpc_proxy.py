@@ -205,13 +205,10 @@ def _reply_metadata(md) -> tuple:
     return tuple((k, v) for k, v in md or () if not k.startswith(":") and k not in _REPLY_OWN)
 
 
-class _Answer:
-    """A server's answer: its message (OK), or its status passed through, with its metadata."""
-
-    __slots__ = ("code", "payload", "details", "initial", "trailing")
-
-    def __init__(self, code: grpc.StatusCode, payload: bytes = b"", details: str = "", initial=(), trailing=()):
-        self.code, self.payload, self.details, self.initial, self.trailing = code, payload, details, initial, trailing
+# A server's answer: (status code, the message (OK) or the status details, initial metadata,
+# trailing metadata). A plain tuple: one is made per call on the hot path.
+Answer = tuple[grpc.StatusCode, bytes | str, tuple, tuple]
+_OK = Code.OK
 
 
 class GRPCTransport:
@@ -225,7 +222,7 @@ class GRPCTransport:
         self.connect_timeout_s = connect_timeout_s
         self.request_timeout_s = request_timeout_s
 
-    async def send(self, route: ModelRoute, ep: Endpoint, request: tuple, deadline: float) -> _Answer:
+    async def send(self, route: ModelRoute, ep: Endpoint, request: tuple, deadline: float) -> Answer:
         method, data, metadata = request
         upstream = ep.grpc
         if upstream is None:
@@ -237,7 +234,7 @@ class GRPCTransport:
         upstream.calls.add(call)
         try:
             resp = await call
-            return _Answer(Code.OK, resp, "", await call.initial_metadata(), await call.trailing_metadata())
+            return _OK, resp, await call.initial_metadata(), await call.trailing_metadata()
         except asyncio.CancelledError:
             reason = upstream.lost.pop(call, None)
             if reason is None:
@@ -249,7 +246,7 @@ class GRPCTransport:
             upstream.calls.discard(call)
 
     def _status(self, route: ModelRoute, ep: Endpoint, e: grpc.aio.AioRpcError, lost: str | None, deadline: float,
-                loop) -> _Answer:
+                loop) -> Answer:
         """The server's status as an answer to pass through, or the exception that says what it means."""
         code, details = e.code(), e.details() or ""
         if lost is not None:
@@ -262,15 +259,17 @@ class GRPCTransport:
                 raise NotRun(f"model '{route.name}' at {ep.address} did not run the request: {details}")
         if code == Code.DEADLINE_EXCEEDED and loop.time() >= deadline:
             raise Refused(DEADLINE, f"model '{route.name}' did not answer within {self.request_timeout_s:g} s")
-        return _Answer(code, b"", details, (), trailing)
+        return code, details, (), trailing
 
     @staticmethod
-    def failed(answer: _Answer) -> bool:
-        return answer.code in FAILURE_CODES
+    def failed(answer: Answer) -> bool:
+        code = answer[0]
+        return code is not _OK and code in FAILURE_CODES
 
     @staticmethod
-    def code(answer: _Answer) -> str:
-        return answer.code.name
+    def code(answer: Answer) -> str:
+        code = answer[0]
+        return "OK" if code is _OK else code.name
 
     @staticmethod
     def refused_code(kind: str) -> str:
@@ -337,13 +336,14 @@ class GRPCGateway:
                                                       None if remaining is None else now + remaining)
             except Refused as e:
                 raise self._refusal(e) from None
-            if answer.code is not Code.OK:  # the server's own status, passed through
-                raise _Abort(answer.code, answer.details, _reply_metadata(answer.trailing))
-            if initial := _reply_metadata(answer.initial):
+            status, payload, initial, trailing = answer
+            if status is not _OK:  # the server's own status, passed through
+                raise _Abort(status, payload, _reply_metadata(trailing))
+            if initial := _reply_metadata(initial):
                 await context.send_initial_metadata(initial)
-            if trailing := _reply_metadata(answer.trailing):
+            if trailing := _reply_metadata(trailing):
                 context.set_trailing_metadata(trailing)
-            return answer.payload
+            return payload
         except _Abort as e:
             code = e.code.name
             await context.abort(e.code, e.details, trailing_metadata=e.trailing)
