@@ -96,7 +96,8 @@ class Forwarder:
     """The loop both transports forward through, over the one balancer and metrics.
 
     One coroutine per request on the hot path (choose, acquire, send, release); the rare paths
-    (fallback, retry, the gRPC-less endpoints) are small methods. Speed is bench/gateway.py's."""
+    (fallback, retry, the gRPC-less endpoints) are small functions. Speed: bench/gateway.py (whole
+    process) and bench/gateway_core.py (this code alone)."""
 
     def __init__(self, balancer: Balancer, metrics: GatewayMetrics, settings: ProxySettings):
         self.balancer = balancer
