@@ -29,7 +29,7 @@ import caffe  # noqa: E402
 from caffe import layers as L, params as P  # noqa: E402
 
 from inference_server.backends import BackendChoice, create_backend  # noqa: E402
-from inference_server.backends.selection import evaluate  # noqa: E402
+from inference_server.loading.selection import evaluate  # noqa: E402
 from inference_server.config import load_config, parse_config  # noqa: E402
 
 SIZE = 112

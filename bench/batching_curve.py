@@ -1,6 +1,6 @@
 """`batching: auto` by measurement: the forward-time curve per batch size and the decision the server makes.
 
-Runs the server's own calibration (inference_server/calibration.py) on each backend for the digits
+Runs the server's own calibration (inference_server/loading/calibration.py) on each backend for the digits
 net and the GoogLeNet-size net, and prints batch size, forward ms, items/s and the decision.
 
     .venv/bin/python bench/batching_curve.py [--max-batch 16] [--budget-ms 1000]
@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import inception_net  # noqa: E402
 
 from inference_server.backends import choose_backend, create_backend  # noqa: E402
-from inference_server.calibration import decide, measure_curve  # noqa: E402
+from inference_server.loading.calibration import decide, measure_curve  # noqa: E402
 from inference_server.config import Batching, load_config, parse_config  # noqa: E402
 
 

@@ -6,7 +6,14 @@ input, keep-alive connections) and prints:
 - p50/p99 at concurrency 1, direct and through the gateway, and the difference (added latency);
 - requests/s at concurrency C: direct to one server, through the gateway to 1 replica, to 2 replicas.
 
-    .venv/bin/python bench/gateway.py [--seconds 5] [--concurrency 16]
+    .venv/bin/python bench/gateway.py [--seconds 5] [--concurrency 16] [--baseline DIR] [--rounds 3]
+
+Then, for REST JSON and gRPC alike (h2load, one request in flight, as bench/protocols.py drives
+them): p50 direct and through the gateway, the difference, and the gateway process's CPU time per
+request (user + system, from /proc). `--baseline DIR` runs a second gateway from another checkout
+(e.g. `git archive main | tar -x -C DIR`) in front of the same server, measured in the same run,
+rounds interleaved (direct, this, baseline, then the reverse order, ...), each figure the median over `--rounds`: a change's
+before and after on the same machine state.
 
 On a 2-core machine wrk, the gateway and the servers share the cores, so the 2-replica figure
 shows how the gateway spreads load more than how a cluster would scale (there each replica has
@@ -17,17 +24,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import orjson
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+from caffe_testing.grpc import grpc_server  # noqa: E402
 from caffe_testing.servers import CAFFESERVE, ServerProcess, free_port, http  # noqa: E402
+from inference_server.grpc import messages as pb  # noqa: E402
+from protocols import bodies, cpu_s, h2load  # noqa: E402
 from wrk import run_wrk  # noqa: E402
 
 CONFIG = ROOT / "examples/digits/server.yaml"
@@ -44,14 +57,18 @@ def served(server: ServerProcess) -> float:
 
 
 class Gateway:
-    def __init__(self, *servers: ServerProcess):
-        self.port = free_port()
+    """`caffeserve gateway` in front of `servers`, REST and gRPC; from the checkout at `root`."""
+
+    def __init__(self, *servers: ServerProcess, root: Path = ROOT):
+        self.port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
+        static = ",".join(f"{s.url}?grpc={s.grpc_port}" for s in servers)
+        self.proc = subprocess.Popen(  # `python -m` imports the packages of its working directory first
             CAFFESERVE + ["gateway", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "WARNING",
-                          "--static", "digits=" + ",".join(s.url for s in servers)],
-            cwd=ROOT, env={**os.environ, **ENV},
+                          "--grpc-port", str(self.grpc_port), "--static", "digits=" + static],
+            cwd=root, env={**os.environ, **ENV},
         )
+        self.ps = psutil.Process(self.proc.pid)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -67,19 +84,83 @@ class Gateway:
         self.proc.wait(15)
 
 
+def grpc_ok(url: str) -> float:
+    """The gateway's gRPC calls answered OK (h2load reads HTTP status only, not grpc-status)."""
+    text = http("GET", url + "/metrics")[2].decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("caffeserve_gateway_grpc_requests_total{") and 'grpc_code="OK"' in line)
+
+
+def one_run(url: str, case: tuple[bytes, dict], seconds: float, grpc: bool, gateway: "Gateway | None") -> dict:
+    body, headers = case
+    ok_before = grpc_ok(gateway.url) if grpc and gateway else 0.0
+    cpu_before = cpu_s(gateway.ps) if gateway else 0.0
+    r = h2load(url, body, headers, 1, seconds, h1=not grpc)
+    cpu = cpu_s(gateway.ps) - cpu_before if gateway else 0.0
+    assert r["ok"] == r["n"], f"{r['n'] - r['ok']} of {r['n']} requests failed\n{r['raw']}"
+    if grpc and gateway:
+        assert grpc_ok(gateway.url) - ok_before >= r["n"], "gRPC calls through the gateway did not all answer OK"
+    return {"p50_ms": r["p50_ms"], "cpu_ms": 1000 * cpu / max(r["n"], 1), "rps": r["rps"]}
+
+
+def per_protocol(server: ServerProcess, gateways: dict[str, "Gateway"], seconds: float, rounds: int) -> None:
+    """Added p50 and the gateway's CPU per request, REST JSON and gRPC, each gateway build in turn."""
+    x = np.array([((i * 7) % 17) / 4.0 for i in range(64)], np.float32).reshape(1, 1, 8, 8)
+    cases = bodies("digits", "data", x)
+    path = "/v2/models/digits/infer"
+    grpc_path = f"/{pb.SERVICE}/ModelInfer"
+    results: dict[tuple[str, str], list[dict]] = {}
+    for proto, grpc in (("REST JSON", False), ("gRPC", True)):
+        case = cases[proto]
+        direct = f"http://127.0.0.1:{server.grpc_port}{grpc_path}" if grpc else server.url + path
+        targets = {"direct": (direct, None)}
+        for name, gw in gateways.items():
+            targets[name] = (f"http://127.0.0.1:{gw.grpc_port}{grpc_path}" if grpc else gw.url + path, gw)
+        for url, gw in targets.values():  # warm-up: connections, caches
+            h2load(url, case[0], case[1], 1, None, requests=200, h1=not grpc)
+        order = list(targets)
+        for _ in range(rounds):
+            for name in order:
+                url, gw = targets[name]
+                results.setdefault((proto, name), []).append(one_run(url, case, seconds, grpc, gw))
+            order.reverse()  # no build always runs right after another
+    med = {k: {f: statistics.median(r[f] for r in runs) for f in runs[0]} for k, runs in results.items()}
+    print(f"\nadded by the gateway, one request in flight (h2load; median of {rounds} interleaved rounds of "
+          f"{seconds:g} s)")
+    print(f"{'protocol':<10} {'gateway':<10} {'direct p50':>10} {'via p50':>9} {'added p50':>10} "
+          f"{'gw CPU ms/req':>13} {'req/s':>8}")
+    for proto in ("REST JSON", "gRPC"):
+        d = med[(proto, "direct")]
+        for name in gateways:
+            g = med[(proto, name)]
+            print(f"{proto:<10} {name:<10} {d['p50_ms']:>10.3f} {g['p50_ms']:>9.3f} {g['p50_ms'] - d['p50_ms']:>10.3f} "
+                  f"{g['cpu_ms']:>13.3f} {g['rps']:>8.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="a checkout whose gateway is measured beside this one's, in the same run")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the per-protocol figures")
+    ap.add_argument("--only-protocols", action="store_true", help="skip the wrk latency and throughput tables")
     args = ap.parse_args()
     body = orjson.dumps({"inputs": [{"name": "data", "shape": [1, 1, 8, 8], "datatype": "FP32",
                                      "data": [((i * 7) % 17) / 4.0 for i in range(64)]}]})
     headers = {"Content-Type": "application/json"}
     path = "/v2/models/digits/infer"
-    with ServerProcess(CONFIG, env=ENV) as a, ServerProcess(CONFIG, env=ENV) as b:
+    serve = {"env": ENV, "args": ["--log-level", "WARNING"]}
+    with grpc_server(CONFIG, None, **serve) as a, grpc_server(CONFIG, None, **serve) as b:
         one, two = Gateway(a), Gateway(a, b)
+        base = Gateway(a, root=args.baseline.resolve()) if args.baseline else None
         try:
-            for url in (a.url, b.url, one.url, two.url):  # warm-up: connections, caches
+            builds = {"this": one, **({"baseline": base} if base else {})}
+            print(f"digits model, {os.cpu_count()} cores; gateways: {', '.join(builds)}", flush=True)
+            per_protocol(a, builds, args.seconds, args.rounds)
+            if args.only_protocols:
+                return
+            for url in (a.url, b.url, one.url, two.url, *([base.url] if base else [])):  # warm-up
                 run_wrk(url + path, body, headers, 2, 1)
             rows = {
                 "direct, 1 server": run_wrk(a.url + path, body, headers, 1, args.seconds),
@@ -89,12 +170,17 @@ def main() -> None:
                 "direct, 1 server": run_wrk(a.url + path, body, headers, args.concurrency, args.seconds),
                 "gateway, 1 replica": run_wrk(one.url + path, body, headers, args.concurrency, args.seconds),
             }
+            if base:
+                rows["baseline, 1 replica"] = run_wrk(base.url + path, body, headers, 1, args.seconds)
+                load["baseline, 1 replica"] = run_wrk(base.url + path, body, headers, args.concurrency, args.seconds)
             before = [served(s) for s in (a, b)]
             load["gateway, 2 replicas"] = run_wrk(two.url + path, body, headers, args.concurrency, args.seconds)
             spread = [served(s) - n for s, n in zip((a, b), before)]
         finally:
             one.stop()
             two.stop()
+            if base:
+                base.stop()
 
     print(f"digits model, JSON FP32 body {len(body)} bytes, wrk {args.seconds:g} s per run, {os.cpu_count()} cores")
     print("\nlatency at concurrency 1")

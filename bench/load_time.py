@@ -101,7 +101,7 @@ def main() -> None:
             print(f"{args.model:<9} {label:<6} cached auto / pycaffe = {rows['auto, cached'] / rows['pycaffe']:.2f}×")
         if not args.before:
             from inference_server.config import parse_config
-            from inference_server.loadprobe import probe_load
+            from inference_server.loading.child_load import probe_load
 
             probes = [probe_load(parse_config({**cfg, "backend": b})).seconds
                       for b in ("pycaffe", "auto") for _ in range(args.repeat)]

@@ -85,6 +85,14 @@ class Endpoint:
         if upstream is not None:
             upstream.close()
 
+    def abort(self, reason: str) -> int:
+        """Take back every request in flight here, REST and gRPC (the server stopped answering):
+        each fails with EndpointLost (forward.Lost) and is sent elsewhere. Returns how many."""
+        taken = self.pool.abort(reason)
+        if self.grpc is not None:
+            taken += self.grpc.abort(reason)
+        return taken
+
     def close(self) -> None:
         """Close its idle connections (REST) and its gRPC channel."""
         self.pool.close()
@@ -173,7 +181,7 @@ class ModelRoute:
             if ep.active == 0:
                 ep.close()
             elif key not in draining_keys:
-                self.rescued_total += ep.pool.abort(f"{ep.address} stopped answering its readiness probe")
+                self.rescued_total += ep.abort(f"{ep.address} stopped answering its readiness probe")
         self._dispatch()
 
     def ready_count(self) -> int:
@@ -346,7 +354,8 @@ class ModelRoute:
             self._rearm.cancel()
         for ep in self.endpoints:
             ep.removed = True
-            ep.close()
+            if ep.active == 0:  # one in use closes when its last request ends (release): those finish
+                ep.close()
         for w in self.waiters:
             if not w.future.done():
                 w.future.set_exception(NoEndpoints(f"model '{self.name}' was removed"))

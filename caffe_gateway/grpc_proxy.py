@@ -10,15 +10,20 @@ What a client sees (tritonclient.grpc, KServe's InferenceGRPCClient, any OIP gRP
   was sent. Request metadata is passed on (not gRPC's own `grpc-*` and transport headers), with
   `x-forwarded-for`; the server's initial and trailing metadata come back, and so do its status
   code and message (retry information included).
-- The balancer is REST's: least request, the per-model queue and its limits, ejection; a server's
-  REST and gRPC requests share its slots. A server counts as failing on INTERNAL, UNKNOWN,
-  DATA_LOSS and DEADLINE_EXCEEDED (REST's 5xx other than 503); UNAVAILABLE from the server says
-  "busy" or "loading" and does not count.
-- Deadline: the client's gRPC deadline or `--request-timeout`, whichever is sooner, passed on to
-  the server (grpc-timeout). A call whose deadline passes while it waits in the gateway is
-  DEADLINE_EXCEEDED and never forwarded.
-- A connection failure (the server cannot be reached, or its connection closed before any answer)
-  is retried on another server, within the retry budget and the deadline, as REST's is.
+- The forwarding rules are REST's, from the one loop in forward.py: the canary split and a pinned
+  version (`model_version`, or `version` of ModelReady/ModelMetadata), the hold while a model is
+  scaled to zero, the fallback to the other variant, least request, the per-model queue and its
+  limits, ejection, the retry budget; a server's REST and gRPC requests share its slots. This
+  module sends one attempt and maps the outcome to a gRPC status (`REFUSALS`).
+- A server counts as failing on INTERNAL, UNKNOWN, DATA_LOSS and DEADLINE_EXCEEDED (REST's 5xx
+  other than 503); UNAVAILABLE from the server says "busy" or "loading" and does not count.
+- Deadline: the client's gRPC deadline or `--request-timeout` (plus a cold start's hold), whichever
+  is sooner, passed on to the server (grpc-timeout). A call whose deadline passes while it waits in
+  the gateway is DEADLINE_EXCEEDED and never forwarded.
+- Retried on another server, within the retry budget and the deadline: a connection failure (the
+  server cannot be reached, or its connection closed before any answer), an UNAVAILABLE that says
+  the server did not start the call (its `caffe-not-run` trailer, or "shutting down"), and a call
+  waiting on a server whose readiness probe then failed (hung: the call is cancelled there).
 - The gateway's own errors: NOT_FOUND for an unknown model (ModelReady answers ready: false, as a
   server does); UNAVAILABLE with retry information (RetryInfo, grpc-retry-pushback-ms, retry-after)
   when the model has no ready server or is overloaded, REST's 503; UNIMPLEMENTED for a model
@@ -28,18 +33,18 @@ What a client sees (tritonclient.grpc, KServe's InferenceGRPCClient, any OIP gRP
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Callable
 
 import grpc
 
 from inference_server.grpc import messages as pb
 from inference_server.grpc.listener import GRPCListener
-from inference_server.grpc.status import retry_trailers
+from inference_server.grpc.status import NOT_RUN_KEY, retry_trailers
 
-from .balancer import Balancer, DeadlinePassed, Endpoint, ModelRoute, NoEndpoints, Overloaded
-from .metrics import GatewayMetrics
-from .proxy import FORWARDED_EXTENSIONS, GATEWAY_NAME, ProxySettings
+from .balancer import Endpoint, ModelRoute
+from .forward import (BROKEN, DEADLINE, NOT_SERVED, UNAVAILABLE, UNKNOWN, Forwarder, Lost, NotRun, Refused,
+                      Unreachable)
+from .proxy import FORWARDED_EXTENSIONS, GATEWAY_NAME
 
 SERVICE = pb.SERVICE
 OWN_METHODS = ("ServerLive", "ServerReady", "ServerMetadata")
@@ -48,6 +53,9 @@ MODEL_METHODS = ("ModelInfer", "ModelReady", "ModelMetadata")  # field 1 of each
 Code = grpc.StatusCode
 # The status codes that count as a server failing (outlier detection).
 FAILURE_CODES = frozenset({Code.INTERNAL, Code.UNKNOWN, Code.DATA_LOSS, Code.DEADLINE_EXCEEDED})
+# The gateway's own answers (forward.Refused kinds) as gRPC codes; UNAVAILABLE carries retry information.
+REFUSALS = {UNKNOWN: Code.NOT_FOUND, UNAVAILABLE: Code.UNAVAILABLE, DEADLINE: Code.DEADLINE_EXCEEDED,
+            BROKEN: Code.UNAVAILABLE, NOT_SERVED: Code.UNIMPLEMENTED}
 # gRPC's own words when a call ended with no answer from the server: it could not be reached, or the
 # connection closed before it answered (the process died, or its shutdown cancelled the call).
 TRANSPORT_FAILURES = ("failed to connect to all addresses", "Socket closed", "Connection reset", "Broken pipe",
@@ -86,11 +94,12 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
             raise Malformed("varint longer than 10 bytes")
 
 
-def model_name(data: bytes) -> str:
-    """Field 1 (a string) of a protobuf message: ModelInferRequest.model_name, ModelReadyRequest.name,
-    ModelMetadataRequest.name. The top-level fields are skipped by their length, never decoded; the
-    last occurrence wins (protobuf's rule); absent is "". Malformed when the message does not parse."""
-    name = b""
+def model_and_version(data: bytes) -> tuple[str, str]:
+    """Fields 1 and 2 (strings) of a protobuf message: the model's name and version in
+    ModelInferRequest (`model_name`, `model_version`), ModelReadyRequest and ModelMetadataRequest
+    (`name`, `version`). The top-level fields are skipped by their length, never decoded; the last
+    occurrence wins (protobuf's rule); absent is "". Malformed when the message does not parse."""
+    name = version = b""
     pos, end = 0, len(data)
     while pos < end:
         key, pos = _varint(data, pos)
@@ -107,15 +116,22 @@ def model_name(data: bytes) -> str:
             n, pos = _varint(data, pos)
             if field == 1:
                 name = data[pos:pos + n]
+            elif field == 2:
+                version = data[pos:pos + n]
             pos += n
         else:
             raise Malformed(f"unsupported wire type {wire}")
     if pos > end:
         raise Malformed("truncated message")
     try:
-        return name.decode("utf-8")
+        return name.decode("utf-8"), version.decode("utf-8")
     except UnicodeDecodeError:
-        raise Malformed("the model name is not UTF-8") from None
+        raise Malformed("the model name or version is not UTF-8") from None
+
+
+def model_name(data: bytes) -> str:
+    """Field 1 of a request: the model's name (see model_and_version)."""
+    return model_and_version(data)[0]
 
 
 class _Abort(Exception):
@@ -126,17 +142,15 @@ class _Abort(Exception):
         self.code, self.details, self.trailing = code, details, trailing
 
 
-class _ConnectFailed(Exception):
-    """No answer from the server at all: safe to retry on another."""
-
-
 class Upstream:
-    """A channel to one server's gRPC port, with a callable per method."""
+    """A channel to one server's gRPC port, with a callable per method and the calls in flight on it."""
 
     def __init__(self, host: str, port: int):
         self.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.channel = grpc.aio.insecure_channel(self.target, options=list(CHANNEL_OPTIONS))
         self._methods: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
+        self.calls: set[grpc.aio.UnaryUnaryCall] = set()
+        self.lost: dict[grpc.aio.UnaryUnaryCall, str] = {}  # calls aborted by `abort`, with the reason
 
     def method(self, name: str) -> grpc.aio.UnaryUnaryMultiCallable:
         call = self._methods.get(name)
@@ -161,6 +175,15 @@ class Upstream:
             return False
         return True
 
+    def abort(self, reason: str) -> int:
+        """Cancel every call in flight here (the server stopped answering): each ends in forward.Lost
+        and goes to another server. Returns how many there were."""
+        calls = list(self.calls)
+        for call in calls:
+            self.lost[call] = reason
+            call.cancel()
+        return len(calls)
+
     def close(self) -> None:
         try:
             asyncio.get_running_loop().create_task(self.channel.close())
@@ -182,16 +205,93 @@ def _reply_metadata(md) -> tuple:
     return tuple((k, v) for k, v in md or () if not k.startswith(":") and k not in _REPLY_OWN)
 
 
+# A server's answer: (status code, the message (OK) or the status details, initial metadata,
+# trailing metadata). A plain tuple: one is made per call on the hot path.
+Answer = tuple[grpc.StatusCode, bytes | str, tuple, tuple]
+_OK = Code.OK
+
+
+class GRPCTransport:
+    """forward.Transport over gRPC: one attempt is one call on the endpoint's channel; the request
+    is (method, message bytes, metadata)."""
+
+    needs_grpc = True
+    cancelled_code = "CANCELLED"
+
+    def __init__(self, connect_timeout_s: float, request_timeout_s: float):
+        self.connect_timeout_s = connect_timeout_s
+        self.request_timeout_s = request_timeout_s
+
+    async def send(self, route: ModelRoute, ep: Endpoint, request: tuple, deadline: float) -> Answer:
+        method, data, metadata = request
+        upstream = ep.grpc
+        if upstream is None:
+            upstream = ep.grpc = Upstream(ep.pool.host, ep.grpc_port)
+        loop = asyncio.get_running_loop()
+        if not await upstream.connected(min(self.connect_timeout_s, deadline - loop.time())):
+            raise Unreachable(f"cannot reach model '{route.name}': cannot connect to {upstream.target}")
+        call = upstream.method(method)(data, timeout=max(deadline - loop.time(), 0.001), metadata=metadata)
+        upstream.calls.add(call)
+        try:
+            resp = await call
+            return _OK, resp, await call.initial_metadata(), await call.trailing_metadata()
+        except asyncio.CancelledError:
+            reason = upstream.lost.pop(call, None)
+            if reason is None:
+                raise  # the client went away or its deadline passed: the upstream call is cancelled
+            raise Lost(f"model '{route.name}' at {reason}") from None
+        except grpc.aio.AioRpcError as e:
+            return self._status(route, ep, e, upstream.lost.pop(call, None), deadline, loop)
+        finally:
+            upstream.calls.discard(call)
+
+    def _status(self, route: ModelRoute, ep: Endpoint, e: grpc.aio.AioRpcError, lost: str | None, deadline: float,
+                loop) -> Answer:
+        """The server's status as an answer to pass through, or the exception that says what it means."""
+        code, details = e.code(), e.details() or ""
+        if lost is not None:
+            raise Lost(f"model '{route.name}' at {lost}")
+        trailing = e.trailing_metadata() or ()
+        if code == Code.UNAVAILABLE:
+            if any(w in details for w in TRANSPORT_FAILURES):
+                raise Unreachable(f"cannot reach model '{route.name}': {upstream_target(ep)}: {details}")
+            if "shutting down" in details or any(k == NOT_RUN_KEY for k, _ in trailing):
+                raise NotRun(f"model '{route.name}' at {ep.address} did not run the request: {details}")
+        if code == Code.DEADLINE_EXCEEDED and loop.time() >= deadline:
+            raise Refused(DEADLINE, f"model '{route.name}' did not answer within {self.request_timeout_s:g} s")
+        return code, details, (), trailing
+
+    @staticmethod
+    def failed(answer: Answer) -> bool:
+        code = answer[0]
+        return code is not _OK and code in FAILURE_CODES
+
+    @staticmethod
+    def code(answer: Answer) -> str:
+        code = answer[0]
+        return "OK" if code is _OK else code.name
+
+    @staticmethod
+    def refused_code(kind: str) -> str:
+        return REFUSALS[kind].name
+
+
+def upstream_target(ep: Endpoint) -> str:
+    return ep.grpc.target if ep.grpc is not None else f"{ep.pool.host}:{ep.grpc_port}"
+
+
 class GRPCGateway:
     """The RPC handlers; `handler()` is what the gateway's grpc server registers."""
 
-    def __init__(self, balancer: Balancer, metrics: GatewayMetrics, settings: ProxySettings | None = None,
-                 ready: Callable[[], bool] = lambda: True, version: str = "0.1.0"):
-        self.balancer = balancer
-        self.metrics = metrics
-        self.settings = settings or ProxySettings()
+    def __init__(self, forwarder: Forwarder, ready: Callable[[], bool] = lambda: True, version: str = "0.1.0"):
+        self.forwarder = forwarder
+        self.balancer = forwarder.balancer
+        self.metrics = forwarder.metrics
+        self.settings = forwarder.settings
+        self.transport = GRPCTransport(self.balancer.settings.connect_timeout_s, self.settings.request_timeout_s)
         self.is_ready = ready
         self._live = pb.ServerLiveResponse(live=True).SerializeToString()
+        self._not_ready = pb.ModelReadyResponse(ready=False).SerializeToString()
         self._server_metadata = pb.ServerMetadataResponse(
             name=GATEWAY_NAME, version=version, extensions=FORWARDED_EXTENSIONS).SerializeToString()
 
@@ -223,15 +323,27 @@ class GRPCGateway:
         model, code = "", "OK"
         try:
             try:
-                model = model_name(data)
+                model, version = model_and_version(data)
             except Malformed as e:
                 raise _Abort(Code.INVALID_ARGUMENT, f"malformed {method}Request: {e}") from None
-            route = self.balancer.models.get(model)
-            if method == "ModelReady" and (route is None or not route.ready_count()):
-                return pb.ModelReadyResponse(ready=False).SerializeToString()
-            if route is None:
-                raise _Abort(Code.NOT_FOUND, f"model '{model}' is not known to the gateway")
-            return await self._forward_to(route, method, data, context)
+            if method == "ModelReady" and not self._any_ready(model):
+                return self._not_ready
+            now = asyncio.get_running_loop().time()
+            remaining = context.time_remaining()
+            try:
+                answer = await self.forwarder.forward(self.transport, (method, data, self._request_metadata(context)),
+                                                      model, version or None, now,
+                                                      None if remaining is None else now + remaining)
+            except Refused as e:
+                raise self._refusal(e) from None
+            status, payload, initial, trailing = answer
+            if status is not _OK:  # the server's own status, passed through
+                raise _Abort(status, payload, _reply_metadata(trailing))
+            if initial := _reply_metadata(initial):
+                await context.send_initial_metadata(initial)
+            if trailing := _reply_metadata(trailing):
+                context.set_trailing_metadata(trailing)
+            return payload
         except _Abort as e:
             code = e.code.name
             await context.abort(e.code, e.details, trailing_metadata=e.trailing)
@@ -240,6 +352,14 @@ class GRPCGateway:
             raise
         finally:
             self.metrics.count_grpc(model if model in self.balancer.models else "", method, code)
+
+    def _any_ready(self, model: str) -> bool:
+        route, canary = self.balancer.models.get(model), self.balancer.canaries.get(model)
+        return bool((route is not None and route.endpoints) or (canary is not None and canary.endpoints))
+
+    def _refusal(self, e: Refused) -> _Abort:
+        code = REFUSALS[e.kind]
+        return self._unavailable(e.message) if code is Code.UNAVAILABLE else _Abort(code, e.message)
 
     def _unavailable(self, message: str) -> _Abort:
         seconds = int(self.settings.retry_after_s)
@@ -253,97 +373,6 @@ class GRPCGateway:
             prior = next((v for k, v in context.invocation_metadata() or () if k == "x-forwarded-for"), None)
             md.append(("x-forwarded-for", f"{prior}, {ip}" if prior else ip))
         return tuple(md)
-
-    async def _forward_to(self, route: ModelRoute, method: str, data: bytes, context) -> bytes:
-        loop = asyncio.get_running_loop()
-        timeout = self.settings.request_timeout_s
-        remaining = context.time_remaining()
-        if remaining is not None:
-            timeout = min(timeout, remaining)
-        deadline = loop.time() + timeout
-        metadata = self._request_metadata(context)
-        exclude = frozenset(e.address for e in route.endpoints if e.grpc_port is None)
-        if route.endpoints and len(exclude) == len(route.endpoints):
-            raise _Abort(Code.UNIMPLEMENTED, f"model '{route.name}' is not served over gRPC: its servers expose "
-                                             "no gRPC port (spec.runtime.grpc.enabled is false?)")
-        retries = 0
-        holds_retry = False
-        last_failure = ""
-        route.active += 1
-        try:
-            while True:
-                try:
-                    ep = await route.acquire(deadline, exclude)
-                except (NoEndpoints, Overloaded) as e:
-                    raise self._unavailable(f"cannot reach model '{route.name}': {last_failure}; {e}"
-                                            if last_failure else str(e)) from None
-                except DeadlinePassed as e:
-                    raise _Abort(Code.DEADLINE_EXCEEDED, str(e)) from None
-                if loop.time() >= deadline:
-                    route.release(ep, None)
-                    raise _Abort(Code.DEADLINE_EXCEEDED,
-                                 f"request deadline passed before it could be forwarded to model '{route.name}'")
-                if ep.grpc_port is None:  # discovery changed the endpoint while the call waited
-                    route.release(ep, None)
-                    exclude = exclude | {ep.address}
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    resp, initial, trailing = await self._call(ep, method, data, metadata, deadline, loop)
-                except _ConnectFailed as e:
-                    route.unreachable(ep)
-                    route.release(ep, True)
-                    last_failure = str(e)
-                    exclude = exclude | {ep.address}
-                    if holds_retry:
-                        route.end_retry()
-                        holds_retry = False
-                    if retries >= self.settings.max_retries or loop.time() >= deadline:
-                        raise self._unavailable(f"cannot reach model '{route.name}': {e}") from None
-                    if not route.try_start_retry():
-                        raise self._unavailable(f"cannot reach model '{route.name}' (retry budget exhausted): {e}") from None
-                    holds_retry = True
-                    retries += 1
-                    continue
-                except grpc.aio.AioRpcError as e:  # the server's own status: passed through
-                    route.release(ep, e.code() in FAILURE_CODES)
-                    details = e.details() or ""
-                    if e.code() == Code.DEADLINE_EXCEEDED and loop.time() >= deadline:
-                        details = f"model '{route.name}' did not answer within {timeout:g} s"
-                    raise _Abort(e.code(), details, _reply_metadata(e.trailing_metadata())) from None
-                except BaseException:
-                    route.release(ep, None)
-                    raise
-                self.metrics.observe_upstream(route.name, time.perf_counter() - t0)
-                route.release(ep, False)
-                if initial := _reply_metadata(initial):
-                    await context.send_initial_metadata(initial)
-                if trailing := _reply_metadata(trailing):
-                    context.set_trailing_metadata(trailing)
-                return resp
-        finally:
-            route.active -= 1
-            if holds_retry:
-                route.end_retry()
-
-    async def _call(self, ep: Endpoint, method: str, data: bytes, metadata: tuple, deadline: float, loop):
-        """One call on `ep`: (answer, initial metadata, trailing metadata); _ConnectFailed when the
-        server gave no answer at all; grpc.aio.AioRpcError with the server's status otherwise."""
-        upstream = ep.grpc
-        if upstream is None:
-            upstream = ep.grpc = Upstream(ep.pool.host, ep.grpc_port)
-        connect_s = min(self.balancer.settings.connect_timeout_s, deadline - loop.time())
-        if not await upstream.connected(connect_s):
-            raise _ConnectFailed(f"cannot connect to {upstream.target}")
-        call = upstream.method(method)(data, timeout=max(deadline - loop.time(), 0.001), metadata=metadata)
-        try:
-            resp = await call
-        except grpc.aio.AioRpcError as e:
-            details = e.details() or ""
-            if e.code() == Code.UNAVAILABLE and any(w in details for w in TRANSPORT_FAILURES):
-                raise _ConnectFailed(f"{upstream.target}: {details}") from None
-            raise
-        return resp, await call.initial_metadata(), await call.trailing_metadata()
 
 
 class GRPCGatewayServer(GRPCListener):

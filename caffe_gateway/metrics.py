@@ -1,8 +1,10 @@
 """The gateway's Prometheus metrics.
 
 Per-request figures (REST requests by model and HTTP code, gRPC calls by model, method and
-status code, upstream latency of both) are counted as they happen;
-the state figures (queue depth, in flight, endpoints, retries, ejections) are read from the
+status code, requests by variant, upstream latency of both) are counted as they happen, in plain
+dicts that a collector turns into Prometheus families at scrape: an increment on the hot path is
+one dict update, not prometheus_client's lock and child lookup (the gateway's handlers all run
+on its one event loop); the state figures (queue depth, in flight, endpoints, retries, ejections) are read from the
 balancer when scraped, so they cost the hot path nothing. `caffeserve_gateway_inflight_requests` plus
 `caffeserve_gateway_queued_requests` per model is the concurrency an autoscaler would scale on.
 """
@@ -10,9 +12,11 @@ balancer when scraped, so they cost the hot path nothing. `caffeserve_gateway_in
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_left
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from .balancer import Balancer
 from .traffic import TrafficState
@@ -56,53 +60,77 @@ class _BalancerState:
         return [depth, in_flight, endpoints, retries, ejections]
 
 
+class _Counts:
+    """A counter family kept as {label values: count}; `collect` exports it."""
+
+    def __init__(self, name: str, documentation: str, labels: list[str]):
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self.values: dict[tuple, int] = {}
+
+    def collect(self):
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for key, n in list(self.values.items()):
+            family.add_metric([str(v) for v in key], n)
+        return [family]
+
+
+class _Latency:
+    """A histogram per model kept as [count per bucket..., count above the last, sum]; `collect` exports it."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]):
+        self.name, self.documentation, self.buckets = name, documentation, buckets
+        self.per_model: dict[str, list] = {}
+
+    def observe(self, model: str, seconds: float) -> None:
+        h = self.per_model.get(model)
+        if h is None:
+            h = self.per_model[model] = [0] * (len(self.buckets) + 1) + [0.0]
+        h[bisect_left(self.buckets, seconds)] += 1  # the first bucket whose upper bound (le) holds it
+        h[-1] += seconds
+
+    def collect(self):
+        family = HistogramMetricFamily(self.name, self.documentation, labels=["model"])
+        for model, h in list(self.per_model.items()):
+            total, cumulative = 0, []
+            for bound, n in zip((*self.buckets, float("inf")), h[:-1]):
+                total += n
+                cumulative.append((floatToGoString(bound), total))
+            family.add_metric([model], cumulative, sum_value=h[-1])
+        return [family]
+
+
 class GatewayMetrics:
     def __init__(self, balancer: Balancer):
         self.registry = CollectorRegistry(auto_describe=False)
-        self._requests = Counter("caffeserve_gateway_requests", "Requests answered, by model and HTTP code.",
-                                 ["model", "code"], registry=self.registry)
-        self._latency = Histogram("caffeserve_gateway_upstream_latency_seconds",
-                                  "Time from forwarding a request to an inference server to its whole answer.",
-                                  ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self._grpc_requests = Counter("caffeserve_gateway_grpc_requests",
+        self._requests = _Counts("caffeserve_gateway_requests", "Requests answered, by model and HTTP code.",
+                                 ["model", "code"])
+        self._latency = _Latency("caffeserve_gateway_upstream_latency_seconds",
+                                 "Time from forwarding a request to an inference server to its whole answer.",
+                                 LATENCY_BUCKETS)
+        self._grpc_requests = _Counts("caffeserve_gateway_grpc_requests",
                                       "gRPC calls answered, by model, method and gRPC status code.",
-                                      ["model", "method", "grpc_code"], registry=self.registry)
-        self._variant_requests = Counter("caffeserve_gateway_variant_requests",
-                                         "Requests answered, by model, variant (primary, canary) and HTTP code.",
-                                         ["model", "variant", "code"], registry=self.registry)
-        self.registry.register(_BalancerState(balancer))
-        self.registry.register(TrafficState(balancer))
-        self._variant_children: dict[tuple[str, str, int], object] = {}
-        self._request_children: dict[tuple[str, int], object] = {}
-        self._grpc_children: dict[tuple[str, str, str], object] = {}
-        self._latency_children: dict[str, object] = {}
+                                      ["model", "method", "grpc_code"])
+        self._variant_requests = _Counts("caffeserve_gateway_variant_requests",
+                                         "Requests answered, by model, variant (primary, canary) and code (HTTP, "
+                                         "or the gRPC status name).", ["model", "variant", "code"])
+        for collector in (self._requests, self._latency, self._grpc_requests, self._variant_requests,
+                          _BalancerState(balancer), TrafficState(balancer)):
+            self.registry.register(collector)
 
     def count(self, model: str, code: int) -> None:
-        key = (model, code)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self._requests.labels(model, str(code))
-        child.inc()
+        values, key = self._requests.values, (model, code)
+        values[key] = values.get(key, 0) + 1
 
     def count_grpc(self, model: str, method: str, code: str) -> None:
-        key = (model, method, code)
-        child = self._grpc_children.get(key)
-        if child is None:
-            child = self._grpc_children[key] = self._grpc_requests.labels(model, method, code)
-        child.inc()
+        values, key = self._grpc_requests.values, (model, method, code)
+        values[key] = values.get(key, 0) + 1
 
-    def count_variant(self, model: str, variant: str, code: int) -> None:
-        key = (model, variant, code)
-        child = self._variant_children.get(key)
-        if child is None:
-            child = self._variant_children[key] = self._variant_requests.labels(model, variant, str(code))
-        child.inc()
+    def count_variant(self, model: str, variant: str, code: int | str) -> None:
+        values, key = self._variant_requests.values, (model, variant, code)
+        values[key] = values.get(key, 0) + 1
 
     def observe_upstream(self, model: str, seconds: float) -> None:
-        child = self._latency_children.get(model)
-        if child is None:
-            child = self._latency_children[model] = self._latency.labels(model)
-        child.observe(seconds)
+        self._latency.observe(model, seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -19,6 +19,8 @@ What a client sees:
   its listener), a 503 that says the server did not start it (`Caffe-Not-Run`, or "shutting down"),
   and a request waiting on an endpoint whose readiness probe then failed (a hung replica: the
   balancer takes it back, see `ModelRoute.set_endpoints`). A connection that breaks mid-answer is a 502.
+- Those rules live in forward.py, shared with gRPC; this module sends one attempt over HTTP and
+  maps the outcome to an HTTP answer (`REFUSALS`).
 - Why readiness and not a per-try timeout (Envoy's `per_try_timeout`): a per-try timeout cannot
   tell a hung replica from a slow answer (a large batch, a cold cache), so it either fires on
   healthy work, duplicating it when the servers are loaded, or is set long enough to barely help;
@@ -28,21 +30,23 @@ What a client sees:
 from __future__ import annotations
 
 import asyncio
-import time
-from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable
 
 import orjson
 
 from caffe_http.server import NOT_RUN_HEADER, Request, Response
 from caffe_http.tryit import is_page, page_response
-from caffe_http.upstream import ConnectFailed, EndpointLost, ResponseBroken, UpstreamTimeout
+from caffe_http.upstream import ConnectFailed, EndpointLost, ResponseBroken, UpstreamResponse, UpstreamTimeout
 
 from . import traffic
-from .balancer import Balancer, DeadlinePassed, NoEndpoints, Overloaded
+from .balancer import Balancer, Endpoint, ModelRoute
+from .forward import (BROKEN, DEADLINE, NOT_SERVED, UNAVAILABLE, UNKNOWN, Forwarder, Lost, NotRun, ProxySettings,
+                      Refused, Unreachable)
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import GatewayMetrics
 from .stats import answer as stats_answer
+
+__all__ = ["Gateway", "ProxySettings", "MODELS_PREFIX", "FORWARDED_EXTENSIONS", "GATEWAY_NAME"]
 
 # Forwarded to the server (lower-case names as the server parses them).
 REQUEST_HEADERS = (
@@ -58,6 +62,8 @@ RESPONSE_HEADERS = {
     "vary": "Vary",
     "x-caffeserve-backend": "X-Caffeserve-Backend",
 }
+# The gateway's own answers (forward.Refused kinds) as HTTP codes; 503s carry Retry-After.
+REFUSALS = {UNKNOWN: 404, UNAVAILABLE: 503, DEADLINE: 504, BROKEN: 502, NOT_SERVED: 501}
 
 _NOT_RUN = NOT_RUN_HEADER.lower()
 MODELS_PREFIX = "/v2/models/"
@@ -65,13 +71,7 @@ GATEWAY_NAME = "caffe-serving-gateway"
 # OIP/Triton extensions that work through the gateway (it forwards the bytes unchanged; statistics
 # are summed over a model's replicas by stats.py).
 FORWARDED_EXTENSIONS = ("binary_tensor_data", "classification", "statistics", "model_configuration")
-
-
-@dataclass
-class ProxySettings:
-    request_timeout_s: float = 30.0  # from the request's arrival to its whole answer
-    max_retries: int = 2  # each on a different endpoint
-    retry_after_s: int = 1  # Retry-After on the gateway's own 503s
+FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST"})
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -82,6 +82,49 @@ def _json(obj, status: int = 200) -> Response:
     return Response(status, orjson.dumps(obj))
 
 
+class HTTPTransport:
+    """forward.Transport over HTTP/1.1: one attempt is one request on the endpoint's keep-alive pool;
+    the request is (method, target, headers, body)."""
+
+    needs_grpc = False
+    cancelled_code = 499  # the client went away (nginx's code); nothing was answered
+
+    def __init__(self, settings: ProxySettings):
+        self.settings = settings
+
+    async def send(self, route: ModelRoute, ep: Endpoint, request: tuple, deadline: float) -> UpstreamResponse:
+        method, target, headers, body = request
+        try:
+            up = await ep.pool.request(method, target, headers, body, deadline)
+        except ConnectFailed as e:
+            raise Unreachable(f"cannot reach model '{route.name}': {e}") from None
+        except EndpointLost as e:
+            # its readiness probe failed while the request waited there (hung): the request is
+            # taken back and, inference being idempotent, sent to a healthy endpoint
+            raise Lost(f"model '{route.name}' at {e}") from None
+        except ResponseBroken as e:
+            raise Refused(BROKEN, f"model '{route.name}' at {ep.address}: {e}") from None
+        except UpstreamTimeout:
+            raise Refused(DEADLINE, f"model '{route.name}' did not answer within "
+                                    f"{self.settings.request_timeout_s:g} s") from None
+        if up.status == 503 and _not_run(up):
+            # the server did not start it (shutting down, loading): another replica may
+            raise NotRun(f"model '{route.name}' at {ep.address} did not run the request: {_error_of(up)}")
+        return up
+
+    @staticmethod
+    def failed(up: UpstreamResponse) -> bool:
+        return up.status >= 500 and up.status != 503  # a 503 is the server saying "busy"
+
+    @staticmethod
+    def code(up: UpstreamResponse) -> int:
+        return up.status
+
+    @staticmethod
+    def refused_code(kind: str) -> int:
+        return REFUSALS[kind]
+
+
 class Gateway:
     """Routes requests; `ready()` says whether discovery has completed its first sync."""
 
@@ -90,38 +133,62 @@ class Gateway:
         self.balancer = balancer
         self.settings = settings or ProxySettings()
         self.metrics = GatewayMetrics(balancer)
+        self.forwarder = Forwarder(balancer, self.metrics, self.settings)
+        self.transport = HTTPTransport(self.settings)
         self.is_ready = ready
         self.version = version
         self._retry_after = {"Retry-After": str(int(self.settings.retry_after_s))}
+        # The gateway's own routes: path -> (methods, handler). Model paths and the prefixed
+        # routes (try-it page, autoscaling) are matched in `handle`.
+        get = frozenset({"GET", "HEAD"})
+        any_method = FORWARDED_METHODS
+        self._routes: dict[str, tuple[frozenset[str], Callable[[Request], Awaitable[Response]]]] = {
+            "/v2/health/live": (any_method, self._live),
+            "/v2/health/ready": (any_method, self._ready),
+            "/v2": (any_method, self._server_metadata),
+            "/v2/": (any_method, self._server_metadata),
+            "/v2/models": (any_method, self._models),
+            "/v2/models/": (any_method, self._models),
+            "/v2/repository/index": (frozenset({"POST"}), self._index),
+            "/metrics": (any_method, self._metrics),
+        }
+        self._page_methods = get
 
     async def handle(self, req: Request) -> Response:
         path = req.path
-        if path.endswith("stats") and (stats := await stats_answer(self.balancer, req, self._retry_after)):
-            return stats
-        if path.startswith(MODELS_PREFIX) and len(path) > len(MODELS_PREFIX):
+        if path.startswith(MODELS_PREFIX) and len(path) > len(MODELS_PREFIX):  # the hot path first
+            if path.endswith("stats") and (stats := await stats_answer(self.balancer, req, self._retry_after)):
+                return stats
             rest = path[len(MODELS_PREFIX):]
             return await self._forward(req, rest.split("/", 1)[0], traffic.pinned_version(rest))
-        if req.method not in ("GET", "HEAD", "POST"):
+        if req.method not in FORWARDED_METHODS:
             return _error(405, f"method {req.method} is not allowed on {path}")
-        if path == "/v2/health/live":
-            return _json({"live": True})
-        if path == "/v2/health/ready":
-            ready = self.is_ready()
-            return _json({"ready": ready}, 200 if ready else 503)
-        if path in ("/v2", "/v2/"):
-            return _json({"name": GATEWAY_NAME, "version": self.version, "extensions": list(FORWARDED_EXTENSIONS)})
-        if path in ("/v2/models", "/v2/models/"):
-            return _json({"models": sorted(self.balancer.models)})
-        if path == "/v2/repository/index" and req.method == "POST":
-            return await self._index(req)
-        if path == "/metrics":
-            return Response(200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
-        if is_page(path) and req.method in ("GET", "HEAD"):  # the try-it page
+        own = self._routes.get(path)
+        if own is not None and req.method in own[0]:
+            return await own[1](req)
+        if is_page(path) and req.method in self._page_methods:  # the try-it page
             return page_response()
         if path.startswith(traffic.AUTOSCALING_PREFIX) or path == traffic.AUTOSCALING_PREFIX.rstrip("/"):
             status, answer = traffic.autoscaling_answer(self.balancer, path + "/")
             return _json(answer, status)
         return _error(404, f"no route for {req.method} {path}")
+
+    # --- the gateway's own routes
+    async def _live(self, req: Request) -> Response:
+        return _json({"live": True})
+
+    async def _ready(self, req: Request) -> Response:
+        ready = self.is_ready()
+        return _json({"ready": ready}, 200 if ready else 503)
+
+    async def _server_metadata(self, req: Request) -> Response:
+        return _json({"name": GATEWAY_NAME, "version": self.version, "extensions": list(FORWARDED_EXTENSIONS)})
+
+    async def _models(self, req: Request) -> Response:
+        return _json({"models": sorted(self.balancer.models)})
+
+    async def _metrics(self, req: Request) -> Response:
+        return Response(200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
 
     async def _index(self, req: Request) -> Response:
         """Triton's repository index: every model with its version, state and reason.
@@ -138,7 +205,7 @@ class Gateway:
         routes = sorted(self.balancer.models.items())
         asked = Request("POST", "/v2/repository/index", "", {"content-type": "application/json"}, b"{}",
                         arrived=req.arrived)
-        answers = await asyncio.gather(*(self._forward_to(asked, route) for _, route in routes if route.ready_count()))
+        answers = await asyncio.gather(*(self._ask(asked, route) for _, route in routes if route.ready_count()))
         by_name: dict[str, dict] = {}
         for resp in answers:
             if resp.status == 200:
@@ -154,135 +221,67 @@ class Gateway:
             out.append({k: entry.get(k, "") for k in ("name", "version", "state", "reason")})
         return _json(out)
 
+    # --- forwarding
     async def _forward(self, req: Request, model: str, version: str | None = None) -> Response:
-        route = traffic.choose(self.balancer, model, version)
-        if route is None:
-            self.metrics.count("", 404)
-            return _error(404, f"model '{model}' is not known to the gateway")
-        if req.method not in ("GET", "HEAD", "POST"):
-            resp = _error(405, f"method {req.method} is not allowed on {req.path}")
-            self.metrics.count(model, 405)
+        if req.method not in FORWARDED_METHODS:
+            known = model in self.balancer.models
+            resp = (_error(405, f"method {req.method} is not allowed on {req.path}") if known
+                    else _error(404, f"model '{model}' is not known to the gateway"))
+            self.metrics.count(model if known else "", resp.status)
             return resp
         try:
-            resp = await self._forward_to(req, route)
+            up = await self.forwarder.forward(self.transport, _upstream_request(req), model, version,
+                                              req.arrived or asyncio.get_running_loop().time())
+        except Refused as e:
+            resp = self._refusal(e)
+            self.metrics.count(model if e.kind != UNKNOWN else "", resp.status)
+            return resp
         except asyncio.CancelledError:
-            self.metrics.count(model, 499)  # the client went away (nginx's code); nothing was answered
+            self.metrics.count(model, HTTPTransport.cancelled_code)
             raise
-        self.metrics.count(model, resp.status)
-        self.metrics.count_variant(model, route.variant, resp.status)
-        return resp
+        self.metrics.count(model, up.status)
+        return _passthrough(up)
 
-    async def _forward_to(self, req: Request, route) -> Response:
-        loop = asyncio.get_running_loop()
-        deadline = (req.arrived or loop.time()) + self.settings.request_timeout_s
-        if not route.endpoints and route.cold_start_s > 0:
-            deadline += route.cold_start_s  # a cold start is not charged to the request's own time
-        target = f"{req.path}?{req.query}" if req.query else req.path
-        rh = req.headers
-        headers = [(k, rh[k]) for k in REQUEST_HEADERS if k in rh]
-        if req.client:
-            ip = req.client.rsplit(":", 1)[0]
-            prior = rh.get("x-forwarded-for")
-            headers.append(("x-forwarded-for", f"{prior}, {ip}" if prior else ip))
-        exclude: frozenset[str] = frozenset()
-        retries = 0
-        holds_retry = False  # this attempt counts against the model's retry budget
-        last_failure = ""
-        fell_back = False
-        route.active += 1
+    async def _ask(self, req: Request, route: ModelRoute) -> Response:
+        """`req` forwarded to the variant `route` (not counted: the gateway asks for itself)."""
         try:
-            while True:
-                try:
-                    ep = await route.acquire(deadline, exclude)
-                except NoEndpoints as e:
-                    other = traffic.fallback(self.balancer, route) if not (exclude or fell_back) else None
-                    if other is not None:  # its variant went away while it waited: the other takes it
-                        fell_back = True
-                        route.active -= 1
-                        route = other
-                        route.active += 1
-                        continue
-                    msg = f"cannot reach model '{route.name}': {last_failure}; {e}" if last_failure else str(e)
-                    return _error(503, msg, dict(self._retry_after))
-                except Overloaded as e:
-                    msg = f"cannot reach model '{route.name}': {last_failure}; {e}" if last_failure else str(e)
-                    return _error(503, msg, dict(self._retry_after))
-                except DeadlinePassed as e:
-                    return _error(504, str(e))
-                if loop.time() >= deadline:
-                    route.release(ep, None)
-                    return _error(504, f"request deadline passed before it could be forwarded to model '{route.name}'")
-                t0 = time.perf_counter()
-                not_run = None  # a reason to send the request elsewhere: it did not run (or was taken back)
-                rescued = False
-                try:
-                    up = await ep.pool.request(req.method, target, headers, req.body, deadline)
-                except ConnectFailed as e:
-                    route.unreachable(ep)
-                    route.release(ep, True)
-                    not_run = f"cannot reach model '{route.name}': {e}"
-                except EndpointLost as e:
-                    # its readiness probe failed while the request waited there (hung): the request is
-                    # taken back and, inference being idempotent, sent to a healthy endpoint
-                    route.release(ep, None)
-                    not_run = f"model '{route.name}' at {e}"
-                    rescued = True
-                except ResponseBroken as e:
-                    route.release(ep, True)
-                    return _error(502, f"model '{route.name}' at {ep.address}: {e}")
-                except UpstreamTimeout:
-                    route.release(ep, True)
-                    return _error(504, f"model '{route.name}' did not answer within "
-                                       f"{self.settings.request_timeout_s:g} s")
-                except BaseException:
-                    route.release(ep, None)
-                    raise
-                else:
-                    self.metrics.observe_upstream(route.name, time.perf_counter() - t0)
-                    route.release(ep, up.status >= 500 and up.status != 503)
-                    if not _not_run(up):
-                        return _passthrough(up)
-                    # the server did not start it (shutting down, loading): another replica may
-                    not_run = f"model '{route.name}' at {ep.address} did not run the request: {_error_of(up)}"
-                last_failure = not_run
-                exclude = exclude | {ep.address}
-                if holds_retry:
-                    route.end_retry()
-                    holds_retry = False
-                if retries >= self.settings.max_retries or loop.time() >= deadline:
-                    return _error(503, not_run, dict(self._retry_after))
-                if rescued:
-                    # Outside the concurrent-retry budget, which exists so that retries do not multiply
-                    # the load on struggling servers: a rescue moves work off a server that does none
-                    # (it stopped answering), and is bounded by what that server held (max concurrency).
-                    route.retries_total += 1
-                elif not route.try_start_retry():
-                    return _error(503, f"{not_run} (retry budget exhausted)", dict(self._retry_after))
-                else:
-                    holds_retry = True
-                retries += 1
-        finally:
-            route.active -= 1
-            if holds_retry:
-                route.end_retry()
+            up = await self.forwarder.forward(self.transport, _upstream_request(req), route.name, None,
+                                              req.arrived or asyncio.get_running_loop().time(), route=route)
+        except Refused as e:
+            return self._refusal(e)
+        return _passthrough(up)
+
+    def _refusal(self, e: Refused) -> Response:
+        status = REFUSALS[e.kind]
+        return _error(status, e.message, dict(self._retry_after) if status == 503 else None)
 
 
-def _not_run(up) -> bool:
+def _upstream_request(req: Request) -> tuple[str, str, list[tuple[str, str]], bytes]:
+    """What goes upstream: method, target, the allow-listed headers plus x-forwarded-for, body."""
+    target = f"{req.path}?{req.query}" if req.query else req.path
+    rh = req.headers
+    headers = [(k, rh[k]) for k in REQUEST_HEADERS if k in rh]
+    if req.client:
+        ip = req.client.rsplit(":", 1)[0]
+        prior = rh.get("x-forwarded-for")
+        headers.append(("x-forwarded-for", f"{prior}, {ip}" if prior else ip))
+    return req.method, target, headers, req.body
+
+
+def _not_run(up: UpstreamResponse) -> bool:
     """A 503 that says the server did not start the request: its Caffe-Not-Run header, or the
     "shutting down" answer of servers older than that header."""
-    if up.status != 503:
-        return False
     return any(name == _NOT_RUN for name, _ in up.headers) or b"shutting down" in up.body
 
 
-def _error_of(up) -> str:
+def _error_of(up: UpstreamResponse) -> str:
     try:
         return str(orjson.loads(up.body).get("error") or f"HTTP {up.status}")
     except (orjson.JSONDecodeError, AttributeError):
         return f"HTTP {up.status}"
 
 
-def _passthrough(up) -> Response:
+def _passthrough(up: UpstreamResponse) -> Response:
     content_type = ""
     headers: dict[str, str] = {}
     for name, value in up.headers:

@@ -19,7 +19,7 @@ import orjson
 
 from caffe_http.server import Request, Response
 from caffe_http.upstream import UpstreamError
-from inference_server.stats import add_stats
+from inference_server.serving.stats import add_stats
 
 STATS_TIMEOUT_S = 5.0
 ALL_STATS_PATH = "/v2/models/stats"

@@ -16,8 +16,8 @@ import yaml
 
 from caffe_operator.api import API_VERSION, KIND, InvalidSpec, parse_spec
 from caffe_operator.manifests import server_config
-from inference_server.fetch import FetchError, fetch
-from inference_server.s3 import S3Options
+from inference_server.commands.fetch import FetchError, fetch
+from inference_server.commands.s3 import S3Options
 
 
 class LocalError(Exception):

@@ -15,13 +15,13 @@ import sys
 from inference_server import __version__
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("inference_server.serve", "run the inference server for one model config"),
-    "check": ("inference_server.check", "load a model, print its inputs/outputs and backend parity"),
+    "serve": ("inference_server.commands.serve", "run the inference server for one model config"),
+    "check": ("inference_server.commands.check", "load a model, print its inputs/outputs and backend parity"),
     "operator": ("caffe_operator.run", "run the Kubernetes operator (kopf)"),
     "gateway": ("caffe_gateway.main", "run the gateway that forwards requests to model pods"),
     "up": ("caffe_local.main", "run a CaffeModelService manifest on this machine (local mode)"),
     "demo": ("caffe_local.demo", "local mode on the digits example plus one real request"),
-    "fetch": ("inference_server.fetch", "download a model file and check its sha256"),
+    "fetch": ("inference_server.commands.fetch", "download a model file and check its sha256"),
     "crd": ("caffe_operator.crd", "print the CaffeModelService CRD YAML generated from the model"),
 }
 

@@ -12,7 +12,7 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: python -m inference_server {{{','.join(COMMANDS)}}} ARGS...", file=sys.stderr)
         return 2
-    return int(importlib.import_module(f"inference_server.{argv[0]}").main(argv[1:]) or 0)
+    return int(importlib.import_module(f"inference_server.commands.{argv[0]}").main(argv[1:]) or 0)
 
 
 sys.exit(main(sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""One error base class; each subclass carries its HTTP status, mapped to a response once (in app.py)."""
+"""One error base class; each subclass carries its HTTP status, mapped to a response once (in serving/app.py)."""
 
 from __future__ import annotations
 

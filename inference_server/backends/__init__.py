@@ -22,11 +22,11 @@ class BackendChoice:
 
 
 def choose_backend(cfg: ServerConfig, probed=None) -> BackendChoice:
-    """`probed`: the child load's findings (loadprobe.ProbedLoad), which let a cached verdict skip loading the Net."""
+    """`probed`: the child load's findings (child_load.ProbedLoad), which let a cached verdict skip loading the Net."""
     if cfg.backend == "pycaffe":
         return BackendChoice("pycaffe", "backend: pycaffe in the config")
     try:
-        from .selection import choose_accelerated
+        from ..loading.selection import choose_accelerated
     except ImportError:
         raise ModelLoadError(f"backend {cfg.backend!r} is not available in this build") from None
     return choose_accelerated(cfg, probed)

@@ -1,6 +1,6 @@
 """The ONNX Runtime backend: one InferenceSession per worker, on a graph converted from the Caffe net.
 
-The graph comes from `choose_accelerated` (backends/selection.py), which converted it, cached it and
+The graph comes from `choose_accelerated` (loading/selection.py), which converted it, cached it and
 proved it equal to pycaffe; this module only runs it. Sessions are built here and nowhere else, so the
 parity gate checks exactly the session options and execution providers that serve.
 """
@@ -79,7 +79,7 @@ def make_session(model: str | bytes, device_kind: str, device_id: int, instances
 
 def recorded_info(sess) -> dict:
     """What the converter recorded in the graph's metadata (Caffe I/O shapes, layer types)."""
-    from ..convert.net import METADATA_KEY
+    from ..loading.convert.net import METADATA_KEY
 
     raw = sess.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     if raw is None:

@@ -113,7 +113,7 @@ class PycaffeBackend:
         set_device(device_kind, device_id)
         import caffe
 
-        from .. import served
+        from ..loading import served
 
         try:
             self.net = caffe.Net(prototxt, 1, weights=weights)  # 1 == caffe.TEST

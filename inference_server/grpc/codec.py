@@ -1,6 +1,6 @@
 """OIP gRPC messages ⇄ the data plane's requests and outputs: typed `contents` and raw contents.
 
-The checks and messages are REST's (codecs.py): the same shape, element-count and datatype rules,
+The checks and messages are REST's (serving/codecs.py): the same shape, element-count and datatype rules,
 each error a BadRequest naming the input, which the service answers with INVALID_ARGUMENT.
 Responses mirror the request: raw inputs get `raw_output_contents` (what tritonclient reads),
 typed inputs get typed `contents`.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..codecs import DTYPES, InferRequest, InputTensor, RequestedOutput, _binary_array, _bytes_payload, _check_shape, _object_array
+from ..serving.codecs import DTYPES, InferRequest, InputTensor, RequestedOutput, _binary_array, _bytes_payload, _check_shape, _object_array
 from ..errors import BadRequest
 from . import messages as pb
 

@@ -20,9 +20,9 @@ import orjson
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter
 
-from ..dataplane import DataPlane
+from ..serving.dataplane import DataPlane
 from ..errors import BadRequest, InferenceError, NotFound, grpc_status_name
-from ..metrics import ServerMetrics
+from ..serving.metrics import ServerMetrics
 from . import messages as pb
 from .codec import decode_infer_request, encode_infer_response
 from .status import RETRY_INFO_TYPE, error_status  # noqa: F401 (RETRY_INFO_TYPE: re-exported)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import grpc
 
-from ..errors import InferenceError, grpc_status_name
+from ..errors import NOT_RUN_HEADER, InferenceError, grpc_status_name
 from . import messages as pb
 
 RETRY_INFO_TYPE = "type.googleapis.com/google.rpc.RetryInfo"
+# REST's Caffe-Not-Run header as a trailer: this server did not start the call (loading, failed),
+# so a gateway may send it to another server, where it runs once.
+NOT_RUN_KEY = NOT_RUN_HEADER.lower()
 
 
 def retry_trailers(code: grpc.StatusCode, message: str, seconds: int) -> tuple[tuple[str, str | bytes], ...]:
@@ -31,4 +34,6 @@ def error_status(e: InferenceError) -> tuple[grpc.StatusCode, str, tuple]:
     code = grpc.StatusCode[grpc_status_name(e.status_code)]
     retry = e.headers.get("Retry-After")
     trailing = () if retry is None else retry_trailers(code, e.message, int(retry))
+    if NOT_RUN_HEADER in e.headers:
+        trailing += ((NOT_RUN_KEY, "true"),)
     return code, e.message, trailing

@@ -1,113 +1,17 @@
-"""The gateway's traffic features: holding requests for a model scaled to zero, the load signal
-autoscalers read, the canary split and version pinning, and the EndpointSlice labels they come from.
+"""The gateway's traffic parts one by one: the hold as a wait in the queue, the canary split and
+version pinning in traffic.choose, the load signal, and the EndpointSlice labels they come from.
 
-The hold tests run a real gateway (GatewayApp, the object `caffeserve gateway` runs) on loopback
-in this process, so that the test can hand it an endpoint at the moment a real `caffeserve serve`
-process turns ready, as discovery would.
+What a client sees of them, over REST and gRPC, is in test_gateway_transports.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
-
-import orjson
 
 from caffe_gateway import traffic
-from caffe_gateway.app import GatewayApp
 from caffe_gateway.balancer import Balancer, BalancerSettings, ColdStartTimeout, ModelRoute
-from caffe_gateway.discovery import EndpointSliceWatcher, KubeConfig, StaticDiscovery
-from caffe_gateway.proxy import ProxySettings
-from caffe_testing.digits import DIGITS_DIR
-from caffe_testing.gateway import infer_payload
-from caffe_testing.servers import ServerProcess, http
+from caffe_gateway.discovery import EndpointSliceWatcher, KubeConfig
 from inference_server import slices
-
-BODY = orjson.dumps(infer_payload(0))
-
-
-class InProcessGateway:
-    """A GatewayApp on its own loop in a thread, with a model `digits` that has no endpoint yet."""
-
-    def __init__(self, cold_start_s: float, **balancer):
-        self.cold_start_s = cold_start_s
-        self.settings = BalancerSettings(**balancer)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def call(self, fn):
-        async def run():
-            return fn()
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
-
-    def __enter__(self):
-        self.thread.start()
-        self.app = GatewayApp(StaticDiscovery({"digits": set()}), self.settings, ProxySettings(request_timeout_s=5))
-        port = asyncio.run_coroutine_threadsafe(self.app.start("127.0.0.1", 0), self.loop).result(10)
-        self.url = f"http://127.0.0.1:{port}"
-        time.sleep(0.1)
-        self.call(lambda: self.app.balancer.configure("digits", version="1", cold_start_s=self.cold_start_s))
-        return self
-
-    def __exit__(self, *exc):
-        asyncio.run_coroutine_threadsafe(self.app.stop(2), self.loop).result(15)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
-def send_in_background(url: str, n: int) -> tuple[list, list[threading.Thread]]:
-    out: list = []
-
-    def one():
-        t0 = time.monotonic()
-        status, headers, body = http("POST", url + "/v2/models/digits/infer", BODY,
-                                     {"Content-Type": "application/json"}, timeout=120)
-        out.append((status, headers, body, time.monotonic() - t0))
-    threads = [threading.Thread(target=one) for _ in range(n)]
-    for t in threads:
-        t.start()
-    return out, threads
-
-
-def test_requests_to_a_model_with_no_ready_pod_are_held_then_answered_once_one_is_ready():
-    with InProcessGateway(cold_start_s=60) as gw:
-        answers, threads = send_in_background(gw.url, 3)
-        time.sleep(0.5)
-        assert answers == []  # held, not refused
-        status, signal = orjson.loads(http("GET", gw.url + "/autoscaling/digits")[2]), None
-        assert status["queued"] == 3 and status["concurrency"] == 3 and status["readyEndpoints"] == 0
-        metrics = http("GET", gw.url + "/metrics")[2].decode()
-        assert 'caffeserve_gateway_concurrency{model="digits",variant="primary"} 3.0' in metrics
-        with ServerProcess(DIGITS_DIR / "server.yaml") as server:  # the pod turns ready
-            host, port = server.url.removeprefix("http://").split(":")
-            gw.call(lambda: gw.app.balancer.set_model("digits", {(host, int(port))}))
-            for t in threads:
-                t.join(60)
-        assert [a[0] for a in answers] == [200, 200, 200], answers
-        # the hold (0.5 s + the server's start) is not charged to the 5 s request timeout
-        assert all(a[3] > 0.5 for a in answers)
-
-
-def test_a_held_request_past_the_cold_start_timeout_is_503_with_retry_after_and_the_queue_limit_applies():
-    with InProcessGateway(cold_start_s=1.0, max_queue=2) as gw:
-        answers, threads = send_in_background(gw.url, 2)
-        time.sleep(0.3)
-        status, headers, body = http("POST", gw.url + "/v2/models/digits/infer", BODY)
-        assert status == 503 and headers.get("Retry-After", "").isdigit(), body  # the queue is full
-        for t in threads:
-            t.join(30)
-        assert [a[0] for a in answers] == [503, 503]
-        assert all(a[1].get("Retry-After", "").isdigit() for a in answers)
-        assert all(b"cold start" in a[2] for a in answers), answers
-        assert all(0.9 < a[3] < 10 for a in answers)
-
-
-def test_without_a_cold_start_time_a_model_with_no_pod_is_503_at_once():
-    with InProcessGateway(cold_start_s=0) as gw:
-        t0 = time.monotonic()
-        status, headers, _ = http("POST", gw.url + "/v2/models/digits/infer", BODY)
-        assert status == 503 and headers.get("Retry-After") and time.monotonic() - t0 < 3
 
 
 def test_the_hold_is_a_wait_in_the_queue_that_ends_with_cold_start_timeout():

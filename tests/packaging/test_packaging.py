@@ -117,7 +117,7 @@ def test_caffeserve_demo_needs_only_the_extras_the_readme_names():
     pycaffe_line = re.search(r"pip install -q 'numpy<2' (six .*)$", script, re.M).group(1).replace("'", "").split()
     allowed = installed_with(requirement_names(wanted) | requirement_names(pycaffe_line))
     by_module = md.packages_distributions()
-    roots = [REPO / "caffe_local" / "demo.py", REPO / "inference_server" / "serve.py",
+    roots = [REPO / "caffe_local" / "demo.py", REPO / "inference_server" / "commands" / "serve.py",
              REPO / "examples" / "digits" / "data.py"]
     missing = {}
     for module in third_party_imports(roots) - {"caffe"}:

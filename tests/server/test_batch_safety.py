@@ -22,11 +22,11 @@ import yaml
 from caffe_testing.nets import (batch_folding_net, batch_statistics_net, every_layer_net, fixed_batch_net, forward,
                                 save_net, save_weights, silenced_net, small_input_dim_prototxt, ssd_head, zoo_net)
 from caffe_testing.servers import ServerProcess, http, http_json
-from inference_server import check
+from inference_server.commands import check
 from inference_server.backends import BackendChoice
 from inference_server.config import parse_config
 from inference_server.errors import InferenceError
-from inference_server.executor import Executor, WorkItem
+from inference_server.serving.executor import Executor, WorkItem
 
 TOL = 1e-5  # the parity gate's bound: |Δ| ≤ TOL × max(1, max |reference|)
 BATCHING = {"enabled": True, "maxBatchSize": 4, "maxQueueDelayMs": 200}

@@ -25,7 +25,7 @@ import caffe_testing.fork_nets as ref
 from caffe_testing import REPO
 from caffe_testing.caffe_sources import fork_targets
 from caffe_testing.nets import save_net
-from inference_server.convert import UnsupportedLayer, convert_net, load_net
+from inference_server.loading.convert import UnsupportedLayer, convert_net, load_net
 
 SCRIPTS = REPO / "scripts"
 TOL = 1e-5
@@ -409,8 +409,8 @@ layer {{ name: "det" type: "DetectionOutput" bottom: "loc" bottom: "conf" bottom
 
 
 def test_the_converter_knows_the_fork_layers_and_why_detection_output_stays_on_pycaffe():
-    from inference_server.convert import supported_types
-    from inference_server.convert.registry import converter_for
+    from inference_server.loading.convert import supported_types
+    from inference_server.loading.convert.registry import converter_for
 
     types = set(supported_types())
     assert {"Normalize", "Permute", "Flatten", "PriorBox", "Axpy", "ShuffleChannel", "ConvolutionDepthwise",

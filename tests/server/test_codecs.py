@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from inference_server.codecs import decode_request
+from inference_server.serving.codecs import decode_request
 from inference_server.errors import BadRequest
 
 MAX = 1 << 20

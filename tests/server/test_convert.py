@@ -14,8 +14,8 @@ import onnxruntime as ort
 import pytest
 from caffe import layers as L, params as P
 
-from inference_server.convert import UnsupportedLayer, convert_net, load_net, model_info, supported_types
-from inference_server.convert.pooling import caffe_pooled_size
+from inference_server.loading.convert import UnsupportedLayer, convert_net, load_net, model_info, supported_types
+from inference_server.loading.convert.pooling import caffe_pooled_size
 from caffe_testing.nets import forward, save_net
 from caffe_testing.servers import REPO
 

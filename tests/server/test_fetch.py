@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from inference_server.fetch import FetchError, fetch, main
+from inference_server.commands.fetch import FetchError, fetch, main
 
 BODY = bytes(range(256)) * 4096  # 1 MiB
 SHA = hashlib.sha256(BODY).hexdigest()

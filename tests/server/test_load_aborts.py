@@ -1,5 +1,5 @@
 """No Caffe failure at load takes the server down: what Caffe refuses with a CHECK / LOG(FATAL) (which
-abort the process) is found by the load probe's child process (inference_server/loadprobe.py). The
+abort the process) is found by the load probe's child process (inference_server/loading/child_load.py). The
 server stays live, readiness and model readiness answer 503 with Caffe's own message, and
 `caffeserve check` prints it and exits 1.
 
@@ -19,7 +19,7 @@ import caffe
 import pytest
 from caffe import layers as L
 
-from inference_server import check
+from inference_server.commands import check
 from caffe_testing import REPO
 from caffe_testing.nets import save_net
 from caffe_testing.servers import CAFFESERVE, ServerProcess, http_json

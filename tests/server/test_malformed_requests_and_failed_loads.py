@@ -10,11 +10,11 @@ import pytest
 from caffe import layers as L
 
 from caffe_testing.nets import save_net
-from inference_server.codecs import decode_request
+from inference_server.serving.codecs import decode_request
 from inference_server.config import ServerConfig
-from inference_server.dataplane import Model
+from inference_server.serving.dataplane import Model
 from inference_server.errors import BadRequest
-from inference_server.metrics import ServerMetrics
+from inference_server.serving.metrics import ServerMetrics
 
 
 FP32_INPUT = b'{"name":"data","shape":[1],"datatype":"FP32","data":[1.0]}'

@@ -20,13 +20,14 @@ from caffe import layers as L, params as P
 from onnx import numpy_helper
 
 from caffe_testing.digits import DIGITS_DIR, digits_data
-from inference_server import check, parity
+from inference_server.commands import check
+from inference_server.loading import parity
 from inference_server.backends import choose_backend, create_backend
 from inference_server.backends.onnxruntime import make_session
 from inference_server.backends.pycaffe import PycaffeBackend
-from inference_server.backends.selection import _parity_session_model, cache_dir
+from inference_server.loading.selection import _parity_session_model, cache_dir
 from inference_server.config import parse_config
-from inference_server.convert import convert_net, load_net, model_info
+from inference_server.loading.convert import convert_net, load_net, model_info
 from inference_server.errors import ModelLoadError
 from caffe_testing.nets import every_layer_net, forward, save_net
 from caffe_testing.servers import ServerProcess, http, http_json
@@ -197,7 +198,7 @@ def tamper(model: onnx.ModelProto, initializer: str = "logits/weight", factor: f
 
 
 def test_a_broken_conversion_fails_parity_auto_falls_back_and_onnxruntime_refuses(tmp_path, monkeypatch):
-    import inference_server.convert as convert
+    import inference_server.loading.convert as convert
 
     real = convert.convert_net
     monkeypatch.setattr(convert, "convert_net", lambda net, name="caffe", **kw: tamper(real(net, name, **kw)))
@@ -214,7 +215,7 @@ def test_a_broken_conversion_fails_parity_auto_falls_back_and_onnxruntime_refuse
 
 def test_weights_too_large_for_one_onnx_file_fall_back_to_pycaffe_with_the_reason(tmp_path, monkeypatch):
     """Protobuf caps one ONNX file at 2 GiB; here the cap is lowered to 1 MiB so the net can stay small."""
-    monkeypatch.setattr("inference_server.convert.net.MAX_WEIGHT_BYTES", 1 << 20)
+    monkeypatch.setattr("inference_server.loading.convert.net.MAX_WEIGHT_BYTES", 1 << 20)
     n = caffe.NetSpec()
     n.data = L.Input(shape=dict(dim=[1, 1000]))
     n.ip = L.InnerProduct(n.data, num_output=600)  # 2.3 MiB of weights

@@ -1,7 +1,7 @@
 """Restart without redoing work, and `auto` chooses ONNX Runtime only where it is faster.
 
 The parity gate's and the timing's verdict is recorded beside the cached graph with the sha256 of the
-graph's bytes it judged (backends/selection.py). A load whose keyed inputs and graph bytes are unchanged
+graph's bytes it judged (loading/selection.py). A load whose keyed inputs and graph bytes are unchanged
 is served from the verdict without loading the Net, converting or gating; any change reruns the gate.
 """
 
@@ -18,12 +18,12 @@ import yaml
 from caffe import layers as L
 from caffe import params as P
 
-import inference_server.backends.selection as selection
-import inference_server.convert as convert
-import inference_server.parity as parity
+import inference_server.loading.selection as selection
+import inference_server.loading.convert as convert
+import inference_server.loading.parity as parity
 from inference_server.backends import choose_backend
 from inference_server.config import parse_config
-from inference_server.loadprobe import probe_load
+from inference_server.loading.child_load import probe_load
 from onnx import numpy_helper
 from caffe_testing.digits import DIGITS_DIR
 from caffe_testing.nets import save_net

@@ -19,7 +19,7 @@ from PIL import Image
 from caffe_testing.nets import forward, save_net
 from caffe_testing.servers import ServerProcess, http_json
 from inference_server.config import Preprocessing
-from inference_server.preprocess import ImagePreprocessor
+from inference_server.serving.preprocess import ImagePreprocessor
 
 MAX_PIXELS = 1 << 24
 

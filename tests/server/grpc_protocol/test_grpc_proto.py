@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from caffe_testing import REPO
-from inference_server.codecs import DTYPES
+from inference_server.serving.codecs import DTYPES
 from inference_server.errors import BadRequest, GRPC_STATUS_OF_HTTP, InferenceError, Unavailable
 from inference_server.grpc import messages as pb
 from inference_server.grpc.codec import decode_infer_request, encode_infer_response
@@ -233,4 +233,6 @@ def test_one_table_maps_our_errors_to_grpc_codes_and_a_full_queue_says_when_to_r
     (detail,) = status.details
     assert detail.type_url == "type.googleapis.com/google.rpc.RetryInfo"
     assert pb.RetryInfo.FromString(detail.value).retry_delay.seconds == 2
+    assert "caffe-not-run" not in meta  # a full queue: the server answered for itself
+    assert dict(error_status(Unavailable("model 'm' is loading", not_run=True))[2])["caffe-not-run"] == "true"
     assert error_status(InferenceError("boom"))[0] == grpc.StatusCode.INTERNAL

@@ -356,6 +356,8 @@ def test_a_model_that_is_loading_is_unavailable_saying_so(tmp_model_dir):
         err = client.error("ModelInfer", req(fp32()))
         assert_status(err, grpc.StatusCode.UNAVAILABLE, "'img'", "is loading")
         assert dict(err.trailing_metadata())["retry-after"].isdigit()
+        # it did not start the call: a gateway may send it to another replica (REST's Caffe-Not-Run)
+        assert dict(err.trailing_metadata())["caffe-not-run"] == "true"
         assert not client.call("ModelReady", pb.ModelReadyRequest(name="img")).ready
         deadline = time.monotonic() + 60
         while not client.call("ServerReady", pb.ServerReadyRequest()).ready:

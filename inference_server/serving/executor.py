@@ -6,7 +6,7 @@ and with batching on keeps taking compatible items (same per-item shapes and out
 is full or `max_queue_delay_ms` has passed since it took the first. Results go back to the asyncio
 loop with one `call_soon_threadsafe` per item. Items whose deadline passed while queued are never run.
 
-Batching is only ever on for a batch-separable net (probe.py, run by the first worker at load):
+Batching is only ever on for a batch-separable net (loading/forward_probe.py, run by the first worker at load):
 `enabled: true` on any other net is a load error naming the output, `auto` leaves it off and says why.
 The split asserts what it assumes (every output's axis 0 is the stacked batch) and fails the batch
 rather than hand out rows that belong to someone else.
@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backends import BackendChoice, create_backend
-from .backends.base import NetDescription
-from .calibration import BatchingDecision, decide, measure_curve
-from .config import ServerConfig
-from .errors import DeadlineExceeded, GpuOutOfMemory, InferenceError, ModelLoadError, Unavailable
-from .parity import value_range
-from .probe import NetProbe, probe, runs_batches
+from ..backends import BackendChoice, create_backend
+from ..backends.base import NetDescription
+from ..loading.calibration import BatchingDecision, decide, measure_curve
+from ..config import ServerConfig
+from ..errors import DeadlineExceeded, GpuOutOfMemory, InferenceError, ModelLoadError, Unavailable
+from ..loading.parity import value_range
+from ..loading.forward_probe import NetProbe, probe, runs_batches
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ feeds a Silence layer (Caffe then reports no outputs at all) with `net.blobs[nam
 
 from __future__ import annotations
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 
 def input_shapes(cfg, net) -> dict[str, tuple[int, ...]]:

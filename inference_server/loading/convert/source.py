@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ModelLoadError
+from ...errors import ModelLoadError
 
 
 @dataclass

@@ -16,7 +16,7 @@ from caffe_http.server import Request, Response
 from caffe_http.tryit import is_page, page_response
 
 from .dataplane import DataPlane
-from .errors import InferenceError, NotFound
+from ..errors import InferenceError, NotFound
 from .metrics import ServerMetrics
 
 log = logging.getLogger(__name__)

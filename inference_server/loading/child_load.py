@@ -5,7 +5,7 @@ process: an unknown layer type, a malformed prototxt, weights of the wrong shape
 protobuf's read limit, a Reshape whose batch size is baked in. pycaffe cannot turn those into Python
 exceptions (glog's failure function may not return, and an exception from it would end in
 std::terminate). So before the server's own Net is built, a child process (`python -m
-inference_server.loadprobe`, the same interpreter and pycaffe) does everything pycaffe does at load
+inference_server.loading.child_load`, the same interpreter and pycaffe) does everything pycaffe does at load
 that can abort:
 
 - builds the Net from the prototxt and the weights (on the configured device),
@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 EXIT_LOAD_ERROR = 3  # the child found a ModelLoadError (a Python-level refusal) and printed it as JSON
 MAX_MESSAGE = 4000
@@ -56,7 +56,7 @@ class ProbedLoad:
 def request(cfg) -> dict:
     """What the child needs from the config, as JSON."""
     from .parity import N_RANDOM_INPUTS
-    from .probe import runs_batches
+    from .forward_probe import runs_batches
 
     return {
         "prototxt": str(cfg.path(cfg.model.prototxt)),
@@ -110,7 +110,7 @@ def probe_load(cfg, timeout_s: float | None = None) -> ProbedLoad:
     """Run the load in a child; ModelLoadError with Caffe's message when it fails in any way."""
     t0 = time.perf_counter()
     try:
-        r = subprocess.run([sys.executable, "-m", "inference_server.loadprobe"], input=json.dumps(request(cfg)),
+        r = subprocess.run([sys.executable, "-m", "inference_server.loading.child_load"], input=json.dumps(request(cfg)),
                            capture_output=True, text=True, env=_child_env(), timeout=timeout_s)
     except subprocess.TimeoutExpired:
         raise ModelLoadError(f"loading the model took longer than {timeout_s:g} s (in the load probe)") from None
@@ -169,7 +169,7 @@ def _child(req: dict) -> dict:
 
     from . import served
 
-    from .backends.pycaffe import set_device
+    from ..backends.pycaffe import set_device
 
     native = _import_native()
     kind, device_id = req["device"]

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import Batching
-from .errors import GpuOutOfMemory
+from ..config import Batching
+from ..errors import GpuOutOfMemory
 
 
 @dataclass

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from .errors import BadRequest
+from ..errors import BadRequest
 
 PIECE_BYTES = 256 * 1024
 MAX_LOOSE_ELEMENTS = 65536  # strings, booleans and nulls in one request's tensor data

@@ -17,8 +17,8 @@ from collections import Counter
 
 import numpy as np
 
-from .config import ConfigError, load_config
-from .errors import ModelLoadError
+from ..config import ConfigError, load_config
+from ..errors import ModelLoadError
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -73,8 +73,8 @@ def _batching_line(label: str, found) -> str:
 
 def _probe(backend, cfg):
     """The backend's description and what the server's load-time probe would find with it."""
-    from .parity import value_range
-    from .probe import probe, runs_batches
+    from ..loading.parity import value_range
+    from ..loading.forward_probe import probe, runs_batches
 
     desc = backend.describe()
     return desc, probe(backend, {b.name: b.shape for b in desc.outputs}, {b.name: b.shape[1:] for b in desc.inputs},
@@ -84,12 +84,12 @@ def _probe(backend, cfg):
 
 def run_checks(cfg, runs: int, out) -> int:
     """Print what serving `cfg` would do; 0 when the configured server would start, else 1."""
-    from .backends import BackendChoice, create_backend
-    from .backends.pycaffe import PycaffeBackend
-    from .backends.selection import decide, evaluate
-    from .convert import supported_types
-    from .dataplane import check_model_files
-    from .loadprobe import probe_load
+    from ..backends import BackendChoice, create_backend
+    from ..backends.pycaffe import PycaffeBackend
+    from ..loading.selection import decide, evaluate
+    from ..loading.convert import supported_types
+    from ..serving.dataplane import check_model_files
+    from ..loading.child_load import probe_load
 
     check_model_files(cfg)
     prototxt, weights = str(cfg.path(cfg.model.prototxt)), str(cfg.path(cfg.model.weights))

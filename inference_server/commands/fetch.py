@@ -26,7 +26,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .hashing import file_sha256
+from ..hashing import file_sha256
 from .s3 import S3Options, open_object, read_credentials
 
 GiB = 1024**3

@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 
 from . import jsonscan
-from .errors import BadRequest
+from ..errors import BadRequest
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),

@@ -31,10 +31,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import served
+from . import served
 from ..errors import ModelLoadError
 from ..hashing import file_sha256
-from . import BackendChoice
+from ..backends import BackendChoice
 
 log = logging.getLogger("caffeserve.backends")
 
@@ -137,7 +137,7 @@ def _convert(net, path: Path, cfg, outputs: list[str]) -> tuple[str | None, bool
 
     The in-memory graph is dropped once written: the gate and the server read the file.
     """
-    from ..convert import UnsupportedLayer, convert_net, model_info
+    from .convert import UnsupportedLayer, convert_net, model_info
 
     try:
         onnx_model = convert_net(net, name=cfg.name, outputs=outputs)
@@ -218,8 +218,8 @@ def _gate(net, path: Path, cfg, shapes: dict, outputs: list[str], n_random: int,
     On a GPU with TensorRT installed, TensorRT is tried first (its default TF32 kernels may miss the
     bound); where it fails, the CUDA provider alone is judged. `details["onnx_tensorrt"]` says which.
     """
-    from .. import parity
-    from .onnxruntime import make_session, recorded_info, tensorrt_available
+    from . import parity
+    from ..backends.onnxruntime import make_session, recorded_info, tensorrt_available
 
     pre = cfg.preprocessing
     mean_path = str(cfg.path(pre.mean_file)) if pre is not None and pre.mean_file else None
@@ -293,7 +293,7 @@ def evaluate(cfg, n_random: int | None = None, probed=None, speed: bool | None =
     """Convert (or reuse the cache), run the parity gate and (with `speed`, default for `auto`) the timing;
     never raises for a model ONNX cannot serve.
 
-    `probed` (loadprobe.ProbedLoad) gives the served shapes and outputs without loading the Net here: a
+    `probed` (child_load.ProbedLoad) gives the served shapes and outputs without loading the Net here: a
     verdict cached for the graph's exact bytes is then all it reads. A cached graph that fails the gate is
     converted again once (a stale or altered file must not demote the model for good); a fresh
     conversion that fails it is the verdict.
@@ -303,9 +303,9 @@ def evaluate(cfg, n_random: int | None = None, probed=None, speed: bool | None =
         import onnxruntime  # noqa: F401
     except ImportError as e:
         return Evaluation(f"onnxruntime is not installed ({e.name} is missing)")
-    from .. import parity
-    from ..convert import CONVERTER_VERSION, load_net
-    from .onnxruntime import providers
+    from . import parity
+    from .convert import CONVERTER_VERSION, load_net
+    from ..backends.onnxruntime import providers
 
     n_random = parity.N_RANDOM_INPUTS if n_random is None else n_random
     want_speed = cfg.backend == "auto" if speed is None else speed
@@ -385,7 +385,7 @@ def evaluate(cfg, n_random: int | None = None, probed=None, speed: bool | None =
     if problem is None and want_speed:
         t0 = time.perf_counter()
         if cfg.device.kind == "gpu":
-            from .pycaffe import set_device
+            from ..backends.pycaffe import set_device
 
             set_device(cfg.device.kind, cfg.device.id)
         try:

@@ -6,7 +6,7 @@ import json
 
 from onnx import ModelProto, TensorProto, helper
 
-from ..errors import ModelLoadError
+from ...errors import ModelLoadError
 from .builder import GraphBuilder, LayerContext
 from .registry import converter_for
 from .source import CaffeModel

@@ -22,11 +22,11 @@ from caffe_http.encoding import with_content_coding
 from caffe_http.lifecycle import install_uvloop
 from caffe_http.server import HTTPServer, ServerLimits, serve_until_signalled
 
-from .app import create_app
-from .config import ConfigError, load_config
-from .cpus import share_blas_threads
-from .dataplane import DataPlane, Model
-from .metrics import ServerMetrics
+from ..serving.app import create_app
+from ..config import ConfigError, load_config
+from ..cpus import share_blas_threads
+from ..serving.dataplane import DataPlane, Model
+from ..serving.metrics import ServerMetrics
 
 log = logging.getLogger("caffeserve")
 
@@ -85,7 +85,7 @@ def main(argv: list[str]) -> int:
     install_uvloop()
     grpc_server = None
     if cfg.grpc.enabled:
-        from .grpc.service import GRPCServer  # grpcio is imported only when gRPC is on
+        from ..grpc.service import GRPCServer  # grpcio is imported only when gRPC is on
 
         grpc_server = GRPCServer(plane, model.metrics, cfg.limits.max_request_bytes)
 

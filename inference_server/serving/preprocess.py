@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 
 from . import caffe_io
-from .config import Preprocessing
-from .errors import BadRequest, ModelLoadError
+from ..config import Preprocessing
+from ..errors import BadRequest, ModelLoadError
 
 warnings.simplefilter("error", Image.DecompressionBombWarning)
 

@@ -121,7 +121,7 @@ def parity_inputs(input_shapes: dict[str, tuple[int, ...]], preprocessing=None, 
     batches = [{name: rng.uniform(lo, hi, shape).astype(np.float32) for name, shape in input_shapes.items()}
                for _ in range(n_random)]
     if preprocessing is not None:
-        from .preprocess import ImagePreprocessor
+        from ..serving.preprocess import ImagePreprocessor
 
         image = {}
         for name, shape in input_shapes.items():

@@ -17,14 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import orjson
 
-from . import __version__
-from .backends import BackendChoice, choose_backend
+from .. import __version__
+from ..backends import BackendChoice, choose_backend
 from .codecs import HEADER_LENGTH, STREAM_MIN_BYTES, InferRequest, decode_request, encode_response
-from .config import ServerConfig, TensorSpec
-from .errors import BadRequest, DeadlineExceeded, ModelLoadError, NotFound, Unavailable
+from ..config import ServerConfig, TensorSpec
+from ..errors import BadRequest, DeadlineExceeded, ModelLoadError, NotFound, Unavailable
 from .executor import Executor
-from .hashing import file_sha256
-from .loadprobe import probe_load
+from ..hashing import file_sha256
+from ..loading.child_load import probe_load
 from .metrics import ServerMetrics
 from .preprocess import ImagePreprocessor
 from .stats import ModelStats, model_config
