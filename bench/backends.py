@@ -29,8 +29,8 @@ import caffe  # noqa: E402
 from caffe import layers as L, params as P  # noqa: E402
 
 from inference_server.backends import BackendChoice, create_backend  # noqa: E402
-from inference_server.loading.selection import evaluate  # noqa: E402
 from inference_server.config import load_config, parse_config  # noqa: E402
+from inference_server.loading.selection import evaluate  # noqa: E402
 
 SIZE = 112
 
@@ -122,7 +122,9 @@ def depthwise_stack() -> caffe.NetSpec:
     n.data = L.Input(shape=dict(dim=[1, 3, SIZE, SIZE]))
     x = conv_bn_relu(n, "stem", n.data, 32, stride=2)
     channels = 32
-    for i, (width, stride) in enumerate(((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1))):
+    for i, (width, stride) in enumerate(
+        ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1))
+    ):
         x = conv_bn_relu(n, f"dw{i}", x, channels, stride=stride, group=channels)
         x = conv_bn_relu(n, f"pw{i}", x, width, k=1)
         channels = width
@@ -135,7 +137,7 @@ def save_he_init(netspec, directory: Path, name: str, seed: int = 0) -> tuple[Pa
     proto.write_text(str(netspec.to_proto()))
     net = caffe.Net(str(proto), caffe.TEST)
     rng = np.random.default_rng(seed)
-    for i, layer in enumerate(net.layers):
+    for layer in net.layers:
         blobs = layer.blobs
         if layer.type == "BatchNorm":
             blobs[0].data[...] = rng.normal(0, 0.1, blobs[0].data.shape)
@@ -221,7 +223,9 @@ def run(args, tmp: Path) -> None:
             t_caffe = p50_ms(caffe_backend, x, "prob", iters)
             t_ort = p50_ms(ort_backend, x, "prob", iters)
             d = ev.details
-            rows.append((name, batch, t_caffe, t_ort, d["parity_max_abs_diff"], d["parity_max_abs_ref"], d["parity_worst_blob"]))
+            rows.append(
+                (name, batch, t_caffe, t_ort, d["parity_max_abs_diff"], d["parity_max_abs_ref"], d["parity_worst_blob"])
+            )
         del ort_backend, caffe_backend
         if not args.skip_serving and name in ("digits", "depthwise"):
             x = np.random.default_rng(0).normal(0, 1, (1, *shape[1:])).astype(np.float32)
@@ -230,7 +234,10 @@ def run(args, tmp: Path) -> None:
                 served.append((name, backend, r))
 
     print(f"\nforward p50 (ms), same process, {os.cpu_count()} CPUs")
-    print(f"{'net':<12} {'batch':>5} {'pycaffe':>9} {'onnxrt':>9} {'speed-up':>8} {'parity max|Δ|':>14} {'max|ref|':>9}  blob")
+    print(
+        f"{'net':<12} {'batch':>5} {'pycaffe':>9} {'onnxrt':>9} {'speed-up':>8} "
+        f"{'parity max|Δ|':>14} {'max|ref|':>9}  blob"
+    )
     for name, batch, tc, to, diff, ref, blob in rows:
         print(f"{name:<12} {batch:>5} {tc:>9.3f} {to:>9.3f} {tc / to:>7.2f}× {diff:>14.2e} {ref:>9.3g}  {blob}")
     if served:

@@ -19,10 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import inception_net  # noqa: E402
-
 from inference_server.backends import choose_backend, create_backend  # noqa: E402
-from inference_server.loading.calibration import decide, measure_curve  # noqa: E402
 from inference_server.config import Batching, load_config, parse_config  # noqa: E402
+from inference_server.loading.calibration import decide, measure_curve  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +34,9 @@ def main() -> None:
         proto, weights = inception_net.write(Path(d))
         models = {
             "digits": load_config(ROOT / "examples/digits/server.yaml"),
-            "inception": parse_config({"name": "inception", "model": {"prototxt": str(proto), "weights": str(weights)}}),
+            "inception": parse_config(
+                {"name": "inception", "model": {"prototxt": str(proto), "weights": str(weights)}}
+            ),
         }
         for name, cfg in models.items():
             for backend in ("pycaffe", "onnxruntime"):

@@ -12,8 +12,8 @@ Then, for REST JSON and gRPC alike (h2load, one request in flight, as bench/prot
 them): p50 direct and through the gateway, the difference, and the gateway process's CPU time per
 request (user + system, from /proc). `--baseline DIR` runs a second gateway from another checkout
 (e.g. `git archive main | tar -x -C DIR`) in front of the same server, measured in the same run,
-rounds interleaved (direct, this, baseline, then the reverse order, ...), each figure the median over `--rounds`: a change's
-before and after on the same machine state.
+rounds interleaved (direct, this, baseline, then the reverse order, ...), each figure the median over `--rounds`:
+a change's before and after on the same machine state.
 
 On a 2-core machine wrk, the gateway and the servers share the cores, so the 2-replica figure
 shows how the gateway spreads load more than how a cluster would scale (there each replica has
@@ -91,7 +91,7 @@ def grpc_ok(url: str) -> float:
                if line.startswith("caffeserve_gateway_grpc_requests_total{") and 'grpc_code="OK"' in line)
 
 
-def one_run(url: str, case: tuple[bytes, dict], seconds: float, grpc: bool, gateway: "Gateway | None") -> dict:
+def one_run(url: str, case: tuple[bytes, dict], seconds: float, grpc: bool, gateway: Gateway | None) -> dict:
     body, headers = case
     ok_before = grpc_ok(gateway.url) if grpc and gateway else 0.0
     cpu_before = cpu_s(gateway.ps) if gateway else 0.0
@@ -103,7 +103,7 @@ def one_run(url: str, case: tuple[bytes, dict], seconds: float, grpc: bool, gate
     return {"p50_ms": r["p50_ms"], "cpu_ms": 1000 * cpu / max(r["n"], 1), "rps": r["rps"]}
 
 
-def per_protocol(server: ServerProcess, gateways: dict[str, "Gateway"], seconds: float, rounds: int) -> None:
+def per_protocol(server: ServerProcess, gateways: dict[str, Gateway], seconds: float, rounds: int) -> None:
     """Added p50 and the gateway's CPU per request, REST JSON and gRPC, each gateway build in turn."""
     x = np.array([((i * 7) % 17) / 4.0 for i in range(64)], np.float32).reshape(1, 1, 8, 8)
     cases = bodies("digits", "data", x)
@@ -116,7 +116,7 @@ def per_protocol(server: ServerProcess, gateways: dict[str, "Gateway"], seconds:
         targets = {"direct": (direct, None)}
         for name, gw in gateways.items():
             targets[name] = (f"http://127.0.0.1:{gw.grpc_port}{grpc_path}" if grpc else gw.url + path, gw)
-        for url, gw in targets.values():  # warm-up: connections, caches
+        for url, _gw in targets.values():  # warm-up: connections, caches
             h2load(url, case[0], case[1], 1, None, requests=200, h1=not grpc)
         order = list(targets)
         for _ in range(rounds):
@@ -175,7 +175,7 @@ def main() -> None:
                 load["baseline, 1 replica"] = run_wrk(base.url + path, body, headers, args.concurrency, args.seconds)
             before = [served(s) for s in (a, b)]
             load["gateway, 2 replicas"] = run_wrk(two.url + path, body, headers, args.concurrency, args.seconds)
-            spread = [served(s) - n for s, n in zip((a, b), before)]
+            spread = [served(s) - n for s, n in zip((a, b), before, strict=True)]
         finally:
             one.stop()
             two.stop()

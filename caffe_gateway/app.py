@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from caffe_http.access_log import AccessLog, log_refusal, with_access_log
 from caffe_http.encoding import with_content_coding
@@ -16,6 +17,9 @@ from caffe_http.server import HTTPServer, Request, ServerLimits
 from .balancer import Balancer, BalancerSettings
 from .proxy import MODELS_PREFIX, Gateway, ProxySettings
 from .stats import ALL_STATS_PATH, stats_target
+
+if TYPE_CHECKING:
+    from .grpc_proxy import GRPCGatewayServer
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +48,7 @@ class GatewayApp:
         self.server = HTTPServer(handler, limits, cancel_on_disconnect=True)
         self.server.on_refuse = log_refusal(access)
         self.limits = limits
-        self.grpc_server = None  # grpc_proxy.GRPCGatewayServer once started with a gRPC port
+        self.grpc_server: GRPCGatewayServer | None = None  # once started with a gRPC port
         self._discovery_task: asyncio.Task | None = None
         self.port: int | None = None
         self.grpc_port: int | None = None

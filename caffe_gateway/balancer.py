@@ -35,9 +35,14 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from caffe_http.upstream import EndpointPool
+
+if TYPE_CHECKING:
+    from .grpc_proxy import Upstream
 
 
 @dataclass
@@ -68,7 +73,7 @@ class Endpoint:
         self.pool = EndpointPool(host, port, connect_timeout_s)
         self.address = self.pool.authority
         self.grpc_port = grpc_port
-        self.grpc = None  # the gRPC proxy's channel to it, made on first use (grpc_proxy.py)
+        self.grpc: Upstream | None = None  # the gRPC proxy's channel to it, made on first use (grpc_proxy.py)
         self.active = 0
         self.failures = 0  # consecutive
         self.ejected_until = 0.0
@@ -153,7 +158,7 @@ class ModelRoute:
         self._rng = random.Random()
 
     # --- endpoint set (from discovery)
-    def set_endpoints(self, addresses: set[Address], draining: set[Address] = frozenset()) -> None:
+    def set_endpoints(self, addresses: AbstractSet[Address], draining: AbstractSet[Address] = frozenset()) -> None:
         """Replace the ready endpoints.
 
         A removed endpoint that is `draining` (shutting down, still answering: a terminating pod)
@@ -370,7 +375,8 @@ class Balancer:
         self.models: dict[str, ModelRoute] = {}
         self.canaries: dict[str, ModelRoute] = {}  # model -> its canary variant, when it has one
 
-    def set_model(self, name: str, addresses: set[Address], draining: set[Address] = frozenset()) -> None:
+    def set_model(self, name: str, addresses: AbstractSet[Address],
+                  draining: AbstractSet[Address] = frozenset()) -> None:
         route = self.models.get(name)
         if route is None:
             route = self.models[name] = ModelRoute(name, self.settings)
@@ -391,7 +397,7 @@ class Balancer:
             if not cold_start_s and not route.endpoints:
                 route.close_waiters()
 
-    def set_canary(self, name: str, addresses: set[tuple[str, int]] | None, percent: float = 0.0,
+    def set_canary(self, name: str, addresses: AbstractSet[Address] | None, percent: float = 0.0,
                    version: str | None = None, cold_start_s: float = 0.0) -> None:
         """Give model `name` a canary variant with `percent` of its requests, or (None) remove it:
         requests in flight on it finish there."""
@@ -408,7 +414,8 @@ class Balancer:
         route.cold_start_s = cold_start_s
         route.set_endpoints(addresses)
 
-    def replace_all(self, models: dict[str, set[Address]], draining: dict[str, set[Address]] | None = None) -> None:
+    def replace_all(self, models: dict[str, set[Address]],
+                    draining: dict[str, set[Address]] | None = None) -> None:
         for name in list(self.models):
             if name not in models:
                 self.remove_model(name)

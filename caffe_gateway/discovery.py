@@ -35,8 +35,14 @@ from urllib.parse import parse_qsl, quote, urlsplit
 import orjson
 import yaml
 
-from inference_server.slices import CANARY, MODEL_LABEL, SliceTraffic, slice_labels, slice_traffic
-from inference_server.slices import slice_endpoints as pod_endpoints
+from inference_server.slices import (
+    CANARY,
+    MODEL_LABEL,
+    SliceTraffic,
+    slice_endpoints as pod_endpoints,
+    slice_labels,
+    slice_traffic,
+)
 
 from .balancer import Address, Balancer
 
@@ -138,7 +144,7 @@ class KubeConfig:
     _tmp: list[str] = field(default_factory=list, repr=False)
 
     @classmethod
-    def in_cluster(cls) -> "KubeConfig":
+    def in_cluster(cls) -> KubeConfig:
         host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
         if not host:
             raise RuntimeError("not running in a cluster (KUBERNETES_SERVICE_HOST is not set)")
@@ -153,7 +159,7 @@ class KubeConfig:
         )
 
     @classmethod
-    def from_kubeconfig(cls, path: str, context: str | None = None) -> "KubeConfig":
+    def from_kubeconfig(cls, path: str, context: str | None = None) -> KubeConfig:
         """The subset of kubeconfig a gateway needs: token, token file, client cert, basic auth, CA.
 
         Exec and auth-provider plugins are not supported (use a service-account token).
@@ -248,7 +254,7 @@ class EndpointSliceWatcher:
         self.traffic: dict[tuple[str, str], SliceTraffic] = {}  # each slice's traffic labels
         self.draining_slices: dict[tuple[str, str], set[Address]] = {}
         self._balancer: Balancer | None = None
-        self._session = None
+        self._session: Any = None  # an aiohttp.ClientSession while run() runs (aiohttp is imported there)
         self._warned: set[str] = set()
 
     @property

@@ -92,7 +92,7 @@ class _Latency:
         family = HistogramMetricFamily(self.name, self.documentation, labels=["model"])
         for model, h in list(self.per_model.items()):
             total, cumulative = 0, []
-            for bound, n in zip((*self.buckets, float("inf")), h[:-1]):
+            for bound, n in zip((*self.buckets, float("inf")), h[:-1], strict=True):
                 total += n
                 cumulative.append((floatToGoString(bound), total))
             family.add_metric([model], cumulative, sum_value=h[-1])

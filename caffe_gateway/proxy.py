@@ -30,7 +30,7 @@ What a client sees:
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import orjson
 
@@ -40,10 +40,20 @@ from caffe_http.upstream import ConnectFailed, EndpointLost, ResponseBroken, Ups
 
 from . import traffic
 from .balancer import Balancer, Endpoint, ModelRoute
-from .forward import (BROKEN, DEADLINE, NOT_SERVED, UNAVAILABLE, UNKNOWN, Forwarder, Lost, NotRun, ProxySettings,
-                      Refused, Unreachable)
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import GatewayMetrics
+from .forward import (
+    BROKEN,
+    DEADLINE,
+    NOT_SERVED,
+    UNAVAILABLE,
+    UNKNOWN,
+    Forwarder,
+    Lost,
+    NotRun,
+    ProxySettings,
+    Refused,
+    Unreachable,
+)
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, GatewayMetrics
 from .stats import answer as stats_answer
 
 __all__ = ["Gateway", "ProxySettings", "MODELS_PREFIX", "FORWARDED_EXTENSIONS", "GATEWAY_NAME"]
@@ -256,7 +266,7 @@ class Gateway:
         return _error(status, e.message, dict(self._retry_after) if status == 503 else None)
 
 
-def _upstream_request(req: Request) -> tuple[str, str, list[tuple[str, str]], bytes]:
+def _upstream_request(req: Request) -> tuple[str, str, list[tuple[str, str]], bytes | bytearray]:
     """What goes upstream: method, target, the allow-listed headers plus x-forwarded-for, body."""
     target = f"{req.path}?{req.query}" if req.query else req.path
     rh = req.headers

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-
-from caffe_http.server import NOT_RUN_HEADER  # noqa: F401 - on a 503 for a request this replica did not start
+from caffe_http.server import NOT_RUN_HEADER as NOT_RUN_HEADER  # on a 503 for a request this replica did not start
 
 
 class InferenceError(Exception):

@@ -107,4 +107,4 @@ class OnnxRuntimeBackend:
 
     def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         feed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
-        return dict(zip(outputs, self.session.run(outputs, feed)))
+        return dict(zip(outputs, self.session.run(outputs, feed), strict=True))

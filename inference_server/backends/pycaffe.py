@@ -15,7 +15,9 @@ def set_device(device_kind: str, device_id: int, caffe=None) -> None:
     (the load probe imports only that).
     """
     if caffe is None:
-        import caffe
+        import caffe as pycaffe
+
+        caffe = pycaffe
 
     if device_kind == "gpu":
         problem = gpu_problem(device_id)

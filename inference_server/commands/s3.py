@@ -4,8 +4,9 @@ The library is boto3, AWS's own SDK: maintained by AWS with releases every week,
 (SigV4) the way every S3-compatible store expects and finds credentials where Kubernetes users put
 them: a Secret's keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) mounted as files in
 the fetch containers (`--s3-credentials-dir`, `read_credentials`; files rather than environment
-variables, so they are not in every process's environment), the environment, EKS IAM Roles for Service Accounts (AWS_WEB_IDENTITY_TOKEN_FILE), EKS Pod
-Identity and instance profiles, and a custom endpoint with path-style addressing for stores that
+variables, so they are not in every process's environment), the environment, EKS IAM Roles for Service
+Accounts (AWS_WEB_IDENTITY_TOKEN_FILE), EKS Pod Identity and instance profiles, and a custom endpoint
+with path-style addressing for stores that
 are not AWS. obstore (smaller, also GCS and Azure) was the alternative; boto3's credential chain and
 its years in production decided it. It is an optional dependency (`caffe-serving[s3]`), imported
 only when an `s3://` URL is fetched.

@@ -10,8 +10,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..serving.codecs import DTYPES, InferRequest, InputTensor, RequestedOutput, _binary_array, _bytes_payload, _check_shape, _object_array
 from ..errors import BadRequest
+from ..serving.codecs import (
+    DTYPES,
+    InferRequest,
+    InputTensor,
+    RequestedOutput,
+    _binary_array,
+    _bytes_payload,
+    _check_shape,
+    _object_array,
+)
 from . import messages as pb
 
 # datatype -> (the InferTensorContents field that carries it, the field's own numpy dtype)

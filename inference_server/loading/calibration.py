@@ -44,7 +44,8 @@ def measure_curve(backend, inputs: dict[str, tuple[int, ...]], outputs: list[str
             backend.infer(feed, outputs)  # warm-up (allocations, reshape)
         except GpuOutOfMemory:  # this batch does not fit on the GPU: neither will larger ones
             break
-        times, spent = [], 0.0
+        times: list[float] = []
+        spent = 0.0
         while len(times) < 3 or (spent < budget_s and len(times) < 50):
             t = time.perf_counter()
             backend.infer(feed, outputs)
@@ -64,5 +65,10 @@ def decide(curve: list[dict], spec: Batching) -> BatchingDecision:
     if best["batch"] > 1 and gain >= spec.min_gain:
         return BatchingDecision(True, best["batch"], f"batch {best['batch']} gives {gain:.2f}x the items/s of batch 1 "
                                 f"at {best['forward_ms']:.2f} ms per forward", curve)
-    return BatchingDecision(False, 1, f"no batch size within the {spec.latency_budget_ms:g} ms budget raises items/s by "
-                            f"{spec.min_gain:g}x (best: batch {best['batch']}, {gain:.2f}x)", curve)
+    return BatchingDecision(
+        False,
+        1,
+        f"no batch size within the {spec.latency_budget_ms:g} ms budget raises items/s by "
+        f"{spec.min_gain:g}x (best: batch {best['batch']}, {gain:.2f}x)",
+        curve,
+    )

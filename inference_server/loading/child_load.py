@@ -55,8 +55,8 @@ class ProbedLoad:
 
 def request(cfg) -> dict:
     """What the child needs from the config, as JSON."""
-    from .parity import N_RANDOM_INPUTS
     from .forward_probe import runs_batches
+    from .parity import N_RANDOM_INPUTS
 
     return {
         "prototxt": str(cfg.path(cfg.model.prototxt)),
@@ -65,7 +65,9 @@ def request(cfg) -> dict:
         "inputs": [[s.name, list(s.shape) if s.shape else None] for s in (cfg.inputs or [])],
         "outputs": [o.name for o in (cfg.outputs or [])],
         "batch_two": runs_batches(cfg),
-        "parity_stack": (N_RANDOM_INPUTS + (1 if cfg.preprocessing is not None else 0)) if cfg.backend != "pycaffe" else 0,
+        "parity_stack": (N_RANDOM_INPUTS + (1 if cfg.preprocessing is not None else 0))
+        if cfg.backend != "pycaffe"
+        else 0,
     }
 
 
@@ -110,8 +112,14 @@ def probe_load(cfg, timeout_s: float | None = None) -> ProbedLoad:
     """Run the load in a child; ModelLoadError with Caffe's message when it fails in any way."""
     t0 = time.perf_counter()
     try:
-        r = subprocess.run([sys.executable, "-m", "inference_server.loading.child_load"], input=json.dumps(request(cfg)),
-                           capture_output=True, text=True, env=_child_env(), timeout=timeout_s)
+        r = subprocess.run(
+            [sys.executable, "-m", "inference_server.loading.child_load"],
+            input=json.dumps(request(cfg)),
+            capture_output=True,
+            text=True,
+            env=_child_env(),
+            timeout=timeout_s,
+        )
     except subprocess.TimeoutExpired:
         raise ModelLoadError(f"loading the model took longer than {timeout_s:g} s (in the load probe)") from None
     seconds = time.perf_counter() - t0
@@ -120,7 +128,9 @@ def probe_load(cfg, timeout_s: float | None = None) -> ProbedLoad:
         found = json.loads(last)
         if r.returncode == EXIT_LOAD_ERROR:
             raise ModelLoadError(found["error"])
-        return ProbedLoad({k: tuple(v) for k, v in found["inputs"].items()}, found["outputs"], found["batches"], seconds)
+        return ProbedLoad(
+            {k: tuple(v) for k, v in found["inputs"].items()}, found["outputs"], found["batches"], seconds
+        )
     raise ModelLoadError(failure_message(r.returncode, r.stderr))
 
 
@@ -132,7 +142,7 @@ class _RawNet:
     def __init__(self, net):
         self.net = net
         names = list(net._blob_names)
-        self.blobs = dict(zip(names, net._blobs))
+        self.blobs = dict(zip(names, net._blobs, strict=True))
         self.inputs = [names[i] for i in net._inputs]
         self.outputs = [names[i] for i in net._outputs]
         self.n_layers = len(net.layers)
@@ -167,9 +177,8 @@ def _child(req: dict) -> dict:
 
     import numpy as np
 
-    from . import served
-
     from ..backends.pycaffe import set_device
+    from . import served
 
     native = _import_native()
     kind, device_id = req["device"]

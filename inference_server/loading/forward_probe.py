@@ -105,9 +105,9 @@ def probe(backend, declared: dict[str, tuple[int, ...]], item_shapes: dict[str, 
         return NetProbe(shapes, False, f"the probe forward failed ({type(e).__name__}: {e})")
     shapes = {}
     for name in outputs:
-        seen = [s[name].shape for s in singles] + ([stacked[name].shape] if batches else [])
+        seen = [s[name].shape for s in singles] + ([stacked[name].shape] if stacked is not None else [])
         shapes[name] = metadata_shape(declared[name], *seen)
-    if not batches:
+    if stacked is None:  # not batches
         return NetProbe(shapes, None, "not checked: batching is off and requests are limited to one item")
     separable, reason = separability(outputs, singles, stacked, tolerance)
     return NetProbe(shapes, separable, reason)

@@ -146,10 +146,10 @@ def _score_vectors(arr: np.ndarray) -> np.ndarray | None:
 
 def _top5_agree(ref: np.ndarray, got: np.ndarray, limit: float) -> bool | None:
     r, g = _score_vectors(ref), _score_vectors(got)
-    if r is None:
+    if r is None or g is None:  # g is None only where r is (the shapes were checked equal)
         return None
     k = min(5, r.shape[1])
-    for ref_row, got_row in zip(r, g):
+    for ref_row, got_row in zip(r, g, strict=True):
         kth_best = np.sort(ref_row)[-k]
         got_top = np.argsort(-got_row, kind="stable")[:k]
         if np.any(ref_row[got_top] < kth_best - limit):
@@ -173,31 +173,34 @@ def _caffe_forward(net, feed: dict[str, np.ndarray], outputs: list[str], logits:
     return result
 
 
-def check_parity(net, session, outputs: list[str], logits: list[dict], inputs: list[dict], tolerance: float) -> ParityReport:
+def check_parity(
+    net, session, outputs: list[str], logits: list[dict], inputs: list[dict], tolerance: float
+) -> ParityReport:
     """Compare `session` (built with the logits values as extra outputs) with the Caffe `net` on `inputs`."""
     report = ParityReport(tolerance=tolerance, n_inputs=len(inputs))
     names = outputs + [e["value"] for e in logits]
     blobs = outputs + [e["blob"] for e in logits]
     pairs: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {b: [] for b in blobs}
     for feed in inputs:
-        ref = _caffe_forward(net, feed, outputs, logits)  # pycaffe's own errors are the model's, not the gate's
+        caffe_out = _caffe_forward(net, feed, outputs, logits)  # pycaffe's own errors are the model's, not the gate's
         try:
-            got = session.run(names, feed)
+            ort_out = session.run(names, feed)
         except Exception as e:  # ORT raises its own exception types
             report.problem = f"onnxruntime failed to run the converted graph: {e}"
             return report
-        for blob, arr in zip(blobs, got):
-            pairs[blob].append((ref[blob], arr))
+        for blob, arr in zip(blobs, ort_out, strict=True):
+            pairs[blob].append((caffe_out[blob], arr))
     if len(inputs) > 1:
         stacked = {k: np.concatenate([f[k] for f in inputs]) for k in inputs[0]}
         try:
-            got = session.run(names, stacked)
+            ort_out = session.run(names, stacked)
         except Exception as e:
             report.problem = f"the converted graph does not run a batch of {len(inputs)}: {e}"
             return report
-        ref = _caffe_forward(net, stacked, outputs, logits)  # not the items' concatenation: Caffe may fold a batch
-        for blob, arr in zip(blobs, got):
-            pairs[blob].append((ref[blob], arr))
+        # not the items' concatenation: Caffe may fold a batch
+        caffe_out = _caffe_forward(net, stacked, outputs, logits)
+        for blob, arr in zip(blobs, ort_out, strict=True):
+            pairs[blob].append((caffe_out[blob], arr))
 
     for blob in blobs:
         diff = ref_max = 0.0

@@ -25,11 +25,11 @@ import numpy as np
 
 from ..backends import BackendChoice, create_backend
 from ..backends.base import NetDescription
-from ..loading.calibration import BatchingDecision, decide, measure_curve
 from ..config import ServerConfig
 from ..errors import DeadlineExceeded, GpuOutOfMemory, InferenceError, ModelLoadError, Unavailable
-from ..loading.parity import value_range
+from ..loading.calibration import BatchingDecision, decide, measure_curve
 from ..loading.forward_probe import NetProbe, probe, runs_batches
+from ..loading.parity import value_range
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +97,12 @@ class Executor:
         self.description: NetDescription | None = None
         self.on_batch = on_batch  # callback(batch_size, compute_s) for metrics, called in the worker thread
         self.decision: BatchingDecision | None = None  # set with `batching: auto`
-        self.probe: NetProbe | None = None  # set by the first worker at load
+        self.probe: NetProbe = None  # type: ignore[assignment]  # set by the first worker at load
 
     # --- lifecycle
     def start(self) -> NetDescription:
         """Create every backend in its own thread; raises ModelLoadError if any fails to load."""
-        ready: list[tuple[object, object]] = []
+        ready: list[tuple[NetDescription, BaseException | None]] = []
         cond = threading.Condition()
 
         for i in range(self.instances):
@@ -222,7 +222,11 @@ class Executor:
                 continue
             if now > it.deadline:
                 _post(
-                    it.loop, _deliver, it.future, None, DeadlineExceeded("the request's deadline passed while it was queued")
+                    it.loop,
+                    _deliver,
+                    it.future,
+                    None,
+                    DeadlineExceeded("the request's deadline passed while it was queued"),
                 )
                 continue
             live.append(it)
@@ -245,7 +249,7 @@ class Executor:
                 for it in live:
                     results.append({k: v[start : start + it.batch] for k, v in out.items()})
                     start += it.batch
-            error = None
+            error: InferenceError | None = None
         except GpuOutOfMemory as e:
             if len(live) == 1:
                 results, error = [None], e
@@ -260,7 +264,7 @@ class Executor:
             results, error = [None] * len(live), InferenceError(f"inference failed: {e}")
         done = time.monotonic()
         batch_size = sum(it.batch for it in live)
-        for it, res in zip(live, results):
+        for it, res in zip(live, results, strict=True):
             _post(it.loop, _deliver, it.future, (res, Timing(now - it.enqueued, done - now, batch_size)), error)
         if self.on_batch is not None:
             self.on_batch(batch_size, done - now)

@@ -56,23 +56,23 @@ class Span:
     nested: bool
 
 
-def _bad(js: bytes, at: int, message: str) -> BadRequest:
+def _bad(js: bytes | bytearray, at: int, message: str) -> BadRequest:
     """A 400 naming the input whose data starts at `at` (from the nearest "name" before it)."""
     m = None
-    for m in _NAME.finditer(js, max(0, at - 4096), at):
+    for m in _NAME.finditer(js, max(0, at - 4096), at):  # noqa: B007 - the last match is the one wanted
         pass
     who = f"input '{m.group(1).decode(errors='replace')}'" if m else "an input"
     return BadRequest(f"{who}: {message}")
 
 
-def _skip_ws(js: bytes, i: int) -> int:
+def _skip_ws(js: bytes | bytearray, i: int) -> int:
     n = len(js)
     while i < n and js[i] in _WS:
         i += 1
     return i
 
 
-def _string_end(js: bytes, q: int) -> int:
+def _string_end(js: bytes | bytearray, q: int) -> int:
     """The index of the quote that closes the string opened at `q`."""
     i = q + 1
     while True:
@@ -87,21 +87,21 @@ def _string_end(js: bytes, q: int) -> int:
         i = e + 1
 
 
-def _first_not_numeric(js: bytes, i: int) -> int:
+def _first_not_numeric(js: bytes | bytearray, i: int) -> int:
     n = len(js)
     while i < n:
         stop = min(i + PIECE_BYTES, n)
         if js[i:stop].translate(None, _NUMERIC):  # a copy of one piece; translate is fast, a regex is not
-            return _NOT_NUMERIC.search(js, i, stop).start()
+            return _NOT_NUMERIC.search(js, i, stop).start()  # type: ignore[union-attr]  # translate() found one
         i = stop
     return n
 
 
-def _count(js: bytes, what: bytes, a: int, b: int) -> int:
+def _count(js: bytes | bytearray, what: bytes, a: int, b: int) -> int:
     return sum(js.count(what, i, min(i + PIECE_BYTES, b)) for i in range(a, b, PIECE_BYTES))
 
 
-def _nested_end(js: bytes, a: int, b: int) -> int:
+def _nested_end(js: bytes | bytearray, a: int, b: int) -> int:
     """Where the array opened at `a` closes (its depth back to 0) before `b`; -1 if it does not."""
     depth = 0
     for i in range(a, b, PIECE_BYTES):
@@ -118,7 +118,7 @@ def _nested_end(js: bytes, a: int, b: int) -> int:
     return -1
 
 
-def _scan_array(js: bytes, j: int, loose: list[int]) -> tuple[Span | None, int]:
+def _scan_array(js: bytes | bytearray, j: int, loose: list[int]) -> tuple[Span | None, int]:
     """The array that opens at `j`: (its Span, its end) if all numbers, else (None, its end).
     `loose[0]`: the non-numbers seen so far in the request, which this array adds to."""
     p = _first_not_numeric(js, j)
@@ -167,10 +167,10 @@ def _scan_array(js: bytes, j: int, loose: list[int]) -> tuple[Span | None, int]:
     raise BadRequest("malformed JSON request body: unterminated array")
 
 
-def skeleton(js: bytes) -> tuple[object, list[Span]]:
+def skeleton(js: bytes | bytearray) -> tuple[object, list[Span]]:
     """Parse `js` with every all-numbers `"data"` array replaced by a placeholder string
     (`PLACEHOLDER` + its index in the returned list of Spans)."""
-    parts: list[bytes] = []
+    parts: list[bytes | bytearray] = []
     spans: list[Span] = []
     n = len(js)
     pos = last = 0
@@ -218,7 +218,7 @@ def span_index(value) -> int | None:
     return None
 
 
-def span_array(js: bytes, span: Span, name: str, datatype: str, dt: np.dtype, shape: list[int],
+def span_array(js: bytes | bytearray, span: Span, name: str, datatype: str, dt: np.dtype, shape: list[int],
                count: int) -> np.ndarray:
     """The numbers of `span` as a `dt` array of `shape` (`count` elements, checked first)."""
     if span.elements != count:
@@ -250,7 +250,7 @@ def span_array(js: bytes, span: Span, name: str, datatype: str, dt: np.dtype, sh
     return out.reshape(shape)
 
 
-def _convert(name: str, values: list, text: bytes, datatype: str, dt: np.dtype) -> np.ndarray:
+def _convert(name: str, values: list, text: bytes | bytearray, datatype: str, dt: np.dtype) -> np.ndarray:
     """One piece's numbers (ints and floats from orjson) as `dt`, with the small-body path's checks."""
     if dt.kind == "f":
         with np.errstate(over="ignore"):

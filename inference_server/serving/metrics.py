@@ -58,7 +58,7 @@ class ServerMetrics:
             "caffeserve_batching_calibration_items_per_second", "Measured items/s per batch size (batching: auto).",
             ["model", "version", "batch"], registry=r,
         )
-        self._codes: dict[int, object] = {}
+        self._codes: dict[int, Counter] = {}
 
     def count(self, code: int) -> None:
         child = self._codes.get(code)

@@ -19,9 +19,9 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from . import caffe_io
 from ..config import Preprocessing
 from ..errors import BadRequest, ModelLoadError
+from . import caffe_io
 
 warnings.simplefilter("error", Image.DecompressionBombWarning)
 
@@ -62,12 +62,15 @@ class ImagePreprocessor:
 
     def __init__(self, spec: Preprocessing, blob_shape: tuple[int, ...], max_pixels: int, mean_path: str | None = None):
         if len(blob_shape) != 4:
-            raise ModelLoadError(f"image preprocessing needs a 4-D input blob (N, C, H, W), the net's is {list(blob_shape)}")
+            raise ModelLoadError(
+                f"image preprocessing needs a 4-D input blob (N, C, H, W), the net's is {list(blob_shape)}"
+            )
         self.channels = blob_shape[1]
         self.height, self.width = spec.image_size or blob_shape[2:]
         if (self.height, self.width) != tuple(blob_shape[2:]):
             raise ModelLoadError(
-                f"preprocessing.imageSize {[self.height, self.width]} differs from the input blob's H×W {list(blob_shape[2:])}"
+                f"preprocessing.imageSize {[self.height, self.width]} differs from the input blob's "
+                f"H×W {list(blob_shape[2:])}"
             )
         self.color = spec.color
         if self.channels != (3 if self.color else 1):
@@ -106,7 +109,7 @@ class ImagePreprocessor:
         if self.resize == "fast":
             img = img.convert("RGB" if self.color else "L")
             if img.size != (self.width, self.height):
-                img = img.resize((self.width, self.height), Image.BILINEAR)
+                img = img.resize((self.width, self.height), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)
             return arr[:, :, None] if arr.ndim == 2 else arr
         arr = caffe_io.load_image(img, self.color)

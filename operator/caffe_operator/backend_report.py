@@ -109,7 +109,7 @@ def parse_metadata(status: int, body: bytes) -> BackendReport | str:
         return "the model metadata is not JSON"
     params = payload.get("parameters") if isinstance(payload, dict) else None
     name = params.get("backend") if isinstance(params, dict) else None
-    if not isinstance(name, str) or not name:
+    if not isinstance(params, dict) or not isinstance(name, str) or not name:
         return "the model metadata has no parameters.backend (a server older than the backend choice?)"
     reason = params.get("backend_reason")
     diff = params.get("parity_max_abs_diff")
@@ -131,7 +131,7 @@ class BackendProbe:
 
     async def report(self, key: tuple[str, str], service_name: str, port: int, *,
                      fingerprint: tuple[str | None, int | None], settled: bool, ready_replicas: int,
-                     logger: logging.Logger | logging.LoggerAdapter) -> BackendReport | None:
+                     logger: logging.Logger | logging.LoggerAdapter[Any]) -> BackendReport | None:
         """A fresh report for model `key` (namespace, name) when one is due and a pod answers; else None
         (the status keeps what it says)."""
         now = asyncio.get_running_loop().time()
@@ -149,7 +149,7 @@ class BackendProbe:
             try:
                 status, body = await self.pods.get(target.url, MAX_METADATA_BYTES)
                 result = parse_metadata(status, body)
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 result = f"{type(e).__name__}: {e}"[:200]
         if isinstance(result, BackendReport):
             self.answers[key] = Answer(fingerprint, result, settled, ready_replicas, now)

@@ -32,7 +32,7 @@ def event_body(obj: Mapping[str, Any], type_: str, reason: str, message: str, *,
                instance: str, now: datetime.datetime | None = None) -> dict[str, Any]:
     """A core v1 Event about `obj` (which must carry apiVersion, kind and metadata)."""
     meta = obj["metadata"]
-    when = (now or datetime.datetime.now(datetime.timezone.utc)).astimezone(datetime.timezone.utc)
+    when = (now or datetime.datetime.now(datetime.UTC)).astimezone(datetime.UTC)
     ref = {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": meta["name"], "namespace": meta["namespace"]}
     if meta.get("uid"):
         ref["uid"] = meta["uid"]

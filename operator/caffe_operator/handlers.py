@@ -35,7 +35,7 @@ RETRY_BACKOFF_SECONDS = 10
 CRD_WAIT_SECONDS = float(os.environ.get("CAFFESERVE_CRD_WAIT_SECONDS", "120"))
 
 
-async def wait_for_crd(client: KubeClient, timeout_s: float, logger: logging.Logger) -> None:
+async def wait_for_crd(client: KubeClient, timeout_s: float, logger: kopf.Logger) -> None:
     """Until the API serves caffemodelservices (the CRD is installed and established)."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
@@ -61,10 +61,12 @@ def on_login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo |
 
 
 @kopf.on.startup()
-async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     # Our own annotation prefix for kopf's bookkeeping on the CR; no finalizer is ever added.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.posting.reporting_component = manifests.MANAGED_BY
     settings.posting.event_name_prefix = "caffe-serving-"
@@ -94,7 +96,8 @@ async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.resume(*CR, backoff=RETRY_BACKOFF_SECONDS)
 @kopf.on.create(*CR, backoff=RETRY_BACKOFF_SECONDS)
 @kopf.on.update(*CR, backoff=RETRY_BACKOFF_SECONDS)
-async def on_spec(name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+async def on_spec(name: str, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    assert namespace is not None  # CaffeModelServices are namespaced
     outcome = await memo.reconciler.reconcile_named(namespace, name, logger)
     if outcome is not None and outcome.invalid:
         raise kopf.PermanentError(f"InvalidSpec: {outcome.invalid}")
@@ -103,7 +106,7 @@ async def on_spec(name: str, namespace: str, memo: kopf.Memo, logger: logging.Lo
 @kopf.on.event("apps", "v1", "deployments", labels=CHILDREN)
 @kopf.on.event("v1", "services", labels=CHILDREN)
 @kopf.on.event("v1", "configmaps", labels=CHILDREN)
-async def on_child(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+async def on_child(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     model = (body.metadata.labels or {}).get(manifests.MODEL_LABEL)
     if model and body.metadata.namespace:
         try:

@@ -108,7 +108,7 @@ class KubeClient:
                     except ValueError:
                         message, reason = text, ""
                     error = ApiError(response.status, message[:1000], reason)
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+            except (TimeoutError, aiohttp.ClientConnectionError) as e:
                 error = ApiError(503, f"{method} {path}: {e!r}", "ConnectionError")
             if error.status == 401 and not relogged:
                 relogged = True

@@ -60,7 +60,9 @@ class LoadErrorProbe:
         self.pods = pods or Pods(client, timeout_s)
         self.limit = limit
 
-    async def health(self, namespace: str, service_name: str, default_port: int, logger: Logger) -> list[EndpointHealth]:
+    async def health(
+        self, namespace: str, service_name: str, default_port: int, logger: Logger
+    ) -> list[EndpointHealth]:
         """What the not-ready endpoints of `service_name` answer; [] when none can be listed."""
         slices = await self.pods.slices(namespace, service_name, logger)
         targets = not_ready_targets(slices, service_name, default_port, self.limit)
@@ -76,7 +78,7 @@ class LoadErrorProbe:
         try:
             status, body = await fetch(session, target.url)
             return classify(target.endpoint, status, body)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
             return EndpointHealth(target.endpoint, "unreachable", f"{type(e).__name__}: {e}"[:200])
 
     async def close(self) -> None:

@@ -30,7 +30,7 @@ TIMEOUT_S = 2.0
 MAX_BODY_BYTES = 64 * 1024
 MAX_MESSAGE_CHARS = 1024  # what a pod says is cut to this before it reaches the status (pycaffe errors can be long)
 
-Logger = logging.Logger | logging.LoggerAdapter
+Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 
 @dataclass(frozen=True)

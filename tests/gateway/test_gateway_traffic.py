@@ -79,7 +79,11 @@ def test_endpointslice_labels_give_the_variants_weights_versions_and_cold_start(
         w._publish()
         assert b.models["m"].endpoints == [] and b.models["m"].cold_start_s == 120 and b.models["m"].version == "1"
         canary = b.canaries["m"]
-        assert canary.percent == 25 and canary.version == "2" and [e.address for e in canary.endpoints] == ["10.0.0.9:8080"]
+        assert (
+            canary.percent == 25
+            and canary.version == "2"
+            and [e.address for e in canary.endpoints] == ["10.0.0.9:8080"]
+        )
         w.slices.pop(("ml", "m-canary-b"))
         w.traffic.pop(("ml", "m-canary-b"))
         w._publish()

@@ -55,7 +55,7 @@ class Replica:
             pb.SERVICE, {"ModelInfer": grpc.unary_unary_rpc_method_handler(self._grpc)}),))
         self.address: tuple[str, int, int] = ("127.0.0.1", 0, 0)
 
-    async def start(self) -> "Replica":
+    async def start(self) -> Replica:
         rest = await self.http.start("127.0.0.1", 0)
         port = self.grpc.add_insecure_port("127.0.0.1:0")
         await self.grpc.start()
@@ -231,7 +231,9 @@ async def hold_while_scaled_to_zero(transport: str):
         assert not any(t.done() for t in held), [t.result() for t in held if t.done()]
         signal = await get_json(app, "/autoscaling/m")  # the demand that wakes the model
         assert signal["queued"] == 3 and signal["concurrency"] == 3 and signal["readyEndpoints"] == 0, signal
-        assert 'caffeserve_gateway_held_requests_total{model="m",variant="primary"} 3.0' in await get_text(app, "/metrics")
+        assert 'caffeserve_gateway_held_requests_total{model="m",variant="primary"} 3.0' in await get_text(
+            app, "/metrics"
+        )
         app.balancer.set_model("m", {p.address})  # its pod turns ready
         got = await asyncio.wait_for(asyncio.gather(*held), 10)
         assert [o.code for o in got] == ["OK"] * 3 and {o.who for o in got} == {"P"}, got

@@ -19,11 +19,22 @@ import numpy as np
 import pytest
 import yaml
 
-from caffe_testing.nets import (batch_folding_net, batch_statistics_net, every_layer_net, fixed_batch_net, forward,
-                                save_net, save_weights, silenced_net, small_input_dim_prototxt, ssd_head, zoo_net)
+from caffe_testing.nets import (
+    batch_folding_net,
+    batch_statistics_net,
+    every_layer_net,
+    fixed_batch_net,
+    forward,
+    save_net,
+    save_weights,
+    silenced_net,
+    small_input_dim_prototxt,
+    ssd_head,
+    zoo_net,
+)
 from caffe_testing.servers import ServerProcess, http, http_json
-from inference_server.commands import check
 from inference_server.backends import BackendChoice
+from inference_server.commands import check
 from inference_server.config import parse_config
 from inference_server.errors import InferenceError
 from inference_server.serving.executor import Executor, WorkItem
@@ -109,7 +120,7 @@ def concurrent_requests_get_their_own_answers(url: str, name: str, proto, weight
     outputs = [o["name"] for o in meta["outputs"]]
     with ThreadPoolExecutor(n) as pool:
         answers = list(pool.map(lambda f: infer(url, name, f), feeds))
-    for feed, got in zip(feeds, answers):
+    for feed, got in zip(feeds, answers, strict=True):
         assert_same(got, forward(proto, weights, feed, blobs=outputs))
 
 

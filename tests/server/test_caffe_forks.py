@@ -64,7 +64,7 @@ def onnx_matches_pycaffe(proto, weights, feed: dict[str, np.ndarray]) -> dict[st
     onnx.checker.check_model(model)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    got = dict(zip(names, sess.run(names, feed)))
+    got = dict(zip(names, sess.run(names, feed), strict=True))
     net = run_net(proto, weights, feed)
     for name in net.outputs:
         want = net.blobs[name].data
@@ -262,7 +262,9 @@ def test_depthwise_weights_are_those_of_a_grouped_convolution(tmp_path):
     proto_d = tmp_path / "depthwise.prototxt"
     proto_d.write_text(grouped.replace('type: "Convolution"', 'type: "ConvolutionDepthwise"'))
     x = uniform(1, 4, 7, 7)
-    close(run_net(proto_d, weights, {"data": x}).blobs["dw"].data, run_net(proto_g, weights, {"data": x}).blobs["dw"].data)
+    close(
+        run_net(proto_d, weights, {"data": x}).blobs["dw"].data, run_net(proto_g, weights, {"data": x}).blobs["dw"].data
+    )
 
 
 def bn_text(mode: str, tops: int = 1) -> str:
@@ -303,7 +305,7 @@ def test_bn_weights_from_a_file_with_the_forks_field_numbers_load(tmp_path):
     proto, weights = net_from_text(tmp_path, "bn_nums", bn_text("INFERENCE"), {"bn": [scale, shift]})
     param = caffe_pb2.NetParameter()
     param.ParseFromString(weights.read_bytes())
-    layer = next(l for l in param.layer if l.name == "bn")
+    layer = next(x for x in param.layer if x.name == "bn")
     layer.ClearField("bn_param")
     # bn_param (field 1111 here) holding field 3 as a varint (an enum, as a fork's bn_mode = 3 would be);
     # here field 3 is BNParameter.momentum, a float: a wire-type mismatch, kept as unknown

@@ -9,8 +9,8 @@ import struct
 import numpy as np
 import pytest
 
-from inference_server.serving.codecs import decode_request
 from inference_server.errors import BadRequest
+from inference_server.serving.codecs import decode_request
 
 MAX = 1 << 20
 
@@ -114,7 +114,7 @@ def test_the_large_body_decoder_agrees_with_orjson(name):
         return
     assert not isinstance(large, BadRequest), (large.message, small)
     assert len(small) == len(large)
-    for (n1, d1, a1), (n2, d2, a2) in zip(small, large):
+    for (n1, d1, a1), (n2, d2, a2) in zip(small, large, strict=True):
         assert (n1, d1) == (n2, d2)
         assert a1.dtype == a2.dtype and a1.shape == a2.shape, (a1, a2)
         assert (a1 == a2).all(), (a1, a2)

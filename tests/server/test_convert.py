@@ -14,10 +14,10 @@ import onnxruntime as ort
 import pytest
 from caffe import layers as L, params as P
 
-from inference_server.loading.convert import UnsupportedLayer, convert_net, load_net, model_info, supported_types
-from inference_server.loading.convert.pooling import caffe_pooled_size
 from caffe_testing.nets import forward, save_net
 from caffe_testing.servers import REPO
+from inference_server.loading.convert import UnsupportedLayer, convert_net, load_net, model_info, supported_types
+from inference_server.loading.convert.pooling import caffe_pooled_size
 
 TOL = 1e-5
 BATCH = 3
@@ -33,7 +33,7 @@ def converted(ns: caffe.NetSpec, tmp_path, name: str):
 def run_onnx(model, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feed)))
+    return dict(zip(names, sess.run(names, feed), strict=True))
 
 
 def random_feed(model, seed: int = 0, batch: int = BATCH, lo: float = -2.0, hi: float = 2.0) -> dict[str, np.ndarray]:

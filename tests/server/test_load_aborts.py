@@ -19,10 +19,10 @@ import caffe
 import pytest
 from caffe import layers as L
 
-from inference_server.commands import check
 from caffe_testing import REPO
 from caffe_testing.nets import save_net
 from caffe_testing.servers import CAFFESERVE, ServerProcess, http_json
+from inference_server.commands import check
 
 
 def small_net() -> caffe.NetSpec:

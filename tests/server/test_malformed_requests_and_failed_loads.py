@@ -10,22 +10,28 @@ import pytest
 from caffe import layers as L
 
 from caffe_testing.nets import save_net
-from inference_server.serving.codecs import decode_request
 from inference_server.config import ServerConfig
-from inference_server.serving.dataplane import Model
 from inference_server.errors import BadRequest
+from inference_server.serving.codecs import decode_request
+from inference_server.serving.dataplane import Model
 from inference_server.serving.metrics import ServerMetrics
-
 
 FP32_INPUT = b'{"name":"data","shape":[1],"datatype":"FP32","data":[1.0]}'
 
 
-@pytest.mark.parametrize("body, headers, words", [
-    # '\xb2' (superscript two) is a latin-1 header character that str.isdigit() accepts and int() refuses
-    (b'{"inputs":[' + FP32_INPUT + b']}', {"inference-header-content-length": "\xb2"}, "Inference-Header-Content-Length"),
-    (b'{"inputs":[' + FP32_INPUT + b'],"outputs":[{"name":"prob","parameters":"top1"}]}', {}, "output 'prob'"),
-    (b'{"inputs":[' + FP32_INPUT + b'],"outputs":[{"name":"prob","parameters":[1]}]}', {}, "output 'prob'"),
-])
+@pytest.mark.parametrize(
+    "body, headers, words",
+    [
+        # '\xb2' (superscript two) is a latin-1 header character that str.isdigit() accepts and int() refuses
+        (
+            b'{"inputs":[' + FP32_INPUT + b"]}",
+            {"inference-header-content-length": "\xb2"},
+            "Inference-Header-Content-Length",
+        ),
+        (b'{"inputs":[' + FP32_INPUT + b'],"outputs":[{"name":"prob","parameters":"top1"}]}', {}, "output 'prob'"),
+        (b'{"inputs":[' + FP32_INPUT + b'],"outputs":[{"name":"prob","parameters":[1]}]}', {}, "output 'prob'"),
+    ],
+)
 def test_malformed_request_fields_are_a_400_naming_the_field_not_a_500(body, headers, words):
     with pytest.raises(BadRequest) as e:
         decode_request(body, headers, 1000)

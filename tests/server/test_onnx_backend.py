@@ -20,17 +20,17 @@ from caffe import layers as L, params as P
 from onnx import numpy_helper
 
 from caffe_testing.digits import DIGITS_DIR, digits_data
-from inference_server.commands import check
-from inference_server.loading import parity
+from caffe_testing.nets import every_layer_net, forward, save_net
+from caffe_testing.servers import ServerProcess, http, http_json
 from inference_server.backends import choose_backend, create_backend
 from inference_server.backends.onnxruntime import make_session
 from inference_server.backends.pycaffe import PycaffeBackend
-from inference_server.loading.selection import _parity_session_model, cache_dir
+from inference_server.commands import check
 from inference_server.config import parse_config
-from inference_server.loading.convert import convert_net, load_net, model_info
 from inference_server.errors import ModelLoadError
-from caffe_testing.nets import every_layer_net, forward, save_net
-from caffe_testing.servers import ServerProcess, http, http_json
+from inference_server.loading import parity
+from inference_server.loading.convert import convert_net, load_net, model_info
+from inference_server.loading.selection import _parity_session_model, cache_dir
 
 TOL = 1e-5
 
@@ -72,7 +72,9 @@ def test_onnxruntime_serves_pycaffes_answers_and_says_so_in_metadata_and_metrics
         assert status == 200
         params = meta["parameters"]
         assert params["backend"] == "onnxruntime"
-        assert params["backend_reason"].startswith("backend: onnxruntime: parity check passed, the converted graph matches pycaffe")
+        assert params["backend_reason"].startswith(
+            "backend: onnxruntime: parity check passed, the converted graph matches pycaffe"
+        )
         assert params["parity_passed"] is True and params["parity_tolerance"] == 1e-5
         assert params["parity_max_abs_diff"] <= 1e-5 * max(1.0, params["parity_max_abs_ref"])
         assert params["parity_top5_agree"] is True and params["parity_inputs"] == 3  # no preprocessing: random only
@@ -167,10 +169,16 @@ def test_digits_example_is_accurate_served_by_onnxruntime(tmp_path, onnx_cache):
         assert http_json("GET", server.url + "/v2/models/digits")[1]["parameters"]["backend"] == "onnxruntime"
 
         def classify(png: bytes) -> int:
-            status, body = http_json("POST", server.url + "/v2/models/digits/infer", {
-                "inputs": [{"name": "data", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(png).decode()]}],
-                "outputs": [{"name": "prob", "parameters": {"classification": 1}}],
-            })
+            status, body = http_json(
+                "POST",
+                server.url + "/v2/models/digits/infer",
+                {
+                    "inputs": [
+                        {"name": "data", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(png).decode()]}
+                    ],
+                    "outputs": [{"name": "prob", "parameters": {"classification": 1}}],
+                },
+            )
             assert status == 200, body
             return int(body["outputs"][0]["data"][0].split(":")[1])
 
@@ -222,8 +230,10 @@ def test_weights_too_large_for_one_onnx_file_fall_back_to_pycaffe_with_the_reaso
     proto, weights = save_net(n, tmp_path, "wide")
     choice = choose_backend(parse_config(server_config("wide", proto, weights, "auto")))
     assert choice.name == "pycaffe"
-    assert choice.reason == ("auto: serving with pycaffe because the conversion failed: the converted graph would "
-                             "hold 2.3 MiB of weights, over the 1.0 MiB one ONNX file can hold (protobuf's 2 GiB limit)")
+    assert choice.reason == (
+        "auto: serving with pycaffe because the conversion failed: the converted graph would "
+        "hold 2.3 MiB of weights, over the 1.0 MiB one ONNX file can hold (protobuf's 2 GiB limit)"
+    )
 
 
 def test_a_cached_graph_that_fails_parity_is_converted_again(tmp_path):

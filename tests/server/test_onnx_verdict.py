@@ -15,19 +15,18 @@ import numpy as np
 import onnx
 import pytest
 import yaml
-from caffe import layers as L
-from caffe import params as P
+from caffe import layers as L, params as P
+from onnx import numpy_helper
 
-import inference_server.loading.selection as selection
 import inference_server.loading.convert as convert
 import inference_server.loading.parity as parity
-from inference_server.backends import choose_backend
-from inference_server.config import parse_config
-from inference_server.loading.child_load import probe_load
-from onnx import numpy_helper
+import inference_server.loading.selection as selection
 from caffe_testing.digits import DIGITS_DIR
 from caffe_testing.nets import save_net
 from caffe_testing.servers import ServerProcess, http, http_json
+from inference_server.backends import choose_backend
+from inference_server.config import parse_config
+from inference_server.loading.child_load import probe_load
 
 
 def tamper(model: onnx.ModelProto, initializer: str, factor: float) -> onnx.ModelProto:
@@ -156,7 +155,10 @@ def test_auto_takes_onnxruntime_only_when_it_measures_faster_and_says_both_figur
     slow = choose(cfg)
     assert slow.name == "pycaffe"
     assert slow.reason.startswith("auto: serving with pycaffe because onnxruntime is not faster here: forward ")
-    assert " vs pycaffe " in slow.reason and "1000× and 0 ms saved needed); its parity check passed (max |Δ|" in slow.reason
+    assert (
+        " vs pycaffe " in slow.reason
+        and "1000× and 0 ms saved needed); its parity check passed (max |Δ|" in slow.reason
+    )
     assert slow.details["speed_pycaffe_ms"] > 0 and slow.details["speed_onnxruntime_ms"] > 0
     monkeypatch.setenv("CAFFESERVE_AUTO_MIN_SPEEDUP", "0")  # any speed will do: the figures come from the verdict
     monkeypatch.setenv("CAFFESERVE_AUTO_MIN_SAVING_MS", "-1000")

@@ -106,7 +106,9 @@ def test_server_preprocessing_equals_caffe_io(case, tmp_path):
         mean = read_mean_file(mean_path)
     shape = (1, channels, in_h, in_w)
 
-    got = ImagePreprocessor(Preprocessing(**spec), shape, MAX_PIXELS, mean_path and str(mean_path)).decode_one("x", data)
+    got = ImagePreprocessor(Preprocessing(**spec), shape, MAX_PIXELS, mean_path and str(mean_path)).decode_one(
+        "x", data
+    )
     ref = caffe_io_blob(path, color, shape, swap, mean, 255.0, 0.017)
     assert got.dtype == np.float32 and got.shape == ref.shape == shape[1:]
     # float rounding only: the blob spans about ±2.5, where one float32 ulp is 2.4e-7
@@ -165,4 +167,6 @@ def test_metadata_marks_the_image_input(color_model):
     server = color_model[0]
     status, meta = http_json("GET", server.url + "/v2/models/colornet")
     assert status == 200
-    assert meta["inputs"] == [{"name": "data", "datatype": "FP32", "shape": [-1, 3, 10, 12], "parameters": {"image": True}}]
+    assert meta["inputs"] == [
+        {"name": "data", "datatype": "FP32", "shape": [-1, 3, 10, 12], "parameters": {"image": True}}
+    ]

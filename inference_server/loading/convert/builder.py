@@ -8,17 +8,18 @@ gets a fresh name; only the graph's inputs and outputs carry the bare Caffe blob
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from onnx import helper, numpy_helper
+from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 from .registry import UnsupportedLayer
 
 
 class GraphBuilder:
     def __init__(self, reserved: set[str]):
-        self.nodes = []
-        self.initializers = []
+        self.nodes: list[NodeProto] = []
+        self.initializers: list[TensorProto] = []
         self.used: set[str] = set(reserved)  # never hand these out (Caffe blob names, graph I/O)
         self.values: dict[str, str] = {}  # Caffe blob name -> current ONNX value name
         self.const_bytes = 0  # the weights' size: one ONNX file holds under 2 GiB
@@ -59,7 +60,7 @@ class LayerContext:
     """What one layer's converter sees."""
 
     g: GraphBuilder
-    layer: object  # caffe_pb2.LayerParameter (upgraded by Caffe)
+    layer: Any  # caffe_pb2.LayerParameter (upgraded by Caffe): protobuf's generated class, untyped
     bottoms: list[str]  # ONNX values of the bottoms, in order
     params: list[np.ndarray]  # the layer's weight blobs from the loaded net (float32)
     bottom_shapes: list[tuple[int, ...]]  # at the batch size the net was reshaped to

@@ -48,7 +48,7 @@ def _convolution(ctx: LayerContext, op_type: str):
     if p.bias_term:
         inputs.append(ctx.const("bias", ctx.params[1].reshape(-1)))
     outs = []
-    for i, bottom in enumerate(ctx.bottoms):  # Caffe applies the same filters to each bottom
+    for bottom in ctx.bottoms:  # Caffe applies the same filters to each bottom
         inputs[0] = bottom
         outs.append(ctx.op(op_type, list(inputs), group=p.group, **attrs))
     return outs

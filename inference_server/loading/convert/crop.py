@@ -35,6 +35,6 @@ def crop(ctx: LayerContext):
     except ValueError as e:
         raise ctx.unsupported(str(e)) from None
     sizes = list(ctx.bottom_shapes[1][axis:])
-    ends = [o + s for o, s in zip(offsets, sizes)]
+    ends = [o + s for o, s in zip(offsets, sizes, strict=True)]
     return [ctx.op("Slice", [ctx.bottoms[0], ctx.ints("starts", offsets), ctx.ints("ends", ends),
                              ctx.ints("axes", list(range(axis, rank)))])]

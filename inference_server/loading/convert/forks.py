@@ -46,11 +46,11 @@ def convolution_depthwise(ctx: LayerContext):
         raise ctx.unsupported(f"a 2-D convolution needs a 4-D input, got {list(ctx.bottom_shapes[0])}")
     attrs = conv_geometry(p, 2, ctx)
     weight = ctx.params[0]
-    inputs = [None, ctx.const("weight", weight)]
+    inputs = ["", ctx.const("weight", weight)]  # [0]: each bottom in turn
     if p.bias_term:
         inputs.append(ctx.const("bias", ctx.params[1].reshape(-1)))
     outs = []
-    for bottom, shape in zip(ctx.bottoms, ctx.bottom_shapes):
+    for bottom, shape in zip(ctx.bottoms, ctx.bottom_shapes, strict=True):
         inputs[0] = bottom
         outs.append(ctx.op("Conv", list(inputs), group=shape[1], **attrs))
     return outs

@@ -42,7 +42,7 @@ def convert_model(model: CaffeModel, name: str = "caffe") -> ModelProto:
         outs = convert_layer(ctx)
         if len(outs) != len(layer.top):
             raise AssertionError(f"converter for {layer.type} returned {len(outs)} values for {len(layer.top)} tops")
-        for top, value in zip(layer.top, outs):
+        for top, value in zip(layer.top, outs, strict=True):
             g.values[top] = value
 
     if g.const_bytes > MAX_WEIGHT_BYTES:

@@ -13,6 +13,7 @@ multiply by a constant map of (real cells / Caffe's divisor) per output position
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,9 @@ from .registry import converts
 MAX, AVE, STOCHASTIC = 0, 1, 2
 
 
-def caffe_pooled_size(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool, any_pad: bool | None = None) -> int:
+def caffe_pooled_size(
+    size: int, kernel: int, stride: int, pad: int, ceil_mode: bool, any_pad: bool | None = None
+) -> int:
     """Caffe's output size along one axis. Caffe drops a last window starting in the padding on both
     axes as soon as *either* axis is padded, hence `any_pad`."""
     rounding = math.ceil if ceil_mode else math.floor
@@ -87,7 +90,7 @@ def pooling(ctx: LayerContext):
     end_pads = [_end_pad(sizes[i], outs[i], kernel[i], stride[i], pad[i]) for i in range(2)]
     if None in end_pads:
         raise ctx.unsupported("a pooling window lies entirely outside the input")
-    attrs = {"kernel_shape": list(kernel), "strides": list(stride), "pads": [pad[0], pad[1], *end_pads]}
+    attrs: dict[str, Any] = {"kernel_shape": list(kernel), "strides": list(stride), "pads": [pad[0], pad[1], *end_pads]}
 
     if p.pool == MAX and with_mask:
         return max_pool_with_mask(ctx, x, height * width, attrs)

@@ -7,7 +7,7 @@ exactly raises `UnsupportedLayer` with the reason, which the backend selection s
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 CONVERTERS: dict[str, Callable] = {}
 NOTES: dict[str, str] = {}  # what each converter maps to, for the docs table and `caffeserve check`
@@ -50,5 +50,4 @@ def converter_for(layer_name: str, layer_type: str) -> Callable:
 
 def _load_all() -> None:
     # the modules register their converters on import
-    from . import activations, arithmetic, convolution, crop, normalization, pooling, structure  # noqa: F401
-    from . import forks, ssd  # noqa: F401  (the Caffe forks' layers)
+    from . import activations, arithmetic, convolution, crop, forks, normalization, pooling, ssd, structure  # noqa: F401  # noqa: F401  (the Caffe forks' layers)

@@ -57,7 +57,7 @@ def permute(ctx: LayerContext):
     return [ctx.op("Transpose", ctx.bottoms[:1], perm=perm)]
 
 
-def prior_boxes(p, layer_hw: tuple[int, int], image_hw: tuple[int, int]) -> np.ndarray:
+def prior_boxes(p, layer_hw: tuple[int, ...], image_hw: tuple[int, ...]) -> np.ndarray:
     """PriorBox's top (1, 2, H*W*priors*4): boxes then variances, as prior_box_layer.cpp makes them."""
     ratios = [np.float32(1.0)]  # a vector<float> in Caffe
     for ar in map(np.float32, p.aspect_ratio):

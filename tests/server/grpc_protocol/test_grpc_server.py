@@ -22,9 +22,9 @@ from caffe import layers as L
 from PIL import Image
 
 from caffe_testing.grpc import OIPClient, assert_status, grpc_server, infer_request, output
-from inference_server.grpc import messages as pb
 from caffe_testing.nets import forward, save_net
 from caffe_testing.servers import http
+from inference_server.grpc import messages as pb
 
 MAX_REQUEST_BYTES = 256 * 1024
 MAX_IMAGE_PIXELS = 10_000
@@ -152,9 +152,9 @@ def test_classification_parameter_returns_top_k_with_labels(img, raw):
     top = output(resp, "prob")
     assert top.shape == (2, 3) and resp.outputs[0].datatype == "BYTES"
     ref = forward(img.proto, img.weights, {"data": x})["prob"]
-    for row, probs in zip(top, ref):
+    for row, probs in zip(top, ref, strict=True):
         order = np.argsort(-probs)[:3]
-        for entry, i in zip(row, order):
+        for entry, i in zip(row, order, strict=True):
             score, index, label = entry.decode().split(":")
             assert int(index) == i and label == LABELS[i] and abs(float(score) - probs[i]) < 1e-5
 
@@ -173,8 +173,22 @@ def test_png_images_as_bytes_get_the_configured_preprocessing(img, raw):
     import base64
     import json
 
-    status, _, body = http("POST", img.server.url + "/v2/models/img/infer", json.dumps({"inputs": [
-        {"name": "data", "shape": [2], "datatype": "BYTES", "data": [base64.b64encode(i).decode() for i in images]}]}).encode())
+    status, _, body = http(
+        "POST",
+        img.server.url + "/v2/models/img/infer",
+        json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "data",
+                        "shape": [2],
+                        "datatype": "BYTES",
+                        "data": [base64.b64encode(i).decode() for i in images],
+                    }
+                ]
+            }
+        ).encode(),
+    )
     assert status == 200
     rest = np.array(json.loads(body)["outputs"][0]["data"], np.float32).reshape(2, 5)
     assert got.shape == (2, 5) and np.abs(got - rest).max() <= 1e-6
@@ -327,8 +341,13 @@ def wait_grpc_failed(client: OIPClient, model: str, timeout: float = 30.0) -> st
 
 def test_missing_weights_and_a_sha256_mismatch_are_unavailable_with_the_loaders_message(tmp_model_dir):
     proto, weights = save_net(image_net(), tmp_model_dir, "img")
-    cases = [({"prototxt": str(proto), "weights": str(tmp_model_dir / "gone.caffemodel")}, ("gone.caffemodel", "does not exist")),
-             ({"prototxt": str(proto), "weights": str(weights), "weightsSha256": "ab" * 32}, ("sha256", "ab" * 32))]
+    cases = [
+        (
+            {"prototxt": str(proto), "weights": str(tmp_model_dir / "gone.caffemodel")},
+            ("gone.caffemodel", "does not exist"),
+        ),
+        ({"prototxt": str(proto), "weights": str(weights), "weightsSha256": "ab" * 32}, ("sha256", "ab" * 32)),
+    ]
     for files, words in cases:
         with grpc_server({"name": "broken", "model": files}, tmp_model_dir, wait_ready=False) as server:
             client = OIPClient(server.grpc_port)
