@@ -493,13 +493,13 @@ class Reconciler:
 
     async def _write_status(self, cr: dict[str, Any], ready: Readiness, deployment: dict[str, Any] | None,
                             url: str | None, logger: Any, backend: BackendReport | None = None,
-                            grpc_address: str | None = None, variants: list[dict[str, Any]] | None = None) -> None:
+                            grpc_address: str | None = None, variant_states: list[dict[str, Any]] | None = None) -> None:
         meta = cr["metadata"]
         previous = cr.get("status") or {}
         new = build_status(
             generation=meta.get("generation"), readiness_=ready, deployment=deployment, previous=previous,
             url=url, grpc_address=grpc_address, selector=variants.selector_string(meta["name"]),
-            backend=backend.as_status() if backend is not None else None, variants=variants,
+            backend=backend.as_status() if backend is not None else None, variants=variant_states,
         )
         if same_status(previous, new):
             return

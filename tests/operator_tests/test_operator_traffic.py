@@ -206,7 +206,9 @@ def test_an_autoscaled_canary_scales_on_its_own_load_from_zero(cluster, operator
     so a request pinned to the canary's version while it is at zero is held, wakes it, and is answered."""
     cluster.apply(SCALEDOBJECT_CRD)
     apply_cr(cluster, ns, digits_spec(autoscaling=AUTOSCALING, canary=canary(10)))
-    so = eventually(operator, lambda: cluster.get_object(SCALEDOBJECTS, ns, "digits-canary"), "the canary's ScaledObject")
+    # the last of eight children (both variants' ConfigMap, Deployment, Service, then the ScaledObjects)
+    so = eventually(operator, lambda: cluster.get_object(SCALEDOBJECTS, ns, "digits-canary"), "the canary's ScaledObject",
+                    timeout=60)
     assert unknown_fields(so) == [] and so["metadata"]["ownerReferences"][0]["name"] == "digits"
     assert so["spec"]["scaleTargetRef"]["name"] == "digits-canary"
     assert (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]) == (0, 3)
