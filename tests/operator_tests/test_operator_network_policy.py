@@ -98,7 +98,7 @@ def test_the_canarys_pods_are_behind_a_network_policy_too(cluster, operator, ns)
 
 def test_turning_the_setting_off_deletes_the_operators_policies_and_nothing_else(cluster, operator, ns):
     cluster.apply(with_canary(ns))
-    eventually(operator, lambda: cluster.get_object(POLICIES, ns, "digits-canary"), "the canary's policy")
+    eventually(operator, lambda: cluster.get_object(SERVICES, ns, "digits-canary"), "the canary's children")
     assert cluster.get_object(POLICIES, ns, "digits-predictor") is not None
     cluster.apply(own_policy(ns, "allow-monitoring"))
 
