@@ -34,8 +34,11 @@ from typing import Any
 import yaml
 
 from caffe_operator.api import CaffeModelServiceSpec, RuntimeDevice
-from caffe_operator.variants import MANAGED_BY as MANAGED_BY  # the label's value, for callers of this module
-from caffe_operator.variants import Variant, predictor_name
+# the model's names and labels live in variants.py; these stay reachable here for callers of this module
+from caffe_operator.variants import MANAGED_BY as MANAGED_BY
+from caffe_operator.variants import Variant
+from caffe_operator.variants import predictor_name as predictor_name
+from caffe_operator.variants import selector_string as selector_string
 from inference_server.config import Grpc, ModelServing, ServerConfig
 from inference_server.slices import GRPC_PORT, GRPC_PORT_NAME, PORT, PORT_NAME
 from inference_server.slices import MODEL_LABEL as MODEL_LABEL  # the pods' contract (slices.py)

@@ -326,7 +326,7 @@ class Reconciler:
             outcome.invalid = str(e)
             # Children of an earlier, valid spec are left as they are: a typo must not take a
             # serving model down. Nothing new is created.
-            deployment = await self.client.get(object_path("Deployment", namespace, variants.predictor_name(name)))
+            deployment = await self.client.get(object_path("Deployment", namespace, manifests.predictor_name(name)))
             message = str(e) + ("" if deployment is None else "; the previous spec's pods keep running")
             outcome.ready = Readiness("False", "InvalidSpec", message)
             url = None if deployment is None else manifests.model_url(name, namespace, self.config.gateway_url)
@@ -362,12 +362,12 @@ class Reconciler:
                                       "the replica count stays where it is")
         await self._remove_unwanted(cr, spec, applied, keda, outcome, logger)
         if outcome.ready.status != "True" and desired > 0:
-            health = await self.probe.health(namespace, variants.predictor_name(name), manifests.PORT, logger)
+            health = await self.probe.health(namespace, manifests.predictor_name(name), manifests.PORT, logger)
             old_ready = next((c for c in previous.get("conditions") or [] if c.get("type") == READY), None)
             outcome.ready = with_load_errors(outcome.ready, health, old_ready)
             if outcome.ready.reason != MODEL_LOAD_FAILED:
                 # pods that never started their server: did a fetch init container fail? (fetch_errors.py)
-                failed = await self.fetches.failures(namespace, variants.selector_string(name), logger)
+                failed = await self.fetches.failures(namespace, manifests.selector_string(name), logger)
                 if failed:
                     outcome.ready = Readiness("False", MODEL_FETCH_FAILED, failure_message(failed))
         backend = await self._backend(cr, deployment, outcome.ready, logger)
@@ -451,7 +451,7 @@ class Reconciler:
         template = ((deployment.get("spec") or {}).get("template") or {}).get("metadata") or {}
         fingerprint = ((template.get("annotations") or {}).get(manifests.CONFIG_HASH_ANNOTATION), meta.get("generation"))
         return await self.backends.report(
-            (meta["namespace"], meta["name"]), variants.predictor_name(meta["name"]), manifests.PORT,
+            (meta["namespace"], meta["name"]), manifests.predictor_name(meta["name"]), manifests.PORT,
             fingerprint=fingerprint, settled=ready.status == "True",
             ready_replicas=int((deployment.get("status") or {}).get("readyReplicas") or 0), logger=logger)
 
@@ -498,7 +498,7 @@ class Reconciler:
         previous = cr.get("status") or {}
         new = build_status(
             generation=meta.get("generation"), readiness_=ready, deployment=deployment, previous=previous,
-            url=url, grpc_address=grpc_address, selector=variants.selector_string(meta["name"]),
+            url=url, grpc_address=grpc_address, selector=manifests.selector_string(meta["name"]),
             backend=backend.as_status() if backend is not None else None, variants=variant_states,
         )
         if same_status(previous, new):

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from caffe_testing.cluster import DEPLOYMENTS, SERVICES, OperatorProcess
-from caffe_testing.cms import eventually, events
+from caffe_testing.cms import events, eventually
 from caffe_testing.digits import DIGITS_DIR
 
 pytestmark = pytest.mark.timeout(120)
@@ -105,8 +105,8 @@ def test_turning_the_setting_off_deletes_the_operators_policies_and_nothing_else
     # `helm upgrade --set networkPolicy.enabled=false`: the operator restarts without peers
     operator.stop()
     with OperatorProcess(cluster, all_namespaces=True, env=OFF) as off:
-        eventually(off, lambda: [p["metadata"]["name"] for p in cluster.list_objects(POLICIES, ns)] == ["allow-monitoring"],
-                   "the operator's policies deleted, the user's kept")
+        names = lambda: [p["metadata"]["name"] for p in cluster.list_objects(POLICIES, ns)]  # noqa: E731
+        eventually(off, lambda: names() == ["allow-monitoring"], "the operator's policies deleted, the user's kept")
         eventually(off, lambda: "NetworkPolicyRemoved" in [r for _, r, _ in events(cluster, ns, "digits")],
                    "an event saying so")
         # the model keeps serving: its other children are untouched

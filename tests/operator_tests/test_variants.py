@@ -59,7 +59,8 @@ def test_the_canary_is_built_from_its_own_spec_under_its_own_names():
         kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
         assert obj["metadata"]["labels"][slices.MODEL_LABEL] == "digits"  # the operator and the gateway find it
     config = yaml.safe_load(canary.config_map["data"]["config.yaml"])
-    assert (config["name"], config["version"], config["model"]["weights"]) == ("digits", "2", "/models/digits-v2.caffemodel")
+    assert (config["name"], config["version"], config["model"]["weights"]) == \
+        ("digits", "2", "/models/digits-v2.caffemodel")
     pod = canary.deployment["spec"]["template"]["spec"]
     assert {"name": "config", "configMap": {"name": "digits-canary-config"}} in pod["volumes"]
     assert canary.deployment["spec"]["replicas"] == 1 and kids["primary"].deployment["spec"]["replicas"] == 2
