@@ -262,6 +262,9 @@ class Reconciler:
         self.known: set[tuple[str, str]] = set()  # models seen by this process, for the resync
         self._rechecks: dict[tuple[str, str], asyncio.Task] = {}  # one pending follow-up per model
         self._recheck_attempts: dict[tuple[str, str], int] = {}
+        # per model, the (kind, name)s of children it does not want that were found gone or not
+        # its own: not looked up again until the spec (or this process's settings) wants them
+        self._swept: defaultdict[tuple[str, str], set[tuple[str, str]]] = defaultdict(set)
 
     async def close(self) -> None:
         for task in self._rechecks.values():
@@ -277,6 +280,7 @@ class Reconciler:
             if cr is None or cr.get("metadata", {}).get("deletionTimestamp"):
                 self.known.discard(key)
                 self._recheck_attempts.pop(key, None)
+                self._swept.pop(key, None)
                 self.backends.forget(key)
                 return None
             self.known.add(key)
@@ -401,21 +405,32 @@ class Reconciler:
         found = await self.client.get(f"/apis/{traffic.KEDA_GROUP_VERSION}")
         return bool(found) and any(r.get("name") == "scaledobjects" for r in found.get("resources") or [])
 
-    async def _remove_unwanted(self, cr: dict[str, Any], spec: CaffeModelServiceSpec, applied: dict[str, dict[str, dict[str, Any]]],
-                               keda: bool, outcome: Outcome, logger: Any) -> None:
+    async def _remove_unwanted(self, cr: dict[str, Any], spec: CaffeModelServiceSpec,
+                               applied: dict[str, dict[str, dict[str, Any]]], keda: bool, outcome: Outcome,
+                               logger: Any) -> None:
         """Delete the children this CR owns that its spec and the operator's settings no longer ask
         for: a removed canary's, a ScaledObject once spec.autoscaling is gone, a NetworkPolicy once
         the operator is not given peers (the chart's networkPolicy.enabled turned off). Objects
-        someone else controls are left alone; so is a kind the operator may not read (403)."""
+        someone else controls are left alone; so is a kind the operator may not read (403).
+        Each unwanted name is looked up once per process: only this operator makes them, and only
+        while the spec and its settings want them (which clears the mark), so the resync stays cheap."""
         meta = cr["metadata"]
         name, namespace = meta["name"], meta["namespace"]
+        swept = self._swept[(namespace, name)]
         removed: dict[str, list[str]] = defaultdict(list)  # the event's reason → what went
         for variant in variants.VARIANT_NAMES:
             have = applied.get(variant, {})
             # the autoscaler and the Service first (no new pods, no new requests), the policy last
             for kind in (["ScaledObject"] if keda else []) + ["Service", "Deployment", "ConfigMap", "NetworkPolicy"]:
                 child = variants.config_name(name, variant) if kind == "ConfigMap" else variants.resource_name(name, variant)
-                if kind in have or not await self._delete_owned(cr, kind, namespace, child):
+                if kind in have:
+                    swept.discard((kind, child))
+                    continue
+                if (kind, child) in swept:
+                    continue
+                deleted = await self._delete_owned(cr, kind, namespace, child)
+                swept.add((kind, child))
+                if not deleted:
                     continue
                 outcome.actions[f"{kind}/{child}"] = "deleted"
                 logger.info(f"deleted {kind} {child}")
