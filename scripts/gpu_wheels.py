@@ -46,16 +46,24 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-REPO = Path(__file__).resolve().parent.parent
-LENT_LIST = REPO / "scripts" / "lent-gpu-packages.txt"
+HERE = Path(__file__).resolve().parent
+REPO = next(p for p in HERE.parents if (p / "pyproject.toml").exists())
+
+
+def script(name: str) -> Path:
+    """A file of scripts/ by its name, wherever under scripts/ it lives."""
+    return next((REPO / "scripts").rglob(name))
+
+
+LENT_LIST = script("lent-gpu-packages.txt")
 
 # What `import caffe` needs: pycaffe is not a distribution, so scripts/install_pycaffe.sh's pip line declares it
 # (tests/packaging/test_packaging.py reads the same line).
 PYCAFFE_LINE = re.compile(r"pip install -q 'numpy<2' (six .*)$", re.M)
 
 
-def pycaffe_needs(script: Path = REPO / "scripts" / "install_pycaffe.sh") -> list[str]:
-    return ["numpy", *PYCAFFE_LINE.search(script.read_text()).group(1).replace("'", "").split()]
+def pycaffe_needs() -> list[str]:
+    return ["numpy", *PYCAFFE_LINE.search(script("install_pycaffe.sh").read_text()).group(1).replace("'", "").split()]
 # The check's gRPC client, from pyproject's `test` extra, with only the extra the check uses.
 CHECK_CLIENT = ("tritonclient", {"grpc"})
 
@@ -312,18 +320,18 @@ def missing(needed: set[str], carry: set[str], lent: set[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ keep the rehearsal true
-STAMP = REPO / "scripts" / "gpu-rehearsal.json"
-REHEARSED_FILES = ["scripts/gpu_check.py", "scripts/gpu_check.sh", "scripts/gpu_bundle.sh", "scripts/gpu_wheels.py",
-                   "scripts/cuda_build.sh", "scripts/build_caffe.sh", "scripts/cuda-wheels.txt",
-                   "scripts/patch_caffe_sources.py", "scripts/patch_caffe_cuda.py", "scripts/patch_pycaffe_gil.py",
-                   "scripts/patch_pycaffe_io.py", "scripts/boost_python.sh", "scripts/lent-gpu-packages.txt"]
+STAMP = HERE / "gpu-rehearsal.json"
+# by name, wherever under scripts/ they live: moving them needs no new rehearsal, changing them does
+REHEARSED_FILES = ["gpu_check.py", "gpu_check.sh", "gpu_bundle.sh", "gpu_wheels.py", "cuda_build.sh", "build_caffe.sh",
+                   "cuda-wheels.txt", "patch_caffe_sources.py", "patch_caffe_cuda.py", "patch_pycaffe_gil.py",
+                   "patch_pycaffe_io.py", "boost_python.sh", "lent-gpu-packages.txt"]
 
 
 def fingerprint(startup_dists: set[str]) -> dict:
     """What a rehearsal depends on: the bundle's wheels and the lent packages reached (names: a fresh venv
     may resolve newer versions), the distributions the server imports, and the GPU scripts' contents."""
     carry, reached = bundle()
-    files = {f: hashlib.sha256((REPO / f).read_bytes()).hexdigest()[:12] for f in REHEARSED_FILES}
+    files = {f: hashlib.sha256(script(f).read_bytes()).hexdigest()[:12] for f in REHEARSED_FILES}
     return {"wheels": sorted(carry), "lent": sorted(reached), "server_imports": sorted(startup_dists),
             "files": files}
 
@@ -332,6 +340,8 @@ def write_stamp(out: Path) -> None:
     results = json.loads((out / "gpu_check.json").read_text())
     if results.get("failed") or results.get("stopped"):
         raise SystemExit(f"the rehearsal did not pass (failed: {results.get('failed')}): no stamp written")
+    if results.get("check_sha256") != hashlib.sha256(script("gpu_check.py").read_bytes()).hexdigest()[:12]:
+        raise SystemExit("that rehearsal ran another scripts/gpu_check.py than today's: rerun make gpu-rehearsal")
     carry, _ = bundle()
     blocked = blocked_prefixes(lent_allowed(carry), module_owners())
     dists, _ = distributions_of(startup_modules(blocked), file_owners())
