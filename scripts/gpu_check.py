@@ -219,7 +219,7 @@ def save_he(netspec, directory: Path, name: str, seed: int) -> tuple[Path, Path]
     proto.write_text(str(netspec.to_proto()))
     net = caffe.Net(str(proto), caffe.TEST)
     rng = np.random.default_rng(seed)
-    types = {n: layer.type for n, layer in zip(net._layer_names, net.layers)}
+    types = {n: layer.type for n, layer in zip(net._layer_names, net.layers, strict=True)}
     for layer, blobs in net.params.items():
         if types[layer] == "BatchNorm":
             blobs[0].data[...] = rng.normal(0, 0.1, blobs[0].data.shape)
@@ -443,8 +443,9 @@ def run_load(url: str, path: str, body: bytes, headers: dict, check, threads: in
 
 # ========================================================================================== steps (children)
 def step_probe(ctx: dict) -> None:
-    import caffe
     from importlib import metadata
+
+    import caffe
 
     from inference_server.backends.pycaffe import _cuda_build, gpu_problem
 
@@ -458,13 +459,19 @@ def step_probe(ctx: dict) -> None:
             versions[dist] = None
     R.put("probe", {"caffe": caffe.__file__, "cuda_build": _cuda_build(caffe._caffe.__file__),
                     "gpu_problem": problem, "python": sys.version.split()[0], "versions": versions})
-    say("pycaffe", "ok", f"{caffe.__file__} on Python {sys.version.split()[0]}, numpy {np.__version__}, CUDA build "
-        f"{_cuda_build(caffe._caffe.__file__)}; CUDA sees a GPU: {'yes' if problem is None else 'no (' + problem + ')'}",
-        versions=versions)
+    say(
+        "pycaffe",
+        "ok",
+        f"{caffe.__file__} on Python {sys.version.split()[0]}, numpy {np.__version__}, CUDA build "
+        f"{_cuda_build(caffe._caffe.__file__)}; "
+        f"CUDA sees a GPU: {'yes' if problem is None else 'no (' + problem + ')'}",
+        versions=versions,
+    )
 
 
 def step_prepare(ctx: dict) -> None:
     import caffe
+
     import inception_net
 
     caffe.set_mode_cpu()
@@ -532,7 +539,9 @@ def step_parity(ctx: dict) -> None:
         caffe.set_mode_cpu()
         rel = float(np.abs(dev[logits] - cpu[logits]).max() / scale)
         prob_abs = float(np.abs(dev[out_name] - cpu[out_name]).max())
-        top1 = float((dev[out_name].reshape(len(x), -1).argmax(1) == cpu[out_name].reshape(len(x), -1).argmax(1)).mean())
+        top1 = float(
+            (dev[out_name].reshape(len(x), -1).argmax(1) == cpu[out_name].reshape(len(x), -1).argmax(1)).mean()
+        )
         figures.update(gpu_vs_cpu_rel=rel, output_max_abs=prob_abs, top1_agreement=top1)
         say(f"parity.{name}", "ok" if rel < 1e-4 else "failed",
             f"GPU vs CPU max|d|/max|logit| {rel:.2e} (output max|d| {prob_abs:.2e}, top-1 agree {top1:.0%}){vs_build}",
@@ -602,8 +611,9 @@ def curve_text(curve: list[dict]) -> str:
 def step_throughput_pycaffe(ctx: dict) -> None:
     """The forward curve of pycaffe alone, timed by the server's own calibration code (measured as the
     server measures it for `batching: auto`)."""
-    from inference_server.backends.pycaffe import PycaffeBackend
     from inference_server.calibration import measure_curve
+
+    from inference_server.backends.pycaffe import PycaffeBackend
 
     gpu = ctx["gpu"]
     net = "inception" if gpu else "digits"
@@ -660,11 +670,18 @@ def step_instances(ctx: dict) -> None:
     one, two = runs[1], runs[2]
     ok = one["all_answered"] and two["all_answered"] and one["wrong"] == two["wrong"] == 0
     where = "on one GPU" if gpu else "rehearsed on the CPU"
-    say("instances", ("ok" if gpu else "cpu") if ok else "failed",
-        f"{net} {where}, 8 clients, binary body: instances 1 {one['ok']}/{one['sent']} right, {one['req_per_s']} req/s; "
+    say(
+        "instances",
+        ("ok" if gpu else "cpu") if ok else "failed",
+        f"{net} {where}, 8 clients, binary body: "
+        f"instances 1 {one['ok']}/{one['sent']} right, {one['req_per_s']} req/s; "
         f"instances 2 {two['ok']}/{two['sent']} right, {two['req_per_s']} req/s"
         + ("" if ok else f"; errors {one['errors'] or one['status']} / {two['errors'] or two['status']}"),
-        net=net, instances_1=one, instances_2=two, rehearsed=not gpu)
+        net=net,
+        instances_1=one,
+        instances_2=two,
+        rehearsed=not gpu,
+    )
 
 
 def step_oom(ctx: dict) -> None:
@@ -682,11 +699,20 @@ def step_oom(ctx: dict) -> None:
         alive = s.proc.poll() is None
     same = before[0] == 200 and after[0] == 200 and before[1]["outputs"][0]["data"] == after[1]["outputs"][0]["data"]
     ok = 400 <= status < 600 and bool(body.get("error")) and same and alive
-    say("oom", "ok" if ok else "failed",
-        f"batch {plan['batch']} needing {plan['batch_mib'] / 1024:.0f} GiB of blobs on a {plan['card_mib'] / 1024:.0f} GiB "
+    say(
+        "oom",
+        "ok" if ok else "failed",
+        f"batch {plan['batch']} needing {plan['batch_mib'] / 1024:.0f} GiB of blobs "
+        f"on a {plan['card_mib'] / 1024:.0f} GiB "
         f"card: {status} {body.get('error')!r}; then batch 1: {after[0]}, same answer {same}, server alive {alive}",
-        http_status=status, message=body.get("error"), after_status=after[0], same_answer=same, alive=alive,
-        plan=plan, memory=memory)
+        http_status=status,
+        message=body.get("error"),
+        after_status=after[0],
+        same_answer=same,
+        alive=alive,
+        plan=plan,
+        memory=memory,
+    )
 
 
 STEP_FUNCS = {"probe": step_probe, "prepare": step_prepare, "parity": step_parity, "serve": step_serve,
@@ -864,9 +890,12 @@ class Check:
     def summary(self) -> None:
         r = self.results
         gpu = r.get("nvidia_smi") or []
-        print(f"[gpu_check] ===== summary: {gpu[0]['name'] + ', ' if gpu else ''}GPU usable: {r.get('gpu')}; "
-              f"{r['seconds']} s of a {r['budget_s']:.0f} s budget" + (f"; STOPPED ({r['stopped']})" if r["stopped"] else ""),
-              flush=True)
+        print(
+            f"[gpu_check] ===== summary: {gpu[0]['name'] + ', ' if gpu else ''}GPU usable: {r.get('gpu')}; "
+            f"{r['seconds']} s of a {r['budget_s']:.0f} s budget"
+            + (f"; STOPPED ({r['stopped']})" if r["stopped"] else ""),
+            flush=True,
+        )
         for name, s in r["steps"].items():
             print(f"[gpu_check] {s['status'].upper():6} {name}: {s['summary'][:220]}", flush=True)
         print(f"[gpu_check] failed: {', '.join(r['failed']) or 'none'}; figures in {self.out / 'gpu_check.json'}",

@@ -206,8 +206,8 @@ def _measured(argv: list[str], env: dict, timeout: float, until=None) -> dict[st
 
 
 def startup_modules(blocked: list[str] = (), python: str = sys.executable, timeout: float = 180) -> dict:
-    """{module: its file} for every module `caffeserve serve` holds after startup, model load and one request on the digits example,
-    with the `blocked` module prefixes refused: raises if it then fails to start or to answer."""
+    """{module: its file} for every module `caffeserve serve` holds after startup, model load and one request on the
+    digits example, with the `blocked` module prefixes refused: raises if it then fails to start or to answer."""
     import urllib.request
 
     import yaml
@@ -248,7 +248,8 @@ def startup_modules(blocked: list[str] = (), python: str = sys.executable, timeo
 
 
 def client_modules(blocked: list[str] = (), python: str = sys.executable) -> dict:
-    """{module: its file} for the modules the check's steps hold after their imports (tritonclient.grpc, ...), `blocked` refused."""
+    """{module: its file} for the modules the check's steps hold after their imports (tritonclient.grpc, ...),
+    `blocked` refused."""
     return _measured([python, "-c", PRELUDE + CLIENT_IMPORTS], {"GPU_WHEELS_BLOCK": ",".join(blocked)}, 120)
 
 

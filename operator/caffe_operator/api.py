@@ -50,7 +50,9 @@ MAX_NAME_LENGTH = 53  # so that "{name}-predictor" is still a valid Service name
 _DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 _DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 _URL = r"^https?://[^\s/$.?#][^\s]*$"
-_QUALIFIED_NAME = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+_QUALIFIED_NAME = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
 
 
 def _serving_field(name: str, description: str | None = None) -> Any:
@@ -109,7 +111,9 @@ class ModelFile:
 class PvcSource(CamelModel):
     """A PersistentVolumeClaim that holds the model files (mounted read-only at /models)."""
 
-    claim_name: str = Field(pattern=_DNS_SUBDOMAIN, max_length=253, description="Name of the PersistentVolumeClaim, in the CR's namespace.")
+    claim_name: str = Field(
+        pattern=_DNS_SUBDOMAIN, max_length=253, description="Name of the PersistentVolumeClaim, in the CR's namespace."
+    )
     path: str = Field(
         default="", max_length=1024,
         description="Folder inside the volume that holds the files (mounted as a subPath). Empty: the volume's root.",
@@ -127,7 +131,9 @@ class PvcSource(CamelModel):
 class ConfigMapSource(CamelModel):
     """A ConfigMap whose keys are the model files (binaryData for the weights); for tiny models (< 1 MiB)."""
 
-    name: str = Field(pattern=_DNS_SUBDOMAIN, max_length=253, description="Name of the ConfigMap, in the CR's namespace.")
+    name: str = Field(
+        pattern=_DNS_SUBDOMAIN, max_length=253, description="Name of the ConfigMap, in the CR's namespace."
+    )
 
 
 class LocalObjectReference(CamelModel):
@@ -192,7 +198,7 @@ class ModelSource(CamelModel):
     config_map: ConfigMapSource | None = Field(default=None, description="Files stored as keys of a ConfigMap.")
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "ModelSource":
+    def _exactly_one(self) -> ModelSource:
         chosen = [k for k in ("pvc", "url", "s3", "config_map") if getattr(self, k) is not None]
         if len(chosen) != 1:
             raise ValueError("set exactly one of source.pvc, source.url, source.s3, source.configMap")
@@ -217,14 +223,25 @@ FileName = Annotated[str, Field(min_length=1, max_length=2048)]
 class ModelSpec(CamelModel):
     """The Caffe model: its files (names relative to spec.source) and how clients see its tensors."""
 
-    prototxt: FileName = Field(description="The deploy prototxt: a file name relative to the source (or, with source.url, a full URL).")
-    weights: FileName = Field(description="The .caffemodel weights: a file name relative to the source (or, with source.url, a full URL).")
-    prototxt_sha256: Sha256 | None = Field(default=None, description="Expected sha256 (hex) of the prototxt; checked before loading.")
-    weights_sha256: Sha256 | None = Field(default=None, description="Expected sha256 (hex) of the weights; checked before loading.")
-    labels: FileName | None = Field(
-        default=None, description="Class labels, one per line (classification models): a file name relative to the source, or a URL."
+    prototxt: FileName = Field(
+        description="The deploy prototxt: a file name relative to the source (or, with source.url, a full URL)."
     )
-    version: str = Field(default="1", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Model version reported to clients.")
+    weights: FileName = Field(
+        description="The .caffemodel weights: a file name relative to the source (or, with source.url, a full URL)."
+    )
+    prototxt_sha256: Sha256 | None = Field(
+        default=None, description="Expected sha256 (hex) of the prototxt; checked before loading."
+    )
+    weights_sha256: Sha256 | None = Field(
+        default=None, description="Expected sha256 (hex) of the weights; checked before loading."
+    )
+    labels: FileName | None = Field(
+        default=None,
+        description="Class labels, one per line (classification models): a file name relative to the source, or a URL.",
+    )
+    version: str = Field(
+        default="1", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Model version reported to clients."
+    )
     inputs: list[TensorSpec] | None = _serving_field(
         "inputs", "The model's inputs as clients see them. Default: the net's Input layers."
     )
@@ -236,7 +253,7 @@ class ModelSpec(CamelModel):
         "preprocessing", "How an encoded image (a BYTES input) becomes the input blob, as caffe.io.Transformer does it."
     )
 
-    def files(self, base_url: str | None = None, s3: "S3Source | None" = None) -> list[ModelFile]:
+    def files(self, base_url: str | None = None, s3: S3Source | None = None) -> list[ModelFile]:
         """Every model file (prototxt, weights, labels, meanFile), downloaded from `base_url`
         joined with its name (source.url), or from the bucket (source.s3), unless the file is itself a URL."""
         named = {"prototxt": (self.prototxt, self.prototxt_sha256), "weights": (self.weights, self.weights_sha256)}
@@ -246,6 +263,7 @@ class ModelSpec(CamelModel):
             named["meanFile"] = (self.preprocessing.mean_file, None)
         out = []
         for role, (name, sha256) in named.items():
+            url: str | None
             if is_url(name):
                 url = name
             elif s3 is not None:
@@ -279,19 +297,25 @@ class RuntimeSpec(CamelModel):
     """How each replica runs the model: the server image, the device, and the server's own settings."""
 
     image: str | None = Field(
-        default=None, min_length=1,
-        description="Inference server image. Default: the operator's CAFFESERVE_SERVER_IMAGE (the chart's server image).",
+        default=None,
+        min_length=1,
+        description="Inference server image. Default: the operator's CAFFESERVE_SERVER_IMAGE "
+        "(the chart's server image).",
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
         default=None, description="Image pull policy of the server and init containers. Default: Kubernetes' default."
     )
     device: RuntimeDevice = Field(
         default=RuntimeDevice.gpu,
-        description="gpu: each replica asks for `gpus` of `gpuResource` and Caffe runs in GPU mode; cpu: no GPU is requested.",
+        description="gpu: each replica asks for `gpus` of `gpuResource` and Caffe runs in GPU mode; "
+        "cpu: no GPU is requested.",
     )
     gpus: int | None = Field(
-        default=None, ge=1, le=16,
-        description="GPUs per replica (with device gpu; the server uses the first it sees). Default: 1. Must be unset with device cpu.",
+        default=None,
+        ge=1,
+        le=16,
+        description="GPUs per replica (with device gpu; the server uses the first it sees). Default: 1. "
+        "Must be unset with device cpu.",
     )
     gpu_resource: str = Field(
         default=DEFAULT_GPU_RESOURCE, pattern=_QUALIFIED_NAME, max_length=253,
@@ -305,8 +329,11 @@ class RuntimeSpec(CamelModel):
     limits: Limits = Field(default_factory=Limits, description="Per-request limits inside each replica.")
     grpc: GrpcSpec = Field(default_factory=GrpcSpec, description="gRPC beside REST (on by default).")
     startup_timeout_seconds: int = Field(
-        default=600, ge=10, le=86400,
-        description="How long a replica may take to load the model before the kubelet restarts it (its startup probe budget).",
+        default=600,
+        ge=10,
+        le=86400,
+        description="How long a replica may take to load the model before the kubelet restarts it "
+        "(its startup probe budget).",
     )
 
     @property
@@ -317,7 +344,7 @@ class RuntimeSpec(CamelModel):
 # --------------------------------------------------------------------------------------------
 # spec
 # --------------------------------------------------------------------------------------------
-_ANY_OBJECT = {"x-kubernetes-preserve-unknown-fields": True}
+_ANY_OBJECT: dict[str, Any] = {"x-kubernetes-preserve-unknown-fields": True}
 
 
 class AutoscalingSpec(CamelModel):
@@ -347,9 +374,11 @@ class AutoscalingSpec(CamelModel):
     )
 
     @model_validator(mode="after")
-    def _bounds(self) -> "AutoscalingSpec":
+    def _bounds(self) -> AutoscalingSpec:
         if self.min_replicas > self.max_replicas:
-            raise ValueError(f"autoscaling.minReplicas ({self.min_replicas}) is above maxReplicas ({self.max_replicas})")
+            raise ValueError(
+                f"autoscaling.minReplicas ({self.min_replicas}) is above maxReplicas ({self.max_replicas})"
+            )
         return self
 
 
@@ -380,13 +409,22 @@ class CaffeModelServiceSpec(CamelModel):
     )
     node_selector: dict[str, str] | None = Field(default=None, description="Node labels the pods must match.")
     tolerations: list[dict[str, Any]] | None = Field(
-        default=None, json_schema_extra={"items": {"type": "object", "description": "A Kubernetes Toleration.", **_ANY_OBJECT}},
+        default=None,
+        json_schema_extra={"items": {"type": "object", "description": "A Kubernetes Toleration.", **_ANY_OBJECT}},
         description="Kubernetes Tolerations of the pods. With device gpu, one for the nvidia.com/gpu taint is added.",
     )
-    affinity: dict[str, Any] | None = Field(default=None, json_schema_extra=_ANY_OBJECT, description="Kubernetes Affinity of the pods.")
-    runtime_class_name: str | None = Field(default=None, pattern=_DNS_SUBDOMAIN, description="RuntimeClass of the pods (e.g. nvidia).")
-    priority_class_name: str | None = Field(default=None, pattern=_DNS_SUBDOMAIN, description="PriorityClass of the pods.")
-    image_pull_secrets: list[LocalObjectReference] | None = Field(default=None, description="Secrets for pulling the images.")
+    affinity: dict[str, Any] | None = Field(
+        default=None, json_schema_extra=_ANY_OBJECT, description="Kubernetes Affinity of the pods."
+    )
+    runtime_class_name: str | None = Field(
+        default=None, pattern=_DNS_SUBDOMAIN, description="RuntimeClass of the pods (e.g. nvidia)."
+    )
+    priority_class_name: str | None = Field(
+        default=None, pattern=_DNS_SUBDOMAIN, description="PriorityClass of the pods."
+    )
+    image_pull_secrets: list[LocalObjectReference] | None = Field(
+        default=None, description="Secrets for pulling the images."
+    )
     service_account_name: str | None = Field(
         default=None, pattern=_DNS_SUBDOMAIN,
         description="ServiceAccount the pods run as (its token is not mounted). Default: the namespace's default.",
@@ -397,7 +435,7 @@ class CaffeModelServiceSpec(CamelModel):
     canary: CanarySpec | None = Field(default=None, description="A canary version with a share of the requests.")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "CaffeModelServiceSpec":
+    def _consistent(self) -> CaffeModelServiceSpec:
         rt = self.runtime
         if rt.device == RuntimeDevice.cpu and rt.gpus is not None:
             raise ValueError(f"runtime.gpus is {rt.gpus} but runtime.device is cpu: remove gpus or set device: gpu")
@@ -430,7 +468,7 @@ class CaffeModelServiceSpec(CamelModel):
                 raise ValueError("canary: " + format_validation_error(e, prefix="canary.")) from None
         return self
 
-    def canary_spec(self) -> "CaffeModelServiceSpec":
+    def canary_spec(self) -> CaffeModelServiceSpec:
         """The canary as a spec of its own: this one with the canary's model, source and replicas (its
         autoscaling is the primary's: a canary gets the same bounds, and scale to zero, as the primary)."""
         c = self.canary
@@ -453,12 +491,16 @@ class Condition(CamelModel):
 
     type: str = Field(description="Condition type; Ready says whether clients can use the model.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
-    reason: str | None = Field(default=None, description="One CamelCase word for why, e.g. InvalidSpec, Progressing, ReplicasReady.")
+    reason: str | None = Field(
+        default=None, description="One CamelCase word for why, e.g. InvalidSpec, Progressing, ReplicasReady."
+    )
     message: str | None = Field(default=None, description="What happened, for humans.")
     last_transition_time: str | None = Field(
         default=None, json_schema_extra={"format": "date-time"}, description="When the status last changed."
     )
-    observed_generation: int | None = Field(default=None, description="metadata.generation this condition was computed for.")
+    observed_generation: int | None = Field(
+        default=None, description="metadata.generation this condition was computed for."
+    )
 
 
 class BackendStatus(CamelModel):
@@ -487,15 +529,21 @@ class CaffeModelServiceStatus(CamelModel):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
         description="Current state; Ready is True when every desired replica runs the current spec and is ready.",
     )
-    replicas: int | None = Field(default=None, description="Server pods that exist (the scale subresource's status.replicas).")
+    replicas: int | None = Field(
+        default=None, description="Server pods that exist (the scale subresource's status.replicas)."
+    )
     ready_replicas: int | None = Field(default=None, description="Server pods that are ready.")
     url: str | None = Field(default=None, description="Where clients reach this model: its Open Inference Protocol URL "
                                      "(.../v2/models/NAME), through the gateway when there is one, else its Service.")
     grpc_address: str | None = Field(
-        default=None, description="Where gRPC clients reach this model (host:port; the request names the model): "
-        "the gateway's gRPC address when there is one, else its Service's port grpc. Unset with runtime.grpc.enabled false.",
+        default=None,
+        description="Where gRPC clients reach this model (host:port; the request names the model): "
+        "the gateway's gRPC address when there is one, else its Service's port grpc. "
+        "Unset with runtime.grpc.enabled false.",
     )
-    selector: str | None = Field(default=None, description="Label selector of the server pods (for the scale subresource).")
+    selector: str | None = Field(
+        default=None, description="Label selector of the server pods (for the scale subresource)."
+    )
     backend: BackendStatus | None = Field(
         default=None, description="The backend serving the model, as one ready pod reports it (during a rollout, "
         "what the asked pod says). Asked again when the pod template or the spec changes.",

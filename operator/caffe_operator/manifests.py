@@ -34,14 +34,22 @@ from typing import Any
 import yaml
 
 from caffe_operator.api import CaffeModelServiceSpec, RuntimeDevice
+
 # the model's names and labels live in variants.py; these stay reachable here for callers of this module
-from caffe_operator.variants import MANAGED_BY as MANAGED_BY
-from caffe_operator.variants import Variant
-from caffe_operator.variants import predictor_name as predictor_name
-from caffe_operator.variants import selector_string as selector_string
+from caffe_operator.variants import (
+    MANAGED_BY as MANAGED_BY,
+    Variant,
+    predictor_name as predictor_name,
+    selector_string as selector_string,
+)
 from inference_server.config import Grpc, ModelServing, ServerConfig
-from inference_server.slices import GRPC_PORT, GRPC_PORT_NAME, PORT, PORT_NAME
-from inference_server.slices import MODEL_LABEL as MODEL_LABEL  # the pods' contract (slices.py)
+from inference_server.slices import (
+    GRPC_PORT,
+    GRPC_PORT_NAME,
+    MODEL_LABEL as MODEL_LABEL,  # the pods' contract (slices.py)
+    PORT,
+    PORT_NAME,
+)
 
 CONFIG_DIR = "/etc/caffeserve"
 CONFIG_KEY = "config.yaml"
@@ -57,7 +65,16 @@ MODELS_SIZE_LIMIT = "20Gi"  # /models for downloaded files (source.url, source.s
 CONFIG_HASH_ANNOTATION = "caffeserving.io/config-hash"
 DEFAULT_SERVER_IMAGE = "ghcr.io/caffe-serving/caffe-server-gpu:0.1.0"
 
-SERVE_COMMAND = ["caffeserve", "serve", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}", "--host", "0.0.0.0", "--port", str(PORT)]
+SERVE_COMMAND = [
+    "caffeserve",
+    "serve",
+    "--config",
+    f"{CONFIG_DIR}/{CONFIG_KEY}",
+    "--host",
+    "0.0.0.0",
+    "--port",
+    str(PORT),
+]
 GRPC_ARGS = ["--grpc-port", str(GRPC_PORT)]
 
 
@@ -144,7 +161,7 @@ def server_config_yaml(name: str, spec: CaffeModelServiceSpec) -> str:
     """The config as YAML, defaults left out: the server image applies its own, so an operator
     and a server of neighbouring versions still agree on the file."""
     data = server_config(name, spec).model_dump(by_alias=True, exclude_none=True, exclude_defaults=True, mode="json")
-    head = {k: data.pop(k) for k in ("name", "version", "model") if k in data}
+    head: dict[str, Any] = {k: data.pop(k) for k in ("name", "version", "model") if k in data}
     return yaml.safe_dump({**head, **data}, sort_keys=False)
 
 
@@ -207,14 +224,18 @@ def _fetch_resources(spec: CaffeModelServiceSpec) -> dict[str, Any]:
     """An init container gets the server's cpu/memory (so quotas and LimitRanges agree), never GPUs."""
     return {
         part: {k: v for k, v in values.items() if k in ("cpu", "memory", "ephemeral-storage")}
-        for part, values in _server_resources(spec).items() if part in ("requests", "limits") and isinstance(values, dict)
+        for part, values in _server_resources(spec).items()
+        if part in ("requests", "limits") and isinstance(values, dict)
     }
 
 
 def _model_volume(spec: CaffeModelServiceSpec) -> dict[str, Any]:
     src = spec.source
     if src.pvc is not None:
-        return {"name": "models", "persistentVolumeClaim": {"claimName": src.pvc.claim_name, "readOnly": src.pvc.read_only}}
+        return {
+            "name": "models",
+            "persistentVolumeClaim": {"claimName": src.pvc.claim_name, "readOnly": src.pvc.read_only},
+        }
     if src.config_map is not None:
         return {"name": "models", "configMap": {"name": src.config_map.name}}
     return {"name": "models", "emptyDir": {"sizeLimit": MODELS_SIZE_LIMIT}}
@@ -235,6 +256,7 @@ def _fetch_containers(spec: CaffeModelServiceSpec, image: str) -> list[dict[str,
     s3 = spec.source.s3
     out = []
     for f in spec.model_files():
+        assert f.url is not None, f.name  # a source that is downloaded gives every file a URL (api.ModelSpec.files)
         command = ["caffeserve", "fetch", "--url", f.url, "--dest", f.path(MODEL_DIR)]
         if f.sha256:
             command += ["--sha256", f.sha256]
@@ -245,7 +267,7 @@ def _fetch_containers(spec: CaffeModelServiceSpec, image: str) -> list[dict[str,
                 command += ["--s3-region", s3.region]
             if s3.secret_ref is not None:
                 command += ["--s3-credentials-dir", S3_CREDENTIALS_DIR]
-        container = {
+        container: dict[str, Any] = {
             "name": f"fetch-{f.role.lower()}",
             "image": image,
             "command": command,
@@ -255,7 +277,9 @@ def _fetch_containers(spec: CaffeModelServiceSpec, image: str) -> list[dict[str,
             "volumeMounts": [{"name": "models", "mountPath": MODEL_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
         }
         if s3 is not None and s3.secret_ref is not None:  # as files, not environment variables
-            container["volumeMounts"].append({"name": "s3-credentials", "mountPath": S3_CREDENTIALS_DIR, "readOnly": True})
+            container["volumeMounts"].append(
+                {"name": "s3-credentials", "mountPath": S3_CREDENTIALS_DIR, "readOnly": True}
+            )
         if spec.runtime.image_pull_policy:
             container["imagePullPolicy"] = spec.runtime.image_pull_policy
         if resources := _fetch_resources(spec):
@@ -265,7 +289,12 @@ def _fetch_containers(spec: CaffeModelServiceSpec, image: str) -> list[dict[str,
 
 
 def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
-    return {"httpGet": {"path": path, "port": PORT_NAME}, "periodSeconds": period, "timeoutSeconds": 2, "failureThreshold": failures}
+    return {
+        "httpGet": {"path": path, "port": PORT_NAME},
+        "periodSeconds": period,
+        "timeoutSeconds": 2,
+        "failureThreshold": failures,
+    }
 
 
 def _tolerations(spec: CaffeModelServiceSpec) -> list[dict[str, Any]]:
@@ -298,7 +327,9 @@ def pod_template(v: Variant, image: str) -> dict[str, Any]:
         ],
         # Startup waits for readiness (the model loaded): liveness never races a slow load, and a
         # model that never loads is restarted once the budget is spent, visibly (restarts, events).
-        "startupProbe": _probe("/v2/health/ready", startup_period, math.ceil(rt.startup_timeout_seconds / startup_period)),
+        "startupProbe": _probe(
+            "/v2/health/ready", startup_period, math.ceil(rt.startup_timeout_seconds / startup_period)
+        ),
         "livenessProbe": _probe("/v2/health/live", 10, 3),
         "readinessProbe": _probe("/v2/health/ready", 5, 2),
     }
@@ -335,14 +366,20 @@ def pod_template(v: Variant, image: str) -> dict[str, Any]:
         "affinity": spec.affinity,
         "runtimeClassName": spec.runtime_class_name,
         "priorityClassName": spec.priority_class_name,
-        "imagePullSecrets": [s.model_dump(by_alias=True) for s in spec.image_pull_secrets] if spec.image_pull_secrets else None,
+        "imagePullSecrets": [s.model_dump(by_alias=True) for s in spec.image_pull_secrets]
+        if spec.image_pull_secrets
+        else None,
         "serviceAccountName": spec.service_account_name,
     }
     pod.update({k: v for k, v in optional.items() if v})
     return {
         "metadata": {
             "labels": v.pod_labels,
-            "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORT), "prometheus.io/path": "/metrics"},
+            "annotations": {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(PORT),
+                "prometheus.io/path": "/metrics",
+            },
         },
         "spec": pod,
     }

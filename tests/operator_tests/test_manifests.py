@@ -27,7 +27,12 @@ CONTRACT_LABELS = {
 def spec(**changes: Any) -> api.CaffeModelServiceSpec:
     raw: dict[str, Any] = {
         "source": {"pvc": {"claimName": "models", "path": "zoo/digits/"}},
-        "model": {"prototxt": "deploy.prototxt", "weights": "digits.caffemodel", "weightsSha256": SHA, "labels": "labels.txt"},
+        "model": {
+            "prototxt": "deploy.prototxt",
+            "weights": "digits.caffemodel",
+            "weightsSha256": SHA,
+            "labels": "labels.txt",
+        },
     }
     raw.update(changes)
     return api.parse_spec("digits", raw)
@@ -57,18 +62,45 @@ VARIANTS = {
     "url": spec(**URL_SPEC),
     "configMap cpu": spec(source={"configMap": {"name": "digits-files"}}, runtime={"device": "cpu"}),
     "everything": spec(
-        replicas=3, resources={"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
+        replicas=3,
+        resources={"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
         nodeSelector={"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB"},
         tolerations=[{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
-        affinity={"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
-            "weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
-                                               "labelSelector": {"matchLabels": {"caffeserving.io/model": "digits"}}}}]}},
-        runtimeClassName="nvidia", priorityClassName="inference", imagePullSecrets=[{"name": "regcred"}],
+        affinity={
+            "podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 100,
+                        "podAffinityTerm": {
+                            "topologyKey": "kubernetes.io/hostname",
+                            "labelSelector": {"matchLabels": {"caffeserving.io/model": "digits"}},
+                        },
+                    }
+                ]
+            }
+        },
+        runtimeClassName="nvidia",
+        priorityClassName="inference",
+        imagePullSecrets=[{"name": "regcred"}],
         serviceAccountName="model-reader",
-        runtime={"image": "mine/caffe:2", "imagePullPolicy": "Always", "gpus": 2, "gpuResource": "nvidia.com/mig-2g.20gb"},
+        runtime={
+            "image": "mine/caffe:2",
+            "imagePullPolicy": "Always",
+            "gpus": 2,
+            "gpuResource": "nvidia.com/mig-2g.20gb",
+        },
     ),
-    "s3": spec(source={"s3": {"bucket": "models", "prefix": "zoo/digits/", "endpoint": "http://minio.storage:9000",
-                              "region": "eu-west-1", "secretRef": {"name": "s3-creds"}}}),
+    "s3": spec(
+        source={
+            "s3": {
+                "bucket": "models",
+                "prefix": "zoo/digits/",
+                "endpoint": "http://minio.storage:9000",
+                "region": "eu-west-1",
+                "secretRef": {"name": "s3-creds"},
+            }
+        }
+    ),
 }
 GATEWAY_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "caffe-system"}},
                 "podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}}}
@@ -76,7 +108,9 @@ GATEWAY_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.na
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_child_passes_kubernetes_validate(variant):
-    kids = manifests.children(variants.Variant("digits", VARIANTS[variant]), "ml", "registry.example/caffe:1", [GATEWAY_PEER])
+    kids = manifests.children(
+        variants.Variant("digits", VARIANTS[variant]), "ml", "registry.example/caffe:1", [GATEWAY_PEER]
+    )
     assert kids.network_policy is not None
     for obj in kids.all():
         kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
@@ -86,9 +120,21 @@ def test_s3_source_downloads_from_the_bucket_with_the_secrets_credentials():
     init = {i["name"]: i for i in pod(build(VARIANTS["s3"]))["initContainers"]}
     assert set(init) == {"fetch-prototxt", "fetch-weights", "fetch-labels"}
     assert init["fetch-weights"]["command"] == [
-        "caffeserve", "fetch", "--url", "s3://models/zoo/digits/digits.caffemodel", "--dest", "/models/digits.caffemodel",
-        "--sha256", SHA, "--s3-endpoint", "http://minio.storage:9000", "--s3-region", "eu-west-1",
-        "--s3-credentials-dir", manifests.S3_CREDENTIALS_DIR]
+        "caffeserve",
+        "fetch",
+        "--url",
+        "s3://models/zoo/digits/digits.caffemodel",
+        "--dest",
+        "/models/digits.caffemodel",
+        "--sha256",
+        SHA,
+        "--s3-endpoint",
+        "http://minio.storage:9000",
+        "--s3-region",
+        "eu-west-1",
+        "--s3-credentials-dir",
+        manifests.S3_CREDENTIALS_DIR,
+    ]
     mount = {"name": "s3-credentials", "mountPath": manifests.S3_CREDENTIALS_DIR, "readOnly": True}
     assert all(mount in i["volumeMounts"] and "envFrom" not in i for i in init.values())  # files, not environment
     assert all(i["terminationMessagePolicy"] == "FallbackToLogsOnError" for i in init.values())
@@ -104,9 +150,13 @@ def test_a_network_policy_only_when_the_operator_is_given_peers():
     np_ = kids.network_policy
     assert kids.all()[0] is np_ and np_["metadata"]["name"] == "digits-predictor"
     assert np_["metadata"]["labels"] == CONTRACT_LABELS
-    assert np_["spec"] == {"podSelector": {"matchLabels": {"caffeserving.io/model": "digits"}}, "policyTypes": ["Ingress"],
-                           "ingress": [{"from": [GATEWAY_PEER], "ports": [{"port": 8080, "protocol": "TCP"},
-                                                                          {"port": 8081, "protocol": "TCP"}]}]}
+    assert np_["spec"] == {
+        "podSelector": {"matchLabels": {"caffeserving.io/model": "digits"}},
+        "policyTypes": ["Ingress"],
+        "ingress": [
+            {"from": [GATEWAY_PEER], "ports": [{"port": 8080, "protocol": "TCP"}, {"port": 8081, "protocol": "TCP"}]}
+        ],
+    }
     # with gRPC off, only the http port is let in
     off = manifests.children(variants.Variant("digits", spec(runtime={"grpc": {"enabled": False}})), "ml", "img",
                              [GATEWAY_PEER])
@@ -166,7 +216,8 @@ def test_grpc_is_on_by_default_and_can_be_turned_off():
     assert [p["name"] for p in off.service["spec"]["ports"]] == ["http"]
     assert manifests.grpc_address("digits", "ml", spec(runtime={"grpc": {"enabled": False}}), "gw:8081") is None
     # turning it off changes what the pods see: they roll
-    hash_of = lambda c: c.deployment["spec"]["template"]["metadata"]["annotations"][manifests.CONFIG_HASH_ANNOTATION]
+    def hash_of(c):
+        return c.deployment["spec"]["template"]["metadata"]["annotations"][manifests.CONFIG_HASH_ANNOTATION]
     assert hash_of(on) != hash_of(off)
     # probes stay on REST
     assert c["readinessProbe"] == server(on)["readinessProbe"]
@@ -197,7 +248,7 @@ def test_the_pod_gives_the_server_time_to_drain_before_the_kubelet_kills_it():
     # SIGTERM: readiness 503 at once, the listener open for the drain delay (endpoints catch up),
     # then the requests received are finished within the grace period; SIGKILL only after both
     c = server(build())
-    args = dict(zip(c["args"][::2], c["args"][1::2]))
+    args = dict(zip(c["args"][::2], c["args"][1::2], strict=True))
     drain, grace = float(args["--drain-delay"]), float(args["--grace-period"])
     assert drain >= 3  # endpoints propagation takes seconds
     assert pod(build())["terminationGracePeriodSeconds"] > drain + grace
@@ -376,7 +427,9 @@ def test_a_hand_edit_is_patched_back():
 
 def test_fields_dropped_from_the_spec_are_removed():
     desired = with_owner(build().deployment)
-    current = as_the_api_server_returns_it(with_owner(build(spec(nodeSelector={"a": "b"}, runtimeClassName="nvidia")).deployment))
+    current = as_the_api_server_returns_it(
+        with_owner(build(spec(nodeSelector={"a": "b"}, runtimeClassName="nvidia")).deployment)
+    )
     patch = drift_patch(current, desired)
     assert patch["spec"]["template"]["spec"]["nodeSelector"] is None
     assert patch["spec"]["template"]["spec"]["runtimeClassName"] is None
@@ -409,20 +462,59 @@ def deployment_with(generation: int = 2, **status: Any) -> dict[str, Any]:
     return {"metadata": {"generation": generation}, "status": status}
 
 
-@pytest.mark.parametrize("desired,dep,expected", [
-    (0, None, ("False", "ScaledToZero")),
-    (2, None, ("False", "Progressing")),
-    (2, deployment_with(observedGeneration=1, replicas=2, updatedReplicas=2, readyReplicas=2), ("False", "Progressing")),
-    (2, deployment_with(observedGeneration=2, replicas=3, updatedReplicas=1, readyReplicas=2), ("False", "Progressing")),
-    (2, deployment_with(observedGeneration=2, replicas=3, updatedReplicas=2, readyReplicas=3), ("False", "Progressing")),
-    (2, deployment_with(observedGeneration=2, replicas=2, updatedReplicas=2, readyReplicas=1), ("False", "Progressing")),
-    (2, deployment_with(observedGeneration=2, replicas=2, updatedReplicas=2, readyReplicas=2), ("True", "ReplicasReady")),
-    (2, deployment_with(observedGeneration=2, replicas=2, updatedReplicas=2, readyReplicas=0, conditions=[
-        {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]), ("False", "RolloutStalled")),
-    (2, deployment_with(observedGeneration=2, conditions=[
-        {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": "exceeded quota"}]),
-     ("False", "ReplicaFailure")),
-])
+@pytest.mark.parametrize(
+    "desired,dep,expected",
+    [
+        (0, None, ("False", "ScaledToZero")),
+        (2, None, ("False", "Progressing")),
+        (
+            2,
+            deployment_with(observedGeneration=1, replicas=2, updatedReplicas=2, readyReplicas=2),
+            ("False", "Progressing"),
+        ),
+        (
+            2,
+            deployment_with(observedGeneration=2, replicas=3, updatedReplicas=1, readyReplicas=2),
+            ("False", "Progressing"),
+        ),
+        (
+            2,
+            deployment_with(observedGeneration=2, replicas=3, updatedReplicas=2, readyReplicas=3),
+            ("False", "Progressing"),
+        ),
+        (
+            2,
+            deployment_with(observedGeneration=2, replicas=2, updatedReplicas=2, readyReplicas=1),
+            ("False", "Progressing"),
+        ),
+        (
+            2,
+            deployment_with(observedGeneration=2, replicas=2, updatedReplicas=2, readyReplicas=2),
+            ("True", "ReplicasReady"),
+        ),
+        (
+            2,
+            deployment_with(
+                observedGeneration=2,
+                replicas=2,
+                updatedReplicas=2,
+                readyReplicas=0,
+                conditions=[{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}],
+            ),
+            ("False", "RolloutStalled"),
+        ),
+        (
+            2,
+            deployment_with(
+                observedGeneration=2,
+                conditions=[
+                    {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": "exceeded quota"}
+                ],
+            ),
+            ("False", "ReplicaFailure"),
+        ),
+    ],
+)
 def test_readiness_reads_the_deployment_like_kubectl_rollout_status(desired, dep, expected):
     r = readiness(desired, dep)
     assert (r.status, r.reason) == expected

@@ -22,12 +22,23 @@ from caffe_operator.backend_report import Answer, BackendReport, needs_probe, pa
 from caffe_operator.pods import Target
 from caffe_operator.status import Readiness, build_status, status_patch
 from caffe_testing.cluster import CMS, DEPLOYMENTS, Cluster, OperatorProcess
-from caffe_testing.cms import ENDPOINTSLICES, cms, endpoint, endpoint_slice, eventually, play_kubelet, wait_children, wait_ready
+from caffe_testing.cms import (
+    ENDPOINTSLICES,
+    cms,
+    endpoint,
+    endpoint_slice,
+    eventually,
+    play_kubelet,
+    wait_children,
+    wait_ready,
+)
 from caffe_testing.digits import DIGITS_DIR
 from caffe_testing.servers import ServerProcess
 
 FP = ("hash-1", 3)
-ONNX = BackendReport("onnxruntime", "auto: parity check passed, the converted graph matches pycaffe (max |Δ| 3.1e-06 ...)", 3.1e-06)
+ONNX = BackendReport(
+    "onnxruntime", "auto: parity check passed, the converted graph matches pycaffe (max |Δ| 3.1e-06 ...)", 3.1e-06
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,15 +64,22 @@ def test_a_new_pod_template_or_generation_is_asked_again():
 def test_an_answer_from_a_rollout_is_checked_once_the_pods_change():
     during = answer(settled=False, ready=1)
     assert needs_probe(during, FP, settled=False, ready_replicas=1, now=101) is None
-    assert needs_probe(during, FP, settled=False, ready_replicas=2, now=101) == "the ready pods changed during the rollout"
+    assert (
+        needs_probe(during, FP, settled=False, ready_replicas=2, now=101) == "the ready pods changed during the rollout"
+    )
     assert needs_probe(during, FP, settled=True, ready_replicas=2, now=101) == "the rollout finished"
 
 
 def test_a_failed_ask_is_retried_later_or_when_the_ready_pods_change():
     failed = answer(report=None, error="TimeoutError")
     assert needs_probe(failed, FP, settled=True, ready_replicas=2, now=130, retry_s=60) is None
-    assert needs_probe(failed, FP, settled=True, ready_replicas=2, now=160, retry_s=60) == "the last ask failed 60 s ago"
-    assert needs_probe(failed, FP, settled=True, ready_replicas=3, now=101) == "the ready pods changed since the last failed ask"
+    assert (
+        needs_probe(failed, FP, settled=True, ready_replicas=2, now=160, retry_s=60) == "the last ask failed 60 s ago"
+    )
+    assert (
+        needs_probe(failed, FP, settled=True, ready_replicas=3, now=101)
+        == "the ready pods changed since the last failed ask"
+    )
 
 
 def test_no_ready_pod_no_ask():
@@ -86,12 +104,17 @@ def test_model_metadata_answers_are_read():
     onnx = (b'{"name": "digits", "parameters": {"backend": "onnxruntime", "backend_reason": "auto: matches",'
             b' "parity_max_abs_diff": 3.1e-06, "parity_passed": true}}')
     assert parse_metadata(200, onnx) == BackendReport("onnxruntime", "auto: matches", 3.1e-06)
-    assert parse_metadata(200, b'{"parameters": {"backend": "pycaffe", "backend_reason": "backend: pycaffe in the config"}}') \
-        == BackendReport("pycaffe", "backend: pycaffe in the config")
-    assert parse_metadata(404, b'{"error": "model \'m\' is not served here"}') == "HTTP 404: model 'm' is not served here"
+    assert parse_metadata(
+        200, b'{"parameters": {"backend": "pycaffe", "backend_reason": "backend: pycaffe in the config"}}'
+    ) == BackendReport("pycaffe", "backend: pycaffe in the config")
+    assert (
+        parse_metadata(404, b'{"error": "model \'m\' is not served here"}') == "HTTP 404: model 'm' is not served here"
+    )
     assert "no parameters.backend" in parse_metadata(200, b'{"name": "m", "parameters": {"instances": 1}}')
     assert parse_metadata(200, b"<html>") == "the model metadata is not JSON"
-    assert parse_metadata(200, b'{"parameters": {"backend": "pycaffe", "parity_max_abs_diff": true}}').max_abs_diff is None
+    assert (
+        parse_metadata(200, b'{"parameters": {"backend": "pycaffe", "parity_max_abs_diff": true}}').max_abs_diff is None
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +198,9 @@ def test_the_status_says_which_backend_serves_and_why(cluster, operator, tmp_pat
         # The user asks for pycaffe: a new pod template. The old pod still answers while the new
         # one loads (what it says is what the status says), then it is replaced.
         cms_pycaffe = cms("digits", ns, runtime={"device": "cpu", "backend": "pycaffe"})
-        old_hash = cluster.get_object(DEPLOYMENTS, ns, "digits-predictor")["spec"]["template"]["metadata"]["annotations"]
+        old_hash = cluster.get_object(DEPLOYMENTS, ns, "digits-predictor")["spec"]["template"]["metadata"][
+            "annotations"
+        ]
         cluster.apply(cms_pycaffe)
         eventually(operator, lambda: cluster.get_object(DEPLOYMENTS, ns, "digits-predictor")["spec"]["template"]
                    ["metadata"]["annotations"] != old_hash, "the new pod template")

@@ -27,8 +27,17 @@ from caffe_operator.load_errors import LoadErrorProbe, Target, classify, not_rea
 from caffe_operator.reconcile import needs_recheck, recheck_delay
 from caffe_operator.status import EndpointHealth, Readiness, with_load_errors
 from caffe_testing.cluster import CMS, Cluster, free_port
-from caffe_testing.cms import (ENDPOINTSLICES, cms, endpoint, endpoint_slice, events, play_kubelet, ready,
-                               wait_children, wait_ready)
+from caffe_testing.cms import (
+    ENDPOINTSLICES,
+    cms,
+    endpoint,
+    endpoint_slice,
+    events,
+    play_kubelet,
+    ready,
+    wait_children,
+    wait_ready,
+)
 from caffe_testing.digits import DIGITS_DIR
 from caffe_testing.servers import ServerProcess
 
@@ -88,7 +97,10 @@ def test_health_answers_are_classified():
 # ---------------------------------------------------------------------------------------------
 def test_a_load_failure_outranks_what_the_deployment_guesses():
     stalled = Readiness("False", "RolloutStalled", "0/2 replicas ready; pods did not become ready ...")
-    health = [EndpointHealth("pod m-1", "failed", MISSING), EndpointHealth("pod m-2", "loading", "model 'digits' is loading")]
+    health = [
+        EndpointHealth("pod m-1", "failed", MISSING),
+        EndpointHealth("pod m-2", "loading", "model 'digits' is loading"),
+    ]
     for base in (PROGRESSING, stalled):
         assert with_load_errors(base, health) == Readiness("False", "ModelLoadFailed", f"pod m-1: {MISSING}")
 
@@ -112,7 +124,10 @@ def test_an_unreachable_pod_does_not_erase_a_known_load_failure():
     blip = [EndpointHealth("pod m-1", "unreachable", "TimeoutError")]
     assert with_load_errors(PROGRESSING, blip, known) == Readiness("False", "ModelLoadFailed", f"pod m-1: {MISSING}")
     # ... but a pod that answers something else (reloading after a fix) does.
-    assert with_load_errors(PROGRESSING, [EndpointHealth("pod m-1", "loading", "model 'digits' is loading")], known) == PROGRESSING
+    assert (
+        with_load_errors(PROGRESSING, [EndpointHealth("pod m-1", "loading", "model 'digits' is loading")], known)
+        == PROGRESSING
+    )
     assert with_load_errors(PROGRESSING, [], known) == PROGRESSING  # no pod left to ask
 
 
@@ -254,7 +269,7 @@ def test_a_healthy_or_unreachable_pod_is_no_load_failure(cluster, operator, tmp_
 def test_events_are_core_v1_events_the_api_server_accepts():
     cr = {"apiVersion": "caffeserving.io/v1alpha1", "kind": "CaffeModelService",
           "metadata": {"name": "digits", "namespace": "ml", "uid": "u-1"}}
-    when = datetime.datetime(2026, 11, 25, 10, 0, 0, 123456, tzinfo=datetime.timezone.utc)
+    when = datetime.datetime(2026, 11, 25, 10, 0, 0, 123456, tzinfo=datetime.UTC)
     body = event_body(cr, "Warning", "ModelLoadFailed", "x" * 5000, component="caffe-serving-operator",
                       instance="op-0", now=when)
     assert body["involvedObject"] == {"apiVersion": "caffeserving.io/v1alpha1", "kind": "CaffeModelService",
@@ -280,6 +295,8 @@ def test_a_caffe_abort_at_load_reaches_the_status_in_caffes_words(cluster, opera
         play_kubelet(cluster, ns, "digits", ready_=0, total=1)
         cr = wait_ready(cluster, operator, ns, "digits", status="False", reason="ModelLoadFailed")
         message = ready(cr)["message"]
-        assert message.startswith(f"pod {pod}: model 'digits' failed to load: Caffe aborted the load (SIGABRT)"), message
+        assert message.startswith(f"pod {pod}: model 'digits' failed to load: Caffe aborted the load (SIGABRT)"), (
+            message
+        )
         assert "Check failed: registry.count(type) == 1 (0 vs. 1) Unknown layer type: Frobnicate" in message
         assert server.proc.poll() is None

@@ -35,8 +35,8 @@ from caffe_testing.digits import DIGITS_DIR
 from caffe_testing.gateway import GatewayProcess
 from caffe_testing.keda import SCALEDOBJECT_CRD, SCALEDOBJECTS, KedaDouble, unknown_fields
 from caffe_testing.kubelet import ContainerProcess, endpoint_slice
-from caffe_testing.traffic import BODY
 from caffe_testing.servers import http, http_json
+from caffe_testing.traffic import BODY
 from inference_server import slices
 
 pytestmark = pytest.mark.timeout(300)
@@ -104,7 +104,9 @@ def slice_for(cluster, ns: str, service: str, servers: list[ContainerProcess]) -
     if cluster.get_object(ENDPOINTSLICES, ns, body["metadata"]["name"]) is None:
         cluster.create(ENDPOINTSLICES, ns, body)
     else:
-        cluster.patch(ENDPOINTSLICES, ns, body["metadata"]["name"], {"endpoints": body["endpoints"], "ports": body["ports"]})
+        cluster.patch(
+            ENDPOINTSLICES, ns, body["metadata"]["name"], {"endpoints": body["endpoints"], "ports": body["ports"]}
+        )
 
 
 def deployment_status(cluster, ns: str, name: str, n: int) -> None:
@@ -114,7 +116,9 @@ def deployment_status(cluster, ns: str, name: str, n: int) -> None:
         "readyReplicas": n, "availableReplicas": n}}, sub="status")
 
 
-def test_scale_from_zero_through_keda_the_gateway_holds_the_request_until_a_pod_is_ready(cluster, operator, ns, tmp_path):
+def test_scale_from_zero_through_keda_the_gateway_holds_the_request_until_a_pod_is_ready(
+    cluster, operator, ns, tmp_path
+):
     cluster.apply(SCALEDOBJECT_CRD)
     apply_cr(cluster, ns, digits_spec(autoscaling=AUTOSCALING))
     so = eventually(operator, lambda: cluster.get_object(SCALEDOBJECTS, ns, "digits-predictor"), "the ScaledObject")
@@ -165,8 +169,11 @@ def test_scale_from_zero_through_keda_the_gateway_holds_the_request_until_a_pod_
         apply_cr(cluster, ns, spec)
         eventually(operator, lambda: cluster.get_object(SCALEDOBJECTS, ns, "digits-predictor") is None,
                    "the ScaledObject deleted")
-        eventually(operator, lambda: cluster.get_object(DEPLOYMENTS, ns, "digits-predictor")["spec"].get("replicas") == 2,
-                   "replicas from the spec")
+        eventually(
+            operator,
+            lambda: cluster.get_object(DEPLOYMENTS, ns, "digits-predictor")["spec"].get("replicas") == 2,
+            "replicas from the spec",
+        )
         eventually(operator, lambda: slices.COLD_START_LABEL not in
                    cluster.get_object(SERVICES, ns, "digits-predictor")["metadata"]["labels"], "the hold label removed")
 
@@ -207,8 +214,12 @@ def test_an_autoscaled_canary_scales_on_its_own_load_from_zero(cluster, operator
     cluster.apply(SCALEDOBJECT_CRD)
     apply_cr(cluster, ns, digits_spec(autoscaling=AUTOSCALING, canary=canary(10)))
     # the last of eight children (both variants' ConfigMap, Deployment, Service, then the ScaledObjects)
-    so = eventually(operator, lambda: cluster.get_object(SCALEDOBJECTS, ns, "digits-canary"), "the canary's ScaledObject",
-                    timeout=60)
+    so = eventually(
+        operator,
+        lambda: cluster.get_object(SCALEDOBJECTS, ns, "digits-canary"),
+        "the canary's ScaledObject",
+        timeout=60,
+    )
     assert unknown_fields(so) == [] and so["metadata"]["ownerReferences"][0]["name"] == "digits"
     assert so["spec"]["scaleTargetRef"]["name"] == "digits-canary"
     assert (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]) == (0, 3)
