@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, overload
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -103,7 +103,7 @@ class Preprocessing(CamelModel):
     )
 
     @model_validator(mode="after")
-    def _one_mean(self) -> "Preprocessing":
+    def _one_mean(self) -> Preprocessing:
         if self.mean_values is not None and self.mean_file is not None:
             raise ValueError("set at most one of meanValues and meanFile")
         return self
@@ -136,7 +136,9 @@ class Batching(CamelModel):
         default=2.0, ge=0, le=10_000, description="How long the first queued request waits for others to join."
     )
     latency_budget_ms: float = Field(
-        default=100.0, gt=0, description="With enabled: auto, the largest forward time (plus queue delay) a batch may take."
+        default=100.0,
+        gt=0,
+        description="With enabled: auto, the largest forward time (plus queue delay) a batch may take.",
     )
     min_gain: float = Field(
         default=1.1, ge=1.0, description="With enabled: auto, batch only when items/s improve at least this factor."
@@ -205,9 +207,12 @@ class ModelServing(CamelModel):
         "the parity check against pycaffe passes, else pycaffe.",
     )
     parity_tolerance: float = Field(
-        default=1e-5, gt=0, le=1e-2,
+        default=1e-5,
+        gt=0,
+        le=1e-2,
         description="The ONNX Runtime graph serves only if max |Δ| ≤ this × max(1, max |pycaffe|) on every output "
-        "and on the logits feeding a final Softmax, and the top-5 classes agree (1e-5 catches a BatchNorm off by 1e-5).",
+        "and on the logits feeding a final Softmax, and the top-5 classes agree "
+        "(1e-5 catches a BatchNorm off by 1e-5).",
     )
     limits: Limits = Field(default_factory=Limits)
 
@@ -222,6 +227,10 @@ class ServerConfig(ModelServing):
     grpc: Grpc = Field(default_factory=Grpc)
     base_dir: str | None = Field(default=None, exclude=True, description="Folder relative paths resolve against.")
 
+    @overload
+    def path(self, p: str) -> Path: ...
+    @overload
+    def path(self, p: None) -> None: ...
     def path(self, p: str | None) -> Path | None:
         """A model file's path, resolved against the config file's folder."""
         if p is None:
@@ -271,7 +280,9 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
-def parse_config(data: dict[str, Any], base_dir: str | None = None, environ: dict[str, str] | None = None) -> ServerConfig:
+def parse_config(
+    data: dict[str, Any], base_dir: str | None = None, environ: dict[str, str] | None = None
+) -> ServerConfig:
     data = _merge(data or {}, _env_overrides(dict(os.environ) if environ is None else environ))
     try:
         cfg = ServerConfig.model_validate(data)

@@ -31,11 +31,15 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from . import served
+from ..backends import BackendChoice
 from ..errors import ModelLoadError
 from ..hashing import file_sha256
-from ..backends import BackendChoice
+from . import served
+
+if TYPE_CHECKING:
+    from .parity import ParityReport
 
 log = logging.getLogger("caffeserve.backends")
 
@@ -219,8 +223,8 @@ def _gate(net, path: Path, cfg, shapes: dict, outputs: list[str], n_random: int,
     On a GPU with TensorRT installed, TensorRT is tried first (its default TF32 kernels may miss the
     bound); where it fails, the CUDA provider alone is judged. `details["onnx_tensorrt"]` says which.
     """
-    from . import parity
     from ..backends.onnxruntime import make_session, recorded_info, tensorrt_available
+    from . import parity
 
     pre = cfg.preprocessing
     mean_path = str(cfg.path(pre.mean_file)) if pre is not None and pre.mean_file else None
@@ -304,9 +308,9 @@ def evaluate(cfg, n_random: int | None = None, probed=None, speed: bool | None =
         import onnxruntime  # noqa: F401
     except ImportError as e:
         return Evaluation(f"onnxruntime is not installed ({e.name} is missing)")
+    from ..backends.onnxruntime import providers
     from . import parity
     from .convert import CONVERTER_VERSION
-    from ..backends.onnxruntime import providers
 
     n_random = parity.N_RANDOM_INPUTS if n_random is None else n_random
     want_speed = cfg.backend == "auto" if speed is None else speed
@@ -376,7 +380,7 @@ class CachedGraph:
     graph_sha: str | None  # the sha256 of the cached graph's bytes, where the file exists
 
     @classmethod
-    def find(cls, cfg, shapes: dict, outputs: list[str], n_random: int, converter_version: str) -> "CachedGraph":
+    def find(cls, cfg, shapes: dict, outputs: list[str], n_random: int, converter_version: str) -> CachedGraph:
         key = cache_key(cfg.path(cfg.model.prototxt), cfg.path(cfg.model.weights), shapes, converter_version, outputs)
         folder = _writable_cache_dir()
         path = folder / f"{key}.onnx"
@@ -415,8 +419,8 @@ class Gated:
 
     problem: str | None
     artifact: str | None = None  # the graph file judged; None where the conversion failed
-    report: object = None  # parity.ParityReport
-    session: object = None  # the ONNX Runtime session the gate judged (the timing reuses it)
+    report: ParityReport | None = None
+    session: Any = None  # the ONNX Runtime session the gate judged (the timing reuses it)
     sha: str | None = None  # the sha256 of the bytes judged
 
 

@@ -10,16 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 import orjson
 
 from caffe_http.server import Request, Response
 from caffe_http.tryit import page_response
 
-from .dataplane import DataPlane, Model
 from ..errors import InferenceError, NotFound
+from .dataplane import DataPlane, Model
 from .metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def create_app(plane: DataPlane, metrics: ServerMetrics) -> Callable[[Request], 
         ("",): Route("GET", e.try_it),
         ("index.html",): Route("GET", e.try_it),
     }
-    model_tails = {  # v2/models/{m}[/versions/{v}]/{tail}
+    model_tails: dict[str | None, Route] = {  # v2/models/{m}[/versions/{v}]/{tail}; None: no such tail
         "infer": Route("POST", e.infer),
         "": Route("GET", e.model_metadata),
         "ready": Route("GET", e.model_ready),
@@ -156,7 +156,8 @@ def create_app(plane: DataPlane, metrics: ServerMetrics) -> Callable[[Request], 
         method = req.method
         try:
             parts = tuple(req.path.strip("/").split("/"))
-            route, args = paths.get(parts), ()
+            args: tuple[str | None, ...] = ()
+            route = paths.get(parts)
             if route is None and (found := model_path(parts)) is not None:
                 route, args = model_tails.get(found[2]), found[:2]
             if route is None:

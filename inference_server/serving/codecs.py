@@ -7,15 +7,16 @@ so the hot path pays only for what it uses. Every error names the input and is a
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from math import prod
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import orjson
 
-from . import jsonscan
 from ..errors import BadRequest
+from . import jsonscan
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -104,7 +105,11 @@ def _json_array(name: str, data, datatype: str, shape: list[int], count: int) ->
         return _object_array(flat)
     dt = DTYPES[datatype]
     try:
-        arr = _json_integers(name, data, datatype, dt) if dt.kind in "iu" else _json_floats_or_bools(name, data, datatype, dt)
+        arr = (
+            _json_integers(name, data, datatype, dt)
+            if dt.kind in "iu"
+            else _json_floats_or_bools(name, data, datatype, dt)
+        )
     except (ValueError, TypeError, OverflowError) as e:
         raise BadRequest(f"input '{name}': data does not match datatype {datatype}: {e}") from None
     if arr.size != count:
@@ -208,7 +213,7 @@ class PlannedInput:
     span: jsonscan.Span | None = None  # where jsonscan found `data` in a large JSON part
 
 
-def decode_request(body: bytes, headers: dict[str, str], max_elements: int, check: InputCheck | None = None,
+def decode_request(body: bytes | bytearray, headers: dict[str, str], max_elements: int, check: InputCheck | None = None,
                    stream_min_bytes: int = STREAM_MIN_BYTES) -> InferRequest:
     """Parse an infer request body (JSON, or JSON header + binary tensors) into numpy inputs.
 
@@ -227,7 +232,7 @@ def decode_request(body: bytes, headers: dict[str, str], max_elements: int, chec
                         binary_output, req_params)
 
 
-def split_body(body: bytes, headers: dict[str, str]) -> tuple[bytes, memoryview]:
+def split_body(body: bytes | bytearray, headers: dict[str, str]) -> tuple[bytes | bytearray, memoryview]:
     """(the JSON part, the binary part) by the binary extension's Inference-Header-Content-Length."""
     header_len = headers.get(HEADER_LENGTH)
     if header_len is None:
@@ -237,7 +242,7 @@ def split_body(body: bytes, headers: dict[str, str]) -> tuple[bytes, memoryview]
     return body[: int(header_len)], memoryview(body)[int(header_len) :]
 
 
-def parse_json(json_part: bytes, stream_min_bytes: int) -> tuple[dict, list[jsonscan.Span]]:
+def parse_json(json_part: bytes | bytearray, stream_min_bytes: int) -> tuple[dict, list[jsonscan.Span]]:
     """The request object, and where jsonscan found the `data` arrays (none when orjson parsed it all)."""
     spans: list[jsonscan.Span] = []
     if len(json_part) >= stream_min_bytes:
@@ -268,7 +273,7 @@ def plan_inputs(raw_inputs, spans: list[jsonscan.Span], binary_len: int, max_ele
         datatype = t.get("datatype")
         if datatype not in DTYPES:
             raise BadRequest(f"input '{name}': unknown datatype {datatype!r}; expected one of {', '.join(DTYPES)}")
-        shape = t.get("shape")
+        shape: Any = t.get("shape")  # _check_shape validates it next
         p = PlannedInput(t, name, datatype, shape, _check_shape(name, shape, max_elements))
         params = t.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
@@ -292,7 +297,7 @@ def plan_inputs(raw_inputs, spans: list[jsonscan.Span], binary_len: int, max_ele
     return plan
 
 
-def input_array(p: PlannedInput, json_part: bytes, binary: memoryview) -> np.ndarray:
+def input_array(p: PlannedInput, json_part: bytes | bytearray, binary: memoryview) -> np.ndarray:
     """A planned input's values as the array the model gets."""
     if p.binary is not None:
         start, size = p.binary
@@ -338,7 +343,7 @@ def encode_response(
     """Build the response body; `outputs` holds (name, datatype, array, as_binary). Returns (body, extra headers)."""
     tensors, blobs = [], []
     for name, datatype, arr, as_binary in outputs:
-        t = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
+        t: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
         if as_binary:
             payload = _bytes_payload(arr) if datatype == "BYTES" else np.ascontiguousarray(arr).tobytes()
             t["parameters"] = {"binary_data_size": len(payload)}
@@ -348,7 +353,7 @@ def encode_response(
         else:
             t["data"] = np.ascontiguousarray(arr).ravel()
         tensors.append(t)
-    resp = {"model_name": model_name, "model_version": model_version, "outputs": tensors}
+    resp: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": tensors}
     if request_id is not None:
         resp["id"] = request_id
     if parameters:

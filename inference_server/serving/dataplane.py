@@ -12,19 +12,21 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import orjson
 
 from .. import __version__
 from ..backends import BackendChoice, choose_backend
-from .codecs import HEADER_LENGTH, STREAM_MIN_BYTES, InferRequest, decode_request, encode_response
 from ..config import ServerConfig, TensorSpec
 from ..errors import BadRequest, DeadlineExceeded, ModelLoadError, NotFound, Unavailable
-from .executor import Executor
 from ..hashing import file_sha256
 from ..loading.child_load import probe_load
+from .codecs import HEADER_LENGTH, STREAM_MIN_BYTES, InferRequest, decode_request, encode_response
+from .executor import Executor
 from .metrics import ServerMetrics
 from .preprocess import ImagePreprocessor
 from .stats import ModelStats, model_config
@@ -74,7 +76,9 @@ class InputBinding:
         """What the model accepts, from the request's fields alone (before any tensor is built)."""
         if datatype == "BYTES" and self.image is not None:
             if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-                raise BadRequest(f"input '{self.name}': images are sent as a BYTES tensor of shape [N] or [N, 1], got {shape}")
+                raise BadRequest(
+                    f"input '{self.name}': images are sent as a BYTES tensor of shape [N] or [N, 1], got {shape}"
+                )
             self._check_batch(shape[0], max_batch)
             return
         if datatype != self.datatype:
@@ -86,7 +90,7 @@ class InputBinding:
             )
         self._check_batch(shape[0], max_batch)
 
-    def to_blob(self, t, max_batch: int) -> np.ndarray:
+    def to_blob(self, t, max_batch: int) -> np.ndarray | Callable[[], np.ndarray]:
         self.check(t.datatype, t.shape, max_batch)
         if t.datatype == "BYTES" and self.image is not None:
             return functools.partial(self.image, self.name, t.array)  # decoded off the event loop
@@ -107,8 +111,9 @@ class Model:
         self.metrics = metrics
         self.state = "loading"
         self.error: str | None = None
-        self.executor: Executor | None = None
-        self.choice: BackendChoice | None = None
+        # None only until load() sets them: requests reach a model only once it is ready
+        self.executor: Executor = None  # type: ignore[assignment]
+        self.choice: BackendChoice = None  # type: ignore[assignment]
         self.inputs: dict[str, InputBinding] = {}
         self.outputs: list[str] = []
         self.output_shapes: dict[str, tuple[int, ...]] = {}
@@ -149,7 +154,9 @@ class Model:
         specs = cfg.inputs or [TensorSpec(name=n) for n in net_inputs]
         for spec in specs:
             if spec.name not in net_inputs:
-                raise ModelLoadError(f"config input '{spec.name}' is not an input of the net (it has {list(net_inputs)})")
+                raise ModelLoadError(
+                    f"config input '{spec.name}' is not an input of the net (it has {list(net_inputs)})"
+                )
             shape = tuple(spec.shape) if spec.shape else net_inputs[spec.name]
             image = None
             if cfg.preprocessing is not None and len(shape) == 4:
@@ -221,7 +228,7 @@ class Model:
             raise BadRequest(f"unknown input '{name}'; the model's inputs are: {', '.join(self.inputs)}")
         binding.check(datatype, shape, self.max_batch)
 
-    async def infer(self, body: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+    async def infer(self, body: bytes | bytearray, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
         """REST: an infer request body (JSON or binary extension) to the response body and extra headers."""
         self.check_ready()
         started = time.perf_counter_ns()
@@ -297,7 +304,7 @@ class Model:
         return outs, timing, submitted, batch
 
     async def _blobs(self, req: InferRequest) -> dict[str, np.ndarray]:
-        blobs = {}
+        blobs: dict[str, Any] = {}  # an encoded image's is a callable until it is decoded
         for t in req.inputs:
             binding = self.inputs.get(t.name)
             if binding is None:
@@ -354,6 +361,10 @@ class DataPlane:
             return "the server is shutting down"
         for m in self.models.values():
             if m.state != "ready":
-                return f"model '{m.name}' failed to load: {m.error}" if m.state == "failed" else f"model '{m.name}' is loading"
+                return (
+                    f"model '{m.name}' failed to load: {m.error}"
+                    if m.state == "failed"
+                    else f"model '{m.name}' is loading"
+                )
         return ""
 
