@@ -198,11 +198,14 @@ class _QueueHandler(logging.handlers.QueueHandler):
         return record
 
 
-def add_logging_arguments(p, default_level: str = "INFO") -> None:
-    """--log-level, --log-format and --no-access-log, the same on the server, the gateway and `up`."""
+def add_logging_arguments(p, default_level: str = "INFO", access_log: bool = True) -> None:
+    """--log-level and --log-format on every command (and --no-access-log on those that serve HTTP)."""
     p.add_argument("--log-level", default=default_level, type=str.upper,
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log threshold")
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log threshold (default %(default)s)")
     p.add_argument("--log-format", default="text", choices=LOG_FORMATS,
-                   help="text: one readable line per record; json: one JSON object per line (for log collectors)")
-    p.add_argument("--no-access-log", dest="access_log", action="store_false",
-                   help="no line per request (answers 4xx/5xx are still logged, with their message)")
+                   help="text (the default): one readable line per record; json: one JSON object per line "
+                        "(for log collectors)")
+    if access_log:
+        p.add_argument("--no-access-log", dest="access_log", action="store_false",
+                       help="no line per request (default: one line per request; with this flag answers "
+                            "4xx/5xx are still logged, with their message)")

@@ -21,7 +21,12 @@ from inference_server.s3 import S3Options
 
 
 class LocalError(Exception):
-    """Something local mode cannot run; the message says what and how to fix it."""
+    """Something local mode cannot run; the message says what and how to fix it. `exit_code` follows
+    the README's convention: 2 for what the user must change (manifest, port), 1 for what failed."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
