@@ -48,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-grpc", action="store_true", help="serve REST only")
     src = p.add_argument_group("discovery (one of)")
     src.add_argument("--static", action="append", default=[], metavar="MODEL=URL[,URL...]",
-                     help="a model's servers, given directly (repeat per model)")
+                     help="a model's servers, given directly (repeat per model; default: none, then --kubernetes)")
     src.add_argument("--kubernetes", action="store_true",
                      help="watch EndpointSlices labelled caffeserving.io/model (default inside a cluster)")
     src.add_argument("--namespace", help="namespace to watch (default: the pod's, or the kubeconfig context's)")

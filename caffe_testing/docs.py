@@ -23,8 +23,8 @@ from pathlib import Path
 NEEDS = ("cluster", "gpu", "network", "time")  # what a block that the test does not run needs
 NEEDS_RE = re.compile(r"^#\s*needs:\s*(\w+)")
 ELLIPSIS = "…"
-# files and folders the docs may name that are made by a build, not checked in
-GENERATED = (".venv", ".venv-checkov", ".caffe-cuda", ".gpu-bundle")
+# files and folders the docs may name that a build or a benchmark makes, not checked in
+GENERATED = (".venv", ".venv-checkov", ".caffe-cuda", ".gpu-bundle", "bench/results")
 
 
 @dataclass
@@ -201,23 +201,25 @@ def problems(doc: Path, text: str, repo: Path) -> list[str]:
     import caffeserve
 
     found: list[str] = []
-    tops = {p.name for p in repo.iterdir() if p.name != ".git"} | set(GENERATED)
+    tops = {p.name for p in repo.iterdir() if p.name != ".git"}
     code = code_text(repo)
     all_flags = set().union(*(flags_of(c) for c in caffeserve.COMMANDS))
     makefile = (repo / "Makefile").read_text()
     pieces = _code_pieces(text)
 
     def check_path(token: str, base: Path) -> None:
-        token = token.rstrip(".,:;)").split("::")[0].split("#")[0]
+        token = token.split("::")[0].split("#")[0].rstrip(".,:;)")
         if not token or PLACEHOLDER.search(token) or token.startswith(("http", "~", "/")):
             return
         first = token.lstrip("./").split("/")[0]
-        if first in GENERATED:
+        if token.lstrip("./").startswith(GENERATED):
             return
         if token.startswith("./") or token.startswith("../") or first in tops:
             if not ((base / token).exists() or (repo / token).exists()):
                 found.append(f"names a path that does not exist: {token}")
 
+    for token in PATH_RE.findall(prose(text)):  # paths in prose too (inline code included)
+        check_path(token, repo)
     for piece in pieces:
         for token in PATH_RE.findall(piece):
             check_path(token, repo)
