@@ -183,11 +183,12 @@ MAKE_RE = re.compile(r"(?:^|[\s;&(`])make\s+([a-z][\w-]*)")
 FLAG_RE = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
 
 
-def _code_pieces(text: str) -> list[str]:
-    """Inline code spans, and the lines of fenced blocks (their language aside)."""
-    pieces = inline_code(text)
+def _code_pieces(text: str) -> list[tuple[str, bool]]:
+    """Inline code spans and the lines of fenced blocks, each with whether it may hold commands (not in a
+    `text` block: a diagram or an illustration)."""
+    pieces = [(span, True) for span in inline_code(text)]
     for b in blocks(Path("doc.md"), text):
-        pieces.extend(b.lines)
+        pieces.extend((line, b.lang != "text") for line in b.lines)
     return pieces
 
 
@@ -211,8 +212,9 @@ def problems(doc: Path, text: str, repo: Path) -> list[str]:
         token = token.split("::")[0].split("#")[0].rstrip(".,:;)")
         if not token or PLACEHOLDER.search(token) or token.startswith(("http", "~", "/")):
             return
-        first = token.lstrip("./").split("/")[0]
-        if token.lstrip("./").startswith(GENERATED):
+        bare = token[2:] if token.startswith("./") else token
+        first = bare.split("/")[0]
+        if bare.startswith(GENERATED):
             return
         if token.startswith("./") or token.startswith("../") or first in tops:
             if not ((base / token).exists() or (repo / token).exists()):
@@ -220,7 +222,7 @@ def problems(doc: Path, text: str, repo: Path) -> list[str]:
 
     for token in PATH_RE.findall(prose(text)):  # paths in prose too (inline code included)
         check_path(token, repo)
-    for piece in pieces:
+    for piece, commands in pieces:
         for token in PATH_RE.findall(piece):
             check_path(token, repo)
         for name in ENV_RE.findall(piece):
@@ -229,6 +231,8 @@ def problems(doc: Path, text: str, repo: Path) -> list[str]:
                     found.append(f"names a config override that is no config field: {name}")
             elif name not in code:
                 found.append(f"names an environment variable (or constant) no code uses: {name}")
+        if not commands:
+            continue
         for sub, rest in COMMAND_RE.findall(piece):
             for s in sub.split("|"):
                 if s not in caffeserve.COMMANDS:

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -50,6 +51,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "(default %(default)g: close at once; in Kubernetes a few seconds, the operator sets 5)")
     add_logging_arguments(p)
     return p.parse_args(argv)
+
+
+def _bind_error(host: str, port: int) -> str:
+    """Why `host:port` cannot be bound, in the OS's words (e.g. "Address already in use")."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+    except OSError as e:
+        return e.strerror or str(e)
+    return "the port could be bound a moment later"
 
 
 def build(cfg, access_log: bool = True) -> tuple[DataPlane, HTTPServer, Model]:
@@ -110,8 +121,8 @@ def main(argv: list[str]) -> int:
         if grpc_server is not None:
             try:
                 port = await grpc_server.start(args.host, cfg.grpc.port)
-            except OSError as e:
-                log.error("%s", e)
+            except OSError as e:  # grpc says only "Failed to bind": the OS says why
+                log.error("%s (%s); choose another --grpc-port", e, _bind_error(args.host, cfg.grpc.port))
                 return 2
             log.info("listening for gRPC on %s:%d", args.host, port)
         try:

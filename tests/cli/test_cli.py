@@ -6,9 +6,6 @@ that cannot be bound)."""
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
-import io
 import json
 import socket
 import subprocess
@@ -18,29 +15,11 @@ import pytest
 
 import caffeserve
 from caffe_testing import REPO
+from caffe_testing.docs import parser_of
 from caffe_testing.servers import CAFFESERVE, free_port
 from inference_server.config import Grpc
 
 DIGITS = REPO / "examples" / "digits"
-
-
-def parser_of(command: str) -> argparse.ArgumentParser:
-    """The ArgumentParser a command builds, caught as it prints its --help (each command builds its own)."""
-    caught: list[argparse.ArgumentParser] = []
-    original = argparse.ArgumentParser.print_help
-
-    def catch(self, file=None):
-        caught.append(self)
-
-    argparse.ArgumentParser.print_help = catch
-    try:
-        module = importlib.import_module(caffeserve.COMMANDS[command][0])
-        with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
-            module.main(["--help"])
-    finally:
-        argparse.ArgumentParser.print_help = original
-    assert caught, f"`caffeserve {command} --help` built no argparse parser"
-    return caught[-1]
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
