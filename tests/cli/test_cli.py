@@ -105,7 +105,7 @@ def test_the_gateway_on_a_taken_port_exits_2():
     (["up", "examples/digits/server.yaml"], "has no CaffeModelService"),
     (["demo", "examples/digits/server.yaml"], "has no CaffeModelService"),
     (["gateway"], "--static"),
-    (["serve", "--no-such-flag"], "unrecognized arguments"),
+    (["serve", "--config", "examples/digits/server.yaml", "--no-such-flag"], "unrecognized arguments"),
     (["nope"], "unknown command"),
 ])
 def test_configuration_and_usage_errors_exit_2_with_a_message(args, message):
