@@ -25,6 +25,8 @@ NEEDS_RE = re.compile(r"^#\s*needs:\s*(\w+)")
 ELLIPSIS = "…"
 # files and folders the docs may name that a build or a benchmark makes, not checked in
 GENERATED = (".venv", ".venv-checkov", ".caffe-cuda", ".gpu-bundle", "bench/results")
+# other programs' environment variables the docs mention (ours must be used by our code)
+EXTERNAL_ENV = {"PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"}
 
 
 @dataclass
@@ -221,15 +223,15 @@ def problems(doc: Path, text: str, repo: Path) -> list[str]:
                 found.append(f"names a path that does not exist: {token}")
 
     for token in PATH_RE.findall(prose(text)):  # paths in prose too (inline code included)
-        check_path(token, repo)
+        check_path(token, doc.parent)
     for piece, commands in pieces:
         for token in PATH_RE.findall(piece):
-            check_path(token, repo)
+            check_path(token, doc.parent)
         for name in ENV_RE.findall(piece):
             if "__" in name and name.startswith("CAFFESERVE__"):
                 if not config_field_exists(name.split("__")[1:]):
                     found.append(f"names a config override that is no config field: {name}")
-            elif name not in code:
+            elif name not in code and name not in EXTERNAL_ENV:
                 found.append(f"names an environment variable (or constant) no code uses: {name}")
         if not commands:
             continue
