@@ -190,5 +190,5 @@ def test_the_docs_commands_run_and_print_what_they_show(block, sessions):
                            timeout=300)
         out = r.stdout + r.stderr
         assert r.returncode == 0, f"{where}: `{cmd}` exited with {r.returncode}:\n{out[-3000:]}"
-        missing = matches([sessions.map(e) for e in expected], out)
+        missing = matches([sessions.map(e).replace("~/", f"{Path.home()}/") for e in expected], out)
         assert missing is None, f"{where}: `{cmd}` did not print the line the doc shows:\n  {missing}\nit printed:\n{out[-3000:]}"
