@@ -87,9 +87,9 @@ async def run(args, on_ready=None) -> int:
         try:
             models = local_models(args.manifest, args.pvc_root, args.cache_dir or default_cache_dir(), tmp,
                                   args.device, args.replicas)
-        except LocalError as e:  # the manifest (or a file it names) is wrong: a configuration error
+        except LocalError as e:  # the manifest (or a file it names) is wrong (2), or a download failed (1)
             print(f"caffeserve up: {e}", file=sys.stderr, flush=True)
-            return 2
+            return e.exit_code
         service = LocalService(models, tmp, settings_from(args), args.host, args.port, args.grace,
                                None if args.no_grpc else args.grpc_port, log_level=args.log_level,
                                access_log=args.access_log)

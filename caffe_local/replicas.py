@@ -237,7 +237,7 @@ class LocalService:
             port = await self.app.start(self.host, self.port, grpc_port=self.grpc_port)
         except OSError as e:
             raise LocalError(f"the gateway cannot listen on {self.host} (port {self.port}, gRPC {self.grpc_port}): "
-                             f"{e.strerror or e}; choose another --port / --grpc-port", exit_code=2) from None
+                             f"{e.strerror or e}; choose another --port / --grpc-port") from None
         for g in self.groups.values():
             self._publish(g)
         self._supervisor = asyncio.create_task(self._supervise())
@@ -251,7 +251,7 @@ class LocalService:
             if not r.alive():
                 await asyncio.sleep(0.1)  # let the relay print its last lines
                 raise LocalError(f"{r.label} exited with code {r.proc.returncode} before it was ready"
-                                 + (f": {r.output[-1]}" if r.output else ""))
+                                 + (f": {r.output[-1]}" if r.output else ""), exit_code=1)
             ok, why, _ = await r.readiness()
             if ok:
                 r.ready = True
@@ -259,9 +259,10 @@ class LocalService:
             if "failed to load" in why:  # permanent: the server does not try again
                 hint = ("; to run this manifest on this machine's CPU: caffeserve up --device cpu ..."
                         if "device kind 'gpu'" in why else "")
-                raise LocalError(f"{r.label}: {why}{hint}")
+                raise LocalError(f"{r.label}: {why}{hint}", exit_code=1)
             await asyncio.sleep(0.05)
-        raise LocalError(f"{r.label} not ready within {timeout_s:g} s (runtime.startupTimeoutSeconds): {why}")
+        raise LocalError(f"{r.label} not ready within {timeout_s:g} s (runtime.startupTimeoutSeconds): {why}",
+                         exit_code=1)
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
