@@ -6,12 +6,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import Any
 
 import yaml
 from pydantic import BaseModel
+
+from caffe_http.access_log import add_logging_arguments, configure_logging
 
 from caffe_operator.api import (
     CATEGORIES,
@@ -198,10 +201,6 @@ def crd_yaml() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from caffe_http.access_log import add_logging_arguments, configure_logging
-
     p = argparse.ArgumentParser(prog="caffeserve crd",
                                 description="Print the CaffeModelService CRD (YAML) generated from the operator's model.")
     add_logging_arguments(p, default_level="WARNING", access_log=False)
