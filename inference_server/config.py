@@ -117,7 +117,8 @@ class DeviceKind(StrEnum):  # str() gives "cpu"/"gpu", as metadata and the CR st
 class Device(CamelModel):
     """Where the Net runs."""
 
-    kind: DeviceKind = Field(default=DeviceKind.cpu, description="cpu, or gpu (fails at startup without one).")
+    kind: DeviceKind = Field(default=DeviceKind.cpu, description="cpu, or gpu (without a GPU or a CUDA build the model "
+                             "fails to load: the server stays live, readiness 503 says why).")
     id: int = Field(default=0, ge=0, description="GPU device id (with kind: gpu).")
 
 
