@@ -160,9 +160,22 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_FORMATS = ("text", "json")
 
 
+class _Stderr(logging.StreamHandler):
+    """Whatever sys.stderr is when a line is written (as logging's last-resort handler does): a command
+    run in-process, under a test's captured stderr, never writes to a stream closed since."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text", stream=None) -> None:
     """The process's logging: `fmt` text or json, written by a background thread (module docstring)."""
-    target = logging.StreamHandler(stream or sys.stderr)
+    target = logging.StreamHandler(stream) if stream is not None else _Stderr()
     target.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     q: queue.SimpleQueue = queue.SimpleQueue()
     listener = logging.handlers.QueueListener(q, target, respect_handler_level=False)
