@@ -367,7 +367,7 @@ def test_5_the_documented_curl_request_gets_the_documented_answer(flow):
     (request_json,) = doc_blocks("json")
     shipped = REPO / "examples" / "digits" / "request.json"
     assert json.loads(shipped.read_text()) == json.loads(request_json), "examples/digits/request.json drifted from the docs"
-    answer = json.loads(doc_blocks("")[-1])  # the plain block after "The answer is"
+    answer = json.loads(doc_blocks("console")[-1].splitlines()[-1])  # the answer the curl block shows
     gw = flow.gateways[1]
     status, body = http_json("POST", f"http://127.0.0.1:{gw.port('http')}/v2/models/{MODEL}/infer", json.loads(request_json))
     assert status == 200 and body == answer
