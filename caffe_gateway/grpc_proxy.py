@@ -34,7 +34,8 @@ What a client sees (tritonclient.grpc, KServe's InferenceGRPCClient, any OIP gRP
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -43,10 +44,9 @@ from inference_server.grpc.listener import GRPCListener
 from inference_server.grpc.status import NOT_RUN_KEY, retry_trailers
 
 from .balancer import Endpoint, ModelRoute
-from .forward import (BROKEN, DEADLINE, NOT_SERVED, UNAVAILABLE, UNKNOWN, Forwarder, Lost, NotRun, Refused,
-                      Unreachable)
-from .proxy import FORWARDED_EXTENSIONS, GATEWAY_NAME
+from .forward import BROKEN, DEADLINE, NOT_SERVED, UNAVAILABLE, UNKNOWN, Forwarder, Lost, NotRun, Refused, Unreachable
 from .grpc_stats import model_statistics
+from .proxy import FORWARDED_EXTENSIONS, GATEWAY_NAME
 
 SERVICE = pb.SERVICE
 OWN_METHODS = ("ServerLive", "ServerReady", "ServerMetadata")
@@ -210,7 +210,7 @@ def _reply_metadata(md) -> tuple:
 
 # A server's answer: (status code, the message (OK) or the status details, initial metadata,
 # trailing metadata). A plain tuple: one is made per call on the hot path.
-Answer = tuple[grpc.StatusCode, bytes | str, tuple, tuple]
+Answer = tuple[grpc.StatusCode, bytes | str, Any, Any]  # code, payload or details, initial and trailing metadata
 _OK = Code.OK
 
 
@@ -229,6 +229,7 @@ class GRPCTransport:
         method, data, metadata = request
         upstream = ep.grpc
         if upstream is None:
+            assert ep.grpc_port is not None  # the forwarder sends gRPC only to endpoints with a gRPC port
             upstream = ep.grpc = Upstream(ep.pool.host, ep.grpc_port)
         loop = asyncio.get_running_loop()
         if not await upstream.connected(min(self.connect_timeout_s, deadline - loop.time())):
@@ -299,7 +300,8 @@ class GRPCGateway:
             name=GATEWAY_NAME, version=version, extensions=FORWARDED_EXTENSIONS).SerializeToString()
 
     def handler(self) -> grpc.GenericRpcHandler:
-        methods = {name: grpc.unary_unary_rpc_method_handler(getattr(self, name)) for name in OWN_METHODS}
+        methods: dict[str, grpc.RpcMethodHandler] = {
+            name: grpc.unary_unary_rpc_method_handler(getattr(self, name)) for name in OWN_METHODS}
         for name in MODEL_METHODS:
             methods[name] = grpc.unary_unary_rpc_method_handler(self._forwarder(name))
         methods["ModelStatistics"] = grpc.unary_unary_rpc_method_handler(self.ModelStatistics)
@@ -355,6 +357,7 @@ class GRPCGateway:
         except _Abort as e:
             code = e.code.name
             await context.abort(e.code, e.details, trailing_metadata=e.trailing)
+            raise AssertionError("unreachable: context.abort raises") from None
         except asyncio.CancelledError:
             code = "CANCELLED"  # the client went away or its deadline passed; the upstream call is cancelled
             raise

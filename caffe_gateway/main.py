@@ -11,8 +11,8 @@ ready server are answered 503 with an integer Retry-After; a request whose deadl
 are retried on another server (retry budget: 20% of active requests, at least 3); 5 consecutive
 failures eject a server for 30 s. A model scaled to zero (its Service labelled with a cold-start
 time) holds requests until a server is ready; a canary takes its labelled share of the requests;
-`GET /autoscaling/MODEL` serves the load signal KEDA scales on (docs/traffic.md). In a cluster the gateway needs `list` and `watch` on
-discovery.k8s.io endpointslices, nothing else.
+`GET /autoscaling/MODEL` serves the load signal KEDA scales on (docs/traffic.md). In a cluster the
+gateway needs `list` and `watch` on discovery.k8s.io endpointslices, nothing else.
 
 gRPC (`inference.GRPCInferenceService`, port --grpc-port) is forwarded the same way, to the
 servers' gRPC ports (EndpointSlice port `grpc`; `--static m=http://host:8001?grpc=8002`).
@@ -30,6 +30,7 @@ from caffe_http.access_log import AccessLog, add_logging_arguments, configure_lo
 from caffe_http.lifecycle import install_uvloop, stop_event
 
 from .app import GatewayApp
+from .balancer import Address
 from .discovery import EndpointSliceWatcher, KubeConfig, StaticDiscovery, parse_static
 from .settings import add_arguments, settings_from
 
@@ -67,7 +68,7 @@ def make_discovery(args, p: argparse.ArgumentParser):
     if args.static and args.kubernetes:
         p.error("use either --static or --kubernetes, not both")
     if args.static:
-        models = {}
+        models: dict[str, set[Address]] = {}
         for spec in args.static:
             try:
                 name, addrs = parse_static(spec)

@@ -14,6 +14,7 @@ serves the same config, so it is forwarded like any other model request.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import orjson
 
@@ -52,7 +53,7 @@ async def _ask(ep, target: str, deadline: float):
         return None
 
 
-async def model_stats(route, model: str, version: str | None) -> tuple[int, object]:
+async def model_stats(route, model: str, version: str | None) -> tuple[int, Any]:
     """(200, [summed stats]) or (status, error message)."""
     loop = asyncio.get_running_loop()
     now = loop.time()

@@ -21,6 +21,7 @@ reader never blocks the event loop.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import logging.handlers
@@ -162,11 +163,11 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_FORMATS = ("text", "json")
 
 
-class _Stderr(logging.StreamHandler):
+class _Stderr(logging.StreamHandler[TextIO]):
     """Whatever sys.stderr is when a line is written (as logging's last-resort handler does): a command
     run in-process, under a test's captured stderr, never writes to a stream closed since."""
 
-    @property  # type: ignore[override]  # a read-only view of sys.stderr where the base has an attribute
+    @property  # a view of sys.stderr at each write (the base holds the stream it was given)
     def stream(self) -> TextIO:
         return sys.stderr
 
@@ -213,7 +214,7 @@ class _QueueHandler(logging.handlers.QueueHandler):
         return record
 
 
-def add_logging_arguments(p, default_level: str = "INFO", access_log: bool = True) -> None:
+def add_logging_arguments(p: argparse.ArgumentParser, default_level: str = "INFO", access_log: bool = True) -> None:
     """--log-level and --log-format on every command (and --no-access-log on those that serve HTTP)."""
     p.add_argument("--log-level", default=default_level, type=str.upper,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log threshold (default %(default)s)")

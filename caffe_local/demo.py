@@ -30,6 +30,7 @@ def pick_digit(manifest: Path, index: int | None) -> tuple[bytes, int, str]:
     data_py = manifest.resolve().parent / "data.py"
     if data_py.is_file():  # the digits example: a digit its training never saw, rendered its way
         spec = importlib.util.spec_from_file_location("caffeserve_demo_digits_data", data_py)
+        assert spec is not None and spec.loader is not None, data_py
         data = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(data)
         images, labels = data.held_out()
@@ -42,7 +43,7 @@ def pick_digit(manifest: Path, index: int | None) -> tuple[bytes, int, str]:
     i = random.randrange(len(digits.images)) if index is None else index % len(digits.images)
     pixels = (digits.images[i] * (255.0 / 16.0)).round().clip(0, 255).astype("uint8")
     buf = io.BytesIO()
-    Image.fromarray(pixels, mode="L").resize((32, 32), Image.NEAREST).save(buf, format="PNG")
+    Image.fromarray(pixels, mode="L").resize((32, 32), Image.Resampling.NEAREST).save(buf, format="PNG")
     return buf.getvalue(), int(digits.target[i]), f"scikit-learn digit #{i}"
 
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(port=0, grpc_port=0)  # any free ports: the demo never collides with a running server
     for action in p._actions:  # say so in --help
         if action.dest in ("port", "grpc_port"):
-            action.help = action.help.split(" (default")[0] + " (default 0 here: any free port)"
+            action.help = (action.help or "").split(" (default")[0] + " (default 0 here: any free port)"
     args = p.parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     png, truth, source = pick_digit(args.manifest, args.index)

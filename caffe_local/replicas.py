@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from caffe_gateway.app import GatewayApp
+from caffe_gateway.balancer import Address
 from caffe_gateway.discovery import StaticDiscovery
 from caffe_gateway.settings import GatewaySettings
 from caffe_http.access_log import AccessLog
@@ -133,14 +134,15 @@ class Replica:
             return False, f"HTTP {resp.status}", True
 
     async def stop(self, grace_s: float) -> None:
-        if not self.alive():
+        proc = self.proc
+        if proc is None or proc.returncode is not None:  # not alive()
             return
-        self.proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(self.proc.wait(), grace_s)
-        except asyncio.TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
+            await asyncio.wait_for(proc.wait(), grace_s)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
 
 
 class Group:
@@ -163,9 +165,19 @@ class Group:
 class LocalService:
     """The replicas of every model plus the gateway, started and stopped together."""
 
-    def __init__(self, models: list[LocalModel], workdir: Path, gateway_settings: GatewaySettings, host: str = "127.0.0.1",
-                 port: int = 8080, grace_s: float = 30.0, grpc_port: int | None = None,
-                 scale_interval_s: float = 0.25, log_level: str = "INFO", access_log: bool = True):
+    def __init__(
+        self,
+        models: list[LocalModel],
+        workdir: Path,
+        gateway_settings: GatewaySettings,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        grace_s: float = 30.0,
+        grpc_port: int | None = None,
+        scale_interval_s: float = 0.25,
+        log_level: str = "INFO",
+        access_log: bool = True,
+    ):
         self.log_level = log_level
         self.models = models
         self.workdir = workdir
@@ -182,7 +194,7 @@ class LocalService:
             for _ in range(g.initial_count()):
                 self._new_replica(g)
         balancer, proxy, limits = gateway_settings
-        primaries = {m.name: set() for m in models if m.variant == "primary"}
+        primaries: dict[str, set[Address]] = {m.name: set() for m in models if m.variant == "primary"}
         self.app = GatewayApp(StaticDiscovery(primaries), balancer, proxy, limits, AccessLog("gateway", access_log))
         self._supervisor: asyncio.Task | None = None
         self._scaler: asyncio.Task | None = None
@@ -250,7 +262,8 @@ class LocalService:
         while time.monotonic() < deadline:
             if not r.alive():
                 await asyncio.sleep(0.1)  # let the relay print its last lines
-                raise LocalError(f"{r.label} exited with code {r.proc.returncode} before it was ready"
+                code = r.proc.returncode if r.proc is not None else None
+                raise LocalError(f"{r.label} exited with code {code} before it was ready"
                                  + (f": {r.output[-1]}" if r.output else ""), exit_code=1)
             ok, why, _ = await r.readiness()
             if ok:
@@ -346,7 +359,8 @@ class LocalService:
                 g.scale_ups += 1
                 self._note(g, "up", want)
                 print(f"{g.model.label}: scaling up {current} -> {want} replica(s) "
-                      f"(load {self._load(g)}, target {g.model.autoscaling.target})", flush=True)
+                      f"(load {self._load(g)}, target {g.model.autoscaling.target if g.model.autoscaling else '-'})",
+                      flush=True)
                 await asyncio.gather(*(self._bring_up(g, self._new_replica(g)) for _ in range(want - current)))
             elif want < current:
                 g.scale_downs += 1
@@ -425,7 +439,9 @@ class LocalService:
                         await asyncio.gather(*(self._bring_up(g, self._new_replica(g))
                                                for _ in range(m.replicas - len(g.replicas))))
                     else:
-                        await self._retire(g, sorted(g.replicas, key=lambda r: (r.ready, r.index))[:len(g.replicas) - m.replicas])
+                        await self._retire(
+                            g, sorted(g.replicas, key=lambda r: (r.ready, r.index))[: len(g.replicas) - m.replicas]
+                        )
         for key in [k for k in self.groups if k not in new]:
             g = self.groups.pop(key)
             print(f"{g.model.label}: removed from the manifest; retiring {len(g.replicas)} replica(s)", flush=True)

@@ -17,8 +17,9 @@ import io
 import re
 import shlex
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 NEEDS = ("cluster", "gpu", "network", "time")  # what a block that the test does not run needs
 NEEDS_RE = re.compile(r"^#\s*needs:\s*(\w+)")
@@ -114,20 +115,20 @@ def matches(expected: list[str], actual: str) -> str | None:
 
 
 # --- what exists
-@lru_cache(maxsize=None)
+@cache
 def parser_of(command: str) -> argparse.ArgumentParser | None:
     """The ArgumentParser `caffeserve COMMAND` builds (caught as it prints its --help)."""
     import caffeserve
 
     caught: list[argparse.ArgumentParser] = []
     original = argparse.ArgumentParser.print_help
-    argparse.ArgumentParser.print_help = lambda self, file=None: caught.append(self)
+    argparse.ArgumentParser.print_help = lambda self, file=None: caught.append(self)  # type: ignore[method-assign]
     try:
         module = importlib.import_module(caffeserve.COMMANDS[command][0])
         with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
             module.main(["--help"])
     finally:
-        argparse.ArgumentParser.print_help = original
+        argparse.ArgumentParser.print_help = original  # type: ignore[method-assign]
     return caught[-1] if caught else None
 
 
@@ -136,7 +137,7 @@ def flags_of(command: str) -> set[str]:
     return {s for a in p._actions for s in a.option_strings} if p else set()
 
 
-@lru_cache(maxsize=None)
+@cache
 def code_text(repo: Path) -> str:
     """Every checked-in file that is not documentation, as one string (what an env var or flag must be in)."""
     import subprocess
@@ -157,7 +158,7 @@ def config_field_exists(path: list[str]) -> bool:
     """CAFFESERVE__DEVICE__KIND -> device.kind, a field of the server config."""
     from inference_server.config import ServerConfig
 
-    model = ServerConfig
+    model: Any = ServerConfig  # then the model of each field on the path
     for part in path:
         fields = {name.lower(): f for name, f in model.model_fields.items()}
         fields.update({(f.alias or "").lower(): f for f in model.model_fields.values() if f.alias})
@@ -262,8 +263,8 @@ def problems(doc: Path, text: str, repo: Path) -> list[str]:
             if not re.search(rf"^{re.escape(target)}\s*:", makefile, re.M):
                 found.append(f"names a make target that does not exist: make {target}")
     for span in inline_code(text):  # a flag named on its own: one of ours, or in some checked-in file
-        if span.startswith("--"):
-            flag = FLAG_RE.match(span).group(1)
+        if span.startswith("--") and (m := FLAG_RE.match(span)) is not None:
+            flag = m.group(1)
             if flag not in all_flags and flag not in code:
                 found.append(f"names a flag no command takes: {flag}")
     for target in LINK_RE.findall(prose(text)):

@@ -66,7 +66,11 @@ def main(argv: list[str]) -> int:
 
 def _shown_shape(declared: tuple[int, ...], probed: tuple[int, ...]) -> list[int]:
     """The shape at the served batch, with -1 on the axes the data decides (the probe's -1 past axis 0)."""
-    return [declared[0], *(p if p == -1 else d for d, p in zip(declared[1:], probed[1:]))] if declared else []
+    return (
+        [declared[0], *(p if p == -1 else d for d, p in zip(declared[1:], probed[1:], strict=False))]
+        if declared
+        else []
+    )
 
 
 def _batching_line(label: str, found) -> str:
@@ -78,8 +82,8 @@ def _batching_line(label: str, found) -> str:
 
 def _probe(backend, cfg):
     """The backend's description and what the server's load-time probe would find with it."""
-    from ..loading.parity import value_range
     from ..loading.forward_probe import probe, runs_batches
+    from ..loading.parity import value_range
 
     desc = backend.describe()
     return desc, probe(backend, {b.name: b.shape for b in desc.outputs}, {b.name: b.shape[1:] for b in desc.inputs},
@@ -91,10 +95,10 @@ def run_checks(cfg, runs: int, out) -> int:
     """Print what serving `cfg` would do; 0 when the configured server would start, else 1."""
     from ..backends import BackendChoice, create_backend
     from ..backends.pycaffe import PycaffeBackend
-    from ..loading.selection import decide, evaluate
-    from ..loading.convert import supported_types
-    from ..serving.dataplane import check_model_files
     from ..loading.child_load import probe_load
+    from ..loading.convert import supported_types
+    from ..loading.selection import decide, evaluate
+    from ..serving.dataplane import check_model_files
 
     check_model_files(cfg)
     prototxt, weights = str(cfg.path(cfg.model.prototxt)), str(cfg.path(cfg.model.weights))

@@ -1,7 +1,8 @@
 """`caffeserve fetch --url U --dest PATH [--sha256 HEX]`: download one model file, safely.
 
 Used by the init containers of `source.url` and `source.s3` models and by local mode. What it guarantees:
-- http(s) URLs, and `s3://BUCKET/KEY` (S3 or an S3-compatible store at `--s3-endpoint`; s3.py); a size cap (Content-Length checked first, then the bytes actually read);
+- http(s) URLs, and `s3://BUCKET/KEY` (S3 or an S3-compatible store at `--s3-endpoint`; s3.py); a size cap
+  (Content-Length checked first, then the bytes actually read);
   a read timeout and an overall deadline, so a stalled server cannot hang a pod forever;
 - the sha256 is computed while streaming and checked before the file appears at PATH: the file
   is written beside PATH under a temporary name, fsynced, then renamed (atomic on one filesystem),
@@ -162,7 +163,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--url", required=True, help="http(s) URL of the file, or s3://BUCKET/KEY")
     p.add_argument("--dest", required=True, help="where to write it (written beside it first, then renamed)")
     p.add_argument("--sha256", help="expected sha256 (hex); the file is kept only if it matches")
-    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="refuse files larger than this (default 8 GiB)")
+    p.add_argument(
+        "--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="refuse files larger than this (default 8 GiB)"
+    )
     add_logging_arguments(p, default_level="WARNING", access_log=False)
     p.add_argument("--timeout", type=float, default=1800.0, help="overall deadline in seconds (default 1800)")
     p.add_argument("--read-timeout", type=float, default=60.0, help="longest wait for the next bytes (default 60)")
@@ -170,9 +173,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--s3-endpoint", metavar="URL",
                    help="S3-compatible endpoint for s3:// URLs (MinIO, Ceph, ...); default: AWS (or $AWS_ENDPOINT_URL)")
     p.add_argument("--s3-region", metavar="REGION", help="region for s3:// URLs (default: $AWS_REGION, the SDK's)")
-    p.add_argument("--s3-credentials-dir", metavar="DIR",
-                   help="a folder of files named AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN): a Secret "
-                        "mounted as a volume; default: the SDK's chain (environment, ~/.aws, IRSA, Pod Identity)")
+    p.add_argument(
+        "--s3-credentials-dir",
+        metavar="DIR",
+        help="a folder of files named AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN): a Secret "
+        "mounted as a volume; default: the SDK's chain (environment, ~/.aws, IRSA, Pod Identity)",
+    )
     return p.parse_args(argv)
 
 
@@ -189,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fetch: {e}", file=sys.stderr)
         return 1
     if got.downloaded:
-        print(f"fetch: {args.url} -> {got.path} ({got.size} bytes, sha256 {got.sha256}) in {time.monotonic() - started:.1f} s")
+        print(
+            f"fetch: {args.url} -> {got.path} ({got.size} bytes, sha256 {got.sha256})"
+            f" in {time.monotonic() - started:.1f} s"
+        )
     else:
         print(f"fetch: {got.path} already has sha256 {got.sha256}; kept")
     return 0

@@ -23,9 +23,9 @@ from caffe_http.encoding import with_content_coding
 from caffe_http.lifecycle import install_uvloop
 from caffe_http.server import HTTPServer, ServerLimits, serve_until_signalled
 
-from ..serving.app import create_app
 from ..config import ConfigError, load_config
 from ..cpus import share_blas_threads
+from ..serving.app import create_app
 from ..serving.dataplane import DataPlane, Model
 from ..serving.metrics import ServerMetrics
 

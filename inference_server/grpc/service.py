@@ -20,14 +20,14 @@ import orjson
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter
 
-from ..serving.dataplane import DataPlane
 from ..errors import BadRequest, InferenceError, NotFound, grpc_status_name
+from ..serving.dataplane import DataPlane
 from ..serving.metrics import ServerMetrics
 from . import messages as pb
 from .codec import decode_infer_request, encode_infer_response
-from .triton import config_response, statistics_response
-from .status import RETRY_INFO_TYPE, error_status  # noqa: F401 (RETRY_INFO_TYPE: re-exported)
 from .listener import GRPCListener
+from .status import RETRY_INFO_TYPE, error_status  # noqa: F401 (RETRY_INFO_TYPE: re-exported)
+from .triton import config_response, statistics_response
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class GRPCService:
         self._model_config: dict[str, tuple[bytes, bytes]] = {}  # the same, for ModelConfig
         self._rpcs = Counter("caffeserve_grpc_requests", "gRPC ModelInfer calls by gRPC status code.",
                              ["model", "version", "grpc_code"], registry=metrics.registry)
-        self._rpc_codes: dict[str, object] = {}
+        self._rpc_codes: dict[str, Counter] = {}
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(

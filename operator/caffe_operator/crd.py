@@ -15,7 +15,6 @@ import yaml
 from pydantic import BaseModel
 
 from caffe_http.access_log import add_logging_arguments, configure_logging
-
 from caffe_operator.api import (
     CATEGORIES,
     GROUP,
@@ -161,36 +160,81 @@ def custom_resource_definition() -> dict[str, Any]:
             "group": GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL, "singular": SINGULAR,
-                "shortNames": SHORT_NAMES, "categories": CATEGORIES,
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": SHORT_NAMES,
+                "categories": CATEGORIES,
             },
-            "versions": [{
-                "name": VERSION,
-                "served": True,
-                "storage": True,
-                "schema": {"openAPIV3Schema": schema},
-                "subresources": {
-                    "status": {},
-                    "scale": {
-                        "specReplicasPath": ".spec.replicas",
-                        "statusReplicasPath": ".status.replicas",
-                        "labelSelectorPath": ".status.selector",
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": schema},
+                    "subresources": {
+                        "status": {},
+                        "scale": {
+                            "specReplicasPath": ".spec.replicas",
+                            "statusReplicasPath": ".status.replicas",
+                            "labelSelectorPath": ".status.selector",
+                        },
                     },
-                },
-                "additionalPrinterColumns": [
-                    {"name": "Ready", "type": "string", "jsonPath": f"{ready}.status", "description": "Whether clients can use the model."},
-                    {"name": "Reason", "type": "string", "jsonPath": f"{ready}.reason", "priority": 1, "description": "Why (not) ready."},
-                    {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas", "description": "Desired server pods."},
-                    {"name": "Ready Replicas", "type": "integer", "jsonPath": ".status.readyReplicas", "description": "Ready server pods."},
-                    {"name": "Device", "type": "string", "jsonPath": ".spec.runtime.device", "description": "gpu or cpu."},
-                    {"name": "Backend", "type": "string", "jsonPath": ".status.backend.name",
-                     "description": "pycaffe or onnxruntime, as a ready pod reports it."},
-                    {"name": "URL", "type": "string", "jsonPath": ".status.url", "description": "Where clients reach the model."},
-                    {"name": "gRPC", "type": "string", "jsonPath": ".status.grpcAddress",
-                     "description": "Where gRPC clients reach the model (host:port)."},
-                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                ],
-            }],
+                    "additionalPrinterColumns": [
+                        {
+                            "name": "Ready",
+                            "type": "string",
+                            "jsonPath": f"{ready}.status",
+                            "description": "Whether clients can use the model.",
+                        },
+                        {
+                            "name": "Reason",
+                            "type": "string",
+                            "jsonPath": f"{ready}.reason",
+                            "priority": 1,
+                            "description": "Why (not) ready.",
+                        },
+                        {
+                            "name": "Replicas",
+                            "type": "integer",
+                            "jsonPath": ".spec.replicas",
+                            "description": "Desired server pods.",
+                        },
+                        {
+                            "name": "Ready Replicas",
+                            "type": "integer",
+                            "jsonPath": ".status.readyReplicas",
+                            "description": "Ready server pods.",
+                        },
+                        {
+                            "name": "Device",
+                            "type": "string",
+                            "jsonPath": ".spec.runtime.device",
+                            "description": "gpu or cpu.",
+                        },
+                        {
+                            "name": "Backend",
+                            "type": "string",
+                            "jsonPath": ".status.backend.name",
+                            "description": "pycaffe or onnxruntime, as a ready pod reports it.",
+                        },
+                        {
+                            "name": "URL",
+                            "type": "string",
+                            "jsonPath": ".status.url",
+                            "description": "Where clients reach the model.",
+                        },
+                        {
+                            "name": "gRPC",
+                            "type": "string",
+                            "jsonPath": ".status.grpcAddress",
+                            "description": "Where gRPC clients reach the model (host:port).",
+                        },
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                }
+            ],
         },
     }
 
@@ -201,8 +245,9 @@ def crd_yaml() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="caffeserve crd",
-                                description="Print the CaffeModelService CRD (YAML) generated from the operator's model.")
+    p = argparse.ArgumentParser(
+        prog="caffeserve crd", description="Print the CaffeModelService CRD (YAML) generated from the operator's model."
+    )
     add_logging_arguments(p, default_level="WARNING", access_log=False)
     args = p.parse_args(list(argv or []))
     configure_logging(args.log_level, args.log_format)

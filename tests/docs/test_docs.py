@@ -50,13 +50,24 @@ def test_the_name_check_finds_what_does_not_exist(tmp_path):
     doc = tmp_path / "stale.md"
     doc.write_text(
         "Tests: tests/test_caffe_forks.py and `tests/server/test_caffe_forks.py`; see [gpu](docs/nope.md).\n"
-        "Set `CAFFESERVE_NO_SUCH_SETTING=1` or `CAFFESERVE__DEVICE__COLOUR=red`; the real `CAFFESERVE__DEVICE__KIND=gpu`.\n"
+        "Set `CAFFESERVE_NO_SUCH_SETTING=1` or `CAFFESERVE__DEVICE__COLOUR=red`; "
+        "the real `CAFFESERVE__DEVICE__KIND=gpu`.\n"
         "Run `caffeserve serve --config x.yaml --no-such-flag` or `caffeserve launch`, then `make nothing-here`.\n"
         "```sh\n# needs: time\n.venv/bin/python bench/protocols.py --no-such-option 3\n```\n"
-        "A flag alone: `--drain-delay` exists, `--drain-forever` does not.\n")
+        "A flag alone: `--drain-delay` exists, `--drain-forever` does not.\n"
+    )
     found = "\n".join(problems(doc, doc.read_text(), REPO))
-    for stale in ("tests/test_caffe_forks.py", "docs/nope.md", "CAFFESERVE_NO_SUCH_SETTING", "CAFFESERVE__DEVICE__COLOUR",
-                  "--no-such-flag", "caffeserve launch", "make nothing-here", "--no-such-option", "--drain-forever"):
+    for stale in (
+        "tests/test_caffe_forks.py",
+        "docs/nope.md",
+        "CAFFESERVE_NO_SUCH_SETTING",
+        "CAFFESERVE__DEVICE__COLOUR",
+        "--no-such-flag",
+        "caffeserve launch",
+        "make nothing-here",
+        "--no-such-option",
+        "--drain-forever",
+    ):
         assert stale in found, f"{stale!r} was not reported:\n{found}"
     for real in ("tests/server/test_caffe_forks.py", "CAFFESERVE__DEVICE__KIND", "--drain-delay", "--config"):
         assert real not in found, f"{real!r} was reported:\n{found}"
@@ -88,7 +99,9 @@ class Sessions:
     def __init__(self, tmp: Path):
         self.tmp = tmp
         self.ports = {p: free_port() for p in PORTS}
-        self.running: dict[int, tuple[str, subprocess.Popen, int | None]] = {}  # REST port -> (command, process, gRPC port)
+        self.running: dict[
+            int, tuple[str, subprocess.Popen, int | None]
+        ] = {}  # REST port -> (command, process, gRPC port)
 
     def map(self, text: str) -> str:
         text = re.sub(r"(?<![\d.])(8080|8081|8000|8001)(?!\d)", lambda m: str(self.ports[int(m.group(1))]), text)
@@ -191,4 +204,6 @@ def test_the_docs_commands_run_and_print_what_they_show(block, sessions):
         out = r.stdout + r.stderr
         assert r.returncode == 0, f"{where}: `{cmd}` exited with {r.returncode}:\n{out[-3000:]}"
         missing = matches([sessions.map(e).replace("~/", f"{Path.home()}/") for e in expected], out)
-        assert missing is None, f"{where}: `{cmd}` did not print the line the doc shows:\n  {missing}\nit printed:\n{out[-3000:]}"
+        assert missing is None, (
+            f"{where}: `{cmd}` did not print the line the doc shows:\n  {missing}\nit printed:\n{out[-3000:]}"
+        )

@@ -29,8 +29,11 @@ def _optional_imports(tree: ast.AST) -> set[int]:
     out: set[int] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Try) and any(
-                isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError") for h in node.handlers):
-            out.update(id(n) for stmt in node.body for n in ast.walk(stmt) if isinstance(n, (ast.Import, ast.ImportFrom)))
+            isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError") for h in node.handlers
+        ):
+            out.update(
+                id(n) for stmt in node.body for n in ast.walk(stmt) if isinstance(n, (ast.Import, ast.ImportFrom))
+            )
     return out
 
 
@@ -38,7 +41,9 @@ def imported_names(path: Path) -> set[str]:
     """Every module an import statement in the file names (function-level imports too), except
     optional ones (guarded by `except ImportError`)."""
     names: set[str] = set()
-    package = ".".join(path.relative_to(REPO / "operator" if "caffe_operator" in path.parts else REPO).with_suffix("").parts[:-1])
+    package = ".".join(
+        path.relative_to(REPO / "operator" if "caffe_operator" in path.parts else REPO).with_suffix("").parts[:-1]
+    )
     tree = ast.parse(path.read_text())
     optional = _optional_imports(tree)
     for node in ast.walk(tree):
@@ -86,7 +91,7 @@ def _is_module(name: str) -> bool:
 
 
 def requirement_names(requirements: list[str]) -> set[str]:
-    return {re.split(r"[<>=!~\[; ]", r, 1)[0].lower().replace("_", "-") for r in requirements}
+    return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
 
 
 def installed_with(dists: set[str]) -> set[str]:

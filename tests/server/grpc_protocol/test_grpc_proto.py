@@ -9,18 +9,17 @@ import json
 import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from caffe_testing import REPO
-from inference_server.serving.codecs import DTYPES
-from inference_server.errors import BadRequest, GRPC_STATUS_OF_HTTP, InferenceError, Unavailable
+from inference_server.errors import GRPC_STATUS_OF_HTTP, BadRequest, InferenceError, Unavailable
 from inference_server.grpc import messages as pb
 from inference_server.grpc.codec import decode_infer_request, encode_infer_response
 from inference_server.grpc.generate import PROTOS, compile_descriptors, render
 from inference_server.grpc.status import error_status
+from inference_server.serving.codecs import DTYPES
 
 GRPC_DIR = REPO / "inference_server" / "grpc"
 OIP_MESSAGES = [m for m in pb.POOL.FindFileByName("open_inference_grpc.proto").message_types_by_name]
