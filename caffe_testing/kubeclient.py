@@ -42,6 +42,10 @@ class ApiError(Exception):
     def __init__(self, status: int, body: str) -> None:
         super().__init__(f"HTTP {status}: {body[:500]}")
         self.status = status
+        try:  # a Status object's message, as kubectl prints it
+            self.message = str(json.loads(body).get("message", body))
+        except (ValueError, AttributeError):
+            self.message = body
 
 
 class KubeClient:

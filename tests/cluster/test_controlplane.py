@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 
 from caffe_testing.controlplane import ControlPlane
-from caffe_testing.kubeclient import ApiError
+from caffe_testing.kubeclient import ApiError, KubeClient
 from caffe_testing.nodeagent import TEST_NODES, NodeAgent
 
 pytestmark = pytest.mark.timeout(180)
@@ -104,12 +104,11 @@ def test_rbac_refuses_a_service_account_without_rules(kube):
     cp.create("v1/serviceaccounts", "default", {"metadata": {"name": "nobody"}})
     token = cp.client.create("v1/serviceaccounts", "default", {"spec": {"expirationSeconds": 600}},
                              sub="token", name="nobody")["status"]["token"]
-    from caffe_testing.kubeclient import KubeClient
     nobody = KubeClient(cp.server, cp.ca.cert_path, token=token)
     with pytest.raises(ApiError) as refused:
         nobody.list_objects(PODS, "default")
     assert refused.value.status == 403
-    assert 'User "system:serviceaccount:default:nobody" cannot list resource "pods"' in str(refused.value)
+    assert 'User "system:serviceaccount:default:nobody" cannot list resource "pods"' in refused.value.message
 
 
 def test_the_node_authorizer_keeps_a_node_to_its_own_pods_secrets(kube):
@@ -118,4 +117,4 @@ def test_the_node_authorizer_keeps_a_node_to_its_own_pods_secrets(kube):
     with pytest.raises(ApiError) as refused:
         agent.nodes[0].client.get_object("v1/secrets", "default", "not-for-nodes")
     assert refused.value.status == 403
-    assert "no relationship found between node" in str(refused.value)
+    assert "no relationship found between node" in refused.value.message, refused.value.message
