@@ -120,13 +120,13 @@ def condition(obj: dict[str, Any] | None, kind: str = "Ready") -> dict[str, Any]
     return {}
 
 
-def volume(name: str, claim: str, path: Path) -> list[dict[str, Any]]:
+def volume(name: str, claim: str, path: Path, namespace: str = MODEL_NS) -> list[dict[str, Any]]:
     """A PersistentVolume (hostPath: the pods are local processes) pre-bound to claim `claim`, and the claim."""
     return [
         {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
          "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"], "storageClassName": "local-models",
-                  "hostPath": {"path": str(path)}, "claimRef": {"namespace": MODEL_NS, "name": claim}}},
-        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim, "namespace": MODEL_NS},
+                  "hostPath": {"path": str(path)}, "claimRef": {"namespace": namespace, "name": claim}}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim, "namespace": namespace},
          "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "local-models", "volumeName": name,
                   "resources": {"requests": {"storage": "1Gi"}}}},
     ]
@@ -591,6 +591,21 @@ def chart_rbac_objects(k: Kube) -> list[dict[str, Any]]:
     return out
 
 
+def test_9_a_settled_model_costs_the_operator_no_writes(digits):
+    """No hot loop: with nothing changing, the operator writes nothing (a child whose stored form
+    differs from the desired one only by the API server's defaults would be patched again and again)."""
+    k = digits
+    user = f"system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNTS['operator']}"
+    k.cp.wait_for(lambda: condition(k.cp.get_object(CMS, MODEL_NS, MODEL)).get("status") == "True", timeout=60,
+                  what=f"{MODEL} Ready")
+    time.sleep(5)  # the last status write of the rollout settles
+    before = len(k.cp.audit_events(user))
+    time.sleep(8)
+    writes = [f"{e['verb']} {e['requestURI']}" for e in k.cp.audit_events(user)[before:]
+              if e["verb"] in ("create", "update", "patch", "delete")]
+    assert not writes, writes
+
+
 @pytest.mark.parametrize("component", ["operator", "gateway"])
 def test_9_the_authorizer_refused_none_of_their_requests(digits, component):
     events = digits.cp.audit_events(f"system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNTS[component]}")
@@ -646,3 +661,39 @@ def test_10_helm_uninstall_leaves_nothing_of_the_release(digits):
     k.cp.wait_for(lambda: all(w.gone.is_set() for w in workers), timeout=60, what="the release's pods stopped")
     # Helm never deletes a chart's CRDs (crds/): the CaffeModelService type outlives the release
     assert k.cp.get_object("apiextensions.k8s.io/v1/customresourcedefinitions", None, "caffemodelservices.caffeserving.io")
+
+
+# --------------------------------------------------------------------------------------------
+# 11. the chart's other RBAC shape: one watched namespace, Roles only
+# --------------------------------------------------------------------------------------------
+def test_11_a_namespace_scoped_release_serves_its_namespace_with_roles_only(digits):
+    """watch.scope=namespace: Roles and RoleBindings in the watched namespace, nothing cluster-wide;
+    the operator and gateway still do their work, and the authorizer refuses them nothing."""
+    k = digits
+    release, ns, watched = "cs-ns", "caffe-ns", "ml-team"
+    for name in (ns, watched):
+        k.cp.create_namespace(name, RESTRICTED)
+    apply_all(k.cp, volume("digits-model-team", "digits-model", k.model_dir, namespace=watched))
+    values = {"watch": {"scope": "namespace", "namespace": watched}, "gateway": {"replicas": 1}}
+    rendered = rendered_objects(helm_install(k.cp, release, ns, values, real=True, wait=True))
+    try:
+        assert not {o["kind"] for o in rendered} & {"ClusterRole", "ClusterRoleBinding"}
+        doc = yaml.safe_load((REPO / "examples/digits/service.yaml").read_text())
+        doc["spec"]["replicas"] = 1
+        k.cp.apply(doc, namespace=watched)
+        k.cp.wait_for(lambda: condition(k.cp.get_object(CMS, watched, MODEL)).get("status") == "True",
+                      timeout=180, what="the model Ready in the watched namespace")
+        (gw,) = k.agent.running(ns, f"{release}-caffe-serving-gateway-")
+        images, labels = one_digit_per_class()
+        k.cp.wait_for(lambda: http_json("GET", f"http://{gw.ip}:8080/v2/models/{MODEL}/ready")[0] == 200,
+                      timeout=30, what="the gateway routing")
+        status, body = http_json("POST", f"http://{gw.ip}:8080/v2/models/{MODEL}/infer", infer_body(images[5:6]))
+        assert status == 200 and int(np.argmax(body["outputs"][0]["data"])) == labels[5]
+        for component in ("operator", "gateway"):
+            events = k.cp.audit_events(f"system:serviceaccount:{ns}:{release}-caffe-serving-{component}")
+            refused = sorted({str(a) for e, a in zip(events, audit_attributes(events))
+                              if e.get("responseStatus", {}).get("code") == 403})
+            assert events and not refused, f"the API server refused the {component}:\n" + "\n".join(refused)
+    finally:
+        k.cp.kubectl("delete", "cms", MODEL, "-n", watched, "--wait=false", check=False)
+        helm_uninstall(k.cp, release, ns)
