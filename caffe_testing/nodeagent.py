@@ -428,7 +428,9 @@ class PodWorker:
                     c.restart_count += 1
                     c.waiting = "CrashLoopBackOff"
                     c.restart_at = time.monotonic() + min(1.0 * 2 ** (c.restart_count - 1), 20.0)
-                if self.pod["spec"].get("restartPolicy", "Always") != "Never" and time.monotonic() >= c.restart_at:
+                policy = self.pod["spec"].get("restartPolicy", "Always")
+                failed = bool(c.last_terminated and c.last_terminated["exitCode"] != 0)
+                if (policy == "Always" or (policy == "OnFailure" and failed)) and time.monotonic() >= c.restart_at:
                     c.start()
                 continue
             if not c.startup.ok:
