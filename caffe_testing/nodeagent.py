@@ -289,6 +289,7 @@ class PodWorker:
         self.failed_to_start = ""
         self.terminate_at: float | None = None  # monotonic deadline for SIGKILL once deletion began
         self.gone = threading.Event()
+        self.wake = threading.Event()  # set on deletion or agent stop: a fake pod sleeps on it
         self._last_status: Any = None
         self._start_time = now()
         self.thread = threading.Thread(target=self._run, name=f"pod-{self.name}", daemon=True)
@@ -305,6 +306,7 @@ class PodWorker:
         deadline = time.monotonic() + grace_s
         if self.terminate_at is None or deadline < self.terminate_at:
             self.terminate_at = deadline
+        self.wake.set()
 
     # -- the pod's life ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -323,6 +325,8 @@ class PodWorker:
                     if self.containers:
                         self._tick()
                     self._report()
+                    if not self.runs and self._last_status is not None:
+                        self.wake.wait()  # reported Running: nothing changes until deletion (or stop)
                 except (ApiError, OSError) as e:  # the API server away or refusing: say so, go on
                     self.agent.errors.append(f"{self.namespace}/{self.name}: {e}")
                     time.sleep(0.5)
@@ -424,7 +428,9 @@ class PodWorker:
                     c.restart_count += 1
                     c.waiting = "CrashLoopBackOff"
                     c.restart_at = time.monotonic() + min(1.0 * 2 ** (c.restart_count - 1), 20.0)
-                if self.pod["spec"].get("restartPolicy", "Always") != "Never" and time.monotonic() >= c.restart_at:
+                policy = self.pod["spec"].get("restartPolicy", "Always")
+                failed = bool(c.last_terminated and c.last_terminated["exitCode"] != 0)
+                if (policy == "Always" or (policy == "OnFailure" and failed)) and time.monotonic() >= c.restart_at:
                     c.start()
                 continue
             if not c.startup.ok:
@@ -667,6 +673,8 @@ class NodeAgent:
 
     def stop(self) -> None:
         self.stopping.set()
+        for worker in list(self.pods.values()):
+            worker.wake.set()
         for worker in list(self.pods.values()):
             worker.gone.wait(15)
         if self.network:

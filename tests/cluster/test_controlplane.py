@@ -118,3 +118,13 @@ def test_the_node_authorizer_keeps_a_node_to_its_own_pods_secrets(kube):
         agent.nodes[0].client.get_object("v1/secrets", "default", "not-for-nodes")
     assert refused.value.status == 403
     assert "no relationship found between node" in refused.value.message, refused.value.message
+
+
+def test_pod_security_admission_refuses_a_pod_the_restricted_profile_forbids(kube):
+    cp, _ = kube
+    cp.create_namespace("locked", {"pod-security.kubernetes.io/enforce": "restricted"})
+    with pytest.raises(ApiError) as refused:
+        cp.create(PODS, "locked", pod("loose", [sys.executable, "-c", "pass"]))
+    assert refused.value.status == 403
+    assert 'violates PodSecurity "restricted:latest"' in refused.value.message, refused.value.message
+    assert cp.list_objects(PODS, "locked") == []

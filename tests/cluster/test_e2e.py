@@ -13,7 +13,8 @@ with four nodes: GPUs 1 and 8, MIG slices, CPU-only. Every step is its own test,
 3. the digits example: the real controllers make its pods, the agent runs them (real
    `caffeserve serve`), the EndpointSlice controller publishes them, the gateway finds them;
 4. tritonclient (REST) and gRPC through the gateway read the digits; status Ready with the URL;
-5. `kubectl scale caffemodelservice/digits --replicas 3` (the CRD's scale subresource);
+5. `kubectl scale caffemodelservice/digits --replicas 3` (the CRD's scale subresource); hand edits
+   of the children are undone;
 6. the GPU examples' pods are scheduled on the GPU and MIG nodes; a model asking for more GPUs than
    any node has stays Pending and its status says Unschedulable, in the scheduler's words;
 7. a canary and a KEDA ScaledObject (KEDA's CRD installed) come and go with the spec;
@@ -119,13 +120,13 @@ def condition(obj: dict[str, Any] | None, kind: str = "Ready") -> dict[str, Any]
     return {}
 
 
-def volume(name: str, claim: str, path: Path) -> list[dict[str, Any]]:
+def volume(name: str, claim: str, path: Path, namespace: str = MODEL_NS) -> list[dict[str, Any]]:
     """A PersistentVolume (hostPath: the pods are local processes) pre-bound to claim `claim`, and the claim."""
     return [
         {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
          "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"], "storageClassName": "local-models",
-                  "hostPath": {"path": str(path)}, "claimRef": {"namespace": MODEL_NS, "name": claim}}},
-        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim, "namespace": MODEL_NS},
+                  "hostPath": {"path": str(path)}, "claimRef": {"namespace": namespace, "name": claim}}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim, "namespace": namespace},
          "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "local-models", "volumeName": name,
                   "resources": {"requests": {"storage": "1Gi"}}}},
     ]
@@ -228,19 +229,37 @@ def test_2_a_bad_spec_is_refused_by_the_api_server_with_the_schemas_message(inst
     assert installed.cp.get_object(CMS, MODEL_NS, "too-many-gpus") is None
 
 
+def merged(base: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """`part` over `base`, key by key; a `source` is replaced whole (it is one of pvc, url, s3); a value
+    the docs elide ("a326c965...") is the base's, as the reader fills it in."""
+    out = dict(base)
+    for key, value in part.items():
+        if isinstance(value, str) and value.endswith("...") and key in base:
+            continue
+        out[key] = merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) \
+            and key != "source" else value
+    return out
+
+
 def manifests_in_docs() -> list[tuple[str, str]]:
+    """Each CaffeModelService spec the docs show: whole manifests, and `spec:` fragments laid over
+    the digits example (what a reader does with them)."""
+    example = yaml.safe_load((REPO / "examples/digits/service.yaml").read_text())
     out = []
     for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
-        for block in re.findall(r"```yaml\n(.*?)```", path.read_text(), re.S):
-            if "kind: CaffeModelService" in block:
-                out.append((path.name, block))
+        for i, block in enumerate(re.findall(r"```yaml\n(.*?)```", path.read_text(), re.S)):
+            doc = yaml.safe_load(block)
+            if isinstance(doc, dict) and doc.get("kind") == "CaffeModelService":
+                out.append((f"{path.name} block {i}", block))
+            elif isinstance(doc, dict) and set(doc) == {"spec"}:
+                out.append((f"{path.name} block {i}", yaml.safe_dump(merged(example, doc))))
     return out
 
 
 def test_2_every_example_and_every_manifest_in_the_docs_passes_the_servers_validation(installed):
     texts = [(p.name, p.read_text()) for p in sorted(REPO.glob("examples/**/*.yaml"))
              if "kind: CaffeModelService" in p.read_text()] + manifests_in_docs()
-    assert len(texts) >= 5
+    assert len(texts) >= 7, [name for name, _ in texts]
     for name, text in texts:
         dry = installed.cp.kubectl("apply", "--dry-run=server", "-n", MODEL_NS, "-f", "-", input=text, check=False)
         assert dry.returncode == 0, f"{name}: {dry.stderr}"
@@ -384,7 +403,7 @@ def test_4_status_is_ready_with_the_gateway_url_and_the_backend(digits):
                                  timeout=60, what="status.backend")
     assert backend["name"] == "pycaffe", backend
     printed = digits.cp.kubectl("get", "cms", "-n", MODEL_NS).stdout  # the printer columns, from a real `kubectl get`
-    assert re.search(rf"^{MODEL}\s+2\s+2\s+True", printed, re.M), printed
+    assert re.search(rf"^{MODEL}\s+True\s+2\s+2\s+cpu\s+pycaffe\s+http://", printed, re.M), printed
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,6 +419,19 @@ def test_5_kubectl_scale_through_the_scale_subresource(digits):
     assert len(k.model_pods()) == 3
     scale = k.cp.client.request("GET", f"/apis/caffeserving.io/v1alpha1/namespaces/{MODEL_NS}/caffemodelservices/{MODEL}/scale")
     assert scale["spec"]["replicas"] == 3 and scale["status"]["replicas"] == 3
+
+
+def test_5_hand_edits_of_the_children_are_undone(digits):
+    """A hand edit of the Service, or of the model's NetworkPolicy, is reverted by the operator."""
+    k = digits
+    k.cp.kubectl("patch", "svc", f"{MODEL}-predictor", "-n", MODEL_NS, "--type", "merge", "-p",
+                 '{"spec":{"ports":[{"name":"http","port":9090,"targetPort":8080,"protocol":"TCP"}]}}')
+    k.cp.wait_for(lambda: [p["port"] for p in k.cp.get_object(SERVICES, MODEL_NS, f"{MODEL}-predictor")["spec"]["ports"]]
+                  == [8080, 8081], timeout=30, what="the Service's ports restored")
+    policies = "networking.k8s.io/v1/networkpolicies"
+    k.cp.patch(policies, MODEL_NS, f"{MODEL}-predictor", {"spec": {"ingress": [{}]}})
+    k.cp.wait_for(lambda: k.cp.get_object(policies, MODEL_NS, f"{MODEL}-predictor")["spec"]["ingress"][0].get("from"),
+                  timeout=30, what="the model's NetworkPolicy restored")
 
 
 # --------------------------------------------------------------------------------------------
@@ -559,6 +591,21 @@ def chart_rbac_objects(k: Kube) -> list[dict[str, Any]]:
     return out
 
 
+def test_9_a_settled_model_costs_the_operator_no_writes(digits):
+    """No hot loop: with nothing changing, the operator writes nothing (a child whose stored form
+    differs from the desired one only by the API server's defaults would be patched again and again)."""
+    k = digits
+    user = f"system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNTS['operator']}"
+    k.cp.wait_for(lambda: condition(k.cp.get_object(CMS, MODEL_NS, MODEL)).get("status") == "True", timeout=60,
+                  what=f"{MODEL} Ready")
+    time.sleep(5)  # the last status write of the rollout settles
+    before = len(k.cp.audit_events(user))
+    time.sleep(8)
+    writes = [f"{e['verb']} {e['requestURI']}" for e in k.cp.audit_events(user)[before:]
+              if e["verb"] in ("create", "update", "patch", "delete")]
+    assert not writes, writes
+
+
 @pytest.mark.parametrize("component", ["operator", "gateway"])
 def test_9_the_authorizer_refused_none_of_their_requests(digits, component):
     events = digits.cp.audit_events(f"system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNTS[component]}")
@@ -614,3 +661,39 @@ def test_10_helm_uninstall_leaves_nothing_of_the_release(digits):
     k.cp.wait_for(lambda: all(w.gone.is_set() for w in workers), timeout=60, what="the release's pods stopped")
     # Helm never deletes a chart's CRDs (crds/): the CaffeModelService type outlives the release
     assert k.cp.get_object("apiextensions.k8s.io/v1/customresourcedefinitions", None, "caffemodelservices.caffeserving.io")
+
+
+# --------------------------------------------------------------------------------------------
+# 11. the chart's other RBAC shape: one watched namespace, Roles only
+# --------------------------------------------------------------------------------------------
+def test_11_a_namespace_scoped_release_serves_its_namespace_with_roles_only(digits):
+    """watch.scope=namespace: Roles and RoleBindings in the watched namespace, nothing cluster-wide;
+    the operator and gateway still do their work, and the authorizer refuses them nothing."""
+    k = digits
+    release, ns, watched = "cs-ns", "caffe-ns", "ml-team"
+    for name in (ns, watched):
+        k.cp.create_namespace(name, RESTRICTED)
+    apply_all(k.cp, volume("digits-model-team", "digits-model", k.model_dir, namespace=watched))
+    values = {"watch": {"scope": "namespace", "namespace": watched}, "gateway": {"replicas": 1}}
+    rendered = rendered_objects(helm_install(k.cp, release, ns, values, real=True, wait=True))
+    try:
+        assert not {o["kind"] for o in rendered} & {"ClusterRole", "ClusterRoleBinding"}
+        doc = yaml.safe_load((REPO / "examples/digits/service.yaml").read_text())
+        doc["spec"]["replicas"] = 1
+        k.cp.apply(doc, namespace=watched)
+        k.cp.wait_for(lambda: condition(k.cp.get_object(CMS, watched, MODEL)).get("status") == "True",
+                      timeout=180, what="the model Ready in the watched namespace")
+        (gw,) = k.agent.running(ns, f"{release}-caffe-serving-gateway-")
+        images, labels = one_digit_per_class()
+        k.cp.wait_for(lambda: http_json("GET", f"http://{gw.ip}:8080/v2/models/{MODEL}/ready")[0] == 200,
+                      timeout=30, what="the gateway routing")
+        status, body = http_json("POST", f"http://{gw.ip}:8080/v2/models/{MODEL}/infer", infer_body(images[5:6]))
+        assert status == 200 and int(np.argmax(body["outputs"][0]["data"])) == labels[5]
+        for component in ("operator", "gateway"):
+            events = k.cp.audit_events(f"system:serviceaccount:{ns}:{release}-caffe-serving-{component}")
+            refused = sorted({str(a) for e, a in zip(events, audit_attributes(events))
+                              if e.get("responseStatus", {}).get("code") == 403})
+            assert events and not refused, f"the API server refused the {component}:\n" + "\n".join(refused)
+    finally:
+        k.cp.kubectl("delete", "cms", MODEL, "-n", watched, "--wait=false", check=False)
+        helm_uninstall(k.cp, release, ns)
