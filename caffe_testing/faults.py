@@ -205,15 +205,14 @@ class FaultProxy:
                 self._open_watches = [(s, r) for s, r in self._open_watches
                                       if r.transport is not None and not r.transport.is_closing()]
                 self._open_watches.append((seen, request))
-            await response.prepare(request)
             try:
+                await response.prepare(request)
                 async for chunk in upstream.content.iter_any():
                     if watch and not seen.gone and GONE.search(chunk):
                         seen.gone = True
                     await response.write(chunk)
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError):  # upstream went away mid-stream
+                await response.write_eof()
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError):  # either side went away mid-stream
                 if request.transport is not None:
                     request.transport.abort()
-                return response
-            await response.write_eof()
             return response
