@@ -330,7 +330,7 @@ class PodWorker:
                 except (ApiError, OSError) as e:  # the API server away or refusing: say so, go on
                     self.agent.errors.append(f"{self.namespace}/{self.name}: {e}")
                     time.sleep(0.5)
-                time.sleep(0.1 if self.runs else 1.0)  # a fake pod has only its deletion to notice
+                time.sleep(0.1)
         finally:
             if self.agent.stopping.is_set():
                 for c in self.containers:
