@@ -188,9 +188,11 @@ class ControlPlane:
         self.components[name] = Component(name, argv, self.workdir)
 
     def stop(self) -> None:
+        """Everything down, nothing kept: SIGTERM, and SIGKILL after 2 s (the API server would otherwise
+        wait for the watches its clients still hold open)."""
         for name in ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
             if name in self.components:
-                self.components[name].stop()
+                self.components[name].stop(grace_s=2)
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
 

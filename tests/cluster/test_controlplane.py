@@ -124,7 +124,9 @@ def test_pod_security_admission_refuses_a_pod_the_restricted_profile_forbids(kub
     cp, _ = kube
     cp.create_namespace("locked", {"pod-security.kubernetes.io/enforce": "restricted"})
     with pytest.raises(ApiError) as refused:
-        cp.create(PODS, "locked", pod("loose", [sys.executable, "-c", "pass"]))
+        loose = pod("loose", [sys.executable, "-c", "pass"])
+        loose["metadata"]["namespace"] = "locked"
+        cp.create(PODS, "locked", loose)
     assert refused.value.status == 403
     assert 'violates PodSecurity "restricted:latest"' in refused.value.message, refused.value.message
     assert cp.list_objects(PODS, "locked") == []
