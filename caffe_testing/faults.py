@@ -201,10 +201,9 @@ class FaultProxy:
             seen.gone = watch and upstream.status == 410
             response = aiohttp.web.StreamResponse(status=upstream.status, reason=upstream.reason, headers={
                 k: v for k, v in upstream.headers.items() if k.lower() not in HOP})
-            if watch:
-                self._open_watches = [(s, r) for s, r in self._open_watches
-                                      if r.transport is not None and not r.transport.is_closing()]
-                self._open_watches.append((seen, request))
+            entry = (seen, request)
+            if watch:  # open until its response ends (its connection may live on, kept alive)
+                self._open_watches.append(entry)
             try:
                 await response.prepare(request)
                 async for chunk in upstream.content.iter_any():
@@ -215,4 +214,6 @@ class FaultProxy:
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError):  # either side went away mid-stream
                 if request.transport is not None:
                     request.transport.abort()
+            finally:
+                self._open_watches = [e for e in self._open_watches if e is not entry]
             return response

@@ -46,8 +46,11 @@ def model(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
 
 class KubeStack:
     def __init__(self, nodes: list[NodeSpec] = TEST_NODES, operator_env: dict[str, str] | None = None,
-                 extra_apiserver_args: list[str] | None = None) -> None:
+                 extra_apiserver_args: list[str] | None = None, through_proxy: bool = True) -> None:
+        """through_proxy=False: the clients talk to the API server itself (a benchmark counts their
+        requests in the audit log, without a Python proxy in the way)."""
         self.cp = ControlPlane(extra_apiserver_args=extra_apiserver_args)
+        self.through_proxy = through_proxy
         self.nodes = nodes
         self.operator_env = dict(operator_env or {})
         self.agent: NodeAgent | None = None
@@ -68,10 +71,15 @@ class KubeStack:
         self.agent = NodeAgent(cp, self.nodes, run_processes=False).start()
         helm_install(cp, RELEASE, NAMESPACE, {}, real=True, wait=False)
         cp.kubectl("scale", "-n", NAMESPACE, "deployment", f"{PREFIX}-operator", f"{PREFIX}-gateway", "--replicas", "0")
-        self.proxy = FaultProxy(cp).start()
         work = Path(cp.workdir)
-        op_config = self.proxy.kubeconfig(work / "operator-proxied.kubeconfig", self.token(OPERATOR_SA), NAMESPACE)
-        gw_config = self.proxy.kubeconfig(work / "gateway-proxied.kubeconfig", self.token(GATEWAY_SA), NAMESPACE)
+        if self.through_proxy:
+            self.proxy = FaultProxy(cp).start()
+            op_config = self.proxy.kubeconfig(work / "operator-proxied.kubeconfig", self.token(OPERATOR_SA), NAMESPACE)
+            gw_config = self.proxy.kubeconfig(work / "gateway-proxied.kubeconfig", self.token(GATEWAY_SA), NAMESPACE)
+        else:
+            op_config, gw_config = work / "operator-sa.kubeconfig", work / "gateway-sa.kubeconfig"
+            for path, sa in ((op_config, OPERATOR_SA), (gw_config, GATEWAY_SA)):
+                path.write_text(yaml.safe_dump(cp.kubeconfig_dict({"token": self.token(sa)}, NAMESPACE, name=sa)))
         env = {"CAFFESERVE_SERVER_IMAGE": "caffe-server:test", "POD_NAMESPACE": NAMESPACE, **self.operator_env}
         self.operator = OperatorProcess(types.SimpleNamespace(workdir=work, kubeconfig=op_config),
                                         all_namespaces=True, env=env).start()
