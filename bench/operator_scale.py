@@ -95,11 +95,13 @@ def main() -> int:
 
         def audit() -> list[dict]:  # the operator's requests (only its lines parsed: the log grows large)
             out = []
-            with open(cp.audit_log, errors="replace") as f:
-                for line in f:
-                    if user in line and '"ResponseComplete"' in line:
-                        with contextlib.suppress(ValueError):
-                            out.append(json.loads(line))
+            rotated = sorted(cp.audit_log.parent.glob("audit-*.log"))  # the API server rotates it at 100 MB
+            for path in [*rotated, cp.audit_log]:
+                with open(path, errors="replace") as f:
+                    for line in f:
+                        if user in line and '"ResponseComplete"' in line:
+                            with contextlib.suppress(ValueError):
+                                out.append(json.loads(line))
             return out
         before_requests = len(audit())
         time.sleep(3)
