@@ -29,7 +29,8 @@ or a ClusterRole for --all-namespaces). kopf watches and annotates, this module 
                                              removed, rolled back or promoted)
   "" events:                                 create
   discovery.k8s.io endpointslices:           list   (the pods to ask: pods.py)
-  "" pods:                                   list   (failed fetch init containers: fetch_errors.py)
+  "" pods:                                   list   (failed fetch init containers, unschedulable pods:
+                                             fetch_errors.py)
   networking.k8s.io networkpolicies:         get, list, watch, create, patch, delete   (with
                                              CAFFESERVE_NETWORK_POLICY_FROM); without it get, delete
                                              (those made while it was set are removed)
@@ -62,7 +63,14 @@ from caffe_operator.api import KIND, CaffeModelServiceSpec, InvalidSpec, parse_s
 from caffe_operator.backend_report import BackendProbe, BackendReport
 from caffe_operator.kube import ApiError, KubeClient, object_path
 from caffe_operator.events import EventPoster
-from caffe_operator.fetch_errors import MODEL_FETCH_FAILED, FetchErrorProbe, failure_message
+from caffe_operator.fetch_errors import (
+    MODEL_FETCH_FAILED,
+    UNSCHEDULABLE,
+    FetchErrorProbe,
+    failure_message,
+    fetch_failures,
+    unschedulable,
+)
 from caffe_operator.load_errors import LoadErrorProbe
 from caffe_operator.pods import Pods
 from inference_server.slices import PRIMARY
@@ -371,9 +379,12 @@ class Reconciler:
             outcome.ready = with_load_errors(outcome.ready, health, old_ready)
             if outcome.ready.reason != MODEL_LOAD_FAILED:
                 # pods that never started their server: did a fetch init container fail? (fetch_errors.py)
-                failed = await self.fetches.failures(namespace, manifests.selector_string(name), logger)
-                if failed:
+                # or pods that no node fits (the scheduler's message)
+                pods = await self.fetches.pods(namespace, manifests.selector_string(name), logger)
+                if failed := fetch_failures(pods):
                     outcome.ready = Readiness("False", MODEL_FETCH_FAILED, failure_message(failed))
+                elif stuck := unschedulable(pods):
+                    outcome.ready = Readiness("False", UNSCHEDULABLE, failure_message(stuck))
         backend = await self._backend(cr, deployment, outcome.ready, logger)
         await self._write_status(cr, outcome.ready, deployment,
                                  manifests.model_url(name, namespace, self.config.gateway_url), logger, backend,
@@ -527,7 +538,7 @@ class Reconciler:
         if ready.reason == "InvalidSpec":
             if (old.get("reason"), old.get("message")) != (ready.reason, ready.message):
                 await self.post_event(cr, "Warning", "InvalidSpec", ready.message)
-        elif ready.reason in (MODEL_LOAD_FAILED, MODEL_FETCH_FAILED):
+        elif ready.reason in (MODEL_LOAD_FAILED, MODEL_FETCH_FAILED, UNSCHEDULABLE):
             if old.get("reason") != ready.reason:  # once when it appears, not on every resync
                 await self.post_event(cr, "Warning", ready.reason, ready.message)
         elif ready.status == "True" and old.get("status") != "True":

@@ -175,7 +175,8 @@ CaffeModelService (ownerReferences hand it to the garbage collector).
   resources: ["endpointslices"]
   verbs: ["list"]
 # The model pods of a model that is not ready: a fetch init container that failed (wrong sha256,
-# missing object) says why in its termination message; the status then reads ModelFetchFailed.
+# missing object) says why in its termination message; the status then reads ModelFetchFailed. A pod
+# no node fits (too many GPUs asked) says why in its PodScheduled condition: Unschedulable.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]
