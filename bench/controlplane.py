@@ -22,15 +22,39 @@ from caffe_testing.nodeagent import TEST_NODES, NodeAgent
 def one_run() -> dict[str, float]:
     t0 = time.monotonic()
     with ControlPlane() as cp:
-        out = {"apiserver ready": cp.timings["apiserver ready"], "controllers running": cp.timings["controllers running"]}
+        out = {
+            "apiserver ready": cp.timings["apiserver ready"],
+            "controllers running": cp.timings["controllers running"],
+        }
         with NodeAgent(cp, TEST_NODES):
             out["4 nodes registered"] = time.monotonic() - t0
-            cp.create("v1/pods", "default", {"metadata": {"name": "web"}, "spec": {"containers": [{
-                "name": "web", "image": "python", "command": [sys.executable, "-m", "http.server", "8080", "--bind", "0.0.0.0"],
-                "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}, "ports": [{"containerPort": 8080}]}]}})
-            cp.wait_for(lambda: any(c["type"] == "Ready" and c["status"] == "True" for c in
-                                    (cp.get_object("v1/pods", "default", "web").get("status") or {}).get("conditions", [])),
-                        timeout=60, interval=0.05, what="the pod Ready")
+            cp.create(
+                "v1/pods",
+                "default",
+                {
+                    "metadata": {"name": "web"},
+                    "spec": {
+                        "containers": [
+                            {
+                                "name": "web",
+                                "image": "python",
+                                "command": [sys.executable, "-m", "http.server", "8080", "--bind", "0.0.0.0"],
+                                "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+                                "ports": [{"containerPort": 8080}],
+                            }
+                        ]
+                    },
+                },
+            )
+            cp.wait_for(
+                lambda: any(
+                    c["type"] == "Ready" and c["status"] == "True"
+                    for c in (cp.get_object("v1/pods", "default", "web").get("status") or {}).get("conditions", [])
+                ),
+                timeout=60,
+                interval=0.05,
+                what="the pod Ready",
+            )
             out["first pod Ready"] = time.monotonic() - t0
     out["stopped"] = time.monotonic() - t0
     return out

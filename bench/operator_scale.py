@@ -58,7 +58,7 @@ class Sampler:
                 return
             self._stop.wait(1.0)
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         self._thread.start()
         return self
 
@@ -105,7 +105,11 @@ def main() -> int:
             return out
         before_requests = len(audit())
         time.sleep(3)
-        gw_rss0, op_rss0, op_cpu0 = psutil.Process(gw_pid).memory_info().rss, psutil.Process(op_pid).memory_info().rss, cpu_s(op_pid)
+        gw_rss0, op_rss0, op_cpu0 = (
+            psutil.Process(gw_pid).memory_info().rss,
+            psutil.Process(op_pid).memory_info().rss,
+            cpu_s(op_pid),
+        )
         docs = "\n---\n".join(yaml.safe_dump(model(f"m{i:04d}", MODEL_NS)) for i in range(n))
         with Sampler(op_pid) as op_mem:
             start = time.monotonic()
@@ -123,7 +127,9 @@ def main() -> int:
                 if gw_all is None and n_gw == n:
                     gw_all = time.monotonic() - start
                 if time.monotonic() - last_print > 30:
-                    print(f"  {time.monotonic() - start:6.0f} s: {n_ready}/{n} Ready, gateway routes {n_gw}", flush=True)
+                    print(
+                        f"  {time.monotonic() - start:6.0f} s: {n_ready}/{n} Ready, gateway routes {n_gw}", flush=True
+                    )
                     last_print = time.monotonic()
                 if all_ready is not None and gw_all is not None:
                     break

@@ -65,11 +65,11 @@ def helm_cluster() -> Iterator[Any]:
     # Cluster.start() builds its emulator from the module's `ApiServer` name inside its own thread
     # and returns once it serves: rebind the name for that call only.
     original = k8s.ApiServer
-    k8s.ApiServer = _helm_api_server_class()
+    k8s.ApiServer = _helm_api_server_class()  # type: ignore[misc]  # a subclass, for this call only
     try:
         cluster.start()
     finally:
-        k8s.ApiServer = original
+        k8s.ApiServer = original  # type: ignore[misc]
     try:
         core = cluster.request("GET", "/api/v1")["groupVersion"]
         assert core == "v1", f"the emulator's core discovery says groupVersion {core!r}: Helm would find no core kinds"
@@ -171,7 +171,7 @@ def restricted_violations(pod_spec: dict[str, Any]) -> list[str]:
     for c in (pod_spec.get("initContainers") or []) + (pod_spec.get("containers") or []):
         sc = c.get("securityContext") or {}
         name = c["name"]
-        if not (sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True):
+        if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True:
             out.append(f"{name}: runAsNonRoot is not true")
         if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
             out.append(f"{name}: runs as uid 0")
@@ -217,7 +217,9 @@ def _child() -> int:
                 create_namespace=real, timeout=150, disable_openapi_validation=not real))
         elif request["action"] == "uninstall":
             config = helm_sdkpy.Configuration(namespace=request["namespace"], kubeconfig=request["kubeconfig"])
-            result = asyncio.run(helm_sdkpy.Uninstall(config).run(request["release"], wait=request["wait"], timeout=120))
+            result = asyncio.run(
+                helm_sdkpy.Uninstall(config).run(request["release"], wait=request["wait"], timeout=120)
+            )
         else:
             raise ValueError(f"unknown action {request['action']!r}")
     except helm_sdkpy.HelmError as e:

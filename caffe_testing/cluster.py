@@ -51,7 +51,7 @@ import kmock
 import yaml
 
 from caffe_testing import REPO
-from caffe_testing.kubeclient import ApiError, resource_path  # noqa: F401  (re-exported)
+from caffe_testing.kubeclient import ApiError as ApiError, resource_path as resource_path  # re-exported
 from caffe_testing.servers import free_port, stop_process
 
 VENV_BIN = Path(sys.executable).parent
@@ -106,7 +106,7 @@ class ApiServer(kmock.KubernetesEmulator):
 
     def _stamp(self, request: kmock.Request) -> None:
         """Set the metadata a real API server owns, before the emulator stores the object."""
-        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         if request.action == kmock.action.CREATE and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
             if not meta.get("name") and meta.get("generateName"):
@@ -120,14 +120,14 @@ class ApiServer(kmock.KubernetesEmulator):
             if request.resource == kmock.resource(CRDS):
                 self._serve_crd(request.data)
         elif request.action == kmock.action.UPDATE and request.name:
-            key = (request.resource, request.namespace, request.name)
-            if key not in self.objects or self.objects[key].deleted:
+            key = (request.resource, request.namespace, request.name)  # an UPDATE names its resource
+            if key not in self.objects or self.objects[key].deleted:  # type: ignore[operator,index]
                 return  # the emulator answers 404
-            old = self.objects[key].raw
+            old = self.objects[key].raw  # type: ignore[index]
             version = str(next(self._versions))
             if isinstance(request.data, dict):
                 new = _merge_patch(old, request.data)
-                stamp = {"resourceVersion": version}
+                stamp: dict[str, Any] = {"resourceVersion": version}
                 if request.subresource is None and new.get("spec") != old.get("spec"):
                     stamp["generation"] = int(old.get("metadata", {}).get("generation", 1)) + 1
                 if isinstance(request.data.get("metadata"), dict):
@@ -214,7 +214,7 @@ class Cluster:
         self._stop: asyncio.Event | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self) -> "Cluster":
+    def start(self) -> Cluster:
         ready = threading.Event()
         failure: list[BaseException] = []
 
@@ -254,7 +254,7 @@ class Cluster:
         if self._tmp:
             self._tmp.cleanup()
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -271,7 +271,10 @@ class Cluster:
         """How many `method path` requests the emulator has served (e.g. to prove there is no retry loop)."""
         def count() -> int:
             assert self.api is not None
-            return sum(1 for r in list(self.api) if str(r.method).upper().endswith(method.upper()) and r.url.path == path)
+            return sum(
+                1 for r in list(self.api) if str(r.method).upper().endswith(method.upper()) and r.url.path == path
+            )
+
         return self.in_loop(count)
 
     def hang_requests(self, method: str, path: str, count: int = 1) -> Callable[[], None]:
@@ -288,7 +291,7 @@ class Cluster:
             return release
         assert self._loop is not None
         release = asyncio.run_coroutine_threadsafe(setup(), self._loop).result(10)
-        return lambda: self._loop.call_soon_threadsafe(release.set)  # type: ignore[union-attr]
+        return lambda: self._loop.call_soon_threadsafe(release.set)  # type: ignore[return-value]
 
     # -- HTTP ------------------------------------------------------------------------------
     def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
@@ -373,7 +376,7 @@ class OperatorProcess:
         self.env.update(env or {})
         self.proc: subprocess.Popen | None = None
 
-    def start(self, wait: bool = True) -> "OperatorProcess":
+    def start(self, wait: bool = True) -> OperatorProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "caffeserve", "operator", *self.args],
@@ -409,7 +412,7 @@ class OperatorProcess:
     def stop(self, grace_s: float = 10.0) -> int | None:
         return stop_process(self.proc, grace_s)
 
-    def __enter__(self) -> "OperatorProcess":
+    def __enter__(self) -> OperatorProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

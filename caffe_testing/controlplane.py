@@ -40,7 +40,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -99,7 +98,7 @@ class ControlPlane:
         if workdir is None and os.environ.get("K8S_TEST_LOGDIR"):
             workdir = tempfile.mkdtemp(prefix="kube-", dir=os.environ["K8S_TEST_LOGDIR"])
         self._tmp = None if workdir else tempfile.mkdtemp(prefix="kube-")
-        self.workdir = Path(workdir or self._tmp)
+        self.workdir = Path(workdir or self._tmp or "")  # one of them is set
         self.bin_dir = bin_dir
         self.extra_apiserver_args = list(extra_apiserver_args or [])
         self.components: dict[str, Component] = {}
@@ -110,7 +109,7 @@ class ControlPlane:
         self.ca: CA | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self) -> "ControlPlane":
+    def start(self) -> ControlPlane:
         t0 = time.monotonic()
         try:
             self._start()
@@ -204,7 +203,7 @@ class ControlPlane:
         if name == "kube-apiserver":
             self.wait_ready(60)
 
-    def __enter__(self) -> "ControlPlane":
+    def __enter__(self) -> ControlPlane:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -232,7 +231,9 @@ class ControlPlane:
             except ValueError:  # a line being written
                 continue
             stage = event.get("stage")
-            if (stage == "ResponseComplete" or (stage == "ResponseStarted" and event.get("verb") == "watch")) and (user is None or event["user"].get("username") == user):
+            if (stage == "ResponseComplete" or (stage == "ResponseStarted" and event.get("verb") == "watch")) and (
+                user is None or event["user"].get("username") == user
+            ):
                 out.append(event)
         return out
 

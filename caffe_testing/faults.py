@@ -58,7 +58,9 @@ class Seen:
 class FaultProxy:
     """A TLS reverse proxy on 127.0.0.1 to `cp.server`, with a serving certificate from `cp.ca`."""
 
-    def __init__(self, cp: Any, agents: tuple[str, ...] = ("kopf", "caffe-serving-operator", "caffeserve-gateway")) -> None:
+    def __init__(
+        self, cp: Any, agents: tuple[str, ...] = ("kopf", "caffe-serving-operator", "caffeserve-gateway")
+    ) -> None:
         """agents: the User-Agent prefixes that faults apply to (others pass untouched)."""
         self.cp = cp
         self.agents = agents
@@ -76,7 +78,7 @@ class FaultProxy:
         self._session: aiohttp.ClientSession | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         crt, key = self.cp.ca.issue("fault-proxy", "fault-proxy", server=True, hosts=["127.0.0.1", "localhost"])
         serving = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         serving.load_cert_chain(str(crt), str(key))
@@ -119,7 +121,7 @@ class FaultProxy:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -135,6 +137,7 @@ class FaultProxy:
     def in_loop(self, fn: Callable[[], T]) -> T:
         async def call() -> T:
             return fn()
+        assert self._loop is not None, "the proxy is not started"
         return asyncio.run_coroutine_threadsafe(call(), self._loop).result(15)
 
     # -- faults --------------------------------------------------------------------------------
@@ -211,7 +214,7 @@ class FaultProxy:
                         seen.gone = True
                     await response.write(chunk)
                 await response.write_eof()
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError):  # either side went away mid-stream
+            except (TimeoutError, aiohttp.ClientError, OSError):  # either side went away mid-stream
                 if request.transport is not None:
                     request.transport.abort()
             finally:

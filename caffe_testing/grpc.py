@@ -6,11 +6,13 @@ this one is for status codes, messages and trailers, which those clients reword.
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import numpy as np
 
-from inference_server.grpc import messages as pb
 from caffe_testing.servers import ServerProcess, free_port
+from inference_server.grpc import messages as pb
 
 
 def grpc_server(config, tmp_dir, **kw) -> ServerProcess:
@@ -36,7 +38,7 @@ class OIPClient:
 
     def call_raw(self, method: str, data: bytes, timeout: float = 30):
         """Send bytes as they are (a malformed message, an unknown method)."""
-        stub = self.channel.unary_unary(f"/{pb.SERVICE}/{method}", request_serializer=None,
+        stub: Any = self.channel.unary_unary(f"/{pb.SERVICE}/{method}", request_serializer=None,
                                         response_deserializer=None)
         return stub(data, timeout=timeout)
 

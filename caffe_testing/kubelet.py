@@ -24,16 +24,16 @@ What cannot be done without a cluster is marked as such where it happens: creden
 
 from __future__ import annotations
 
-import os
 import base64
+import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -173,7 +173,7 @@ class ContainerProcess:
         return env
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> "ContainerProcess":
+    def start(self) -> ContainerProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.dir, stdout=log, stderr=subprocess.STDOUT)
         return self
@@ -228,7 +228,7 @@ class ContainerProcess:
         """SIGTERM, then SIGKILL after the grace period, as the kubelet stops a container."""
         return stop_process(self.proc, grace_s)
 
-    def __enter__(self) -> "ContainerProcess":
+    def __enter__(self) -> ContainerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -245,10 +245,18 @@ def endpoint_slice(service: dict[str, Any], pod_name: str, address: str, ports: 
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
-        "metadata": {"name": f"{service['metadata']['name']}-{pod_name[-5:]}", "namespace": service["metadata"]["namespace"],
-                     "labels": labels},
+        "metadata": {
+            "name": f"{service['metadata']['name']}-{pod_name[-5:]}",
+            "namespace": service["metadata"]["namespace"],
+            "labels": labels,
+        },
         "addressType": "IPv4",
-        "endpoints": [{"addresses": [address], "conditions": {"ready": True, "serving": True, "terminating": False},
-                       "targetRef": {"kind": "Pod", "name": pod_name, "namespace": service["metadata"]["namespace"]}}],
+        "endpoints": [
+            {
+                "addresses": [address],
+                "conditions": {"ready": True, "serving": True, "terminating": False},
+                "targetRef": {"kind": "Pod", "name": pod_name, "namespace": service["metadata"]["namespace"]},
+            }
+        ],
         "ports": ports,
     }

@@ -24,8 +24,8 @@ from typing import Any
 import yaml
 
 from caffe_testing.chart import helm_install
-from caffe_testing.cms import cms
 from caffe_testing.cluster import OperatorProcess
+from caffe_testing.cms import cms
 from caffe_testing.controlplane import ControlPlane
 from caffe_testing.faults import FaultProxy
 from caffe_testing.gateway import GatewayProcess
@@ -58,7 +58,7 @@ class KubeStack:
         self.operator: OperatorProcess | None = None
         self.gateway: GatewayProcess | None = None
 
-    def start(self) -> "KubeStack":
+    def start(self) -> KubeStack:
         try:
             self._start()
         except BaseException:
@@ -81,7 +81,8 @@ class KubeStack:
             for path, sa in ((op_config, OPERATOR_SA), (gw_config, GATEWAY_SA)):
                 path.write_text(yaml.safe_dump(cp.kubeconfig_dict({"token": self.token(sa)}, NAMESPACE, name=sa)))
         env = {"CAFFESERVE_SERVER_IMAGE": "caffe-server:test", "POD_NAMESPACE": NAMESPACE, **self.operator_env}
-        self.operator = OperatorProcess(types.SimpleNamespace(workdir=work, kubeconfig=op_config),
+        # OperatorProcess reads only a cluster's workdir and kubeconfig
+        self.operator = OperatorProcess(types.SimpleNamespace(workdir=work, kubeconfig=op_config),  # type: ignore[arg-type]
                                         all_namespaces=True, env=env).start()
         self.gateway = GatewayProcess("--kubernetes", "--all-namespaces", "--kubeconfig", str(gw_config), "--no-grpc",
                                       env={"KUBECONFIG": str(gw_config)}).start(timeout=60)
@@ -100,7 +101,7 @@ class KubeStack:
                     pass
         self.cp.stop()
 
-    def __enter__(self) -> "KubeStack":
+    def __enter__(self) -> KubeStack:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -16,7 +16,8 @@ the way a kubelet does it, through the API and as the node:
 - it reports what a kubelet reports: pod IP, phase, conditions, container states, restarts and
   last exit codes; readiness, liveness and startup probes (httpGet, tcpSocket) at their own
   thresholds, each probe period capped at `probe_period_cap_s` (1 s) so a test does not wait 10 s
-  for a probe (the failure threshold grows to keep period × threshold, the time a failure takes); a container that exits or fails liveness is restarted with a back-off;
+  for a probe (the failure threshold grows to keep period × threshold, the time a failure takes); a container
+  that exits or fails liveness is restarted with a back-off;
 - it deletes as a kubelet does: once a pod has a deletionTimestamp, SIGTERM to every container,
   probes still running (readiness turns false while the server drains), SIGKILL after the
   grace period, then the final DELETE (gracePeriodSeconds 0, the pod's uid as precondition).
@@ -50,9 +51,9 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from caffe_testing.kubeclient import ApiError, KubeClient
@@ -75,21 +76,33 @@ class NodeSpec:
 
 
 TEST_NODES = [  # what tests schedule on: GPUs (1 and 8), MIG slices, and a CPU-only node
-    NodeSpec("gpu-small", {"nvidia.com/gpu": "1"}, {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": "NVIDIA-L4"}),
-    NodeSpec("gpu-large", {"nvidia.com/gpu": "8"}, {"nvidia.com/gpu.present": "true",
-                                                   "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}),
-    NodeSpec("gpu-mig", {"nvidia.com/mig-1g.10gb": "7"}, {"nvidia.com/gpu.present": "true", "nvidia.com/mig.strategy": "mixed",
-                                                         "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB-MIG-1g.10gb"}),
+    NodeSpec(
+        "gpu-small", {"nvidia.com/gpu": "1"}, {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": "NVIDIA-L4"}
+    ),
+    NodeSpec(
+        "gpu-large",
+        {"nvidia.com/gpu": "8"},
+        {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+    ),
+    NodeSpec(
+        "gpu-mig",
+        {"nvidia.com/mig-1g.10gb": "7"},
+        {
+            "nvidia.com/gpu.present": "true",
+            "nvidia.com/mig.strategy": "mixed",
+            "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB-MIG-1g.10gb",
+        },
+    ),
     NodeSpec("cpu-only"),
 ]
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def micro_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,7 +195,7 @@ class Prober:
         if not self.due():
             return None
         self.next_at = time.monotonic() + self.period
-        passed = probe_once(self.spec, c, self.timeout)
+        passed = probe_once(self.spec, c, self.timeout)  # type: ignore[arg-type]  # due() is False without one
         if passed:
             self.successes, self.failures = self.successes + 1, 0
             if not self.ok and self.successes >= self.success_threshold:
@@ -276,7 +289,7 @@ class Container:
 class PodWorker:
     """Runs one pod: its address, volumes, init containers, containers, probes and status; then its deletion."""
 
-    def __init__(self, agent: "NodeAgent", node: "Node", pod: dict[str, Any]) -> None:
+    def __init__(self, agent: NodeAgent, node: Node, pod: dict[str, Any]) -> None:
         self.agent, self.node, self.pod = agent, node, pod
         self.name, self.namespace = pod["metadata"]["name"], pod["metadata"]["namespace"]
         self.uid = pod["metadata"]["uid"]
@@ -299,7 +312,9 @@ class PodWorker:
         return next(c.proc for c in self.containers if name is None or c.proc.container["name"] == name)
 
     def logs(self) -> str:
-        return "\n".join(f"[{c.proc.container['name']}]\n{c.proc.logs()}" for c in self.containers) or self.failed_to_start
+        return (
+            "\n".join(f"[{c.proc.container['name']}]\n{c.proc.logs()}" for c in self.containers) or self.failed_to_start
+        )
 
     # -- requests from the watch -------------------------------------------------------------
     def terminate(self, grace_s: float) -> None:
@@ -349,9 +364,16 @@ class PodWorker:
         mount = proc.mounts.get(SA_MOUNT)
         if mount is not None:  # the in-cluster path, as a kubeconfig the process can read
             kubeconfig = proc.dir / "kubeconfig"
-            kubeconfig.write_text(json.dumps(self.agent.cp.kubeconfig_dict(
-                {"token": (mount / "token").read_text()}, self.namespace, name=spec.get("serviceAccountName", "default"),
-                ca_file=mount / "ca.crt")))
+            kubeconfig.write_text(
+                json.dumps(
+                    self.agent.cp.kubeconfig_dict(
+                        {"token": (mount / "token").read_text()},
+                        self.namespace,
+                        name=spec.get("serviceAccountName", "default"),
+                        ca_file=mount / "ca.crt",
+                    )
+                )
+            )
             proc.env["KUBECONFIG"] = str(kubeconfig)
         return proc
 
@@ -530,14 +552,19 @@ class PodWorker:
 # Nodes
 # --------------------------------------------------------------------------------------------
 class Node:
-    def __init__(self, agent: "NodeAgent", spec: NodeSpec, index: int) -> None:
+    def __init__(self, agent: NodeAgent, spec: NodeSpec, index: int) -> None:
         self.agent, self.spec, self.index = agent, spec, index
         self.client: KubeClient = agent.cp.client_for(f"system:node:{spec.name}", ["system:nodes"])
         self.address = agent.network.node_address(index)
 
     def object(self) -> dict[str, Any]:
         s = self.spec
-        labels = {"kubernetes.io/hostname": s.name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64", **s.labels}
+        labels = {
+            "kubernetes.io/hostname": s.name,
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64",
+            **s.labels,
+        }
         return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": s.name, "labels": labels}, "spec": {},
                 "status": self.status()}
 
@@ -549,17 +576,28 @@ class Node:
             return {"type": kind, "status": "True" if ok else "False", "reason": reason,
                     "lastHeartbeatTime": t, "lastTransitionTime": self.agent.started_at}
         return {
-            "capacity": resources, "allocatable": resources,
-            "conditions": [cond("MemoryPressure", False, "KubeletHasSufficientMemory"),
-                           cond("DiskPressure", False, "KubeletHasNoDiskPressure"),
-                           cond("PIDPressure", False, "KubeletHasSufficientPID"),
-                           cond("Ready", True, "KubeletReady")],
+            "capacity": resources,
+            "allocatable": resources,
+            "conditions": [
+                cond("MemoryPressure", False, "KubeletHasSufficientMemory"),
+                cond("DiskPressure", False, "KubeletHasNoDiskPressure"),
+                cond("PIDPressure", False, "KubeletHasSufficientPID"),
+                cond("Ready", True, "KubeletReady"),
+            ],
             "addresses": [{"type": "InternalIP", "address": self.address}, {"type": "Hostname", "address": s.name}],
             "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
-            "nodeInfo": {"machineID": s.name, "systemUUID": s.name, "bootID": s.name, "kernelVersion": os.uname().release,
-                         "osImage": "caffe-testing node agent", "containerRuntimeVersion": "caffe-testing://1",
-                         "kubeletVersion": "v1.37.2", "kubeProxyVersion": "", "operatingSystem": "linux",
-                         "architecture": "amd64"},
+            "nodeInfo": {
+                "machineID": s.name,
+                "systemUUID": s.name,
+                "bootID": s.name,
+                "kernelVersion": os.uname().release,
+                "osImage": "caffe-testing node agent",
+                "containerRuntimeVersion": "caffe-testing://1",
+                "kubeletVersion": "v1.37.2",
+                "kubeProxyVersion": "",
+                "operatingSystem": "linux",
+                "architecture": "amd64",
+            },
         }
 
     def register(self) -> None:
@@ -575,7 +613,9 @@ class Node:
                  "metadata": {"name": self.spec.name, "namespace": "kube-node-lease"},
                  "spec": {"holderIdentity": self.spec.name, "leaseDurationSeconds": LEASE_S, "renewTime": micro_now()}}
         try:
-            self.client.patch("coordination.k8s.io/v1/leases", "kube-node-lease", self.spec.name, {"spec": lease["spec"]})
+            self.client.patch(
+                "coordination.k8s.io/v1/leases", "kube-node-lease", self.spec.name, {"spec": lease["spec"]}
+            )
         except ApiError as e:
             if e.status != 404:
                 raise
@@ -628,7 +668,7 @@ class NodeAgent:
         self.nodes: list[Node] = []
         self._threads: list[threading.Thread] = []
 
-    def start(self) -> "NodeAgent":
+    def start(self) -> NodeAgent:
         if self.run_processes:
             ensure_pod_range_is_local()
         self.network = PodNetwork()
@@ -637,7 +677,9 @@ class NodeAgent:
             node.register()
             node.heartbeat()
         self._threads = [threading.Thread(target=self._heartbeats, name="node-heartbeats", daemon=True)]
-        self._threads += [threading.Thread(target=n.watch_pods, name=f"watch-{n.spec.name}", daemon=True) for n in self.nodes]
+        self._threads += [
+            threading.Thread(target=n.watch_pods, name=f"watch-{n.spec.name}", daemon=True) for n in self.nodes
+        ]
         for t in self._threads:
             t.start()
         return self
@@ -680,7 +722,7 @@ class NodeAgent:
         if self.network:
             self.network.close()
 
-    def __enter__(self) -> "NodeAgent":
+    def __enter__(self) -> NodeAgent:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -76,6 +76,7 @@ class ServerProcess:
             # gRPC is on by default (port 8081): several servers on one host need a port each
             self.args += ["--grpc-port", "0"]
         self.proc: subprocess.Popen | None = None
+        self.grpc_port: int | None = None  # set by caffe_testing.grpc.grpc_server for a server that serves gRPC
         self.log_path: Path | None = None
 
     def start(self, timeout: float = 60.0) -> ServerProcess:

@@ -79,7 +79,7 @@ class FetchErrorProbe:
     async def failures(self, namespace: str, selector: str, logger: Logger) -> list[str]:
         return fetch_failures(await self.pods(namespace, selector, logger))
 
-    async def pods(self, namespace: str, selector: str, logger: Logger) -> list[Mapping[str, Any]]:
+    async def pods(self, namespace: str, selector: str, logger: Logger) -> list[dict[str, Any]]:
         """The model's pods ([] when they cannot be listed; a 403 is logged once)."""
         try:
             pods = await self.client.list("Pod", namespace, selector)

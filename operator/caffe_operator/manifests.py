@@ -47,7 +47,7 @@ from inference_server.slices import (
     GRPC_PORT,
     GRPC_PORT_NAME,
     MODEL_LABEL as MODEL_LABEL,  # the pods' contract (slices.py)
-    PORT,
+    PORT as PORT,  # the pods' HTTP port, for reconcile
     PORT_NAME,
 )
 

@@ -61,7 +61,6 @@ import kopf
 from caffe_operator import manifests, traffic, variants
 from caffe_operator.api import KIND, CaffeModelServiceSpec, InvalidSpec, parse_spec
 from caffe_operator.backend_report import BackendProbe, BackendReport
-from caffe_operator.kube import ApiError, KubeClient, object_path
 from caffe_operator.events import EventPoster
 from caffe_operator.fetch_errors import (
     MODEL_FETCH_FAILED,
@@ -71,9 +70,9 @@ from caffe_operator.fetch_errors import (
     fetch_failures,
     unschedulable,
 )
+from caffe_operator.kube import ApiError, KubeClient, object_path
 from caffe_operator.load_errors import LoadErrorProbe
 from caffe_operator.pods import Pods
-from inference_server.slices import PRIMARY
 from caffe_operator.status import (
     MODEL_LOAD_FAILED,
     READY,
@@ -84,6 +83,7 @@ from caffe_operator.status import (
     status_patch,
     with_load_errors,
 )
+from inference_server.slices import PRIMARY
 
 # (obj, type, reason, message) → an Event on obj; events.EventPoster unless a test brings its own.
 PostEvent = Callable[[Mapping[str, Any], str, str, str], Awaitable[None]]
@@ -98,12 +98,12 @@ class OperatorConfig:
     gateway_grpc_address: str | None = None  # host:port of the gateway's gRPC
     load_recheck_s: float = 10.0  # first look again at a not-ready model; 0: never
     # NetworkPolicyPeers allowed into model pods (CAFFESERVE_NETWORK_POLICY_FROM, JSON); None: no policies
-    network_peers: tuple | None = None
+    network_peers: tuple[dict[str, Any], ...] | None = None
     gateway_metrics_url: str | None = None  # where KEDA reads the load signal (in-cluster gateway URL)
     prometheus_url: str | None = None  # with it, KEDA sums the signal over gateway replicas (traffic.py)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "OperatorConfig":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:
         env = os.environ if environ is None else environ
         return cls(
             server_image=env.get("CAFFESERVE_SERVER_IMAGE") or manifests.DEFAULT_SERVER_IMAGE,
@@ -116,7 +116,7 @@ class OperatorConfig:
         )
 
 
-def network_peers_from(raw: str | None) -> tuple | None:
+def network_peers_from(raw: str | None) -> tuple[dict[str, Any], ...] | None:
     """CAFFESERVE_NETWORK_POLICY_FROM: a JSON list of NetworkPolicyPeers; unset or empty: no policies."""
     if not raw or not raw.strip():
         return None
@@ -166,8 +166,22 @@ class Outcome:
 # drift detection (pure)
 # --------------------------------------------------------------------------------------------
 _QUANTITY = re.compile(r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
-_SUFFIX = {None: 1, "m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
-           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_SUFFIX: dict[str | None, int | Decimal] = {
+    None: 1,
+    "m": Decimal("0.001"),
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+}
 
 
 def parse_quantity(value: Any) -> Decimal | None:
@@ -192,7 +206,7 @@ def is_subset(desired: Any, current: Any, *, quantities: bool = False) -> bool:
         )
     if isinstance(desired, list):
         return (isinstance(current, list) and len(desired) == len(current)
-                and all(is_subset(d, c, quantities=quantities) for d, c in zip(desired, current)))
+                and all(is_subset(d, c, quantities=quantities) for d, c in zip(desired, current, strict=True)))
     if desired == current:
         return True
     if quantities:
@@ -243,7 +257,9 @@ def drift_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, A
             if kind == "Deployment":
                 template = dict(spec["template"])
                 pod_current = (spec_current.get("template") or {}).get("spec") or {}
-                removed = {f: None for f in manifests.OPTIONAL_POD_FIELDS if f in pod_current and f not in template["spec"]}
+                removed = {
+                    f: None for f in manifests.OPTIONAL_POD_FIELDS if f in pod_current and f not in template["spec"]
+                }
                 if "serviceAccountName" in removed and "serviceAccount" in pod_current:
                     removed["serviceAccount"] = None  # the deprecated alias would bring it back
                 template["spec"] = {**removed, **template["spec"]}
@@ -268,7 +284,7 @@ class Reconciler:
         self.fetches = FetchErrorProbe(client)
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self.known: set[tuple[str, str]] = set()  # models seen by this process, for the resync
-        self._rechecks: dict[tuple[str, str], asyncio.Task] = {}  # one pending follow-up per model
+        self._rechecks: dict[tuple[str, str], asyncio.Task[None]] = {}  # one pending follow-up per model
         self._recheck_attempts: dict[tuple[str, str], int] = {}
         # per model, the (kind, name)s of children it does not want that were found gone or not
         # its own: not looked up again until the spec (or this process's settings) wants them
@@ -280,7 +296,9 @@ class Reconciler:
         self._rechecks.clear()
         await self.pods.close()
 
-    async def reconcile_named(self, namespace: str, name: str, logger: logging.Logger | logging.LoggerAdapter) -> Outcome | None:
+    async def reconcile_named(
+        self, namespace: str, name: str, logger: logging.Logger | logging.LoggerAdapter[Any]
+    ) -> Outcome | None:
         """Reconcile the CR `namespace/name` if it exists and is not being deleted."""
         key = (namespace, name)
         async with self._locks[key]:
@@ -395,7 +413,7 @@ class Reconciler:
     async def _apply_all(self, cr: dict[str, Any], previous: dict[str, Any], generation: int | None,
                          objs: list[dict[str, Any]], outcome: Outcome, logger: Any) -> dict[str, dict[str, Any]]:
         """Create or patch `objs` (owned by `cr`), in order; the objects as applied, by kind."""
-        kopf.append_owner_reference(objs, owner=cr)
+        kopf.append_owner_reference(objs, owner=cr)  # type: ignore[arg-type]  # kopf reads any Mapping
         applied: dict[str, dict[str, Any]] = {}
         for obj in objs:
             applied[obj["kind"]], action = await self._apply(obj)
@@ -414,7 +432,9 @@ class Reconciler:
 
     async def _keda_installed(self) -> bool:
         found = await self.client.get(f"/apis/{traffic.KEDA_GROUP_VERSION}")
-        return bool(found) and any(r.get("name") == "scaledobjects" for r in found.get("resources") or [])
+        if not found:
+            return False
+        return any(r.get("name") == "scaledobjects" for r in found.get("resources") or [])
 
     async def _remove_unwanted(self, cr: dict[str, Any], spec: CaffeModelServiceSpec,
                                applied: dict[str, dict[str, dict[str, Any]]], keda: bool, outcome: Outcome,
@@ -433,7 +453,11 @@ class Reconciler:
             have = applied.get(variant, {})
             # the autoscaler and the Service first (no new pods, no new requests), the policy last
             for kind in (["ScaledObject"] if keda else []) + ["Service", "Deployment", "ConfigMap", "NetworkPolicy"]:
-                child = variants.config_name(name, variant) if kind == "ConfigMap" else variants.resource_name(name, variant)
+                child = (
+                    variants.config_name(name, variant)
+                    if kind == "ConfigMap"
+                    else variants.resource_name(name, variant)
+                )
                 if kind in have:
                     swept.discard((kind, child))
                     continue
@@ -475,7 +499,10 @@ class Reconciler:
         """A fresh answer from a ready pod on which backend serves, when one is due (backend_report.py)."""
         meta = cr["metadata"]
         template = ((deployment.get("spec") or {}).get("template") or {}).get("metadata") or {}
-        fingerprint = ((template.get("annotations") or {}).get(manifests.CONFIG_HASH_ANNOTATION), meta.get("generation"))
+        fingerprint = (
+            (template.get("annotations") or {}).get(manifests.CONFIG_HASH_ANNOTATION),
+            meta.get("generation"),
+        )
         return await self.backends.report(
             (meta["namespace"], meta["name"]), manifests.predictor_name(meta["name"]), manifests.PORT,
             fingerprint=fingerprint, settled=ready.status == "True",
@@ -502,7 +529,7 @@ class Reconciler:
     async def _announce(self, cr: dict[str, Any], previous: dict[str, Any], generation: int | None,
                   obj: dict[str, Any], action: str, logger: Any) -> None:
         what = f"{obj['kind']} {obj['metadata']['name']}"
-        old_ready = next((c for c in previous.get("conditions") or [] if c.get("type") == READY), {})
+        old_ready: dict[str, Any] = next((c for c in previous.get("conditions") or [] if c.get("type") == READY), {})
         seen_before = previous.get("observedGeneration") is not None and old_ready.get("reason") != "InvalidSpec"
         if action == "created":
             if seen_before:
@@ -511,15 +538,25 @@ class Reconciler:
                 await self.post_event(cr, "Normal", "Created", f"created {what}")
         elif action == "patched":
             if previous.get("observedGeneration") == generation:
-                await self.post_event(cr, "Warning", "Restored", f"{what} differed from the spec (edited by hand?); restored")
+                await self.post_event(
+                    cr, "Warning", "Restored", f"{what} differed from the spec (edited by hand?); restored"
+                )
             else:
                 await self.post_event(cr, "Normal", "Updated", f"updated {what} for generation {generation}")
         if action != "unchanged":
             logger.info(f"{action} {what}")
 
-    async def _write_status(self, cr: dict[str, Any], ready: Readiness, deployment: dict[str, Any] | None,
-                            url: str | None, logger: Any, backend: BackendReport | None = None,
-                            grpc_address: str | None = None, variant_states: list[dict[str, Any]] | None = None) -> None:
+    async def _write_status(
+        self,
+        cr: dict[str, Any],
+        ready: Readiness,
+        deployment: dict[str, Any] | None,
+        url: str | None,
+        logger: Any,
+        backend: BackendReport | None = None,
+        grpc_address: str | None = None,
+        variant_states: list[dict[str, Any]] | None = None,
+    ) -> None:
         meta = cr["metadata"]
         previous = cr.get("status") or {}
         new = build_status(
@@ -529,10 +566,12 @@ class Reconciler:
         )
         if same_status(previous, new):
             return
-        await self.client.merge_patch(object_path(KIND, meta["namespace"], meta["name"], "status"), {"status": status_patch(previous, new)})
+        await self.client.merge_patch(
+            object_path(KIND, meta["namespace"], meta["name"], "status"), {"status": status_patch(previous, new)}
+        )
         if new.get("backend") and new["backend"] != previous.get("backend"):
             logger.info(f"backend {new['backend']['name']}: {new['backend'].get('reason', '')}")
-        old = next((c for c in previous.get("conditions") or [] if c.get("type") == READY), {})
+        old: dict[str, Any] = next((c for c in previous.get("conditions") or [] if c.get("type") == READY), {})
         if (old.get("status"), old.get("reason"), old.get("message")) != (ready.status, ready.reason, ready.message):
             logger.info(f"Ready={ready.status} {ready.reason}: {ready.message}")
         if ready.reason == "InvalidSpec":

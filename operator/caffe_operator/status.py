@@ -40,7 +40,7 @@ class Readiness:
 
 
 def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
@@ -126,12 +126,13 @@ def ready_condition(r: Readiness, generation: int | None, previous: list[dict[st
     """The Ready condition; lastTransitionTime moves only when the status flips."""
     old = next((c for c in previous or [] if c.get("type") == READY), None)
     changed = old is None or old.get("status") != r.status
+    kept = None if old is None else old.get("lastTransitionTime")
     cond = {
         "type": READY,
         "status": r.status,
         "reason": r.reason,
         "message": r.message,
-        "lastTransitionTime": (now or now_rfc3339()) if changed else old.get("lastTransitionTime") or now or now_rfc3339(),
+        "lastTransitionTime": (now or now_rfc3339()) if changed else kept or now or now_rfc3339(),
     }
     if generation is not None:
         cond["observedGeneration"] = generation

@@ -30,9 +30,15 @@ def kube():
 
 
 def pod(name: str, command: list[str], **spec) -> dict:
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
-            "spec": {"containers": [{"name": "main", "image": "python", "command": command, **spec.pop("container", {})}],
-                     **spec}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "containers": [{"name": "main", "image": "python", "command": command, **spec.pop("container", {})}],
+            **spec,
+        },
+    }
 
 
 def phase_of(cp: ControlPlane, name: str) -> dict:
@@ -44,7 +50,9 @@ def test_nodes_are_ready_untainted_and_offer_their_gpus(kube):
 
     def settled() -> list[dict]:
         nodes = cp.list_objects("v1/nodes")
-        ready = [n for n in nodes if any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"]["conditions"])]
+        ready = [
+            n for n in nodes if any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"]["conditions"])
+        ]
         return nodes if len(ready) == 4 and not any(n["spec"].get("taints") for n in nodes) else []
     nodes = {n["metadata"]["name"]: n for n in cp.wait_for(settled, timeout=60, what="4 Ready nodes without taints")}
     assert nodes["gpu-small"]["status"]["allocatable"]["nvidia.com/gpu"] == "1"
@@ -55,17 +63,28 @@ def test_nodes_are_ready_untainted_and_offer_their_gpus(kube):
 
 def test_a_pod_is_scheduled_runs_on_its_own_address_and_turns_ready_by_its_probe(kube):
     cp, agent = kube
-    cp.create(PODS, "default", pod("web", [sys.executable, "-m", "http.server", "8080", "--bind", "0.0.0.0"],
-                                   container={"ports": [{"containerPort": 8080}],
-                                              "readinessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 1}},
-                                   nodeSelector={"kubernetes.io/hostname": "cpu-only"}))
+    cp.create(
+        PODS,
+        "default",
+        pod(
+            "web",
+            [sys.executable, "-m", "http.server", "8080", "--bind", "0.0.0.0"],
+            container={
+                "ports": [{"containerPort": 8080}],
+                "readinessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 1},
+            },
+            nodeSelector={"kubernetes.io/hostname": "cpu-only"},
+        ),
+    )
     ready = cp.wait_for(lambda: (p := phase_of(cp, "web")) and any(
         c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", [])) and p,
         timeout=60, what="pod web Ready")
     assert ready["spec"]["nodeName"] == "cpu-only" and ready["status"]["phase"] == "Running"
     ip = ready["status"]["podIP"]
     assert ip.startswith("10.244.") and ready["status"]["hostIP"] != ip
-    with urllib.request.urlopen(f"http://{ip}:8080/", timeout=10) as r:  # the container port itself, on the pod's address
+    with urllib.request.urlopen(
+        f"http://{ip}:8080/", timeout=10
+    ) as r:  # the container port itself, on the pod's address
         assert r.status == 200
     cp.delete(PODS, "default", "web")
     cp.wait_for(lambda: phase_of(cp, "web") == {}, timeout=30, what="pod web deleted")
@@ -85,10 +104,22 @@ def test_a_crashing_container_is_restarted_and_its_exit_reported(kube):
 
 def test_a_pod_that_ignores_sigterm_is_killed_after_its_grace_period(kube):
     cp, agent = kube
-    cp.create(PODS, "default", pod("stubborn", [sys.executable, "-c",
-                                                "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"],
-                                   terminationGracePeriodSeconds=2))
-    cp.wait_for(lambda: phase_of(cp, "stubborn").get("status", {}).get("phase") == "Running", timeout=60, what="running")
+    cp.create(
+        PODS,
+        "default",
+        pod(
+            "stubborn",
+            [
+                sys.executable,
+                "-c",
+                "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)",
+            ],
+            terminationGracePeriodSeconds=2,
+        ),
+    )
+    cp.wait_for(
+        lambda: phase_of(cp, "stubborn").get("status", {}).get("phase") == "Running", timeout=60, what="running"
+    )
     worker = agent.pod("default", "stubborn")
     start = time.monotonic()
     cp.kubectl("delete", "pod", "stubborn", "--wait=true", timeout=60)

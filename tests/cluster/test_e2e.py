@@ -49,7 +49,14 @@ import tritonclient.http as httpclient
 import yaml
 
 from caffe_operator import manifests
-from caffe_testing.chart import chart_crds, helm_install, helm_lint, helm_uninstall, rendered_objects, restricted_violations
+from caffe_testing.chart import (
+    chart_crds,
+    helm_install,
+    helm_lint,
+    helm_uninstall,
+    rendered_objects,
+    restricted_violations,
+)
 from caffe_testing.cluster import CMS, CONFIGMAPS, DEPLOYMENTS, REPO, SERVICES
 from caffe_testing.controlplane import ControlPlane
 from caffe_testing.digits import DIGITS_DIR, digits_data
@@ -176,7 +183,7 @@ def digits(installed):
     k.cp.wait_for(lambda: condition(k.cp.get_object(CMS, MODEL_NS, MODEL)).get("status") == "True",
                   timeout=180, what=f"{MODEL} Ready")
     for i in range(len(k.gateways())):
-        k.cp.wait_for(lambda: http_json("GET", f"{k.gateway_url(i)}/v2/models/{MODEL}/ready")[0] == 200,
+        k.cp.wait_for(lambda i=i: http_json("GET", f"{k.gateway_url(i)}/v2/models/{MODEL}/ready")[0] == 200,
                       timeout=30, what=f"gateway {i} routing {MODEL}")
     k.timings["digits Ready"] = time.monotonic() - start
     return k
@@ -189,7 +196,9 @@ def test_1_helm_install_stores_the_release_in_a_secret_and_runs_the_operator_and
     k = installed
     assert not helm_lint()["Messages"]
     release = k.cp.list_objects("v1/secrets", NAMESPACE, labelSelector=f"owner=helm,name={RELEASE}")
-    assert [(s["metadata"]["name"], s["type"]) for s in release] == [(f"sh.helm.release.v1.{RELEASE}.v1", "helm.sh/release.v1")]
+    assert [(s["metadata"]["name"], s["type"]) for s in release] == [
+        (f"sh.helm.release.v1.{RELEASE}.v1", "helm.sh/release.v1")
+    ]
     for obj in rendered_objects(k.release) + chart_crds():
         kind = obj["kind"]
         listed = k.cp.kubectl("get", kind, obj["metadata"]["name"], "-n", obj["metadata"].get("namespace", NAMESPACE),
@@ -225,7 +234,10 @@ def test_2_a_bad_spec_is_refused_by_the_api_server_with_the_schemas_message(inst
     doc["spec"]["runtime"] = {"device": "gpu", "gpus": 99}
     refused = installed.cp.kubectl("apply", "-n", MODEL_NS, "-f", "-", input=yaml.safe_dump(doc), check=False)
     assert refused.returncode != 0
-    assert "spec.runtime.gpus: Invalid value: 99: spec.runtime.gpus in body should be less than or equal to 16" in refused.stderr
+    assert (
+        "spec.runtime.gpus: Invalid value: 99: spec.runtime.gpus in body should be less than or equal to 16"
+        in refused.stderr
+    )
     assert installed.cp.get_object(CMS, MODEL_NS, "too-many-gpus") is None
 
 
@@ -284,10 +296,16 @@ def test_3_the_digits_pods_run_the_generated_template_on_addresses_of_their_own(
 
 def test_3_endpointslices_come_from_the_real_controller_and_the_gateways_route_by_them(digits):
     pods = {p["status"]["podIP"]: p["metadata"]["name"] for p in digits.model_pods()}
-    slices = digits.cp.list_objects(ENDPOINTSLICES, MODEL_NS, labelSelector=f"kubernetes.io/service-name={MODEL}-predictor")
-    assert slices and all(s["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] == "endpointslice-controller.k8s.io"
-                          for s in slices)
-    endpoints = {e["addresses"][0]: e["targetRef"]["name"] for s in slices for e in s["endpoints"] if e["conditions"]["ready"]}
+    slices = digits.cp.list_objects(
+        ENDPOINTSLICES, MODEL_NS, labelSelector=f"kubernetes.io/service-name={MODEL}-predictor"
+    )
+    assert slices and all(
+        s["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] == "endpointslice-controller.k8s.io"
+        for s in slices
+    )
+    endpoints = {
+        e["addresses"][0]: e["targetRef"]["name"] for s in slices for e in s["endpoints"] if e["conditions"]["ready"]
+    }
     assert endpoints == pods
     assert {(p["name"], p["port"]) for s in slices for p in s["ports"]} == {("http", 8080), ("grpc", 8081)}
     for i in range(len(digits.gateways())):
@@ -306,7 +324,9 @@ def one_digit_per_class() -> tuple[list[np.ndarray], list[int]]:
 
 def infer_body(images: list[np.ndarray]) -> dict[str, Any]:
     blob = digits_data.to_blob(np.stack(images))
-    return {"inputs": [{"name": "data", "shape": list(blob.shape), "datatype": "FP32", "data": blob.reshape(-1).tolist()}]}
+    return {
+        "inputs": [{"name": "data", "shape": list(blob.shape), "datatype": "FP32", "data": blob.reshape(-1).tolist()}]
+    }
 
 
 @pytest.mark.parametrize("replica", [0, 1])
@@ -358,7 +378,9 @@ def doc_blocks(language: str) -> list[str]:
 def test_4_the_documented_curl_request_gets_the_documented_answer(digits):
     (request_json,) = doc_blocks("json")
     shipped = REPO / "examples" / "digits" / "request.json"
-    assert json.loads(shipped.read_text()) == json.loads(request_json), "examples/digits/request.json drifted from the docs"
+    assert json.loads(shipped.read_text()) == json.loads(request_json), (
+        "examples/digits/request.json drifted from the docs"
+    )
     answer = json.loads(doc_blocks("console")[-1].splitlines()[-1])  # the answer the curl block shows
     status, body = http_json("POST", f"{digits.gateway_url(1)}/v2/models/{MODEL}/infer", json.loads(request_json))
     assert status == 200 and body == answer
@@ -387,10 +409,12 @@ def test_4_the_gateways_spread_requests_over_both_model_pods(digits):
     ips = [p["status"]["podIP"] for p in digits.model_pods()]
     before = [served_inferences(ip) for ip in ips]
     for i in range(20):
-        assert http_json("POST", f"{digits.gateway_url(i % 2)}/v2/models/{MODEL}/infer", infer_body(images[:1]))[0] == 200
+        assert (
+            http_json("POST", f"{digits.gateway_url(i % 2)}/v2/models/{MODEL}/infer", infer_body(images[:1]))[0] == 200
+        )
     after = [served_inferences(ip) for ip in ips]
     assert sum(after) - sum(before) == 20
-    assert all(a > b for a, b in zip(after, before)), (before, after)
+    assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
 
 
 def test_4_status_is_ready_with_the_gateway_url_and_the_backend(digits):
@@ -399,8 +423,11 @@ def test_4_status_is_ready_with_the_gateway_url_and_the_backend(digits):
     assert cr["status"]["readyReplicas"] == 2
     assert cr["status"]["url"] == f"http://{PREFIX}-gateway.{NAMESPACE}.svc/v2/models/{MODEL}"
     assert cr["status"]["observedGeneration"] == cr["metadata"]["generation"]
-    backend = digits.cp.wait_for(lambda: (digits.cp.get_object(CMS, MODEL_NS, MODEL).get("status") or {}).get("backend"),
-                                 timeout=60, what="status.backend")
+    backend = digits.cp.wait_for(
+        lambda: (digits.cp.get_object(CMS, MODEL_NS, MODEL).get("status") or {}).get("backend"),
+        timeout=60,
+        what="status.backend",
+    )
     assert backend["name"] == "pycaffe", backend
     printed = digits.cp.kubectl("get", "cms", "-n", MODEL_NS).stdout  # the printer columns, from a real `kubectl get`
     assert re.search(rf"^{MODEL}\s+True\s+2\s+2\s+cpu\s+pycaffe\s+http://", printed, re.M), printed
@@ -413,11 +440,21 @@ def test_5_kubectl_scale_through_the_scale_subresource(digits):
     k = digits
     k.cp.kubectl("scale", f"caffemodelservice/{MODEL}", "-n", MODEL_NS, "--replicas", "3")
     assert k.cp.get_object(CMS, MODEL_NS, MODEL)["spec"]["replicas"] == 3
-    cr = k.cp.wait_for(lambda: (cr := k.cp.get_object(CMS, MODEL_NS, MODEL)) and cr.get("status", {}).get("readyReplicas") == 3
-                       and condition(cr).get("status") == "True" and cr, timeout=120, what="3 ready replicas")
+    cr = k.cp.wait_for(
+        lambda: (
+            (cr := k.cp.get_object(CMS, MODEL_NS, MODEL))
+            and cr.get("status", {}).get("readyReplicas") == 3
+            and condition(cr).get("status") == "True"
+            and cr
+        ),
+        timeout=120,
+        what="3 ready replicas",
+    )
     assert cr["status"]["replicas"] == 3
     assert len(k.model_pods()) == 3
-    scale = k.cp.client.request("GET", f"/apis/caffeserving.io/v1alpha1/namespaces/{MODEL_NS}/caffemodelservices/{MODEL}/scale")
+    scale = k.cp.client.request(
+        "GET", f"/apis/caffeserving.io/v1alpha1/namespaces/{MODEL_NS}/caffemodelservices/{MODEL}/scale"
+    )
     assert scale["spec"]["replicas"] == 3 and scale["status"]["replicas"] == 3
 
 
@@ -426,8 +463,14 @@ def test_5_hand_edits_of_the_children_are_undone(digits):
     k = digits
     k.cp.kubectl("patch", "svc", f"{MODEL}-predictor", "-n", MODEL_NS, "--type", "merge", "-p",
                  '{"spec":{"ports":[{"name":"http","port":9090,"targetPort":8080,"protocol":"TCP"}]}}')
-    k.cp.wait_for(lambda: [p["port"] for p in k.cp.get_object(SERVICES, MODEL_NS, f"{MODEL}-predictor")["spec"]["ports"]]
-                  == [8080, 8081], timeout=30, what="the Service's ports restored")
+    k.cp.wait_for(
+        lambda: (
+            [p["port"] for p in k.cp.get_object(SERVICES, MODEL_NS, f"{MODEL}-predictor")["spec"]["ports"]]
+            == [8080, 8081]
+        ),
+        timeout=30,
+        what="the Service's ports restored",
+    )
     policies = "networking.k8s.io/v1/networkpolicies"
     k.cp.patch(policies, MODEL_NS, f"{MODEL}-predictor", {"spec": {"ingress": [{}]}})
     k.cp.wait_for(lambda: k.cp.get_object(policies, MODEL_NS, f"{MODEL}-predictor")["spec"]["ingress"][0].get("from"),
@@ -456,7 +499,9 @@ def test_6_the_gpu_examples_are_scheduled_on_gpu_and_mig_nodes(digits):
         resnet = k.cp.wait_for(lambda: placed("resnet50", 3), timeout=60, what="resnet50's pods scheduled")
         assert set(alexnet) <= {"gpu-small", "gpu-large"}
         assert resnet == ["gpu-mig"] * 3
-        gpu = {p["metadata"]["name"]: p["spec"]["containers"][0]["resources"]["limits"] for p in k.model_pods("alexnet")}
+        gpu = {
+            p["metadata"]["name"]: p["spec"]["containers"][0]["resources"]["limits"] for p in k.model_pods("alexnet")
+        }
         assert all(limits["nvidia.com/gpu"] == "1" for limits in gpu.values()), gpu
     finally:
         for name in ("alexnet-gpu.yaml", "resnet50-mig-gpu.yaml"):
@@ -493,9 +538,19 @@ def test_6_more_gpus_than_any_node_has_stays_pending_and_says_unschedulable(digi
 def test_7_a_canary_and_a_keda_scaledobject_come_and_go_with_the_spec(digits):
     k = digits
     k.cp.apply(SCALEDOBJECT_CRD)
-    k.cp.wait_for(lambda: condition(k.cp.get_object("apiextensions.k8s.io/v1/customresourcedefinitions", None,
-                                                    SCALEDOBJECT_CRD["metadata"]["name"]), "Established").get("status") == "True",
-                  timeout=30, what="KEDA's CRD established")
+    k.cp.wait_for(
+        lambda: (
+            condition(
+                k.cp.get_object(
+                    "apiextensions.k8s.io/v1/customresourcedefinitions", None, SCALEDOBJECT_CRD["metadata"]["name"]
+                ),
+                "Established",
+            ).get("status")
+            == "True"
+        ),
+        timeout=30,
+        what="KEDA's CRD established",
+    )
     doc = yaml.safe_load((REPO / "examples/digits/service.yaml").read_text())
     doc["metadata"] = {"name": "digits-traffic", "namespace": MODEL_NS}
     doc["spec"]["canary"] = {"model": dict(doc["spec"]["model"], version="2"), "trafficPercent": 10}
@@ -508,8 +563,11 @@ def test_7_a_canary_and_a_keda_scaledobject_come_and_go_with_the_spec(digits):
                   what="the canary's Deployment")
     k.cp.kubectl("patch", "cms", "digits-traffic", "-n", MODEL_NS, "--type", "merge", "-p",
                  '{"spec":{"autoscaling":{"maxReplicas":3}}}')
-    k.cp.wait_for(lambda: k.cp.get_object(SCALEDOBJECTS, MODEL_NS, "digits-traffic-predictor")["spec"]["maxReplicaCount"] == 3,
-                  timeout=30, what="the ScaledObject patched")
+    k.cp.wait_for(
+        lambda: k.cp.get_object(SCALEDOBJECTS, MODEL_NS, "digits-traffic-predictor")["spec"]["maxReplicaCount"] == 3,
+        timeout=30,
+        what="the ScaledObject patched",
+    )
     k.cp.kubectl("patch", "cms", "digits-traffic", "-n", MODEL_NS, "--type", "merge", "-p",
                  '{"spec":{"autoscaling":null,"canary":null}}')
     k.cp.wait_for(lambda: k.cp.get_object(SCALEDOBJECTS, MODEL_NS, "digits-traffic-predictor") is None
@@ -609,8 +667,13 @@ def test_9_a_settled_model_costs_the_operator_no_writes(digits):
 @pytest.mark.parametrize("component", ["operator", "gateway"])
 def test_9_the_authorizer_refused_none_of_their_requests(digits, component):
     events = digits.cp.audit_events(f"system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNTS[component]}")
-    refused = sorted({f"{a} → {e['responseStatus'].get('code')}" for e, a in zip(events, audit_attributes(events))
-                      if e.get("responseStatus", {}).get("code") == 403})
+    refused = sorted(
+        {
+            f"{a} → {e['responseStatus'].get('code')}"
+            for e, a in zip(events, audit_attributes(events), strict=True)
+            if e.get("responseStatus", {}).get("code") == 403
+        }
+    )
     assert len(events) >= 3
     assert not refused, f"the API server refused the {component}:\n" + "\n".join(refused)
 
@@ -652,15 +715,26 @@ def test_10_helm_uninstall_leaves_nothing_of_the_release(digits):
                   "rbac.authorization.k8s.io/v1/roles", "rbac.authorization.k8s.io/v1/rolebindings", ENDPOINTSLICES]
 
     def left() -> list[str]:
-        out = [f"{kind} {o['metadata']['name']}" for kind in namespaced for o in k.cp.list_objects(kind, NAMESPACE)
-               if o["metadata"]["name"].startswith(RELEASE) or "helm" in (o["metadata"].get("labels") or {}).get("owner", "")]
+        out = [
+            f"{kind} {o['metadata']['name']}"
+            for kind in namespaced
+            for o in k.cp.list_objects(kind, NAMESPACE)
+            if o["metadata"]["name"].startswith(RELEASE)
+            or "helm" in (o["metadata"].get("labels") or {}).get("owner", "")
+        ]
         for kind in ("rbac.authorization.k8s.io/v1/clusterroles", "rbac.authorization.k8s.io/v1/clusterrolebindings"):
-            out += [f"{kind} {o['metadata']['name']}" for o in k.cp.list_objects(kind) if o["metadata"]["name"].startswith(RELEASE)]
+            out += [
+                f"{kind} {o['metadata']['name']}"
+                for o in k.cp.list_objects(kind)
+                if o["metadata"]["name"].startswith(RELEASE)
+            ]
         return out
     k.cp.wait_for(lambda: not left(), timeout=120, interval=0.5, what="nothing left of the release")
     k.cp.wait_for(lambda: all(w.gone.is_set() for w in workers), timeout=60, what="the release's pods stopped")
     # Helm never deletes a chart's CRDs (crds/): the CaffeModelService type outlives the release
-    assert k.cp.get_object("apiextensions.k8s.io/v1/customresourcedefinitions", None, "caffemodelservices.caffeserving.io")
+    assert k.cp.get_object(
+        "apiextensions.k8s.io/v1/customresourcedefinitions", None, "caffemodelservices.caffeserving.io"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -691,7 +765,7 @@ def test_11_a_namespace_scoped_release_serves_its_namespace_with_roles_only(digi
         assert status == 200 and int(np.argmax(body["outputs"][0]["data"])) == labels[5]
         for component in ("operator", "gateway"):
             events = k.cp.audit_events(f"system:serviceaccount:{ns}:{release}-caffe-serving-{component}")
-            refused = sorted({str(a) for e, a in zip(events, audit_attributes(events))
+            refused = sorted({str(a) for e, a in zip(events, audit_attributes(events), strict=True)
                               if e.get("responseStatus", {}).get("code") == 403})
             assert events and not refused, f"the API server refused the {component}:\n" + "\n".join(refused)
     finally:

@@ -95,7 +95,9 @@ def assert_no_duplicates(s: KubeStack) -> None:
         for o in objs:
             (ref,) = o["metadata"]["ownerReferences"]
             assert ref["uid"] == uids[o["metadata"]["name"].rsplit("-", 1)[0]]
-    replicasets = Counter(r["metadata"]["ownerReferences"][0]["name"] for r in s.cp.list_objects("apps/v1/replicasets", NS))
+    replicasets = Counter(
+        r["metadata"]["ownerReferences"][0]["name"] for r in s.cp.list_objects("apps/v1/replicasets", NS)
+    )
     assert replicasets == Counter(f"{n}-predictor" for n in s.want), replicasets
     pods = Counter(p["metadata"]["labels"].get("caffeserving.io/model") for p in s.cp.list_objects("v1/pods", NS)
                    if not p["metadata"].get("deletionTimestamp"))
