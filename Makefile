@@ -54,13 +54,16 @@ cuda-build: setup
 	bash scripts/cuda_build.sh --python $(PY)
 
 # .gpu-bundle/: what a lent GPU machine lacks (pycaffe for its Python 3.12, libraries, wheels), for
-# scripts/gpu_check.sh there; `make gpu-rehearsal` runs that check here (its GPU steps print SKIP).
+# scripts/gpu_check.sh there; `make gpu-rehearsal` runs that check here, pruning the carried libraries
+# as the lent machine does (its GPU parts SKIP or are rehearsed on the CPU), then records what it
+# rehearsed in scripts/gpu-rehearsal.json (tests/packaging/test_gpu_wheels.py holds it to today's inputs).
 gpu-bundle: cuda-build
 	PROJECT_PY=$(abspath $(PY)) bash scripts/gpu_bundle.sh
 
 gpu-rehearsal: gpu-bundle
-	PYTHON=.caffe-cuda/py312-venv/bin/python CUDA_LIB_DIRS=$$(readlink -f .caffe-cuda/cuda)/lib GPU_CHECK_KEEP_LIBS=1 \
-	  OUT=$${OUT:-/tmp/gpu-rehearsal} bash scripts/gpu_check.sh .gpu-bundle
+	PYTHON=.caffe-cuda/py312-venv/bin/python CUDA_LIB_DIRS=$$(readlink -f .caffe-cuda/cuda)/lib GPU_CHECK_KEEP_LIBS=0 \
+	  GPU_CHECK_BUDGET_S=$${GPU_CHECK_BUDGET_S:-600} OUT=$${OUT:-/tmp/gpu-rehearsal} bash scripts/gpu_check.sh .gpu-bundle
+	$(PY) scripts/gpu_wheels.py stamp $${OUT:-/tmp/gpu-rehearsal}
 
 clean:
 	rm -rf $(VENV)

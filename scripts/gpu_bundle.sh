@@ -8,8 +8,9 @@
 #            the CUDA libcaffe (sm_90 + PTX) and Boost.Python for 3.12 beside _caffe.so
 #   lib/     the shared libraries Caffe needs that are not glibc, libstdc++ or CUDA's, copied from
 #            this machine (Boost, glog, gflags, protobuf, HDF5, OpenBLAS and what they link)
-#   wheels/  cp312 wheels of the server's Python needs that the lent machine lacks (pydantic,
-#            orjson, httptools, ...; the versions our venv runs) and of protobuf
+#   wheels/  cp312 wheels of what the server and the check's gRPC client need that the lent machine
+#            lacks, computed from pyproject.toml by scripts/gpu_wheels.py (its dependencies' closure
+#            for Python 3.12, at the versions our venv runs, less scripts/lent-gpu-packages.txt)
 #   refs/    the CPU build's answers on the digits net, for the GPU build to be compared against
 # Python 3.12 here: $PYTHON312, else python3.12 on PATH, else pyenv's (Debian 12 has only 3.11;
 # PyPI has no CPython interpreters to install). Its venv (numpy 2, scipy, scikit-image, like the
@@ -39,8 +40,9 @@ find_python312() {
   return 1
 }
 
-# The lent machine's Python packages that pycaffe and the server import, as far as it has them.
-LENT_REQUIREMENTS="numpy==2.5.2 scipy scikit-image pillow pyyaml uvloop prometheus-client six"
+# The lent machine's packages that the server, pycaffe and the check reach (scripts/gpu_wheels.py lent):
+# the rehearsal's venv has those and no more, at the lent machine's version where KINDS.md gives one.
+LENT_REQUIREMENTS=$("$PROJECT_PY" "$HERE/gpu_wheels.py" lent | tr '\n' ' ')
 PY312=$(find_python312)
 VENV="$CACHE_ROOT/venv-py3.12-lent-$(echo "$LENT_REQUIREMENTS" | sha256sum | cut -c1-8)"
 if [ ! -f "$VENV/.done" ]; then
@@ -75,17 +77,13 @@ LD_LIBRARY_PATH="$STAGE/caffe:$CUDA_LIB" ldd "$STAGE/caffe/_caffe.so" "$STAGE/ca
   done
 strip --strip-unneeded "$STAGE"/lib/*.so* "$STAGE"/caffe/*.so* 2>/dev/null || true
 
-# Wheels: the server's needs the lent machine lacks, at the versions our venv runs.
+# Wheels: what the lent machine lacks, from pyproject (scripts/gpu_wheels.py), at the versions our venv runs.
 mkdir -p "$STAGE/wheels"
-pins=$("$PROJECT_PY" - <<'EOF'
-from importlib.metadata import version
-print(" ".join(f"{n}=={version(n)}" for n in ("pydantic", "pydantic-core", "annotated-types", "typing-inspection",
-                                               "typing-extensions", "orjson", "httptools", "protobuf")))
-EOF
-)
+pins=$("$PROJECT_PY" "$HERE/gpu_wheels.py" pins)
+log "wheels: $(echo $pins)"
 "$PROJECT_PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 -d "$STAGE/wheels" $pins >&2
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$STAGE/wheels" $pins >&2
 
 # The CPU build's answers on digits (the project venv's pycaffe), for the GPU build to match.
 mkdir -p "$STAGE/refs"
