@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""The one prepared check of the CUDA pycaffe and the server on a lent GPU (scripts/gpu_check.sh runs it).
+"""The one prepared check of the CUDA pycaffe and the server on a lent GPU (scripts/gpu/gpu_check.sh runs it).
 
-    python scripts/gpu_check.py --out DIR [--refs DIR] [--budget-s 270]
+    python scripts/gpu/gpu_check.py --out DIR [--refs DIR] [--budget-s 270]
 
 This process only orchestrates and never loads Caffe or CUDA: each step runs in a child process of its
 own, in a process group of its own with every server it starts, and that group is killed when the step
@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 SMI_TIMEOUT_S = 15
