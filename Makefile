@@ -10,7 +10,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): $(PY) pyproject.toml $(filter-out %/__pycache__,$(wildcard scripts/caffe/* scripts/caffe/caffe_forks/* scripts/system/*))
+# the Caffe build and the system packages: every file in their folders
+SETUP_INPUTS := $(filter-out %/__pycache__,$(wildcard scripts/caffe/* scripts/caffe/caffe_forks/* scripts/system/*))
+
+$(STAMP): $(PY) pyproject.toml $(SETUP_INPUTS)
 	bash scripts/system/setup_system.sh
 	bash scripts/caffe/install_pycaffe.sh $(VENV)
 	$(PY) -m pip install -q -e '.[operator,onnx,demo,bench,s3,test]'

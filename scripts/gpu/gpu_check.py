@@ -46,14 +46,19 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
+# The check runs in the carried working tree (gpu_check.sh puts it on PYTHONPATH), so it shares caffe_testing's
+# plain HTTP and process helpers (stdlib and yaml only, both on the lent machine; gpu_wheels.py measures the
+# imports). It keeps its own Server, forward and request bodies: Server reads the ports a server picked
+# (port 0) from its log and fails at once on a model that failed to load, where ServerProcess reserves a port
+# first and only polls; caffe_testing.nets.forward is the CPU reference (it sets CPU mode), and the parity step
+# runs the same forward in GPU mode.
+from caffe_testing import servers as shared  # noqa: E402
 
 SMI_TIMEOUT_S = 15
 HTTP_TIMEOUT_S = 60
@@ -253,17 +258,13 @@ def forward(proto, weights, feed: dict, blobs: list[str]) -> dict:
 
 # ========================================================================================== servers (children)
 def http_json(method: str, url: str, payload=None, timeout: float = HTTP_TIMEOUT_S):
+    """caffe_testing.servers.http with a JSON body; an error page that is not JSON becomes {"error": text}."""
     body = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": "application/json"})
+    status, _, raw = shared.http(method, url, body, {"Content-Type": "application/json"}, timeout=timeout)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as e:
-        raw = e.read()
-        try:
-            return e.code, json.loads(raw)
-        except ValueError:
-            return e.code, {"error": raw.decode(errors="replace")}
+        return status, json.loads(raw or b"null")
+    except ValueError:
+        return status, {"error": raw.decode(errors="replace")}
 
 
 def json_payload(name: str, x: np.ndarray) -> dict:
@@ -345,13 +346,7 @@ class Server:
         return self.log.read_text(errors="replace")[-2000:]
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        shared.stop_process(self.proc, 20)
 
     def __exit__(self, *exc):
         self.stop()

@@ -144,7 +144,8 @@ FIRST_PARTY = {p.name for p in [*REPO.iterdir(), *(REPO / "operator").iterdir()]
 OURS = "caffe-serving"  # this repository (its editable install's finder too): it travels as the working tree
 PYCAFFE = "caffe"  # not a distribution: the bundle's caffe/ (pycaffe built for Python 3.12)
 GONE_IN_312 = {"distutils", "imp", "asynchat", "asyncore", "smtpd"}  # in 3.11's standard library, not 3.12's
-CLIENT_IMPORTS = "import numpy, yaml, tritonclient.grpc"  # what scripts/gpu/gpu_check.py's steps import beyond stdlib
+# what scripts/gpu/gpu_check.py's steps import beyond the standard library
+CLIENT_IMPORTS = "import numpy, yaml, tritonclient.grpc, caffe_testing.servers"
 
 # Run in the measured process before anything else: refuse the blocked modules (as if not installed, which an
 # optional import survives) and write sys.modules at exit: what was really imported, failed tries left out.
