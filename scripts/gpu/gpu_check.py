@@ -35,6 +35,7 @@ Rehearsal only: GPU_CHECK_FAULT=STEP:raise|abort|hang injects a fault into one s
 from __future__ import annotations
 
 import argparse
+import hashlib
 import http.client
 import json
 import os
@@ -50,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").exists())
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 # The check runs in the carried working tree (gpu_check.sh puts it on PYTHONPATH), so it shares caffe_testing's
 # plain HTTP and process helpers (stdlib and yaml only, both on the lent machine; gpu_wheels.py measures the
@@ -740,7 +741,8 @@ class Check:
         self.out, self.start = out, time.monotonic()
         self.deadline = self.start + budget_s
         self.work = Path(tempfile.mkdtemp(prefix="gpu-check-", dir=os.environ.get("GPU_CHECK_WORK")))
-        self.results: dict = {"budget_s": budget_s, "steps": {}, "failed": [], "running": None, "stopped": None}
+        self.results: dict = {"budget_s": budget_s, "steps": {}, "failed": [], "running": None, "stopped": None,
+                              "check_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]}
         self.ctx: dict = {"work": str(self.work), "refs": str(refs) if refs else None, "gpu": False}
         self.logged: set[str] = set()
         self.env = {**os.environ, "GLOG_minloglevel": os.environ.get("GLOG_minloglevel", "2"),

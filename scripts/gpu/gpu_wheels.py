@@ -47,16 +47,24 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-REPO = Path(__file__).resolve().parents[2]
-LENT_LIST = REPO / "scripts" / "gpu" / "lent-gpu-packages.txt"
+HERE = Path(__file__).resolve().parent
+REPO = next(p for p in HERE.parents if (p / "pyproject.toml").exists())
+
+
+def script(name: str) -> Path:
+    """A file of scripts/ by its name, wherever under scripts/ it lives."""
+    return next((REPO / "scripts").rglob(name))
+
+
+LENT_LIST = script("lent-gpu-packages.txt")
 
 # What `import caffe` needs: pycaffe is not a distribution, so scripts/caffe/install_pycaffe.sh's pip line declares it
 # (tests/packaging/test_packaging.py reads the same line).
 PYCAFFE_LINE = re.compile(r"pip install -q 'numpy<2' (six .*)$", re.M)
 
 
-def pycaffe_needs(script: Path = REPO / "scripts" / "caffe" / "install_pycaffe.sh") -> list[str]:
-    return ["numpy", *PYCAFFE_LINE.search(script.read_text()).group(1).replace("'", "").split()]
+def pycaffe_needs() -> list[str]:
+    return ["numpy", *PYCAFFE_LINE.search(script("install_pycaffe.sh").read_text()).group(1).replace("'", "").split()]
 # The check's gRPC client, from pyproject's `test` extra, with only the extra the check uses.
 CHECK_CLIENT = ("tritonclient", {"grpc"})
 
@@ -314,26 +322,26 @@ def missing(needed: set[str], carry: set[str], lent: set[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ keep the rehearsal true
-STAMP = REPO / "scripts" / "gpu" / "gpu-rehearsal.json"
+STAMP = HERE / "gpu-rehearsal.json"
+# by name, wherever under scripts/ they live: moving them needs no new rehearsal, changing them does
 GPU_FILES = ["gpu_check.py", "gpu_check.sh", "gpu_bundle.sh", "gpu_wheels.py", "cuda_build.sh", "cuda-wheels.txt",
              "lent-gpu-packages.txt"]
 
 
 def rehearsed_files() -> list[str]:
-    """These GPU scripts, every file of the CUDA build (scripts/caffe/build_key.py's list) and the install-time
-    patches the bundle applies."""
-    spec = importlib.util.spec_from_file_location("build_key", REPO / "scripts" / "caffe" / "build_key.py")
+    """These GPU scripts, every file of the CUDA build (scripts/caffe/build_key.py's list: what its cache key
+    hashes) and the install-time patch the bundle applies."""
+    spec = importlib.util.spec_from_file_location("build_key", script("build_key.py"))
     build_key = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build_key)
-    caffe = build_key.build_files(cuda=True) + ["patch_pycaffe_io.py"]
-    return [f"scripts/gpu/{f}" for f in GPU_FILES] + [f"scripts/caffe/{f}" for f in caffe]
+    return GPU_FILES + build_key.build_files(cuda=True) + ["patch_pycaffe_io.py"]
 
 
 def fingerprint(startup_dists: set[str]) -> dict:
     """What a rehearsal depends on: the bundle's wheels and the lent packages reached (names: a fresh venv
     may resolve newer versions), the distributions the server imports, and the GPU scripts' contents."""
     carry, reached = bundle()
-    files = {f: hashlib.sha256((REPO / f).read_bytes()).hexdigest()[:12] for f in rehearsed_files()}
+    files = {f: hashlib.sha256(script(f).read_bytes()).hexdigest()[:12] for f in rehearsed_files()}
     return {"wheels": sorted(carry), "lent": sorted(reached), "server_imports": sorted(startup_dists),
             "files": files}
 
@@ -342,6 +350,8 @@ def write_stamp(out: Path) -> None:
     results = json.loads((out / "gpu_check.json").read_text())
     if results.get("failed") or results.get("stopped"):
         raise SystemExit(f"the rehearsal did not pass (failed: {results.get('failed')}): no stamp written")
+    if results.get("check_sha256") != hashlib.sha256(script("gpu_check.py").read_bytes()).hexdigest()[:12]:
+        raise SystemExit("that rehearsal ran another scripts/gpu_check.py than today's: rerun make gpu-rehearsal")
     carry, _ = bundle()
     blocked = blocked_prefixes(lent_allowed(carry), module_owners())
     dists, _ = distributions_of(startup_modules(blocked), file_owners())

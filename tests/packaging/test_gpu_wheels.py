@@ -22,7 +22,7 @@ from caffe_testing import REPO
 
 
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "gpu" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, next((REPO / "scripts").rglob(f"{name}.py")))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -78,7 +78,7 @@ def test_a_dependency_the_lent_machine_lacks_is_carried(tmp_path):
     carry, _ = wheels.bundle(tmp_path / "pyproject.toml")
     assert "kmock" in carry  # installed by the test extra; not on the lent machine
     lent = tmp_path / "lent.txt"
-    lent.write_text((REPO / "scripts" / "gpu" / "lent-gpu-packages.txt").read_text() + "kmock\n")
+    lent.write_text(wheels.LENT_LIST.read_text() + "kmock\n")
     assert "kmock" not in wheels.bundle(tmp_path / "pyproject.toml", lent)[0]
 
 
