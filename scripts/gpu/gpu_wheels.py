@@ -351,7 +351,7 @@ def write_stamp(out: Path) -> None:
     if results.get("failed") or results.get("stopped"):
         raise SystemExit(f"the rehearsal did not pass (failed: {results.get('failed')}): no stamp written")
     if results.get("check_sha256") != hashlib.sha256(script("gpu_check.py").read_bytes()).hexdigest()[:12]:
-        raise SystemExit("that rehearsal ran another scripts/gpu_check.py than today's: rerun make gpu-rehearsal")
+        raise SystemExit("that rehearsal ran another scripts/gpu/gpu_check.py than today's: rerun make gpu-rehearsal")
     carry, _ = bundle()
     blocked = blocked_prefixes(lent_allowed(carry), module_owners())
     dists, _ = distributions_of(startup_modules(blocked), file_owners())
