@@ -20,7 +20,7 @@ Steps (GPU parts where nvidia-smi lists a GPU; a listed GPU that the build canno
                 (tritonclient.grpc), metadata device, GPU memory at rest
   throughput.pycaffe / throughput.server
                 forward time at batch 1..64, both measured by the server's own calibration code
-                (inference_server.calibration.measure_curve on the pycaffe backend): directly, and
+                (inference_server.loading.calibration.measure_curve on the pycaffe backend): directly, and
                 inside a server with `batching: auto` (its curve and decision)
   instances     `instances: 1` then `instances: 2` on one GPU, 8 client threads, one binary-tensor body
                 encoded once: every request sent is counted and must be answered 200 with the CPU answer
@@ -598,7 +598,7 @@ def step_throughput_pycaffe(ctx: dict) -> None:
     """The forward curve of pycaffe alone, timed by the server's own calibration code (measured as the
     server measures it for `batching: auto`)."""
     from inference_server.backends.pycaffe import PycaffeBackend
-    from inference_server.calibration import measure_curve
+    from inference_server.loading.calibration import measure_curve
 
     gpu = ctx["gpu"]
     net = "inception" if gpu else "digits"
