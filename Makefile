@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PYTHON ?= python3.11
 STAMP  := $(VENV)/.setup-done
 
-.PHONY: setup test demo bench bench-compare clean crd cuda-build gpu-bundle gpu-rehearsal
+.PHONY: setup kube test demo bench bench-compare clean crd cuda-build gpu-bundle gpu-rehearsal
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,12 @@ $(CHECKOV):
 	$(PYTHON) -m venv .venv-checkov
 	.venv-checkov/bin/python -m pip install -q 'checkov==3.3.30'
 
-setup: $(STAMP) $(CHECKOV)
+# The tests' Kubernetes control plane (kube-apiserver, kube-controller-manager, kube-scheduler, etcd),
+# built from Kubernetes' Go modules once per machine (~20 min on 2 cores), then answered from its cache.
+kube:
+	bash scripts/kube/build.sh >/dev/null
+
+setup: $(STAMP) $(CHECKOV) kube
 
 # the import layers (pyproject.toml, [tool.importlinter]) first, then every test
 test: setup

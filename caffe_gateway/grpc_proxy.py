@@ -3,7 +3,8 @@
 What a client sees (tritonclient.grpc, KServe's InferenceGRPCClient, any OIP gRPC client):
 - ServerLive, ServerReady and ServerMetadata are the gateway's own answers, as REST's
   `/v2/health/*` and `GET /v2` are. ModelInfer, ModelReady and ModelMetadata go to a ready server
-  of the model their request names (field 1, `model_name` or `name`); other methods are UNIMPLEMENTED.
+  of the model their request names (field 1, `model_name` or `name`), and so does ModelConfig;
+  ModelStatistics is summed over the model's replicas (grpc_stats.py); other methods are UNIMPLEMENTED.
 - Bytes in, bytes out: one generic handler per method takes the request as bytes, reads only the
   model name (a scan of the message's top-level fields that skips the others by their length:
   tensors are never decoded) and forwards the same bytes; the server's answer comes back as it
@@ -45,10 +46,12 @@ from .balancer import Endpoint, ModelRoute
 from .forward import (BROKEN, DEADLINE, NOT_SERVED, UNAVAILABLE, UNKNOWN, Forwarder, Lost, NotRun, Refused,
                       Unreachable)
 from .proxy import FORWARDED_EXTENSIONS, GATEWAY_NAME
+from .grpc_stats import model_statistics
 
 SERVICE = pb.SERVICE
 OWN_METHODS = ("ServerLive", "ServerReady", "ServerMetadata")
-MODEL_METHODS = ("ModelInfer", "ModelReady", "ModelMetadata")  # field 1 of each request names the model
+# field 1 of each request names the model; every replica of a model serves the same config
+MODEL_METHODS = ("ModelInfer", "ModelReady", "ModelMetadata", "ModelConfig")
 
 Code = grpc.StatusCode
 # The status codes that count as a server failing (outlier detection).
@@ -299,6 +302,7 @@ class GRPCGateway:
         methods = {name: grpc.unary_unary_rpc_method_handler(getattr(self, name)) for name in OWN_METHODS}
         for name in MODEL_METHODS:
             methods[name] = grpc.unary_unary_rpc_method_handler(self._forwarder(name))
+        methods["ModelStatistics"] = grpc.unary_unary_rpc_method_handler(self.ModelStatistics)
         return grpc.method_handlers_generic_handler(SERVICE, methods)
 
     # --- the gateway's own
@@ -310,6 +314,10 @@ class GRPCGateway:
 
     async def ServerMetadata(self, data: bytes, context) -> bytes:
         return self._server_metadata
+
+    async def ModelStatistics(self, data: bytes, context) -> bytes:
+        """Summed over the model's replicas (grpc_stats.py), as REST's /stats is."""
+        return await model_statistics(self.balancer, data, context)
 
     # --- forwarded
     def _forwarder(self, method: str):

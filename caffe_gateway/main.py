@@ -39,14 +39,16 @@ log = logging.getLogger("caffeserve.gateway")
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="caffeserve gateway", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default %(default)s: this machine only, as `serve` and `up`; "
+                        "0.0.0.0: every interface, as the Helm chart runs it in a pod)")
     p.add_argument("--port", type=int, default=8080, help="REST port (default %(default)s; 0: any free port)")
     p.add_argument("--grpc-port", type=int, default=8081, metavar="PORT",
                    help="gRPC port (default %(default)s; 0: any free port)")
     p.add_argument("--no-grpc", action="store_true", help="serve REST only")
     src = p.add_argument_group("discovery (one of)")
     src.add_argument("--static", action="append", default=[], metavar="MODEL=URL[,URL...]",
-                     help="a model's servers, given directly (repeat per model)")
+                     help="a model's servers, given directly (repeat per model; default: none, then --kubernetes)")
     src.add_argument("--kubernetes", action="store_true",
                      help="watch EndpointSlices labelled caffeserving.io/model (default inside a cluster)")
     src.add_argument("--namespace", help="namespace to watch (default: the pod's, or the kubeconfig context's)")
@@ -91,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     install_uvloop()
 
     grpc_port = None if args.no_grpc else args.grpc_port
-    return asyncio.run(run_until_signalled(app, args.host, args.port, args.grace, grpc_port))
+    rc = asyncio.run(run_until_signalled(app, args.host, args.port, args.grace, grpc_port))
+    logging.shutdown()  # every queued log line written before the exit
+    return rc
 
 
 async def run_until_signalled(app: GatewayApp, host: str, port: int, grace_s: float,
@@ -101,8 +105,9 @@ async def run_until_signalled(app: GatewayApp, host: str, port: int, grace_s: fl
     try:
         bound = await app.start(host, port, grpc_port=grpc_port)
     except OSError as e:
-        log.error("gateway cannot listen: %s", e.strerror or e)
-        return 1
+        log.error("gateway cannot listen on %s (port %d, gRPC %s): %s; choose another --port / --grpc-port",
+                  host, port, grpc_port, e.strerror or e)
+        return 2  # a port that cannot be bound is a configuration error (README, "Exit codes")
     log.info("gateway listening on http://%s:%d", host, bound)
     if app.grpc_port is not None:
         log.info("gateway listening for gRPC on %s:%d", host, app.grpc_port)

@@ -52,7 +52,7 @@ async def _ask(ep, target: str, deadline: float):
         return None
 
 
-async def _model_stats(route, model: str, version: str | None) -> tuple[int, object]:
+async def model_stats(route, model: str, version: str | None) -> tuple[int, object]:
     """(200, [summed stats]) or (status, error message)."""
     loop = asyncio.get_running_loop()
     now = loop.time()
@@ -94,7 +94,7 @@ async def answer(balancer, req: Request, retry_after: dict[str, str]) -> Respons
         if req.method not in ("GET", "HEAD"):
             return _error(405, f"method {req.method} is not allowed on {path}; use GET", {"Allow": "GET"})
         routes = sorted(balancer.models.items())
-        results = await asyncio.gather(*(_model_stats(route, name, None) for name, route in routes))
+        results = await asyncio.gather(*(model_stats(route, name, None) for name, route in routes))
         stats = [s for status, payload in results if status == 200 for s in payload]
         return Response(200, orjson.dumps({"model_stats": stats}))
     target = stats_target(path)
@@ -106,7 +106,7 @@ async def answer(balancer, req: Request, retry_after: dict[str, str]) -> Respons
         return _error(404, f"model '{model}' is not known to the gateway")
     if req.method not in ("GET", "HEAD"):
         return _error(405, f"method {req.method} is not allowed on {path}; use GET", {"Allow": "GET"})
-    status, payload = await _model_stats(route, model, version)
+    status, payload = await model_stats(route, model, version)
     if status != 200:
         return _error(status, payload, retry_after if status == 503 else None)
     return Response(200, orjson.dumps({"model_stats": payload}))

@@ -160,9 +160,22 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_FORMATS = ("text", "json")
 
 
+class _Stderr(logging.StreamHandler):
+    """Whatever sys.stderr is when a line is written (as logging's last-resort handler does): a command
+    run in-process, under a test's captured stderr, never writes to a stream closed since."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text", stream=None) -> None:
     """The process's logging: `fmt` text or json, written by a background thread (module docstring)."""
-    target = logging.StreamHandler(stream or sys.stderr)
+    target = logging.StreamHandler(stream) if stream is not None else _Stderr()
     target.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     q: queue.SimpleQueue = queue.SimpleQueue()
     listener = logging.handlers.QueueListener(q, target, respect_handler_level=False)
@@ -198,11 +211,14 @@ class _QueueHandler(logging.handlers.QueueHandler):
         return record
 
 
-def add_logging_arguments(p, default_level: str = "INFO") -> None:
-    """--log-level, --log-format and --no-access-log, the same on the server, the gateway and `up`."""
+def add_logging_arguments(p, default_level: str = "INFO", access_log: bool = True) -> None:
+    """--log-level and --log-format on every command (and --no-access-log on those that serve HTTP)."""
     p.add_argument("--log-level", default=default_level, type=str.upper,
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log threshold")
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log threshold (default %(default)s)")
     p.add_argument("--log-format", default="text", choices=LOG_FORMATS,
-                   help="text: one readable line per record; json: one JSON object per line (for log collectors)")
-    p.add_argument("--no-access-log", dest="access_log", action="store_false",
-                   help="no line per request (answers 4xx/5xx are still logged, with their message)")
+                   help="text (the default): one readable line per record; json: one JSON object per line "
+                        "(for log collectors)")
+    if access_log:
+        p.add_argument("--no-access-log", dest="access_log", action="store_false",
+                       help="no line per request (default: one line per request; with this flag answers "
+                            "4xx/5xx are still logged, with their message)")

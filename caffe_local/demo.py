@@ -19,6 +19,7 @@ from pathlib import Path
 
 import orjson
 
+from caffe_http.access_log import configure_logging
 from caffe_http.lifecycle import install_uvloop
 
 from .main import parser, run
@@ -65,8 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     p = parser("caffeserve demo")
     p.description = __doc__
     p.add_argument("--index", type=int, help="which digit to send (default: a random one)")
-    p.set_defaults(port=0, grpc_port=0)
+    p.set_defaults(port=0, grpc_port=0)  # any free ports: the demo never collides with a running server
+    for action in p._actions:  # say so in --help
+        if action.dest in ("port", "grpc_port"):
+            action.help = action.help.split(" (default")[0] + " (default 0 here: any free port)"
     args = p.parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
     png, truth, source = pick_digit(args.manifest, args.index)
     outcome: dict[str, str] = {}
 

@@ -46,6 +46,7 @@ import tempfile
 from pathlib import Path
 
 from caffe_gateway.settings import add_arguments, settings_from
+from caffe_http.access_log import add_logging_arguments, configure_logging
 from caffe_http.lifecycle import install_uvloop, stop_event
 
 from .models import LocalError, default_cache_dir, local_models
@@ -55,17 +56,26 @@ from .replicas import LocalService
 def parser(prog: str = "caffeserve up") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("manifest", type=Path, help="a CaffeModelService manifest (YAML; several documents allowed)")
-    p.add_argument("--host", default="127.0.0.1", help="gateway address (default %(default)s)")
-    p.add_argument("--port", type=int, default=8080, help="gateway port (default %(default)s; 0: any free port)")
-    p.add_argument("--grpc-port", type=int, default=8081,
-                   help="gateway gRPC port (default %(default)s; 0: any free port); each replica gets a free one")
-    p.add_argument("--no-grpc", action="store_true", help="the gateway serves REST only")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="gateway address (default %(default)s: this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000,
+                   help="gateway REST port (default %(default)s, Triton's, so that `caffeserve serve` can keep "
+                        "8080 and 8081 beside it; 0: any free port)")
+    p.add_argument("--grpc-port", type=int, default=8001,
+                   help="gateway gRPC port (default %(default)s; 0: any free port); each replica gets free ports "
+                        "of its own")
+    p.add_argument("--no-grpc", action="store_true", help="the gateway serves REST only (default: REST and gRPC)")
     p.add_argument("--pvc-root", type=Path, help="folder that holds PVC claims (default: the manifest's folder)")
-    p.add_argument("--cache-dir", type=Path, default=None, help="where source.url files are downloaded")
-    p.add_argument("--device", choices=["cpu", "gpu"], help="override runtime.device (e.g. cpu on a laptop)")
-    p.add_argument("--replicas", type=int, help="override spec.replicas")
-    p.add_argument("--grace", type=float, default=30.0, help="seconds to finish requests in flight on stop")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where source.url and source.s3 files are downloaded (default: ~/.cache/caffe-serving/models, "
+                        "or $XDG_CACHE_HOME/caffe-serving/models)")
+    p.add_argument("--device", choices=["cpu", "gpu"],
+                   help="override runtime.device, e.g. cpu on a laptop (default: the manifest's)")
+    p.add_argument("--replicas", type=int, help="override spec.replicas (default: the manifest's)")
+    p.add_argument("--grace", type=float, default=30.0, metavar="S",
+                   help="seconds to finish requests in flight on stop (default %(default)g)")
     add_arguments(p)
+    add_logging_arguments(p)
     return p
 
 
@@ -74,10 +84,15 @@ async def run(args, on_ready=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="caffeserve-up-"))
     service = None
     try:
-        models = local_models(args.manifest, args.pvc_root, args.cache_dir or default_cache_dir(), tmp,
-                              args.device, args.replicas)
+        try:
+            models = local_models(args.manifest, args.pvc_root, args.cache_dir or default_cache_dir(), tmp,
+                                  args.device, args.replicas)
+        except LocalError as e:  # the manifest (or a file it names) is wrong (2), or a download failed (1)
+            print(f"caffeserve up: {e}", file=sys.stderr, flush=True)
+            return e.exit_code
         service = LocalService(models, tmp, settings_from(args), args.host, args.port, args.grace,
-                               None if args.no_grpc else args.grpc_port)
+                               None if args.no_grpc else args.grpc_port, log_level=args.log_level,
+                               access_log=args.access_log)
         stop = stop_event()
         starting = asyncio.create_task(service.start())
         stopped = asyncio.create_task(stop.wait())
@@ -100,9 +115,9 @@ async def run(args, on_ready=None) -> int:
             watcher.cancel()
         print("stopping: finishing requests in flight, then the servers", flush=True)
         return 0
-    except LocalError as e:
+    except LocalError as e:  # a replica that does not come up (1), a port that cannot be bound (2)
         print(f"caffeserve up: {e}", file=sys.stderr, flush=True)
-        return 1
+        return e.exit_code
     finally:
         if service is not None:
             await service.stop()
@@ -142,9 +157,11 @@ async def watch_manifest(args, tmp: Path, service: LocalService, interval_s: flo
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     install_uvloop()
-    return asyncio.run(run(args))
+    rc = asyncio.run(run(args))
+    logging.shutdown()
+    return rc
 
 
 if __name__ == "__main__":

@@ -21,7 +21,13 @@ from inference_server.commands.s3 import S3Options
 
 
 class LocalError(Exception):
-    """Something local mode cannot run; the message says what and how to fix it."""
+    """Something local mode cannot run; the message says what and how to fix it. `exit_code` follows
+    the README's convention: 2 (the default) for what the user must change (the manifest, a file it
+    names, a port), 1 for what failed at run time (a download, a replica that never became ready)."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ def _files_dir(name: str, spec, manifest: Path, docs: list[dict], pvc_root: Path
             try:
                 got = fetch(f.url, f.path(str(dest)), f.sha256, s3=s3)
             except FetchError as e:
-                raise LocalError(f"{name}: model.{f.role}: {e}") from None
+                raise LocalError(f"{name}: model.{f.role}: {e}", exit_code=1) from None
             print(f"{name}: {f.local_name} {'downloaded' if got.downloaded else 'cached'} "
                   f"({got.size} bytes, sha256 {got.sha256[:12]}…)", flush=True)
         return dest

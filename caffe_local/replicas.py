@@ -32,6 +32,7 @@ from pathlib import Path
 from caffe_gateway.app import GatewayApp
 from caffe_gateway.discovery import StaticDiscovery
 from caffe_gateway.settings import GatewaySettings
+from caffe_http.access_log import AccessLog
 from caffe_http.upstream import EndpointPool, UpstreamError
 
 from .autoscale import Autoscaler
@@ -72,6 +73,7 @@ class Replica:
     host: str
     port: int
     grpc_port: int | None = None  # its own, so that replicas on one machine do not all claim 8081
+    log_level: str = "INFO"  # `up --log-level`, passed on
     proc: asyncio.subprocess.Process | None = None
     ready: bool = False
     draining: bool = False  # answered its readiness probe with "shutting down"
@@ -94,6 +96,7 @@ class Replica:
             "--host", self.host, "--port", str(self.port), "--drain-delay", str(DRAIN_DELAY_S),
             *(["--grpc-port", str(self.grpc_port)] if self.grpc_port is not None else []),
             "--no-access-log",  # the gateway's access line names every request; errors are still logged
+            "--log-level", self.log_level,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches `up` only; it stops the servers in order
             preexec_fn=_die_with_parent,
@@ -162,7 +165,8 @@ class LocalService:
 
     def __init__(self, models: list[LocalModel], workdir: Path, gateway_settings: GatewaySettings, host: str = "127.0.0.1",
                  port: int = 8080, grace_s: float = 30.0, grpc_port: int | None = None,
-                 scale_interval_s: float = 0.25):
+                 scale_interval_s: float = 0.25, log_level: str = "INFO", access_log: bool = True):
+        self.log_level = log_level
         self.models = models
         self.workdir = workdir
         self.host = host
@@ -179,7 +183,7 @@ class LocalService:
                 self._new_replica(g)
         balancer, proxy, limits = gateway_settings
         primaries = {m.name: set() for m in models if m.variant == "primary"}
-        self.app = GatewayApp(StaticDiscovery(primaries), balancer, proxy, limits)
+        self.app = GatewayApp(StaticDiscovery(primaries), balancer, proxy, limits, AccessLog("gateway", access_log))
         self._supervisor: asyncio.Task | None = None
         self._scaler: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -198,7 +202,7 @@ class LocalService:
 
     def _new_replica(self, g: Group) -> Replica:
         r = Replica(g.model.label, g.next_index, g.cfg_path, "127.0.0.1", _free_port("127.0.0.1"),
-                    _free_port("127.0.0.1") if g.model.grpc else None)
+                    _free_port("127.0.0.1") if g.model.grpc else None, log_level=self.log_level)
         g.next_index += 1
         g.replicas.append(r)
         return r
@@ -247,7 +251,7 @@ class LocalService:
             if not r.alive():
                 await asyncio.sleep(0.1)  # let the relay print its last lines
                 raise LocalError(f"{r.label} exited with code {r.proc.returncode} before it was ready"
-                                 + (f": {r.output[-1]}" if r.output else ""))
+                                 + (f": {r.output[-1]}" if r.output else ""), exit_code=1)
             ok, why, _ = await r.readiness()
             if ok:
                 r.ready = True
@@ -255,9 +259,10 @@ class LocalService:
             if "failed to load" in why:  # permanent: the server does not try again
                 hint = ("; to run this manifest on this machine's CPU: caffeserve up --device cpu ..."
                         if "device kind 'gpu'" in why else "")
-                raise LocalError(f"{r.label}: {why}{hint}")
+                raise LocalError(f"{r.label}: {why}{hint}", exit_code=1)
             await asyncio.sleep(0.05)
-        raise LocalError(f"{r.label} not ready within {timeout_s:g} s (runtime.startupTimeoutSeconds): {why}")
+        raise LocalError(f"{r.label} not ready within {timeout_s:g} s (runtime.startupTimeoutSeconds): {why}",
+                         exit_code=1)
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -438,7 +443,8 @@ class LocalService:
         g.cfg_path = self._write_config(m)
         old = list(g.replicas)
         fresh = [Replica(m.label, g.next_index + i, g.cfg_path, "127.0.0.1", _free_port("127.0.0.1"),
-                         _free_port("127.0.0.1") if m.grpc else None) for i in range(count)]
+                         _free_port("127.0.0.1") if m.grpc else None, log_level=self.log_level)
+                 for i in range(count)]
         g.next_index += count
         print(f"{m.label}: config changed; rolling {count} replica(s)", flush=True)
         await asyncio.gather(*(r.start() for r in fresh))

@@ -81,13 +81,15 @@ def helm_cluster() -> Iterator[Any]:
 # --------------------------------------------------------------------------------------------
 # Helm calls (each in a child process; see the module docstring)
 # --------------------------------------------------------------------------------------------
-def _run_helm(request: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
+def _run_helm(request: dict[str, Any], timeout: float = 180, driver: str = "memory") -> dict[str, Any]:
+    """One Helm action in a child process with HELM_DRIVER=`driver` ("memory" for the emulator;
+    "secret", Helm's default, against a real API server)."""
     import importlib.util
 
     if importlib.util.find_spec("helm_sdkpy") is None:
         raise RuntimeError("the Helm library is not installed: "
                            f"{sys.executable} -m pip install --ignore-requires-python helm-sdkpy  (make setup does it)")
-    env = dict(os.environ, HELM_DRIVER="memory")
+    env = dict(os.environ, HELM_DRIVER=driver)
     proc = subprocess.run([sys.executable, __file__], input=json.dumps(request), capture_output=True,
                           text=True, env=env, timeout=timeout, cwd=REPO)
     if proc.returncode != 0:
@@ -104,11 +106,24 @@ def helm_lint(chart: Path = CHART) -> dict[str, Any]:
 
 
 def helm_install(cluster, release: str, namespace: str, values: dict[str, Any] | None = None,
-                 chart: Path = CHART, kubeconfig: Path | None = None) -> dict[str, Any]:
-    """`helm install RELEASE CHART -n NAMESPACE --values ...` into the emulator (no --wait: it has
-    no controllers, so nothing would ever become ready). Returns Helm's release (manifest, notes, ...)."""
+                 chart: Path = CHART, kubeconfig: Path | None = None, *, real: bool = False,
+                 wait: bool = False) -> dict[str, Any]:
+    """`helm install RELEASE CHART -n NAMESPACE --values ...`. Returns Helm's release (manifest, notes, ...).
+
+    Into the emulator (default): memory storage, no namespace creation, no OpenAPI validation, no
+    --wait (it has no controllers). `real=True` (a real API server, controlplane.py): Helm's default
+    storage (a Secret per release revision), --create-namespace, the server's OpenAPI validation,
+    and `wait` as `helm install --wait`."""
     return _run_helm({"action": "install", "chart": str(chart), "release": release, "namespace": namespace,
-                      "values": values or {}, "kubeconfig": str(kubeconfig or cluster.kubeconfig)})
+                      "values": values or {}, "kubeconfig": str(kubeconfig or cluster.kubeconfig),
+                      "real": real, "wait": wait}, driver="secret" if real else "memory")
+
+
+def helm_uninstall(cluster, release: str, namespace: str, kubeconfig: Path | None = None,
+                   wait: bool = True) -> dict[str, Any]:
+    """`helm uninstall RELEASE -n NAMESPACE [--wait]` from a real API server (Helm's Secret storage)."""
+    return _run_helm({"action": "uninstall", "release": release, "namespace": namespace, "wait": wait,
+                      "kubeconfig": str(kubeconfig or cluster.kubeconfig)}, driver="secret")
 
 
 def rendered_objects(release: dict[str, Any]) -> list[dict[str, Any]]:
@@ -196,9 +211,13 @@ def _child() -> int:
             config = helm_sdkpy.Configuration(namespace=request["namespace"], kubeconfig=request["kubeconfig"])
             # create_namespace stays off: Helm validates that Namespace against the server's OpenAPI
             # document, which the emulator does not serve (and the emulator needs no namespaces).
+            real = bool(request.get("real"))
             result = asyncio.run(helm_sdkpy.Install(config).run(
-                request["release"], request["chart"], values=request["values"], wait=False,
-                create_namespace=False, timeout=60, disable_openapi_validation=True))
+                request["release"], request["chart"], values=request["values"], wait=bool(request.get("wait")),
+                create_namespace=real, timeout=150, disable_openapi_validation=not real))
+        elif request["action"] == "uninstall":
+            config = helm_sdkpy.Configuration(namespace=request["namespace"], kubeconfig=request["kubeconfig"])
+            result = asyncio.run(helm_sdkpy.Uninstall(config).run(request["release"], wait=request["wait"], timeout=120))
         else:
             raise ValueError(f"unknown action {request['action']!r}")
     except helm_sdkpy.HelmError as e:

@@ -51,6 +51,7 @@ import kmock
 import yaml
 
 from caffe_testing import REPO
+from caffe_testing.kubeclient import ApiError, resource_path  # noqa: F401  (re-exported)
 from caffe_testing.servers import free_port, stop_process
 
 VENV_BIN = Path(sys.executable).parent
@@ -66,21 +67,6 @@ CMS = "caffeserving.io/v1alpha1/caffemodelservices"
 
 ALL_VERBS = {"create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"}
 T = TypeVar("T")
-
-
-def resource_path(resource: str, namespace: str | None = None, name: str | None = None, sub: str | None = None) -> str:
-    """`apps/v1/deployments`, ns, name → `/apis/apps/v1/namespaces/ns/deployments/name`."""
-    parts = resource.split("/")
-    group_version, plural = "/".join(parts[:-1]), parts[-1]
-    path = f"/api/{group_version}" if group_version == "v1" else f"/apis/{group_version}"
-    if namespace:
-        path += f"/namespaces/{namespace}"
-    path += f"/{plural}"
-    if name:
-        path += f"/{name}"
-    if sub:
-        path += f"/{sub}"
-    return path
 
 
 def _merge_patch(target: Any, patch: Any) -> Any:
@@ -208,12 +194,6 @@ class ApiServer(kmock.KubernetesEmulator):
             self._gc_tasks.add(task)
             task.add_done_callback(self._gc_tasks.discard)
         return response
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, body: str) -> None:
-        super().__init__(f"HTTP {status}: {body[:500]}")
-        self.status = status
 
 
 class Cluster:

@@ -22,8 +22,8 @@ def grpc_server(config, tmp_dir, **kw) -> ServerProcess:
 
 
 class OIPClient:
-    def __init__(self, port: int, max_message_bytes: int = 256 * 1024 * 1024):
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
+    def __init__(self, port: int, max_message_bytes: int = 256 * 1024 * 1024, host: str = "127.0.0.1"):
+        self.channel = grpc.insecure_channel(f"{host}:{port}", options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes)])
         self.stubs = {

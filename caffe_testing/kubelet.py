@@ -33,6 +33,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -54,15 +55,26 @@ class ContainerProcess:
 
     def __init__(self, pod: dict[str, Any], container: str, *, namespace: str, pod_name: str,
                  workdir: Path, cluster=None, pvcs: dict[str, Path] | None = None,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, pod_ip: str | None = None,
+                 fields: dict[str, str] | None = None, extra_env: dict[str, str] | None = None,
+                 projected: Callable[[dict[str, Any], Path], None] | None = None) -> None:
+        """pod_ip: the pod has an address of its own (nodeagent.py), so container ports stay as they
+        are and 0.0.0.0 becomes that address; without it each container port gets a free port on
+        127.0.0.1. fields: downward-API values beyond namespace and name (status.podIP, ...);
+        projected: writes a projected volume's files into a folder (the node agent's, with tokens)."""
         spec = pod["spec"] if "spec" in pod else pod
         self.container = next(c for c in spec["containers"] + (spec.get("initContainers") or [])
                               if c["name"] == container)
         self.cluster = cluster
         self.namespace = namespace
         self.pod_name = pod_name
+        self.host = pod_ip or "127.0.0.1"
+        self.fields = {"metadata.namespace": namespace, "metadata.name": pod_name, **(fields or {})}
+        self.extra_env = dict(extra_env or {})
+        self._projected = projected
         self.dir = Path(tempfile.mkdtemp(prefix=f"{pod_name}-", dir=workdir))
-        self.ports = {p["containerPort"]: free_port() for p in self.container.get("ports") or []}
+        self.ports = {p["containerPort"]: (p["containerPort"] if pod_ip else free_port())
+                      for p in self.container.get("ports") or []}
         self.port_names = {p["name"]: p["containerPort"] for p in self.container.get("ports") or [] if p.get("name")}
         self.mounts = self._mount(spec, cluster, pvcs or {})
         self.argv = self._argv(extra_args or [])
@@ -95,6 +107,10 @@ class ContainerProcess:
                 assert secret is not None, f"Secret {volume['secret']['secretName']} is not there"
                 for key, value in (secret.get("data") or {}).items():
                     (local / key).write_bytes(base64.b64decode(value))
+            elif "projected" in volume and self._projected is not None:  # e.g. the service-account token
+                local = self.dir / "volumes" / m["name"]
+                local.mkdir(parents=True, exist_ok=True)
+                self._projected(volume["projected"], local)
             else:
                 raise NotImplementedError(f"volume {m['name']}: {sorted(volume)}")
             if m.get("subPath"):
@@ -129,7 +145,7 @@ class ContainerProcess:
     def _map_arg(self, arg: str, previous: str | None) -> str:
         if previous in ("--port", "--grpc-port") and arg.isdigit() and int(arg) in self.ports:
             return str(self.ports[int(arg)])
-        arg = arg.replace("0.0.0.0", "127.0.0.1")
+        arg = arg.replace("0.0.0.0", self.host)
         for container_port, local_port in self.ports.items():
             arg = re.sub(rf"(//[^/:]+):{container_port}\b", rf"\g<1>:{local_port}", arg)
         return self.map_path(arg)
@@ -150,9 +166,10 @@ class ContainerProcess:
             if "value" in item:
                 env[item["name"]] = self.map_path(str(item["value"]))
             elif (ref := (item.get("valueFrom") or {}).get("fieldRef")) is not None:
-                env[item["name"]] = {"metadata.namespace": self.namespace, "metadata.name": self.pod_name}[ref["fieldPath"]]
+                env[item["name"]] = self.fields[ref["fieldPath"]]
             else:
                 raise NotImplementedError(f"env {item['name']}: {item}")
+        env.update(self.extra_env)
         return env
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -168,7 +185,7 @@ class ContainerProcess:
     def probe(self, kind: str = "readinessProbe") -> bool:
         """One httpGet probe as the kubelet sends it; True on 2xx/3xx."""
         http_get = self.container[kind]["httpGet"]
-        url = f"http://127.0.0.1:{self.port(http_get['port'])}{http_get['path']}"
+        url = f"http://{self.host}:{self.port(http_get['port'])}{http_get['path']}"
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 return 200 <= r.status < 400

@@ -9,8 +9,12 @@ COMMANDS = ("serve", "check", "fetch")
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m inference_server {{{','.join(COMMANDS)}}} ARGS...", file=sys.stderr)
+    usage = f"usage: python -m inference_server {{{','.join(COMMANDS)}}} ARGS...  (COMMAND --help: its options)"
+    if argv and argv[0] in ("-h", "--help"):  # asked for: stdout, exit 0
+        print(usage)
+        return 0
+    if not argv or argv[0] not in COMMANDS:  # a usage error: stderr, exit 2 (README, "Exit codes")
+        print(usage, file=sys.stderr)
         return 2
     return int(importlib.import_module(f"inference_server.commands.{argv[0]}").main(argv[1:]) or 0)
 

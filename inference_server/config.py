@@ -8,7 +8,7 @@ either. Relative file paths are resolved against the config file's folder.
 from __future__ import annotations
 
 import os
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,7 +28,7 @@ class CamelModel(BaseModel):
     )
 
 
-class Datatype(str, Enum):
+class Datatype(StrEnum):  # StrEnum: str() and f-strings give the value ("FP32"), not "Datatype.FP32"
     """Open Inference Protocol tensor datatypes."""
 
     BOOL = "BOOL"
@@ -109,7 +109,7 @@ class Preprocessing(CamelModel):
         return self
 
 
-class DeviceKind(str, Enum):
+class DeviceKind(StrEnum):  # str() gives "cpu"/"gpu", as metadata and the CR status show it
     cpu = "cpu"
     gpu = "gpu"
 
@@ -117,7 +117,8 @@ class DeviceKind(str, Enum):
 class Device(CamelModel):
     """Where the Net runs."""
 
-    kind: DeviceKind = Field(default=DeviceKind.cpu, description="cpu, or gpu (fails at startup without one).")
+    kind: DeviceKind = Field(default=DeviceKind.cpu, description="cpu, or gpu (without a GPU or a CUDA build the model "
+                             "fails to load: the server stays live, readiness 503 says why).")
     id: int = Field(default=0, ge=0, description="GPU device id (with kind: gpu).")
 
 

@@ -17,6 +17,8 @@ from collections import Counter
 
 import numpy as np
 
+from caffe_http.access_log import add_logging_arguments, configure_logging
+
 from ..config import ConfigError, load_config
 from ..errors import ModelLoadError
 
@@ -24,7 +26,9 @@ from ..errors import ModelLoadError
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="caffeserve check", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="server config YAML, as for `caffeserve serve`")
-    p.add_argument("--runs", type=int, default=20, help="forward passes timed per backend (p50 is printed)")
+    p.add_argument("--runs", type=int, default=20,
+                   help="forward passes timed per backend (p50 is printed; default %(default)s)")
+    add_logging_arguments(p, default_level="WARNING", access_log=False)
     return p.parse_args(argv)
 
 
@@ -44,6 +48,7 @@ def _fmt_ms(ms: float) -> str:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
     try:
         cfg = load_config(args.config)
     except ConfigError as e:

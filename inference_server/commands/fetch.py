@@ -26,6 +26,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from caffe_http.access_log import add_logging_arguments, configure_logging
+
 from ..hashing import file_sha256
 from .s3 import S3Options, open_object, read_credentials
 
@@ -161,6 +163,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dest", required=True, help="where to write it (written beside it first, then renamed)")
     p.add_argument("--sha256", help="expected sha256 (hex); the file is kept only if it matches")
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="refuse files larger than this (default 8 GiB)")
+    add_logging_arguments(p, default_level="WARNING", access_log=False)
     p.add_argument("--timeout", type=float, default=1800.0, help="overall deadline in seconds (default 1800)")
     p.add_argument("--read-timeout", type=float, default=60.0, help="longest wait for the next bytes (default 60)")
     p.add_argument("--attempts", type=int, default=4, help="tries on transient errors (default 4)")
@@ -175,6 +178,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    configure_logging(args.log_level, args.log_format)
     started = time.monotonic()
     try:
         got = fetch(args.url, args.dest, args.sha256, max_bytes=args.max_bytes, timeout_s=args.timeout,

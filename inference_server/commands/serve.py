@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -32,23 +33,34 @@ log = logging.getLogger("caffeserve")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="caffeserve serve", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="caffeserve serve", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, metavar="FILE",
                    help="the server config YAML: its fields are in the README, section 'The inference server'")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8080, help="REST port (0: any free port, printed in the log)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default %(default)s: this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8080,
+                   help="REST port (default %(default)s; 0: any free port, printed in the log)")
     p.add_argument("--grpc-port", type=int, default=None, metavar="PORT",
                    help="gRPC port, overriding the config's grpc.port (and turning gRPC on); 0: any free port "
-                   "(default: the config's, 8081 unless it says otherwise)")
+                   "(default: the config's grpc.port, 8081 unless it says otherwise)")
     p.add_argument("--grace-period", type=float, default=30.0, metavar="S",
-                   help="seconds to finish in-flight requests on SIGTERM, after the drain delay")
+                   help="seconds to finish in-flight requests on SIGTERM, after the drain delay (default %(default)g)")
     p.add_argument("--drain-delay", type=float, default=0.0, metavar="S",
                    help="on SIGTERM, readiness turns 503 at once while the listener stays open this long (each "
-                        "response closing its connection), so that routing stops before it closes; "
-                        "in Kubernetes a few seconds (the operator sets 5)")
+                        "response closing its connection), so that routing stops before it closes "
+                        "(default %(default)g: close at once; in Kubernetes a few seconds, the operator sets 5)")
     add_logging_arguments(p)
     return p.parse_args(argv)
+
+
+def _bind_error(host: str, port: int) -> str:
+    """Why `host:port` cannot be bound, in the OS's words (e.g. "Address already in use")."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+    except OSError as e:
+        return e.strerror or str(e)
+    return "the port could be bound a moment later"
 
 
 def build(cfg, access_log: bool = True) -> tuple[DataPlane, HTTPServer, Model]:
@@ -109,18 +121,27 @@ def main(argv: list[str]) -> int:
         if grpc_server is not None:
             try:
                 port = await grpc_server.start(args.host, cfg.grpc.port)
-            except OSError as e:
-                log.error("%s", e)
-                return 1
+            except OSError as e:  # grpc says only "Failed to bind": the OS says why
+                log.error("%s (%s); choose another --grpc-port", e, _bind_error(args.host, cfg.grpc.port))
+                return 2
             log.info("listening for gRPC on %s:%d", args.host, port)
-        await serve_until_signalled(server, args.host, args.port, listening, args.grace_period, draining,
-                                    args.drain_delay)
+        try:
+            await serve_until_signalled(server, args.host, args.port, listening, args.grace_period, draining,
+                                        args.drain_delay)
+        except OSError as e:  # the REST port is taken (or not ours to bind): a configuration error
+            log.error("cannot listen for REST on %s:%d: %s; choose another --port", args.host, args.port,
+                      e.strerror or e)
+            if grpc_server is not None:
+                await grpc_server.stop(0)
+            return 2
         if stopping:
             await stopping[0]
         return 0
 
-    if asyncio.run(run()) != 0:
-        return 1
+    rc = asyncio.run(run())
+    if rc != 0:
+        logging.shutdown()  # the log lines that say why, written before the exit
+        return rc
     # The grace period bounds the whole shutdown: a forward pass still running when it ends does
     # not hold the exit (the workers are daemon threads; os._exit skips interpreter teardown, which
     # is not safe while a worker is inside Caffe).

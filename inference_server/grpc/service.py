@@ -25,6 +25,7 @@ from ..errors import BadRequest, InferenceError, NotFound, grpc_status_name
 from ..serving.metrics import ServerMetrics
 from . import messages as pb
 from .codec import decode_infer_request, encode_infer_response
+from .triton import config_response, statistics_response
 from .status import RETRY_INFO_TYPE, error_status  # noqa: F401 (RETRY_INFO_TYPE: re-exported)
 from .listener import GRPCListener
 
@@ -39,7 +40,8 @@ def _parse(cls, data: bytes):
 
 
 class GRPCService:
-    """The six RPCs over one DataPlane; `handler()` is what a grpc server registers."""
+    """The OIP's six RPCs and Triton's ModelConfig and ModelStatistics over one DataPlane; `handler()` is
+    what a grpc server registers."""
 
     def __init__(self, plane: DataPlane, metrics: ServerMetrics):
         self.plane = plane
@@ -49,6 +51,7 @@ class GRPCService:
             name=meta["name"], version=meta["version"], extensions=meta["extensions"]).SerializeToString()
         self._live = pb.ServerLiveResponse(live=True).SerializeToString()
         self._model_metadata: dict[str, tuple[bytes, bytes]] = {}  # name -> (the JSON it came from, serialized)
+        self._model_config: dict[str, tuple[bytes, bytes]] = {}  # the same, for ModelConfig
         self._rpcs = Counter("caffeserve_grpc_requests", "gRPC ModelInfer calls by gRPC status code.",
                              ["model", "version", "grpc_code"], registry=metrics.registry)
         self._rpc_codes: dict[str, object] = {}
@@ -95,6 +98,31 @@ class GRPCService:
                     getattr(resp, kind).add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
             cached = self._model_metadata[m.name] = (m.metadata, resp.SerializeToString())
         return cached[1]
+
+    # --- Triton's extensions, as REST's /v2/models/{m}/config and /stats answer them (stats.py)
+    async def ModelConfig(self, data: bytes, context) -> bytes:
+        try:
+            req = _parse(pb.ModelConfigRequest, data)
+            m = self.plane.get(req.name, req.version or None)
+            m.check_ready()  # the config describes a loaded model: UNAVAILABLE with the reason until then
+        except InferenceError as e:
+            return await self._abort(context, e)
+        cached = self._model_config.get(m.name)
+        if cached is None or cached[0] is not m.config_json:
+            cached = self._model_config[m.name] = (m.config_json, config_response(orjson.loads(m.config_json)))
+        return cached[1]
+
+    async def ModelStatistics(self, data: bytes, context) -> bytes:
+        """One model's counters, or every model's for an empty name; they exist loaded or not (as REST's)."""
+        try:
+            req = _parse(pb.ModelStatisticsRequest, data)
+            if req.name:
+                models = [self.plane.get(req.name, req.version or None)]
+            else:
+                models = list(self.plane.models.values())
+        except InferenceError as e:
+            return await self._abort(context, e)
+        return statistics_response([m.stats.as_json(m.name, m.version) for m in models])
 
     # --- inference
     async def ModelInfer(self, data: bytes, context) -> bytes:

@@ -28,6 +28,7 @@ import platform
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -304,7 +305,7 @@ def evaluate(cfg, n_random: int | None = None, probed=None, speed: bool | None =
     except ImportError as e:
         return Evaluation(f"onnxruntime is not installed ({e.name} is missing)")
     from . import parity
-    from .convert import CONVERTER_VERSION, load_net
+    from .convert import CONVERTER_VERSION
     from ..backends.onnxruntime import providers
 
     n_random = parity.N_RANDOM_INPUTS if n_random is None else n_random
@@ -316,92 +317,151 @@ def evaluate(cfg, n_random: int | None = None, probed=None, speed: bool | None =
     except ModelLoadError as e:
         return Evaluation(str(e), details)
 
-    prototxt, weights = cfg.path(cfg.model.prototxt), cfg.path(cfg.model.weights)
-    net = None
-
-    def load():
-        t0 = time.perf_counter()
-        loaded = load_net(prototxt, weights)  # pycaffe must load it anyway; its errors are the model's errors
-        served.reshape(loaded, served.input_shapes(cfg, loaded))
-        timings["load_s"] = round(time.perf_counter() - t0, 3)
-        return loaded
-
     if probed is None:
-        net = load()
+        net = _load_net(cfg, timings)
         shapes, outputs = served.input_shapes(cfg, net), served.output_blobs(cfg, net)
     else:
-        shapes, outputs = dict(probed.input_shapes), list(probed.outputs)
-
+        net, shapes, outputs = None, dict(probed.input_shapes), list(probed.outputs)
     t0 = time.perf_counter()
-    key = cache_key(prototxt, weights, shapes, CONVERTER_VERSION, outputs)
-    folder = _writable_cache_dir()
-    path = folder / f"{key}.onnx"
-    fields, vkey = verdict_key(cfg, key, n_random)
-    vpath = folder / f"{key}.{vkey[:16]}.verdict.json"
-    details["onnx_cache_key"] = key[:16]
-    verdict = _read_verdict(vpath, vkey)
-    graph_sha = file_sha256(path) if path.exists() else None
-    timings["hash_s"] = round(time.perf_counter() - t0, 3)
-
-    if verdict is not None and verdict.get("conversion_problem"):
-        details.update(onnx_cache_hit=False, verdict_cached=True)
-        return Evaluation(verdict["conversion_problem"], details, None, "", timings)
-    if verdict is not None and graph_sha is not None and graph_sha == verdict.get("onnx_sha256"):
-        gate = verdict["parity"]
-        if not (want_speed and gate["passed"] and not verdict.get("speed")):
-            details.update(gate["details"])
-            details.update(onnx_cache_hit=True, verdict_cached=True, onnx_tensorrt=verdict.get("onnx_tensorrt", False))
-            return Evaluation(gate["problem"], details, str(path), gate["summary"], timings, verdict.get("speed"))
-    elif verdict is not None and graph_sha is not None:
-        details["onnx_cache_rejected"] = "the cached graph's bytes are not the ones that passed the gate"
+    cache = CachedGraph.find(cfg, shapes, outputs, n_random, CONVERTER_VERSION)
+    details["onnx_cache_key"] = cache.key[:16]
+    timings["hash_s"] = _since(t0)
+    known = cache.known_evaluation(want_speed, details, timings)
+    if known is not None:
+        return known
 
     if net is None:
-        net = load()
-    report, problem, session, sha = None, None, None, None
-    for attempt in ("cached", "fresh") if graph_sha is not None else ("fresh",):
+        net = _load_net(cfg, timings)
+    gated = _gate_cached_or_fresh(net, cache, cfg, shapes, outputs, n_random, details, timings)
+    if gated.report is None:  # no gate ran (no conversion, or the graph would not load): nothing to record
+        return Evaluation(gated.problem, details, gated.artifact, "", timings)
+    details.update(gated.report.details())
+    found_speed = None
+    if gated.problem is None and want_speed:
+        t0 = time.perf_counter()
+        with _pycaffe_on(cfg.device):
+            found_speed = measure_speed(net, gated.session, shapes, outputs, parity.value_range(cfg.preprocessing))
+        timings["speed_s"] = _since(t0)
+    cache.record(onnx_sha256=gated.sha, onnx_tensorrt=details.get("onnx_tensorrt", False), speed=found_speed,
+                 parity={"passed": gated.problem is None, "problem": gated.problem,
+                         "summary": gated.report.summary(), "details": gated.report.details()})
+    return Evaluation(gated.problem, details, str(cache.path), gated.report.summary(), timings, found_speed)
+
+
+def _since(t0: float) -> float:
+    return round(time.perf_counter() - t0, 3)
+
+
+def _load_net(cfg, timings: dict):
+    """The Net reshaped to the served shapes: pycaffe must load it anyway; its errors are the model's errors."""
+    from .convert import load_net
+
+    t0 = time.perf_counter()
+    net = load_net(cfg.path(cfg.model.prototxt), cfg.path(cfg.model.weights))
+    served.reshape(net, served.input_shapes(cfg, net))
+    timings["load_s"] = _since(t0)
+    return net
+
+
+@dataclass
+class CachedGraph:
+    """The converted graph's file in the cache and its verdict file, as found at load."""
+
+    key: str  # the graph's cache key (model files, served shapes and outputs, converter)
+    path: Path
+    verdict_path: Path
+    verdict_key: str  # what the verdict depends on beyond the graph (verdict_key)
+    fields: dict
+    verdict: dict | None  # the recorded verdict, where its key matches
+    graph_sha: str | None  # the sha256 of the cached graph's bytes, where the file exists
+
+    @classmethod
+    def find(cls, cfg, shapes: dict, outputs: list[str], n_random: int, converter_version: str) -> "CachedGraph":
+        key = cache_key(cfg.path(cfg.model.prototxt), cfg.path(cfg.model.weights), shapes, converter_version, outputs)
+        folder = _writable_cache_dir()
+        path = folder / f"{key}.onnx"
+        fields, vkey = verdict_key(cfg, key, n_random)
+        vpath = folder / f"{key}.{vkey[:16]}.verdict.json"
+        return cls(key, path, vpath, vkey, fields, _read_verdict(vpath, vkey),
+                   file_sha256(path) if path.exists() else None)
+
+    def known_evaluation(self, want_speed: bool, details: dict, timings: dict) -> Evaluation | None:
+        """What the verdict already says, or None where the gate (or the timing) must run."""
+        verdict = self.verdict
+        if verdict is None:
+            return None
+        if verdict.get("conversion_problem"):
+            details.update(onnx_cache_hit=False, verdict_cached=True)
+            return Evaluation(verdict["conversion_problem"], details, None, "", timings)
+        if self.graph_sha is None:
+            return None
+        if self.graph_sha != verdict.get("onnx_sha256"):
+            details["onnx_cache_rejected"] = "the cached graph's bytes are not the ones that passed the gate"
+            return None
+        gate = verdict["parity"]
+        if want_speed and gate["passed"] and not verdict.get("speed"):
+            return None  # passed, but never timed
+        details.update(gate["details"])
+        details.update(onnx_cache_hit=True, verdict_cached=True, onnx_tensorrt=verdict.get("onnx_tensorrt", False))
+        return Evaluation(gate["problem"], details, str(self.path), gate["summary"], timings, verdict.get("speed"))
+
+    def record(self, **findings) -> None:
+        _write_verdict(self.verdict_path, {"key": self.verdict_key, "fields": self.fields, **findings})
+
+
+@dataclass
+class Gated:
+    """What the gate found about one graph file: `report` is None where no gate ran."""
+
+    problem: str | None
+    artifact: str | None = None  # the graph file judged; None where the conversion failed
+    report: object = None  # parity.ParityReport
+    session: object = None  # the ONNX Runtime session the gate judged (the timing reuses it)
+    sha: str | None = None  # the sha256 of the bytes judged
+
+
+def _gate_cached_or_fresh(net, cache: CachedGraph, cfg, shapes: dict, outputs: list[str], n_random: int,
+                          details: dict, timings: dict) -> Gated:
+    """Gate the cached graph where there is one; where it fails, or there is none, convert and gate once."""
+    gated = Gated(None)
+    for attempt in ("cached", "fresh") if cache.graph_sha is not None else ("fresh",):
         t0 = time.perf_counter()
         if attempt == "fresh":
-            problem, final = _convert(net, path, cfg, outputs)
-            timings["convert_s"] = round(time.perf_counter() - t0, 3)
+            problem, final = _convert(net, cache.path, cfg, outputs)
+            timings["convert_s"] = _since(t0)
             if problem is not None:
                 if final:
-                    _write_verdict(vpath, {"key": vkey, "fields": fields, "conversion_problem": problem})
+                    cache.record(conversion_problem=problem)
                 details["onnx_cache_hit"] = False
-                return Evaluation(problem, details, None, "", timings)
+                return Gated(problem)
             t0 = time.perf_counter()
-        sha = graph_sha if attempt == "cached" else file_sha256(path)
-        report, problem, session = _gate(net, path, cfg, shapes, outputs, n_random, details)
-        timings["parity_s"] = round(time.perf_counter() - t0, 3)
+        sha = cache.graph_sha if attempt == "cached" else file_sha256(cache.path)
+        report, problem, session = _gate(net, cache.path, cfg, shapes, outputs, n_random, details)
+        timings["parity_s"] = _since(t0)
         details["onnx_cache_hit"] = attempt == "cached"
+        gated = Gated(problem, str(cache.path), report, session, sha)
         if problem is None or attempt == "fresh":
             break
-        log.warning("cached ONNX graph %s failed the parity gate (%s); converting again", path, problem)
+        log.warning("cached ONNX graph %s failed the parity gate (%s); converting again", cache.path, problem)
         details["onnx_cache_rejected"] = problem
-        session = None
-    if report is None:  # no gate ran (the graph would not load): nothing to record
-        return Evaluation(problem, details, str(path), "", timings)
-    details.update(report.details())
-    found_speed = None
-    if problem is None and want_speed:
-        t0 = time.perf_counter()
-        if cfg.device.kind == "gpu":
-            from ..backends.pycaffe import set_device
+    return gated
 
-            set_device(cfg.device.kind, cfg.device.id)
-        try:
-            found_speed = measure_speed(net, session, shapes, outputs, parity.value_range(cfg.preprocessing))
-        finally:
-            if cfg.device.kind == "gpu":
-                import caffe
 
-                caffe.set_mode_cpu()
-        timings["speed_s"] = round(time.perf_counter() - t0, 3)
-    _write_verdict(vpath, {
-        "key": vkey, "fields": fields, "onnx_sha256": sha, "onnx_tensorrt": details.get("onnx_tensorrt", False),
-        "parity": {"passed": problem is None, "problem": problem, "summary": report.summary(), "details": report.details()},
-        "speed": found_speed,
-    })
-    return Evaluation(problem, details, str(path), report.summary(), timings, found_speed)
+@contextmanager
+def _pycaffe_on(device):
+    """pycaffe on the configured GPU for the timing, and back in CPU mode after (workers set their own)."""
+    if device.kind != "gpu":
+        yield
+        return
+    from ..backends.pycaffe import set_device
+
+    set_device(device.kind, device.id)
+    try:
+        yield
+    finally:
+        import caffe
+
+        caffe.set_mode_cpu()
 
 
 def _env_float(name: str, default: float) -> float:

@@ -1,6 +1,7 @@
 """Routes only: the Open Inference Protocol (KServe V2) REST paths onto the data plane.
 
-Built by `create_app`, which returns the handler the HTTP server calls. Every InferenceError is
+Built by `create_app`, which returns the handler the HTTP server calls; routing is two tables, one
+dict lookup for a fixed path and one for a model's path. Every InferenceError is
 turned into `{"error": message}` with its status code here, and nowhere else.
 """
 
@@ -9,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 import orjson
 
 from caffe_http.server import Request, Response
-from caffe_http.tryit import is_page, page_response
+from caffe_http.tryit import page_response
 
-from .dataplane import DataPlane
+from .dataplane import DataPlane, Model
 from ..errors import InferenceError, NotFound
 from .metrics import ServerMetrics
 
@@ -23,23 +26,49 @@ log = logging.getLogger(__name__)
 
 LIVE = orjson.dumps({"live": True})
 READY = orjson.dumps({"ready": True})
-# HEAD is GET without the body (the transport drops it): probes and curl -I use it.
-READ_METHODS = ("GET", "HEAD")
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+Handler = Callable[..., Awaitable[Response]]
 
 
 def error_response(e: InferenceError) -> Response:
     return Response(e.status_code, orjson.dumps({"error": e.message}), headers=e.headers)
 
 
-def create_app(plane: DataPlane, metrics: ServerMetrics):
-    """The request handler: one dispatch on method and path segments, no framework."""
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A path's handler and the method it answers ("GET" answers HEAD too: the transport drops the body)."""
 
-    async def infer(req: Request, model: str, version: str | None) -> Response:
+    method: str
+    handler: Handler
+
+    def allows(self, method: str) -> bool:
+        return method == self.method or (self.method == "GET" and method == "HEAD")
+
+
+def model_path(parts: tuple[str, ...]) -> tuple[str, str | None, str | None] | None:
+    """`v2/models/{m}[/versions/{v}][/{tail}]` → (model, version, tail): tail "" for the model itself,
+    None for a deeper path; None where the path is not a model's."""
+    n = len(parts)
+    if n < 3 or parts[0] != "v2" or parts[1] != "models":
+        return None
+    version, rest = (parts[4], parts[5:]) if n >= 5 and parts[3] == "versions" else (None, parts[3:])
+    return parts[2], version, rest[0] if len(rest) == 1 else ("" if not rest else None)
+
+
+class Endpoints:
+    """What each route answers: one method per route, the data plane behind them."""
+
+    def __init__(self, plane: DataPlane, metrics: ServerMetrics):
+        self.plane, self.metrics = plane, metrics
+
+    async def infer(self, req: Request, model: str, version: str | None) -> Response:
+        metrics = self.metrics
         start = time.monotonic()
         metrics.in_flight.inc()
         code = 200
         try:
-            m = plane.get(model, version)
+            m = self.plane.get(model, version)
             # while draining (SIGTERM), requests are still served: only readiness says we are going
             body, extra = await m.infer(req.body, req.headers)
             if extra:
@@ -56,67 +85,87 @@ def create_app(plane: DataPlane, metrics: ServerMetrics):
             metrics.count(code)
             metrics.request_seconds.observe(time.monotonic() - start)
 
-    def model_get(model: str, version: str | None, tail: str) -> Response:
-        m = plane.get(model, version)
-        if tail == "stats":  # counters exist from the start, loaded or not (Triton's statistics extension)
-            return Response(200, orjson.dumps({"model_stats": [m.stats.as_json(m.name, m.version)]}))
+    def _ready_model(self, model: str, version: str | None) -> Model:
+        m = self.plane.get(model, version)
         m.check_ready()  # 503 with the loader's message while loading or after a failed load
-        if tail == "ready":
-            return Response(200, orjson.dumps({"name": m.name, "ready": True}))
-        if tail == "config":
-            return Response(200, m.config_json)
-        return Response(200, m.metadata)
+        return m
+
+    async def model_metadata(self, req: Request, model: str, version: str | None) -> Response:
+        return Response(200, self._ready_model(model, version).metadata)
+
+    async def model_ready(self, req: Request, model: str, version: str | None) -> Response:
+        return Response(200, orjson.dumps({"name": self._ready_model(model, version).name, "ready": True}))
+
+    async def model_config(self, req: Request, model: str, version: str | None) -> Response:
+        return Response(200, self._ready_model(model, version).config_json)
+
+    async def model_stats(self, req: Request, model: str, version: str | None) -> Response:
+        m = self.plane.get(model, version)  # counters exist from the start, loaded or not (Triton's statistics)
+        return Response(200, orjson.dumps({"model_stats": [m.stats.as_json(m.name, m.version)]}))
+
+    async def all_stats(self, req: Request) -> Response:
+        models = self.plane.models.values()
+        return Response(200, orjson.dumps({"model_stats": [m.stats.as_json(m.name, m.version) for m in models]}))
+
+    async def repository_index(self, req: Request) -> Response:
+        return Response(200, orjson.dumps([
+            {"name": m.name, "version": m.version, "state": m.state.upper(), "reason": m.error or ""}
+            for m in self.plane.models.values()
+        ]))
+
+    async def server_metadata(self, req: Request) -> Response:
+        return Response(200, self.plane.server_metadata)
+
+    async def live(self, req: Request) -> Response:
+        return Response(200, LIVE)
+
+    async def ready(self, req: Request) -> Response:
+        if self.plane.ready():
+            return Response(200, READY)
+        return Response(503, orjson.dumps({"ready": False, "error": self.plane.not_ready_reason()}))
+
+    async def prometheus(self, req: Request) -> Response:
+        return Response(200, self.metrics.render(), METRICS_TYPE)
+
+    async def try_it(self, req: Request) -> Response:
+        return page_response()
+
+
+def create_app(plane: DataPlane, metrics: ServerMetrics) -> Callable[[Request], Awaitable[Response]]:
+    """The request handler: a fixed path is one dict lookup, a model's path one more by its last segment."""
+    e = Endpoints(plane, metrics)
+    paths = {  # by the path's segments, slashes at either end ignored
+        ("v2",): Route("GET", e.server_metadata),
+        ("v2", "health", "live"): Route("GET", e.live),
+        ("v2", "health", "ready"): Route("GET", e.ready),
+        ("v2", "models", "stats"): Route("GET", e.all_stats),  # every model's statistics
+        ("v2", "repository", "index"): Route("POST", e.repository_index),
+        ("metrics",): Route("GET", e.prometheus),
+        ("",): Route("GET", e.try_it),
+        ("index.html",): Route("GET", e.try_it),
+    }
+    model_tails = {  # v2/models/{m}[/versions/{v}]/{tail}
+        "infer": Route("POST", e.infer),
+        "": Route("GET", e.model_metadata),
+        "ready": Route("GET", e.model_ready),
+        "stats": Route("GET", e.model_stats),
+        "config": Route("GET", e.model_config),
+    }
 
     async def handle(req: Request) -> Response:
-        path, method = req.path, req.method
+        method = req.method
         try:
-            parts = path.strip("/").split("/")
-            if parts[0] == "v2":
-                n = len(parts)
-                if n == 3 and parts[1] == "models" and parts[2] == "stats":  # every model's statistics
-                    if method not in READ_METHODS:
-                        return _method_not_allowed("GET")
-                    return Response(200, orjson.dumps(
-                        {"model_stats": [m.stats.as_json(m.name, m.version) for m in plane.models.values()]}))
-                if n >= 3 and parts[1] == "models":
-                    model = parts[2]
-                    version, rest = (parts[4], parts[5:]) if n >= 5 and parts[3] == "versions" else (None, parts[3:])
-                    tail = rest[0] if len(rest) == 1 else ("" if not rest else None)
-                    if tail == "infer":
-                        if method != "POST":
-                            return _method_not_allowed("POST")
-                        return await infer(req, model, version)
-                    if tail in ("", "ready", "stats", "config"):
-                        if method not in READ_METHODS:
-                            return _method_not_allowed("GET")
-                        return model_get(model, version, tail)
-                elif n == 1 or (n == 3 and parts[1] == "health"):
-                    if method not in READ_METHODS:
-                        return _method_not_allowed("GET")
-                    if n == 1:
-                        return Response(200, plane.server_metadata)
-                    if parts[2] == "live":
-                        return Response(200, LIVE)
-                    if parts[2] == "ready":
-                        if plane.ready():
-                            return Response(200, READY)
-                        return Response(503, orjson.dumps({"ready": False, "error": plane.not_ready_reason()}))
-                elif n == 3 and parts[1:] == ["repository", "index"]:
-                    if method != "POST":
-                        return _method_not_allowed("POST")
-                    return Response(200, orjson.dumps([
-                        {"name": m.name, "version": m.version, "state": m.state.upper(), "reason": m.error or ""}
-                        for m in plane.models.values()
-                    ]))
-            elif is_page(path) and method in READ_METHODS:  # the try-it page
-                return page_response()
-            elif path == "/metrics":
-                if method not in READ_METHODS:
-                    return _method_not_allowed("GET")
-                return Response(200, metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
-            raise NotFound(f"no route for {method} {path}")
-        except InferenceError as e:
-            return error_response(e)
+            parts = tuple(req.path.strip("/").split("/"))
+            route, args = paths.get(parts), ()
+            if route is None and (found := model_path(parts)) is not None:
+                route, args = model_tails.get(found[2]), found[:2]
+            if route is None:
+                raise NotFound(f"no route for {method} {req.path}")
+            if not route.allows(method):
+                return _method_not_allowed(route.method)
+            return await route.handler(req, *args)
+        except InferenceError as err:
+            return error_response(err)
 
     return handle
 

@@ -195,20 +195,50 @@ STREAM_MIN_BYTES = 64 * 1024
 InputCheck = Callable[[str, str, list], None]
 
 
+@dataclass(slots=True)
+class PlannedInput:
+    """One input's checked fields and where its values lie, before any array is built."""
+
+    fields: dict  # the input's JSON object
+    name: str
+    datatype: str
+    shape: list[int]
+    count: int
+    binary: tuple[int, int] | None = None  # (offset, size) in the binary part: binary_data_size
+    span: jsonscan.Span | None = None  # where jsonscan found `data` in a large JSON part
+
+
 def decode_request(body: bytes, headers: dict[str, str], max_elements: int, check: InputCheck | None = None,
                    stream_min_bytes: int = STREAM_MIN_BYTES) -> InferRequest:
     """Parse an infer request body (JSON, or JSON header + binary tensors) into numpy inputs.
 
     A JSON part of `stream_min_bytes` or more is decoded by `jsonscan` (its docstring says why); a
     smaller one by orjson at once, the fastest way for the small requests that are most of them.
+    Every input is checked before any tensor is built: a bad last input costs no array.
     """
+    json_part, binary = split_body(body, headers)
+    req, spans = parse_json(json_part, stream_min_bytes)
+    plan = plan_inputs(req.get("inputs"), spans, len(binary), max_elements, check)
+    inputs = [InputTensor(p.name, p.shape, p.datatype, input_array(p, json_part, binary)) for p in plan]
+    req_params = req.get("parameters") or {}
+    binary_output = bool(isinstance(req_params, dict) and req_params.get("binary_data_output"))
+    rid = req.get("id")
+    return InferRequest(rid if isinstance(rid, str) else None, inputs, requested_outputs(req, binary_output),
+                        binary_output, req_params)
+
+
+def split_body(body: bytes, headers: dict[str, str]) -> tuple[bytes, memoryview]:
+    """(the JSON part, the binary part) by the binary extension's Inference-Header-Content-Length."""
     header_len = headers.get(HEADER_LENGTH)
-    if header_len is not None:
-        if not header_len.isdecimal() or int(header_len) > len(body):  # isdigit() takes '²', int() does not
-            raise BadRequest(f"Inference-Header-Content-Length {header_len!r} is not a length within the body")
-        json_part, binary = body[: int(header_len)], memoryview(body)[int(header_len) :]
-    else:
-        json_part, binary = body, memoryview(b"")
+    if header_len is None:
+        return body, memoryview(b"")
+    if not header_len.isdecimal() or int(header_len) > len(body):  # isdigit() takes '²', int() does not
+        raise BadRequest(f"Inference-Header-Content-Length {header_len!r} is not a length within the body")
+    return body[: int(header_len)], memoryview(body)[int(header_len) :]
+
+
+def parse_json(json_part: bytes, stream_min_bytes: int) -> tuple[dict, list[jsonscan.Span]]:
+    """The request object, and where jsonscan found the `data` arrays (none when orjson parsed it all)."""
     spans: list[jsonscan.Span] = []
     if len(json_part) >= stream_min_bytes:
         req, spans = jsonscan.skeleton(json_part)
@@ -221,11 +251,14 @@ def decode_request(body: bytes, headers: dict[str, str], max_elements: int, chec
         raise BadRequest("the request body must be a JSON object")
     if not _depth_ok(req):
         raise BadRequest(f"the request JSON is nested deeper than {MAX_JSON_DEPTH} levels")
-    raw_inputs = req.get("inputs")
+    return req, spans
+
+
+def plan_inputs(raw_inputs, spans: list[jsonscan.Span], binary_len: int, max_elements: int,
+                check: InputCheck | None) -> list[PlannedInput]:
+    """Every input's fields, sizes and data source checked (and the model's `check` run on each)."""
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise BadRequest("the request needs a non-empty 'inputs' list")
-
-    # First every input's fields and sizes, then the tensors: a bad last input costs no array.
     plan = []
     offset = 0
     for t in raw_inputs:
@@ -236,57 +269,57 @@ def decode_request(body: bytes, headers: dict[str, str], max_elements: int, chec
         if datatype not in DTYPES:
             raise BadRequest(f"input '{name}': unknown datatype {datatype!r}; expected one of {', '.join(DTYPES)}")
         shape = t.get("shape")
-        count = _check_shape(name, shape, max_elements)
+        p = PlannedInput(t, name, datatype, shape, _check_shape(name, shape, max_elements))
         params = t.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:
-            if type(size) is not int or size < 0 or offset + size > len(binary):
+            if type(size) is not int or size < 0 or offset + size > binary_len:
                 raise BadRequest(f"input '{name}': binary_data_size {size!r} runs past the binary data")
-            source = (offset, size)
+            p.binary = (offset, size)
             offset += size
         elif "data" in t:
             k = jsonscan.span_index(t["data"]) if spans else None
-            source = spans[k] if k is not None and k < len(spans) else None
-            if source is not None and source.elements != count:
-                raise BadRequest(f"input '{name}': shape {shape} needs {count} elements, data has {source.elements}")
+            p.span = spans[k] if k is not None and k < len(spans) else None
+            if p.span is not None and p.span.elements != p.count:
+                raise BadRequest(f"input '{name}': shape {shape} needs {p.count} elements, data has {p.span.elements}")
         else:
             raise BadRequest(f"input '{name}' has neither 'data' nor binary_data_size")
         if check is not None:
             check(name, datatype, shape)
-        plan.append((t, name, datatype, shape, count, size, source))
-    if offset != len(binary):
-        raise BadRequest(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
+        plan.append(p)
+    if offset != binary_len:
+        raise BadRequest(f"{binary_len - offset} bytes of binary data are not claimed by any input")
+    return plan
 
-    inputs: list[InputTensor] = []
-    for t, name, datatype, shape, count, size, source in plan:
-        if size is not None:
-            start, size = source
-            arr = _binary_array(name, binary[start : start + size], datatype, shape, count)
-        elif isinstance(source, jsonscan.Span):
-            arr = jsonscan.span_array(json_part, source, name, datatype, DTYPES[datatype], shape, count)
-        else:
-            arr = _json_array(name, t["data"], datatype, shape, count)
-        inputs.append(InputTensor(name, shape, datatype, arr))
 
-    req_params = req.get("parameters") or {}
-    binary_output = bool(isinstance(req_params, dict) and req_params.get("binary_data_output"))
-    outputs = None
-    if req.get("outputs") is not None:
-        if not isinstance(req["outputs"], list):
-            raise BadRequest("'outputs' must be a list")
-        outputs = []
-        for o in req["outputs"]:
-            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-                raise BadRequest("each requested output needs a 'name'")
-            p = o.get("parameters") or {}
-            if not isinstance(p, dict):
-                raise BadRequest(f"output '{o['name']}': parameters must be a JSON object")
-            cls = p.get("classification", 0)
-            if type(cls) is not int or cls < 0:
-                raise BadRequest(f"output '{o['name']}': classification must be a non-negative integer")
-            outputs.append(RequestedOutput(o["name"], bool(p.get("binary_data", binary_output)), cls))
-    rid = req.get("id")
-    return InferRequest(rid if isinstance(rid, str) else None, inputs, outputs, binary_output, req_params)
+def input_array(p: PlannedInput, json_part: bytes, binary: memoryview) -> np.ndarray:
+    """A planned input's values as the array the model gets."""
+    if p.binary is not None:
+        start, size = p.binary
+        return _binary_array(p.name, binary[start : start + size], p.datatype, p.shape, p.count)
+    if p.span is not None:
+        return jsonscan.span_array(json_part, p.span, p.name, p.datatype, DTYPES[p.datatype], p.shape, p.count)
+    return _json_array(p.name, p.fields["data"], p.datatype, p.shape, p.count)
+
+
+def requested_outputs(req: dict, binary_output: bool) -> list[RequestedOutput] | None:
+    """The request's `outputs` (None: all of them), each as binary or JSON and with its classification."""
+    if req.get("outputs") is None:
+        return None
+    if not isinstance(req["outputs"], list):
+        raise BadRequest("'outputs' must be a list")
+    outputs = []
+    for o in req["outputs"]:
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise BadRequest("each requested output needs a 'name'")
+        p = o.get("parameters") or {}
+        if not isinstance(p, dict):
+            raise BadRequest(f"output '{o['name']}': parameters must be a JSON object")
+        cls = p.get("classification", 0)
+        if type(cls) is not int or cls < 0:
+            raise BadRequest(f"output '{o['name']}': classification must be a non-negative integer")
+        outputs.append(RequestedOutput(o["name"], bool(p.get("binary_data", binary_output)), cls))
+    return outputs
 
 
 def _bytes_payload(values: np.ndarray) -> bytes:

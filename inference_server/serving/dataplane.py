@@ -272,7 +272,9 @@ class Model:
     async def _run(self, req: InferRequest, deadline: float | None):
         limit = time.monotonic() + self.timeout
         deadline = limit if deadline is None else min(deadline, limit)
-        requested = req.outputs
+        # an empty `outputs` list means every output, as an absent one does (Triton answers it so;
+        # an empty answer would be a silent surprise)
+        requested = req.outputs or None
         names = self.outputs if requested is None else [o.name for o in requested]
         for n in names:  # before any image is decoded: a bad request costs nothing
             if n not in self.output_shapes:

@@ -362,7 +362,8 @@ class CanarySpec(CamelModel):
     source: ModelSource | None = Field(default=None, description="Where its files come from. Default: spec.source.")
     traffic_percent: int = Field(ge=0, le=100, description="Share of the model's requests the canary gets (0-100); "
                                  "a request that names a version in its URL goes to the variant serving it.")
-    replicas: int = Field(default=1, ge=0, le=1000, description="Server pods of the canary (not autoscaled).")
+    replicas: int = Field(default=1, ge=0, le=1000, description="Server pods of the canary. With spec.autoscaling the "
+                          "canary is autoscaled like the primary, between the same bounds, and this is ignored.")
 
 
 class CaffeModelServiceSpec(CamelModel):
@@ -430,11 +431,12 @@ class CaffeModelServiceSpec(CamelModel):
         return self
 
     def canary_spec(self) -> "CaffeModelServiceSpec":
-        """The canary as a spec of its own: this one with the canary's model, source and replicas."""
+        """The canary as a spec of its own: this one with the canary's model, source and replicas (its
+        autoscaling is the primary's: a canary gets the same bounds, and scale to zero, as the primary)."""
         c = self.canary
         assert c is not None
         return self.model_copy(update={"model": c.model, "source": c.source or self.source, "replicas": c.replicas,
-                                       "autoscaling": None, "canary": None})
+                                       "canary": None})
 
     def model_files(self) -> list[ModelFile]:
         """Every model file with its download URL (see ModelSpec.files)."""

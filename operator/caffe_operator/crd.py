@@ -6,12 +6,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import Any
 
 import yaml
 from pydantic import BaseModel
+
+from caffe_http.access_log import add_logging_arguments, configure_logging
 
 from caffe_operator.api import (
     CATEGORIES,
@@ -198,9 +201,10 @@ def crd_yaml() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(argv or [])
-    if argv and argv[0] in ("-h", "--help"):
-        print("usage: caffeserve crd\n\nPrint the CaffeModelService CRD (YAML) generated from the operator's model.")
-        return 0
+    p = argparse.ArgumentParser(prog="caffeserve crd",
+                                description="Print the CaffeModelService CRD (YAML) generated from the operator's model.")
+    add_logging_arguments(p, default_level="WARNING", access_log=False)
+    args = p.parse_args(list(argv or []))
+    configure_logging(args.log_level, args.log_format)
     sys.stdout.write(crd_yaml())
     return 0

@@ -7,6 +7,11 @@ server, so its `/v2/health/ready` cannot tell (load_errors.py). The init contain
 (`terminationMessagePolicy: FallbackToLogsOnError`, manifests.py); this module reads it from the
 model's pods (`list` on pods in the model's namespace) and the reconciler turns it into
 `Ready=False, reason ModelFetchFailed` with that message and one Warning event.
+
+The same list shows pods the scheduler could not place (no node with enough free
+`nvidia.com/gpu`, a nodeSelector no node matches, ...): their `PodScheduled` condition is False
+with reason Unschedulable and the scheduler's own message, which becomes `Ready=False, reason
+Unschedulable` (`unschedulable`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from caffe_operator.kube import ApiError, KubeClient
 from caffe_operator.pods import MAX_MESSAGE_CHARS, Logger
 
 MODEL_FETCH_FAILED = "ModelFetchFailed"
+UNSCHEDULABLE = "Unschedulable"
 FETCH_PREFIX = "fetch-"
 MAX_REPORTED = 2
 
@@ -46,6 +52,17 @@ def fetch_failures(pods: Iterable[Mapping[str, Any]]) -> list[str]:
     return out
 
 
+def unschedulable(pods: Iterable[Mapping[str, Any]]) -> list[str]:
+    """One message per pod the scheduler could not place, in its words (`0/4 nodes are available: ...`)."""
+    out = []
+    for pod in sorted(pods, key=lambda p: (p.get("metadata") or {}).get("name") or ""):
+        for c in (pod.get("status") or {}).get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == UNSCHEDULABLE:
+                name = (pod.get("metadata") or {}).get("name") or "?"
+                out.append(f"pod {name}: {c.get('message') or 'no node fits'}"[:MAX_MESSAGE_CHARS])
+    return out
+
+
 def failure_message(failures: list[str]) -> str:
     shown = "; ".join(failures[:MAX_REPORTED])
     more = len(failures) - MAX_REPORTED
@@ -60,6 +77,10 @@ class FetchErrorProbe:
         self._forbidden_logged = False
 
     async def failures(self, namespace: str, selector: str, logger: Logger) -> list[str]:
+        return fetch_failures(await self.pods(namespace, selector, logger))
+
+    async def pods(self, namespace: str, selector: str, logger: Logger) -> list[Mapping[str, Any]]:
+        """The model's pods ([] when they cannot be listed; a 403 is logged once)."""
         try:
             pods = await self.client.list("Pod", namespace, selector)
         except ApiError as e:
@@ -69,4 +90,4 @@ class FetchErrorProbe:
             elif e.status != 403:
                 logger.warning(f"listing the pods of {namespace}/{selector} failed: {e}")
             return []
-        return fetch_failures(pods)
+        return pods

@@ -1,20 +1,23 @@
-"""Child manifests of a CaffeModelService: pure functions of (name, namespace, spec).
+"""Child manifests of one variant of a CaffeModelService: pure functions of (variant, namespace).
 
-The same spec always gives the same ConfigMap, Deployment and Service, byte for byte, so the
+A variant (variants.py: the primary, or the canary) carries its own spec, names and labels, so
+the same builders make both. The same spec always gives the same children, byte for byte, so the
 operator can create-or-patch them on every event (level-based), tests can check them without a
-cluster, and `caffeserve up` can run the very same server config locally.
+cluster, and `caffeserve up` can run the very same server config locally. Below, the primary's
+names; the canary's are `{name}-canary-config` and `{name}-canary`.
 
 - ConfigMap `{name}-config`: `config.yaml`, a `caffeserve serve` config (inference_server.config).
 - Deployment `{name}-predictor`: the server container, model files under /models (PVC subPath,
   ConfigMap volume, or an emptyDir filled by `caffeserve fetch` init containers), GPU limits,
   probes on the V2 health endpoints, the Pod Security "restricted" profile, and a config-hash
-  annotation on the pod template so that any change to what the pods see rolls them.
+  annotation on the pod template so that any change to what the pods see rolls them. `replicas`
+  as the variant says (none while autoscaled).
 - Service `{name}-predictor`: port `http` 8080 in front of the pods, and `grpc` 8081 (appProtocol
-  grpc) unless spec.runtime.grpc.enabled is false.
+  grpc) unless spec.runtime.grpc.enabled is false; the variant's traffic labels for the gateway.
 - NetworkPolicy `{name}-predictor`, when the operator is given the peers allowed in
   (`CAFFESERVE_NETWORK_POLICY_FROM`, set by the chart's `networkPolicy.enabled`): ingress to the
-  pods on the Service's ports from those peers only (the gateway, the operator, and what the chart
-  adds, e.g. Prometheus).
+  variant's pods on the Service's ports from those peers only (the gateway, the operator, and
+  what the chart adds, e.g. Prometheus).
 
 Every container has a memory limit (the server's from `spec.resources`, else DEFAULT_MEMORY_LIMIT;
 a container without one can take a node's memory), and every emptyDir a `sizeLimit`.
@@ -31,8 +34,14 @@ from typing import Any
 import yaml
 
 from caffe_operator.api import CaffeModelServiceSpec, RuntimeDevice
+# the model's names and labels live in variants.py; these stay reachable here for callers of this module
+from caffe_operator.variants import MANAGED_BY as MANAGED_BY
+from caffe_operator.variants import Variant
+from caffe_operator.variants import predictor_name as predictor_name
+from caffe_operator.variants import selector_string as selector_string
 from inference_server.config import Grpc, ModelServing, ServerConfig
-from inference_server.slices import GRPC_PORT, GRPC_PORT_NAME, MODEL_LABEL, PORT, PORT_NAME
+from inference_server.slices import GRPC_PORT, GRPC_PORT_NAME, PORT, PORT_NAME
+from inference_server.slices import MODEL_LABEL as MODEL_LABEL  # the pods' contract (slices.py)
 
 CONFIG_DIR = "/etc/caffeserve"
 CONFIG_KEY = "config.yaml"
@@ -45,7 +54,6 @@ TMP_SIZE_LIMIT = "1Gi"  # /tmp (an emptyDir): ONNX conversions, Python's scratch
 S3_CREDENTIALS_DIR = "/var/run/secrets/caffeserve/s3"  # source.s3.secretRef's keys as files (fetch containers only)
 MODELS_SIZE_LIMIT = "20Gi"  # /models for downloaded files (source.url, source.s3); fetch caps a file at 8 GiB
 
-MANAGED_BY = "caffe-serving-operator"
 CONFIG_HASH_ANNOTATION = "caffeserving.io/config-hash"
 DEFAULT_SERVER_IMAGE = "ghcr.io/caffe-serving/caffe-server-gpu:0.1.0"
 
@@ -72,34 +80,6 @@ OPTIONAL_POD_FIELDS = (
     "nodeSelector", "tolerations", "affinity", "runtimeClassName", "priorityClassName",
     "imagePullSecrets", "serviceAccountName", "initContainers",
 )
-
-
-def config_map_name(name: str) -> str:
-    return f"{name}-config"
-
-
-def predictor_name(name: str) -> str:
-    return f"{name}-predictor"
-
-
-def labels(name: str) -> dict[str, str]:
-    """Labels on every child and on the pods; the gateway finds model pods by them."""
-    return {
-        MODEL_LABEL: name,
-        "app.kubernetes.io/name": "caffe-model-server",
-        "app.kubernetes.io/instance": name,
-        "app.kubernetes.io/part-of": "caffe-serving",
-        "app.kubernetes.io/managed-by": MANAGED_BY,
-    }
-
-
-def selector(name: str) -> dict[str, str]:
-    """The pods of one model (Deployment and Service selector; immutable once created)."""
-    return {MODEL_LABEL: name}
-
-
-def selector_string(name: str) -> str:
-    return ",".join(f"{k}={v}" for k, v in selector(name).items())
 
 
 def service_url(name: str, namespace: str) -> str:
@@ -171,29 +151,36 @@ def server_config_yaml(name: str, spec: CaffeModelServiceSpec) -> str:
 # --------------------------------------------------------------------------------------------
 # children
 # --------------------------------------------------------------------------------------------
-def _metadata(name: str, namespace: str, model: str) -> dict[str, Any]:
-    return {"name": name, "namespace": namespace, "labels": labels(model)}
+def _metadata(name: str, namespace: str, v: Variant) -> dict[str, Any]:
+    return {"name": name, "namespace": namespace, "labels": v.labels}
 
 
-def config_map(name: str, namespace: str, spec: CaffeModelServiceSpec) -> dict[str, Any]:
+def config_map(v: Variant, namespace: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(config_map_name(name), namespace, name),
-        "data": {CONFIG_KEY: server_config_yaml(name, spec)},
+        "metadata": _metadata(v.config_name, namespace, v),
+        "data": {CONFIG_KEY: server_config_yaml(v.model, v.spec)},
     }
 
 
-def service(name: str, namespace: str, spec: CaffeModelServiceSpec) -> dict[str, Any]:
+def _service_ports(spec: CaffeModelServiceSpec) -> list[dict[str, Any]]:
     ports = [{"name": PORT_NAME, "port": PORT, "targetPort": PORT, "protocol": "TCP", "appProtocol": "http"}]
     if spec.runtime.grpc.enabled:
         ports.append({"name": GRPC_PORT_NAME, "port": GRPC_PORT, "targetPort": GRPC_PORT, "protocol": "TCP",
                       "appProtocol": "grpc"})
+    return ports
+
+
+def service(v: Variant, namespace: str) -> dict[str, Any]:
+    """The variant's Service; its labels (copied onto its EndpointSlices) tell the gateway the variant's traffic."""
+    metadata = _metadata(v.resource_name, namespace, v)
+    metadata["labels"] = {**v.labels, **v.traffic_labels}
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(predictor_name(name), namespace, name),
-        "spec": {"type": "ClusterIP", "selector": selector(name), "ports": ports},
+        "metadata": metadata,
+        "spec": {"type": "ClusterIP", "selector": v.selector, "ports": _service_ports(v.spec)},
     }
 
 
@@ -289,8 +276,9 @@ def _tolerations(spec: CaffeModelServiceSpec) -> list[dict[str, Any]]:
     return tolerations
 
 
-def pod_template(name: str, spec: CaffeModelServiceSpec, image: str) -> dict[str, Any]:
+def pod_template(v: Variant, image: str) -> dict[str, Any]:
     """The pod template without its config-hash annotation."""
+    spec = v.spec
     rt = spec.runtime
     startup_period = 5
     server = {
@@ -330,7 +318,7 @@ def pod_template(name: str, spec: CaffeModelServiceSpec, image: str) -> dict[str
         "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
         "containers": [server],
         "volumes": [
-            {"name": "config", "configMap": {"name": config_map_name(name)}},
+            {"name": "config", "configMap": {"name": v.config_name}},
             _model_volume(spec),
             {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}},
         ],
@@ -353,7 +341,7 @@ def pod_template(name: str, spec: CaffeModelServiceSpec, image: str) -> dict[str
     pod.update({k: v for k, v in optional.items() if v})
     return {
         "metadata": {
-            "labels": labels(name),
+            "labels": v.pod_labels,
             "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORT), "prometheus.io/path": "/metrics"},
         },
         "spec": pod,
@@ -366,36 +354,37 @@ def config_hash(config: dict[str, Any], template: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def deployment(name: str, namespace: str, spec: CaffeModelServiceSpec, image: str, config: dict[str, Any]) -> dict[str, Any]:
-    template = pod_template(name, spec, image)
+def deployment(v: Variant, namespace: str, image: str, config: dict[str, Any]) -> dict[str, Any]:
+    template = pod_template(v, image)
     template["metadata"]["annotations"][CONFIG_HASH_ANNOTATION] = config_hash(config, template)
+    spec: dict[str, Any] = {} if v.replicas is None else {"replicas": v.replicas}
+    spec.update({
+        "selector": {"matchLabels": v.selector},
+        # A new pod comes up (and loads the model) before an old one goes: no capacity dip.
+        # It needs room for one more replica's GPUs during a rollout.
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+        "progressDeadlineSeconds": v.spec.runtime.startup_timeout_seconds + 120,
+        "revisionHistoryLimit": 3,
+        "template": template,
+    })
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(predictor_name(name), namespace, name),
-        "spec": {
-            "replicas": spec.replicas,
-            "selector": {"matchLabels": selector(name)},
-            # A new pod comes up (and loads the model) before an old one goes: no capacity dip.
-            # It needs room for one more replica's GPUs during a rollout.
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "progressDeadlineSeconds": spec.runtime.startup_timeout_seconds + 120,
-            "revisionHistoryLimit": 3,
-            "template": template,
-        },
+        "metadata": _metadata(v.resource_name, namespace, v),
+        "spec": spec,
     }
 
 
-def network_policy(name: str, namespace: str, spec: CaffeModelServiceSpec, peers: list[dict[str, Any]]) -> dict[str, Any]:
-    """Ingress to the model's pods on the Service's ports (http, and grpc when on), from `peers` (NetworkPolicyPeers) only."""
-    ports = [{"port": p["targetPort"], "protocol": p.get("protocol", "TCP")}
-             for p in service(name, namespace, spec)["spec"]["ports"]]
+def network_policy(v: Variant, namespace: str, peers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Ingress to the variant's pods on its Service's ports (http, and grpc when on), from `peers`
+    (NetworkPolicyPeers) only. It selects what the variant's Deployment selects."""
+    ports = [{"port": p["targetPort"], "protocol": p.get("protocol", "TCP")} for p in _service_ports(v.spec)]
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": _metadata(predictor_name(name), namespace, name),
+        "metadata": _metadata(v.resource_name, namespace, v),
         "spec": {
-            "podSelector": {"matchLabels": selector(name)},
+            "podSelector": {"matchLabels": v.selector},
             "policyTypes": ["Ingress"],
             "ingress": [{"from": peers, "ports": ports}],
         },
@@ -410,7 +399,8 @@ class Children:
     network_policy: dict[str, Any] | None = None
 
     def all(self) -> list[dict[str, Any]]:
-        """In creation order: the policy and the config before the pods, the Service last."""
+        """In creation order: the policy and the config before the pods, the Service last (the
+        gateway sees a variant once its Service's slices appear)."""
         first = [self.network_policy] if self.network_policy is not None else []
         return first + [self.config_map, self.deployment, self.service]
 
@@ -419,14 +409,14 @@ def server_image(spec: CaffeModelServiceSpec, default_image: str = DEFAULT_SERVE
     return spec.runtime.image or default_image
 
 
-def children(name: str, namespace: str, spec: CaffeModelServiceSpec, default_image: str = DEFAULT_SERVER_IMAGE,
+def children(v: Variant, namespace: str, default_image: str = DEFAULT_SERVER_IMAGE,
              network_peers: list[dict[str, Any]] | None = None) -> Children:
-    """Every child of one CaffeModelService (without owner references: the operator adds them);
-    a NetworkPolicy when `network_peers` is given (None: no policy)."""
-    cm = config_map(name, namespace, spec)
+    """Every child of one variant (without owner references: the operator adds them); a
+    NetworkPolicy when `network_peers` is given (None: no policy)."""
+    cm = config_map(v, namespace)
     return Children(
         config_map=cm,
-        deployment=deployment(name, namespace, spec, server_image(spec, default_image), cm),
-        service=service(name, namespace, spec),
-        network_policy=network_policy(name, namespace, spec, network_peers) if network_peers is not None else None,
+        deployment=deployment(v, namespace, server_image(v.spec, default_image), cm),
+        service=service(v, namespace),
+        network_policy=network_policy(v, namespace, network_peers) if network_peers is not None else None,
     )

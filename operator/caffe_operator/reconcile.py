@@ -2,9 +2,12 @@
 
 Level-based and idempotent: whatever triggers it (the CR created, updated or resumed, a child
 changed or deleted, the periodic resync), it reads the current CR, computes the desired children
-(manifests.py), creates the missing ones (a 409 means it already exists: adopt and patch it),
-patches those that drifted, and writes the status only when it changed. One lock per model keeps
-two triggers for the same model from interleaving inside this process.
+of each variant (variants.py: the primary, and the canary while there is one; manifests.py and
+traffic.py build them), creates the missing ones (a 409 means it already exists: adopt and patch
+it), patches those that drifted, deletes the ones it owns that nothing asks for any more (a
+removed canary's, a ScaledObject without spec.autoscaling, a NetworkPolicy without peers), and
+writes the status only when it changed. One lock per model keeps two triggers for the same model
+from interleaving inside this process.
 
 Once a pod is ready, one ready pod is asked which backend serves the model and why (its model
 metadata; backend_report.py) for status.backend, again only when the pod template or the
@@ -22,19 +25,22 @@ API access the operator needs (the Helm chart's RBAC; namespaced: a Role per wat
 or a ClusterRole for --all-namespaces). kopf watches and annotates, this module reads and writes:
   caffeserving.io caffemodelservices:        get, list, watch, patch   (patch: kopf's annotations)
   caffeserving.io caffemodelservices/status: patch
-  apps deployments:                          get, list, watch, create, patch
-  "" services, configmaps:                   get, list, watch, create, patch
+  apps deployments, "" services, configmaps: get, list, watch, create, patch, delete   (delete: a canary
+                                             removed, rolled back or promoted)
   "" events:                                 create
   discovery.k8s.io endpointslices:           list   (the pods to ask: pods.py)
-  "" pods:                                   list   (failed fetch init containers: fetch_errors.py)
-  networking.k8s.io networkpolicies:         get, list, watch, create, patch   (with CAFFESERVE_NETWORK_POLICY)
-  apps deployments, "" services, configmaps: delete (a canary removed: rolled back or promoted)
+  "" pods:                                   list   (failed fetch init containers, unschedulable pods:
+                                             fetch_errors.py)
+  networking.k8s.io networkpolicies:         get, list, watch, create, patch, delete   (with
+                                             CAFFESERVE_NETWORK_POLICY_FROM); without it get, delete
+                                             (those made while it was set are removed)
   keda.sh scaledobjects:                     get, create, patch, delete   (spec.autoscaling, where KEDA is installed)
 The operator also sends plain HTTP GETs to model pods' /v2/health/ready (not-ready pods) and
 /v2/models/NAME (one ready pod: which backend serves, for status.backend) on their `http` port
 (8080), without credentials: a NetworkPolicy on model pods must let the operator in.
-No delete (children go by ownerReferences), no namespaces or CRD access (kopf scanning is off;
-discovery of /apis/caffeserving.io/v1alpha1 is open to every authenticated client).
+Deleting the CR needs no delete here (its children go by ownerReferences). No namespaces or CRD
+access (kopf scanning is off; discovery of /apis/caffeserving.io/v1alpha1 is open to every
+authenticated client).
 """
 
 from __future__ import annotations
@@ -52,14 +58,22 @@ from typing import Any
 
 import kopf
 
-from caffe_operator import manifests, traffic
-from caffe_operator.api import KIND, InvalidSpec, parse_spec
+from caffe_operator import manifests, traffic, variants
+from caffe_operator.api import KIND, CaffeModelServiceSpec, InvalidSpec, parse_spec
 from caffe_operator.backend_report import BackendProbe, BackendReport
 from caffe_operator.kube import ApiError, KubeClient, object_path
 from caffe_operator.events import EventPoster
-from caffe_operator.fetch_errors import MODEL_FETCH_FAILED, FetchErrorProbe, failure_message
+from caffe_operator.fetch_errors import (
+    MODEL_FETCH_FAILED,
+    UNSCHEDULABLE,
+    FetchErrorProbe,
+    failure_message,
+    fetch_failures,
+    unschedulable,
+)
 from caffe_operator.load_errors import LoadErrorProbe
 from caffe_operator.pods import Pods
+from inference_server.slices import PRIMARY
 from caffe_operator.status import (
     MODEL_LOAD_FAILED,
     READY,
@@ -121,6 +135,22 @@ def needs_recheck(ready: Readiness) -> bool:
     """Whether a not-ready model may have news the operator would not be told about: pods
     loading (a failure changes nothing it watches) or not answering yet. Not once the cause is known."""
     return ready.status != "True" and ready.reason not in ("InvalidSpec", "ScaledToZero", MODEL_LOAD_FAILED)
+
+
+def variant_status(wanted: list[variants.Variant], applied: Mapping[str, Mapping[str, dict[str, Any]]],
+                   primary_ready: Readiness) -> list[dict[str, Any]] | None:
+    """status.variants: each variant's version, share, pods and readiness; None with one variant."""
+    if len(wanted) < 2:
+        return None
+    out = []
+    for v in wanted:
+        deployment = applied[v.name]["Deployment"]
+        st = deployment.get("status") or {}
+        ready = primary_ready if v.name == PRIMARY else readiness(v.expected_replicas(deployment), deployment)
+        out.append({"name": v.name, "version": v.spec.model.version, "trafficPercent": v.traffic_percent,
+                    "replicas": st.get("replicas", 0), "readyReplicas": st.get("readyReplicas", 0),
+                    "ready": ready.status == "True"})
+    return out
 
 
 @dataclass
@@ -240,6 +270,9 @@ class Reconciler:
         self.known: set[tuple[str, str]] = set()  # models seen by this process, for the resync
         self._rechecks: dict[tuple[str, str], asyncio.Task] = {}  # one pending follow-up per model
         self._recheck_attempts: dict[tuple[str, str], int] = {}
+        # per model, the (kind, name)s of children it does not want that were found gone or not
+        # its own: not looked up again until the spec (or this process's settings) wants them
+        self._swept: defaultdict[tuple[str, str], set[tuple[str, str]]] = defaultdict(set)
 
     async def close(self) -> None:
         for task in self._rechecks.values():
@@ -255,6 +288,7 @@ class Reconciler:
             if cr is None or cr.get("metadata", {}).get("deletionTimestamp"):
                 self.known.discard(key)
                 self._recheck_attempts.pop(key, None)
+                self._swept.pop(key, None)
                 self.backends.forget(key)
                 return None
             self.known.add(key)
@@ -314,44 +348,61 @@ class Reconciler:
             return outcome
 
         peers = list(self.config.network_peers) if self.config.network_peers is not None else None
-        kids = traffic.with_traffic(manifests.children(name, namespace, spec, self.config.server_image, peers), spec)
-        objs = kids.all()
-        kopf.append_owner_reference(objs, owner=cr)
-        results: dict[str, dict[str, Any]] = {}
-        for obj in objs:
-            applied, action = await self._apply(obj)
-            results[obj["kind"]] = applied
-            key = f"{obj['kind']}/{obj['metadata']['name']}"
-            outcome.actions[key] = action
-            await self._announce(cr, previous, generation, obj, action, logger)
-        desired = spec.replicas
-        if spec.autoscaling is not None:  # the autoscaler owns the count (Kubernetes starts at 1)
-            desired = int((results["Deployment"].get("spec") or {}).get("replicas", 1))
-        outcome.ready = readiness(desired, results["Deployment"])
+        wanted = variants.of(name, spec)
+        applied: dict[str, dict[str, dict[str, Any]]] = {}  # variant → kind → the object as applied
+        for v in wanted:
+            applied[v.name] = await self._apply_all(
+                cr, previous, generation, manifests.children(v, namespace, self.config.server_image, peers).all(),
+                outcome, logger)
+            await self._drop_stale_labels(applied[v.name]["Service"], v.traffic_labels)
+        primary, deployment = wanted[0], applied[PRIMARY]["Deployment"]
+        desired = primary.expected_replicas(deployment)
+        outcome.ready = readiness(desired, deployment)
         if spec.autoscaling is not None and desired == 0:
             outcome.ready = Readiness("True", "IdleScaledToZero", "no pod runs while the model is idle; the gateway "
                                       "holds a request while one starts (up to "
                                       f"{spec.autoscaling.cold_start_timeout_seconds} s)")
-        await self._drop_stale_labels(results["Service"], traffic.service_traffic_labels(spec))
-        variants = await self._canary(cr, previous, generation, spec, results["Deployment"], outcome, logger)
-        await self._autoscaler(cr, previous, generation, spec, outcome, logger)
+        keda = await self._keda_installed()
+        if keda and spec.autoscaling is not None:
+            gateway = self.config.gateway_metrics_url or f"http://caffe-serving-gateway.{namespace}.svc:8080"
+            for v in wanted:  # each variant its own, on its own share of the load
+                so = traffic.scaled_object(v, namespace, gateway, self.config.prometheus_url)
+                applied[v.name].update(await self._apply_all(cr, previous, generation, [so], outcome, logger))
+        elif spec.autoscaling is not None and outcome.ready.status == "True":
+            outcome.ready = Readiness("True", "AutoscalerMissing", "serving, but spec.autoscaling needs KEDA "
+                                      "(keda.sh/v1alpha1 ScaledObject), which this cluster does not serve: "
+                                      "the replica count stays where it is")
+        await self._remove_unwanted(cr, spec, applied, keda, outcome, logger)
         if outcome.ready.status != "True" and desired > 0:
             health = await self.probe.health(namespace, manifests.predictor_name(name), manifests.PORT, logger)
             old_ready = next((c for c in previous.get("conditions") or [] if c.get("type") == READY), None)
             outcome.ready = with_load_errors(outcome.ready, health, old_ready)
             if outcome.ready.reason != MODEL_LOAD_FAILED:
                 # pods that never started their server: did a fetch init container fail? (fetch_errors.py)
-                failed = await self.fetches.failures(namespace, manifests.selector_string(name), logger)
-                if failed:
+                # or pods that no node fits (the scheduler's message)
+                pods = await self.fetches.pods(namespace, manifests.selector_string(name), logger)
+                if failed := fetch_failures(pods):
                     outcome.ready = Readiness("False", MODEL_FETCH_FAILED, failure_message(failed))
-        backend = await self._backend(cr, results["Deployment"], outcome.ready, logger)
-        await self._write_status(cr, outcome.ready, results["Deployment"],
+                elif stuck := unschedulable(pods):
+                    outcome.ready = Readiness("False", UNSCHEDULABLE, failure_message(stuck))
+        backend = await self._backend(cr, deployment, outcome.ready, logger)
+        await self._write_status(cr, outcome.ready, deployment,
                                  manifests.model_url(name, namespace, self.config.gateway_url), logger, backend,
                                  manifests.grpc_address(name, namespace, spec, self.config.gateway_grpc_address),
-                                 variants)
+                                 variant_status(wanted, applied, outcome.ready))
         return outcome
 
-    # --- traffic: the canary and the autoscaler (traffic.py builds them)
+    async def _apply_all(self, cr: dict[str, Any], previous: dict[str, Any], generation: int | None,
+                         objs: list[dict[str, Any]], outcome: Outcome, logger: Any) -> dict[str, dict[str, Any]]:
+        """Create or patch `objs` (owned by `cr`), in order; the objects as applied, by kind."""
+        kopf.append_owner_reference(objs, owner=cr)
+        applied: dict[str, dict[str, Any]] = {}
+        for obj in objs:
+            applied[obj["kind"]], action = await self._apply(obj)
+            outcome.actions[f"{obj['kind']}/{obj['metadata']['name']}"] = action
+            await self._announce(cr, previous, generation, obj, action, logger)
+        return applied
+
     async def _drop_stale_labels(self, service: dict[str, Any], wanted: dict[str, str]) -> None:
         """Remove traffic labels the spec no longer says (a merge patch keeps what it does not name)."""
         have = (service.get("metadata") or {}).get("labels") or {}
@@ -361,73 +412,63 @@ class Reconciler:
             await self.client.merge_patch(object_path("Service", meta["namespace"], meta["name"]),
                                           {"metadata": {"labels": stale}})
 
-    async def _canary(self, cr: dict[str, Any], previous: dict[str, Any], generation: int | None,
-                      spec: Any, primary: dict[str, Any], outcome: Outcome, logger: Any) -> list[dict[str, Any]] | None:
-        """Create or patch the canary's children; delete them once the spec has no canary. Returns
-        status.variants (None without a canary)."""
-        meta = cr["metadata"]
-        name, namespace = meta["name"], meta["namespace"]
-        if spec.canary is None:
-            if await self.client.get(object_path("Deployment", namespace, traffic.canary_name(name))) is not None:
-                for kind, child in (("Service", traffic.canary_name(name)), ("Deployment", traffic.canary_name(name)),
-                                    ("ConfigMap", traffic.canary_config_map_name(name))):
-                    if await self.client.delete(object_path(kind, namespace, child)):
-                        outcome.actions[f"{kind}/{child}"] = "deleted"
-                logger.info("deleted the canary")
-                await self.post_event(cr, "Normal", "CanaryRemoved",
-                                      f"the canary {traffic.canary_name(name)} is removed; all requests go to "
-                                      f"version {spec.model.version}")
-            return None
-        objs = traffic.canary_children(name, namespace, spec, self.config.server_image)
-        kopf.append_owner_reference(objs, owner=cr)
-        applied: dict[str, dict[str, Any]] = {}
-        for obj in objs:
-            current, action = await self._apply(obj)
-            applied[obj["kind"]] = current
-            outcome.actions[f"{obj['kind']}/{obj['metadata']['name']}"] = action
-            await self._announce(cr, previous, generation, obj, action, logger)
-        await self._drop_stale_labels(applied["Service"], traffic.service_traffic_labels(spec, "canary"))
-        percent = spec.canary.traffic_percent
-
-        def variant(which: str, version: str, share: int, deployment: dict[str, Any], ready: Readiness) -> dict[str, Any]:
-            st = deployment.get("status") or {}
-            return {"name": which, "version": version, "trafficPercent": share, "replicas": st.get("replicas", 0),
-                    "readyReplicas": st.get("readyReplicas", 0), "ready": ready.status == "True"}
-
-        return [variant("primary", spec.model.version, 100 - percent, primary, outcome.ready),
-                variant("canary", spec.canary.model.version, percent, applied["Deployment"],
-                        readiness(spec.canary.replicas, applied["Deployment"]))]
-
     async def _keda_installed(self) -> bool:
         found = await self.client.get(f"/apis/{traffic.KEDA_GROUP_VERSION}")
         return bool(found) and any(r.get("name") == "scaledobjects" for r in found.get("resources") or [])
 
-    async def _autoscaler(self, cr: dict[str, Any], previous: dict[str, Any], generation: int | None,
-                          spec: Any, outcome: Outcome, logger: Any) -> None:
-        """The KEDA ScaledObject of spec.autoscaling: created, patched, or deleted once the spec drops it."""
+    async def _remove_unwanted(self, cr: dict[str, Any], spec: CaffeModelServiceSpec,
+                               applied: dict[str, dict[str, dict[str, Any]]], keda: bool, outcome: Outcome,
+                               logger: Any) -> None:
+        """Delete the children this CR owns that its spec and the operator's settings no longer ask
+        for: a removed canary's, a ScaledObject once spec.autoscaling is gone, a NetworkPolicy once
+        the operator is not given peers (the chart's networkPolicy.enabled turned off). Objects
+        someone else controls are left alone; so is a kind the operator may not read (403).
+        Each unwanted name is looked up once per process: only this operator makes them, and only
+        while the spec and its settings want them (which clears the mark), so the resync stays cheap."""
         meta = cr["metadata"]
         name, namespace = meta["name"], meta["namespace"]
-        if not await self._keda_installed():
-            if spec.autoscaling is not None and outcome.ready.status == "True":
-                outcome.ready = Readiness("True", "AutoscalerMissing", "serving, but spec.autoscaling needs KEDA "
-                                          "(keda.sh/v1alpha1 ScaledObject), which this cluster does not serve: "
-                                          "the replica count stays where it is")
-            return
-        path = object_path("ScaledObject", namespace, traffic.scaled_object_name(name))
-        if spec.autoscaling is None:
+        swept = self._swept[(namespace, name)]
+        removed: dict[str, list[str]] = defaultdict(list)  # the event's reason → what went
+        for variant in variants.VARIANT_NAMES:
+            have = applied.get(variant, {})
+            # the autoscaler and the Service first (no new pods, no new requests), the policy last
+            for kind in (["ScaledObject"] if keda else []) + ["Service", "Deployment", "ConfigMap", "NetworkPolicy"]:
+                child = variants.config_name(name, variant) if kind == "ConfigMap" else variants.resource_name(name, variant)
+                if kind in have:
+                    swept.discard((kind, child))
+                    continue
+                if (kind, child) in swept:
+                    continue
+                deleted = await self._delete_owned(cr, kind, namespace, child)
+                swept.add((kind, child))
+                if not deleted:
+                    continue
+                outcome.actions[f"{kind}/{child}"] = "deleted"
+                logger.info(f"deleted {kind} {child}")
+                reason = ("CanaryRemoved" if variant not in applied else
+                          "AutoscalingRemoved" if kind == "ScaledObject" else "NetworkPolicyRemoved")
+                removed[reason].append(f"{kind} {child}")
+        for reason, what in removed.items():
+            why = {"CanaryRemoved": f"the canary is removed; all requests go to version {spec.model.version}",
+                   "AutoscalingRemoved": "spec.autoscaling is removed; the replica count is spec.replicas again",
+                   "NetworkPolicyRemoved": "the operator makes no NetworkPolicies now (the chart's "
+                                           "networkPolicy.enabled is off)"}[reason]
+            await self.post_event(cr, "Normal", reason, f"deleted {', '.join(what)}: {why}")
+
+    async def _delete_owned(self, cr: dict[str, Any], kind: str, namespace: str, name: str) -> bool:
+        """Delete `kind/name` if `cr` is its controller; whether it was deleted."""
+        path = object_path(kind, namespace, name)
+        try:
             current = await self.client.get(path)
-            labels = ((current or {}).get("metadata") or {}).get("labels") or {}
-            if current is not None and labels.get("app.kubernetes.io/managed-by") == manifests.MANAGED_BY:
-                await self.client.delete(path)
-                outcome.actions[f"ScaledObject/{traffic.scaled_object_name(name)}"] = "deleted"
-                await self.post_event(cr, "Normal", "AutoscalingRemoved", f"deleted ScaledObject {traffic.scaled_object_name(name)}")
-            return
-        gateway = self.config.gateway_metrics_url or f"http://caffe-serving-gateway.{namespace}.svc:8080"
-        obj = traffic.scaled_object(name, namespace, spec, gateway, self.config.prometheus_url)
-        kopf.append_owner_reference(obj, owner=cr)
-        _, action = await self._apply(obj)
-        outcome.actions[f"ScaledObject/{obj['metadata']['name']}"] = action
-        await self._announce(cr, previous, generation, obj, action, logger)
+        except ApiError as e:
+            if e.status == 403:  # not granted: the operator cannot have made it under these rules
+                return False
+            raise
+        refs = ((current or {}).get("metadata") or {}).get("ownerReferences") or []
+        uid = cr["metadata"].get("uid")
+        if current is None or not uid or not any(r.get("uid") == uid and r.get("controller") for r in refs):
+            return False
+        return await self.client.delete(path)
 
     async def _backend(self, cr: dict[str, Any], deployment: dict[str, Any], ready: Readiness,
                        logger: Any) -> BackendReport | None:
@@ -478,13 +519,13 @@ class Reconciler:
 
     async def _write_status(self, cr: dict[str, Any], ready: Readiness, deployment: dict[str, Any] | None,
                             url: str | None, logger: Any, backend: BackendReport | None = None,
-                            grpc_address: str | None = None, variants: list[dict[str, Any]] | None = None) -> None:
+                            grpc_address: str | None = None, variant_states: list[dict[str, Any]] | None = None) -> None:
         meta = cr["metadata"]
         previous = cr.get("status") or {}
         new = build_status(
             generation=meta.get("generation"), readiness_=ready, deployment=deployment, previous=previous,
             url=url, grpc_address=grpc_address, selector=manifests.selector_string(meta["name"]),
-            backend=backend.as_status() if backend is not None else None, variants=variants,
+            backend=backend.as_status() if backend is not None else None, variants=variant_states,
         )
         if same_status(previous, new):
             return
@@ -497,7 +538,7 @@ class Reconciler:
         if ready.reason == "InvalidSpec":
             if (old.get("reason"), old.get("message")) != (ready.reason, ready.message):
                 await self.post_event(cr, "Warning", "InvalidSpec", ready.message)
-        elif ready.reason in (MODEL_LOAD_FAILED, MODEL_FETCH_FAILED):
+        elif ready.reason in (MODEL_LOAD_FAILED, MODEL_FETCH_FAILED, UNSCHEDULABLE):
             if old.get("reason") != ready.reason:  # once when it appears, not on every resync
                 await self.post_event(cr, "Warning", ready.reason, ready.message)
         elif ready.status == "True" and old.get("status") != "True":

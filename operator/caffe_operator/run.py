@@ -14,6 +14,7 @@ default 10, backing off to 16x; 0 turns follow-ups off).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -27,8 +28,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", metavar="URL",
                    help="kopf's liveness endpoint (default http://0.0.0.0:8081/healthz); '' turns it off")
     p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account, else $KUBECONFIG)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("--log-format", choices=["plain", "full", "json"], default="full")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="log threshold (default %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (the same as --log-level DEBUG)")
+    p.add_argument("--log-format", choices=["text", "json", "plain", "full"], default="text",
+                   help="text (the default; kopf's 'full': with the object each line is about), json: one JSON "
+                        "object per line; plain: without the object")
     return p.parse_args(argv)
 
 
@@ -41,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from caffe_operator import handlers  # noqa: F401  (registers the handlers)
 
-    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
+    fmt = "full" if args.log_format == "text" else args.log_format
+    debug = args.verbose or args.log_level == "DEBUG"
+    kopf.configure(verbose=debug, quiet=args.log_level in ("WARNING", "ERROR"), log_format=kopf.LogFormat[fmt.upper()])
+    if args.log_level == "ERROR":
+        logging.getLogger().setLevel(logging.ERROR)
     try:
         kopf.run(
             clusterwide=args.all_namespaces,

@@ -13,6 +13,8 @@ replica is left, and all of them are ready. Otherwise the reason says what is mi
   ModelLoadFailed    a pod's server answers that its model failed to load (message: the pod and
                      the loader's own words, e.g. a missing weights file or a sha256 mismatch);
                      see `with_load_errors` and load_errors.py, which asks the not-ready pods
+  Unschedulable      a pod fits no node (message: the scheduler's, e.g. `Insufficient nvidia.com/gpu`);
+                     read from the pods' PodScheduled condition by fetch_errors.py
   ReplicasReady      (True) every desired replica is ready
   IdleScaledToZero   (True) spec.autoscaling scaled the idle model to zero; the gateway holds a
                      request while a pod starts

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from caffe_operator import api, manifests
+from caffe_operator import api, manifests, variants
 from caffe_testing.chart import helm_cluster, helm_install, one, rendered_objects
 from caffe_testing.cluster import REPO
 
@@ -47,8 +47,8 @@ def findings(tmp_path_factory) -> list[dict]:
     env = {e["name"]: e.get("value") for e in operator["env"]}
     peers = json.loads(env["CAFFESERVE_NETWORK_POLICY_FROM"])  # what the chart tells the operator
     for source, raw in MODEL_SPECS.items():
-        kids = manifests.children(f"digits-{source}", "ml", api.parse_spec(f"digits-{source}", raw),
-                                  env["CAFFESERVE_SERVER_IMAGE"], peers)
+        variant = variants.Variant(f"digits-{source}", api.parse_spec(f"digits-{source}", raw))
+        kids = manifests.children(variant, "ml", env["CAFFESERVE_SERVER_IMAGE"], peers)
         (out / f"model-{source}.yaml").write_text(yaml.safe_dump_all(kids.all()))
     proc = subprocess.run([checkov_binary(), "-d", str(out), "--framework", "kubernetes", "-o", "json", "--quiet",
                            "--compact", "--skip-download"], capture_output=True, text=True, timeout=300)

@@ -282,9 +282,10 @@ def test_cluster_scope_binds_cluster_roles_to_each_component(default_install):
                               "verbs": ["list", "watch"]}]
     for rule in one(stored, "ClusterRole", f"{PREFIX}-operator")["rules"]:
         assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
-        if "delete" in rule["verbs"]:  # only a canary's children and a ScaledObject, when the spec drops them;
-            # every other child goes with its CR (garbage collection)
-            assert set(rule["resources"]) <= {"configmaps", "services", "deployments", "scaledobjects"}, rule
+        if "delete" in rule["verbs"]:  # only a canary's children, a ScaledObject and a NetworkPolicy, when the
+            # spec or the chart drops them; every other child goes with its CR (garbage collection)
+            assert set(rule["resources"]) <= {"configmaps", "services", "deployments", "scaledobjects",
+                                              "networkpolicies"}, rule
 
 
 def test_namespace_scope_grants_nothing_outside_the_watched_namespace(namespaced_install):

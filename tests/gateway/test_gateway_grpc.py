@@ -324,4 +324,4 @@ def test_a_grpc_port_in_use_stops_the_gateway_saying_so():
         gw = GatewayProcess("--static", "digits=http://127.0.0.1:1", "--grpc-port", str(taken.getsockname()[1]))
         with pytest.raises(RuntimeError) as e:
             gw.start(timeout=30)
-    assert "exited with 1" in str(e.value) and "cannot listen for gRPC" in str(e.value), str(e.value)
+    assert "exited with 2" in str(e.value) and "cannot listen for gRPC" in str(e.value), str(e.value)

@@ -121,7 +121,7 @@ def test_pvc_root_rule_and_a_wrong_sha256_is_a_clear_error(tmp_path, up_processe
     assert "sha256" in bad.output and "caffeserve up:" in bad.output, bad.output
 
     missing = up_processes(str(path), "--replicas", "1")  # default root: the manifest's folder
-    assert missing.proc.wait(60) == 1
+    assert missing.proc.wait(60) == 2  # a manifest whose files are not there: a configuration error (README)
     missing._reader.join(5)
     assert f"'deploy.prototxt' not found in {tmp_path / 'digits'}" in missing.output, missing.output
 
@@ -172,7 +172,7 @@ def test_an_invalid_manifest_names_the_field():
     manifest["spec"]["replicas"] = -1
     proc = subprocess.run(CAFFESERVE + ["up", "/dev/stdin"], input=yaml.safe_dump(manifest).encode(),
                           cwd=REPO, capture_output=True, timeout=60)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # as `serve` for an invalid config (README, "Exit codes")
     assert b"spec.replicas" in proc.stderr, proc.stderr
 
 

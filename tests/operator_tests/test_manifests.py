@@ -9,7 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from caffe_operator import api, manifests
+from caffe_operator import api, manifests, variants
 from caffe_operator.reconcile import drift_patch, is_subset, parse_quantity
 from caffe_operator.status import Readiness, build_status, readiness, same_status
 from inference_server.config import parse_config
@@ -34,7 +34,7 @@ def spec(**changes: Any) -> api.CaffeModelServiceSpec:
 
 
 def build(s: api.CaffeModelServiceSpec | None = None, image: str = "registry.example/caffe:1") -> manifests.Children:
-    return manifests.children("digits", "ml", s or spec(), image)
+    return manifests.children(variants.Variant("digits", s or spec()), "ml", image)
 
 
 def pod(children: manifests.Children) -> dict[str, Any]:
@@ -76,7 +76,7 @@ GATEWAY_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.na
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_child_passes_kubernetes_validate(variant):
-    kids = manifests.children("digits", "ml", VARIANTS[variant], "registry.example/caffe:1", [GATEWAY_PEER])
+    kids = manifests.children(variants.Variant("digits", VARIANTS[variant]), "ml", "registry.example/caffe:1", [GATEWAY_PEER])
     assert kids.network_policy is not None
     for obj in kids.all():
         kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
@@ -100,7 +100,7 @@ def test_s3_source_downloads_from_the_bucket_with_the_secrets_credentials():
 
 def test_a_network_policy_only_when_the_operator_is_given_peers():
     assert build().network_policy is None and len(build().all()) == 3
-    kids = manifests.children("digits", "ml", spec(), "img", [GATEWAY_PEER])
+    kids = manifests.children(variants.Variant("digits", spec()), "ml", "img", [GATEWAY_PEER])
     np_ = kids.network_policy
     assert kids.all()[0] is np_ and np_["metadata"]["name"] == "digits-predictor"
     assert np_["metadata"]["labels"] == CONTRACT_LABELS
@@ -108,7 +108,8 @@ def test_a_network_policy_only_when_the_operator_is_given_peers():
                            "ingress": [{"from": [GATEWAY_PEER], "ports": [{"port": 8080, "protocol": "TCP"},
                                                                           {"port": 8081, "protocol": "TCP"}]}]}
     # with gRPC off, only the http port is let in
-    off = manifests.children("digits", "ml", spec(runtime={"grpc": {"enabled": False}}), "img", [GATEWAY_PEER])
+    off = manifests.children(variants.Variant("digits", spec(runtime={"grpc": {"enabled": False}})), "ml", "img",
+                             [GATEWAY_PEER])
     assert off.network_policy["spec"]["ingress"][0]["ports"] == [{"port": 8080, "protocol": "TCP"}]
 
 
@@ -117,9 +118,12 @@ def test_names_and_labels_are_the_contract():
     assert c.config_map["metadata"]["name"] == "digits-config"
     assert c.deployment["metadata"]["name"] == "digits-predictor"
     assert c.service["metadata"]["name"] == "digits-predictor"
-    for obj in (c.config_map, c.deployment, c.service):
+    for obj in (c.config_map, c.deployment):
         assert obj["metadata"]["namespace"] == "ml"
         assert obj["metadata"]["labels"] == CONTRACT_LABELS
+    # the Service adds what the gateway reads of its traffic (inference_server/slices.py)
+    assert c.service["metadata"]["labels"] == {**CONTRACT_LABELS, "caffeserving.io/variant": "primary",
+                                               "caffeserving.io/traffic-percent": "100", "caffeserving.io/version": "1"}
     assert c.deployment["spec"]["template"]["metadata"]["labels"] == CONTRACT_LABELS
     assert c.deployment["spec"]["selector"] == {"matchLabels": {"caffeserving.io/model": "digits"}}
     assert c.service["spec"]["selector"] == {"caffeserving.io/model": "digits"}
@@ -394,7 +398,7 @@ def test_a_foreign_object_is_adopted():
     current["metadata"]["labels"] = {"team": "x"}
     current["metadata"]["ownerReferences"] = [{"apiVersion": "v1", "kind": "ConfigMap", "name": "o", "uid": "u-9"}]
     patch = drift_patch(current, desired)
-    assert patch["metadata"]["labels"] == CONTRACT_LABELS
+    assert patch["metadata"]["labels"] == desired["metadata"]["labels"]
     assert [r["uid"] for r in patch["metadata"]["ownerReferences"]] == ["u-9", "u-1"]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from caffe_operator import api, crd, manifests
+from caffe_operator import api, crd, variants
 from caffe_operator.backend_report import Answer, BackendReport, needs_probe, parse_metadata, ready_target
 from caffe_operator.pods import Target
 from caffe_operator.status import Readiness, build_status, status_patch
@@ -140,7 +140,7 @@ def digits_server(backend: str, tmp_path: Path) -> ServerProcess:
 
 def publish_ready(cluster: Cluster, ns: str, pod: str, port: int) -> None:
     """Stand-in for the EndpointSlice controller: the Service's slice for `pod` lists it ready."""
-    body = endpoint_slice(manifests.predictor_name("digits"), port, [endpoint("127.0.0.1", True, pod)],
+    body = endpoint_slice(variants.predictor_name("digits"), port, [endpoint("127.0.0.1", True, pod)],
                           name=f"{pod}-slice", namespace=ns)
     if cluster.get_object(ENDPOINTSLICES, ns, body["metadata"]["name"]) is None:
         cluster.create(ENDPOINTSLICES, ns, body)

@@ -21,7 +21,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 
-from caffe_operator import manifests
+from caffe_operator import variants
 from caffe_operator.events import event_body
 from caffe_operator.load_errors import LoadErrorProbe, Target, classify, not_ready_targets
 from caffe_operator.reconcile import needs_recheck, recheck_delay
@@ -177,7 +177,7 @@ def publish_endpoints(cluster: Cluster, ns: str, name: str, pods: dict[str, int]
     """Stand-in for the EndpointSlice controller: the model Service's slice lists these pods
     (name → the port its server listens on, all on 127.0.0.1), not ready, as the kubelet's
     readiness probe left them. One slice per pod, since each local server has its own port."""
-    service = manifests.predictor_name(name)
+    service = variants.predictor_name(name)
     for pod, port in pods.items():
         body = endpoint_slice(service, port, [{**endpoint("127.0.0.1", False, pod), "conditions": {
             "ready": False, "serving": False, "terminating": False}}], name=f"{pod}-slice", namespace=ns)

@@ -1,8 +1,8 @@
 """spec.canary and spec.autoscaling through the operator, against the API emulator.
 
-Pure builders first (operator/caffe_operator/traffic.py): the canary's children never overlap the
-primary's selector, every child is a valid Kubernetes object, and the ScaledObject fits KEDA's
-CRD schema (caffe_testing/keda.py) with nothing the API server would prune.
+Pure builders first (operator/caffe_operator/traffic.py; the variants' other children are in
+test_variants.py): the ScaledObject fits KEDA's CRD schema (caffe_testing/keda.py) with nothing
+the API server would prune.
 
 Then the loop in the emulator, with real programs where they can run: the operator (a process),
 the gateway (`caffeserve gateway --kubernetes`, a process watching EndpointSlices) and the model
@@ -20,14 +20,14 @@ played by the test, because nothing runs them here, and each is the smallest sta
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 
-import kubernetes_validate
 import pytest
 import yaml
 
-from caffe_operator import manifests, traffic
+from caffe_operator import traffic, variants
 from caffe_operator.api import parse_spec
 from caffe_testing.cluster import CMS, CONFIGMAPS, DEPLOYMENTS, SERVICES
 from caffe_testing.cms import ENDPOINTSLICES, eventually, ready, wait_ready
@@ -36,7 +36,7 @@ from caffe_testing.gateway import GatewayProcess
 from caffe_testing.keda import SCALEDOBJECT_CRD, SCALEDOBJECTS, KedaDouble, unknown_fields
 from caffe_testing.kubelet import ContainerProcess, endpoint_slice
 from caffe_testing.traffic import BODY
-from caffe_testing.servers import http
+from caffe_testing.servers import http, http_json
 from inference_server import slices
 
 pytestmark = pytest.mark.timeout(300)
@@ -67,38 +67,17 @@ AUTOSCALING = {"minReplicas": 0, "maxReplicas": 3, "target": 2, "coldStartTimeou
 # ---------------------------------------------------------------------------------------------
 # pure builders
 # ---------------------------------------------------------------------------------------------
-def test_canary_children_are_valid_and_never_selected_by_the_primary():
-    spec = parse_spec("digits", digits_spec(canary=canary(10), autoscaling=AUTOSCALING))
-    kids = traffic.with_traffic(manifests.children("digits", "ml", spec), spec)
-    cm, dep, svc = traffic.canary_children("digits", "ml", spec)
-    for obj in (*kids.all(), cm, dep, svc):
-        kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
-    primary_selector = kids.deployment["spec"]["selector"]["matchLabels"]
-    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
-    assert not all(pod_labels.get(k) == v for k, v in primary_selector.items())
-    assert dep["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
-    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
-    assert "replicas" not in kids.deployment["spec"]  # the autoscaler owns it
-    assert dep["spec"]["replicas"] == 1
-    assert yaml.safe_load(cm["data"]["config.yaml"])["version"] == "2"
-    assert dep["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"] == "digits-canary-config"
-    labels = kids.service["metadata"]["labels"]
-    assert (labels[slices.VARIANT_LABEL], labels[slices.TRAFFIC_LABEL], labels[slices.COLD_START_LABEL]) == \
-        ("primary", "90", "120")
-    assert (svc["metadata"]["labels"][slices.VARIANT_LABEL], svc["metadata"]["labels"][slices.TRAFFIC_LABEL],
-            svc["metadata"]["labels"][slices.MODEL_LABEL]) == ("canary", "10", "digits")
-
-
 def test_the_scaledobject_fits_kedas_crd_schema():
     spec = parse_spec("digits", digits_spec(autoscaling=dict(AUTOSCALING, scaleDownDelaySeconds=90)))
-    so = traffic.scaled_object("digits", "ml", spec, GATEWAY_IN_CLUSTER)
+    (primary,) = variants.of("digits", spec)
+    so = traffic.scaled_object(primary, "ml", GATEWAY_IN_CLUSTER)
     assert unknown_fields(so) == []
     assert so["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "digits-predictor"}
     assert (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"], so["spec"]["cooldownPeriod"]) == (0, 3, 90)
     (trigger,) = so["spec"]["triggers"]
     assert trigger["metadata"] == {"url": f"{GATEWAY_IN_CLUSTER}/autoscaling/digits", "format": "json",
                                    "valueLocation": "concurrency", "targetValue": "2", "activationTargetValue": "0"}
-    prom = traffic.scaled_object("digits", "ml", spec, GATEWAY_IN_CLUSTER, "http://prometheus.monitoring:9090")
+    prom = traffic.scaled_object(primary, "ml", GATEWAY_IN_CLUSTER, "http://prometheus.monitoring:9090")
     assert unknown_fields(prom) == [] and prom["spec"]["triggers"][0]["type"] == "prometheus"
     assert unknown_fields({"spec": {"scaleTargetRef": {"name": "x"}, "triggers": [], "minReplicas": 1}}) == [
         ".spec.minReplicas: unknown to the schema (would be pruned)"]
@@ -219,3 +198,61 @@ def test_canary_runs_beside_the_primary_shows_in_the_status_and_rollback_deletes
     eventually(operator, lambda: "variants" not in (cluster.get_object(CMS, ns, "digits").get("status") or {}),
                "variants gone from the status")
     assert cluster.get_object(SERVICES, ns, "digits-predictor")["metadata"]["labels"][slices.TRAFFIC_LABEL] == "100"
+
+
+def test_an_autoscaled_canary_scales_on_its_own_load_from_zero(cluster, operator, ns, tmp_path):
+    """spec.autoscaling covers the canary as it does the primary: a ScaledObject of its own on the
+    gateway's canary signal, no replica count in its Deployment, and the hold label on its Service,
+    so a request pinned to the canary's version while it is at zero is held, wakes it, and is answered."""
+    cluster.apply(SCALEDOBJECT_CRD)
+    apply_cr(cluster, ns, digits_spec(autoscaling=AUTOSCALING, canary=canary(10)))
+    # the last of eight children (both variants' ConfigMap, Deployment, Service, then the ScaledObjects)
+    so = eventually(operator, lambda: cluster.get_object(SCALEDOBJECTS, ns, "digits-canary"), "the canary's ScaledObject",
+                    timeout=60)
+    assert unknown_fields(so) == [] and so["metadata"]["ownerReferences"][0]["name"] == "digits"
+    assert so["spec"]["scaleTargetRef"]["name"] == "digits-canary"
+    assert (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]) == (0, 3)
+    assert "replicas" not in cluster.get_object(DEPLOYMENTS, ns, "digits-canary")["spec"]
+    svc = eventually(operator, lambda: cluster.get_object(SERVICES, ns, "digits-canary"), "the canary Service")
+    assert svc["metadata"]["labels"][slices.COLD_START_LABEL] == "120"
+
+    keda = KedaDouble(cluster, ns, lambda url: url.replace(GATEWAY_IN_CLUSTER, gateway.url))
+    with contextlib.ExitStack() as stack:
+        gateway = stack.enter_context(GatewayProcess("--kubernetes", "--namespace", ns,
+                                                     "--kubeconfig", str(cluster.kubeconfig)))
+        for service in ("digits-predictor", "digits-canary"):
+            slice_for(cluster, ns, service, [])
+
+        def variants_known() -> bool:
+            status, body = http_json("GET", gateway.url + "/autoscaling/")
+            return status == 200 and {m["variant"] for m in body["models"]} == {"primary", "canary"}
+        eventually(operator, variants_known, "the gateway knows both variants")
+        assert keda.step() == {"digits-predictor": 0, "digits-canary": 0}  # idle: both at zero
+        for name in ("digits-predictor", "digits-canary"):
+            deployment_status(cluster, ns, name, 0)
+
+        answer: list = []
+        client = threading.Thread(target=lambda: answer.append(http(
+            "POST", gateway.url + "/v2/models/digits/versions/2/infer", BODY, {"Content-Type": "application/json"},
+            timeout=150)))
+        client.start()
+        time.sleep(0.5)
+        assert answer == []  # held by the canary's hold, not refused
+        assert keda.step() == {"digits-predictor": 0, "digits-canary": 1}  # the canary's own demand wakes it
+        dep = cluster.get_object(DEPLOYMENTS, ns, "digits-canary")
+        assert dep["spec"]["replicas"] == 1
+        server = stack.enter_context(ContainerProcess(
+            dep["spec"]["template"], "server", namespace=ns, pod_name="digits-canary-6d8f4b-c2d3e",
+            workdir=tmp_path, cluster=cluster, pvcs={"digits-model": DIGITS_DIR}))
+        server.wait("readinessProbe", timeout=120)
+        slice_for(cluster, ns, "digits-canary", [server])
+        client.join(150)
+        assert answer and answer[0][0] == 200, answer
+        assert json.loads(answer[0][2])["model_version"] == "2"
+
+    # autoscaling removed: the canary's ScaledObject goes too, and its count is canary.replicas again
+    apply_cr(cluster, ns, digits_spec(replicas=1, canary=canary(10)))
+    eventually(operator, lambda: all(cluster.get_object(SCALEDOBJECTS, ns, n) is None
+                                     for n in ("digits-predictor", "digits-canary")), "both ScaledObjects deleted")
+    eventually(operator, lambda: cluster.get_object(DEPLOYMENTS, ns, "digits-canary")["spec"].get("replicas") == 1,
+               "the canary's replicas from the spec")

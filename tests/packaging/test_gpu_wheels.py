@@ -97,11 +97,11 @@ def test_the_last_rehearsal_was_of_todays_inputs(measured):
 def test_a_module_3_12_lacks_is_not_taken_for_the_standard_library():
     import json as stdlib_json
 
-    import inference_server.app
+    import inference_server.serving.app
 
     dists, orphans = wheels.distributions_of({"distutils.util": "/anywhere/distutils/util.py",
                                               "json": stdlib_json.__file__, "sys": None,
-                                              "inference_server.app": inference_server.app.__file__,
+                                              "inference_server.serving.app": inference_server.serving.app.__file__,
                                               "caffe.io": "/scratch/caffe/io.py"}, {})
     assert orphans == {"distutils.util"} and dists == {}
     assert sys.version_info >= (3, 11)

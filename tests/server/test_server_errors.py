@@ -326,9 +326,17 @@ def test_wrong_method_is_405_with_allow(img):
     status, headers, body = http("PUT", img.url + "/v2/models/img", b"{}")
     assert_error(status, body, 405)
     assert {k.lower(): v for k, v in headers.items()}["allow"] == "GET"
-    for path in ("/v2/health/live", "/v2/health/ready", "/v2", "/metrics"):
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2", "/metrics", "/", "/v2/models/stats"):
         status, headers, body = http("DELETE", img.url + path)
         assert_error(status, body, 405)
+        assert {k.lower(): v for k, v in headers.items()}["allow"] == "GET"
+    status, headers, body = http("GET", img.url + "/v2/repository/index")
+    assert_error(status, body, 405)
+    assert {k.lower(): v for k, v in headers.items()}["allow"] == "POST"
+    for method in ("GET", "POST"):  # a path no route has is 404 whatever the method
+        for path in ("/v2/health/nope", "/v2/models/img/nope", "/v2/models/img/versions", "/v2/models/img/infer/x"):
+            status, _, body = http(method, img.url + path, b"{}" if method == "POST" else None)
+            assert_error(status, body, 404, "no route")
     img.good_request_succeeds()
 
 

@@ -137,8 +137,9 @@ RBAC: exactly what the components call; tests/cluster/test_e2e.py proves both di
 requests they make (every request allowed, every permission used). The rules go into a Role in the
 watched namespace, or a ClusterRole with scope "cluster". Nothing else is granted: kopf's scanning
 of CRDs and namespaces is off (the operator waits for its CRD by API discovery, which every
-authenticated user may read), and children are never deleted by the operator (their
-ownerReferences hand them to the garbage collector with their CaffeModelService).
+authenticated user may read). The operator deletes only children the spec or the chart no longer
+asks for (a canary's, a ScaledObject, a NetworkPolicy); everything else goes with its
+CaffeModelService (ownerReferences hand it to the garbage collector).
 */}}
 {{- define "caffe-serving.operatorRules" -}}
 # The CaffeModelServices: kopf lists and watches them and keeps its bookkeeping annotations on them
@@ -174,16 +175,20 @@ ownerReferences hand them to the garbage collector with their CaffeModelService)
   resources: ["endpointslices"]
   verbs: ["list"]
 # The model pods of a model that is not ready: a fetch init container that failed (wrong sha256,
-# missing object) says why in its termination message; the status then reads ModelFetchFailed.
+# missing object) says why in its termination message; the status then reads ModelFetchFailed. A pod
+# no node fits (too many GPUs asked) says why in its PodScheduled condition: Unschedulable.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]
-{{- if .Values.networkPolicy.enabled }}
-# One NetworkPolicy per model (networkPolicy.enabled): created, read back, watched and patched
-# like the other children.
+# A NetworkPolicy per model variant (networkPolicy.enabled): created, read back, watched and
+# patched like the other children, deleted with a canary. Turned off, the operator only looks for
+# those it made while it was on, and deletes them.
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+{{- if .Values.networkPolicy.enabled }}
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+{{- else }}
+  verbs: ["get", "delete"]
 {{- end }}
 {{- end }}
 

