@@ -10,9 +10,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): $(PY) pyproject.toml scripts/install_pycaffe.sh scripts/build_caffe.sh scripts/patch_caffe_sources.py scripts/patch_pycaffe_gil.py scripts/patch_pycaffe_io.py scripts/setup_system.sh scripts/debian-packages.txt
-	bash scripts/setup_system.sh
-	bash scripts/install_pycaffe.sh $(VENV)
+# the Caffe build and the system packages: every file in their folders
+SETUP_INPUTS := $(filter-out %/__pycache__,$(wildcard scripts/caffe/* scripts/caffe/caffe_forks/* scripts/system/*))
+
+$(STAMP): $(PY) pyproject.toml $(SETUP_INPUTS)
+	bash scripts/system/setup_system.sh
+	bash scripts/caffe/install_pycaffe.sh $(VENV)
 	$(PY) -m pip install -q -e '.[operator,onnx,demo,bench,s3,test]'
 	$(PY) -m pip install -q --ignore-requires-python helm-sdkpy
 	$(PY) -c "import caffe, caffeserve, caffe_local, caffe_operator, caffe_gateway, inference_server, caffe_http"
@@ -59,19 +62,19 @@ bench-compare: setup
 
 # Caffe with CUDA 13 (sm_90), compiled here from PyPI's CUDA wheels; no GPU needed (not part of `make test`).
 cuda-build: setup
-	bash scripts/cuda_build.sh --python $(PY)
+	bash scripts/gpu/cuda_build.sh --python $(PY)
 
 # .gpu-bundle/: what a lent GPU machine lacks (pycaffe for its Python 3.12, libraries, wheels), for
-# scripts/gpu_check.sh there; `make gpu-rehearsal` runs that check here, pruning the carried libraries
+# scripts/gpu/gpu_check.sh there; `make gpu-rehearsal` runs that check here, pruning the carried libraries
 # as the lent machine does (its GPU parts SKIP or are rehearsed on the CPU), then records what it
-# rehearsed in scripts/gpu-rehearsal.json (tests/packaging/test_gpu_wheels.py holds it to today's inputs).
+# rehearsed in scripts/gpu/gpu-rehearsal.json (tests/packaging/test_gpu_wheels.py holds it to today's inputs).
 gpu-bundle: cuda-build
-	PROJECT_PY=$(abspath $(PY)) bash scripts/gpu_bundle.sh
+	PROJECT_PY=$(abspath $(PY)) bash scripts/gpu/gpu_bundle.sh
 
 gpu-rehearsal: gpu-bundle
 	PYTHON=.caffe-cuda/py312-venv/bin/python CUDA_LIB_DIRS=$$(readlink -f .caffe-cuda/cuda)/lib GPU_CHECK_KEEP_LIBS=0 \
-	  GPU_CHECK_BUDGET_S=$${GPU_CHECK_BUDGET_S:-600} OUT=$${OUT:-/tmp/gpu-rehearsal} bash scripts/gpu_check.sh .gpu-bundle
-	$(PY) scripts/gpu_wheels.py stamp $${OUT:-/tmp/gpu-rehearsal}
+	  GPU_CHECK_BUDGET_S=$${GPU_CHECK_BUDGET_S:-600} OUT=$${OUT:-/tmp/gpu-rehearsal} bash scripts/gpu/gpu_check.sh .gpu-bundle
+	$(PY) scripts/gpu/gpu_wheels.py stamp $${OUT:-/tmp/gpu-rehearsal}
 
 clean:
 	rm -rf $(VENV)

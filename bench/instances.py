@@ -1,7 +1,7 @@
 """Does `instances: 2` overlap? Served throughput of one mid-size net with 1 and 2 Net copies, in one run.
 
 pycaffe's own binding holds the GIL for the whole forward pass, so two worker threads would take
-turns; scripts/install_pycaffe.sh patches `Net._forward` to release it. This prints the direct
+turns; scripts/caffe/apply_patches.py patches `Net._forward` to release it. This prints the direct
 two-thread forward rate too, which shows whether the installed pycaffe has the patch.
 
     .venv/bin/python bench/instances.py [--seconds 8]

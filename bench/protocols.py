@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--backend", default=None, help="override the configs' backend (pycaffe, onnxruntime, auto)")
     args = ap.parse_args()
     if shutil.which("h2load") is None:
-        raise SystemExit("h2load is not installed: apt-get install nghttp2-client (scripts/debian-packages.txt)")
+        raise SystemExit("h2load is not installed: apt-get install nghttp2-client (scripts/system/debian-packages.txt)")
     conc = [int(c) for c in args.concurrency.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as d:

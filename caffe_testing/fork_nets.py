@@ -1,6 +1,6 @@
 """NumPy implementations of the fork layers' published definitions, and nets built with their constructs.
 
-The references here are written from the definitions (scripts/caffe_forks/*.cpp say which), not from
+The references here are written from the definitions (scripts/caffe/caffe_forks/*.cpp say which), not from
 our C++: tests compare pycaffe's output with them, then ONNX Runtime's with pycaffe's.
 """
 

@@ -44,7 +44,7 @@ def pycaffe_dir() -> Path:
     """The folder holding the cached pycaffe build's `caffe` package (the newest, if several)."""
     builds = [p for p in CACHE.glob("pycaffe-brocolli-*py3.*") if (p / "caffe" / "_caffe.so").is_file()]
     if not builds:
-        raise SystemExit(f"no pycaffe build under {CACHE}: run `make setup` (scripts/install_pycaffe.sh) first")
+        raise SystemExit(f"no pycaffe build under {CACHE}: run `make setup` (scripts/caffe/install_pycaffe.sh) first")
     return max(builds, key=lambda p: p.stat().st_mtime)
 
 

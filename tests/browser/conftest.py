@@ -20,7 +20,8 @@ def browser():
     from selenium.webdriver.chrome.service import Service
 
     assert shutil.which("chromium") and shutil.which("chromedriver"), \
-        "Chromium and chromedriver come from Debian (scripts/debian-packages.txt): bash scripts/setup_system.sh"
+        ("Chromium and chromedriver come from Debian (scripts/system/debian-packages.txt): "
+         "bash scripts/system/setup_system.sh")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in FLAGS:

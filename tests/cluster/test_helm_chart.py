@@ -511,13 +511,13 @@ def test_server_image_runs_what_the_operator_puts_in_model_pods():
 
 
 def test_gpu_image_builds_the_cpu_builds_source_with_the_same_script():
-    """One Caffe source (the PyPI sdist) and one build script (scripts/build_caffe.sh, through
+    """One Caffe source (the PyPI sdist) and one build script (scripts/caffe/build_caffe.sh, through
     install_pycaffe.sh) for the CPU pycaffe and the GPU image; CUDA 13 with cuDNN 9 for ONNX Runtime."""
     text = dockerfile("Dockerfile.caffe-gpu")
     assert "github.com" not in text and "CAFFE_COMMIT" not in text, "the image builds the sdist, not a GitHub tarball"
     assert re.search(r"install_pycaffe\.sh /opt/venv \\\n\s+--cuda /usr/local/cuda", text)
-    install = (REPO / "scripts" / "install_pycaffe.sh").read_text()
-    build = (REPO / "scripts" / "build_caffe.sh").read_text()
+    install = (REPO / "scripts" / "caffe" / "install_pycaffe.sh").read_text()
+    build = (REPO / "scripts" / "caffe" / "build_caffe.sh").read_text()
     assert 'build_caffe.sh" "$@" --python "$PY"' in install  # CPU (no options) and CUDA (--cuda ...) alike
     assert re.search(r"^SDIST_VERSION=9\.0\.2$", build, re.M) and 'brocolli-caffe==$SDIST_VERSION' in build
     cuda = re.search(r"^ARG CUDA_VERSION=(\d+)\.(\d+)\.(\d+)$", text, re.M)
@@ -532,14 +532,13 @@ def test_gpu_image_builds_the_cpu_builds_source_with_the_same_script():
 
 
 def test_both_builds_apply_the_same_source_patches():
-    """build_caffe.sh patches every build with patch_caffe_sources.py (GIL release, 2 GiB protobuf
-    reads), and a CUDA build also with patch_caffe_cuda.py; the CPU cache key ignores the CUDA patch."""
-    build = (REPO / "scripts" / "build_caffe.sh").read_text()
-    assert '"$PY" "$HERE/patch_caffe_sources.py" "$src"' in build
-    assert '[ -z "$CUDA_ROOT" ] || "$PY" "$HERE/patch_caffe_cuda.py" "$src"' in build
-    assert 'PATCHES=("$HERE/patch_caffe_sources.py" "$HERE/patch_pycaffe_gil.py")' in build
-    sources = (REPO / "scripts" / "patch_caffe_sources.py").read_text()
-    assert "import patch_pycaffe_gil" in sources and "patch_pycaffe_gil.patch" in sources
+    """build_caffe.sh patches every build through scripts/caffe/apply_patches.py (GIL release, 2 GiB protobuf
+    reads, the forks' layers), a CUDA build with --cuda (also patch_caffe_cuda.py); the image's install runs
+    the same script, so the image and the CPU pycaffe get the same patches."""
+    build = (REPO / "scripts" / "caffe" / "build_caffe.sh").read_text()
+    assert '"$PY" "$HERE/apply_patches.py" source "$src" "${CUDA_FLAG[@]}"' in build
+    assert 'CUDA_FLAG=(); [ -z "$CUDA_ROOT" ] || CUDA_FLAG=(--cuda)' in build
+    assert "/src/scripts/caffe/install_pycaffe.sh" in dockerfile("Dockerfile.caffe-gpu")
 
 
 def test_dockerignore_keeps_the_venv_and_git_out():

@@ -147,7 +147,7 @@ def test_device_gpu_without_a_gpu_fails_at_startup_with_the_clear_message(tmp_pa
 def load_script(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "caffe" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,4 +1,4 @@
-"""The GPU check's rehearsals: scripts/gpu_check.sh on this machine (no GPU), as on the lent one.
+"""The GPU check's rehearsals: scripts/gpu/gpu_check.sh on this machine (no GPU), as on the lent one.
 
 The bundle (`make gpu-bundle`) unpacks into a scratch folder and runs in a Python 3.12 venv like the lent
 GPU machine's, with only the bundle's wheels and, as there, the machine's own copies of the libraries it
@@ -6,7 +6,7 @@ has (GPU_CHECK_KEEP_LIBS=0). Then: the plain rehearsal passes (the CPU parts, th
 rehearsed on the CPU); faults (a server whose model fails to load, a step that aborts as Caffe does,
 SIGTERM mid-run, a GPU that nvidia-smi lists and CUDA cannot use) each end as a failure with the JSON and
 logs kept, the summary printed last, and no process left behind. Skipped where there is no bundle (CI
-builds none: `make cuda-build gpu-bundle` takes 10-40 minutes); scripts/gpu-rehearsal.json and
+builds none: `make cuda-build gpu-bundle` takes 10-40 minutes); scripts/gpu/gpu-rehearsal.json and
 tests/packaging/test_gpu_wheels.py keep that rehearsal from going stale.
 """
 
@@ -43,7 +43,7 @@ def environment(tmp_path: Path, **more) -> dict:
 
 
 def rehearse(tmp_path: Path, **more) -> tuple[subprocess.CompletedProcess, dict]:
-    run = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(BUNDLE.parent)],
+    run = subprocess.run(["bash", str(REPO / "scripts" / "gpu" / "gpu_check.sh"), str(BUNDLE.parent)],
                          env=environment(tmp_path, **more), cwd=REPO, capture_output=True, text=True, timeout=800)
     return run, json.loads((tmp_path / "out" / "gpu_check.json").read_text())
 
@@ -104,7 +104,7 @@ def test_a_model_that_fails_to_load_and_a_step_that_aborts_cost_their_steps_only
 
 
 def test_sigterm_mid_run_stops_the_step_keeps_the_figures_and_leaves_no_process(tmp_path):
-    proc = subprocess.Popen(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(BUNDLE.parent)],
+    proc = subprocess.Popen(["bash", str(REPO / "scripts" / "gpu" / "gpu_check.sh"), str(BUNDLE.parent)],
                             env=environment(tmp_path), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:

@@ -1,4 +1,4 @@
-"""The GPU bundle's wheels (scripts/gpu_wheels.py) against what the server really imports. No build needed.
+"""The GPU bundle's wheels (scripts/gpu/gpu_wheels.py) against what the server really imports. No build needed.
 
 A lent GPU machine has no network: a module `caffeserve serve` needs that neither the bundle nor the
 machine holds ends the one check a task may get (it happened: grpcio joined the server's dependencies
@@ -7,7 +7,7 @@ one request) with every installed distribution that will not be on the lent mach
 as if absent (optional imports survive that, as they would there): it must start and answer. The modules
 it then holds, and those the check's gRPC client holds, must each come from the standard library (3.12's),
 this repository, the bundle's pycaffe, a wheel the bundle carries or a package of the lent machine
-(scripts/lent-gpu-packages.txt); taking any one imported wheel out of the set must fail that.
+(scripts/gpu/lent-gpu-packages.txt); taking any one imported wheel out of the set must fail that.
 """
 
 from __future__ import annotations
@@ -84,14 +84,14 @@ def test_a_dependency_the_lent_machine_lacks_is_carried(tmp_path):
 
 def test_the_last_rehearsal_was_of_todays_inputs(measured):
     """Keep it true: a change to the bundle's wheels, the server's imports or the GPU scripts needs a passing
-    `make gpu-rehearsal`, which records its inputs in scripts/gpu-rehearsal.json (commit that file)."""
+    `make gpu-rehearsal`, which records its inputs in scripts/gpu/gpu-rehearsal.json (commit that file)."""
     stamp = json.loads(wheels.STAMP.read_text())["fingerprint"]
     now = wheels.fingerprint(set(measured["server"]))
     changed = {k: {"rehearsed": stamp.get(k), "now": v} for k, v in now.items() if stamp.get(k) != v}
     if "files" in changed:
         changed["files"] = {f: h for f, h in now["files"].items() if stamp.get("files", {}).get(f) != h}
     assert not changed, ("the GPU rehearsal is out of date: run `make cuda-build gpu-rehearsal` (it rewrites "
-                         f"scripts/gpu-rehearsal.json) and commit it. Changed since: {json.dumps(changed)[:2000]}")
+                         f"scripts/gpu/gpu-rehearsal.json) and commit it. Changed since: {json.dumps(changed)[:2000]}")
 
 
 def test_a_module_3_12_lacks_is_not_taken_for_the_standard_library():

@@ -117,8 +117,8 @@ def test_caffeserve_demo_needs_only_the_extras_the_readme_names():
     requires = meta.get_all("Requires-Dist") or []
     wanted = [r for r in requires if "extra ==" not in r]
     wanted += [r for r in requires if any(f'extra == "{e}"' in r for e in extras)]
-    # pycaffe and what `import caffe` needs come from scripts/install_pycaffe.sh, not from pip extras
-    script = (REPO / "scripts" / "install_pycaffe.sh").read_text()
+    # pycaffe and what `import caffe` needs come from scripts/caffe/install_pycaffe.sh, not from pip extras
+    script = (REPO / "scripts" / "caffe" / "install_pycaffe.sh").read_text()
     pycaffe_line = re.search(r"pip install -q 'numpy<2' (six .*)$", script, re.M).group(1).replace("'", "").split()
     allowed = installed_with(requirement_names(wanted) | requirement_names(pycaffe_line))
     by_module = md.packages_distributions()

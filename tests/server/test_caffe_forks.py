@@ -1,9 +1,9 @@
-"""The Caffe forks' layers and fields in our build (scripts/patch_caffe_forks.py, scripts/caffe_forks/).
+"""The Caffe forks' layers and fields in our build (scripts/caffe/patch_caffe_forks.py, scripts/caffe/caffe_forks/).
 
 For each new layer, a net with it: pycaffe's output equals a NumPy implementation of the layer's
 published definition (tests/fork_nets.py), and the converted graph under ONNX Runtime equals pycaffe.
 The five errors issue #20 reported for the published deploy files can no longer occur. Real pycaffe
-built by scripts/install_pycaffe.sh: if these fail with "Unknown layer type", rebuild it.
+built by scripts/caffe/install_pycaffe.sh: if these fail with "Unknown layer type", rebuild it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from caffe_testing.caffe_sources import fork_targets
 from caffe_testing.nets import save_net
 from inference_server.loading.convert import UnsupportedLayer, convert_net, load_net
 
-SCRIPTS = REPO / "scripts"
+SCRIPTS = REPO / "scripts" / "caffe"
 TOL = 1e-5
 
 
@@ -87,17 +87,12 @@ def uniform(*shape, seed=0):
 # --- the build patch -------------------------------------------------------------------------------
 
 def test_the_cache_key_covers_the_fork_sources():
-    """build_caffe.sh keys its cache by patch_caffe_sources.py's hash; FORKS_DIGEST in it must be the
-    digest of everything patch_caffe_forks adds, or a changed layer would be served from a stale cache."""
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import patch_caffe_forks
-        import patch_caffe_sources
-    finally:
-        sys.path.remove(str(SCRIPTS))
-    assert patch_caffe_sources.FORKS_DIGEST == patch_caffe_forks.digest(), (
-        f'set FORKS_DIGEST = "{patch_caffe_forks.digest()}" in scripts/patch_caffe_sources.py')
-    assert "patch_caffe_sources.py" in (SCRIPTS / "build_caffe.sh").read_text().split("PATCHES=", 1)[1].split("\n")[0]
+    """build_caffe.sh keys its cache by build_key.py, which hashes every file the forks' patch adds: a changed
+    layer is never served from a stale cache (tests/packaging/test_build_scripts.py changes one and sees it)."""
+    listed = subprocess.run([sys.executable, str(SCRIPTS / "apply_patches.py"), "files"], capture_output=True,
+                            text=True, check=True).stdout.split()
+    assert {f"caffe_forks/{p.name}" for p in (SCRIPTS / "caffe_forks").iterdir()} <= set(listed)
+    assert "patch_caffe_forks.py" in listed
 
 
 def test_the_patch_adds_layers_and_fields_once_and_refuses_unknown_sources(tmp_path):

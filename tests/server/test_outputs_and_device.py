@@ -1,5 +1,5 @@
 """Two answers a user reads literally: the metadata's `device` (cpu/gpu, what docs/gpu.md and
-scripts/gpu_check.py compare with), and a request whose `outputs` list is empty, which OIP leaves
+scripts/gpu/gpu_check.py compare with), and a request whose `outputs` list is empty, which OIP leaves
 ambiguous: answered with every output, as Triton does (never a silent empty answer)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Layers of the Caffe forks our build adds (scripts/caffe_forks/): Axpy (SE-Nets), ShuffleChannel
+"""Layers of the Caffe forks our build adds (scripts/caffe/caffe_forks/): Axpy (SE-Nets), ShuffleChannel
 (ShuffleNet), ConvolutionDepthwise (MobileNet/ShuffleNet), BN (SegNet, ENet) and Upsample (SegNet's
 max-unpooling from a Pooling mask, or nearest-neighbour enlargement). Each follows the definition its
 C++ file states; the parity check still gates every converted net.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make gpu-bundle`: everything a lent GPU machine lacks to run the CUDA pycaffe and our server, in
 # .gpu-bundle/ (ignored by git; carried by the device tool, at most 64 MiB with the working tree),
-# for scripts/gpu_check.sh. The lent machine (its README: KINDS.md) runs Ubuntu 24.04's Python 3.12
+# for scripts/gpu/gpu_check.sh. The lent machine (its README: KINDS.md) runs Ubuntu 24.04's Python 3.12
 # with numpy 2, PyTorch's CUDA 13 libraries (libcudart, libcublas, libcurand) and no Boost, glog,
 # gflags or protobuf; nothing can be fetched there. So the bundle holds, xz-compressed:
 #   caffe/   pycaffe for Python 3.12, built against numpy 2 headers (works with numpy 2.x), with
@@ -9,18 +9,18 @@
 #   lib/     the shared libraries Caffe needs that are not glibc, libstdc++ or CUDA's, copied from
 #            this machine (Boost, glog, gflags, protobuf, HDF5, OpenBLAS and what they link)
 #   wheels/  cp312 wheels of what the server and the check's gRPC client need that the lent machine
-#            lacks, computed from pyproject.toml by scripts/gpu_wheels.py (its dependencies' closure
-#            for Python 3.12, at the versions our venv runs, less scripts/lent-gpu-packages.txt)
+#            lacks, computed from pyproject.toml by scripts/gpu/gpu_wheels.py (its dependencies' closure
+#            for Python 3.12, at the versions our venv runs, less scripts/gpu/lent-gpu-packages.txt)
 #   refs/    the CPU build's answers on the digits net, for the GPU build to be compared against
 # Python 3.12 here: $PYTHON312, else python3.12 on PATH, else pyenv's (Debian 12 has only 3.11;
 # PyPI has no CPython interpreters to install). Its venv (numpy 2, scipy, scikit-image, like the
 # lent machine's) lives in the build cache; the rehearsal runs in it.
 #
-# usage: scripts/gpu_bundle.sh      (calls scripts/cuda_build.sh for Python 3.12; cached after the first time)
+# usage: scripts/gpu/gpu_bundle.sh      (calls scripts/gpu/cuda_build.sh for Python 3.12; cached after the first time)
 #   PROJECT_PY: the project venv's Python (default .venv/bin/python); PYTHON312: see above
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-REPO=$(dirname "$HERE")
+REPO=$(cd "$HERE/../.." && pwd)
 CACHE_ROOT=${CAFFE_SERVING_CACHE:-$HOME/.cache/caffe-serving}
 PROJECT_PY=${PROJECT_PY:-$REPO/.venv/bin/python}
 OUTDIR="$REPO/.gpu-bundle"
@@ -40,7 +40,7 @@ find_python312() {
   return 1
 }
 
-# The lent machine's packages that the server, pycaffe and the check reach (scripts/gpu_wheels.py lent):
+# The lent machine's packages that the server, pycaffe and the check reach (scripts/gpu/gpu_wheels.py lent):
 # the rehearsal's venv has those and no more, at the lent machine's version where KINDS.md gives one.
 LENT_REQUIREMENTS=$("$PROJECT_PY" "$HERE/gpu_wheels.py" lent | tr '\n' ' ')
 PY312=$(find_python312)
@@ -62,7 +62,7 @@ ln -sfn "$VENV" "$REPO/.caffe-cuda/py312-venv"   # the rehearsal's Python (make 
 
 STAGE=$(mktemp -d); trap 'rm -rf "$STAGE"' EXIT
 cp -r "$BUILD/py3.12/caffe" "$STAGE/caffe"
-"$VENV/bin/python" "$HERE/patch_pycaffe_io.py" "$STAGE/caffe" >&2
+"$VENV/bin/python" "$HERE/../caffe/apply_patches.py" installed "$STAGE/caffe" >&2
 
 # Runtime libraries: what _caffe.so and libcaffe link, less glibc, the C++ runtime and CUDA's.
 mkdir -p "$STAGE/lib"
@@ -77,7 +77,7 @@ LD_LIBRARY_PATH="$STAGE/caffe:$CUDA_LIB" ldd "$STAGE/caffe/_caffe.so" "$STAGE/ca
   done
 strip --strip-unneeded "$STAGE"/lib/*.so* "$STAGE"/caffe/*.so* 2>/dev/null || true
 
-# Wheels: what the lent machine lacks, from pyproject (scripts/gpu_wheels.py), at the versions our venv runs.
+# Wheels: what the lent machine lacks, from pyproject (scripts/gpu/gpu_wheels.py), at the versions our venv runs.
 mkdir -p "$STAGE/wheels"
 pins=$("$PROJECT_PY" "$HERE/gpu_wheels.py" pins)
 log "wheels: $(echo $pins)"
@@ -107,7 +107,7 @@ outside=$(LD_LIBRARY_PATH="$STAGE/caffe:$STAGE/lib:$CUDA_LIB" ldd "$STAGE/caffe/
   | grep -v -E '/(libc|libm|libpthread|libdl|librt|libresolv|libstdc\+\+|libgcc_s)\.so' | sort -u || true)
 [ -z "$outside" ] || { log "the bundle misses libraries: $outside"; exit 1; }
 
-{ echo "caffe-serving GPU bundle, made $(date -u +%FT%TZ) by scripts/gpu_bundle.sh"
+{ echo "caffe-serving GPU bundle, made $(date -u +%FT%TZ) by scripts/gpu/gpu_bundle.sh"
   echo "pycaffe: Python 3.12, numpy $("$VENV/bin/python" -c 'import numpy; print(numpy.__version__)') headers, $(basename "$BUILD")"
   sed 's/^/build: /' "$BUILD/BUILD_INFO"
   echo "libraries: $(ls "$STAGE/lib" | tr '\n' ' ')"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Install the Debian packages listed in scripts/debian-packages.txt that are missing (idempotent).
+# Install the Debian packages listed in scripts/system/debian-packages.txt that are missing (idempotent).
 #
-# usage: scripts/setup_system.sh [--print]     --print: only list the packages, one per line
+# usage: scripts/system/setup_system.sh [--print]     --print: only list the packages, one per line
 set -euo pipefail
 LIST="$(dirname "$0")/debian-packages.txt"
 packages=$(sed 's/#.*//' "$LIST" | awk 'NF {print $1}')

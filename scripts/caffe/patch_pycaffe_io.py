@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Repair pycaffe's `caffe/io.py` for current scikit-image (applied at install; no rebuild).
 
-    python3 scripts/patch_pycaffe_io.py SITE_PACKAGES/caffe
+    python3 scripts/caffe/patch_pycaffe_io.py SITE_PACKAGES/caffe     (apply_patches.py installed runs it)
 
 The sdist's io.py calls `skimage.io.imread(..., as_grey=...)` (renamed `as_gray` in scikit-image 0.16,
 removed since), so `caffe.io.load_image` raises TypeError; and it lost the `resize` import, so

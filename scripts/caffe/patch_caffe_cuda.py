@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Patch the brocolli-caffe sdist so that its CMake builds Caffe with CUDA (scripts/build_caffe.sh --cuda).
+"""Patch the brocolli-caffe sdist so that its CMake builds Caffe with CUDA (build_caffe.sh --cuda).
 
-    python3 scripts/patch_caffe_cuda.py CAFFE_SRC
+    python3 scripts/caffe/patch_caffe_cuda.py CAFFE_SRC      (scripts/caffe/apply_patches.py --cuda runs it)
 
 The sdist is BVLC Caffe repackaged CPU-only: its CMakeLists.txt defines CPU_ONLY unconditionally,
 its Dependencies.cmake never includes Cuda.cmake, and python/CMakeLists.txt compiles every source

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Which Python wheels the GPU bundle carries, computed from pyproject.toml (no hand-kept list).
 
-The lent GPU machine (scripts/lent-gpu-packages.txt, from the device tool's KINDS.md) runs Python 3.12
+The lent GPU machine (scripts/gpu/lent-gpu-packages.txt, from the device tool's KINDS.md) runs Python 3.12
 with numpy, grpcio, protobuf, PyYAML and many more already there, and nothing can be fetched there. The
 bundle carries the rest of what the model server and the check's own client need:
 
@@ -12,24 +12,25 @@ bundle carries the rest of what the model server and the check's own client need
               machine has ends the walk there (its own needs are installed beside it)
     bundle  = the closure minus the lent machine's packages
 
-    python scripts/gpu_wheels.py pins       name==version per wheel to carry (scripts/gpu_bundle.sh)
-    python scripts/gpu_wheels.py lent       the lent packages the closure reaches, pinned where KINDS.md
+    python scripts/gpu/gpu_wheels.py pins       name==version per wheel to carry (scripts/gpu/gpu_bundle.sh)
+    python scripts/gpu/gpu_wheels.py lent       the lent packages the closure reaches, pinned where KINDS.md
                                             gives a version (the rehearsal's Python 3.12 venv installs them)
-    python scripts/gpu_wheels.py stamp OUT  after a passing rehearsal (make gpu-rehearsal): record in
-                                            scripts/gpu-rehearsal.json what it was rehearsed with
+    python scripts/gpu/gpu_wheels.py stamp OUT  after a passing rehearsal (make gpu-rehearsal): record in
+                                            scripts/gpu/gpu-rehearsal.json what it was rehearsed with
 
 Run by the project venv's Python: the versions are the ones its tests ran.
 
 What `caffeserve serve` really imports is measured, not assumed: `startup_modules` runs the server on the
 digits example under `python -X importtime` (startup, model load, one request). tests/packaging/
 test_gpu_wheels.py holds every module of it (and of the check's gRPC client) against the bundle and the
-lent machine, and holds scripts/gpu-rehearsal.json's fingerprint against today's inputs, so that a change to
+lent machine, and holds scripts/gpu/gpu-rehearsal.json's fingerprint against today's inputs, so that a change to
 the dependencies, the server's imports or the GPU scripts fails `make test` until the rehearsal is rerun.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -57,7 +58,7 @@ def script(name: str) -> Path:
 
 LENT_LIST = script("lent-gpu-packages.txt")
 
-# What `import caffe` needs: pycaffe is not a distribution, so scripts/install_pycaffe.sh's pip line declares it
+# What `import caffe` needs: pycaffe is not a distribution, so scripts/caffe/install_pycaffe.sh's pip line declares it
 # (tests/packaging/test_packaging.py reads the same line).
 PYCAFFE_LINE = re.compile(r"pip install -q 'numpy<2' (six .*)$", re.M)
 
@@ -151,7 +152,8 @@ FIRST_PARTY = {p.name for p in [*REPO.iterdir(), *(REPO / "operator").iterdir()]
 OURS = "caffe-serving"  # this repository (its editable install's finder too): it travels as the working tree
 PYCAFFE = "caffe"  # not a distribution: the bundle's caffe/ (pycaffe built for Python 3.12)
 GONE_IN_312 = {"distutils", "imp", "asynchat", "asyncore", "smtpd"}  # in 3.11's standard library, not 3.12's
-CLIENT_IMPORTS = "import numpy, yaml, tritonclient.grpc"  # what scripts/gpu_check.py's steps import beyond stdlib
+# what scripts/gpu/gpu_check.py's steps import beyond the standard library
+CLIENT_IMPORTS = "import numpy, yaml, tritonclient.grpc, caffe_testing.servers"
 
 # Run in the measured process before anything else: refuse the blocked modules (as if not installed, which an
 # optional import survives) and write sys.modules at exit: what was really imported, failed tries left out.
@@ -323,16 +325,24 @@ def missing(needed: set[str], carry: set[str], lent: set[str]) -> list[str]:
 # ------------------------------------------------------------------------------------ keep the rehearsal true
 STAMP = HERE / "gpu-rehearsal.json"
 # by name, wherever under scripts/ they live: moving them needs no new rehearsal, changing them does
-REHEARSED_FILES = ["gpu_check.py", "gpu_check.sh", "gpu_bundle.sh", "gpu_wheels.py", "cuda_build.sh", "build_caffe.sh",
-                   "cuda-wheels.txt", "patch_caffe_sources.py", "patch_caffe_cuda.py", "patch_pycaffe_gil.py",
-                   "patch_pycaffe_io.py", "boost_python.sh", "lent-gpu-packages.txt"]
+GPU_FILES = ["gpu_check.py", "gpu_check.sh", "gpu_bundle.sh", "gpu_wheels.py", "cuda_build.sh", "cuda-wheels.txt",
+             "lent-gpu-packages.txt"]
+
+
+def rehearsed_files() -> list[str]:
+    """These GPU scripts, every file of the CUDA build (scripts/caffe/build_key.py's list: what its cache key
+    hashes) and the install-time patch the bundle applies."""
+    spec = importlib.util.spec_from_file_location("build_key", script("build_key.py"))
+    build_key = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_key)
+    return GPU_FILES + build_key.build_files(cuda=True) + ["patch_pycaffe_io.py"]
 
 
 def fingerprint(startup_dists: set[str]) -> dict:
     """What a rehearsal depends on: the bundle's wheels and the lent packages reached (names: a fresh venv
     may resolve newer versions), the distributions the server imports, and the GPU scripts' contents."""
     carry, reached = bundle()
-    files = {f: hashlib.sha256(script(f).read_bytes()).hexdigest()[:12] for f in REHEARSED_FILES}
+    files = {f: hashlib.sha256(script(f).read_bytes()).hexdigest()[:12] for f in rehearsed_files()}
     return {"wheels": sorted(carry), "lent": sorted(reached), "server_imports": sorted(startup_dists),
             "files": files}
 
@@ -342,12 +352,12 @@ def write_stamp(out: Path) -> None:
     if results.get("failed") or results.get("stopped"):
         raise SystemExit(f"the rehearsal did not pass (failed: {results.get('failed')}): no stamp written")
     if results.get("check_sha256") != hashlib.sha256(script("gpu_check.py").read_bytes()).hexdigest()[:12]:
-        raise SystemExit("that rehearsal ran another scripts/gpu_check.py than today's: rerun make gpu-rehearsal")
+        raise SystemExit("that rehearsal ran another scripts/gpu/gpu_check.py than today's: rerun make gpu-rehearsal")
     carry, _ = bundle()
     blocked = blocked_prefixes(lent_allowed(carry), module_owners())
     dists, _ = distributions_of(startup_modules(blocked), file_owners())
     STAMP.write_text(json.dumps({
-        "what": "the inputs of the last passing `make gpu-rehearsal` (scripts/gpu_wheels.py stamp); "
+        "what": "the inputs of the last passing `make gpu-rehearsal` (scripts/gpu/gpu_wheels.py stamp); "
                 "tests/packaging/test_gpu_wheels.py fails when today's differ",
         "fingerprint": fingerprint(set(dists)),
         "rehearsed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

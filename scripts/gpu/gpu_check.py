@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""The one prepared check of the CUDA pycaffe and the server on a lent GPU (scripts/gpu_check.sh runs it).
+"""The one prepared check of the CUDA pycaffe and the server on a lent GPU (scripts/gpu/gpu_check.sh runs it).
 
-    python scripts/gpu_check.py --out DIR [--refs DIR] [--budget-s 270]
+    python scripts/gpu/gpu_check.py --out DIR [--refs DIR] [--budget-s 270]
 
 This process only orchestrates and never loads Caffe or CUDA: each step runs in a child process of its
 own, in a process group of its own with every server it starts, and that group is killed when the step
@@ -20,7 +20,7 @@ Steps (GPU parts where nvidia-smi lists a GPU; a listed GPU that the build canno
                 (tritonclient.grpc), metadata device, GPU memory at rest
   throughput.pycaffe / throughput.server
                 forward time at batch 1..64, both measured by the server's own calibration code
-                (inference_server.calibration.measure_curve on the pycaffe backend): directly, and
+                (inference_server.loading.calibration.measure_curve on the pycaffe backend): directly, and
                 inside a server with `batching: auto` (its curve and decision)
   instances     `instances: 1` then `instances: 2` on one GPU, 8 client threads, one binary-tensor body
                 encoded once: every request sent is counted and must be answered 200 with the CPU answer
@@ -47,14 +47,19 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").exists())
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
+# The check runs in the carried working tree (gpu_check.sh puts it on PYTHONPATH), so it shares caffe_testing's
+# plain HTTP and process helpers (stdlib and yaml only, both on the lent machine; gpu_wheels.py measures the
+# imports). It keeps its own Server, forward and request bodies: Server reads the ports a server picked
+# (port 0) from its log and fails at once on a model that failed to load, where ServerProcess reserves a port
+# first and only polls; caffe_testing.nets.forward is the CPU reference (it sets CPU mode), and the parity step
+# runs the same forward in GPU mode.
+from caffe_testing import servers as shared  # noqa: E402
 
 SMI_TIMEOUT_S = 15
 HTTP_TIMEOUT_S = 60
@@ -254,17 +259,13 @@ def forward(proto, weights, feed: dict, blobs: list[str]) -> dict:
 
 # ========================================================================================== servers (children)
 def http_json(method: str, url: str, payload=None, timeout: float = HTTP_TIMEOUT_S):
+    """caffe_testing.servers.http with a JSON body; an error page that is not JSON becomes {"error": text}."""
     body = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": "application/json"})
+    status, _, raw = shared.http(method, url, body, {"Content-Type": "application/json"}, timeout=timeout)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as e:
-        raw = e.read()
-        try:
-            return e.code, json.loads(raw)
-        except ValueError:
-            return e.code, {"error": raw.decode(errors="replace")}
+        return status, json.loads(raw or b"null")
+    except ValueError:
+        return status, {"error": raw.decode(errors="replace")}
 
 
 def json_payload(name: str, x: np.ndarray) -> dict:
@@ -346,13 +347,7 @@ class Server:
         return self.log.read_text(errors="replace")[-2000:]
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        shared.stop_process(self.proc, 20)
 
     def __exit__(self, *exc):
         self.stop()
@@ -611,9 +606,8 @@ def curve_text(curve: list[dict]) -> str:
 def step_throughput_pycaffe(ctx: dict) -> None:
     """The forward curve of pycaffe alone, timed by the server's own calibration code (measured as the
     server measures it for `batching: auto`)."""
-    from inference_server.calibration import measure_curve
-
     from inference_server.backends.pycaffe import PycaffeBackend
+    from inference_server.loading.calibration import measure_curve
 
     gpu = ctx["gpu"]
     net = "inception" if gpu else "digits"

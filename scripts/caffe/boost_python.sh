@@ -8,7 +8,7 @@
 # The source comes through apt (`apt-get source`, with a private deb-src list and package index,
 # so the machine's apt configuration is untouched): 61 MB once, of which only libs/python is kept.
 #
-# usage: scripts/boost_python.sh PYTHON
+# usage: scripts/caffe/boost_python.sh PYTHON
 set -euo pipefail
 PY=${1:?usage: boost_python.sh PYTHON}
 CACHE_ROOT=${CAFFE_SERVING_CACHE:-$HOME/.cache/caffe-serving}
@@ -16,7 +16,7 @@ log() { echo "[boost_python] $*" >&2; }
 
 ver=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
 src_pkg=$(dpkg-query -W -f='${source:Package}' libboost-python-dev 2>/dev/null || true)
-[ -n "$src_pkg" ] || { log "libboost-python-dev is not installed (scripts/setup_system.sh installs it)"; exit 1; }
+[ -n "$src_pkg" ] || { log "libboost-python-dev is not installed (scripts/system/setup_system.sh has it)"; exit 1; }
 # libboost-python-dev is a metapackage of libboost-pythonX.Y-dev, built from the source boostX.Y.
 src_pkg=$(dpkg-query -W -f='${Depends}' libboost-python-dev | grep -o 'libboost-python[0-9.]*-dev' | head -1)
 src_pkg=$(dpkg-query -W -f='${source:Package} ${source:Version}' "$src_pkg")

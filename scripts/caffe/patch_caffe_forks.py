@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
-"""Add the layers and fields of Caffe forks to a Caffe source tree (called from patch_caffe_sources.py).
+"""Add the layers and fields of Caffe forks to a Caffe source tree (scripts/caffe/apply_patches.py runs it).
 
-    python3 scripts/patch_caffe_forks.py CAFFE_SRC
+    python3 scripts/caffe/patch_caffe_forks.py CAFFE_SRC
 
 What models from the forks need that the brocolli-caffe 9.0.2 sdist lacks (docs/model-families.md):
-- scripts/caffe_forks/*.cpp, our own implementations written from the layers' published definitions,
+- scripts/caffe/caffe_forks/*.cpp, our own implementations written from the layers' published definitions,
   are copied into src/caffe/layers/ (CMake globs that folder): Axpy (SE-Nets), ShuffleChannel
   (ShuffleNet), ConvolutionDepthwise/DepthwiseConvolution (MobileNet, ShuffleNet), BN (SegNet, ENet)
   and Upsample (SegNet's max-unpooling; it replaces the sdist's upsample_layer.cpp, keeping its
   one-bottom nearest-neighbour form). Each .cpp holds its whole layer class, so no headers are added.
-- scripts/caffe_forks/caffe.proto.fields: the fields those layers and the forks' deploy files use,
+- scripts/caffe/caffe_forks/caffe.proto.fields: the fields those layers and the forks' deploy files use,
   inserted into src/caffe/proto/caffe.proto (that file says how field numbers are chosen).
 - DetectionOutput honours the new `clip` field (OpenCV's face detector): the sdist decodes with a
   hard-coded `clip_bbox = false`, in the .cpp and the .cu.
@@ -19,7 +19,6 @@ Every edit anchors on exact source text and fails loudly when it is missing; a s
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 
@@ -37,14 +36,9 @@ def layer_sources() -> list[str]:
     return sorted(f for f in os.listdir(FORKS) if f.endswith(".cpp"))
 
 
-def digest() -> str:
-    """A hash of everything this patch adds (this script included): part of the build's cache key."""
-    h = hashlib.sha256()
-    for path in [os.path.abspath(__file__)] + [os.path.join(FORKS, f) for f in sorted(os.listdir(FORKS))]:
-        h.update(os.path.basename(path).encode() + b"\0")
-        with open(path, "rb") as f:
-            h.update(f.read() + b"\0")
-    return h.hexdigest()[:16]
+def inputs() -> list[str]:
+    """What this patch adds, relative to this folder: part of the build's cache key (build_key.py)."""
+    return [os.path.join("caffe_forks", f) for f in sorted(os.listdir(FORKS))]
 
 
 def proto_sections(text: str) -> dict[str, str]:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make cuda-build`: Caffe with CUDA, compiled and linked on this machine (no GPU needed) with
-# CUDA's compiler and libraries from PyPI (scripts/cuda-wheels.txt), by scripts/build_caffe.sh,
+# CUDA's compiler and libraries from PyPI (scripts/gpu/cuda-wheels.txt), by scripts/caffe/build_caffe.sh,
 # the build the CPU pycaffe and the GPU image use too. Both the toolkit and the build are cached
 # in CAFFE_SERVING_CACHE (default ~/.cache/caffe-serving); a second run takes seconds.
 #
@@ -9,11 +9,11 @@
 # libcublas, libcurand), and `env`: `. .caffe-cuda/env` puts the CUDA pycaffe for the first
 # --python first on PYTHONPATH and the CUDA libraries on the loader path. Loading it needs no GPU; Caffe's CPU mode runs, GPU mode needs a GPU.
 #
-# usage: scripts/cuda_build.sh [--python PY]...   (default: .venv/bin/python)
+# usage: scripts/gpu/cuda_build.sh [--python PY]...   (default: .venv/bin/python)
 #   CAFFE_CUDA_ARCH (default "90") and CAFFE_CUDA_PTX (default "90"): the GPU architectures
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-REPO=$(dirname "$HERE")
+REPO=$(cd "$HERE/../.." && pwd)
 CACHE_ROOT=${CAFFE_SERVING_CACHE:-$HOME/.cache/caffe-serving}
 log() { echo "[cuda_build] $*" >&2; }
 
@@ -45,7 +45,7 @@ fi
 "$CUDA_ROOT/bin/nvcc" --version | tail -2 >&2
 
 start=$SECONDS
-BUILD=$(bash "$HERE/build_caffe.sh" --cuda "$CUDA_ROOT" --arch "${CAFFE_CUDA_ARCH:-90}" --ptx "${CAFFE_CUDA_PTX:-90}" \
+BUILD=$(bash "$HERE/../caffe/build_caffe.sh" --cuda "$CUDA_ROOT" --arch "${CAFFE_CUDA_ARCH:-90}" --ptx "${CAFFE_CUDA_PTX:-90}" \
         "${PYTHONS[@]}" | tail -1)
 
 mkdir -p "$REPO/.caffe-cuda"
@@ -54,7 +54,7 @@ ln -sfn "$CUDA_ROOT" "$REPO/.caffe-cuda/cuda"
 PYV=$("${PYTHONS[1]}" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 cat > "$REPO/.caffe-cuda/env" <<EOF
 # . .caffe-cuda/env: the CUDA pycaffe for Python $PYV first on PYTHONPATH, CUDA's libraries on the
-# loader path (written by scripts/cuda_build.sh)
+# loader path (written by scripts/gpu/cuda_build.sh)
 export PYTHONPATH="$BUILD/py$PYV\${PYTHONPATH:+:\$PYTHONPATH}"
 export LD_LIBRARY_PATH="$CUDA_ROOT/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
 EOF

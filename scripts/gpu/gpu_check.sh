@@ -2,11 +2,11 @@
 # The one prepared check on a lent GPU machine (one device call, about 5 minutes at most): unpack the GPU
 # bundle that `make gpu-bundle` wrote (.gpu-bundle/, carried), install its wheels beside the machine's
 # Python, put its libraries (those the machine lacks) and the machine's CUDA 13 libraries on the loader
-# path, and run scripts/gpu_check.py, which writes $OUT/gpu_check.json after every step, $OUT/steps.log
+# path, and run scripts/gpu/gpu_check.py, which writes $OUT/gpu_check.json after every step, $OUT/steps.log
 # and $OUT/servers.log, and prints a short summary last. Without a visible GPU (the rehearsal here) the
 # GPU parts print SKIP or are rehearsed on the CPU. docs/gpu.md says how to call it.
 #
-# usage: scripts/gpu_check.sh [BUNDLE_DIR]      (default: .gpu-bundle)
+# usage: scripts/gpu/gpu_check.sh [BUNDLE_DIR]      (default: .gpu-bundle)
 #   PYTHON             the Python 3.12 to run (default: /opt/torch/.venv/bin/python3 where it exists, else python3)
 #   OUT                where the figures go (default: $OUT, else ./gpu-check-out)
 #   SCRATCH            where the bundle is unpacked (default: a new temporary folder, removed at the end)
@@ -14,7 +14,7 @@
 #   GPU_CHECK_BUDGET_S the whole check's time, unpacking included (default 300); every external call has a timeout
 #   GPU_CHECK_KEEP_LIBS=1  use every carried library, also those the machine has (default 0: the machine's)
 set -uo pipefail
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
 BUNDLE=$(cd "${1:-$REPO/.gpu-bundle}" 2>/dev/null && pwd) || { echo "[gpu_check] no bundle: run make gpu-bundle" >&2; exit 2; }
 OUT=${OUT:-$REPO/gpu-check-out}
 BUDGET=${GPU_CHECK_BUDGET_S:-300}
@@ -70,7 +70,7 @@ missing=$(timeout 30 ldd "$SCRATCH/caffe/_caffe.so" | grep "not found")
 left=$((BUDGET - (SECONDS - start) - 10))
 (( left > 30 )) || left=30
 cd "$REPO"
-timeout -k 15 $((left + 20)) "$PYTHON" "$REPO/scripts/gpu_check.py" --out "$OUT" --refs "$SCRATCH/refs" --budget-s "$left" &
+timeout -k 15 $((left + 20)) "$PYTHON" "$REPO/scripts/gpu/gpu_check.py" --out "$OUT" --refs "$SCRATCH/refs" --budget-s "$left" &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null' TERM INT
 wait $pid; rc=$?

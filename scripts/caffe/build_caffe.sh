@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Build Caffe from the PyPI sdist brocolli-caffe (BVLC Caffe at 9b89154, repackaged) with its own
-# CMake: the one Caffe build of this project. scripts/install_pycaffe.sh (the CPU pycaffe of every
-# setup), scripts/cuda_build.sh (`make cuda-build`, `make gpu-bundle`) and Dockerfile.caffe-gpu all
-# call it. Builds are cached in CAFFE_SERVING_CACHE (default ~/.cache/caffe-serving), keyed by the
-# sdist version, BUILD_LEVEL, the source patches and (CPU) the Python version or (CUDA) the CUDA
-# version and GPU architectures; the last line printed is the cached build's folder.
+# CMake: the one Caffe build of this project. scripts/caffe/install_pycaffe.sh (the CPU pycaffe of every
+# setup, and Dockerfile.caffe-gpu's CUDA one) and scripts/gpu/cuda_build.sh (`make cuda-build`,
+# `make gpu-bundle`) call it. Builds are cached in CAFFE_SERVING_CACHE (default ~/.cache/caffe-serving),
+# keyed by build_key.py (a hash of the contents of this script, the source patches and what they add)
+# and (CPU) the Python version or (CUDA) the CUDA version and GPU architectures; the last line printed is
+# the cached build's folder. The sources are patched by apply_patches.py, the one patch entry point.
 #
 #   CPU:   build_caffe.sh --python PY
 #          -> DIR/caffe: the pycaffe package (_caffe.so holds all of Caffe), DIR/build-debs.txt
@@ -20,15 +21,12 @@
 #
 # A cached build must never hide a build that can no longer run from scratch: the build records
 # which Debian packages provided the headers it compiled against, and every call (cached or not)
-# checks that each of them is in scripts/debian-packages.txt.
+# checks that each of them is in scripts/system/debian-packages.txt.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
+SYSTEM="$HERE/../system"
 SDIST_VERSION=9.0.2
-# Bump when a change to this script changes what a build produces (a CPU rebuild costs ~6 minutes
-# on 2 cores): edits that change nothing built (comments, logging, the CUDA-only parts for a CPU
-# build) keep every cached build.
-BUILD_LEVEL=1
 CACHE_ROOT=${CAFFE_SERVING_CACHE:-$HOME/.cache/caffe-serving}
 
 PYTHONS=() CUDA_ROOT="" ARCH="90" PTX="90"
@@ -46,16 +44,15 @@ PY=${PYTHONS[0]}
 
 log() { echo "[build_caffe] $*" >&2; }
 pyver() { "$1" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")'; }
-hash_of() { cat "$@" | sha256sum | cut -c1-12; }
+CUDA_FLAG=(); [ -z "$CUDA_ROOT" ] || CUDA_FLAG=(--cuda)
 
-PATCHES=("$HERE/patch_caffe_sources.py" "$HERE/patch_pycaffe_gil.py")
+KEY=$("$PY" "$HERE/build_key.py" "${CUDA_FLAG[@]}")
 if [ -z "$CUDA_ROOT" ]; then
-  CACHE="$CACHE_ROOT/pycaffe-brocolli-$SDIST_VERSION-py$(pyver "$PY")-L$BUILD_LEVEL-$(hash_of "${PATCHES[@]}")"
+  CACHE="$CACHE_ROOT/pycaffe-brocolli-$SDIST_VERSION-py$(pyver "$PY")-$KEY"
 else
   [ -x "$CUDA_ROOT/bin/nvcc" ] || { log "no bin/nvcc under $CUDA_ROOT"; exit 1; }
   CUDA_VERSION=$("$CUDA_ROOT/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p')
-  PATCHES+=("$HERE/patch_caffe_cuda.py")
-  CACHE="$CACHE_ROOT/caffe-cuda$CUDA_VERSION-brocolli-$SDIST_VERSION-sm${ARCH// /_}-ptx${PTX// /_}-L$BUILD_LEVEL-$(hash_of "${PATCHES[@]}")"
+  CACHE="$CACHE_ROOT/caffe-cuda$CUDA_VERSION-brocolli-$SDIST_VERSION-sm${ARCH// /_}-ptx${PTX// /_}-$KEY"
 fi
 
 record_build_debs() {
@@ -91,8 +88,7 @@ fetch_source() {  # WORK -> prints the patched source folder
   "$PY" -m pip download -q --no-deps --no-binary :all: "brocolli-caffe==$SDIST_VERSION" -d "$work" >&2
   tar xzf "$work/brocolli-caffe-$SDIST_VERSION.tar.gz" -C "$work"
   local src="$work/brocolli-caffe-$SDIST_VERSION"
-  "$PY" "$HERE/patch_caffe_sources.py" "$src" >&2
-  [ -z "$CUDA_ROOT" ] || "$PY" "$HERE/patch_caffe_cuda.py" "$src" >&2
+  "$PY" "$HERE/apply_patches.py" source "$src" "${CUDA_FLAG[@]}" >&2
   echo "$src"
 }
 
@@ -169,7 +165,7 @@ build_cuda() {
   touch "$stage/python/caffe/proto/__init__.py"
   cp "$src/build/include/caffe/proto/caffe_pb2.py" "$stage/python/caffe/proto/"
   { echo "sdist: brocolli-caffe==$SDIST_VERSION"; echo "cuda: $CUDA_VERSION ($CUDA_ROOT)"
-    echo "arch: sm $ARCH, ptx $PTX"; echo "build_level: $BUILD_LEVEL"
+    echo "arch: sm $ARCH, ptx $PTX"; echo "key: $KEY (build_key.py --cuda)"
     echo "built: $(date -u +%FT%TZ) in $((SECONDS - start)) s"; } > "$stage/BUILD_INFO"
   rm -rf "$CACHE"; mv "$stage" "$CACHE"
   log "cached build at $CACHE ($(du -sh "$CACHE" | cut -f1), $((SECONDS - start)) s)"
@@ -201,7 +197,7 @@ bind_python() {  # PY: compile pycaffe's _caffe.cpp for PY against the cached li
   rm -rf "$out"; mv "$stage" "$out"
 }
 
-bash "$HERE/setup_system.sh"   # the build's Debian packages (and the runtime libraries when cached)
+bash "$SYSTEM/setup_system.sh"   # the build's Debian packages (and the runtime libraries when cached)
 if [ -z "$CUDA_ROOT" ]; then
   [ ${#PYTHONS[@]} -eq 1 ] || { log "a CPU build takes one --python"; exit 2; }
   if [ ! -f "$CACHE/caffe/_caffe.so" ] || [ ! -f "$CACHE/build-debs.txt" ]; then build_cpu; fi
@@ -209,5 +205,5 @@ else
   if [ ! -f "$CACHE/lib/libcaffe.so.1.0.0" ] || [ ! -f "$CACHE/build-debs.txt" ]; then build_cuda; fi
   for p in "${PYTHONS[@]}"; do bind_python "$p"; done
 fi
-bash "$HERE/check_build_debs.sh" "$CACHE/build-debs.txt"
+bash "$SYSTEM/check_build_debs.sh" "$CACHE/build-debs.txt"
 echo "$CACHE"

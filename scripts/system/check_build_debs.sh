@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Fail when a build compiled against a Debian package that scripts/debian-packages.txt does not
+# Fail when a build compiled against a Debian package that scripts/system/debian-packages.txt does not
 # install (directly or as a dependency of a listed package): a fresh machine would not have it.
 # A package installed by hand hid libgtest-dev this way once; this check runs on every setup.
 #
-# usage: scripts/check_build_debs.sh USED_PACKAGES_FILE     (one package per line, as the build recorded)
+# usage: scripts/system/check_build_debs.sh USED_PACKAGES_FILE     (one package per line, as the build recorded)
 set -euo pipefail
 USED=${1:?usage: check_build_debs.sh USED_PACKAGES_FILE}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -17,7 +17,7 @@ for p in $(cat "$USED"); do
   grep -qx "${p%%:*}" <<<"$allowed" || missing="$missing $p"
 done
 if [ -n "$missing" ]; then
-  echo "[check_build_debs] the build compiled against Debian packages that scripts/debian-packages.txt does not install:$missing" >&2
+  echo "[check_build_debs] the build compiled against Debian packages that scripts/system/debian-packages.txt does not install:$missing" >&2
   echo "[check_build_debs] a fresh machine would not have them: add them to the list" >&2
   exit 1
 fi

@@ -4,7 +4,7 @@
 # (Dockerfile.caffe-gpu uses it, so no package name is guessed per release). Libraries under
 # /usr/local/cuda are left out: the CUDA runtime base image has them.
 #
-# usage: scripts/list_runtime_debs.sh FILE...
+# usage: scripts/gpu/list_runtime_debs.sh FILE...
 set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: list_runtime_debs.sh FILE..." >&2; exit 2; }
 missing=$(ldd "$@" | grep "not found" || true)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Make pycaffe's Net._forward release the GIL, so Net copies in different threads overlap.
 
-    python3 scripts/patch_pycaffe_gil.py CAFFE_SRC/python/caffe/_caffe.cpp
+    python3 scripts/caffe/patch_pycaffe_gil.py CAFFE_SRC/python/caffe/_caffe.cpp
 
 pycaffe binds `_forward` straight to `Net::ForwardFromTo`, which holds the GIL for the whole forward
 pass: with `instances: N` the server's N worker threads would take turns. The patch binds `_forward`
@@ -11,7 +11,7 @@ our builds are. BVLC Caffe at 9b89154 and the brocolli-caffe 9.0.2 sdist (its CP
 carry the same _caffe.cpp lines this patch anchors on; it fails loudly if they ever change, and a
 second run on a patched file changes nothing.
 
-Used by scripts/install_pycaffe.sh and Dockerfile.caffe-gpu.
+Every build applies it, through scripts/caffe/apply_patches.py (CPU pycaffe, CUDA build, GPU image).
 """
 
 from __future__ import annotations
