@@ -116,7 +116,7 @@ def test_every_variable_named_outside_the_tests_is_read_by_the_code():
 @pytest.mark.parametrize("name, read", [
     ("CAFFESERVE_NETWORK_POLICY_FROM", True),  # reconcile.OperatorConfig.from_env
     ("CAFFESERVE_NETWORK_POLICY", False),  # what reconcile.py's opening comment used to say
-    ("CAFFE_SERVING_CACHE", True),  # scripts/build_caffe.sh
+    ("CAFFE_SERVING_CACHE", True),  # scripts/caffe/build_caffe.sh
     ("CAFFESERVE__DEVICE__KIND", True),
     ("CAFFESERVE__LIMITS__MAX_REQUEST_BYTES", True),
     ("CAFFESERVE__LIMITS__MAXREQUESTBYTES", True),  # the camelCase alias, lower-cased
