@@ -38,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -51,7 +50,7 @@ import kmock
 import yaml
 
 from caffe_testing import REPO
-from caffe_testing.kubeclient import ApiError as ApiError, resource_path as resource_path  # re-exported
+from caffe_testing.kubeclient import ApiError as ApiError, KubeClient, resource_path as resource_path  # re-exported
 from caffe_testing.servers import free_port, stop_process
 
 VENV_BIN = Path(sys.executable).parent
@@ -343,19 +342,7 @@ class Cluster:
     @staticmethod
     def wait_for(fn: Callable[[], T], timeout: float = 20.0, interval: float = 0.1, what: str = "") -> T:
         """Poll `fn` until it returns something truthy (returned) or raise after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while True:
-            try:
-                last = fn()
-            except AssertionError as e:
-                last = e
-            else:
-                if last:
-                    return last
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what or fn}: last={last!r}")
-            time.sleep(interval)
+        return KubeClient.wait_for(fn, timeout, interval, what)
 
 
 class OperatorProcess:
