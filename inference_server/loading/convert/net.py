@@ -11,7 +11,7 @@ from .builder import GraphBuilder, LayerContext
 from .registry import converter_for
 from .source import CaffeModel
 
-CONVERTER_VERSION = "1"  # bump on any change that alters the graph: it is part of the cache key
+CONVERTER_VERSION = "2"  # bump on any change that alters the graph or what converts: it is part of the cache key
 OPSET = 17
 IR_VERSION = 8  # opset 17's IR version; loads in ONNX Runtime 1.11 and later
 METADATA_KEY = "caffe_serving"
