@@ -50,4 +50,16 @@ def converter_for(layer_name: str, layer_type: str) -> Callable:
 
 def _load_all() -> None:
     # the modules register their converters on import
-    from . import activations, argmax, arithmetic, convolution, crop, forks, normalization, pooling, ssd, structure  # noqa: F401
+    from . import (  # noqa: F401
+        activations,
+        argmax,
+        arithmetic,
+        convolution,
+        crop,
+        forks,
+        interp,
+        normalization,
+        pooling,
+        ssd,
+        structure,
+    )
