@@ -50,4 +50,15 @@ def converter_for(layer_name: str, layer_type: str) -> Callable:
 
 def _load_all() -> None:
     # the modules register their converters on import
-    from . import activations, arithmetic, convolution, crop, forks, normalization, pooling, ssd, structure  # noqa: F401  # noqa: F401  (the Caffe forks' layers)
+    from . import (  # noqa: F401  # noqa: F401  (the Caffe forks' layers)
+        activations,
+        arithmetic,
+        convolution,
+        crop,
+        forks,
+        normalization,
+        pooling,
+        pycaffe_only,  # noqa: F401  (types left to pycaffe, with their reason)
+        ssd,
+        structure,
+    )
