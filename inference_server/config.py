@@ -166,6 +166,16 @@ class Limits(CamelModel):
     )
 
 
+class PythonLayers(CamelModel):
+    """Where a net's Caffe Python layers (`type: "Python"`) come from. Loading such a net imports and runs
+    their code in the server, so a net with a Python layer is refused unless this is set."""
+
+    path: str = Field(
+        description="Folder holding the layers' Python modules (each layer's python_param.module), put first on "
+        "sys.path; relative paths resolve against the config file's folder. Its code runs when the model loads."
+    )
+
+
 class ModelFiles(CamelModel):
     """The Caffe model files."""
 
@@ -174,6 +184,11 @@ class ModelFiles(CamelModel):
     prototxt_sha256: Sha256 | None = None
     weights_sha256: Sha256 | None = None
     labels: str | None = Field(default=None, description="Text file, one class label per line (classification).")
+    python_layers: PythonLayers | None = Field(
+        default=None,
+        description="Off by default: a net with a Python layer is refused unless this names the folder of its "
+        "layer modules (their code runs in the server).",
+    )
 
 
 class Grpc(CamelModel):

@@ -220,6 +220,17 @@ class ModelSource(CamelModel):
 FileName = Annotated[str, Field(min_length=1, max_length=2048)]
 
 
+class PythonLayersSpec(CamelModel):
+    """The folder of the model's Caffe Python layer modules, inside the model's own source."""
+
+    path: str = Field(
+        min_length=1, max_length=1024,
+        description="Folder inside spec.source (relative; '.' for its root) holding the modules that the net's "
+        "`type: \"Python\"` layers name. Their code runs in the model server when the model loads: only a "
+        "source.pvc or source.configMap model can set it, so the code comes from the model's own files.",
+    )
+
+
 class ModelSpec(CamelModel):
     """The Caffe model: its files (names relative to spec.source) and how clients see its tensors."""
 
@@ -241,6 +252,11 @@ class ModelSpec(CamelModel):
     )
     version: str = Field(
         default="1", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Model version reported to clients."
+    )
+    python_layers: PythonLayersSpec | None = Field(
+        default=None,
+        description="Off by default: a net with Caffe Python layers is refused unless this names the folder of "
+        "their modules in the model's own source (their code runs in the server).",
     )
     inputs: list[TensorSpec] | None = _serving_field(
         "inputs", "The model's inputs as clients see them. Default: the net's Input layers."
@@ -461,6 +477,15 @@ class CaffeModelServiceSpec(CamelModel):
             if (other := seen.get(local)) is not None:
                 raise ValueError(f"model.{role} and model.{other} would both be /models/{local}")
             seen[local] = role
+        if self.model.python_layers is not None:
+            path = self.model.python_layers.path
+            if self.source.downloaded:
+                raise ValueError("model.pythonLayers needs source.pvc or source.configMap: a downloaded model "
+                                 "(source.url, source.s3) brings single files, not a folder of Python modules")
+            if why := _bad_path_reason(path):
+                raise ValueError(f"model.pythonLayers.path {path!r} {why}")
+            if self.source.config_map is not None and path.strip("/") not in ("", "."):
+                raise ValueError(f"model.pythonLayers.path {path!r}: a ConfigMap's keys are one folder: use '.'")
         if self.canary is not None:
             try:
                 CaffeModelServiceSpec.model_validate(self.canary_spec().model_dump(by_alias=True, exclude_none=True))

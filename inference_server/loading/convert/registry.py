@@ -60,6 +60,7 @@ def _load_all() -> None:
         interp,
         normalization,
         pooling,
+        pycaffe_only,  # types left to pycaffe, with their reason
         ssd,
         structure,
     )
