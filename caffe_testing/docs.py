@@ -25,7 +25,7 @@ NEEDS = ("cluster", "gpu", "network", "time")  # what a block that the test does
 NEEDS_RE = re.compile(r"^#\s*needs:\s*(\w+)")
 ELLIPSIS = "…"
 # files and folders the docs may name that a build or a benchmark makes, not checked in
-GENERATED = (".venv", ".venv-checkov", ".caffe-cuda", ".gpu-bundle", "bench/results")
+GENERATED = (".venv", ".venv-checkov", ".venv-opencv", ".caffe-cuda", ".gpu-bundle", "bench/results")
 # other programs' environment variables the docs mention (ours must be used by our code)
 EXTERNAL_ENV = {"PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"}
 
