@@ -183,7 +183,7 @@ COMMAND_RE = re.compile(r"(?:^|[\s;&|(])(?:\S*/)?caffeserve\s+([a-z][\w|-]*)((?:
 SCRIPT_RE = re.compile(r"(?:python3?|bash|sh)\s+((?:[\w.-]+/)+[\w.-]+\.(?:py|sh))((?:[^\n;&|`)]*))")
 MODULE_RE = re.compile(r"python3?\s+-m\s+([\w.]+)")
 MAKE_RE = re.compile(r"(?:^|[\s;&(`])make\s+([a-z][\w-]*)")
-FLAG_RE = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
+FLAG_RE = re.compile(r"(?<![\w-])(--[a-z][a-z0-9_-]*)")  # KServe's runtimes spell flags with "_"
 
 
 def _code_pieces(text: str) -> list[tuple[str, bool]]:
