@@ -82,7 +82,7 @@ def config_from(path: str | os.PathLike, name: str | None = None,
         try:
             renamed = ServerConfig.model_validate({**cfg.model_dump(by_alias=True), "name": name})
         except ValidationError as e:
-            raise ConfigError(f"invalid --model_name {name!r}: {format_validation_error(e)}") from None
+            raise ConfigError(f"invalid model name {name!r}: {format_validation_error(e)}") from None
         renamed.base_dir = cfg.base_dir
         cfg = renamed
     return cfg, source
