@@ -23,8 +23,9 @@ from caffe_http.encoding import with_content_coding
 from caffe_http.lifecycle import install_uvloop
 from caffe_http.server import HTTPServer, ServerLimits, serve_until_signalled
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError
 from ..cpus import share_blas_threads
+from ..model_dir import config_from
 from ..serving.app import create_app
 from ..serving.dataplane import DataPlane, Model
 from ..serving.metrics import ServerMetrics
@@ -34,13 +35,20 @@ log = logging.getLogger("caffeserve")
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="caffeserve serve", description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, metavar="FILE",
-                   help="the server config YAML: its fields are in the README, section 'The inference server'")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--config", metavar="FILE",
+                       help="the server config YAML: its fields are in the README, section 'The inference server'")
+    model.add_argument("--model_dir", "--model-dir", metavar="DIR",
+                       help="a model folder, as KServe's runtimes take it (/mnt/models): its server.yaml, else its "
+                            "prototxt and caffemodel with the net's own inputs and outputs (docs/kserve.md)")
+    p.add_argument("--model_name", "--model-name", metavar="NAME",
+                   help="the model's name in URLs, replacing the config's (KServe passes the InferenceService's name; "
+                        "default: the config's name, or the model folder's)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default %(default)s: this machine only; 0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8080,
+    p.add_argument("--port", "--http_port", type=int, default=8080,
                    help="REST port (default %(default)s; 0: any free port, printed in the log)")
-    p.add_argument("--grpc-port", type=int, default=None, metavar="PORT",
+    p.add_argument("--grpc-port", "--grpc_port", type=int, default=None, metavar="PORT",
                    help="gRPC port, overriding the config's grpc.port (and turning gRPC on); 0: any free port "
                    "(default: the config's grpc.port, 8081 unless it says otherwise)")
     p.add_argument("--grace-period", type=float, default=30.0, metavar="S",
@@ -86,12 +94,18 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     try:
-        cfg = load_config(args.config)
+        if args.model_dir and not os.path.isdir(args.model_dir):
+            raise ConfigError(f"--model_dir {args.model_dir} is not a folder")
+        cfg, source = config_from(args.config or args.model_dir, args.model_name)
     except ConfigError as e:
         print(f"caffeserve serve: {e}", file=sys.stderr)
         return 2
     if args.grpc_port is not None:
         cfg.grpc.enabled, cfg.grpc.port = True, args.grpc_port
+    if args.model_dir:
+        log.info("model folder %s: %s", args.model_dir, "its server.yaml" if source == "folder config" else
+                 f"no server.yaml, serving {cfg.model.prototxt} and {cfg.model.weights} with the net's own inputs "
+                 "and outputs")
     blas = share_blas_threads(cfg.instances)
     plane, server, model = build(cfg, access_log=args.access_log)
     install_uvloop()
