@@ -28,13 +28,13 @@ import sys
 
 from caffe_http.access_log import AccessLog, add_logging_arguments, configure_logging
 from caffe_http.lifecycle import install_uvloop, stop_event
-from caffe_http.tracing import TracingUnavailable, endpoint as tracing_endpoint, start as start_tracer
+from caffe_http.tracing import TracingUnavailable
 
 from .app import GatewayApp
 from .balancer import Address
 from .discovery import EndpointSliceWatcher, KubeConfig, StaticDiscovery, parse_static
 from .settings import add_arguments, settings_from
-from .tracing import SERVICE_NAME, GatewayTracing
+from .tracing import start_tracing
 
 log = logging.getLogger("caffeserve.gateway")
 
@@ -89,14 +89,6 @@ def make_discovery(args, p: argparse.ArgumentParser):
     kube = KubeConfig.from_kubeconfig(args.kubeconfig, args.context) if args.kubeconfig else KubeConfig.in_cluster()
     namespace = None if args.all_namespaces else (args.namespace or kube.namespace)
     return EndpointSliceWatcher(kube, namespace)
-
-
-def start_tracing(flag: str | None, sample_ratio: float) -> GatewayTracing | None:
-    """The gateway's tracer when an OTLP endpoint is set (flag or environment); the SDK is imported only then."""
-    url = tracing_endpoint(flag)
-    if url is None:
-        return None
-    return GatewayTracing(start_tracer(url, SERVICE_NAME, sample_ratio))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from caffe_http.tracing import TRACEPARENT, TRACESTATE, Tracer, trace_headers
+from caffe_http.tracing import TRACEPARENT, TRACESTATE, Tracer, endpoint, start, trace_headers
 
 SERVICE_NAME = "caffeserve-gateway"
 _TRACE_KEYS = (TRACEPARENT, TRACESTATE)
@@ -122,3 +122,12 @@ class GatewayTracing:
 
     def shutdown(self) -> None:
         self.tracer.shutdown()
+
+
+def start_tracing(flag: str | None, sample_ratio: float) -> GatewayTracing | None:
+    """The gateway's tracer when an OTLP endpoint is set (`flag`, else the environment); None when tracing is
+    off. The SDK is imported only then (TracingUnavailable without the `tracing` extra)."""
+    url = endpoint(flag)
+    if url is None:
+        return None
+    return GatewayTracing(start(url, SERVICE_NAME, sample_ratio))

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from caffe_http.tracing import endpoint, traces_url
-from caffe_testing.digits import digits_data
+from caffe_testing.digits import DIGITS_DIR, digits_data
 from caffe_testing.gateway import IMAGES, LABELS, GatewayProcess, digits_config, infer_payload, predicted, static
 from caffe_testing.grpc import OIPClient, grpc_server, infer_request, output
+from caffe_testing.local import UpProcess
 from caffe_testing.otlp import OTLPReceiver, Span
 from caffe_testing.servers import ServerProcess, http, http_json
 
@@ -150,6 +151,25 @@ def _post(url: str, i: int, traceparent: str | None, payload: dict | None = None
     status, _, data = http("POST", url + "/v2/models/digits/infer", json.dumps(payload or infer_payload(i)).encode(),
                            headers)
     return status, json.loads(data)
+
+
+def test_local_mode_traces_its_gateway_and_replicas_when_the_environment_names_an_endpoint(monkeypatch):
+    with OTLPReceiver() as r:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", r.endpoint)  # inherited by `up` and its servers
+        for k, v in FAST_EXPORT.items():
+            monkeypatch.setenv(k, v)
+        up = UpProcess(str(DIGITS_DIR / "service.yaml"))
+        try:
+            up.wait_ready()
+            trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
+            status, body = _post(up.url, 4, f"00-{trace_id}-{client_span}-01")
+            assert status == 200 and predicted(body) == LABELS[4]
+            spans = one_trace(r, trace_id)
+            name = "POST /v2/models/digits/infer"
+            check_linked(spans, client_span, "rest", name, name)
+            assert up.terminate() == 0
+        finally:
+            up.kill()
 
 
 def test_where_the_endpoint_comes_from():
