@@ -16,7 +16,7 @@ SETUP_INPUTS := $(filter-out %/__pycache__,$(wildcard scripts/caffe/* scripts/ca
 $(STAMP): $(PY) pyproject.toml $(SETUP_INPUTS)
 	bash scripts/system/setup_system.sh
 	bash scripts/caffe/install_pycaffe.sh $(VENV)
-	$(PY) -m pip install -q -e '.[operator,onnx,demo,bench,s3,test]'
+	$(PY) -m pip install -q -e '.[operator,onnx,demo,bench,s3,tracing,test]'
 	$(PY) -m pip install -q --ignore-requires-python helm-sdkpy
 	$(PY) -c "import caffe, caffeserve, caffe_local, caffe_operator, caffe_gateway, inference_server, caffe_http"
 	touch $(STAMP)

@@ -17,6 +17,7 @@ from caffe_http.server import HTTPServer, Request, ServerLimits
 from .balancer import Balancer, BalancerSettings
 from .proxy import MODELS_PREFIX, Gateway, ProxySettings
 from .stats import ALL_STATS_PATH, stats_target
+from .tracing import GatewayTracing
 
 if TYPE_CHECKING:
     from .grpc_proxy import GRPCGatewayServer
@@ -35,10 +36,10 @@ def forwarded_unread(req: Request) -> bool:
 class GatewayApp:
     def __init__(self, discovery, balancer_settings: BalancerSettings | None = None,
                  proxy_settings: ProxySettings | None = None, limits: ServerLimits | None = None,
-                 access_log: AccessLog | None = None):
+                 access_log: AccessLog | None = None, tracing: GatewayTracing | None = None):
         self.discovery = discovery
         self.balancer = Balancer(balancer_settings)
-        self.gateway = Gateway(self.balancer, proxy_settings, ready=self.ready)
+        self.gateway = Gateway(self.balancer, proxy_settings, ready=self.ready, tracing=tracing)
         limits = limits or ServerLimits()
         access = access_log or AccessLog("gateway")
         handler = with_access_log(
@@ -62,7 +63,7 @@ class GatewayApp:
         if grpc_port is not None:
             from .grpc_proxy import GRPCGateway, GRPCGatewayServer  # grpcio only when gRPC is on
 
-            grpc_gateway = GRPCGateway(self.gateway.forwarder, self.ready, self.gateway.version)
+            grpc_gateway = GRPCGateway(self.gateway.forwarder, self.ready, self.gateway.version, self.gateway.tracing)
             self.grpc_server = GRPCGatewayServer(grpc_gateway, self.limits.max_body_bytes)
             self.grpc_port = await self.grpc_server.start(host, grpc_port)
         self._discovery_task = asyncio.create_task(self.discovery.run(self.balancer), name="gateway-discovery")

@@ -47,6 +47,7 @@ from .balancer import Endpoint, ModelRoute
 from .forward import BROKEN, DEADLINE, NOT_SERVED, UNAVAILABLE, UNKNOWN, Forwarder, Lost, NotRun, Refused, Unreachable
 from .grpc_stats import model_statistics
 from .proxy import FORWARDED_EXTENSIONS, GATEWAY_NAME
+from .tracing import GatewayTracing, TracedTransport, with_trace_context
 
 SERVICE = pb.SERVICE
 OWN_METHODS = ("ServerLive", "ServerReady", "ServerMetadata")
@@ -56,6 +57,7 @@ MODEL_METHODS = ("ModelInfer", "ModelReady", "ModelMetadata", "ModelConfig")
 Code = grpc.StatusCode
 # The status codes that count as a server failing (outlier detection).
 FAILURE_CODES = frozenset({Code.INTERNAL, Code.UNKNOWN, Code.DATA_LOSS, Code.DEADLINE_EXCEEDED})
+_FAILURE_NAMES = frozenset(c.name for c in FAILURE_CODES)
 # The gateway's own answers (forward.Refused kinds) as gRPC codes; UNAVAILABLE carries retry information.
 REFUSALS = {UNKNOWN: Code.NOT_FOUND, UNAVAILABLE: Code.UNAVAILABLE, DEADLINE: Code.DEADLINE_EXCEEDED,
             BROKEN: Code.UNAVAILABLE, NOT_SERVED: Code.UNIMPLEMENTED}
@@ -266,6 +268,12 @@ class GRPCTransport:
         return code, details, (), trailing
 
     @staticmethod
+    def with_trace_context(request: tuple, context: dict[str, str]) -> tuple:
+        """`request` carrying the trace context `context` (tracing.py) in its metadata, in place of the client's."""
+        method, data, metadata = request
+        return method, data, tuple(with_trace_context(metadata, context))
+
+    @staticmethod
     def failed(answer: Answer) -> bool:
         code = answer[0]
         return code is not _OK and code in FAILURE_CODES
@@ -287,13 +295,15 @@ def upstream_target(ep: Endpoint) -> str:
 class GRPCGateway:
     """The RPC handlers; `handler()` is what the gateway's grpc server registers."""
 
-    def __init__(self, forwarder: Forwarder, ready: Callable[[], bool] = lambda: True, version: str = "0.1.0"):
+    def __init__(self, forwarder: Forwarder, ready: Callable[[], bool] = lambda: True, version: str = "0.1.0",
+                 tracing: GatewayTracing | None = None):
         self.forwarder = forwarder
         self.balancer = forwarder.balancer
         self.metrics = forwarder.metrics
         self.settings = forwarder.settings
         self.transport = GRPCTransport(self.balancer.settings.connect_timeout_s, self.settings.request_timeout_s)
         self.is_ready = ready
+        self.tracing = tracing  # None: tracing off (tracing.py)
         self._live = pb.ServerLiveResponse(live=True).SerializeToString()
         self._not_ready = pb.ModelReadyResponse(ready=False).SerializeToString()
         self._server_metadata = pb.ServerMetadataResponse(
@@ -331,6 +341,7 @@ class GRPCGateway:
 
     async def _forward(self, method: str, data: bytes, context) -> bytes:
         model, code = "", "OK"
+        traced: TracedTransport | None = None
         try:
             try:
                 model, version = model_and_version(data)
@@ -340,8 +351,12 @@ class GRPCGateway:
                 return self._not_ready
             now = asyncio.get_running_loop().time()
             remaining = context.time_remaining()
+            transport: GRPCTransport | TracedTransport = self.transport
+            if self.tracing is not None:
+                traced = transport = self.tracing.grpc(self.transport, method, context.invocation_metadata(), model,
+                                                       now)
             try:
-                answer = await self.forwarder.forward(self.transport, (method, data, self._request_metadata(context)),
+                answer = await self.forwarder.forward(transport, (method, data, self._request_metadata(context)),
                                                       model, version or None, now,
                                                       None if remaining is None else now + remaining)
             except Refused as e:
@@ -363,6 +378,8 @@ class GRPCGateway:
             raise
         finally:
             self.metrics.count_grpc(model if model in self.balancer.models else "", method, code)
+            if traced is not None:
+                traced.end(code, code in _FAILURE_NAMES)
 
     def _any_ready(self, model: str) -> bool:
         route, canary = self.balancer.models.get(model), self.balancer.canaries.get(model)

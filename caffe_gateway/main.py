@@ -28,11 +28,13 @@ import sys
 
 from caffe_http.access_log import AccessLog, add_logging_arguments, configure_logging
 from caffe_http.lifecycle import install_uvloop, stop_event
+from caffe_http.tracing import TracingUnavailable
 
 from .app import GatewayApp
 from .balancer import Address
 from .discovery import EndpointSliceWatcher, KubeConfig, StaticDiscovery, parse_static
 from .settings import add_arguments, settings_from
+from .tracing import start_tracing
 
 log = logging.getLogger("caffeserve.gateway")
 
@@ -58,6 +60,11 @@ def parser() -> argparse.ArgumentParser:
                      help="kubeconfig file (default $KUBECONFIG; in a cluster the service-account token)")
     src.add_argument("--context", help="kubeconfig context (default: current-context)")
     add_arguments(p)
+    p.add_argument("--otlp-endpoint", metavar="URL",
+                   help="send OpenTelemetry traces of forwarded requests to this OTLP/HTTP base URL (e.g. "
+                        "http://otel-collector:4318; default $OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing)")
+    p.add_argument("--trace-sample-ratio", type=float, default=1.0, metavar="R",
+                   help="share of new traces recorded (default %(default)s); a request's own sampled flag wins")
     p.add_argument("--grace", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, how long requests in flight may take to finish (default %(default)s)")
     add_logging_arguments(p)
@@ -90,11 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format)
     discovery = make_discovery(args, p)
     balancer, proxy, limits = settings_from(args)
-    app = GatewayApp(discovery, balancer, proxy, limits, AccessLog("gateway", args.access_log))
+    try:
+        tracing = start_tracing(args.otlp_endpoint, args.trace_sample_ratio)
+    except TracingUnavailable as e:
+        p.error(str(e))
+    app = GatewayApp(discovery, balancer, proxy, limits, AccessLog("gateway", args.access_log), tracing)
     install_uvloop()
 
     grpc_port = None if args.no_grpc else args.grpc_port
     rc = asyncio.run(run_until_signalled(app, args.host, args.port, args.grace, grpc_port))
+    if tracing is not None:
+        tracing.shutdown()  # the spans still queued go out before the exit
     logging.shutdown()  # every queued log line written before the exit
     return rc
 

@@ -59,7 +59,7 @@ class ServerProcess:
     """A `caffeserve serve` subprocess; `url` once started. Use as a context manager."""
 
     def __init__(self, config: dict | str | Path, tmp_dir: Path | None = None, env: dict | None = None,
-                 wait_ready: bool = True, args: list[str] | None = None):
+                 wait_ready: bool = True, args: list[str] | None = None, root: Path = REPO):
         config_dict = config
         if isinstance(config, dict):
             tmp_dir = Path(tmp_dir or ".")
@@ -78,6 +78,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.grpc_port: int | None = None  # set by caffe_testing.grpc.grpc_server for a server that serves gRPC
         self.log_path: Path | None = None
+        self.root = root  # the checkout whose code runs (a benchmark's baseline may be another)
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
         # Output goes to a file, not a pipe: a pipe nobody reads fills up (64 KiB of access-log lines)
@@ -87,7 +88,7 @@ class ServerProcess:
         with os.fdopen(fd, "wb") as log:
             self.proc = subprocess.Popen(
                 CAFFESERVE + ["serve", "--config", str(self.config_path), "--port", str(self.port), *self.args],
-                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + timeout
         path = "/v2/health/ready" if self.wait_ready else "/v2/health/live"

@@ -203,6 +203,21 @@ class Grpc(CamelModel):
     port: int = Field(default=8081, ge=0, le=65535, description="gRPC port (0: any free port, printed in the log).")
 
 
+class Tracing(CamelModel):
+    """OpenTelemetry traces of infer requests, exported over OTLP/HTTP (protobuf). Off unless an endpoint is
+    set here or in the standard OTEL_EXPORTER_OTLP_ENDPOINT; needs the `tracing` extra (docs/tracing.md)."""
+
+    endpoint: str | None = Field(
+        default=None, pattern=r"^https?://[^\s/$.?#][^\s]*$", max_length=2048,
+        description="OTLP/HTTP base URL, e.g. http://otel-collector.observability:4318 (spans are posted to "
+        "ENDPOINT/v1/traces). Default: OTEL_EXPORTER_OTLP_ENDPOINT if set, else no tracing.",
+    )
+    sample_ratio: float = Field(
+        default=1.0, ge=0, le=1,
+        description="Share of new traces recorded; a request whose traceparent says sampled (or not) follows it.",
+    )
+
+
 Backend = Literal["pycaffe", "onnxruntime", "auto"]
 
 
@@ -231,6 +246,7 @@ class ModelServing(CamelModel):
         "(1e-5 catches a BatchNorm off by 1e-5).",
     )
     limits: Limits = Field(default_factory=Limits)
+    tracing: Tracing = Field(default_factory=Tracing)
 
 
 class ServerConfig(ModelServing):

@@ -22,6 +22,7 @@ from caffe_http.access_log import AccessLog, add_logging_arguments, configure_lo
 from caffe_http.encoding import with_content_coding
 from caffe_http.lifecycle import install_uvloop
 from caffe_http.server import HTTPServer, ServerLimits, serve_until_signalled
+from caffe_http.tracing import TracingUnavailable, endpoint as tracing_endpoint, start as start_tracer
 
 from ..config import ConfigError
 from ..cpus import share_blas_threads
@@ -29,6 +30,7 @@ from ..model_dir import config_from
 from ..serving.app import create_app
 from ..serving.dataplane import DataPlane, Model
 from ..serving.metrics import ServerMetrics
+from ..serving.tracing import SERVICE_NAME, ServerTracing
 
 log = logging.getLogger("caffeserve")
 
@@ -57,6 +59,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="on SIGTERM, readiness turns 503 at once while the listener stays open this long (each "
                         "response closing its connection), so that routing stops before it closes "
                         "(default %(default)g: close at once; in Kubernetes a few seconds, the operator sets 5)")
+    p.add_argument("--otlp-endpoint", metavar="URL",
+                   help="send OpenTelemetry traces of infer requests to this OTLP/HTTP base URL (e.g. "
+                        "http://otel-collector:4318), overriding the config's tracing.endpoint (default: the config's, "
+                        "else $OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing; docs/tracing.md)")
     add_logging_arguments(p)
     return p.parse_args(argv)
 
@@ -90,6 +96,15 @@ def build(cfg, access_log: bool = True) -> tuple[DataPlane, HTTPServer, Model]:
     return plane, server, model
 
 
+def start_tracing(cfg, flag: str | None) -> ServerTracing | None:
+    """The server's tracer when an OTLP endpoint is set (flag, config, environment), else None; the
+    OpenTelemetry SDK is imported only then."""
+    url = tracing_endpoint(flag or cfg.tracing.endpoint)
+    if url is None:
+        return None
+    return ServerTracing(start_tracer(url, SERVICE_NAME, cfg.tracing.sample_ratio))
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level, args.log_format)
@@ -108,6 +123,11 @@ def main(argv: list[str]) -> int:
                  "and outputs")
     blas = share_blas_threads(cfg.instances)
     plane, server, model = build(cfg, access_log=args.access_log)
+    try:
+        model.tracing = start_tracing(cfg, args.otlp_endpoint)
+    except TracingUnavailable as e:
+        print(f"caffeserve serve: {e}", file=sys.stderr)
+        return 2
     install_uvloop()
     grpc_server = None
     if cfg.grpc.enabled:
@@ -153,6 +173,8 @@ def main(argv: list[str]) -> int:
         return 0
 
     rc = asyncio.run(run())
+    if model.tracing is not None:
+        model.tracing.shutdown()  # the spans still queued go out before the exit
     if rc != 0:
         logging.shutdown()  # the log lines that say why, written before the exit
         return rc

@@ -130,27 +130,35 @@ class GRPCService:
         metrics = self.metrics
         metrics.in_flight.inc()
         code, error = 200, None
+        trace = None
         try:
             msg = _parse(pb.ModelInferRequest, data)
             plane = self.plane
             m = plane.get(msg.model_name, msg.model_version or None)
+            if m.tracing is not None:
+                trace = m.tracing.grpc(m, context.invocation_metadata(), start)
             if plane.draining:
                 raise InferenceError("the server is shutting down", 503, {"Retry-After": "1"})
             m.check_ready()
             req = decode_infer_request(msg, m.max_elements)
             remaining = context.time_remaining()
             deadline = None if remaining is None else start + remaining
-            outs = await m.run(req, deadline)
+            outs = await m.run(req, deadline, trace)
             return encode_infer_response(m.name, m.version, req.id, outs, req.binary_output)
         except InferenceError as e:
             code, error = e.status_code, e
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as e:
             code = 499  # the client went away or its deadline passed: grpc cancelled us, the queued work is dropped
+            if trace is not None:
+                trace.end(e)
+                trace = None
             raise
         except Exception as e:  # a bug of ours: INTERNAL with the message, and the server keeps serving
             log.exception("ModelInfer failed")
             code, error = 500, InferenceError(f"inference failed: {type(e).__name__}: {e}")
         finally:
+            if trace is not None:
+                trace.end(error)
             metrics.in_flight.dec()
             metrics.count(code)
             metrics.request_seconds.observe(time.monotonic() - start)

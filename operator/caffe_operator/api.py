@@ -32,6 +32,7 @@ from inference_server.config import (
     Preprocessing,
     Sha256,
     TensorSpec,
+    Tracing,
     format_validation_error,
 )
 
@@ -344,6 +345,9 @@ class RuntimeSpec(CamelModel):
     parity_tolerance: float = _serving_field("parity_tolerance")
     limits: Limits = Field(default_factory=Limits, description="Per-request limits inside each replica.")
     grpc: GrpcSpec = Field(default_factory=GrpcSpec, description="gRPC beside REST (on by default).")
+    tracing: Tracing = _serving_field(
+        "tracing", "OpenTelemetry traces of infer requests (docs/tracing.md). Default: the operator's "
+        "CAFFESERVE_OTLP_ENDPOINT (the chart's tracing.endpoint), else none.")
     startup_timeout_seconds: int = Field(
         default=600,
         ge=10,

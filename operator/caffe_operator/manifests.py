@@ -161,6 +161,15 @@ def server_config(name: str, spec: CaffeModelServiceSpec, model_dir: str = MODEL
     )
 
 
+def with_tracing_default(spec: CaffeModelServiceSpec, endpoint: str | None) -> CaffeModelServiceSpec:
+    """The spec with the operator's OTLP endpoint (the chart's tracing.endpoint) where it sets none itself."""
+    tracing = spec.runtime.tracing
+    if not endpoint or tracing.endpoint:
+        return spec
+    runtime = spec.runtime.model_copy(update={"tracing": tracing.model_copy(update={"endpoint": endpoint})})
+    return spec.model_copy(update={"runtime": runtime})
+
+
 def server_config_yaml(name: str, spec: CaffeModelServiceSpec) -> str:
     """The config as YAML, defaults left out: the server image applies its own, so an operator
     and a server of neighbouring versions still agree on the file."""

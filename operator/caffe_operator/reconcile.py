@@ -101,6 +101,7 @@ class OperatorConfig:
     network_peers: tuple[dict[str, Any], ...] | None = None
     gateway_metrics_url: str | None = None  # where KEDA reads the load signal (in-cluster gateway URL)
     prometheus_url: str | None = None  # with it, KEDA sums the signal over gateway replicas (traffic.py)
+    otlp_endpoint: str | None = None  # model pods' traces, where a CR sets no spec.runtime.tracing.endpoint
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -113,6 +114,7 @@ class OperatorConfig:
             network_peers=network_peers_from(env.get("CAFFESERVE_NETWORK_POLICY_FROM")),
             gateway_metrics_url=env.get("CAFFESERVE_GATEWAY_METRICS_URL") or env.get("CAFFESERVE_GATEWAY_URL") or None,
             prometheus_url=env.get("CAFFESERVE_PROMETHEUS_URL") or None,
+            otlp_endpoint=env.get("CAFFESERVE_OTLP_ENDPOINT") or None,
         )
 
 
@@ -366,7 +368,7 @@ class Reconciler:
             return outcome
 
         peers = list(self.config.network_peers) if self.config.network_peers is not None else None
-        wanted = variants.of(name, spec)
+        wanted = variants.of(name, manifests.with_tracing_default(spec, self.config.otlp_endpoint))
         applied: dict[str, dict[str, dict[str, Any]]] = {}  # variant → kind → the object as applied
         for v in wanted:
             applied[v.name] = await self._apply_all(

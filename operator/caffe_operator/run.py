@@ -8,7 +8,8 @@ liveness endpoint on (--liveness, default http://0.0.0.0:8081/healthz), standalo
 no peering objects). Environment: CAFFESERVE_SERVER_IMAGE (default server image),
 CAFFESERVE_GATEWAY_URL (status.url points there), CAFFESERVE_RESYNC_SECONDS (default 300),
 CAFFESERVE_LOAD_RECHECK_SECONDS (first follow-up look at a model whose pods are not ready yet,
-default 10, backing off to 16x; 0 turns follow-ups off).
+default 10, backing off to 16x; 0 turns follow-ups off), CAFFESERVE_OTLP_ENDPOINT (model pods' OpenTelemetry
+traces go there unless a CR sets spec.runtime.tracing.endpoint).
 """
 
 from __future__ import annotations

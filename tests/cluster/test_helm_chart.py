@@ -255,6 +255,21 @@ def test_gateway_grpc_can_be_turned_off_or_moved():
         f"{PREFIX}-gateway.{NAMESPACE}.svc:443"
 
 
+def test_tracing_endpoint_reaches_the_gateway_and_the_model_pods_default():
+    _, stored = install({"tracing": {"endpoint": "http://otel-collector.observability:4318", "sampleRatio": 0.1}})
+    (c,) = one(stored, "Deployment", f"{PREFIX}-gateway")["spec"]["template"]["spec"]["containers"]
+    args = c["args"]
+    assert args[args.index("--otlp-endpoint") + 1] == "http://otel-collector.observability:4318"
+    assert args[args.index("--trace-sample-ratio") + 1] == "0.1"
+    (op,) = one(stored, "Deployment", f"{PREFIX}-operator")["spec"]["template"]["spec"]["containers"]
+    assert {e["name"]: e.get("value") for e in op["env"]}["CAFFESERVE_OTLP_ENDPOINT"] == \
+        "http://otel-collector.observability:4318"
+    _, stored = install({})  # off by default: neither is told anything
+    (c,) = one(stored, "Deployment", f"{PREFIX}-gateway")["spec"]["template"]["spec"]["containers"]
+    (op,) = one(stored, "Deployment", f"{PREFIX}-operator")["spec"]["template"]["spec"]["containers"]
+    assert "--otlp-endpoint" not in c["args"] and "CAFFESERVE_OTLP_ENDPOINT" not in {e["name"] for e in op["env"]}
+
+
 def test_gateway_can_be_left_out():
     _, stored = install({"gateway": {"enabled": False}})
     assert not [o for o in stored if "gateway" in o["metadata"]["name"]]
@@ -414,6 +429,8 @@ BAD_VALUES = {
     "service type typo": ({"gateway": {"service": {"type": "Ingress"}}}, "type"),
     "bad scrape interval": ({"metrics": {"serviceMonitor": {"interval": "30 seconds"}}}, "interval"),
     "extraArgs not strings": ({"operator": {"extraArgs": [1, 2]}}, "extraArgs"),
+    "tracing endpoint without a scheme": ({"tracing": {"endpoint": "otel-collector:4318"}}, "endpoint"),
+    "sample ratio above 1": ({"tracing": {"sampleRatio": 2}}, "sampleRatio"),
 }
 
 
@@ -499,7 +516,7 @@ def test_operator_image_runs_the_commands_the_chart_gives_it(default_install):
     text = dockerfile("Dockerfile.operator")
     assert entrypoint(text) == ["caffeserve", "operator", "--all-namespaces"]
     assert re.search(r"^FROM python:3\.12-slim", text.replace("${PYTHON_IMAGE}", "python:3.12-slim-bookworm"), re.M)
-    assert 'pip install --no-cache-dir ".[operator]"' in text
+    assert 'pip install --no-cache-dir ".[operator,tracing]"' in text  # the gateway traces when the chart says so
     _, stored = default_install
     for component in ("operator", "gateway"):
         (c,) = one(stored, "Deployment", f"{PREFIX}-{component}")["spec"]["template"]["spec"]["containers"]
@@ -507,7 +524,9 @@ def test_operator_image_runs_the_commands_the_chart_gives_it(default_install):
 
 
 def test_server_image_runs_what_the_operator_puts_in_model_pods():
-    assert entrypoint(dockerfile("Dockerfile.caffe-gpu")) == manifests.SERVE_COMMAND
+    text = dockerfile("Dockerfile.caffe-gpu")
+    assert entrypoint(text) == manifests.SERVE_COMMAND
+    assert '"/src[s3,tracing]"' in text  # a CR's spec.runtime.tracing needs the SDK in the image
 
 
 def test_gpu_image_builds_the_cpu_builds_source_with_the_same_script():
