@@ -14,7 +14,10 @@ from tritonclient.utils import InferenceServerException
 http_port, grpc_port, ca, token, cases = sys.argv[1:6]
 cases = np.load(cases)
 x, labels = cases["x"], cases["labels"]
-headers = {"Authorization": f"Bearer {token}"} if token else None
+# a fresh dict per call: tritonclient.http adds its own headers to the one it is given
+def headers():
+    return {"authorization": f"Bearer {token}"} if token else None
+
 
 h = httpclient.InferenceServerClient(f"127.0.0.1:{http_port}", ssl=True, ssl_options={"ca_certs": ca})
 g = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}", ssl=True, root_certificates=ca)
@@ -24,10 +27,10 @@ right = 0
 for i in range(len(x)):
     hi = httpclient.InferInput("data", [1, 1, 8, 8], "FP32")
     hi.set_data_from_numpy(x[i:i + 1], binary_data=True)
-    right += int(np.argmax(h.infer("digits", [hi], headers=headers).as_numpy("prob")[0]) == labels[i])
+    right += int(np.argmax(h.infer("digits", [hi], headers=headers()).as_numpy("prob")[0]) == labels[i])
     gi = grpcclient.InferInput("data", [1, 1, 8, 8], "FP32")
     gi.set_data_from_numpy(x[i:i + 1])
-    right += int(np.argmax(g.infer("digits", [gi], headers=headers).as_numpy("prob")[0]) == labels[i])
+    right += int(np.argmax(g.infer("digits", [gi], headers=headers()).as_numpy("prob")[0]) == labels[i])
 assert right >= 0.9 * 2 * len(x), right
 
 if token:  # without the token: refused, with the gateway's message
