@@ -65,8 +65,9 @@ REFUSALS = {UNKNOWN: Code.NOT_FOUND, UNAVAILABLE: Code.UNAVAILABLE, DEADLINE: Co
 # connection closed before it answered (the process died, or its shutdown cancelled the call).
 TRANSPORT_FAILURES = ("failed to connect to all addresses", "Socket closed", "Connection reset", "Broken pipe",
                       "Connection refused", "GOAWAY", "Cancelling all calls")
-# Request metadata gRPC sets itself on the upstream call, and reply metadata it sets on ours.
-_REQUEST_OWN = frozenset({"user-agent", "te", "content-type", "host", "x-forwarded-for"})
+# Request metadata gRPC sets itself on the upstream call, and reply metadata it sets on ours; the
+# client's credentials are the gateway's to check (auth.py), not passed on to the servers.
+_REQUEST_OWN = frozenset({"user-agent", "te", "content-type", "host", "x-forwarded-for", "authorization"})
 _REPLY_OWN = frozenset({"content-type", "grpc-status", "grpc-message", "grpc-encoding", "grpc-accept-encoding",
                         "date", "server"})
 
@@ -406,6 +407,6 @@ class GRPCGateway:
 class GRPCGatewayServer(GRPCListener):
     """The gateway's grpc.aio server; its largest request message is `max_message_bytes`."""
 
-    def __init__(self, gateway: GRPCGateway, max_message_bytes: int):
-        super().__init__(gateway.handler, max_message_bytes)
+    def __init__(self, gateway: GRPCGateway, max_message_bytes: int, handler=None, interceptors: tuple = ()):
+        super().__init__(handler or gateway.handler, max_message_bytes, interceptors)
         self.gateway = gateway

@@ -16,6 +16,10 @@ gateway needs `list` and `watch` on discovery.k8s.io endpointslices, nothing els
 
 gRPC (`inference.GRPCInferenceService`, port --grpc-port) is forwarded the same way, to the
 servers' gRPC ports (EndpointSlice port `grpc`; `--static m=http://host:8001?grpc=8002`).
+
+Security (docs/security.md): `--tls-dir` serves both over TLS, reloading the certificate when its
+Secret changes; `--auth tokens|tokenreview` asks for bearer tokens (health stays open); the admin
+calls (repository load/unload, log and trace settings) are refused unless `--admin-api`.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from caffe_http.tracing import TracingUnavailable
 from .app import GatewayApp
 from .balancer import Address
 from .discovery import EndpointSliceWatcher, KubeConfig, StaticDiscovery, parse_static
-from .settings import add_arguments, settings_from
+from .settings import add_arguments, add_security_arguments, guard_from, settings_from, tls_from
 from .tracing import start_tracing
 
 log = logging.getLogger("caffeserve.gateway")
@@ -65,6 +69,7 @@ def parser() -> argparse.ArgumentParser:
                         "http://otel-collector:4318; default $OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing)")
     p.add_argument("--trace-sample-ratio", type=float, default=1.0, metavar="R",
                    help="share of new traces recorded (default %(default)s); a request's own sampled flag wins")
+    add_security_arguments(p)
     p.add_argument("--grace", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, how long requests in flight may take to finish (default %(default)s)")
     add_logging_arguments(p)
@@ -91,6 +96,13 @@ def make_discovery(args, p: argparse.ArgumentParser):
     return EndpointSliceWatcher(kube, namespace)
 
 
+def api_server(args) -> KubeConfig | None:
+    """The API server to ask (TokenReview): the kubeconfig's, or the pod's own; None when neither."""
+    if args.kubeconfig:
+        return KubeConfig.from_kubeconfig(args.kubeconfig, args.context)
+    return KubeConfig.in_cluster() if os.environ.get("KUBERNETES_SERVICE_HOST") else None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
@@ -99,9 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     balancer, proxy, limits = settings_from(args)
     try:
         tracing = start_tracing(args.otlp_endpoint, args.trace_sample_ratio)
+        guard = guard_from(args, api_server(args) if args.auth == "tokenreview" else None)
+        tls = tls_from(args)
     except TracingUnavailable as e:
         p.error(str(e))
-    app = GatewayApp(discovery, balancer, proxy, limits, AccessLog("gateway", args.access_log), tracing)
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError: a pair that does not load
+        p.error(str(e))
+    app = GatewayApp(discovery, balancer, proxy, limits, AccessLog("gateway", args.access_log), tracing, guard, tls)
     install_uvloop()
 
     grpc_port = None if args.no_grpc else args.grpc_port
@@ -122,7 +138,7 @@ async def run_until_signalled(app: GatewayApp, host: str, port: int, grace_s: fl
         log.error("gateway cannot listen on %s (port %d, gRPC %s): %s; choose another --port / --grpc-port",
                   host, port, grpc_port, e.strerror or e)
         return 2  # a port that cannot be bound is a configuration error (README, "Exit codes")
-    log.info("gateway listening on http://%s:%d", host, bound)
+    log.info("gateway listening on %s://%s:%d", "https" if app.tls else "http", host, bound)
     if app.grpc_port is not None:
         log.info("gateway listening for gRPC on %s:%d", host, app.grpc_port)
     await stop.wait()

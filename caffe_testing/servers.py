@@ -39,11 +39,13 @@ def stop_process(proc: subprocess.Popen | None, grace_s: float, sig=signal.SIGTE
     return proc.returncode if proc else None
 
 
-def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 30):
-    """(status, headers, body bytes) of one request; never raises for an HTTP error code."""
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 30,
+         context=None):
+    """(status, headers, body bytes) of one request (`context`: an ssl.SSLContext for https); never
+    raises for an HTTP error code."""
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as r:
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()

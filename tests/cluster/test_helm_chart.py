@@ -124,6 +124,9 @@ def test_install_creates_the_crd_rbac_deployments_and_service(default_install):
         ("ClusterRole", f"{PREFIX}-gateway"), ("ClusterRoleBinding", f"{PREFIX}-gateway"),
         ("Deployment", f"{PREFIX}-operator"), ("Deployment", f"{PREFIX}-gateway"),
         ("Service", f"{PREFIX}-gateway"), ("PodDisruptionBudget", f"{PREFIX}-gateway"),
+        # two operators, one leading (a Lease), and a PodDisruptionBudget for them too
+        ("Role", f"{PREFIX}-operator-leader"), ("RoleBinding", f"{PREFIX}-operator-leader"),
+        ("PodDisruptionBudget", f"{PREFIX}-operator"),
     ])
     for obj in stored:
         if obj["kind"] not in ("CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"):
@@ -183,16 +186,19 @@ def test_pods_meet_pod_security_restricted(everything_install):
         assert restricted_violations(dep["spec"]["template"]["spec"]) == [], dep["metadata"]["name"]
 
 
-def test_operator_runs_one_replica_with_the_server_image_and_gateway_url(default_install):
+def test_operator_runs_two_replicas_one_leading_with_the_server_image_and_gateway_url(default_install):
     _, stored = default_install
     dep = one(stored, "Deployment", f"{PREFIX}-operator")
-    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    assert dep["spec"]["replicas"] == 2 and dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     pod = dep["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == f"{PREFIX}-operator"
     (c,) = pod["containers"]
     assert c["image"] == f"ghcr.io/caffe-serving/caffe-serving-operator:{APP_VERSION}"
     assert c["command"] + c["args"] == [
-        "caffeserve", "operator", "--all-namespaces", "--liveness", "http://0.0.0.0:8081/healthz"]
+        "caffeserve", "operator", "--all-namespaces", "--liveness", "http://0.0.0.0:8081/healthz",
+        "--leader-elect", "--lease-name", "caffe-serving-operator"]
+    fields = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"] if "valueFrom" in e}
+    assert fields["POD_NAME"] == "metadata.name" and fields["POD_NAMESPACE"] == "metadata.namespace"
     env = {e["name"]: e.get("value") for e in c["env"]}
     # The default server image is the one the operator would fall back to (one image name, two places).
     assert env["CAFFESERVE_SERVER_IMAGE"] == manifests.DEFAULT_SERVER_IMAGE == \
@@ -288,7 +294,13 @@ def test_cluster_scope_binds_cluster_roles_to_each_component(default_install):
                                       "name": f"{PREFIX}-{component}"}
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{PREFIX}-{component}",
                                         "namespace": NAMESPACE}]
-    assert not find(stored, "Role") and not find(stored, "RoleBinding")
+    # the one namespaced grant: the operators' leader-election Lease, by name, in the release namespace
+    (leader,) = find(stored, "Role")
+    assert leader["metadata"]["namespace"] == NAMESPACE and leader["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["caffe-serving-operator"],
+         "verbs": ["get", "update"]}]
+    assert [b["metadata"]["name"] for b in find(stored, "RoleBinding")] == [f"{PREFIX}-operator-leader"]
     gateway_rules = one(stored, "ClusterRole", f"{PREFIX}-gateway")["rules"]
     assert gateway_rules == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
                               "verbs": ["list", "watch"]}]
@@ -567,3 +579,54 @@ def test_dockerignore_keeps_the_venv_and_git_out():
     for needed in ("scripts", "caffeserve", "caffe_http", "inference_server", "caffe_gateway", "operator",
                    "pyproject.toml", "README.md"):
         assert needed not in ignored
+
+
+# --------------------------------------------------------------------------------------------
+# security: TLS, tokens, the admin calls (docs/security.md)
+# --------------------------------------------------------------------------------------------
+SECURED = {"gateway": {"tls": {"secretName": "gateway-tls"},
+                       "auth": {"mode": "tokenreview", "groups": ["system:serviceaccounts:team-a", "ops"],
+                                "audiences": ["caffe-serving"]},
+                       "adminApi": {"enabled": True, "users": ["alice"], "groups": ["ml-admins"]}}}
+
+
+def test_gateway_tls_and_tokenreview_reach_its_flags_volumes_probes_and_rbac():
+    _, stored = install(SECURED)
+    dep = one(stored, "Deployment", f"{PREFIX}-gateway")
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    args = c["args"]
+    flags = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--") and not args[i + 1].startswith("--")}
+    assert flags["--tls-dir"] == "/etc/caffe-serving/tls" and flags["--auth"] == "tokenreview"
+    assert flags["--auth-groups"] == "system:serviceaccounts:team-a,ops" and flags["--auth-audience"] == "caffe-serving"
+    assert "--admin-api" in args and flags["--admin-users"] == "alice" and flags["--admin-groups"] == "ml-admins"
+    # the parser the gateway runs accepts exactly these
+    from caffe_gateway.main import parser
+    parsed = parser().parse_args(args[1:])
+    assert parsed.tls_dir == "/etc/caffe-serving/tls" and parsed.admin_api
+    assert {"name": "tls", "mountPath": "/etc/caffe-serving/tls", "readOnly": True} in c["volumeMounts"]
+    assert {v["name"]: v for v in pod["volumes"]}["tls"]["secret"]["secretName"] == "gateway-tls"
+    assert c["readinessProbe"]["httpGet"]["scheme"] == "HTTPS" and c["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    binding = one(stored, "ClusterRoleBinding", f"{PREFIX}-gateway-auth-delegator")
+    assert binding["roleRef"]["name"] == "system:auth-delegator"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{PREFIX}-gateway", "namespace": NAMESPACE}]
+
+
+def test_gateway_static_tokens_mount_their_secret():
+    _, stored = install({"gateway": {"auth": {"mode": "tokens", "tokensSecret": "gateway-tokens"}}})
+    pod = one(stored, "Deployment", f"{PREFIX}-gateway")["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["args"][c["args"].index("--auth-token-file") + 1] == "/etc/caffe-serving/tokens/tokens.csv"
+    assert {v["name"]: v for v in pod["volumes"]}["tokens"]["secret"]["secretName"] == "gateway-tokens"
+    assert "scheme" not in c["readinessProbe"]["httpGet"]  # no TLS: plain HTTP probes
+    assert not find(stored, "ClusterRoleBinding", f"{PREFIX}-gateway-auth-delegator")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"adminApi": {"enabled": True, "users": ["alice"]}}, "gateway.adminApi.enabled needs gateway.auth.mode"),
+    ({"auth": {"mode": "tokens"}}, "gateway.auth.tokensSecret is required"),
+])
+def test_security_values_that_do_not_fit_fail_the_install_with_a_message(values, message):
+    with helm_cluster() as cluster:
+        with pytest.raises(HelmError, match=message):
+            helm_install(cluster, RELEASE, NAMESPACE, {"gateway": values})
