@@ -116,6 +116,13 @@ SERVE_COMMAND = [
 ]
 
 
+def serve_command(spec: CaffeServingPoolSpec) -> list[str]:
+    """The pool server's command: its own memory budget is the pool's (a load past it is refused with 507,
+    never an out-of-memory kill): device memory on a GPU, host memory on the CPU."""
+    flag = "--gpu-memory-bytes" if spec.device == "gpu" else "--memory-bytes"
+    return [*SERVE_COMMAND, flag, str(spec.budget_bytes)]
+
+
 def _resources(spec: CaffeServingPoolSpec) -> dict[str, Any]:
     resources = json.loads(json.dumps(spec.resources or {}))
     limits = resources.setdefault("limits", {})
@@ -143,7 +150,7 @@ def pool_deployment(pool: str, namespace: str, spec: CaffeServingPoolSpec,
     server: dict[str, Any] = {
         "name": "server",
         "image": spec.image or default_image,
-        "command": SERVE_COMMAND,
+        "command": serve_command(spec),
         "args": manifests.SERVE_ARGS,
         "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"},
                   {"name": GRPC_PORT_NAME, "containerPort": GRPC_PORT, "protocol": "TCP"}],

@@ -170,7 +170,8 @@ class PoolReconciler:
         wanted = result.placement.by_pod()
         by_name = {m.name: m for m in models}
         await asyncio.gather(*(self._converge(p, holds[p["metadata"]["name"]],
-                                              wanted.get(p["metadata"]["name"], set()), by_name, result, logger)
+                                              wanted.get(p["metadata"]["name"], set()), by_name, result,
+                                              spec.device == "gpu", logger)
                                for p in answering))
         for m in models:
             pods_holding = sorted(p for p, held in result.held.items() if m.name in held)
@@ -207,7 +208,7 @@ class PoolReconciler:
             return quantity_bytes(spec.default_model_memory)
 
     async def _converge(self, pod: dict[str, Any], held: set[str], wanted: set[str], models: dict[str, PoolModel],
-                        result: PoolPass, logger: Any) -> None:
+                        result: PoolPass, gpu: bool, logger: Any) -> None:
         """Make one pod hold `wanted`: unlabel and unload the rest, (re)load what is missing or stale,
         label what it holds."""
         name, base = pod["metadata"]["name"], pod_base(pod)
@@ -235,7 +236,7 @@ class PoolReconciler:
             logger.info(f"loaded {m} on pool pod {name}")
             configs[m] = config_hash(models[m].config_json)
             now_held.add(m)
-            if (measured := await self.repo.memory(base, m)) is not None:
+            if (measured := await self.repo.memory(base, m, gpu)) is not None:
                 result.measured[m] = measured
         result.held[name] = now_held
         add = {m: pool_manifests.LOADED for m in now_held if m not in labels_now or m in stale}

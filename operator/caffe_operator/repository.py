@@ -3,7 +3,7 @@
   POST /v2/repository/index                 → [{"name", "version", "state", "reason"}, ...]
   POST /v2/repository/models/{m}/load       body {"parameters": {"config": "<JSON of the model's server config>"}}
   POST /v2/repository/models/{m}/unload
-  GET  /v2/models/{m}                       → metadata, with the memory the model took at load
+  GET  /v2/models/{m}                       → metadata; parameters.memory_bytes / gpu_memory_bytes: what its load took
 
 A session of its own, without the operator's API credentials; a load may take as long as the
 model takes to load (LOAD_TIMEOUT_S), the rest are quick. Errors come back as (False, message): the
@@ -31,22 +31,17 @@ class IndexEntry:
     reason: str = ""
 
 
-def memory_of(metadata: dict[str, Any]) -> int | None:
-    """The memory one model took at load, from its metadata: device bytes on a GPU, else host
-    bytes. Read from `memory` ({hostBytes|host_bytes, deviceBytes|device_bytes}) or Triton-style
-    `parameters` (memory_bytes); None when the server does not say."""
-    mem = metadata.get("memory")
-    if isinstance(mem, dict):
-        device = mem.get("deviceBytes", mem.get("device_bytes"))
-        host = mem.get("hostBytes", mem.get("host_bytes"))
-        for value in (device, host):
-            if isinstance(value, int) and value > 0:
-                return value
+def memory_of(metadata: dict[str, Any], gpu: bool) -> int | None:
+    """The memory one model took at load, from its metadata `parameters` (the server measures it:
+    `memory_bytes` host RSS growth, `gpu_memory_bytes` device memory on a GPU): the device figure
+    for a GPU pool, else the host figure; None when the server does not say."""
     params = metadata.get("parameters")
-    if isinstance(params, dict):
-        for key in ("memory_bytes", "memoryBytes", "device_memory_bytes", "host_memory_bytes"):
-            if isinstance(params.get(key), int) and params[key] > 0:
-                return int(params[key])
+    if not isinstance(params, dict):
+        return None
+    for key in (("gpu_memory_bytes", "memory_bytes") if gpu else ("memory_bytes",)):
+        value = params.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
     return None
 
 
@@ -109,8 +104,8 @@ class RepositoryClient:
             return False, f"{type(e).__name__}: {e}"
         return (True, "") if status in (200, 404) else (False, _message(status, body))
 
-    async def memory(self, base: str, model: str) -> int | None:
-        """The memory `model` took on this pod, from its metadata; None when unknown."""
+    async def memory(self, base: str, model: str, gpu: bool) -> int | None:
+        """The memory `model` took on this pod, from its metadata (memory_of); None when unknown."""
         try:
             async with self.session().get(f"{base}/v2/models/{model}") as r:
                 if r.status != 200:
@@ -118,4 +113,4 @@ class RepositoryClient:
                 doc = json.loads(await r.read())
         except (aiohttp.ClientError, TimeoutError, ValueError, OSError):
             return None
-        return memory_of(doc) if isinstance(doc, dict) else None
+        return memory_of(doc, gpu) if isinstance(doc, dict) else None
