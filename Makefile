@@ -55,6 +55,8 @@ demo: setup
 crd: setup
 	$(VENV)/bin/caffeserve crd > crds/caffemodelservices.yaml
 	cp crds/caffemodelservices.yaml charts/caffe-serving/crds/caffemodelservices.yaml
+	$(VENV)/bin/caffeserve crd --kind CaffeServingPool > crds/caffeservingpools.yaml
+	cp crds/caffeservingpools.yaml charts/caffe-serving/crds/caffeservingpools.yaml
 
 bench: setup
 	$(PY) bench/server_overhead.py

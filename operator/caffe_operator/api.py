@@ -453,6 +453,13 @@ class CaffeModelServiceSpec(CamelModel):
         default=None, description="Scale on load between minReplicas and maxReplicas (spec.replicas is then ignored).",
     )
     canary: CanarySpec | None = Field(default=None, description="A canary version with a share of the requests.")
+    pool: str | None = Field(
+        default=None, pattern=_DNS_LABEL, max_length=47,
+        description="A CaffeServingPool in this namespace to serve the model from, instead of pods of its own: the "
+        "operator places it on pool pods by its memory and loads it there. replicas (or the autoscaler's count) is "
+        "then how many pool pods hold it. Its files come from source.pvc, a claim the pool mounts "
+        "(spec.modelClaims). A canary still runs in pods of its own.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> CaffeModelServiceSpec:
@@ -490,6 +497,12 @@ class CaffeModelServiceSpec(CamelModel):
                 raise ValueError(f"model.pythonLayers.path {path!r} {why}")
             if self.source.config_map is not None and path.strip("/") not in ("", "."):
                 raise ValueError(f"model.pythonLayers.path {path!r}: a ConfigMap's keys are one folder: use '.'")
+        if self.pool is not None:
+            if self.source.pvc is None:
+                raise ValueError(f"pool {self.pool}: a pool model's files must come from source.pvc (a claim the pool "
+                                 f"mounts), not source.{self.source.kind}")
+            if rt.gpus is not None:
+                raise ValueError(f"runtime.gpus is set but the model is in pool {self.pool}, whose spec.gpu decides")
         if self.canary is not None:
             try:
                 CaffeModelServiceSpec.model_validate(self.canary_spec().model_dump(by_alias=True, exclude_none=True))
@@ -503,7 +516,7 @@ class CaffeModelServiceSpec(CamelModel):
         c = self.canary
         assert c is not None
         return self.model_copy(update={"model": c.model, "source": c.source or self.source, "replicas": c.replicas,
-                                       "canary": None})
+                                       "canary": None, "pool": None})
 
     def model_files(self) -> list[ModelFile]:
         """Every model file with its download URL (see ModelSpec.files)."""
@@ -581,6 +594,21 @@ class CaffeModelServiceStatus(CamelModel):
         default=None, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
         description="With a canary: each variant, its version, share of the requests and readiness.",
     )
+    placement: PlacementStatus | None = Field(
+        default=None, description="With spec.pool: the pool pods that hold the model, and its memory.",
+    )
+
+
+class PlacementStatus(CamelModel):
+    """Where a pool model is loaded (spec.pool)."""
+
+    model_config = CamelModel.model_config | {"extra": "ignore"}
+
+    pool: str = Field(description="The CaffeServingPool.")
+    pods: list[str] = Field(default_factory=list, description="Pool pods that hold the model (loaded).")
+    memory_bytes: int | None = Field(default=None, description="Memory one copy takes, as a pod measured it at load "
+                                     "(an estimate until one has).")
+    measured: bool = Field(default=False, description="Whether memoryBytes was measured by a pod.")
 
 
 class VariantStatus(CamelModel):

@@ -19,7 +19,9 @@ import pytest
 import yaml
 
 from caffe_operator import manifests
-from caffe_operator.crd import crd_yaml, custom_resource_definition
+from caffe_operator.crd import crd_yaml, custom_resource_definition, pool_custom_resource_definition
+from caffe_operator.pool_api import parse_pool_spec
+from caffe_operator.pool_manifests import pool_deployment
 from caffe_testing.chart import (
     CHART,
     REPO,
@@ -52,7 +54,8 @@ def api_path(obj: dict[str, Any]) -> str:
               "Deployment": "deployments", "HorizontalPodAutoscaler": "horizontalpodautoscalers",
               "NetworkPolicy": "networkpolicies", "ServiceMonitor": "servicemonitors",
               "PodDisruptionBudget": "poddisruptionbudgets", "ConfigMap": "configmaps",
-              "CustomResourceDefinition": "customresourcedefinitions"}[obj["kind"]]
+              "CustomResourceDefinition": "customresourcedefinitions",
+              "CaffeServingPool": "caffeservingpools"}[obj["kind"]]
     resource = f"{group_version}/{plural}"
     return resource_path(resource, obj["metadata"].get("namespace"), obj["metadata"]["name"])
 
@@ -119,6 +122,7 @@ def test_install_creates_the_crd_rbac_deployments_and_service(default_install):
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in stored)
     assert kinds == sorted([
         ("CustomResourceDefinition", "caffemodelservices.caffeserving.io"),
+        ("CustomResourceDefinition", "caffeservingpools.caffeserving.io"),
         ("ServiceAccount", f"{PREFIX}-operator"), ("ServiceAccount", f"{PREFIX}-gateway"),
         ("ClusterRole", f"{PREFIX}-operator"), ("ClusterRoleBinding", f"{PREFIX}-operator"),
         ("ClusterRole", f"{PREFIX}-gateway"), ("ClusterRoleBinding", f"{PREFIX}-gateway"),
@@ -486,15 +490,54 @@ def test_chart_crd_is_the_generated_crd():
     a copy, not a symlink, so the chart folder is complete on its own (packaged, vendored, checked
     out where symlinks are not). This test fails whenever the copy drifts."""
     chart_copy = (CHART / "crds" / "caffemodelservices.yaml").read_text()
-    assert chart_copy == crd_yaml(), "run: caffeserve crd > charts/caffe-serving/crds/caffemodelservices.yaml"
+    assert chart_copy == crd_yaml(), "run: make crd"
     assert chart_copy == (REPO / "crds" / "caffemodelservices.yaml").read_text()
-    assert [p.name for p in (CHART / "crds").iterdir()] == ["caffemodelservices.yaml"]
+    pool_copy = (CHART / "crds" / "caffeservingpools.yaml").read_text()
+    assert pool_copy == crd_yaml("CaffeServingPool") == (REPO / "crds" / "caffeservingpools.yaml").read_text(), \
+        "run: make crd"
+    assert sorted(p.name for p in (CHART / "crds").iterdir()) == ["caffemodelservices.yaml", "caffeservingpools.yaml"]
 
 
-def test_helm_installed_the_crd_and_the_api_serves_it(default_install):
+def test_helm_installed_the_crds_and_the_api_serves_them(default_install):
     _, stored = default_install
-    crd = one(stored, "CustomResourceDefinition")
-    assert crd["spec"] == custom_resource_definition()["spec"]
+    crds = {c["metadata"]["name"]: c for c in find(stored, "CustomResourceDefinition")}
+    assert crds["caffemodelservices.caffeserving.io"]["spec"] == custom_resource_definition()["spec"]
+    assert crds["caffeservingpools.caffeserving.io"]["spec"] == pool_custom_resource_definition()["spec"]
+
+
+POOLS = [
+    {"name": "whole", "replicas": 2, "modelMemory": "8Gi", "modelClaims": ["models"]},
+    {"name": "sliced", "modelMemory": "4Gi", "gpu": {"sharing": "timeSlicing"}},
+    {"name": "mig", "gpu": {"sharing": "mig", "migProfile": "1g.10gb"}},
+    {"name": "hami", "gpu": {"sharing": "hami", "memoryMiB": 6144, "coresPercent": 25}},
+]
+
+
+def test_chart_renders_pools_with_each_gpu_sharing_mode():
+    """values.pools become CaffeServingPools (over poolDefaults) that the operator's own types accept,
+    and their pods ask for the GPU resource each sharing mode names."""
+    release, stored = install({"poolDefaults": {"gpu": {"sharing": "whole", "count": 1}}, "pools": POOLS})
+    pools = {p["metadata"]["name"]: p for p in find(stored, "CaffeServingPool")}
+    assert sorted(pools) == ["hami", "mig", "sliced", "whole"]
+    limits = {}
+    for name, pool in pools.items():
+        assert pool["metadata"]["namespace"] == NAMESPACE
+        spec = parse_pool_spec(name, pool["spec"])
+        container = pool_deployment(name, NAMESPACE, spec)["spec"]["template"]["spec"]["containers"][0]
+        limits[name] = {k: v for k, v in container["resources"]["limits"].items() if k.startswith("nvidia.com/")}
+    assert limits == {
+        "whole": {"nvidia.com/gpu": 1},
+        "sliced": {"nvidia.com/gpu.shared": 1},
+        "mig": {"nvidia.com/mig-1g.10gb": 1},
+        "hami": {"nvidia.com/gpu": 1, "nvidia.com/gpumem": 6144, "nvidia.com/gpucores": 25},
+    }
+    assert parse_pool_spec("whole", pools["whole"]["spec"]).replicas == 2
+
+
+def test_schema_rejects_an_unknown_gpu_sharing_mode():
+    with helm_cluster() as cluster:
+        with pytest.raises(HelmError, match="sharing"):
+            helm_install(cluster, RELEASE, NAMESPACE, {"pools": [{"name": "p", "gpu": {"sharing": "shared"}}]})
 
 
 # --------------------------------------------------------------------------------------------
