@@ -171,9 +171,6 @@ class GRPCService:
         await context.abort(code, details, trailing_metadata=trailing)
 
 
-TRANSPORT_ENV = "CAFFESERVE_GRPC_TRANSPORT"
-
-
 class GRPCServer:
     """The gRPC listener of one DataPlane; its largest request message is `max_message_bytes`.
 
@@ -183,9 +180,9 @@ class GRPCServer:
 
     def __init__(self, plane: DataPlane, metrics: ServerMetrics, max_message_bytes: int):
         self.service = GRPCService(plane, metrics)
-        self.transport = os.environ.get(TRANSPORT_ENV, "h2") or "h2"
+        self.transport = os.environ.get("CAFFESERVE_GRPC_TRANSPORT") or "h2"
         if self.transport not in ("h2", "grpcio"):
-            raise ValueError(f"{TRANSPORT_ENV} must be h2 or grpcio, not {self.transport!r}")
+            raise ValueError(f"CAFFESERVE_GRPC_TRANSPORT must be h2 or grpcio, not {self.transport!r}")
         self.server: GRPCListener | GRPCTransportServer
         if self.transport == "grpcio":
             self.server = GRPCListener(self.service.handler, max_message_bytes)
