@@ -198,7 +198,8 @@ def _caffe_forward_choosing(net, feed: dict[str, np.ndarray], outputs: list[str]
         net.blobs[name].data[...] = arr
     layers = list(net._layer_names)
     stops = sorted([(layers.index(s["layer"]), 0, s) for s in selections]
-                   + [(layers.index(e["previous_layer"]), 1, e) for e in logits if e["rewritten_later"]],
+                   + [(layers.index(e["previous_layer"]), 1, e) for e in logits
+                      if e["rewritten_later"] and e["previous_layer"]],
                    key=lambda stop: (stop[0], stop[1]))
     result: dict[str, np.ndarray] = {}
     ties, start = 0, 0
@@ -226,7 +227,7 @@ def _caffe_forward_choosing(net, feed: dict[str, np.ndarray], outputs: list[str]
     for blob in outputs:
         result[blob] = net.blobs[blob].data.copy()
     for entry in logits:
-        if not entry["rewritten_later"]:
+        if entry["blob"] not in result:
             result[entry["blob"]] = net.blobs[entry["blob"]].data.copy()
     return result, ties, None
 
@@ -266,7 +267,7 @@ def near_tie_problem(selection: dict, scores: np.ndarray, ours: np.ndarray, thei
             return f"'{blob}' holds indices outside the {rows.shape[axis]} candidates in onnxruntime"
     gap = np.abs(np.take_along_axis(rows, mine, axis) - np.take_along_axis(rows, other, axis))
     worst, largest = float(gap.max()), float(np.abs(scores).max())
-    if worst > limit:
+    if not worst <= limit:  # NaN too
         return (f"'{blob}' (layer '{selection['layer']}') chooses another index than pycaffe where the two "
                 f"candidates differ by {worst:.3g} > {tolerance:g} × max(1, {largest:.3g}): not a near-tie")
     return None

@@ -131,3 +131,20 @@ def test_argmax_near_ties_pass_and_clear_differences_fail(tmp_path):
     assert report.passed and report.near_ties > 0, report.summary()
     wrong = gate(net, with_ramp_before(model, "Slice", 2.0 * lower_first), info, inputs)
     assert not wrong.passed and "not a near-tie" in wrong.problem
+
+
+def test_auto_gates_the_cached_graph_with_its_index_choices(tmp_path, monkeypatch):
+    """Through `evaluate` as `auto` runs it: the cached graph carries the mask as an extra output for the
+    gate, the verdict records the near-ties (none here: same inputs, same rounding) and the net serves."""
+    from inference_server.config import parse_config
+    from inference_server.loading import selection
+
+    monkeypatch.setenv("CAFFESERVE_CACHE_DIR", str(tmp_path / "cache"))
+    proto, weights = save_net(unpool_net(), tmp_path, "unpool")
+    cfg = parse_config({"name": "unpool", "backend": "onnxruntime",
+                        "model": {"prototxt": str(proto), "weights": str(weights)}})
+    ev = selection.evaluate(cfg)
+    assert ev.problem is None, ev.problem
+    assert ev.details["parity_near_ties"] == 0
+    graph = onnx.load(ev.artifact)
+    assert "pool/Cast" in [o.name for o in graph.graph.output]  # the mask's value, for the gate only
