@@ -91,6 +91,9 @@ def main(argv: list[str]) -> int:
     except ModelLoadError as e:
         print(f"caffeserve export: model {cfg.name}: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # a converter bug is reported, not a traceback: nothing was written
+        print(f"caffeserve export: model {cfg.name}: the export failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
     onnx_path = Path(args.onnx)
     json_path, text_path = report_paths(onnx_path)
