@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
+import time
 
 import grpc
 import numpy as np
@@ -20,7 +22,7 @@ from caffe_testing.gateway import IMAGES, LABELS, GatewayProcess, digits_config,
 from caffe_testing.grpc import OIPClient, grpc_server, infer_request, output
 from caffe_testing.local import UpProcess
 from caffe_testing.otlp import OTLPReceiver, Span
-from caffe_testing.servers import ServerProcess, http, http_json
+from caffe_testing.servers import ServerProcess, free_port, http, http_json
 
 # the SDK's batch exporter waits 5 s by default before it sends; the tests need not
 FAST_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "50"}
@@ -170,6 +172,31 @@ def test_local_mode_traces_its_gateway_and_replicas_when_the_environment_names_a
             assert up.terminate() == 0
         finally:
             up.kill()
+
+
+def test_a_malformed_traceparent_starts_a_new_trace_and_the_request_is_served(traced, receiver):
+    gateway, _ = traced
+    receiver.clear()
+    status, body = _post(gateway.url, 9, "00-not-a-trace-context-01")
+    assert status == 200 and predicted(body) == LABELS[9]
+    name = "POST /v2/models/digits/infer"
+    check_linked(one_trace(receiver), "", "rest", name, name)  # the gateway's span is the root
+
+
+def test_an_unreachable_collector_costs_no_request_and_does_not_hold_the_exit(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    server = ServerProcess(digits_config(tracing={"endpoint": dead}), tmp_path, env=FAST_EXPORT).start()
+    try:
+        for i in range(5):
+            status, body = http_json("POST", server.url + "/v2/models/digits/infer", infer_payload(i))
+            assert status == 200 and predicted(body) == LABELS[i]
+        started = time.monotonic()
+        assert server.stop() == 0
+        # the SDK's exporter would retry for 10 s; the exit waits for it at most 2 s (caffe_http.tracing.FLUSH_S)
+        assert time.monotonic() - started < 15
+        assert "exiting without them" in server.output()
+    finally:
+        server.stop(signal.SIGKILL)
 
 
 def test_where_the_endpoint_comes_from():
