@@ -70,6 +70,8 @@ def tracing_cost(args, url_path: str, body: bytes) -> None:
         }
         if args.baseline:
             variants["baseline"] = ServerProcess(Path(args.config), env=env, root=args.baseline.resolve())
+        if args.only:
+            variants = {k: v for k, v in variants.items() if k.split(",")[0] in args.only.split(",")}
         for server in variants.values():
             stack.enter_context(server)
             run_wrk(server.url + url_path, body, {"Content-Type": "application/json"}, 1, 2)  # warm-up
@@ -107,6 +109,8 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
                     help="with --tracing: also a server run from the checkout DIR")
     ap.add_argument("--rounds", type=int, default=3, help="with --tracing: interleaved rounds (default 3)")
+    ap.add_argument("--only", default="", metavar="NAMES",
+                    help="with --tracing: only these servers, comma-separated: off, on, baseline (default: all)")
     args = ap.parse_args()
     cfg = load_config(args.config)
     import caffe

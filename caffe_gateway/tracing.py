@@ -14,7 +14,7 @@ for that one request; `send` is where an attempt starts, which is all the spans 
 use their transport as it is and nothing here is imported beyond this module.
 
 Attributes: `caffeserve.model`, `caffeserve.protocol`, the status (HTTP code, or the gRPC code name),
-and on each `forward` the endpoint (`server.address`), the variant, the attempt number and, over REST,
+and on each `forward` the endpoint (`server.address`, `server.port`), the variant, the attempt number and, over REST,
 the backend the server answered with.
 """
 
@@ -59,7 +59,8 @@ class TracedTransport:
             tracer.start_span("queue", context=parent, start_time=self.queue_start).end()
         self.attempts += 1
         span = tracer.start_span("forward", context=parent, kind=self.tracer.client_kind, attributes={
-            "server.address": ep.address, "caffeserve.variant": route.variant, "caffeserve.attempt": self.attempts})
+            "server.address": ep.pool.host, "server.port": ep.grpc_port if self.needs_grpc else ep.pool.port,
+            "caffeserve.variant": route.variant, "caffeserve.attempt": self.attempts})
         try:
             answer = await self.inner.send(route, ep, self.inner.with_trace_context(request, self.tracer.inject(span)),
                                            deadline)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 TRACES_PATH = "/v1/traces"
+FLUSH_S = 2.0  # the longest an exit waits for the last spans to be sent
 EXTRA_HINT = "tracing needs the `tracing` extra: pip install 'caffe-serving[tracing]'"
 
 
@@ -81,12 +83,21 @@ class Tracer:
         self.propagator.inject(out, context=self.in_context(span))
         return out
 
-    def shutdown(self) -> None:
-        """Export the spans still queued (at exit)."""
-        try:
-            self.provider.shutdown()
-        except Exception as e:  # an unreachable collector must not turn a clean exit into a crash
-            log.warning("tracing: could not flush the last spans to %s: %s", self.url, e)
+    def shutdown(self, timeout_s: float = FLUSH_S) -> None:
+        """Export the spans still queued (at exit), waiting at most `timeout_s`: the exporter retries an
+        unreachable collector for 10 s, which must not hold a pod's exit past its grace period."""
+        def flush() -> None:
+            try:
+                self.provider.shutdown()
+            except Exception as e:  # an unreachable collector must not turn a clean exit into a crash
+                log.warning("tracing: could not flush the last spans to %s: %s", self.url, e)
+
+        t = threading.Thread(target=flush, name="tracing-flush", daemon=True)
+        t.start()
+        t.join(timeout_s)
+        if t.is_alive():
+            log.warning("tracing: the last spans did not reach %s within %g s; exiting without them",
+                        self.url, timeout_s)
 
 
 def start(url: str, service_name: str, sample_ratio: float = 1.0, environ: Mapping[str, str] | None = None) -> Tracer:

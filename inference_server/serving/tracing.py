@@ -59,32 +59,35 @@ class RequestTrace:
         self.phases = phases
 
     def end(self, error: BaseException | None = None) -> None:
-        """Make and hand over the spans (the SDK's exporter thread sends them)."""
+        """Make and hand over the spans (the SDK's exporter thread sends them); an unsampled request
+        (its traceparent says so, or sampleRatio) stops at the sampler's answer."""
         end_ns = time.time_ns()
-        code, message = status_of(error)
         m, tracer = self.model, self.tracer
         rest = self.protocol == "rest"
+        name = f"POST /v2/models/{m.name}/infer" if rest else GRPC_SPAN
+        root = tracer.tracer.start_span(name, context=tracer.extract(self.carrier), kind=tracer.server_kind,
+                                        start_time=self.start_ns)
+        if not root.is_recording():
+            return
+        code, message = status_of(error)
+        backend = m.choice.name if m.choice is not None else ""
         attrs: dict = {"caffeserve.model": m.name, "caffeserve.model_version": m.version,
-                       "caffeserve.protocol": self.protocol}
-        if m.choice is not None:
-            attrs["caffeserve.backend"] = m.choice.name
+                       "caffeserve.protocol": self.protocol, "caffeserve.backend": backend}
         if rest:
-            attrs.update({"http.request.method": "POST", "http.response.status_code": code})
+            attrs["http.response.status_code"] = code
         else:
-            attrs.update({"rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService",
-                          "rpc.method": "ModelInfer", "caffeserve.status_code": code})
+            attrs["rpc.system"] = "grpc"
+            attrs["caffeserve.status_code"] = code
         if rid := self.carrier.get("x-request-id"):
             attrs["caffeserve.request_id"] = rid
         phases = self.phases
         if phases is not None:
             attrs["caffeserve.batch_size"] = phases[5]
             attrs["caffeserve.request_rows"] = phases[4]
-        name = f"POST /v2/models/{m.name}/infer" if rest else GRPC_SPAN
-        root = tracer.tracer.start_span(name, context=tracer.extract(self.carrier), kind=tracer.server_kind,
-                                        attributes=attrs, start_time=self.start_ns)
+        root.set_attributes(attrs)
         if code >= 500:
             root.set_status(tracer.error(message))
-        if phases is not None and root.is_recording():
+        if phases is not None:
             total, queue_ns, input_ns, infer_ns = phases[:4]
             submitted = self.run_ns + input_ns
             forwarded = submitted + queue_ns
@@ -92,7 +95,7 @@ class RequestTrace:
             spans = (("decode", self.start_ns, submitted, None),
                      ("queue", submitted, forwarded, None),
                      ("forward", forwarded, forwarded + infer_ns,
-                      {"caffeserve.batch_size": phases[5], "caffeserve.backend": attrs.get("caffeserve.backend", "")}),
+                      {"caffeserve.batch_size": phases[5], "caffeserve.backend": backend}),
                      ("encode", self.run_ns + total, end_ns, None))
             for span_name, start, stop, span_attrs in spans:
                 tracer.tracer.start_span(span_name, context=parent, attributes=span_attrs,

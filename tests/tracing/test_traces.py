@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
+import time
 
 import grpc
 import numpy as np
@@ -20,7 +22,7 @@ from caffe_testing.gateway import IMAGES, LABELS, GatewayProcess, digits_config,
 from caffe_testing.grpc import OIPClient, grpc_server, infer_request, output
 from caffe_testing.local import UpProcess
 from caffe_testing.otlp import OTLPReceiver, Span
-from caffe_testing.servers import ServerProcess, http, http_json
+from caffe_testing.servers import ServerProcess, free_port, http, http_json
 
 # the SDK's batch exporter waits 5 s by default before it sends; the tests need not
 FAST_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "50"}
@@ -57,7 +59,8 @@ def one_trace(receiver: OTLPReceiver, trace_id: str | None = None, services: int
     return [s for s in spans if s.trace_id == trace_id]
 
 
-def check_linked(spans: list[Span], client_span: str, protocol: str, gateway_name: str, server_name: str) -> None:
+def check_linked(spans: list[Span], client_span: str, protocol: str, gateway_name: str, server_name: str,
+                 server: ServerProcess | None) -> None:
     """The tree a user sees in a trace viewer: client → gateway → forward → server → its phases."""
     by = {(s.service, s.name): s for s in spans}
     gw = by["caffeserve-gateway", gateway_name]
@@ -65,7 +68,9 @@ def check_linked(spans: list[Span], client_span: str, protocol: str, gateway_nam
     assert gw.attributes["caffeserve.model"] == "digits" and gw.attributes["caffeserve.protocol"] == protocol
     queue, fwd = by["caffeserve-gateway", "queue"], by["caffeserve-gateway", "forward"]
     assert queue.parent_id == gw.span_id and fwd.parent_id == gw.span_id and fwd.kind == "CLIENT"
-    assert fwd.attributes["caffeserve.attempt"] == 1 and fwd.attributes["server.address"].startswith("127.0.0.1:")
+    assert fwd.attributes["caffeserve.attempt"] == 1 and fwd.attributes["server.address"] == "127.0.0.1"
+    if server is not None:  # the one replica behind the gateway: the call went to its REST or gRPC port
+        assert fwd.attributes["server.port"] == (server.port if protocol == "rest" else server.grpc_port)
     srv = by["caffeserve-server", server_name]
     assert srv.kind == "SERVER" and srv.parent_id == fwd.span_id  # the pod's span hangs under the gateway's call
     assert srv.attributes["caffeserve.model"] == "digits" and srv.attributes["caffeserve.model_version"] == "1"
@@ -86,12 +91,12 @@ def check_linked(spans: list[Span], client_span: str, protocol: str, gateway_nam
 
 
 def test_a_rest_request_through_the_gateway_gives_one_trace_linked_from_the_clients_traceparent(traced, receiver):
-    gateway, _ = traced
+    gateway, server = traced
     trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
     status, body = _post(gateway.url, 3, f"00-{trace_id}-{client_span}-01")
     assert status == 200 and predicted(body) == LABELS[3]
     spans = one_trace(receiver, trace_id)
-    check_linked(spans, client_span, "rest", "POST /v2/models/digits/infer", "POST /v2/models/digits/infer")
+    check_linked(spans, client_span, "rest", "POST /v2/models/digits/infer", "POST /v2/models/digits/infer", server)
     by = {(s.service, s.name): s for s in spans}
     assert by["caffeserve-gateway", "POST /v2/models/digits/infer"].attributes["http.response.status_code"] == 200
     assert by["caffeserve-server", "POST /v2/models/digits/infer"].attributes["http.response.status_code"] == 200
@@ -99,14 +104,14 @@ def test_a_rest_request_through_the_gateway_gives_one_trace_linked_from_the_clie
 
 
 def test_a_grpc_call_through_the_gateway_starts_a_trace_there_and_the_pod_continues_it(traced, receiver):
-    gateway, _ = traced
+    gateway, server = traced
     receiver.clear()
     client = OIPClient(gateway.grpc_port)
     resp = client.call("ModelInfer", infer_request("digits", {"data": digits_data.to_blob(IMAGES[5:6])}))
     assert int(np.argmax(output(resp, "prob"))) == LABELS[5]
     spans = one_trace(receiver)
     name = "inference.GRPCInferenceService/ModelInfer"
-    check_linked(spans, "", "grpc", name, name)  # no client traceparent: the gateway's span is the root
+    check_linked(spans, "", "grpc", name, name, server)  # no client traceparent: the gateway's span is the root
     by = {(s.service, s.name): s for s in spans}
     assert by["caffeserve-gateway", name].attributes["caffeserve.status_code"] == "OK"
     assert by["caffeserve-server", name].attributes["rpc.system"] == "grpc"
@@ -166,10 +171,35 @@ def test_local_mode_traces_its_gateway_and_replicas_when_the_environment_names_a
             assert status == 200 and predicted(body) == LABELS[4]
             spans = one_trace(r, trace_id)
             name = "POST /v2/models/digits/infer"
-            check_linked(spans, client_span, "rest", name, name)
+            check_linked(spans, client_span, "rest", name, name, None)  # one of its two replicas
             assert up.terminate() == 0
         finally:
             up.kill()
+
+
+def test_a_malformed_traceparent_starts_a_new_trace_and_the_request_is_served(traced, receiver):
+    gateway, server = traced
+    receiver.clear()
+    status, body = _post(gateway.url, 9, "00-not-a-trace-context-01")
+    assert status == 200 and predicted(body) == LABELS[9]
+    name = "POST /v2/models/digits/infer"
+    check_linked(one_trace(receiver), "", "rest", name, name, server)  # the gateway's span is the root
+
+
+def test_an_unreachable_collector_costs_no_request_and_does_not_hold_the_exit(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    server = ServerProcess(digits_config(tracing={"endpoint": dead}), tmp_path, env=FAST_EXPORT).start()
+    try:
+        for i in range(5):
+            status, body = http_json("POST", server.url + "/v2/models/digits/infer", infer_payload(i))
+            assert status == 200 and predicted(body) == LABELS[i]
+        started = time.monotonic()
+        assert server.stop() == 0
+        # the SDK's exporter would retry for 10 s; the exit waits for it at most 2 s (caffe_http.tracing.FLUSH_S)
+        assert time.monotonic() - started < 15
+        assert "exiting without them" in server.output()
+    finally:
+        server.stop(signal.SIGKILL)
 
 
 def test_where_the_endpoint_comes_from():
