@@ -25,10 +25,13 @@ def grpc_server(config, tmp_dir, **kw) -> ServerProcess:
 
 class OIPClient:
     def __init__(self, port: int, max_message_bytes: int = 256 * 1024 * 1024, host: str = "127.0.0.1",
-                 root_certificates: bytes | None = None):
-        """`root_certificates`: TLS, trusting those CAs (PEM)."""
+                 root_certificates: bytes | None = None, target_name: str | None = None):
+        """`root_certificates`: TLS, trusting those CAs (PEM); `target_name`: the name the server's
+        certificate must carry, when it is not `host` (a pod called by its address)."""
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
+        if target_name:
+            options.append(("grpc.ssl_target_name_override", target_name))
         target = f"{host}:{port}"
         self.channel = (grpc.insecure_channel(target, options=options) if root_certificates is None else
                         grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options=options))

@@ -209,7 +209,8 @@ def test_1_helm_install_stores_the_release_in_a_secret_and_runs_the_operator_and
         assert condition(dep, "Available").get("status") == "True", dep["status"]
         assert restricted_violations(dep["spec"]["template"]["spec"]) == []
     pods = k.cp.list_objects(PODS, NAMESPACE)
-    assert len(pods) == 3 and all(p["status"]["phase"] == "Running" and p["spec"]["nodeName"] for p in pods), pods
+    # two operators (one holds the Lease) and two gateways
+    assert len(pods) == 4 and all(p["status"]["phase"] == "Running" and p["spec"]["nodeName"] for p in pods), pods
 
 
 def test_1_the_operator_and_gateway_act_as_their_service_accounts_with_bound_tokens(installed):
