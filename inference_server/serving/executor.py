@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backends import BackendChoice, create_backend
-from ..backends.base import NetDescription
+from ..backends.base import Backend, NetDescription
 from ..config import ServerConfig
 from ..errors import DeadlineExceeded, GpuOutOfMemory, InferenceError, ModelLoadError, Unavailable
 from ..loading.calibration import BatchingDecision, decide, measure_curve
@@ -108,7 +108,7 @@ class Executor:
         self.decision: BatchingDecision | None = None  # set with `batching: auto`
         self.probe: NetProbe = None  # type: ignore[assignment]  # set by the first worker at load
         # the inline path (module docstring): the worker's backend, when the config allows it
-        self.inline_backend = None
+        self.inline_backend: Backend | None = None
         self.net_lock = threading.Lock()  # held by whoever runs a forward pass on the Net
         self.row_s = float("inf")  # recent forward time per batch row (seconds), from both paths
 
