@@ -1,9 +1,16 @@
-"""How much the HTTP server adds to a forward pass, for one model, in one run.
+"""How much the server adds to a forward pass, and what its access log, metrics and statistics cost.
 
-Prints: the direct pycaffe forward p50, HTTP infer p50/p99 and requests/s at concurrency 1 and 8
-(JSON FP32 input, load from wrk), and the overhead = HTTP p50 − forward p50 at concurrency 1.
+Prints, for one model in one run:
+- the direct pycaffe forward p50;
+- REST binary and REST JSON at concurrency 1 and 8 (load from h2load, see protocols.py): requests/s,
+  p50/p99 and the server's CPU time per request, on two servers measured in turns: the default (access
+  log on at INFO) and `--no-access-log`, so the access line's cost is the difference of the two;
+- the overhead = HTTP p50 − forward p50 at concurrency 1;
+- what each bookkeeping step costs the request path, timed in this process on the server's own objects:
+  the access line (held, then made into a record and written, amortized per line), the Prometheus
+  metrics of one request and the Triton statistics of one request.
 
-    .venv/bin/python bench/server_overhead.py [--config examples/digits/server.yaml] [--seconds 10]
+    .venv/bin/python bench/server_overhead.py [--config examples/digits/server.yaml] [--seconds 10] [--rounds 2]
 
 `--tracing` measures what OpenTelemetry tracing costs instead (docs/tracing.md): the same server with
 tracing off, on (every request sampled: 5 spans each, exported over OTLP/HTTP to a receiver on
@@ -18,21 +25,28 @@ order), each figure the median over `--rounds`, the ratios against "off" from th
 from __future__ import annotations
 
 import argparse
+import io
+import logging
 import os
 import statistics
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import orjson
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from caffe_testing.servers import ServerProcess  # noqa: E402
 from inference_server.config import load_config  # noqa: E402
+from protocols import cpu_s, h2load  # noqa: E402
 from wrk import run_wrk  # noqa: E402
+
+VARIANTS = {"access log on": [], "access log off": ["--no-access-log"]}
 
 
 def direct_forward_p50(cfg, x: np.ndarray, iterations: int = 2000) -> float:
@@ -50,6 +64,62 @@ def direct_forward_p50(cfg, x: np.ndarray, iterations: int = 2000) -> float:
         net.forward()
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1000
+
+
+def bodies(name: str, x: np.ndarray) -> dict[str, tuple[bytes, dict[str, str]]]:
+    shape = list(x.shape)
+    head = orjson.dumps({"inputs": [{"name": name, "shape": shape, "datatype": "FP32",
+                                     "parameters": {"binary_data_size": x.nbytes}}],
+                         "parameters": {"binary_data_output": True}})
+    return {
+        "REST binary": (head + x.tobytes(), {"content-type": "application/octet-stream",
+                                             "inference-header-content-length": str(len(head))}),
+        "REST JSON": (orjson.dumps({"inputs": [{"name": name, "shape": shape, "datatype": "FP32",
+                                                "data": x.ravel().tolist()}]}), {"content-type": "application/json"}),
+    }
+
+
+def per_call_us(fn, n: int = 20000) -> float:
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n * 1e6
+
+
+def bookkeeping_costs(cfg) -> dict[str, float]:
+    """µs per request of each bookkeeping step, on the server's own classes, in this process."""
+    from caffe_http.access_log import AccessLog, configure_logging
+    from inference_server.serving.metrics import ServerMetrics
+    from inference_server.serving.stats import ModelStats
+
+    configure_logging("INFO", "text", io.StringIO())
+    access = AccessLog("server")
+    path = f"/v2/models/{cfg.name}/infer"
+
+    def line():  # outside an event loop a line is made into a record at once: its whole cost here
+        access.write("POST", path, 200, 120, 0.0003, "0123456789abcdef", "127.0.0.1:5555")
+
+    metrics = ServerMetrics(cfg.name, cfg.version)
+
+    def one_request_metrics():
+        metrics.in_flight.inc()
+        metrics.queue_seconds.observe(0.00001)
+        metrics.observe_batch(1, 0.00002)
+        metrics.in_flight.dec()
+        metrics.count(200)
+        metrics.request_seconds.observe(0.0003)
+
+    stats = ModelStats()
+
+    def one_request_stats():
+        stats.execution(1, 20000)
+        stats.success(300000, 1000, 20000, 20000, 5000, 1, 1)
+
+    out = {"access line (record + formatting, queued to the writer)": per_call_us(line, 5000),
+           "metrics (in-flight, count, 4 histograms)": per_call_us(one_request_metrics),
+           "statistics (Triton's, one success and one execution)": per_call_us(one_request_stats)}
+    logging.shutdown()
+    return out
 
 
 def tracing_cost(args, url_path: str, body: bytes) -> None:
@@ -105,10 +175,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "examples/digits/server.yaml"))
     ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="turns the seconds are split into, in rotation; with --tracing, interleaved rounds")
     ap.add_argument("--tracing", action="store_true", help="measure tracing off against on (module docstring)")
     ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
                     help="with --tracing: also a server run from the checkout DIR")
-    ap.add_argument("--rounds", type=int, default=3, help="with --tracing: interleaved rounds (default 3)")
     ap.add_argument("--only", default="", metavar="NAMES",
                     help="with --tracing: only these servers, comma-separated: off, on, baseline (default: all)")
     args = ap.parse_args()
@@ -120,26 +191,49 @@ def main() -> None:
     shape = [1, *net.blobs[name].data.shape[1:]]
     del net
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
-    body = orjson.dumps({"inputs": [{"name": name, "shape": shape, "datatype": "FP32", "data": x.ravel().tolist()}]})
-
+    cases = bodies(name, x)
     if args.tracing:
-        tracing_cost(args, f"/v2/models/{cfg.name}/infer", body)
+        tracing_cost(args, f"/v2/models/{cfg.name}/infer", cases["REST JSON"][0])
         return
     fwd = direct_forward_p50(cfg, x)
-    print(f"model {cfg.name}: input {name} {shape}, JSON body {len(body)} bytes")
-    print(f"direct pycaffe forward p50: {fwd:.4f} ms")
-    with ServerProcess(Path(args.config), env={"OPENBLAS_NUM_THREADS": "1"}) as server:
-        url = f"{server.url}/v2/models/{cfg.name}/infer"
-        run_wrk(url, body, {"Content-Type": "application/json"}, 1, 2)  # warm-up
-        rows = []
+    print(f"model {cfg.name}: input {name} {shape}; direct pycaffe forward p50: {fwd:.4f} ms", flush=True)
+    rows = {}
+    with ExitStack() as stack:
+        servers = {v: stack.enter_context(ServerProcess(Path(args.config), env={"OPENBLAS_NUM_THREADS": "1"},
+                                                        args=a)) for v, a in VARIANTS.items()}
         for conc in (1, 8):
-            r = run_wrk(url, body, {"Content-Type": "application/json"}, conc, args.seconds)
-            rows.append((conc, r))
-    print(f"{'concurrency':>11} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
-    for conc, r in rows:
-        errors = r["non2xx"] + r["socket_errors"]
-        print(f"{conc:>11} {r['rps']:>9.0f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {errors:>6}")
-    print(f"overhead at concurrency 1 (HTTP p50 − forward p50): {rows[0][1]['p50_ms'] - fwd:.3f} ms")
+            for proto, (body, headers) in cases.items():
+                acc = {v: [0, 0.0, 0.0, []] for v in servers}
+                for s in servers.values():  # warm-up
+                    h2load(f"{s.url}/v2/models/{cfg.name}/infer", body, headers, conc, None, requests=200, h1=True)
+                for _ in range(args.rounds):
+                    for v, s in servers.items():
+                        proc = psutil.Process(s.proc.pid)
+                        c0 = cpu_s(proc)
+                        r = h2load(f"{s.url}/v2/models/{cfg.name}/infer", body, headers, conc,
+                                   args.seconds / args.rounds, h1=True)
+                        assert r["ok"] == r["n"], r["raw"]
+                        a = acc[v]
+                        a[0] += r["n"]
+                        a[1] += cpu_s(proc) - c0
+                        a[2] += r["n"] / r["rps"]
+                        a[3].append(r["lat"])
+                for v, (n, cpu, span, lat) in acc.items():
+                    lat_all = np.concatenate(lat)
+                    rows[(conc, proto, v)] = (n / span, float(np.percentile(lat_all, 50)),
+                                              float(np.percentile(lat_all, 99)), 1000 * cpu / n)
+    costs = bookkeeping_costs(cfg)
+    print(f"\nload average (1 min): {os.getloadavg()[0]:.1f}")
+    print(f"{'conc':>4} {'protocol':<12} {'server':<15} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/req':>10}")
+    for (conc, proto, v), (rps, p50, p99, cpu) in rows.items():
+        print(f"{conc:>4} {proto:<12} {v:<15} {rps:>8.0f} {p50:>8.3f} {p99:>8.3f} {cpu:>10.3f}")
+    for proto in cases:
+        on, off = rows[(1, proto, "access log on")], rows[(1, proto, "access log off")]
+        print(f"{proto}: overhead at concurrency 1 (HTTP p50 − forward p50): {on[1] - fwd:.3f} ms; "
+              f"the access line costs {on[3] - off[3]:+.3f} ms of CPU per request (on − off)")
+    print("bookkeeping on the request path, µs per request (timed in-process):")
+    for what, us in costs.items():
+        print(f"  {what:<55} {us:7.2f}")
 
 
 if __name__ == "__main__":

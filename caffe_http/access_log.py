@@ -17,6 +17,12 @@ malformed HTTP) are logged by `log_refusal` the same way.
 (one JSON object per line: time, level, logger, message, and for access lines every field on its
 own). Records are handed to a background thread through a queue (`QueueHandler`), so a slow log
 reader never blocks the event loop.
+
+What a line costs the request path: the access line is kept as a tuple and its records are made
+`FLUSH_S` later, all the lines of those milliseconds at once; the writer thread writes whatever it has
+queued in one write. One record and one write per request (each waking the writer thread) had cost
+about a third of a small request's server CPU (bench/server_overhead.py measures the line on and off).
+Lines keep their own time; every held line is written before the process's logging shuts down.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ import logging.handlers
 import os
 import queue
 import sys
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import TextIO
 
@@ -41,6 +49,8 @@ _FIELDS = ("method", "path", "model", "status", "bytes", "duration_ms", "request
 _QUIET_PATHS = ("/v2/health/live", "/v2/health/ready", "/metrics")
 _HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 MODELS_PREFIX = "/v2/models/"
+FLUSH_S = 0.01  # how long an access line may wait for others to be logged with it
+_ACCESS_LOGS: weakref.WeakSet[AccessLog] = weakref.WeakSet()  # flushed when logging shuts down
 
 
 def new_request_id() -> str:
@@ -73,6 +83,10 @@ class AccessLog:
         self.server = server  # "server" or "gateway": which program wrote the line
         self.enabled = enabled
         self.log = logging.getLogger(ACCESS_LOGGER)
+        self._held: list[tuple[float, int, str, dict[str, object]]] = []  # (time, level, text, fields), not yet logged
+        self._lock = threading.Lock()
+        self._scheduled = False
+        _ACCESS_LOGS.add(self)
 
     def write(self, method: str, path: str, status: int, size: int, seconds: float, request_id: str,
               client: str, error: str = "") -> None:
@@ -97,7 +111,25 @@ class AccessLog:
                 f'model={fields["model"] or "-"} request_id={request_id or "-"}')
         if error:
             text += f" error={orjson.dumps(error).decode()}"
-        self.log.log(level, text, extra={"access": fields})
+        with self._lock:
+            self._held.append((time.time(), level, text, fields))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            asyncio.get_running_loop().call_later(FLUSH_S, self.flush)
+        except RuntimeError:  # no event loop in this thread: log it now
+            self.flush()
+
+    def flush(self) -> None:
+        """Log every held line (as records of their own time)."""
+        with self._lock:
+            held, self._held, self._scheduled = self._held, [], False
+        log = self.log
+        for created, level, text, fields in held:
+            record = log.makeRecord(log.name, level, "(access)", 0, text, (), None, extra={"access": fields})
+            record.created, record.msecs = created, int(created * 1000) % 1000
+            log.handle(record)
 
 
 def with_access_log(handler: Handler, access: AccessLog) -> Handler:
@@ -163,25 +195,12 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_FORMATS = ("text", "json")
 
 
-class _Stderr(logging.StreamHandler[TextIO]):
-    """Whatever sys.stderr is when a line is written (as logging's last-resort handler does): a command
-    run in-process, under a test's captured stderr, never writes to a stream closed since."""
-
-    @property  # a view of sys.stderr at each write (the base holds the stream it was given)
-    def stream(self) -> TextIO:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: TextIO) -> None:
-        pass
-
-
 def configure_logging(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
     """The process's logging: `fmt` text or json, written by a background thread (module docstring)."""
-    target = logging.StreamHandler(stream) if stream is not None else _Stderr()
+    target = _BatchWriter(stream)
     target.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(q, target, respect_handler_level=False)
+    listener = _Listener(q, target)
     listener.start()
     root = logging.getLogger()
     for h in list(root.handlers):
@@ -189,6 +208,51 @@ def configure_logging(level: str = "INFO", fmt: str = "text", stream: TextIO | N
         h.close()
     root.addHandler(_QueueHandler(q, listener))
     root.setLevel(level.upper())
+
+
+class _BatchWriter(logging.Handler):
+    """Formats records as they come and writes them when the writer thread has no more queued: one
+    write for a burst of lines. To `stream`, or to whatever sys.stderr is at the write: a command run
+    in-process, under a test's captured stderr, never writes to a stream closed since."""
+
+    def __init__(self, stream: TextIO | None):
+        super().__init__()
+        self.stream = stream
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+    def flush(self) -> None:
+        if not self.lines:
+            return
+        text, self.lines = "\n".join(self.lines) + "\n", []
+        stream = self.stream if self.stream is not None else sys.stderr
+        try:
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError):  # a closed stream: nothing more can be said
+            pass
+
+
+class _Listener(logging.handlers.QueueListener):
+    """The writer thread: writes once its queue is empty (a burst of records, one write)."""
+
+    def __init__(self, q: queue.SimpleQueue[logging.LogRecord], writer: _BatchWriter):
+        super().__init__(q, writer, respect_handler_level=False)
+        self.writer = writer
+
+    def handle(self, record: logging.LogRecord) -> None:
+        super().handle(record)
+        if self.queue.empty():  # type: ignore[attr-defined]
+            self.writer.flush()
+
+    def stop(self) -> None:
+        super().stop()
+        self.writer.flush()
 
 
 class _QueueHandler(logging.handlers.QueueHandler):
@@ -200,6 +264,8 @@ class _QueueHandler(logging.handlers.QueueHandler):
         self.listener: logging.handlers.QueueListener | None = listener
 
     def close(self) -> None:
+        for access in list(_ACCESS_LOGS):  # the lines still held, before the writer thread stops
+            access.flush()
         listener, self.listener = self.listener, None
         if listener is not None:
             listener.stop()

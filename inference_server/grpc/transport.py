@@ -42,10 +42,11 @@ MAX_STREAMS = 1024  # calls at once on one connection (SETTINGS_MAX_CONCURRENT_S
 MAX_FRAME = 1 << 20  # the largest frame we accept (fewer frames for a large tensor than the 16 KiB default)
 CONN_WINDOW = 1 << 26  # what a client may send ahead on a connection; topped up once half is used
 MAX_HEADER_LIST = 16384
+PRESIZE_MAX = 1 << 20  # a message up to this size gets its buffer at once (no regrowth), from its length prefix
 _TIMEOUT_UNITS = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3, ord("u"): 1e-6, ord("n"): 1e-9}
 _HEAD = struct.Struct(">I")
 
-Handler = Callable[[bytes, "CallContext"], Awaitable[bytes]]
+Handler = Callable[[bytes | memoryview, "CallContext"], Awaitable[bytes]]  # the request message as a buffer
 
 
 def _frame_head(kind: int, flags: int, stream: int, n: int) -> bytes:
@@ -121,8 +122,8 @@ class CallContext:
 
 
 class _Stream:
-    __slots__ = ("id", "path", "headers", "deadline", "encoding", "body", "task", "send_window", "pending",
-                 "answered")
+    __slots__ = ("id", "path", "headers", "deadline", "encoding", "body", "filled", "expect", "task", "send_window",
+                 "pending", "answered")
 
     def __init__(self, sid: int, path: bytes, headers, deadline: float | None, encoding: bytes, window: int):
         self.id = sid
@@ -131,6 +132,8 @@ class _Stream:
         self.deadline = deadline
         self.encoding = encoding
         self.body = bytearray()
+        self.filled = 0  # bytes of `body` received, once it is sized (`expect`)
+        self.expect = 0  # 5 + the message's length once its prefix has arrived and it fits PRESIZE_MAX
         self.task: asyncio.Task | None = None
         self.send_window = window
         self.pending: memoryview | None = None  # answer data waiting for flow-control window
@@ -157,6 +160,7 @@ class _Connection(asyncio.Protocol):
         self.peer_max_frame = 16384
         self.received = 0  # bytes of DATA since the last connection WINDOW_UPDATE we sent
         self.continuing: tuple[int, int, bytearray] | None = None  # a header block awaiting CONTINUATION
+        self.data_left: tuple[int, int, int] | None = None  # (stream, bytes, flags) of a DATA frame arriving
         self.goaway = False
         self.closed = False
         self.stream_window = min(2**31 - 1, server.max_message_bytes + 5 + MAX_FRAME)
@@ -188,6 +192,23 @@ class _Connection(asyncio.Protocol):
 
     # --- reading
     def data_received(self, data: bytes) -> None:
+        if self.data_left is not None:  # the rest of a large DATA frame: straight into its stream's body
+            sid, left, flags = self.data_left
+            n = min(left, len(data))
+            try:
+                self._data_chunk(sid, memoryview(data)[:n])
+                if n < left:
+                    self.data_left = (sid, left - n, flags)
+                    return
+                self.data_left = None
+                if flags & END_STREAM:
+                    self._data_end(sid)
+            except _ConnectionError as e:
+                self._fail(e.code, str(e))
+                return
+            if n == len(data):
+                return
+            data = data[n:]
         buf = self.buf
         buf += data
         if not self.preface:
@@ -216,6 +237,12 @@ class _Connection(asyncio.Protocol):
             if length > MAX_FRAME:
                 raise _ConnectionError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
             if end - pos - 9 < length:
+                if buf[pos + 3] == DATA and not buf[pos + 4] & PADDED and self.continuing is None:
+                    # a large DATA frame: what has come goes to the stream now, the rest as it arrives
+                    sid = _HEAD.unpack_from(buf, pos + 5)[0] & 0x7FFFFFFF
+                    self._data_chunk(sid, view[pos + 9 : end])
+                    self.data_left = (sid, length - (end - pos - 9), buf[pos + 4])
+                    pos = end
                 break
             kind, flags = buf[pos + 3], buf[pos + 4]
             sid = _HEAD.unpack_from(buf, pos + 5)[0] & 0x7FFFFFFF
@@ -256,6 +283,15 @@ class _Connection(asyncio.Protocol):
         self.transport.close()
 
     def _on_data(self, sid: int, flags: int, payload: memoryview) -> None:
+        if flags & PADDED:
+            self.received += 1 + payload[0]  # the padding counts against the window
+            payload = payload[1 : len(payload) - payload[0]]
+        self._data_chunk(sid, payload)
+        if flags & END_STREAM:
+            self._data_end(sid)
+
+    def _data_chunk(self, sid: int, payload: memoryview) -> None:
+        """Bytes of a stream's request message, as they arrive."""
         self.received += len(payload)
         if self.received >= CONN_WINDOW // 2:
             self.transport.write(frame(WINDOW_UPDATE, 0, 0, _HEAD.pack(self.received)))
@@ -265,18 +301,31 @@ class _Connection(asyncio.Protocol):
             if sid > self.last_id:
                 raise _ConnectionError(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
             return  # a stream reset or refused: its data is dropped
-        if flags & PADDED:
-            payload = payload[1 : len(payload) - payload[0]]
+        if s.expect:  # sized: copied into place
+            n = len(payload)
+            if s.filled + n > s.expect:
+                self._refuse(s, grpc.StatusCode.INTERNAL, "a unary call must carry exactly one request message")
+                return
+            s.body[s.filled : s.filled + n] = payload
+            s.filled += n
+            return
         body = s.body
         body += payload
+        if len(body) < 5:
+            return
         limit = self.server.max_message_bytes
-        if len(body) >= 5:
-            declared = _HEAD.unpack_from(body, 1)[0]
-            if declared > limit or len(body) > limit + 5:
-                self._refuse(s, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"Received message larger than max ({max(declared, len(body) - 5)} vs. {limit})")
-                return
-        if flags & END_STREAM:
+        declared = _HEAD.unpack_from(body, 1)[0]
+        if declared > limit or len(body) > limit + 5:
+            self._refuse(s, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"Received message larger than max ({max(declared, len(body) - 5)} vs. {limit})")
+        elif declared <= PRESIZE_MAX and len(body) <= declared + 5:
+            s.expect, s.filled = declared + 5, len(body)
+            s.body = bytearray(s.expect)
+            s.body[: len(body)] = body
+
+    def _data_end(self, sid: int) -> None:
+        s = self.streams.get(sid)
+        if s is not None and not s.answered:
             self._request_complete(s)
 
     def _on_headers(self, sid: int, flags: int, payload: memoryview) -> None:
@@ -380,14 +429,15 @@ class _Connection(asyncio.Protocol):
     def _request_complete(self, s: _Stream) -> None:
         s.answered = True
         body = s.body
-        if len(body) < 5:
+        size = s.filled if s.expect else len(body)
+        if size < 5:
             self._refuse(s, grpc.StatusCode.INTERNAL, "the call carried no request message")
             return
         n = _HEAD.unpack_from(body, 1)[0]
-        if len(body) != 5 + n:
+        if size != 5 + n:
             self._refuse(s, grpc.StatusCode.INTERNAL, "a unary call must carry exactly one request message")
             return
-        message = bytes(body[5:])
+        message: bytes | memoryview = memoryview(body)[5:]  # protobuf parses from a buffer: no copy
         s.body = bytearray()
         if body[0]:
             try:
@@ -401,7 +451,7 @@ class _Connection(asyncio.Protocol):
             return
         s.task = asyncio.get_running_loop().create_task(self._call(s, handler, message))
 
-    def _decompress(self, encoding: bytes, message: bytes) -> bytes:
+    def _decompress(self, encoding: bytes, message: bytes | memoryview) -> bytes:
         if encoding not in (b"gzip", b"deflate"):
             raise _Refusal(grpc.StatusCode.UNIMPLEMENTED, f"grpc-encoding {encoding.decode('latin-1')!r} is not "
                            "supported (identity, gzip, deflate)")
@@ -417,7 +467,7 @@ class _Connection(asyncio.Protocol):
                            f"Received message larger than max (more than {limit} vs. {limit}) once decompressed")
         return out
 
-    async def _call(self, s: _Stream, handler: Handler, message: bytes) -> None:
+    async def _call(self, s: _Stream, handler: Handler, message: bytes | memoryview) -> None:
         try:
             answer = await handler(message, CallContext(s.deadline, s.headers))
         except AbortError as a:

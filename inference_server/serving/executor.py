@@ -6,6 +6,13 @@ and with batching on keeps taking compatible items (same per-item shapes and out
 is full or `max_queue_delay_ms` has passed since it took the first. Results go back to the asyncio
 loop with one `call_soon_threadsafe` per item. Items whose deadline passed while queued are never run.
 
+A forward pass short enough (under INLINE_MAX_S per request, measured as the model serves) runs on the
+event loop itself when the worker is idle: one CPU instance, batching off. For a net like the digits
+one the hand-off to a worker and back (a futex wake, a self-pipe write, two GIL switches) costs more
+than the forward pass: ~40% of the request's GIL-holding samples under py-spy. A lock keeps the worker
+and the loop off the Net at the same time; a forward that grows slower (a larger batch, a busier
+machine) goes back to the worker.
+
 Batching is only ever on for a batch-separable net (loading/forward_probe.py, run by the first worker at load):
 `enabled: true` on any other net is a load error naming the output, `auto` leaves it off and says why.
 The split asserts what it assumes (every output's axis 0 is the stacked batch) and fails the batch
@@ -24,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backends import BackendChoice, create_backend
-from ..backends.base import NetDescription
+from ..backends.base import Backend, NetDescription
 from ..config import ServerConfig
 from ..errors import DeadlineExceeded, GpuOutOfMemory, InferenceError, ModelLoadError, Unavailable
 from ..loading.calibration import BatchingDecision, decide, measure_curve
@@ -32,6 +39,9 @@ from ..loading.forward_probe import NetProbe, probe, runs_batches
 from ..loading.parity import value_range
 
 log = logging.getLogger(__name__)
+
+INLINE_MAX_S = 0.0002  # a forward pass expected under this runs on the event loop (see the module docstring)
+_EWMA = 0.2  # weight of the newest forward pass in the per-row time estimate
 
 
 @dataclass(slots=True)
@@ -98,6 +108,10 @@ class Executor:
         self.on_batch = on_batch  # callback(batch_size, compute_s) for metrics, called in the worker thread
         self.decision: BatchingDecision | None = None  # set with `batching: auto`
         self.probe: NetProbe = None  # type: ignore[assignment]  # set by the first worker at load
+        # the inline path (module docstring): the worker's backend, when the config allows it
+        self.inline_backend: Backend | None = None
+        self.net_lock = threading.Lock()  # held by whoever runs a forward pass on the Net
+        self.row_s = float("inf")  # recent forward time per batch row (seconds), from both paths
 
     # --- lifecycle
     def start(self) -> NetDescription:
@@ -120,6 +134,7 @@ class Executor:
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Ask every worker to end after its current item; True when all ended within `timeout`."""
+        self.inline_backend = None
         for _ in self.threads:
             self.queue.put(self._STOP)
         deadline = time.monotonic() + timeout
@@ -131,6 +146,10 @@ class Executor:
     async def submit(self, inputs: dict[str, np.ndarray], outputs: list[str], batch: int, deadline: float):
         if self.pending >= self.max_queue:
             raise Unavailable(f"the model's queue is full ({self.max_queue} requests); retry later", retry_after_s=1)
+        backend = self.inline_backend
+        if (backend is not None and not self.pending and batch * self.row_s <= INLINE_MAX_S
+                and self.net_lock.acquire(blocking=False)):
+            return self._inline(backend, inputs, outputs, batch, deadline)
         self.pending += 1
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
@@ -141,6 +160,27 @@ class Executor:
         finally:
             timer.cancel()
             self.pending -= 1
+
+    def _inline(self, backend, inputs: dict[str, np.ndarray], outputs: list[str], batch: int, deadline: float):
+        """The forward pass on the calling (event loop) thread; the caller holds `net_lock`."""
+        try:
+            start = time.monotonic()
+            if start > deadline:
+                raise DeadlineExceeded("the request's deadline passed before it reached the model")
+            try:
+                result = backend.infer(inputs, outputs)
+            except InferenceError:
+                raise
+            except Exception as e:  # a backend failure is the server's fault: 500 with the message
+                log.exception("forward pass failed")
+                raise InferenceError(f"inference failed: {e}") from None
+            compute = time.monotonic() - start
+        finally:
+            self.net_lock.release()
+        self.row_s += _EWMA * (compute / batch - self.row_s)
+        if self.on_batch is not None:
+            self.on_batch(batch, compute)
+        return result, Timing(0.0, compute, batch)
 
     # --- worker thread
     def _run(self, index: int, ready: list, cond: threading.Condition) -> None:
@@ -157,6 +197,8 @@ class Executor:
             cond.notify_all()
         if err is not None:
             return
+        if index == 0 and self.instances == 1 and not self.batching and self.cfg.device.kind == "cpu":
+            self.inline_backend = backend
         carry: WorkItem | None = None
         while True:
             first = carry if carry is not None else self.queue.get()
@@ -166,7 +208,8 @@ class Executor:
             batch = [first]
             if self.batching:
                 batch, carry = self._gather(first)
-            self._execute(backend, batch)
+            with self.net_lock:
+                self._execute(backend, batch)
             if carry is self._STOP:
                 return
 
@@ -264,6 +307,8 @@ class Executor:
             results, error = [None] * len(live), InferenceError(f"inference failed: {e}")
         done = time.monotonic()
         batch_size = sum(it.batch for it in live)
+        row_s = (done - now) / batch_size
+        self.row_s = row_s if self.row_s == float("inf") else self.row_s + _EWMA * (row_s - self.row_s)
         for it, res in zip(live, results, strict=True):
             _post(it.loop, _deliver, it.future, (res, Timing(now - it.enqueued, done - now, batch_size)), error)
         if self.on_batch is not None:

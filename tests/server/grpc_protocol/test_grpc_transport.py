@@ -6,7 +6,11 @@ and CAFFESERVE_GRPC_TRANSPORT=grpcio serves the same answers on grpc.aio."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import os
 import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import caffe
@@ -17,7 +21,9 @@ from caffe import layers as L
 
 from caffe_testing.grpc import OIPClient, grpc_server, infer_request, output
 from caffe_testing.nets import forward, save_net
+from caffe_testing.servers import free_port
 from inference_server.grpc import messages as pb
+from inference_server.grpc.transport import GRPCTransportServer
 
 WIDE = 40000  # output floats: 160 kB, over the 64 KiB window a client has without BDP probing
 
@@ -95,3 +101,37 @@ def test_an_http1_client_is_closed_and_the_server_serves_on(server, net_files):
     assert client.call("ServerReady", pb.ServerReadyRequest()).ready
     assert output(client.infer(infer_request("wide", {"data": x(1)})), "ip").shape == (1, WIDE)
     client.close()
+
+
+def test_request_messages_of_every_size_arrive_whole_plain_or_gzip():
+    """The transport alone (a handler that answers the sha256 and length of what it got), with grpc's client:
+    empty, small, over a frame, over the presized buffer, several MB, 20 at once; over the limit is
+    RESOURCE_EXHAUSTED naming it, and the connection serves on. No model: the framing is under test."""
+    port, limit = free_port(), 8 << 20
+    started = threading.Event()
+
+    async def digest(data, context) -> bytes:
+        return hashlib.sha256(bytes(data)).digest() + len(data).to_bytes(8, "big")
+
+    async def serve():
+        await GRPCTransportServer({b"/t.S/M": digest}, limit).start("127.0.0.1", port)
+        started.set()
+        await asyncio.Event().wait()
+
+    threading.Thread(target=lambda: asyncio.run(serve()), daemon=True).start()
+    assert started.wait(30)
+    for compression in (None, grpc.Compression.Gzip):
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", compression=compression,
+                                        options=[("grpc.max_send_message_length", 64 << 20)])
+        stub = channel.unary_unary("/t.S/M")
+        for size in (0, 1, 1000, 70_000, 600_000, 1 << 20, (1 << 20) + 1, 3_000_000, limit):
+            msg = os.urandom(size)
+            assert stub(msg, timeout=60) == hashlib.sha256(msg).digest() + size.to_bytes(8, "big"), size
+        msgs = [os.urandom(200_000 + i) for i in range(20)]
+        futures = [stub.future(m, timeout=60) for m in msgs]
+        assert [f.result()[:32] for f in futures] == [hashlib.sha256(m).digest() for m in msgs]
+        with pytest.raises(grpc.RpcError) as e:
+            stub(os.urandom(limit + 1), timeout=60)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and str(limit) in e.value.details()
+        assert stub(b"abc", timeout=60)[32:] == (3).to_bytes(8, "big")
+        channel.close()
