@@ -73,7 +73,8 @@ class GatewayApp:
             from .grpc_auth import hooks  # grpcio only when gRPC is on
             from .grpc_proxy import GRPCGateway, GRPCGatewayServer
 
-            grpc_gateway = GRPCGateway(self.gateway.forwarder, self.ready, self.gateway.version, self.gateway.tracing)
+            grpc_gateway = GRPCGateway(self.gateway.forwarder, self.ready, self.gateway.version, self.gateway.tracing,
+                                       index=self.gateway.index_entries)
             handler, interceptors = hooks(self.guard, grpc_gateway.handler)
             self.grpc_server = GRPCGatewayServer(grpc_gateway, self.limits.max_body_bytes, handler, interceptors)
             credentials = self.tls.grpc_credentials() if self.tls is not None else None

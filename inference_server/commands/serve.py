@@ -1,10 +1,13 @@
-"""`caffeserve serve --config FILE`: one model over the Open Inference Protocol.
+"""`caffeserve serve --config FILE | --model-repository DIR`: models over the Open Inference Protocol.
 
-Starts listening at once (liveness true), loads the model in a background thread (readiness true
-when it is loaded, false with the loader's message when it failed). On SIGTERM readiness turns 503
-at once, the listener stays open for the drain delay (every response then closes its connection),
-then closes; every request received is finished, and the process exits 0 within drain delay + grace
-period.
+`--config FILE` serves one model (a repository of one); `--model-repository DIR` every model folder in DIR
+(`DIR/NAME/server.yaml` and its files), with Triton's `--model-control-mode none|explicit` and
+`--load-model NAME`. Starts listening at once (liveness true), loads the models in a background thread
+(with --config: readiness true when the model is loaded, false with the loader's message when it failed;
+with a repository: true once the start-up loads are done, each model having its own readiness). On
+SIGTERM readiness turns 503 at once, the listener stays open for the drain delay (every response then
+closes its connection), then closes; every request received is finished, and the process exits 0 within
+drain delay + grace period.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 from caffe_http.access_log import AccessLog, add_logging_arguments, configure_logging, log_refusal, with_access_log
 from caffe_http.encoding import with_content_coding
@@ -24,12 +28,14 @@ from caffe_http.lifecycle import install_uvloop
 from caffe_http.server import HTTPServer, ServerLimits, serve_until_signalled
 from caffe_http.tracing import TracingUnavailable, endpoint as tracing_endpoint, start as start_tracer
 
-from ..config import ConfigError
+from ..config import ConfigError, Grpc, Limits, Tracing
 from ..cpus import share_blas_threads
 from ..model_dir import config_from
 from ..serving.app import create_app
 from ..serving.dataplane import DataPlane, Model
-from ..serving.metrics import ServerMetrics
+from ..serving.memory import DEFAULT_GPU_RESERVE, MemoryBudget
+from ..serving.metrics import MetricFamilies, ServerMetrics
+from ..serving.repository import CONTROL_MODES, Repository
 from ..serving.tracing import SERVICE_NAME, ServerTracing
 
 log = logging.getLogger("caffeserve")
@@ -37,12 +43,29 @@ log = logging.getLogger("caffeserve")
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="caffeserve serve", description=__doc__.splitlines()[0])
-    model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--config", metavar="FILE",
-                       help="the server config YAML: its fields are in the README, section 'The inference server'")
-    model.add_argument("--model_dir", "--model-dir", metavar="DIR",
-                       help="a model folder, as KServe's runtimes take it (/mnt/models): its server.yaml, else its "
-                            "prototxt and caffemodel with the net's own inputs and outputs (docs/kserve.md)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", metavar="FILE",
+                        help="one model's server config YAML: its fields are in the README, section 'The inference "
+                        "server' (a repository of one)")
+    source.add_argument("--model_dir", "--model-dir", metavar="DIR",
+                        help="a model folder, as KServe's runtimes take it (/mnt/models): its server.yaml, else its "
+                        "prototxt and caffemodel with the net's own inputs and outputs (docs/kserve.md)")
+    source.add_argument("--model-repository", metavar="DIR",
+                        help="serve the models in DIR: each a folder DIR/NAME holding its server.yaml and files")
+    p.add_argument("--model-control-mode", choices=CONTROL_MODES, default="none",
+                   help="none (default): load every model at start, refuse load and unload calls; explicit: load "
+                   "the --load-model models at start and take the repository API's load and unload calls")
+    p.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                   help="with explicit control: a model to load at start (repeatable; '*': every model; default: none)")
+    p.add_argument("--memory-bytes", type=int, default=None, metavar="N",
+                   help="host memory the loaded models may hold together (measured RSS growth at each load); a load "
+                   "past it is refused with 507 (default: no budget)")
+    p.add_argument("--gpu-memory-bytes", type=int, default=None, metavar="N",
+                   help="GPU memory the loaded models may hold (default: the GPU's free memory at the first GPU "
+                   "load, less --gpu-memory-reserve-bytes)")
+    p.add_argument("--gpu-memory-reserve-bytes", type=int, default=DEFAULT_GPU_RESERVE, metavar="N",
+                   help="GPU memory left out of the default GPU budget (default %(default)s: workspaces, the CUDA "
+                   "context, forward passes)")
     p.add_argument("--model_name", "--model-name", metavar="NAME",
                    help="the model's name in URLs, replacing the config's (KServe passes the InferenceService's name; "
                         "default: the config's name, or the model folder's)")
@@ -77,68 +100,96 @@ def _bind_error(host: str, port: int) -> str:
     return "the port could be bound a moment later"
 
 
-def build(cfg, access_log: bool = True) -> tuple[DataPlane, HTTPServer, Model]:
-    metrics = ServerMetrics(cfg.name, cfg.version)
-    model = Model(cfg, metrics)
-    plane = DataPlane(model)
-    limits = ServerLimits(
-        max_body_bytes=cfg.limits.max_request_bytes,
-        header_timeout_s=cfg.limits.header_timeout_s,
-        body_timeout_s=cfg.limits.body_timeout_s,
-        max_inflight_bytes=cfg.limits.max_inflight_bytes,
+def build(cfg, access_log: bool = True, repository_dir: str | None = None, config_file: str | None = None,
+          mode: str = "none", budget: MemoryBudget | None = None) -> tuple[DataPlane, HTTPServer, Repository]:
+    """The data plane, the REST server and the repository: one model (`cfg`, from `config_file`) or the
+    models of `repository_dir` (none loaded yet)."""
+    families = MetricFamilies()
+    if repository_dir is None:
+        plane = DataPlane(Model(cfg, ServerMetrics(cfg.name, cfg.version, families)))
+        repo = Repository(plane, families, config_file=Path(config_file or "server.yaml"), mode=mode, budget=budget)
+        repo.adopt(plane.models[cfg.name])
+        limits = cfg.limits
+    else:
+        plane = DataPlane([], ServerMetrics("", "", families), strict=False)
+        repo = Repository(plane, families, root=Path(repository_dir), mode=mode, budget=budget)
+        limits = Limits()  # the transport's limits; each model's own apply to its requests
+    server_limits = ServerLimits(
+        max_body_bytes=limits.max_request_bytes,
+        header_timeout_s=limits.header_timeout_s,
+        body_timeout_s=limits.body_timeout_s,
+        max_inflight_bytes=limits.max_inflight_bytes,
     )
     # request bodies in gzip/deflate are decompressed up to maxRequestBytes (413 beyond); answers are
     # compressed when the client asks; one access line per request (caffe_http.access_log)
     access = AccessLog("server", access_log)
-    handler = with_access_log(with_content_coding(create_app(plane, metrics), cfg.limits.max_request_bytes), access)
-    server = HTTPServer(handler, limits, cancel_on_disconnect=True)
+    handler = with_access_log(with_content_coding(create_app(plane, repo), limits.max_request_bytes), access)
+    server = HTTPServer(handler, server_limits, cancel_on_disconnect=True)
     server.on_refuse = log_refusal(access)
-    return plane, server, model
+    return plane, server, repo
 
 
 def start_tracing(cfg, flag: str | None) -> ServerTracing | None:
     """The server's tracer when an OTLP endpoint is set (flag, config, environment), else None; the
-    OpenTelemetry SDK is imported only then."""
-    url = tracing_endpoint(flag or cfg.tracing.endpoint)
+    OpenTelemetry SDK is imported only then. A repository (`cfg` None) takes the flag or the environment,
+    and its tracer serves every model it loads."""
+    tracing = Tracing() if cfg is None else cfg.tracing
+    url = tracing_endpoint(flag or tracing.endpoint)
     if url is None:
         return None
-    return ServerTracing(start_tracer(url, SERVICE_NAME, cfg.tracing.sample_ratio))
+    return ServerTracing(start_tracer(url, SERVICE_NAME, tracing.sample_ratio))
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level, args.log_format)
-    try:
-        if args.model_dir and not os.path.isdir(args.model_dir):
-            raise ConfigError(f"--model_dir {args.model_dir} is not a folder")
-        cfg, source = config_from(args.config or args.model_dir, args.model_name)
-    except ConfigError as e:
-        print(f"caffeserve serve: {e}", file=sys.stderr)
-        return 2
+    budget = MemoryBudget(args.memory_bytes, args.gpu_memory_bytes, args.gpu_memory_reserve_bytes)
+    if args.model_repository is not None:
+        if not os.path.isdir(args.model_repository):
+            print(f"caffeserve serve: --model-repository {args.model_repository} is not a folder", file=sys.stderr)
+            return 2
+        cfg, grpc_cfg, instances = None, Grpc(), 1
+    else:
+        try:
+            if args.model_dir and not os.path.isdir(args.model_dir):
+                raise ConfigError(f"--model_dir {args.model_dir} is not a folder")
+            cfg, source = config_from(args.config or args.model_dir, args.model_name)
+        except ConfigError as e:
+            print(f"caffeserve serve: {e}", file=sys.stderr)
+            return 2
+        if args.model_dir:
+            log.info("model folder %s: %s", args.model_dir, "its server.yaml" if source == "folder config" else
+                     f"no server.yaml, serving {cfg.model.prototxt} and {cfg.model.weights} with the net's own "
+                     "inputs and outputs")
+        grpc_cfg, instances = cfg.grpc, cfg.instances
     if args.grpc_port is not None:
-        cfg.grpc.enabled, cfg.grpc.port = True, args.grpc_port
-    if args.model_dir:
-        log.info("model folder %s: %s", args.model_dir, "its server.yaml" if source == "folder config" else
-                 f"no server.yaml, serving {cfg.model.prototxt} and {cfg.model.weights} with the net's own inputs "
-                 "and outputs")
-    blas = share_blas_threads(cfg.instances)
-    plane, server, model = build(cfg, access_log=args.access_log)
+        grpc_cfg.enabled, grpc_cfg.port = True, args.grpc_port
+    blas = share_blas_threads(instances)
+    config_file = args.config or (os.path.join(args.model_dir, "server.yaml") if args.model_dir else None)
+    plane, server, repo = build(cfg, args.access_log, args.model_repository, config_file, args.model_control_mode,
+                                budget)
     try:
-        model.tracing = start_tracing(cfg, args.otlp_endpoint)
+        repo.tracing = start_tracing(cfg, args.otlp_endpoint)
     except TracingUnavailable as e:
         print(f"caffeserve serve: {e}", file=sys.stderr)
         return 2
+    for m in plane.models.values():
+        m.tracing = repo.tracing
     install_uvloop()
     grpc_server = None
-    if cfg.grpc.enabled:
+    if grpc_cfg.enabled:
         from ..grpc.service import GRPCServer  # grpcio is imported only when gRPC is on
 
-        grpc_server = GRPCServer(plane, model.metrics, cfg.limits.max_request_bytes)
+        max_message = cfg.limits.max_request_bytes if cfg is not None else Limits().max_request_bytes
+        grpc_server = GRPCServer(plane, repo, max_message)
+    start_names = [cfg.name] if cfg is not None else repo.start_names(args.load_model)
 
     def listening(port: int) -> None:
-        log.info("listening on http://%s:%d (model %s loading; %d instance(s), %d BLAS thread(s) each)",
-                 args.host, port, cfg.name, cfg.instances, blas)
-        threading.Thread(target=model.load, name="model-loader", daemon=True).start()
+        what = f"model {cfg.name}" if cfg is not None else f"repository {args.model_repository}"
+        log.info("listening on http://%s:%d (%s loading %s; control mode %s; %d BLAS thread(s) per instance)",
+                 args.host, port, what, ", ".join(start_names) or "nothing", args.model_control_mode, blas)
+        plane.starting = True
+        threading.Thread(target=repo.load_at_start, args=(start_names,), name="model-loader", daemon=True).start()
 
     signalled: list[float] = []
     stopping: list[asyncio.Task] = []
@@ -154,9 +205,9 @@ def main(argv: list[str]) -> int:
     async def run() -> int:
         if grpc_server is not None:
             try:
-                port = await grpc_server.start(args.host, cfg.grpc.port)
+                port = await grpc_server.start(args.host, grpc_cfg.port)
             except OSError as e:  # grpc says only "Failed to bind": the OS says why
-                log.error("%s (%s); choose another --grpc-port", e, _bind_error(args.host, cfg.grpc.port))
+                log.error("%s (%s); choose another --grpc-port", e, _bind_error(args.host, grpc_cfg.port))
                 return 2
             log.info("listening for gRPC on %s:%d", args.host, port)
         try:
@@ -173,8 +224,8 @@ def main(argv: list[str]) -> int:
         return 0
 
     rc = asyncio.run(run())
-    if model.tracing is not None:
-        model.tracing.shutdown()  # the spans still queued go out before the exit
+    if repo.tracing is not None:
+        repo.tracing.shutdown()  # the spans still queued go out before the exit
     if rc != 0:
         logging.shutdown()  # the log lines that say why, written before the exit
         return rc
@@ -183,7 +234,9 @@ def main(argv: list[str]) -> int:
     # is not safe while a worker is inside Caffe).
     budget = args.grace_period + args.drain_delay
     left = budget - (time.monotonic() - signalled[0]) if signalled else args.grace_period
-    if not model.close(timeout=max(0.0, left)):
+    end = time.monotonic() + max(0.0, left)
+    closed = [m.close(timeout=max(0.0, end - time.monotonic())) for m in list(plane.models.values())]
+    if not all(closed):
         log.warning("stopped with a forward pass still running at the end of the grace period")
         logging.shutdown()
         os._exit(0)
