@@ -26,6 +26,7 @@ from caffe_operator import manifests
 from caffe_operator.api import CaffeModelServiceSpec
 from caffe_operator.pool_api import CaffeServingPoolSpec
 from caffe_operator.variants import MANAGED_BY, Variant
+from inference_server.config import DeviceKind
 from inference_server.slices import GRPC_PORT, GRPC_PORT_NAME, PORT, PORT_NAME
 
 POOL_LABEL = "caffeserving.io/pool"
@@ -80,10 +81,12 @@ def model_dir(spec: CaffeModelServiceSpec) -> str:
     return posixpath.join(POOL_MODEL_DIR, pvc.claim_name, pvc.path.strip("/")).rstrip("/")
 
 
-def load_config(name: str, spec: CaffeModelServiceSpec) -> str:
+def load_config(name: str, spec: CaffeModelServiceSpec, device: str) -> str:
     """The model's server config as the repository load's `parameters.config` (a JSON string): the
-    same config its own pods would run (manifests.server_config), files under the pool's mount."""
+    same config its own pods would run (manifests.server_config), files under the pool's mount, on the
+    pool's device (`gpu` or `cpu`: the pool decides, whatever the model's runtime.device says)."""
     cfg = manifests.server_config(name, spec, model_dir(spec))
+    cfg.device.kind = DeviceKind(device)
     return json.dumps(cfg.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True, mode="json"),
                       sort_keys=True)
 
