@@ -99,8 +99,10 @@ def test_a_pool_models_service_selects_the_pool_pods_that_hold_it():
 
 
 def test_the_load_config_is_the_models_server_config_under_the_pool_mount():
-    cfg = json.loads(pool_manifests.load_config("digits", model_spec(), "cpu"))
-    assert cfg["name"] == "digits" and cfg["device"]["kind"] == "cpu"  # the pool's device, not the model's
+    # the pool's device, not the model's (runtime.device defaults to gpu; cpu is the server's default)
+    assert json.loads(pool_manifests.load_config("digits", model_spec(), "gpu"))["device"]["kind"] == "gpu"
+    cfg = json.loads(pool_manifests.load_config("digits", model_spec(runtime={"device": "gpu"}), "cpu"))
+    assert cfg["name"] == "digits" and "device" not in cfg
     assert cfg["model"]["prototxt"] == "/models/models/zoo/digits/deploy.prototxt"
     assert cfg["model"]["weights"] == "/models/models/zoo/digits/digits.caffemodel"
 
