@@ -78,6 +78,8 @@ def test_cpu_pool_asks_for_no_gpu_and_mounts_each_claim():
               if "persistentVolumeClaim" in v]
     assert claims == ["models", "zoo"]
     assert dep["spec"]["replicas"] == 2
+    moved = server(pool_manifests.pool_deployment("small", "ml", pool(device="cpu", modelMountPath="/srv/claims")))
+    assert "/srv/claims/models" in {m["mountPath"] for m in moved["volumeMounts"]}
     assert dep["spec"]["selector"]["matchLabels"] == {"caffeserving.io/pool": "small"}
     kubernetes_validate.validate(dep, kubernetes_validate.latest_version(), strict=True)
 
