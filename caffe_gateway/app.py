@@ -62,7 +62,8 @@ class GatewayApp:
         if grpc_port is not None:
             from .grpc_proxy import GRPCGateway, GRPCGatewayServer  # grpcio only when gRPC is on
 
-            grpc_gateway = GRPCGateway(self.gateway.forwarder, self.ready, self.gateway.version)
+            grpc_gateway = GRPCGateway(self.gateway.forwarder, self.ready, self.gateway.version,
+                                       index=self.gateway.index_entries)
             self.grpc_server = GRPCGatewayServer(grpc_gateway, self.limits.max_body_bytes)
             self.grpc_port = await self.grpc_server.start(host, grpc_port)
         self._discovery_task = asyncio.create_task(self.discovery.run(self.balancer), name="gateway-discovery")

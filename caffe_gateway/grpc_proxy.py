@@ -4,7 +4,9 @@ What a client sees (tritonclient.grpc, KServe's InferenceGRPCClient, any OIP gRP
 - ServerLive, ServerReady and ServerMetadata are the gateway's own answers, as REST's
   `/v2/health/*` and `GET /v2` are. ModelInfer, ModelReady and ModelMetadata go to a ready server
   of the model their request names (field 1, `model_name` or `name`), and so does ModelConfig;
-  ModelStatistics is summed over the model's replicas (grpc_stats.py); other methods are UNIMPLEMENTED.
+  ModelStatistics is summed over the model's replicas (grpc_stats.py); Triton's RepositoryIndex is the
+  gateway's own (REST's index), RepositoryModelLoad and RepositoryModelUnload go to every server of the
+  model (repository.py); other methods are UNIMPLEMENTED.
 - Bytes in, bytes out: one generic handler per method takes the request as bytes, reads only the
   model name (a scan of the message's top-level fields that skips the others by their length:
   tensors are never decoded) and forwards the same bytes; the server's answer comes back as it
@@ -34,7 +36,7 @@ What a client sees (tritonclient.grpc, KServe's InferenceGRPCClient, any OIP gRP
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -47,6 +49,7 @@ from .balancer import Endpoint, ModelRoute
 from .forward import BROKEN, DEADLINE, NOT_SERVED, UNAVAILABLE, UNKNOWN, Forwarder, Lost, NotRun, Refused, Unreachable
 from .grpc_stats import model_statistics
 from .proxy import FORWARDED_EXTENSIONS, GATEWAY_NAME
+from .repository import broadcast, endpoints_of, unknown_model
 
 SERVICE = pb.SERVICE
 OWN_METHODS = ("ServerLive", "ServerReady", "ServerMetadata")
@@ -287,8 +290,10 @@ def upstream_target(ep: Endpoint) -> str:
 class GRPCGateway:
     """The RPC handlers; `handler()` is what the gateway's grpc server registers."""
 
-    def __init__(self, forwarder: Forwarder, ready: Callable[[], bool] = lambda: True, version: str = "0.1.0"):
+    def __init__(self, forwarder: Forwarder, ready: Callable[[], bool] = lambda: True, version: str = "0.1.0",
+                 index: Callable[[bool], Awaitable[list[dict]]] | None = None):
         self.forwarder = forwarder
+        self.index = index  # the REST gateway's repository index (Gateway.index_entries)
         self.balancer = forwarder.balancer
         self.metrics = forwarder.metrics
         self.settings = forwarder.settings
@@ -305,6 +310,8 @@ class GRPCGateway:
         for name in MODEL_METHODS:
             methods[name] = grpc.unary_unary_rpc_method_handler(self._forwarder(name))
         methods["ModelStatistics"] = grpc.unary_unary_rpc_method_handler(self.ModelStatistics)
+        for name in ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"):
+            methods[name] = grpc.unary_unary_rpc_method_handler(getattr(self, name))
         return grpc.method_handlers_generic_handler(SERVICE, methods)
 
     # --- the gateway's own
@@ -320,6 +327,52 @@ class GRPCGateway:
     async def ModelStatistics(self, data: bytes, context) -> bytes:
         """Summed over the model's replicas (grpc_stats.py), as REST's /stats is."""
         return await model_statistics(self.balancer, data, context)
+
+    # --- Triton's model repository extension (repository.py)
+    async def RepositoryIndex(self, data: bytes, context) -> bytes:
+        try:
+            req = pb.RepositoryIndexRequest.FromString(data)
+        except Exception as e:  # noqa: BLE001 (protobuf's DecodeError and friends)
+            await context.abort(Code.INVALID_ARGUMENT, f"malformed RepositoryIndexRequest: {e}")
+        resp = pb.RepositoryIndexResponse()
+        for entry in await self.index(req.ready) if self.index is not None else []:
+            resp.models.add(**entry)
+        return resp.SerializeToString()
+
+    async def RepositoryModelLoad(self, data: bytes, context) -> bytes:
+        return await self._repository_call("RepositoryModelLoad", data, context)
+
+    async def RepositoryModelUnload(self, data: bytes, context) -> bytes:
+        return await self._repository_call("RepositoryModelUnload", data, context)
+
+    async def _repository_call(self, method: str, data: bytes, context) -> bytes:
+        """Sent to every server of the model (field 2 names it); OK when every one answers OK."""
+        model, code = "", "OK"
+        try:
+            try:
+                model = model_and_version(data)[1]  # field 1 is repository_name, field 2 model_name
+            except Malformed as e:
+                raise _Abort(Code.INVALID_ARGUMENT, f"malformed {method}Request: {e}") from None
+            targets = endpoints_of(self.balancer, model, grpc=True)
+            if not targets:
+                raise _Abort(Code.NOT_FOUND, unknown_model(model))
+            payload: bytes | str = b""
+            for address, answer in await broadcast(self.transport, targets,
+                                                   (method, data, self._request_metadata(context))):
+                if isinstance(answer, Refused):
+                    raise _Abort(REFUSALS[answer.kind], f"{method} of model '{model}' at {address}: {answer.message}")
+                if isinstance(answer, Exception):
+                    raise self._unavailable(f"{method} of model '{model}' at {address}: {answer}")
+                status, payload, _, trailing = answer
+                if status is not _OK:  # the server's own status, passed through
+                    raise _Abort(status, str(payload), _reply_metadata(trailing))
+            return payload if isinstance(payload, bytes) else b""
+        except _Abort as e:
+            code = e.code.name
+            await context.abort(e.code, e.details, trailing_metadata=e.trailing)
+            raise AssertionError("unreachable: context.abort raises") from None
+        finally:
+            self.metrics.count_grpc(model if model in self.balancer.models else "", method, code)
 
     # --- forwarded
     def _forwarder(self, method: str):

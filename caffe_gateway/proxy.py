@@ -37,6 +37,7 @@ import orjson
 from caffe_http.server import NOT_RUN_HEADER, Request, Response
 from caffe_http.tryit import is_page, page_response
 from caffe_http.upstream import ConnectFailed, EndpointLost, ResponseBroken, UpstreamResponse, UpstreamTimeout
+from inference_server.admin import repository_model_path
 
 from . import traffic
 from .balancer import Balancer, Endpoint, ModelRoute
@@ -54,6 +55,7 @@ from .forward import (
     Unreachable,
 )
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, GatewayMetrics
+from .repository import broadcast, endpoints_of, unknown_model
 from .stats import answer as stats_answer
 
 __all__ = ["Gateway", "ProxySettings", "MODELS_PREFIX", "FORWARDED_EXTENSIONS", "GATEWAY_NAME"]
@@ -77,6 +79,7 @@ REFUSALS = {UNKNOWN: 404, UNAVAILABLE: 503, DEADLINE: 504, BROKEN: 502, NOT_SERV
 
 _NOT_RUN = NOT_RUN_HEADER.lower()
 MODELS_PREFIX = "/v2/models/"
+REPOSITORY_MODELS_PREFIX = "/v2/repository/models/"
 GATEWAY_NAME = "caffe-serving-gateway"
 # OIP/Triton extensions that work through the gateway (it forwards the bytes unchanged; statistics
 # are summed over a model's replicas by stats.py).
@@ -173,6 +176,11 @@ class Gateway:
             return await self._forward(req, rest.split("/", 1)[0], traffic.pinned_version(rest))
         if req.method not in FORWARDED_METHODS:
             return _error(405, f"method {req.method} is not allowed on {path}")
+        if path.startswith(REPOSITORY_MODELS_PREFIX) and (
+                target := repository_model_path(tuple(path.strip("/").split("/")))) is not None:
+            if req.method != "POST":
+                return _error(405, f"method {req.method} is not allowed on {path}; use POST", {"Allow": "POST"})
+            return await self._repository_call(req, *target)
         own = self._routes.get(path)
         if own is not None and req.method in own[0]:
             return await own[1](req)
@@ -201,25 +209,30 @@ class Gateway:
         return Response(200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
 
     async def _index(self, req: Request) -> Response:
-        """Triton's repository index: every model with its version, state and reason.
-
-        A model with a ready endpoint answers for itself (its replica's own index entry: version,
-        READY); one without is UNAVAILABLE with the reason, as a server reports a model it cannot serve.
-        """
         only_ready = False
         if req.body.strip():
             try:
                 only_ready = bool(orjson.loads(req.body).get("ready", False))
             except (orjson.JSONDecodeError, AttributeError):
                 return _error(400, "repository index request must be a JSON object like {\"ready\": true}")
+        return _json(await self.index_entries(only_ready, req.arrived))
+
+    async def index_entries(self, only_ready: bool = False, arrived: float = 0.0) -> list[dict]:
+        """Triton's repository index: every model with its version, state and reason (REST and gRPC).
+
+        A model with a ready endpoint answers for itself (its replica's own index entry: version,
+        READY); one without is UNAVAILABLE with the reason, as a server reports a model it cannot serve.
+        """
         routes = sorted(self.balancer.models.items())
         asked = Request("POST", "/v2/repository/index", "", {"content-type": "application/json"}, b"{}",
-                        arrived=req.arrived)
-        answers = await asyncio.gather(*(self._ask(asked, route) for _, route in routes if route.ready_count()))
+                        arrived=arrived)
+        asking = [name for name, route in routes if route.ready_count()]
+        answers = await asyncio.gather(*(self._ask(asked, self.balancer.models[name]) for name in asking))
         by_name: dict[str, dict] = {}
-        for resp in answers:
-            if resp.status == 200:
-                by_name.update((e["name"], e) for e in orjson.loads(resp.body) if isinstance(e, dict) and "name" in e)
+        for name, resp in zip(asking, answers, strict=True):
+            if resp.status == 200:  # a server holding many models lists them all: take the asked one's entry
+                by_name.update((e["name"], e) for e in orjson.loads(resp.body)
+                               if isinstance(e, dict) and e.get("name") == name)
         out = []
         for name, route in routes:
             entry = by_name.get(name)
@@ -229,7 +242,21 @@ class Gateway:
             if only_ready and entry.get("state") != "READY":
                 continue
             out.append({k: entry.get(k, "") for k in ("name", "version", "state", "reason")})
-        return _json(out)
+        return out
+
+    async def _repository_call(self, req: Request, model: str, action: str) -> Response:
+        """A load or unload: sent to every server of the model (repository.py); success when all succeed."""
+        targets = endpoints_of(self.balancer, model)
+        if not targets:
+            return _error(404, unknown_model(model))
+        for address, answer in await broadcast(self.transport, targets, _upstream_request(req)):
+            if isinstance(answer, Refused):
+                return _error(REFUSALS[answer.kind], f"{action} of model '{model}' at {address}: {answer.message}")
+            if isinstance(answer, Exception):  # could not reach it, or it did not take the call
+                return _error(503, f"{action} of model '{model}' at {address}: {answer}", dict(self._retry_after))
+            if answer.status != 200:
+                return _passthrough(answer)
+        return _json({})
 
     # --- forwarding
     async def _forward(self, req: Request, model: str, version: str | None = None) -> Response:

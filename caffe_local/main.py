@@ -31,6 +31,11 @@ a request to a model at zero waits for a replica (up to coldStartTimeoutSeconds)
 watched: saving a change (promote or roll back a canary, change a weight or the bounds) is applied
 without losing a request (replicas.py says how).
 
+`--pool` runs every CaffeModelService of the file in one many-model server (`caffeserve serve
+--model-repository`, each model's config in a folder of its own, explicit control mode: load and unload
+through the gateway's repository API work), `--replicas` of them (default 1), as the operator's pool does
+in a cluster; canaries need replicas of their own and are refused there, autoscaling does not apply.
+
 Runtime fields that only make sense in a cluster (image, GPU resource names, node selection) are
 ignored. `--device cpu` runs a `device: gpu` manifest on this machine's CPU.
 """
@@ -49,7 +54,7 @@ from caffe_gateway.settings import add_arguments, settings_from
 from caffe_http.access_log import add_logging_arguments, configure_logging
 from caffe_http.lifecycle import install_uvloop, stop_event
 
-from .models import LocalError, default_cache_dir, local_models
+from .models import LocalError, default_cache_dir, local_models, pooled
 from .replicas import LocalService
 
 
@@ -71,7 +76,10 @@ def parser(prog: str = "caffeserve up") -> argparse.ArgumentParser:
                         "or $XDG_CACHE_HOME/caffe-serving/models)")
     p.add_argument("--device", choices=["cpu", "gpu"],
                    help="override runtime.device, e.g. cpu on a laptop (default: the manifest's)")
-    p.add_argument("--replicas", type=int, help="override spec.replicas (default: the manifest's)")
+    p.add_argument("--replicas", type=int, help="override spec.replicas (default: the manifest's; with --pool: 1)")
+    p.add_argument("--pool", action="store_true",
+                   help="serve every model of the manifest from one many-model server (serve --model-repository) "
+                   "instead of replicas of their own")
     p.add_argument("--grace", type=float, default=30.0, metavar="S",
                    help="seconds to finish requests in flight on stop (default %(default)g)")
     add_arguments(p)
@@ -87,6 +95,8 @@ async def run(args, on_ready=None) -> int:
         try:
             models = local_models(args.manifest, args.pvc_root, args.cache_dir or default_cache_dir(), tmp,
                                   args.device, args.replicas)
+            if args.pool:
+                models = [pooled(models, tmp / "pool", args.replicas or 1)]
         except LocalError as e:  # the manifest (or a file it names) is wrong (2), or a download failed (1)
             print(f"caffeserve up: {e}", file=sys.stderr, flush=True)
             return e.exit_code
@@ -129,6 +139,8 @@ async def watch_manifest(args, tmp: Path, service: LocalService, interval_s: flo
     path = args.manifest
     if not path.is_file():
         return  # /dev/stdin, a pipe: nothing to watch
+    if args.pool:  # what a pool holds changes through the repository API, not by rolling its servers
+        return
 
     def stamp():
         try:

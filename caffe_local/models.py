@@ -52,6 +52,9 @@ class LocalModel:
     traffic_percent: int = 100
     version: str | None = None
     autoscaling: LocalAutoscaling | None = None
+    # a pool: one many-model server (`serve --model-repository`) serving the models named in `serves`
+    repository: Path | None = None
+    serves: tuple[str, ...] = ()
 
     @property
     def key(self) -> tuple[str, str]:
@@ -169,6 +172,24 @@ def local_models(manifest: Path, pvc_root: Path | None, cache_dir: Path, tmp: Pa
     if len(set(names)) != len(names):
         raise LocalError(f"{manifest}: two {KIND}s share a name")
     return out
+
+
+def pooled(models: list[LocalModel], repository: Path, replicas: int = 1) -> LocalModel:
+    """Every model as one pool: a repository folder (`repository/NAME/server.yaml`, each the config its own
+    replicas would run) served by `replicas` many-model servers. A canary needs replicas of its own: refused."""
+    canaries = [m.name for m in models if m.variant != "primary"]
+    if canaries:
+        raise LocalError(f"--pool: {', '.join(canaries)} has a canary, which needs replicas of its own; run it "
+                         "without --pool")
+    for m in models:
+        folder = repository / m.name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "server.yaml").write_text(m.config_yaml)
+        if m.autoscaling is not None:
+            print(f"{m.name}: spec.autoscaling does not apply in a pool (the pool's servers hold every model)",
+                  flush=True)
+    return LocalModel("pool", replicas, "", sum(m.startup_timeout_s for m in models), any(m.grpc for m in models),
+                      repository=repository, serves=tuple(m.name for m in models))
 
 
 def default_cache_dir() -> Path:

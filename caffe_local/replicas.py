@@ -75,6 +75,7 @@ class Replica:
     port: int
     grpc_port: int | None = None  # its own, so that replicas on one machine do not all claim 8081
     log_level: str = "INFO"  # `up --log-level`, passed on
+    repository: bool = False  # config_path is a model repository folder: a pool's many-model server
     proc: asyncio.subprocess.Process | None = None
     ready: bool = False
     draining: bool = False  # answered its readiness probe with "shutting down"
@@ -93,7 +94,7 @@ class Replica:
     async def start(self) -> None:
         self.ready = self.draining = False
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "inference_server", "serve", "--config", str(self.config_path),
+            sys.executable, "-m", "inference_server", "serve", *self._source(),
             "--host", self.host, "--port", str(self.port), "--drain-delay", str(DRAIN_DELAY_S),
             *(["--grpc-port", str(self.grpc_port)] if self.grpc_port is not None else []),
             "--no-access-log",  # the gateway's access line names every request; errors are still logged
@@ -103,6 +104,12 @@ class Replica:
             preexec_fn=_die_with_parent,
         )
         asyncio.create_task(self._relay(self.proc))
+
+    def _source(self) -> list[str]:
+        if self.repository:  # every model loaded at start; load and unload calls taken (through the gateway too)
+            return ["--model-repository", str(self.config_path), "--model-control-mode", "explicit",
+                    "--load-model", "*"]
+        return ["--config", str(self.config_path)]
 
     async def _relay(self, proc) -> None:
         """Print the server's output prefixed with its replica name (as docker compose does)."""
@@ -150,6 +157,7 @@ class Group:
 
     def __init__(self, model: LocalModel, cfg_path: Path):
         self.model = model
+        self.serves = model.serves or (model.name,)  # the models its replicas serve (a pool: many)
         self.cfg_path = cfg_path
         self.replicas: list[Replica] = []
         self.next_index = 0
@@ -190,11 +198,12 @@ class LocalService:
         self._retiring: set[tuple[str, int]] = set()  # addresses being retired by the scaler
         self._configs = 0
         for m in models:
-            g = self.groups[m.key] = Group(m, self._write_config(m))
+            g = self.groups[m.key] = Group(m, m.repository or self._write_config(m))
             for _ in range(g.initial_count()):
                 self._new_replica(g)
         balancer, proxy, limits = gateway_settings
-        primaries: dict[str, set[Address]] = {m.name: set() for m in models if m.variant == "primary"}
+        primaries: dict[str, set[Address]] = {
+            name: set() for g in self.groups.values() if g.model.variant == "primary" for name in g.serves}
         self.app = GatewayApp(StaticDiscovery(primaries), balancer, proxy, limits, AccessLog("gateway", access_log))
         self._supervisor: asyncio.Task | None = None
         self._scaler: asyncio.Task | None = None
@@ -214,7 +223,8 @@ class LocalService:
 
     def _new_replica(self, g: Group) -> Replica:
         r = Replica(g.model.label, g.next_index, g.cfg_path, "127.0.0.1", _free_port("127.0.0.1"),
-                    _free_port("127.0.0.1") if g.model.grpc else None, log_level=self.log_level)
+                    _free_port("127.0.0.1") if g.model.grpc else None, log_level=self.log_level,
+                    repository=g.model.repository is not None)
         g.next_index += 1
         g.replicas.append(r)
         return r
@@ -232,8 +242,9 @@ class LocalService:
         auto = m.autoscaling
         hold = auto.cold_start_s if auto is not None and auto.min_replicas == 0 else 0.0
         if m.variant == "primary":
-            self.app.balancer.set_model(m.name, ready, draining)
-            self.app.balancer.configure(m.name, version=m.version, cold_start_s=hold)
+            for name in g.serves:
+                self.app.balancer.set_model(name, ready, draining)
+                self.app.balancer.configure(name, version=m.version, cold_start_s=hold)
         else:
             self.app.balancer.set_canary(m.name, ready, m.traffic_percent, m.version, hold)
 
@@ -501,13 +512,15 @@ class LocalService:
                 extra = f"; autoscaling {a.min_replicas}-{a.max_replicas}, target {a.target} requests per replica"
             if m.variant != "primary" or any(x.variant != "primary" for x in self.models if x.name == m.name):
                 extra += f"; {m.variant} version {m.version}, {m.traffic_percent}% of requests"
+            if m.repository is not None:
+                extra += f"; serving {', '.join(g.serves)}"
             lines.append(f"{m.label}: {len(g.replicas)} replica(s) ready ({servers}){extra}")
         host = self.host if self.host not in ("0.0.0.0", "") else "127.0.0.1"
         if self.app.grpc_port is not None:
             lines.append(f"gateway gRPC: {host}:{self.app.grpc_port}   (tritonclient.grpc.InferenceServerClient"
                          f"(\"{host}:{self.app.grpc_port}\"))")
         lines.append(f"gateway: {url}   (Ctrl-C or SIGTERM stops everything)")
-        for name in dict.fromkeys(m.name for m in self.models):
+        for name in dict.fromkeys(n for g in self.groups.values() for n in g.serves):
             lines.append(f"  curl {url}/v2/models/{name}")
             lines.append(f"  POST {url}/v2/models/{name}/infer")
         return "\n".join(lines)

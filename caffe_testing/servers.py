@@ -56,17 +56,19 @@ def http_json(method: str, url: str, payload=None, **kw):
 
 
 class ServerProcess:
-    """A `caffeserve serve` subprocess; `url` once started. Use as a context manager."""
+    """A `caffeserve serve` subprocess; `url` once started. Use as a context manager. `config` None and
+    `repository` a folder: `serve --model-repository FOLDER`."""
 
-    def __init__(self, config: dict | str | Path, tmp_dir: Path | None = None, env: dict | None = None,
-                 wait_ready: bool = True, args: list[str] | None = None):
+    def __init__(self, config: dict | str | Path | None, tmp_dir: Path | None = None, env: dict | None = None,
+                 wait_ready: bool = True, args: list[str] | None = None, repository: Path | None = None):
         config_dict = config
         if isinstance(config, dict):
             tmp_dir = Path(tmp_dir or ".")
             path = tmp_dir / f"server-{os.getpid()}-{id(self)}.yaml"
             path.write_text(yaml.safe_dump(config))
             config = path
-        self.config_path = Path(config)
+        self.config_path = None if config is None else Path(config)
+        self.source = ["--model-repository", str(repository)] if config is None else ["--config", str(config)]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **(env or {})}
@@ -86,7 +88,7 @@ class ServerProcess:
         self.log_path = Path(log_path)
         with os.fdopen(fd, "wb") as log:
             self.proc = subprocess.Popen(
-                CAFFESERVE + ["serve", "--config", str(self.config_path), "--port", str(self.port), *self.args],
+                CAFFESERVE + ["serve", *self.source, "--port", str(self.port), *self.args],
                 cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + timeout

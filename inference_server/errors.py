@@ -55,6 +55,13 @@ class GpuOutOfMemory(InferenceError):
     status_code = 507
 
 
+class Conflict(InferenceError):
+    """The call is valid but this server is not set up to take it (e.g. a model load where the model
+    control mode is none): 409, gRPC FAILED_PRECONDITION; the message says how to enable it."""
+
+    status_code = 409
+
+
 class DeadlineExceeded(InferenceError):
     status_code = 504
 
@@ -70,12 +77,14 @@ GRPC_STATUS_OF_HTTP = {
     404: "NOT_FOUND",
     405: "UNIMPLEMENTED",
     408: "DEADLINE_EXCEEDED",
+    409: "FAILED_PRECONDITION",
     413: "RESOURCE_EXHAUSTED",
     429: "RESOURCE_EXHAUSTED",
     499: "CANCELLED",
     500: "INTERNAL",
     503: "UNAVAILABLE",
     504: "DEADLINE_EXCEEDED",
+    507: "RESOURCE_EXHAUSTED",  # a load past the memory budget, a batch past the GPU's free memory
 }
 
 

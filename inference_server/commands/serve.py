@@ -1,10 +1,13 @@
-"""`caffeserve serve --config FILE`: one model over the Open Inference Protocol.
+"""`caffeserve serve --config FILE | --model-repository DIR`: models over the Open Inference Protocol.
 
-Starts listening at once (liveness true), loads the model in a background thread (readiness true
-when it is loaded, false with the loader's message when it failed). On SIGTERM readiness turns 503
-at once, the listener stays open for the drain delay (every response then closes its connection),
-then closes; every request received is finished, and the process exits 0 within drain delay + grace
-period.
+`--config FILE` serves one model (a repository of one); `--model-repository DIR` every model folder in DIR
+(`DIR/NAME/server.yaml` and its files), with Triton's `--model-control-mode none|explicit` and
+`--load-model NAME`. Starts listening at once (liveness true), loads the models in a background thread
+(with --config: readiness true when the model is loaded, false with the loader's message when it failed;
+with a repository: true once the start-up loads are done, each model having its own readiness). On
+SIGTERM readiness turns 503 at once, the listener stays open for the drain delay (every response then
+closes its connection), then closes; every request received is finished, and the process exits 0 within
+drain delay + grace period.
 """
 
 from __future__ import annotations
@@ -17,25 +20,46 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 from caffe_http.access_log import AccessLog, add_logging_arguments, configure_logging, log_refusal, with_access_log
 from caffe_http.encoding import with_content_coding
 from caffe_http.lifecycle import install_uvloop
 from caffe_http.server import HTTPServer, ServerLimits, serve_until_signalled
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError, Grpc, Limits, load_config
 from ..cpus import share_blas_threads
 from ..serving.app import create_app
 from ..serving.dataplane import DataPlane, Model
-from ..serving.metrics import ServerMetrics
+from ..serving.memory import DEFAULT_GPU_RESERVE, MemoryBudget
+from ..serving.metrics import MetricFamilies, ServerMetrics
+from ..serving.repository import CONTROL_MODES, Repository
 
 log = logging.getLogger("caffeserve")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="caffeserve serve", description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, metavar="FILE",
-                   help="the server config YAML: its fields are in the README, section 'The inference server'")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", metavar="FILE",
+                        help="one model's server config YAML: its fields are in the README, section 'The inference "
+                        "server' (a repository of one)")
+    source.add_argument("--model-repository", metavar="DIR",
+                        help="serve the models in DIR: each a folder DIR/NAME holding its server.yaml and files")
+    p.add_argument("--model-control-mode", choices=CONTROL_MODES, default="none",
+                   help="none (default): load every model at start, refuse load and unload calls; explicit: load "
+                   "the --load-model models at start and take the repository API's load and unload calls")
+    p.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                   help="with explicit control: a model to load at start (repeatable; '*': every model; default: none)")
+    p.add_argument("--memory-bytes", type=int, default=None, metavar="N",
+                   help="host memory the loaded models may hold together (measured RSS growth at each load); a load "
+                   "past it is refused with 507 (default: no budget)")
+    p.add_argument("--gpu-memory-bytes", type=int, default=None, metavar="N",
+                   help="GPU memory the loaded models may hold (default: the GPU's free memory at the first GPU "
+                   "load, less --gpu-memory-reserve-bytes)")
+    p.add_argument("--gpu-memory-reserve-bytes", type=int, default=DEFAULT_GPU_RESERVE, metavar="N",
+                   help="GPU memory left out of the default GPU budget (default %(default)s: workspaces, the CUDA "
+                   "context, forward passes)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default %(default)s: this machine only; 0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8080,
@@ -63,48 +87,71 @@ def _bind_error(host: str, port: int) -> str:
     return "the port could be bound a moment later"
 
 
-def build(cfg, access_log: bool = True) -> tuple[DataPlane, HTTPServer, Model]:
-    metrics = ServerMetrics(cfg.name, cfg.version)
-    model = Model(cfg, metrics)
-    plane = DataPlane(model)
-    limits = ServerLimits(
-        max_body_bytes=cfg.limits.max_request_bytes,
-        header_timeout_s=cfg.limits.header_timeout_s,
-        body_timeout_s=cfg.limits.body_timeout_s,
-        max_inflight_bytes=cfg.limits.max_inflight_bytes,
+def build(cfg, access_log: bool = True, repository_dir: str | None = None, config_file: str | None = None,
+          mode: str = "none", budget: MemoryBudget | None = None) -> tuple[DataPlane, HTTPServer, Repository]:
+    """The data plane, the REST server and the repository: one model (`cfg`, from `config_file`) or the
+    models of `repository_dir` (none loaded yet)."""
+    families = MetricFamilies()
+    if repository_dir is None:
+        plane = DataPlane(Model(cfg, ServerMetrics(cfg.name, cfg.version, families)))
+        repo = Repository(plane, families, config_file=Path(config_file or "server.yaml"), mode=mode, budget=budget)
+        repo.adopt(plane.models[cfg.name])
+        limits = cfg.limits
+    else:
+        plane = DataPlane([], ServerMetrics("", "", families), strict=False)
+        repo = Repository(plane, families, root=Path(repository_dir), mode=mode, budget=budget)
+        limits = Limits()  # the transport's limits; each model's own apply to its requests
+    server_limits = ServerLimits(
+        max_body_bytes=limits.max_request_bytes,
+        header_timeout_s=limits.header_timeout_s,
+        body_timeout_s=limits.body_timeout_s,
+        max_inflight_bytes=limits.max_inflight_bytes,
     )
     # request bodies in gzip/deflate are decompressed up to maxRequestBytes (413 beyond); answers are
     # compressed when the client asks; one access line per request (caffe_http.access_log)
     access = AccessLog("server", access_log)
-    handler = with_access_log(with_content_coding(create_app(plane, metrics), cfg.limits.max_request_bytes), access)
-    server = HTTPServer(handler, limits, cancel_on_disconnect=True)
+    handler = with_access_log(with_content_coding(create_app(plane, repo), limits.max_request_bytes), access)
+    server = HTTPServer(handler, server_limits, cancel_on_disconnect=True)
     server.on_refuse = log_refusal(access)
-    return plane, server, model
+    return plane, server, repo
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level, args.log_format)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        print(f"caffeserve serve: {e}", file=sys.stderr)
-        return 2
+    budget = MemoryBudget(args.memory_bytes, args.gpu_memory_bytes, args.gpu_memory_reserve_bytes)
+    if args.model_repository is not None:
+        if not os.path.isdir(args.model_repository):
+            print(f"caffeserve serve: --model-repository {args.model_repository} is not a folder", file=sys.stderr)
+            return 2
+        cfg, grpc_cfg, instances = None, Grpc(), 1
+    else:
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as e:
+            print(f"caffeserve serve: {e}", file=sys.stderr)
+            return 2
+        grpc_cfg, instances = cfg.grpc, cfg.instances
     if args.grpc_port is not None:
-        cfg.grpc.enabled, cfg.grpc.port = True, args.grpc_port
-    blas = share_blas_threads(cfg.instances)
-    plane, server, model = build(cfg, access_log=args.access_log)
+        grpc_cfg.enabled, grpc_cfg.port = True, args.grpc_port
+    blas = share_blas_threads(instances)
+    plane, server, repo = build(cfg, args.access_log, args.model_repository, args.config, args.model_control_mode,
+                                budget)
     install_uvloop()
     grpc_server = None
-    if cfg.grpc.enabled:
+    if grpc_cfg.enabled:
         from ..grpc.service import GRPCServer  # grpcio is imported only when gRPC is on
 
-        grpc_server = GRPCServer(plane, model.metrics, cfg.limits.max_request_bytes)
+        max_message = cfg.limits.max_request_bytes if cfg is not None else Limits().max_request_bytes
+        grpc_server = GRPCServer(plane, repo, max_message)
+    start_names = [cfg.name] if cfg is not None else repo.start_names(args.load_model)
 
     def listening(port: int) -> None:
-        log.info("listening on http://%s:%d (model %s loading; %d instance(s), %d BLAS thread(s) each)",
-                 args.host, port, cfg.name, cfg.instances, blas)
-        threading.Thread(target=model.load, name="model-loader", daemon=True).start()
+        what = f"model {cfg.name}" if cfg is not None else f"repository {args.model_repository}"
+        log.info("listening on http://%s:%d (%s loading %s; control mode %s; %d BLAS thread(s) per instance)",
+                 args.host, port, what, ", ".join(start_names) or "nothing", args.model_control_mode, blas)
+        plane.starting = True
+        threading.Thread(target=repo.load_at_start, args=(start_names,), name="model-loader", daemon=True).start()
 
     signalled: list[float] = []
     stopping: list[asyncio.Task] = []
@@ -120,9 +167,9 @@ def main(argv: list[str]) -> int:
     async def run() -> int:
         if grpc_server is not None:
             try:
-                port = await grpc_server.start(args.host, cfg.grpc.port)
+                port = await grpc_server.start(args.host, grpc_cfg.port)
             except OSError as e:  # grpc says only "Failed to bind": the OS says why
-                log.error("%s (%s); choose another --grpc-port", e, _bind_error(args.host, cfg.grpc.port))
+                log.error("%s (%s); choose another --grpc-port", e, _bind_error(args.host, grpc_cfg.port))
                 return 2
             log.info("listening for gRPC on %s:%d", args.host, port)
         try:
@@ -147,7 +194,9 @@ def main(argv: list[str]) -> int:
     # is not safe while a worker is inside Caffe).
     budget = args.grace_period + args.drain_delay
     left = budget - (time.monotonic() - signalled[0]) if signalled else args.grace_period
-    if not model.close(timeout=max(0.0, left)):
+    end = time.monotonic() + max(0.0, left)
+    closed = [m.close(timeout=max(0.0, end - time.monotonic())) for m in list(plane.models.values())]
+    if not all(closed):
         log.warning("stopped with a forward pass still running at the end of the grace period")
         logging.shutdown()
         os._exit(0)

@@ -20,9 +20,10 @@ import orjson
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter
 
-from ..errors import BadRequest, InferenceError, NotFound, grpc_status_name
+from ..errors import BadRequest, InferenceError, NotFound, Unavailable, grpc_status_name
 from ..serving.dataplane import DataPlane
 from ..serving.metrics import ServerMetrics
+from ..serving.repository import Repository, config_parameter
 from . import messages as pb
 from .codec import decode_infer_request, encode_infer_response
 from .listener import GRPCListener
@@ -40,12 +41,12 @@ def _parse(cls, data: bytes):
 
 
 class GRPCService:
-    """The OIP's six RPCs and Triton's ModelConfig and ModelStatistics over one DataPlane; `handler()` is
-    what a grpc server registers."""
+    """The OIP's six RPCs, Triton's ModelConfig and ModelStatistics, and Triton's repository RPCs over one
+    DataPlane and its Repository; `handler()` is what a grpc server registers."""
 
-    def __init__(self, plane: DataPlane, metrics: ServerMetrics):
-        self.plane = plane
-        self.metrics = metrics
+    def __init__(self, plane: DataPlane, repository: Repository):
+        self.plane, self.repository = plane, repository
+        metrics = plane.fallback_metrics
         meta = orjson.loads(plane.server_metadata)
         self._server_metadata = pb.ServerMetadataResponse(
             name=meta["name"], version=meta["version"], extensions=meta["extensions"]).SerializeToString()
@@ -54,7 +55,7 @@ class GRPCService:
         self._model_config: dict[str, tuple[bytes, bytes]] = {}  # the same, for ModelConfig
         self._rpcs = Counter("caffeserve_grpc_requests", "gRPC ModelInfer calls by gRPC status code.",
                              ["model", "version", "grpc_code"], registry=metrics.registry)
-        self._rpc_codes: dict[str, Counter] = {}
+        self._rpc_codes: dict[tuple[str, str, str], Counter] = {}
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -73,7 +74,7 @@ class GRPCService:
             req = _parse(pb.ModelReadyRequest, data)
             m = self.plane.get(req.name, req.version or None)
             ready = m.state == "ready" and not self.plane.draining
-        except NotFound:
+        except (NotFound, Unavailable):  # unknown, or known and not loaded here
             ready = False
         except InferenceError as e:
             return await self._abort(context, e)
@@ -122,16 +123,50 @@ class GRPCService:
                 models = list(self.plane.models.values())
         except InferenceError as e:
             return await self._abort(context, e)
-        return statistics_response([m.stats.as_json(m.name, m.version) for m in models])
+        return statistics_response([m.stats_json() for m in models])
+
+    # --- Triton's model repository extension (admin.py names these RPCs for whoever guards them)
+    async def RepositoryIndex(self, data: bytes, context) -> bytes:
+        try:
+            req = _parse(pb.RepositoryIndexRequest, data)
+            resp = pb.RepositoryIndexResponse()
+            for entry in self.repository.index(ready_only=req.ready):
+                resp.models.add(**entry)
+        except InferenceError as e:
+            return await self._abort(context, e)
+        return resp.SerializeToString()
+
+    async def RepositoryModelLoad(self, data: bytes, context) -> bytes:
+        try:
+            req = _parse(pb.RepositoryModelLoadRequest, data)
+            params = {key: getattr(p, p.WhichOneof("parameter_choice") or "string_param")
+                      for key, p in req.parameters.items()}
+            await self.repository.load(req.model_name, config_parameter(params))
+        except InferenceError as e:
+            return await self._abort(context, e)
+        return pb.RepositoryModelLoadResponse().SerializeToString()
+
+    async def RepositoryModelUnload(self, data: bytes, context) -> bytes:
+        try:
+            req = _parse(pb.RepositoryModelUnloadRequest, data)
+            await self.repository.unload(req.model_name)
+        except InferenceError as e:
+            return await self._abort(context, e)
+        return pb.RepositoryModelUnloadResponse().SerializeToString()
 
     # --- inference
     async def ModelInfer(self, data: bytes, context) -> bytes:
         start = time.monotonic()
-        metrics = self.metrics
+        try:
+            msg = _parse(pb.ModelInferRequest, data)
+        except InferenceError as e:
+            self.plane.fallback_metrics.count(e.status_code)
+            self._count(self.plane.fallback_metrics, grpc_status_name(e.status_code))
+            return await self._abort(context, e)
+        metrics = self.plane.metrics_of(msg.model_name)
         metrics.in_flight.inc()
         code, error = 200, None
         try:
-            msg = _parse(pb.ModelInferRequest, data)
             plane = self.plane
             m = plane.get(msg.model_name, msg.model_version or None)
             if plane.draining:
@@ -154,13 +189,14 @@ class GRPCService:
             metrics.in_flight.dec()
             metrics.count(code)
             metrics.request_seconds.observe(time.monotonic() - start)
-            self._count(grpc_status_name(code) if code != 200 else "OK")
+            self._count(metrics, grpc_status_name(code) if code != 200 else "OK")
         return await self._abort(context, error)
 
-    def _count(self, name: str) -> None:
-        child = self._rpc_codes.get(name)
+    def _count(self, metrics: ServerMetrics, name: str) -> None:
+        key = (metrics.labels["model"], metrics.labels["version"], name)
+        child = self._rpc_codes.get(key)
         if child is None:
-            child = self._rpc_codes[name] = self._rpcs.labels(grpc_code=name, **self.metrics.labels)
+            child = self._rpc_codes[key] = self._rpcs.labels(grpc_code=name, **metrics.labels)
         child.inc()
 
     @staticmethod
@@ -172,6 +208,6 @@ class GRPCService:
 class GRPCServer(GRPCListener):
     """A grpc.aio server for one DataPlane; its largest request message is `max_message_bytes`."""
 
-    def __init__(self, plane: DataPlane, metrics: ServerMetrics, max_message_bytes: int):
-        self.service = GRPCService(plane, metrics)
+    def __init__(self, plane: DataPlane, repository: Repository, max_message_bytes: int):
+        self.service = GRPCService(plane, repository)
         super().__init__(self.service.handler, max_message_bytes)

@@ -14,13 +14,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import orjson
+from prometheus_client import generate_latest
 
 from caffe_http.server import Request, Response
 from caffe_http.tryit import page_response
 
+from ..admin import REPOSITORY_INDEX_PATH, repository_model_path
 from ..errors import InferenceError, NotFound
 from .dataplane import DataPlane, Model
-from .metrics import ServerMetrics
+from .repository import Repository, index_ready_only, load_parameters
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +61,12 @@ def model_path(parts: tuple[str, ...]) -> tuple[str, str | None, str | None] | N
 class Endpoints:
     """What each route answers: one method per route, the data plane behind them."""
 
-    def __init__(self, plane: DataPlane, metrics: ServerMetrics):
-        self.plane, self.metrics = plane, metrics
+    def __init__(self, plane: DataPlane, repository: Repository):
+        self.plane, self.repository = plane, repository
+        self.registry = plane.fallback_metrics.registry  # every model's metrics are in the one registry
 
     async def infer(self, req: Request, model: str, version: str | None) -> Response:
-        metrics = self.metrics
+        metrics = self.plane.metrics_of(model)
         start = time.monotonic()
         metrics.in_flight.inc()
         code = 200
@@ -101,17 +104,23 @@ class Endpoints:
 
     async def model_stats(self, req: Request, model: str, version: str | None) -> Response:
         m = self.plane.get(model, version)  # counters exist from the start, loaded or not (Triton's statistics)
-        return Response(200, orjson.dumps({"model_stats": [m.stats.as_json(m.name, m.version)]}))
+        return Response(200, orjson.dumps({"model_stats": [m.stats_json()]}))
 
     async def all_stats(self, req: Request) -> Response:
         models = self.plane.models.values()
-        return Response(200, orjson.dumps({"model_stats": [m.stats.as_json(m.name, m.version) for m in models]}))
+        return Response(200, orjson.dumps({"model_stats": [m.stats_json() for m in models]}))
 
+    # --- Triton's model repository extension (admin.py names these routes for whoever guards them)
     async def repository_index(self, req: Request) -> Response:
-        return Response(200, orjson.dumps([
-            {"name": m.name, "version": m.version, "state": m.state.upper(), "reason": m.error or ""}
-            for m in self.plane.models.values()
-        ]))
+        return Response(200, orjson.dumps(self.repository.index(index_ready_only(req.body))))
+
+    async def repository_load(self, req: Request, model: str) -> Response:
+        await self.repository.load(model, load_parameters(req.body))
+        return Response(200, b"{}")
+
+    async def repository_unload(self, req: Request, model: str) -> Response:
+        await self.repository.unload(model)  # parameters (unload_dependents) mean nothing without ensembles
+        return Response(200, b"{}")
 
     async def server_metadata(self, req: Request) -> Response:
         return Response(200, self.plane.server_metadata)
@@ -125,21 +134,21 @@ class Endpoints:
         return Response(503, orjson.dumps({"ready": False, "error": self.plane.not_ready_reason()}))
 
     async def prometheus(self, req: Request) -> Response:
-        return Response(200, self.metrics.render(), METRICS_TYPE)
+        return Response(200, generate_latest(self.registry), METRICS_TYPE)
 
     async def try_it(self, req: Request) -> Response:
         return page_response()
 
 
-def create_app(plane: DataPlane, metrics: ServerMetrics) -> Callable[[Request], Awaitable[Response]]:
+def create_app(plane: DataPlane, repository: Repository) -> Callable[[Request], Awaitable[Response]]:
     """The request handler: a fixed path is one dict lookup, a model's path one more by its last segment."""
-    e = Endpoints(plane, metrics)
+    e = Endpoints(plane, repository)
     paths = {  # by the path's segments, slashes at either end ignored
         ("v2",): Route("GET", e.server_metadata),
         ("v2", "health", "live"): Route("GET", e.live),
         ("v2", "health", "ready"): Route("GET", e.ready),
         ("v2", "models", "stats"): Route("GET", e.all_stats),  # every model's statistics
-        ("v2", "repository", "index"): Route("POST", e.repository_index),
+        REPOSITORY_INDEX_PATH: Route("POST", e.repository_index),
         ("metrics",): Route("GET", e.prometheus),
         ("",): Route("GET", e.try_it),
         ("index.html",): Route("GET", e.try_it),
@@ -151,6 +160,7 @@ def create_app(plane: DataPlane, metrics: ServerMetrics) -> Callable[[Request], 
         "stats": Route("GET", e.model_stats),
         "config": Route("GET", e.model_config),
     }
+    repository_actions = {"load": Route("POST", e.repository_load), "unload": Route("POST", e.repository_unload)}
 
     async def handle(req: Request) -> Response:
         method = req.method
@@ -160,6 +170,8 @@ def create_app(plane: DataPlane, metrics: ServerMetrics) -> Callable[[Request], 
             route = paths.get(parts)
             if route is None and (found := model_path(parts)) is not None:
                 route, args = model_tails.get(found[2]), found[:2]
+            elif route is None and (action := repository_model_path(parts)) is not None:
+                route, args = repository_actions[action[1]], action[:1]
             if route is None:
                 raise NotFound(f"no route for {method} {req.path}")
             if not route.allows(method):

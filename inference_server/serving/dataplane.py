@@ -22,11 +22,12 @@ import orjson
 from .. import __version__
 from ..backends import BackendChoice, choose_backend
 from ..config import ServerConfig, TensorSpec
-from ..errors import BadRequest, DeadlineExceeded, ModelLoadError, NotFound, Unavailable
+from ..errors import BadRequest, DeadlineExceeded, InferenceError, ModelLoadError, NotFound, Unavailable
 from ..hashing import file_sha256
 from ..loading.child_load import probe_load
 from .codecs import HEADER_LENGTH, STREAM_MIN_BYTES, InferRequest, decode_request, encode_response
 from .executor import Executor
+from .memory import ModelMemory, gpu_used_bytes, rss_bytes
 from .metrics import ServerMetrics
 from .preprocess import ImagePreprocessor
 from .stats import ModelStats, model_config
@@ -103,7 +104,8 @@ class InputBinding:
 
 
 class Model:
-    """One served model: its config, state, executor and precomputed metadata."""
+    """One served model: its config, state (loading, ready, failed, unloading), executor and precomputed
+    metadata, and the memory its load took."""
 
     def __init__(self, cfg: ServerConfig, metrics: ServerMetrics):
         self.cfg = cfg
@@ -126,6 +128,11 @@ class Model:
         self.max_elements = cfg.limits.max_request_bytes
         self.max_batch = cfg.limits.max_batch
         self.timeout = cfg.limits.request_timeout_s
+        self.memory = ModelMemory()
+        # called with the measured memory before the model turns ready; raises to refuse it (the budget)
+        self.admit: Callable[[ModelMemory], None] | None = None
+        self.failure: InferenceError | None = None  # why a load failed, with the code a load call answers
+        self.inflight = 0  # requests inside infer/run (event loop only): an unload waits for 0
 
     # --- loading (runs in a background thread)
     def load(self) -> None:
@@ -133,9 +140,14 @@ class Model:
             self._load()
         except ModelLoadError as e:
             self.state, self.error = "failed", str(e)
+            self.failure = BadRequest(f"failed to load model '{self.name}': {e}")
             log.error("model %s failed to load: %s", self.name, e)
+        except InferenceError as e:  # refused (the memory budget): the code says why
+            self.state, self.error, self.failure = "failed", e.message, e
+            log.error("model %s was not loaded: %s", self.name, e.message)
         except Exception as e:  # anything else from a loader is still a load failure, not a crash
             self.state, self.error = "failed", f"{type(e).__name__}: {e}"
+            self.failure = BadRequest(f"failed to load model '{self.name}': {self.error}")
             log.exception("model %s failed to load", self.name)
         if self.state == "failed" and self.executor is not None:
             self.executor.stop()  # a check after the Nets were built failed: free them (and their memory)
@@ -144,6 +156,7 @@ class Model:
         cfg = self.cfg
         t0 = time.perf_counter()
         check_model_files(cfg)
+        rss0, gpu0 = rss_bytes(), self._gpu_used()
         probed = probe_load(cfg)  # a child process: a Caffe abort (CHECK, FATAL) becomes a ModelLoadError
         self.load_times["load_probe_seconds"] = round(probed.seconds, 3)
         self.choice = choose_backend(cfg, probed)
@@ -168,6 +181,11 @@ class Model:
         if cfg.model.labels:
             with open(cfg.path(cfg.model.labels)) as f:
                 self.labels = [line.rstrip("\n") for line in f if line.strip()]
+        gpu1 = self._gpu_used()
+        self.memory.host_bytes = max(0, rss_bytes() - rss0)
+        self.memory.gpu_bytes = None if gpu0 is None or gpu1 is None else max(0, gpu1 - gpu0)
+        if self.admit is not None:
+            self.admit(self.memory)  # InsufficientMemory: load() frees the Nets and reports it
         self.load_times["load_seconds"] = round(time.perf_counter() - t0, 3)
         self.metadata = orjson.dumps(self._metadata(desc))
         self.metrics.load_seconds.set(self.load_times["load_seconds"])
@@ -176,16 +194,20 @@ class Model:
         self.metrics.set_backend(self.choice.name, self.choice.reason)
         self.metrics.set_batching(self.executor.batching, self.executor.max_batch if self.executor.batching else 1,
                                   self.executor.decision.curve if self.executor.decision else [])
+        self.metrics.set_memory(self.memory.host_bytes, self.memory.gpu_bytes)
         self.state = "ready"
         self.metrics.ready.set(1)
         log.info("model %s version %s is ready", self.name, self.version)
+
+    def _gpu_used(self) -> int | None:
+        return gpu_used_bytes(self.cfg.device.id) if self.cfg.device.kind == "gpu" else None
 
     def _metadata(self, desc) -> dict:
         ex = self.executor
         params = {"backend": self.choice.name, "backend_reason": self.choice.reason, **self.choice.details,
                   "device": str(self.cfg.device.kind), "instances": self.cfg.instances, "batching": ex.batching,
                   "batch_separable": ex.probe.separable, "batch_separable_reason": ex.probe.reason,
-                  "max_request_batch": self.max_batch, **self.load_times}
+                  "max_request_batch": self.max_batch, **self.load_times, **self.memory.parameters()}
         if self.cfg.device.kind == "gpu":
             params["device_id"] = self.cfg.device.id
         if ex.batching:
@@ -210,6 +232,11 @@ class Model:
         self.metrics.observe_batch(size, compute_s)
         self.stats.execution(size, int(compute_s * 1e9))
 
+    def stats_json(self) -> dict:
+        """Triton's ModelStatistics, with the memory measured at load (`memory_usage`) once loaded."""
+        usage = self.memory.usage(self.cfg.device.id) if self.state in ("ready", "unloading") else []
+        return self.stats.as_json(self.name, self.version, usage)
+
     def close(self, timeout: float = 30.0) -> bool:
         """Stop the workers; False when a forward pass was still running after `timeout`."""
         return self.executor.stop(timeout) if self.executor is not None else True
@@ -218,6 +245,8 @@ class Model:
     def check_ready(self) -> None:
         if self.state == "ready":
             return
+        if self.state == "unloading":
+            raise Unavailable(f"model '{self.name}' is being unloaded", retry_after_s=1, not_run=True)
         if self.state == "failed":
             raise Unavailable(f"model '{self.name}' failed to load: {self.error}", retry_after_s=30, not_run=True)
         raise Unavailable(f"model '{self.name}' is loading", retry_after_s=2, not_run=True)
@@ -232,6 +261,7 @@ class Model:
         """REST: an infer request body (JSON or binary extension) to the response body and extra headers."""
         self.check_ready()
         started = time.perf_counter_ns()
+        self.inflight += 1
         try:
             header_len = headers.get(HEADER_LENGTH)
             json_len = int(header_len) if header_len is not None and header_len.isdecimal() else len(body)
@@ -248,6 +278,8 @@ class Model:
         except BaseException:
             self.stats.failure(time.perf_counter_ns() - started)
             raise
+        finally:
+            self.inflight -= 1
         output_ns = time.perf_counter_ns() - t
         total, queue_ns, input_ns, infer_ns, rows, batch_size = phases
         self.stats.success(total + output_ns, queue_ns, input_ns, infer_ns, output_ns, rows, batch_size)
@@ -261,11 +293,14 @@ class Model:
         """
         self.check_ready()
         started = time.perf_counter_ns()
+        self.inflight += 1
         try:
             outs, phases = await self._run_timed(req, deadline, started)
         except BaseException:
             self.stats.failure(time.perf_counter_ns() - started)
             raise
+        finally:
+            self.inflight -= 1
         total, queue_ns, input_ns, infer_ns, rows, batch_size = phases
         self.stats.success(total, queue_ns, input_ns, infer_ns, 0, rows, batch_size)
         return outs
@@ -339,34 +374,60 @@ class Model:
 
 
 class DataPlane:
-    """The server's view of its models (one per process today; the routes are per model already)."""
+    """The server's view of its models: those it serves (loading, ready, failed or unloading) and those it
+    knows but does not hold (`absent`: in the repository and not loaded, or unloaded, with the reason).
 
-    def __init__(self, model: Model):
-        self.models = {model.name: model}
-        self.model = model
+    `strict` (a `--config` server): ready only when every model is; a repository server is ready once its
+    start-up loads are done (`starting` false), whatever one model's state: each model has its own readiness.
+    """
+
+    def __init__(self, models: Model | list[Model], metrics: ServerMetrics | None = None, strict: bool = True):
+        models = [models] if isinstance(models, Model) else list(models)
+        self.models: dict[str, Model] = {m.name: m for m in models}
+        self.absent: dict[str, tuple[str, str]] = {}  # name -> (version, reason)
+        fallback = metrics or (models[0].metrics if models else None)
+        if fallback is None:
+            raise ValueError("a DataPlane without models needs the metrics to count unknown models' requests in")
+        self.fallback_metrics = fallback
         self.server_metadata = orjson.dumps({"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS})
         self.draining = False
+        self.strict = strict
+        self.starting = False
 
     def get(self, name: str, version: str | None = None) -> Model:
         m = self.models.get(name)
         if m is None:
-            raise NotFound(f"model '{name}' is not served here (known: {', '.join(self.models)})")
+            absent = self.absent.get(name)
+            if absent is not None:  # another replica may hold it: a gateway may send the request there
+                raise Unavailable(f"model '{name}' is not loaded on this server ({absent[1]})", retry_after_s=1,
+                                  not_run=True)
+            raise NotFound(f"model '{name}' is not served here (known: {', '.join(self.models) or 'none'})")
         if version is not None and version != m.version:
             raise NotFound(f"model '{name}' has no version '{version}' (it serves version '{m.version}')")
         return m
 
+    def metrics_of(self, name: str) -> ServerMetrics:
+        """The metrics a request for model `name` counts in (an unknown model's: the server's fallback)."""
+        m = self.models.get(name)
+        return self.fallback_metrics if m is None else m.metrics
+
     def ready(self) -> bool:
-        return not self.draining and all(m.state == "ready" for m in self.models.values())
+        if self.draining or self.starting:
+            return False
+        return not self.strict or (not self.absent and all(m.state == "ready" for m in self.models.values()))
 
     def not_ready_reason(self) -> str:
         if self.draining:
             return "the server is shutting down"
-        for m in self.models.values():
+        for m in self.models.values() if self.strict else ():
             if m.state != "ready":
                 return (
                     f"model '{m.name}' failed to load: {m.error}"
                     if m.state == "failed"
-                    else f"model '{m.name}' is loading"
+                    else f"model '{m.name}' is {m.state}"
                 )
+        for name, (_, reason) in self.absent.items() if self.strict else ():
+            return f"model '{name}' is not loaded ({reason})"
+        if self.starting:
+            return "the server is loading its models"
         return ""
-

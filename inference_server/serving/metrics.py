@@ -11,11 +11,13 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-class ServerMetrics:
-    def __init__(self, model: str, version: str):
+class MetricFamilies:
+    """Every metric family of one server, in one registry: each model's ServerMetrics are label children of
+    these (a server holding many models renders them all on one /metrics)."""
+
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.labels = {"model": model, "version": version}
         self.requests = Counter(
             "caffeserve_inference_requests", "Inference requests by outcome (HTTP code).",
             ["model", "version", "code"], registry=r,
@@ -23,29 +25,29 @@ class ServerMetrics:
         self.request_seconds = Histogram(
             "caffeserve_request_duration_seconds", "Time from a complete request to its response.",
             ["model", "version"], buckets=LATENCY_BUCKETS, registry=r,
-        ).labels(**self.labels)
+        )
         self.queue_seconds = Histogram(
             "caffeserve_queue_duration_seconds", "Time a request waited for a worker.",
             ["model", "version"], buckets=LATENCY_BUCKETS, registry=r,
-        ).labels(**self.labels)
+        )
         self.compute_seconds = Histogram(
             "caffeserve_compute_duration_seconds", "Forward pass time of one (possibly batched) execution.",
             ["model", "version"], buckets=LATENCY_BUCKETS, registry=r,
-        ).labels(**self.labels)
+        )
         self.batch_size = Histogram(
             "caffeserve_batch_size", "Items (batch rows) per forward pass.",
             ["model", "version"], buckets=BATCH_BUCKETS, registry=r,
-        ).labels(**self.labels)
+        )
         self.in_flight = Gauge(
             "caffeserve_inflight_requests", "Inference requests being handled.", ["model", "version"], registry=r,
-        ).labels(**self.labels)
+        )
         self.ready = Gauge(
             "caffeserve_model_ready", "1 when the model is loaded and serving.", ["model", "version"], registry=r,
-        ).labels(**self.labels)
+        )
         self.load_seconds = Gauge(
             "caffeserve_model_load_seconds", "Seconds from the start of the model's load to ready (0 until ready).",
             ["model", "version"], registry=r,
-        ).labels(**self.labels)
+        )
         self.backend = Gauge(
             "caffeserve_model_backend_info", "The backend serving the model, and why (value is always 1).",
             ["model", "version", "backend", "reason"], registry=r,
@@ -53,12 +55,46 @@ class ServerMetrics:
         self.batching = Gauge(
             "caffeserve_batching_max_batch_size", "Largest stacked batch in use (1: batching off).",
             ["model", "version"], registry=r,
-        ).labels(**self.labels)
+        )
         self.calibration = Gauge(
             "caffeserve_batching_calibration_items_per_second", "Measured items/s per batch size (batching: auto).",
             ["model", "version", "batch"], registry=r,
         )
+        self.memory = Gauge(
+            "caffe_model_memory_bytes", "Memory a loaded model holds, measured at its load: host RSS growth "
+            "(memory=host) and GPU memory (memory=gpu); 0 once unloaded.", ["model", "version", "memory"], registry=r,
+        )
+        self.budget = Gauge(
+            "caffe_memory_budget_bytes", "The memory models may hold in this server (absent: no budget).",
+            ["memory"], registry=r,
+        )
+
+
+class ServerMetrics:
+    """One model's metrics: label children of the server's families (created once, so the hot path does a
+    dict lookup and an observe)."""
+
+    def __init__(self, model: str, version: str, families: MetricFamilies | None = None):
+        self.families = f = families or MetricFamilies()
+        self.registry = f.registry
+        self.labels = {"model": model, "version": version}
+        self.requests = f.requests
+        self.request_seconds = f.request_seconds.labels(**self.labels)
+        self.queue_seconds = f.queue_seconds.labels(**self.labels)
+        self.compute_seconds = f.compute_seconds.labels(**self.labels)
+        self.batch_size = f.batch_size.labels(**self.labels)
+        self.in_flight = f.in_flight.labels(**self.labels)
+        self.ready = f.ready.labels(**self.labels)
+        self.load_seconds = f.load_seconds.labels(**self.labels)
+        self.backend = f.backend
+        self.batching = f.batching.labels(**self.labels)
+        self.calibration = f.calibration
         self._codes: dict[int, Counter] = {}
+
+    def set_memory(self, host: int, gpu: int | None) -> None:
+        self.families.memory.labels(memory="host", **self.labels).set(host)
+        if gpu is not None:
+            self.families.memory.labels(memory="gpu", **self.labels).set(gpu)
 
     def count(self, code: int) -> None:
         child = self._codes.get(code)

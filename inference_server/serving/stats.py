@@ -82,8 +82,8 @@ class ModelStats:
             c[0] += 1
             c[1] += total_ns
 
-    def as_json(self, name: str, version: str) -> dict:
-        """Triton's `ModelStatistics` for this model version."""
+    def as_json(self, name: str, version: str, memory_usage: list[dict] | None = None) -> dict:
+        """Triton's `ModelStatistics` for this model version (`memory_usage`: what its load took)."""
         with self._lock:
             phases = {p: {"count": c, "ns": ns} for p, (c, ns) in self._phases.items()}
             batches = sorted(self._batches.items())
@@ -104,7 +104,7 @@ class ModelStats:
                  "compute_output": {"count": n, "ns": output_ns}}
                 for size, (n, input_ns, infer_ns, output_ns) in batches
             ],
-            "memory_usage": [],
+            "memory_usage": memory_usage or [],
         }
 
 

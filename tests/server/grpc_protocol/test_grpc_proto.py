@@ -80,7 +80,8 @@ def test_messages_and_rpcs_are_wire_identical_to_tritonclients():
     for m in svc.methods:
         assert theirs["methods"][m.name] == [m.input_type.full_name, m.output_type.full_name]
     assert [m.name for m in svc.methods] == ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata",
-                                             "ModelMetadata", "ModelInfer", "ModelConfig", "ModelStatistics"]
+                                             "ModelMetadata", "ModelInfer", "ModelConfig", "ModelStatistics",
+                                             "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"]
 
 
 def test_our_messages_import_beside_tritonclient_grpc_in_one_process():

@@ -313,7 +313,7 @@ def test_unknown_model_and_version_are_not_found(img):
 
 def test_unknown_rpc_is_unimplemented(img):
     with pytest.raises(grpc.RpcError) as e:
-        img.client.call_raw("RepositoryIndex", b"")
+        img.client.call_raw("TraceSetting", b"")  # Triton's, not served here
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
     img.good_request_succeeds()
 
