@@ -144,8 +144,12 @@ class CaffeServingPoolSpec(CamelModel):
     model_claims: list[str] = Field(
         default_factory=list, max_length=16,
         json_schema_extra={"items": {"type": "string", "pattern": _DNS_SUBDOMAIN, "maxLength": 253}},
-        description="PersistentVolumeClaims mounted read-only in every pod at /models/CLAIM: a model of the pool "
-        "reads its files from one of them (its source.pvc.claimName).",
+        description="PersistentVolumeClaims mounted read-only in every pod at MODELMOUNTPATH/CLAIM: a model of the "
+        "pool reads its files from one of them (its source.pvc.claimName).",
+    )
+    model_mount_path: str = Field(
+        default="/models", pattern=r"^(/[A-Za-z0-9_.-]+)+$", max_length=512,
+        description="Folder under which each model claim is mounted in the pods (the load calls name files there).",
     )
     image: str | None = Field(default=None, min_length=1, description="Server image. Default: the operator's.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
@@ -181,6 +185,8 @@ class CaffeServingPoolSpec(CamelModel):
         for where in ((self.resources or {}).get("limits") or {}, (self.resources or {}).get("requests") or {}):
             if any(k.startswith("nvidia.com/") for k in where):
                 raise ValueError("resources must not name nvidia.com/ resources: spec.gpu decides them")
+        if ".." in self.model_mount_path.split("/"):
+            raise ValueError("modelMountPath must not contain '..'")
         if len(set(self.model_claims)) != len(self.model_claims):
             raise ValueError("modelClaims lists a claim twice")
         return self

@@ -3,7 +3,8 @@
 - Deployment `{pool}-pool`: `replicas` pods of the many-model server (`caffeserve serve
   --model-repository /repository --model-control-mode explicit`), holding no model at start; the
   operator loads each model through the repository API. The GPU resource comes from spec.gpu
-  (pool_api.PoolGpu: whole, time-sliced, MIG or HAMi); the model claims are mounted at /models/CLAIM.
+  (pool_api.PoolGpu: whole, time-sliced, MIG or HAMi); the model claims are mounted at
+  spec.modelMountPath/CLAIM (/models/CLAIM by default).
 - A pool model `m` keeps its Service `m-predictor` (labels, traffic labels, ports as before), whose
   selector is the pool's pods that hold `m`: `caffeserving.io/pool: POOL` and `pool.caffeserving.io/m:
   loaded`, a label the operator sets on a pod once `m` is loaded there and removes before it unloads.
@@ -26,6 +27,7 @@ from caffe_operator import manifests
 from caffe_operator.api import CaffeModelServiceSpec
 from caffe_operator.pool_api import CaffeServingPoolSpec
 from caffe_operator.variants import MANAGED_BY, Variant
+from inference_server.config import DeviceKind
 from inference_server.slices import GRPC_PORT, GRPC_PORT_NAME, PORT, PORT_NAME
 
 POOL_LABEL = "caffeserving.io/pool"
@@ -73,17 +75,19 @@ def model_selector_string(pool: str, model: str) -> str:
 # --------------------------------------------------------------------------------------------
 # a model in the pool
 # --------------------------------------------------------------------------------------------
-def model_dir(spec: CaffeModelServiceSpec) -> str:
-    """Where a pool pod sees the model's files: /models/CLAIM/PATH (the pool mounts each claim)."""
+def model_dir(spec: CaffeModelServiceSpec, mount_path: str = POOL_MODEL_DIR) -> str:
+    """Where a pool pod sees the model's files: MOUNT/CLAIM/PATH (the pool mounts each claim)."""
     pvc = spec.source.pvc
     assert pvc is not None  # api.CaffeModelServiceSpec: a pool model's source is a PVC
-    return posixpath.join(POOL_MODEL_DIR, pvc.claim_name, pvc.path.strip("/")).rstrip("/")
+    return posixpath.join(mount_path, pvc.claim_name, pvc.path.strip("/")).rstrip("/")
 
 
-def load_config(name: str, spec: CaffeModelServiceSpec) -> str:
+def load_config(name: str, spec: CaffeModelServiceSpec, device: str, mount_path: str = POOL_MODEL_DIR) -> str:
     """The model's server config as the repository load's `parameters.config` (a JSON string): the
-    same config its own pods would run (manifests.server_config), files under the pool's mount."""
-    cfg = manifests.server_config(name, spec, model_dir(spec))
+    same config its own pods would run (manifests.server_config), files under the pool's mount, on the
+    pool's device (`gpu` or `cpu`: the pool decides, whatever the model's runtime.device says)."""
+    cfg = manifests.server_config(name, spec, model_dir(spec, mount_path))
+    cfg.device.kind = DeviceKind(device)
     return json.dumps(cfg.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True, mode="json"),
                       sort_keys=True)
 
@@ -160,7 +164,7 @@ def pool_deployment(pool: str, namespace: str, spec: CaffeServingPoolSpec,
                             "readOnlyRootFilesystem": True, "runAsNonRoot": True},
         "volumeMounts": [{"name": "repository", "mountPath": REPOSITORY_DIR},
                          {"name": "tmp", "mountPath": "/tmp"}]
-        + [{"name": f"claim-{i}", "mountPath": f"{POOL_MODEL_DIR}/{c}", "readOnly": True}
+        + [{"name": f"claim-{i}", "mountPath": f"{spec.model_mount_path}/{c}", "readOnly": True}
            for i, c in enumerate(spec.model_claims)],
         "startupProbe": {"httpGet": {"path": "/v2/health/live", "port": PORT_NAME}, "periodSeconds": startup_period,
                          "timeoutSeconds": 2,

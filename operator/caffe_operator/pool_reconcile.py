@@ -127,7 +127,9 @@ class PoolReconciler:
     # ----------------------------------------------------------------------------------------
     async def _pass(self, namespace: str, pool: str, logger: Any) -> PoolPass | None:
         cr = await self.client.get(object_path(POOL_KIND, namespace, pool))
-        models = await self._models(namespace, pool, logger)
+        raw = (cr or {}).get("spec") or {}
+        device = "cpu" if raw.get("device") == "cpu" else "gpu"
+        models = await self._models(namespace, pool, device, str(raw.get("modelMountPath") or "/models"))
         if cr is None or cr["metadata"].get("deletionTimestamp"):
             self.known.discard((namespace, pool))
             for m in models:
@@ -181,7 +183,7 @@ class PoolReconciler:
         await self._write_pool(cr, ready, deployment, live, models, result)
         return result
 
-    async def _models(self, namespace: str, pool: str, logger: Any) -> list[PoolModel]:
+    async def _models(self, namespace: str, pool: str, device: str, mount_path: str) -> list[PoolModel]:
         """The valid CaffeModelServices that name this pool (an invalid one's own reconcile says why)."""
         out = []
         for cr in await self.client.list(KIND, namespace):
@@ -193,7 +195,7 @@ class PoolReconciler:
                 continue
             placement = (cr.get("status") or {}).get("placement") or {}
             measured = bool(placement.get("measured")) and placement.get("pool") == pool
-            out.append(PoolModel(cr, spec, pool_manifests.load_config(cr["metadata"]["name"], spec),
+            out.append(PoolModel(cr, spec, pool_manifests.load_config(cr["metadata"]["name"], spec, device, mount_path),
                                  int(placement.get("memoryBytes") or 0) if measured else 0, measured))
         return out
 

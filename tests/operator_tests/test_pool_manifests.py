@@ -78,6 +78,8 @@ def test_cpu_pool_asks_for_no_gpu_and_mounts_each_claim():
               if "persistentVolumeClaim" in v]
     assert claims == ["models", "zoo"]
     assert dep["spec"]["replicas"] == 2
+    moved = server(pool_manifests.pool_deployment("small", "ml", pool(device="cpu", modelMountPath="/srv/claims")))
+    assert "/srv/claims/models" in {m["mountPath"] for m in moved["volumeMounts"]}
     assert dep["spec"]["selector"]["matchLabels"] == {"caffeserving.io/pool": "small"}
     kubernetes_validate.validate(dep, kubernetes_validate.latest_version(), strict=True)
 
@@ -99,8 +101,10 @@ def test_a_pool_models_service_selects_the_pool_pods_that_hold_it():
 
 
 def test_the_load_config_is_the_models_server_config_under_the_pool_mount():
-    cfg = json.loads(pool_manifests.load_config("digits", model_spec()))
-    assert cfg["name"] == "digits"
+    # the pool's device, not the model's (runtime.device defaults to gpu; cpu is the server's default)
+    assert json.loads(pool_manifests.load_config("digits", model_spec(), "gpu"))["device"]["kind"] == "gpu"
+    cfg = json.loads(pool_manifests.load_config("digits", model_spec(runtime={"device": "gpu"}), "cpu"))
+    assert cfg["name"] == "digits" and "device" not in cfg
     assert cfg["model"]["prototxt"] == "/models/models/zoo/digits/deploy.prototxt"
     assert cfg["model"]["weights"] == "/models/models/zoo/digits/digits.caffemodel"
 
