@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import caffe
@@ -26,6 +28,16 @@ from caffe_testing.servers import ServerProcess, http_json
 
 CLIENTS = Path(__file__).resolve().parent / "seg_det_clients"
 TOL = 1e-5
+START_S = 240  # a server's start and load, generous: a loaded 2-core machine took over 60 s
+
+
+@contextmanager
+def serving(server: ServerProcess) -> Iterator[ServerProcess]:
+    server.start(timeout=START_S)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -117,9 +129,9 @@ def test_pspnet_shaped_net_serves_bit_identical_on_pycaffe_and_within_parity_on_
     want = reference(proto, weights, {"data": x})
     assert set(want) == {"prob", "conv4_sub"} and want["prob"].shape == (1, 5, 33, 33)
     assert want["conv4_sub"].shape == (1, 5, 5, 5)
-    with ServerProcess(config("pspnet", proto, weights, "pycaffe"), tmp_path) as server:
+    with serving(ServerProcess(config("pspnet", proto, weights, "pycaffe"), tmp_path)) as server:
         assert_close(infer(server.url, "pspnet", {"data": x}), want, 0)
-    with ServerProcess(config("pspnet", proto, weights, "auto"), tmp_path) as server:
+    with serving(ServerProcess(config("pspnet", proto, weights, "auto"), tmp_path)) as server:
         backend, reason = backend_of(server.url, "pspnet")
         if backend == "pycaffe":  # until the converter maps Interp and PSPNet's BN (then: ONNX Runtime)
             assert reason.startswith("auto: serving with pycaffe because"), reason
@@ -160,7 +172,7 @@ def test_faster_rcnn_is_served_over_rest_grpc_and_tritonclient(frcnn, tmp_model_
     proto, weights, layers, feed, want = frcnn
     cfg = config("frcnn", proto, weights, "auto", python_layers=layers,
                  outputs=[{"name": "rois"}, {"name": "cls_prob"}, {"name": "bbox_pred"}])
-    with grpc_server(cfg, tmp_model_dir) as server:
+    with serving(grpc_server(cfg, tmp_model_dir)) as server:
         backend, reason = backend_of(server.url, "frcnn")
         assert backend == "pycaffe"
         assert reason.startswith("auto: serving with pycaffe because layer 'proposal' of type 'Python'"), reason
@@ -192,7 +204,7 @@ def test_faster_rcnn_is_served_over_rest_grpc_and_tritonclient(frcnn, tmp_model_
 
 def test_a_python_layer_without_the_setting_is_refused_naming_the_layer_and_the_setting(frcnn, tmp_path):
     proto, weights, layers, feed, want = frcnn
-    with ServerProcess(config("frcnn", proto, weights, "pycaffe"), tmp_path, wait_ready=False) as server:
+    with serving(ServerProcess(config("frcnn", proto, weights, "pycaffe"), tmp_path, wait_ready=False)) as server:
         error = wait_failed(server.url)
         assert "layer 'proposal' is a Python layer (module 'proposal_layer', class 'ProposalLayer')" in error
         assert "set model.pythonLayers.path" in error and "runs that code" in error
@@ -212,7 +224,7 @@ def test_a_python_layer_that_cannot_load_is_refused_saying_why(frcnn, tmp_path, 
         source = "import not_a_module_anywhere\n" if setting == "broken" else "X = 1\n"
         (folder / "proposal_layer.py").write_text(source)
     cfg = config("frcnn", proto, weights, "pycaffe", python_layers=folder)
-    with ServerProcess(cfg, tmp_path, wait_ready=False) as server:
+    with serving(ServerProcess(cfg, tmp_path, wait_ready=False)) as server:
         error = wait_failed(server.url)
         assert words in error, error
 
@@ -230,9 +242,9 @@ def test_a_python_layer_that_cannot_load_is_refused_saying_why(frcnn, tmp_path, 
 def test_detection_family_serves_on_pycaffe_and_auto_says_why(tmp_path, family, text, feed, layer, kind):
     proto, weights = save(tmp_path, family, text)
     want = reference(proto, weights, feed)
-    with ServerProcess(config(family, proto, weights, "pycaffe"), tmp_path) as server:
+    with serving(ServerProcess(config(family, proto, weights, "pycaffe"), tmp_path)) as server:
         assert_close(infer(server.url, family, feed), want, 0)
-    with ServerProcess(config(family, proto, weights, "auto"), tmp_path) as server:
+    with serving(ServerProcess(config(family, proto, weights, "auto"), tmp_path)) as server:
         backend, reason = backend_of(server.url, family)
         assert backend == "pycaffe"
         assert reason.startswith(f"auto: serving with pycaffe because layer '{layer}' of type '{kind}'"), reason
