@@ -147,6 +147,8 @@ def trained_like_weights(proto: Path, seed: int = 0) -> Path:
             shape = b.data.shape
             if kind == "BatchNorm":  # set from the data below
                 b.data[...] = [0.0, 1.0, 1.0][i]
+            elif kind == "BN" and len(blobs) == 4 and i >= 2:  # PSPNet's mean and variance: from the data below
+                b.data[...] = [0.0, 1.0][i - 2]
             elif kind in ("Scale", "BN"):
                 b.data[...] = rng.uniform(0.5, 1.5, shape) if i == 0 else rng.normal(0, 0.1, shape)
             elif kind == "PReLU":
@@ -158,12 +160,17 @@ def trained_like_weights(proto: Path, seed: int = 0) -> Path:
                 b.data[...] = rng.normal(0, 0.1, shape)
     net.blobs["data"].data[...] = rng.uniform(-1, 1, net.blobs["data"].data.shape)
     start = None
-    for i, name in enumerate(layers):  # each BatchNorm normalizes its own input, as training leaves it
-        if net.layers[i].type == "BatchNorm":
+    for i, name in enumerate(layers):  # each BatchNorm (PSPNet's BN) normalizes its own input, as training leaves it
+        kind = net.layers[i].type  # where its mean blob is: BatchNorm's first, PSPNet's BN's third
+        stats = 0 if kind == "BatchNorm" else 2 if kind == "BN" and len(net.params[name]) == 4 else None
+        if stats is not None:
             net.forward(start=start, end=layers[i - 1])
             blob = net.blobs[net.bottom_names[name][0]].data
-            net.params[name][0].data[...] = blob.mean(axis=(0, 2, 3))
-            net.params[name][1].data[...] = blob.var(axis=(0, 2, 3))
+            net.params[name][stats].data[...] = blob.mean(axis=(0, 2, 3)).reshape(net.params[name][stats].data.shape)
+            var = blob.var(axis=(0, 2, 3))
+            if blob.size // blob.shape[1] < 64:  # a few values per channel (pyramid bins): a dataset's spread instead
+                var = rng.uniform(0.5, 2.0, var.shape) * max(float(blob.var()), 1e-3)
+            net.params[name][stats + 1].data[...] = var.reshape(net.params[name][stats + 1].data.shape)
             start = name
     weights = proto.with_suffix(".caffemodel")
     net.save(str(weights))

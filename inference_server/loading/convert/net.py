@@ -12,7 +12,7 @@ from .pooling import pool_geometry
 from .registry import converter_for
 from .source import CaffeModel
 
-CONVERTER_VERSION = "2"  # bump on any change that alters the graph or what converts: it is part of the cache key
+CONVERTER_VERSION = "3"  # bump on any change that alters the graph or what converts: it is part of the cache key
 OPSET = 17
 IR_VERSION = 8  # opset 17's IR version; loads in ONNX Runtime 1.11 and later
 METADATA_KEY = "caffe_serving"
