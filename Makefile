@@ -16,7 +16,7 @@ SETUP_INPUTS := $(filter-out %/__pycache__,$(wildcard scripts/caffe/* scripts/ca
 $(STAMP): $(PY) pyproject.toml $(SETUP_INPUTS)
 	bash scripts/system/setup_system.sh
 	bash scripts/caffe/install_pycaffe.sh $(VENV)
-	$(PY) -m pip install -q -e '.[operator,onnx,demo,bench,s3,test]'
+	$(PY) -m pip install -q -e '.[operator,onnx,demo,bench,s3,tracing,test]'
 	$(PY) -m pip install -q --ignore-requires-python helm-sdkpy
 	$(PY) -c "import caffe, caffeserve, caffe_local, caffe_operator, caffe_gateway, inference_server, caffe_http"
 	touch $(STAMP)
@@ -27,12 +27,19 @@ $(CHECKOV):
 	$(PYTHON) -m venv .venv-checkov
 	.venv-checkov/bin/python -m pip install -q 'checkov==3.3.30'
 
+# OpenCV 5 (tests/cli/test_export.py runs exported ONNX files with cv2.dnn) in a venv of its own: its wheels
+# need numpy 2, pycaffe's build numpy 1.
+OPENCV := .venv-opencv/bin/python
+$(OPENCV):
+	$(PYTHON) -m venv .venv-opencv
+	.venv-opencv/bin/python -m pip install -q 'opencv-python-headless==5.1.0.95'
+
 # The tests' Kubernetes control plane (kube-apiserver, kube-controller-manager, kube-scheduler, etcd),
 # built from Kubernetes' Go modules once per machine (~20 min on 2 cores), then answered from its cache.
 kube:
 	bash scripts/kube/build.sh >/dev/null
 
-setup: $(STAMP) $(CHECKOV) kube
+setup: $(STAMP) $(CHECKOV) $(OPENCV) kube
 
 # the gates first (pyproject.toml: import layers [tool.importlinter], lint [tool.ruff], types [tool.mypy]),
 # then every test
@@ -48,6 +55,8 @@ demo: setup
 crd: setup
 	$(VENV)/bin/caffeserve crd > crds/caffemodelservices.yaml
 	cp crds/caffemodelservices.yaml charts/caffe-serving/crds/caffemodelservices.yaml
+	$(VENV)/bin/caffeserve crd --kind CaffeServingPool > crds/caffeservingpools.yaml
+	cp crds/caffeservingpools.yaml charts/caffe-serving/crds/caffeservingpools.yaml
 
 bench: setup
 	$(PY) bench/server_overhead.py

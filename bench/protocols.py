@@ -1,9 +1,12 @@
 """REST JSON vs REST binary vs gRPC on one server, for the digits net and an inception-size input.
 
 One server process answers all three (REST and gRPC share the data plane and workers), so the
-figures differ only by protocol. For each model and concurrency (1 and 8 connections) it prints
-p50 and p99 latency, requests/s and the server's CPU time per request (user + system over all its
-threads, from /proc), then each protocol's ratios to REST JSON, all from the same run.
+figures differ only by protocol. Beside it: the same config on a second server whose gRPC runs on
+grpc.aio (CAFFESERVE_GRPC_TRANSPORT=grpcio), and an empty handler on each gRPC transport
+(bench/empty_grpc.py), the floor each transport puts under a call. For each model and concurrency
+(1 and 8 connections) it prints p50 and p99 latency, requests/s and the server's CPU time per request
+(user + system over all its threads, from /proc), then each row's ratios to REST binary. The targets
+are measured in turns (`--rounds`), so that the machine's load falls alike on all of them.
 
 Load comes from `h2load` (nghttp2-client, a C client like wrk, cheap beside the server on 2 cores):
 HTTP/1.1 keep-alive for REST, HTTP/2 with gRPC framing for gRPC, one request in flight per connection;
@@ -11,18 +14,21 @@ its per-request log gives the percentiles. h2load does not read grpc-status, so 
 three are checked against each other before measuring, and the server's gRPC counter must show every
 measured call OK.
 
-    .venv/bin/python bench/protocols.py [--seconds 10] [--models digits,inception] [--concurrency 1,8]
+    .venv/bin/python bench/protocols.py [--seconds 10] [--rounds 2] [--models digits,inception] [--concurrency 1,8]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import struct
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import inception_net  # noqa: E402
 from caffe_testing.grpc import OIPClient, grpc_server, infer_request, output  # noqa: E402
-from caffe_testing.servers import http  # noqa: E402
+from caffe_testing.servers import free_port, http  # noqa: E402
 from inference_server.grpc import messages as pb  # noqa: E402
 
 PROTOCOLS = ("REST JSON", "REST binary", "gRPC")
@@ -79,6 +85,7 @@ def check_answers(server, model: str, name: str, out: str, x: np.ndarray, cases)
 
 
 def grpc_ok(server) -> float:
+    """The server's count of gRPC ModelInfer calls answered OK."""
     text = http("GET", server.url + "/metrics")[2].decode()
     for line in text.splitlines():
         if line.startswith("caffeserve_grpc_requests_total{") and 'grpc_code="OK"' in line:
@@ -92,18 +99,19 @@ def h2load(url: str, body: bytes, headers: dict[str, str], connections: int, sec
         body_file, log_file = Path(d) / "body", Path(d) / "log"
         body_file.write_bytes(body)
         cmd = ["h2load", f"-c{connections}", "-m1", "-t1", "-d", str(body_file), f"--log-file={log_file}"]
-        cmd += [f"-D{max(1, round(seconds))}"] if seconds else [f"-n{requests}"]
+        cmd += [f"-D{max(1, round(seconds))}"] if seconds else [f"-n{requests}"]  # h2load: whole seconds
         cmd += ["--h1"] if h1 else []
         for k, v in headers.items():
             cmd += ["-H", f"{k}: {v}"]
         out = subprocess.run(cmd + [url], capture_output=True, text=True, check=True).stdout
         rows = [line.split("\t") for line in log_file.read_text().splitlines() if line]
-    lat = np.array([int(r[2]) for r in rows]) / 1000.0
+    lat = np.array([int(r[2]) for r in rows]) / 1000.0  # ms
     codes = [r[1] for r in rows]
     first = min(int(r[0]) for r in rows) / 1e6
     last = max(int(r[0]) / 1e6 + int(r[2]) / 1e6 for r in rows)
     return {"n": len(rows), "ok": sum(c == "200" for c in codes), "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)), "rps": len(rows) / max(last - first, 1e-9), "raw": out}
+            "p99_ms": float(np.percentile(lat, 99)), "rps": len(rows) / max(last - first, 1e-9), "raw": out,
+            "lat": lat}
 
 
 def cpu_s(proc: psutil.Process) -> float:
@@ -111,42 +119,84 @@ def cpu_s(proc: psutil.Process) -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def measure(server, model: str, cases, concurrency: list[int], seconds: float) -> list[dict]:
+@dataclass
+class Target:
+    """One protocol on one server process, measured in turns with the others."""
+
+    label: str
+    url: str
+    body: bytes
+    headers: dict[str, str]
+    h1: bool
+    proc: psutil.Process
+    grpc_server: object | None = None  # a model server whose gRPC counter must confirm the calls
+
+
+def targets(server, grpcio_server, empty: dict[str, tuple[int, psutil.Process]], model: str, cases) -> list[Target]:
+    """REST JSON, REST binary and gRPC on the model server (our HTTP/2 transport), gRPC on a second model
+    server running grpc.aio, and an empty handler on each gRPC transport (the floor of each)."""
     rest_url = f"{server.url}/v2/models/{model}/infer"
-    grpc_url = f"http://127.0.0.1:{server.grpc_port}/{pb.SERVICE}/ModelInfer"
     proc = psutil.Process(server.proc.pid)
+    out = [Target(p, rest_url, *cases[p], True, proc) for p in ("REST JSON", "REST binary")]
+    path = f"/{pb.SERVICE}/ModelInfer"
+    out.append(Target("gRPC", f"http://127.0.0.1:{server.grpc_port}{path}", *cases["gRPC"], False, proc, server))
+    if grpcio_server is not None:
+        out.append(Target("gRPC grpc.aio", f"http://127.0.0.1:{grpcio_server.grpc_port}{path}", *cases["gRPC"], False,
+                          psutil.Process(grpcio_server.proc.pid), grpcio_server))
+    for kind, (port, eproc) in empty.items():
+        label = "empty h2" if kind == "h2" else "empty grpc.aio"
+        out.append(Target(label, f"http://127.0.0.1:{port}{path}", *cases["gRPC"], False, eproc))
+    return out
+
+
+def measure(model: str, tgts: list[Target], concurrency: list[int], seconds: float, rounds: int) -> list[dict]:
+    """Each target for `seconds`, in `rounds` turns taken in rotation (so the machine's load falls alike
+    on all of them); requests, CPU time and latencies summed over the turns."""
     rows = []
     for conc in concurrency:
-        for proto in PROTOCOLS:
-            body, headers = cases[proto]
-            url, h1 = (grpc_url, False) if proto == "gRPC" else (rest_url, True)
-            h2load(url, body, headers, conc, None, requests=max(20, 10 * conc), h1=h1)  # warm-up
-            ok_before, cpu_before = grpc_ok(server), cpu_s(proc)
-            r = h2load(url, body, headers, conc, seconds, h1=h1)
-            cpu = cpu_s(proc) - cpu_before
-            if proto == "gRPC":  # HTTP 200 says nothing of grpc-status: the server's own count must agree
-                served = grpc_ok(server) - ok_before
-                assert served >= r["ok"], f"gRPC: {r['ok']} HTTP 200s but only {served:.0f} OK calls"
-            assert r["ok"] == r["n"], f"{proto}: {r['n'] - r['ok']} of {r['n']} requests failed\n{r['raw']}"
-            rows.append({"model": model, "protocol": proto, "concurrency": conc, "rps": r["rps"],
-                         "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "cpu_ms": 1000 * cpu / max(r["n"], 1),
-                         "body_bytes": len(body)})
-            print(f"  {model:<10} c={conc:<2} {proto:<11} {r['rps']:8.1f} req/s  p50 {r['p50_ms']:8.3f} ms  "
-                  f"p99 {r['p99_ms']:8.3f} ms  cpu {1000 * cpu / max(r['n'], 1):7.3f} ms/req", flush=True)
+        acc: dict[str, dict] = {t.label: {"n": 0, "cpu": 0.0, "span": 0.0, "lat": []} for t in tgts}
+        for t in tgts:  # warm-up
+            h2load(t.url, t.body, t.headers, conc, None, requests=max(20, 10 * conc), h1=t.h1)
+        for _ in range(rounds):
+            for t in tgts:
+                ok_before = grpc_ok(t.grpc_server) if t.grpc_server is not None else 0.0
+                cpu_before = cpu_s(t.proc)
+                r = h2load(t.url, t.body, t.headers, conc, seconds / rounds, h1=t.h1)
+                cpu = cpu_s(t.proc) - cpu_before
+                if t.grpc_server is not None:  # HTTP 200 says nothing of grpc-status: the server's count must agree
+                    served = grpc_ok(t.grpc_server) - ok_before
+                    assert served >= r["ok"], f"{t.label}: {r['ok']} HTTP 200s but only {served:.0f} OK calls"
+                assert r["ok"] == r["n"], f"{t.label}: {r['n'] - r['ok']} of {r['n']} requests failed\n{r['raw']}"
+                a = acc[t.label]
+                a["n"] += r["n"]
+                a["cpu"] += cpu
+                a["span"] += r["n"] / r["rps"]
+                a["lat"].append(r["lat"])
+        for t in tgts:
+            a = acc[t.label]
+            lat = np.concatenate(a["lat"])
+            row = {"model": model, "protocol": t.label, "concurrency": conc, "rps": a["n"] / a["span"],
+                   "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+                   "cpu_ms": 1000 * a["cpu"] / max(a["n"], 1), "body_bytes": len(t.body)}
+            rows.append(row)
+            print(f"  {model:<10} c={conc:<2} {t.label:<14} {row['rps']:8.1f} req/s  p50 {row['p50_ms']:8.3f} ms  "
+                  f"p99 {row['p99_ms']:8.3f} ms  cpu {row['cpu_ms']:7.3f} ms/req", flush=True)
     return rows
 
 
 def report(rows: list[dict]) -> None:
     print()
-    print(f"{'model':<10} {'conc':>4} {'protocol':<11} {'body B':>9} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} "
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f}")
+    print(f"{'model':<10} {'conc':>4} {'protocol':<14} {'body B':>9} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} "
           f"{'CPU ms/req':>10} {'×req/s':>7} {'×p50':>6} {'×CPU':>6}")
     for r in rows:
         base = next(b for b in rows if b["model"] == r["model"] and b["concurrency"] == r["concurrency"]
-                    and b["protocol"] == "REST JSON")
-        print(f"{r['model']:<10} {r['concurrency']:>4} {r['protocol']:<11} {r['body_bytes']:>9} {r['rps']:>9.1f} "
+                    and b["protocol"] == "REST binary")
+        print(f"{r['model']:<10} {r['concurrency']:>4} {r['protocol']:<14} {r['body_bytes']:>9} {r['rps']:>9.1f} "
               f"{r['p50_ms']:>9.3f} {r['p99_ms']:>9.3f} {r['cpu_ms']:>10.3f} {r['rps'] / base['rps']:>7.2f} "
               f"{r['p50_ms'] / base['p50_ms']:>6.2f} {r['cpu_ms'] / base['cpu_ms']:>6.2f}")
-    print("(× columns: ratio to REST JSON at the same model and concurrency, this run)")
+    print("(× columns: ratio to REST binary at the same model and concurrency, this run; gRPC is our HTTP/2 "
+          "transport, gRPC grpc.aio the same service on grpc.aio, empty *: a handler that answers nothing)")
 
 
 def model_configs(tmp: Path, names: list[str], backend: str | None) -> list[tuple[str, Path, str, str, list[int]]]:
@@ -172,27 +222,52 @@ def model_configs(tmp: Path, names: list[str], backend: str | None) -> list[tupl
     return out
 
 
+@contextmanager
+def empty_servers(kinds: list[str]):
+    """Empty-handler gRPC servers (bench/empty_grpc.py), one process per transport: {kind: (port, process)}."""
+    procs, out = [], {}
+    try:
+        for kind in kinds:
+            port = free_port()
+            p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "empty_grpc.py"), kind, str(port)],
+                                 stdout=subprocess.PIPE, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+            procs.append(p)
+            assert p.stdout is not None and p.stdout.readline().strip() == b"serving", f"empty {kind} did not start"
+            out[kind] = (port, psutil.Process(p.pid))
+        yield out
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=10, help="measurement per protocol and concurrency")
+    ap.add_argument("--rounds", type=int, default=2, help="turns the seconds are split into, in rotation")
     ap.add_argument("--models", default="digits,inception")
     ap.add_argument("--concurrency", default="1,8")
     ap.add_argument("--backend", default=None, help="override the configs' backend (pycaffe, onnxruntime, auto)")
+    ap.add_argument("--no-grpcio", action="store_true", help="leave out grpc.aio (the second server, the empty one)")
     args = ap.parse_args()
     if shutil.which("h2load") is None:
         raise SystemExit("h2load is not installed: apt-get install nghttp2-client (scripts/system/debian-packages.txt)")
     conc = [int(c) for c in args.concurrency.split(",")]
     rows = []
-    with tempfile.TemporaryDirectory() as d:
+    env = {"OPENBLAS_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory() as d, \
+            empty_servers(["h2"] if args.no_grpcio else ["h2", "grpcio"]) as empty:
         for model, path, name, out, shape in model_configs(Path(d), args.models.split(","), args.backend):
             x = np.random.default_rng(0).random(shape, dtype=np.float32)
-            env = {"OPENBLAS_NUM_THREADS": "1"}
-            with grpc_server(path, Path(d), env=env, args=["--log-level", "WARNING"]) as server:
+            with ExitStack() as stack:
+                server = stack.enter_context(grpc_server(path, Path(d), env=env, args=["--log-level", "WARNING"]))
+                grpcio = None if args.no_grpcio else stack.enter_context(grpc_server(
+                    path, Path(d), env={**env, "CAFFESERVE_GRPC_TRANSPORT": "grpcio"}, args=["--log-level", "WARNING"]))
                 backend = orjson.loads(http("GET", f"{server.url}/v2/models/{model}")[2])["parameters"]["backend"]
                 cases = bodies(model, name, x)
                 check_answers(server, model, name, out, x, cases)
                 print(f"{model}: input {shape}, backend {backend}; the three protocols agree; measuring", flush=True)
-                rows += measure(server, model, cases, conc, args.seconds)
+                rows += measure(model, targets(server, grpcio, empty, model, cases), conc, args.seconds, args.rounds)
             time.sleep(0.5)
     report(rows)
 

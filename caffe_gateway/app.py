@@ -14,12 +14,15 @@ from caffe_http.access_log import AccessLog, log_refusal, with_access_log
 from caffe_http.encoding import with_content_coding
 from caffe_http.server import HTTPServer, Request, ServerLimits
 
+from .auth import Guard, with_guard
 from .balancer import Balancer, BalancerSettings
 from .proxy import MODELS_PREFIX, Gateway, ProxySettings
 from .stats import ALL_STATS_PATH, stats_target
+from .tracing import GatewayTracing
 
 if TYPE_CHECKING:
     from .grpc_proxy import GRPCGatewayServer
+    from .tls import ReloadingTLS
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +38,20 @@ def forwarded_unread(req: Request) -> bool:
 class GatewayApp:
     def __init__(self, discovery, balancer_settings: BalancerSettings | None = None,
                  proxy_settings: ProxySettings | None = None, limits: ServerLimits | None = None,
-                 access_log: AccessLog | None = None):
+                 access_log: AccessLog | None = None, tracing: GatewayTracing | None = None,
+                 guard: Guard | None = None, tls: ReloadingTLS | None = None):
         self.discovery = discovery
         self.balancer = Balancer(balancer_settings)
-        self.gateway = Gateway(self.balancer, proxy_settings, ready=self.ready)
+        self.gateway = Gateway(self.balancer, proxy_settings, ready=self.ready, tracing=tracing)
         limits = limits or ServerLimits()
         access = access_log or AccessLog("gateway")
-        handler = with_access_log(
-            with_content_coding(self.gateway.handle, limits.max_body_bytes, passthrough=forwarded_unread), access)
+        # who may call (auth.py): by default nobody is authenticated and the admin calls are off
+        self.guard = guard or Guard()
+        self.gateway.metrics.registry.register(self.guard)
+        self.tls = tls  # None: plain REST and gRPC
+        handler = with_access_log(with_guard(
+            with_content_coding(self.gateway.handle, limits.max_body_bytes, passthrough=forwarded_unread),
+            self.guard), access)
         # A client that went away cancels its request: it leaves the queue, or its upstream
         # connection is closed (never reused half-read) and the server drops the work too.
         self.server = HTTPServer(handler, limits, cancel_on_disconnect=True)
@@ -50,6 +59,7 @@ class GatewayApp:
         self.limits = limits
         self.grpc_server: GRPCGatewayServer | None = None  # once started with a gRPC port
         self._discovery_task: asyncio.Task | None = None
+        self._tls_task: asyncio.Task | None = None
         self.port: int | None = None
         self.grpc_port: int | None = None
 
@@ -60,16 +70,22 @@ class GatewayApp:
         """Start discovery and listen (REST on `port`, gRPC on `grpc_port` unless None); returns
         the bound REST port (`self.grpc_port` is the bound gRPC port). OSError when a port is taken."""
         if grpc_port is not None:
-            from .grpc_proxy import GRPCGateway, GRPCGatewayServer  # grpcio only when gRPC is on
+            from .grpc_auth import hooks  # grpcio only when gRPC is on
+            from .grpc_proxy import GRPCGateway, GRPCGatewayServer
 
-            grpc_gateway = GRPCGateway(self.gateway.forwarder, self.ready, self.gateway.version,
+            grpc_gateway = GRPCGateway(self.gateway.forwarder, self.ready, self.gateway.version, self.gateway.tracing,
                                        index=self.gateway.index_entries)
-            self.grpc_server = GRPCGatewayServer(grpc_gateway, self.limits.max_body_bytes)
-            self.grpc_port = await self.grpc_server.start(host, grpc_port)
+            handler, interceptors = hooks(self.guard, grpc_gateway.handler)
+            self.grpc_server = GRPCGatewayServer(grpc_gateway, self.limits.max_body_bytes, handler, interceptors)
+            credentials = self.tls.grpc_credentials() if self.tls is not None else None
+            self.grpc_port = await self.grpc_server.start(host, grpc_port, credentials)
         self._discovery_task = asyncio.create_task(self.discovery.run(self.balancer), name="gateway-discovery")
         self._discovery_task.add_done_callback(_log_crash)
+        if self.tls is not None:
+            self._tls_task = asyncio.create_task(self.tls.watch(), name="gateway-tls-reload")
         try:
-            self.port = await self.server.start(host, port, sock=sock)
+            self.port = await self.server.start(host, port, sock=sock,
+                                                ssl=self.tls.context if self.tls is not None else None)
         except BaseException:
             await self.stop(0)
             raise
@@ -81,6 +97,9 @@ class GatewayApp:
         if self.grpc_server is not None:  # REST and gRPC drain together, within the same grace period
             stopping.append(self.grpc_server.stop(grace_s))
         await asyncio.gather(*stopping)
+        if self._tls_task is not None:
+            self._tls_task.cancel()
+        await self.guard.close()
         if self._discovery_task is not None:
             self._discovery_task.cancel()
             try:

@@ -50,6 +50,7 @@ from .forward import BROKEN, DEADLINE, NOT_SERVED, UNAVAILABLE, UNKNOWN, Forward
 from .grpc_stats import model_statistics
 from .proxy import FORWARDED_EXTENSIONS, GATEWAY_NAME
 from .repository import broadcast, endpoints_of, unknown_model
+from .tracing import GatewayTracing, TracedTransport, with_trace_context
 
 SERVICE = pb.SERVICE
 OWN_METHODS = ("ServerLive", "ServerReady", "ServerMetadata")
@@ -59,6 +60,7 @@ MODEL_METHODS = ("ModelInfer", "ModelReady", "ModelMetadata", "ModelConfig")
 Code = grpc.StatusCode
 # The status codes that count as a server failing (outlier detection).
 FAILURE_CODES = frozenset({Code.INTERNAL, Code.UNKNOWN, Code.DATA_LOSS, Code.DEADLINE_EXCEEDED})
+_FAILURE_NAMES = frozenset(c.name for c in FAILURE_CODES)
 # The gateway's own answers (forward.Refused kinds) as gRPC codes; UNAVAILABLE carries retry information.
 REFUSALS = {UNKNOWN: Code.NOT_FOUND, UNAVAILABLE: Code.UNAVAILABLE, DEADLINE: Code.DEADLINE_EXCEEDED,
             BROKEN: Code.UNAVAILABLE, NOT_SERVED: Code.UNIMPLEMENTED}
@@ -66,8 +68,9 @@ REFUSALS = {UNKNOWN: Code.NOT_FOUND, UNAVAILABLE: Code.UNAVAILABLE, DEADLINE: Co
 # connection closed before it answered (the process died, or its shutdown cancelled the call).
 TRANSPORT_FAILURES = ("failed to connect to all addresses", "Socket closed", "Connection reset", "Broken pipe",
                       "Connection refused", "GOAWAY", "Cancelling all calls")
-# Request metadata gRPC sets itself on the upstream call, and reply metadata it sets on ours.
-_REQUEST_OWN = frozenset({"user-agent", "te", "content-type", "host", "x-forwarded-for"})
+# Request metadata gRPC sets itself on the upstream call, and reply metadata it sets on ours; the
+# client's credentials are the gateway's to check (auth.py), not passed on to the servers.
+_REQUEST_OWN = frozenset({"user-agent", "te", "content-type", "host", "x-forwarded-for", "authorization"})
 _REPLY_OWN = frozenset({"content-type", "grpc-status", "grpc-message", "grpc-encoding", "grpc-accept-encoding",
                         "date", "server"})
 
@@ -269,6 +272,12 @@ class GRPCTransport:
         return code, details, (), trailing
 
     @staticmethod
+    def with_trace_context(request: tuple, context: dict[str, str]) -> tuple:
+        """`request` carrying the trace context `context` (tracing.py) in its metadata, in place of the client's."""
+        method, data, metadata = request
+        return method, data, tuple(with_trace_context(metadata, context))
+
+    @staticmethod
     def failed(answer: Answer) -> bool:
         code = answer[0]
         return code is not _OK and code in FAILURE_CODES
@@ -291,7 +300,7 @@ class GRPCGateway:
     """The RPC handlers; `handler()` is what the gateway's grpc server registers."""
 
     def __init__(self, forwarder: Forwarder, ready: Callable[[], bool] = lambda: True, version: str = "0.1.0",
-                 index: Callable[[bool], Awaitable[list[dict]]] | None = None):
+                 tracing: GatewayTracing | None = None, index: Callable[[bool], Awaitable[list[dict]]] | None = None):
         self.forwarder = forwarder
         self.index = index  # the REST gateway's repository index (Gateway.index_entries)
         self.balancer = forwarder.balancer
@@ -299,6 +308,7 @@ class GRPCGateway:
         self.settings = forwarder.settings
         self.transport = GRPCTransport(self.balancer.settings.connect_timeout_s, self.settings.request_timeout_s)
         self.is_ready = ready
+        self.tracing = tracing  # None: tracing off (tracing.py)
         self._live = pb.ServerLiveResponse(live=True).SerializeToString()
         self._not_ready = pb.ModelReadyResponse(ready=False).SerializeToString()
         self._server_metadata = pb.ServerMetadataResponse(
@@ -384,6 +394,7 @@ class GRPCGateway:
 
     async def _forward(self, method: str, data: bytes, context) -> bytes:
         model, code = "", "OK"
+        traced: TracedTransport | None = None
         try:
             try:
                 model, version = model_and_version(data)
@@ -393,8 +404,12 @@ class GRPCGateway:
                 return self._not_ready
             now = asyncio.get_running_loop().time()
             remaining = context.time_remaining()
+            transport: GRPCTransport | TracedTransport = self.transport
+            if self.tracing is not None:
+                traced = transport = self.tracing.grpc(self.transport, method, context.invocation_metadata(), model,
+                                                       now)
             try:
-                answer = await self.forwarder.forward(self.transport, (method, data, self._request_metadata(context)),
+                answer = await self.forwarder.forward(transport, (method, data, self._request_metadata(context)),
                                                       model, version or None, now,
                                                       None if remaining is None else now + remaining)
             except Refused as e:
@@ -416,6 +431,8 @@ class GRPCGateway:
             raise
         finally:
             self.metrics.count_grpc(model if model in self.balancer.models else "", method, code)
+            if traced is not None:
+                traced.end(code, code in _FAILURE_NAMES)
 
     def _any_ready(self, model: str) -> bool:
         route, canary = self.balancer.models.get(model), self.balancer.canaries.get(model)
@@ -442,6 +459,6 @@ class GRPCGateway:
 class GRPCGatewayServer(GRPCListener):
     """The gateway's grpc.aio server; its largest request message is `max_message_bytes`."""
 
-    def __init__(self, gateway: GRPCGateway, max_message_bytes: int):
-        super().__init__(gateway.handler, max_message_bytes)
+    def __init__(self, gateway: GRPCGateway, max_message_bytes: int, handler=None, interceptors: tuple = ()):
+        super().__init__(handler or gateway.handler, max_message_bytes, interceptors)
         self.gateway = gateway

@@ -16,6 +16,10 @@ gateway needs `list` and `watch` on discovery.k8s.io endpointslices, nothing els
 
 gRPC (`inference.GRPCInferenceService`, port --grpc-port) is forwarded the same way, to the
 servers' gRPC ports (EndpointSlice port `grpc`; `--static m=http://host:8001?grpc=8002`).
+
+Security (docs/security.md): `--tls-dir` serves both over TLS, reloading the certificate when its
+Secret changes; `--auth tokens|tokenreview` asks for bearer tokens (health stays open); the admin
+calls (repository load/unload, log and trace settings) are refused unless `--admin-api`.
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ import sys
 
 from caffe_http.access_log import AccessLog, add_logging_arguments, configure_logging
 from caffe_http.lifecycle import install_uvloop, stop_event
+from caffe_http.tracing import TracingUnavailable
 
 from .app import GatewayApp
 from .balancer import Address
 from .discovery import EndpointSliceWatcher, KubeConfig, StaticDiscovery, parse_static
-from .settings import add_arguments, settings_from
+from .settings import add_arguments, add_security_arguments, guard_from, settings_from, tls_from
+from .tracing import start_tracing
 
 log = logging.getLogger("caffeserve.gateway")
 
@@ -58,6 +64,12 @@ def parser() -> argparse.ArgumentParser:
                      help="kubeconfig file (default $KUBECONFIG; in a cluster the service-account token)")
     src.add_argument("--context", help="kubeconfig context (default: current-context)")
     add_arguments(p)
+    p.add_argument("--otlp-endpoint", metavar="URL",
+                   help="send OpenTelemetry traces of forwarded requests to this OTLP/HTTP base URL (e.g. "
+                        "http://otel-collector:4318; default $OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing)")
+    p.add_argument("--trace-sample-ratio", type=float, default=1.0, metavar="R",
+                   help="share of new traces recorded (default %(default)s); a request's own sampled flag wins")
+    add_security_arguments(p)
     p.add_argument("--grace", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, how long requests in flight may take to finish (default %(default)s)")
     add_logging_arguments(p)
@@ -84,17 +96,34 @@ def make_discovery(args, p: argparse.ArgumentParser):
     return EndpointSliceWatcher(kube, namespace)
 
 
+def api_server(args) -> KubeConfig | None:
+    """The API server to ask (TokenReview): the kubeconfig's, or the pod's own; None when neither."""
+    if args.kubeconfig:
+        return KubeConfig.from_kubeconfig(args.kubeconfig, args.context)
+    return KubeConfig.in_cluster() if os.environ.get("KUBERNETES_SERVICE_HOST") else None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     discovery = make_discovery(args, p)
     balancer, proxy, limits = settings_from(args)
-    app = GatewayApp(discovery, balancer, proxy, limits, AccessLog("gateway", args.access_log))
+    try:
+        tracing = start_tracing(args.otlp_endpoint, args.trace_sample_ratio)
+        guard = guard_from(args, api_server(args) if args.auth == "tokenreview" else None)
+        tls = tls_from(args)
+    except TracingUnavailable as e:
+        p.error(str(e))
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError: a pair that does not load
+        p.error(str(e))
+    app = GatewayApp(discovery, balancer, proxy, limits, AccessLog("gateway", args.access_log), tracing, guard, tls)
     install_uvloop()
 
     grpc_port = None if args.no_grpc else args.grpc_port
     rc = asyncio.run(run_until_signalled(app, args.host, args.port, args.grace, grpc_port))
+    if tracing is not None:
+        tracing.shutdown()  # the spans still queued go out before the exit
     logging.shutdown()  # every queued log line written before the exit
     return rc
 
@@ -109,7 +138,7 @@ async def run_until_signalled(app: GatewayApp, host: str, port: int, grace_s: fl
         log.error("gateway cannot listen on %s (port %d, gRPC %s): %s; choose another --port / --grpc-port",
                   host, port, grpc_port, e.strerror or e)
         return 2  # a port that cannot be bound is a configuration error (README, "Exit codes")
-    log.info("gateway listening on http://%s:%d", host, bound)
+    log.info("gateway listening on %s://%s:%d", "https" if app.tls else "http", host, bound)
     if app.grpc_port is not None:
         log.info("gateway listening for gRPC on %s:%d", host, app.grpc_port)
     await stop.wait()

@@ -52,11 +52,13 @@ from .forward import (
     NotRun,
     ProxySettings,
     Refused,
+    Transport,
     Unreachable,
 )
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, GatewayMetrics
 from .repository import broadcast, endpoints_of, unknown_model
 from .stats import answer as stats_answer
+from .tracing import GatewayTracing, with_trace_context
 
 __all__ = ["Gateway", "ProxySettings", "MODELS_PREFIX", "FORWARDED_EXTENSIONS", "GATEWAY_NAME"]
 
@@ -126,6 +128,12 @@ class HTTPTransport:
         return up
 
     @staticmethod
+    def with_trace_context(request: tuple, context: dict[str, str]) -> tuple:
+        """`request` carrying the trace context `context` (tracing.py) in place of the client's."""
+        method, target, headers, body = request
+        return method, target, with_trace_context(headers, context), body
+
+    @staticmethod
     def failed(up: UpstreamResponse) -> bool:
         return up.status >= 500 and up.status != 503  # a 503 is the server saying "busy"
 
@@ -142,8 +150,10 @@ class Gateway:
     """Routes requests; `ready()` says whether discovery has completed its first sync."""
 
     def __init__(self, balancer: Balancer, settings: ProxySettings | None = None,
-                 ready: Callable[[], bool] = lambda: True, version: str = "0.1.0"):
+                 ready: Callable[[], bool] = lambda: True, version: str = "0.1.0",
+                 tracing: GatewayTracing | None = None):
         self.balancer = balancer
+        self.tracing = tracing  # None: tracing off (tracing.py)
         self.settings = settings or ProxySettings()
         self.metrics = GatewayMetrics(balancer)
         self.forwarder = Forwarder(balancer, self.metrics, self.settings)
@@ -173,6 +183,8 @@ class Gateway:
             if path.endswith("stats") and (stats := await stats_answer(self.balancer, req, self._retry_after)):
                 return stats
             rest = path[len(MODELS_PREFIX):]
+            if self.tracing is not None:
+                return await self._traced(req, rest.split("/", 1)[0], traffic.pinned_version(rest))
             return await self._forward(req, rest.split("/", 1)[0], traffic.pinned_version(rest))
         if req.method not in FORWARDED_METHODS:
             return _error(405, f"method {req.method} is not allowed on {path}")
@@ -259,7 +271,21 @@ class Gateway:
         return _json({})
 
     # --- forwarding
-    async def _forward(self, req: Request, model: str, version: str | None = None) -> Response:
+    async def _traced(self, req: Request, model: str, version: str | None) -> Response:
+        """`_forward` with the request's spans (tracing.py)."""
+        assert self.tracing is not None
+        transport = self.tracing.rest(self.transport, req.method, req.path, req.headers, model,
+                                      req.arrived or asyncio.get_running_loop().time())
+        status = HTTPTransport.cancelled_code
+        try:
+            resp = await self._forward(req, model, version, transport)
+            status = resp.status
+            return resp
+        finally:
+            transport.end(status, status >= 500 and status != 503)
+
+    async def _forward(self, req: Request, model: str, version: str | None = None,
+                       transport: Transport | None = None) -> Response:
         if req.method not in FORWARDED_METHODS:
             known = model in self.balancer.models
             resp = (_error(405, f"method {req.method} is not allowed on {req.path}") if known
@@ -267,7 +293,7 @@ class Gateway:
             self.metrics.count(model if known else "", resp.status)
             return resp
         try:
-            up = await self.forwarder.forward(self.transport, _upstream_request(req), model, version,
+            up = await self.forwarder.forward(transport or self.transport, _upstream_request(req), model, version,
                                               req.arrived or asyncio.get_running_loop().time())
         except Refused as e:
             resp = self._refusal(e)

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from caffe_http.server import ServerLimits
 
+from .auth import REVIEW_TTL_S, Allowed, Guard, StaticTokens, TokenReviewer
 from .balancer import BalancerSettings
 from .proxy import ProxySettings
+
+if TYPE_CHECKING:
+    from .tls import ReloadingTLS
 
 
 @dataclass(frozen=True)
@@ -66,3 +70,58 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
     # a body that takes longer than the whole request may is cut off at the same deadline
     limits = ServerLimits(**values["limits"], body_timeout_s=min(30.0, proxy.request_timeout_s))
     return GatewaySettings(BalancerSettings(**values["balancer"]), proxy, limits)
+
+
+def add_security_arguments(p: argparse.ArgumentParser) -> None:
+    """TLS and who may call (auth.py, tls.py), as a `security` group of `p`."""
+    g = p.add_argument_group("security (docs/security.md)")
+    g.add_argument("--tls-dir", metavar="DIR",
+                   help="serve REST and gRPC over TLS with DIR/tls.crt and DIR/tls.key (a kubernetes.io/tls "
+                        "Secret's volume), reloaded when they change (default: plain text)")
+    g.add_argument("--auth", choices=("none", "tokens", "tokenreview"), default="none",
+                   help="bearer tokens: none; tokens (--auth-token-file); tokenreview (the API server checks "
+                        f"each token, cached {REVIEW_TTL_S:g} s; ServiceAccount tokens work) (default %(default)s)")
+    g.add_argument("--auth-token-file", metavar="FILE",
+                   help='static tokens, the API server\'s format: token,user,uid,"group1,group2" per line')
+    g.add_argument("--auth-audience", action="append", default=[], metavar="AUD",
+                   help="with tokenreview: an audience the token must be for (repeat; default the API server's)")
+    g.add_argument("--auth-users", metavar="U1,U2",
+                   help="who may call (with --auth-groups; default: anyone authenticated)")
+    g.add_argument("--auth-groups", metavar="G1,G2",
+                   help="groups that may call, e.g. system:serviceaccounts:team-a")
+    g.add_argument("--admin-api", action="store_true",
+                   help="serve the admin calls that change state (repository load/unload, log and trace "
+                        "settings) to --admin-users/--admin-groups; needs --auth (default: off, 403)")
+    g.add_argument("--admin-users", metavar="U1,U2", help="who may call the admin API")
+    g.add_argument("--admin-groups", metavar="G1,G2", help="groups that may call the admin API")
+
+
+def _names(text: str | None) -> frozenset[str]:
+    return frozenset(n.strip() for n in (text or "").split(",") if n.strip())
+
+
+def guard_from(args: argparse.Namespace, kube=None) -> Guard:
+    """The Guard the flags ask for; ValueError when they do not fit together. `kube`: the
+    discovery.KubeConfig to reach the API server (tokenreview only)."""
+    identity: StaticTokens | TokenReviewer | None = None
+    if args.auth == "tokens":
+        if not args.auth_token_file:
+            raise ValueError("--auth tokens needs --auth-token-file")
+        identity = StaticTokens(args.auth_token_file)
+    elif args.auth == "tokenreview":
+        if kube is None:
+            raise ValueError("--auth tokenreview needs the API server (in a cluster, or --kubeconfig)")
+        identity = TokenReviewer(kube, tuple(args.auth_audience))
+    return Guard(identity, Allowed(_names(args.auth_users), _names(args.auth_groups)), args.admin_api,
+                 Allowed(_names(args.admin_users), _names(args.admin_groups)))
+
+
+def tls_from(args: argparse.Namespace) -> ReloadingTLS | None:
+    if not args.tls_dir:
+        return None
+    from .tls import ReloadingTLS, TLSFiles
+
+    try:
+        return ReloadingTLS(TLSFiles.from_dir(args.tls_dir))
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+        raise ValueError(f"--tls-dir {args.tls_dir}: cannot load tls.crt/tls.key: {e}") from None

@@ -24,6 +24,7 @@ from .lifecycle import stop_event
 
 if TYPE_CHECKING:
     import socket
+    import ssl as ssl_
 
 log = logging.getLogger(__name__)
 
@@ -494,15 +495,17 @@ class HTTPServer:
         self._drained: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> int:
-        """Start listening; returns the bound port (useful with port 0)."""
+    async def start(self, host: str, port: int, sock: socket.socket | None = None,
+                    ssl: ssl_.SSLContext | None = None) -> int:
+        """Start listening (TLS with `ssl`); returns the bound port (useful with port 0)."""
         self.loop = asyncio.get_running_loop()
         self._drained = asyncio.Event()
         if sock is not None:
-            self._server = await self.loop.create_server(lambda: _Connection(self), sock=sock, backlog=1024)
+            self._server = await self.loop.create_server(lambda: _Connection(self), sock=sock, backlog=1024,
+                                                         ssl=ssl)
         else:
             self._server = await self.loop.create_server(
-                lambda: _Connection(self), host, port, backlog=1024, reuse_address=True
+                lambda: _Connection(self), host, port, backlog=1024, reuse_address=True, ssl=ssl
             )
         bound: int = self._server.sockets[0].getsockname()[1]
         return bound

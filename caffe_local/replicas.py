@@ -33,7 +33,9 @@ from caffe_gateway.app import GatewayApp
 from caffe_gateway.balancer import Address
 from caffe_gateway.discovery import StaticDiscovery
 from caffe_gateway.settings import GatewaySettings
+from caffe_gateway.tracing import start_tracing
 from caffe_http.access_log import AccessLog
+from caffe_http.tracing import TracingUnavailable
 from caffe_http.upstream import EndpointPool, UpstreamError
 
 from .autoscale import Autoscaler
@@ -204,7 +206,12 @@ class LocalService:
         balancer, proxy, limits = gateway_settings
         primaries: dict[str, set[Address]] = {
             name: set() for g in self.groups.values() if g.model.variant == "primary" for name in g.serves}
-        self.app = GatewayApp(StaticDiscovery(primaries), balancer, proxy, limits, AccessLog("gateway", access_log))
+        try:  # traced as `caffeserve gateway` is, when the environment names an OTLP endpoint (docs/tracing.md)
+            tracing = start_tracing(None, 1.0)
+        except TracingUnavailable as e:
+            raise LocalError(str(e)) from None
+        self.app = GatewayApp(StaticDiscovery(primaries), balancer, proxy, limits, AccessLog("gateway", access_log),
+                              tracing)
         self._supervisor: asyncio.Task | None = None
         self._scaler: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -499,6 +506,8 @@ class LocalService:
         if self.app.port is not None:
             await self.app.stop(self.grace_s)
         await asyncio.gather(*(r.stop(self.grace_s) for r in self.replicas))
+        if self.app.gateway.tracing is not None:
+            self.app.gateway.tracing.shutdown()  # the gateway's last spans go out
 
     def banner(self, port: int) -> str:
         url = f"http://{self.host if self.host not in ('0.0.0.0', '') else '127.0.0.1'}:{port}"

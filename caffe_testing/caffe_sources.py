@@ -24,12 +24,24 @@ bool ReadProtoFromBinaryMemory(unsigned char* buffer, int len, Message* proto) {
 }
 """
 
+# brocolli-caffe 9.0.2's include/caffe/layers/python_layer.hpp, the lines the Python layer's GIL patch anchors on
+PYTHON_LAYER_SNIPPET = """\
+namespace caffe {
+    self_.attr("param_str") = bp::str(
+    self_.attr("reshape")(bottom, top);
+    self_.attr("forward")(bottom, top);
+    self_.attr("backward")(top, propagate_down, bottom);
+}
+"""
+
 
 def caffe_tree(root: Path) -> Path:
     (root / "python" / "caffe").mkdir(parents=True)
     (root / "src" / "caffe" / "util").mkdir(parents=True)
     (root / "python" / "caffe" / "_caffe.cpp").write_text(PYCAFFE_SNIPPET)
     (root / "src" / "caffe" / "util" / "io.cpp").write_text(IO_CPP_SNIPPET)
+    (root / "include" / "caffe" / "layers").mkdir(parents=True)
+    (root / "include" / "caffe" / "layers" / "python_layer.hpp").write_text(PYTHON_LAYER_SNIPPET)
     fork_targets(root)  # what patch_caffe_forks.py edits
     return root
 

@@ -25,7 +25,7 @@ NEEDS = ("cluster", "gpu", "network", "time")  # what a block that the test does
 NEEDS_RE = re.compile(r"^#\s*needs:\s*(\w+)")
 ELLIPSIS = "…"
 # files and folders the docs may name that a build or a benchmark makes, not checked in
-GENERATED = (".venv", ".venv-checkov", ".caffe-cuda", ".gpu-bundle", "bench/results")
+GENERATED = (".venv", ".venv-checkov", ".venv-opencv", ".caffe-cuda", ".gpu-bundle", "bench/results")
 # other programs' environment variables the docs mention (ours must be used by our code)
 EXTERNAL_ENV = {"PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"}
 
@@ -183,7 +183,7 @@ COMMAND_RE = re.compile(r"(?:^|[\s;&|(])(?:\S*/)?caffeserve\s+([a-z][\w|-]*)((?:
 SCRIPT_RE = re.compile(r"(?:python3?|bash|sh)\s+((?:[\w.-]+/)+[\w.-]+\.(?:py|sh))((?:[^\n;&|`)]*))")
 MODULE_RE = re.compile(r"python3?\s+-m\s+([\w.]+)")
 MAKE_RE = re.compile(r"(?:^|[\s;&(`])make\s+([a-z][\w-]*)")
-FLAG_RE = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
+FLAG_RE = re.compile(r"(?<![\w-])(--[a-z][a-z0-9_-]*)")  # KServe's runtimes spell flags with "_"
 
 
 def _code_pieces(text: str) -> list[tuple[str, bool]]:

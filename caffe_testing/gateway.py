@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import subprocess
 import tempfile
 import time
@@ -25,11 +26,13 @@ IMAGES, LABELS = digits_data.held_out()
 
 
 class GatewayProcess:
-    """`caffeserve gateway ARGS...` on free loopback ports (REST `url`, gRPC `grpc_port`) once ready."""
+    """`caffeserve gateway ARGS...` on free loopback ports (REST `url`, gRPC `grpc_port`) once ready.
+    `tls_ca`: the CA file that signed the certificate of its `--tls-dir` (`url` is then https)."""
 
-    def __init__(self, *args: str, env: dict | None = None):
+    def __init__(self, *args: str, env: dict | None = None, tls_ca: Path | None = None):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.context = ssl.create_default_context(cafile=str(tls_ca)) if tls_ca else None
+        self.url = f"{'https' if tls_ca else 'http'}://127.0.0.1:{self.port}"
         self.args = list(args)
         self.grpc_port = None
         if "--no-grpc" not in self.args and "--grpc-port" not in self.args:
@@ -54,7 +57,7 @@ class GatewayProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                if http("GET", self.url + "/v2/health/ready", timeout=2)[0] == 200:
+                if http("GET", self.url + "/v2/health/ready", timeout=2, context=self.context)[0] == 200:
                     return self
             except OSError:
                 pass

@@ -24,10 +24,14 @@ def grpc_server(config, tmp_dir, **kw) -> ServerProcess:
 
 
 class OIPClient:
-    def __init__(self, port: int, max_message_bytes: int = 256 * 1024 * 1024, host: str = "127.0.0.1"):
-        self.channel = grpc.insecure_channel(f"{host}:{port}", options=[
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)])
+    def __init__(self, port: int, max_message_bytes: int = 256 * 1024 * 1024, host: str = "127.0.0.1",
+                 root_certificates: bytes | None = None):
+        """`root_certificates`: TLS, trusting those CAs (PEM)."""
+        options = [("grpc.max_send_message_length", max_message_bytes),
+                   ("grpc.max_receive_message_length", max_message_bytes)]
+        target = f"{host}:{port}"
+        self.channel = (grpc.insecure_channel(target, options=options) if root_certificates is None else
+                        grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options=options))
         self.stubs = {
             name: self.channel.unary_unary(f"/{pb.SERVICE}/{name}", request_serializer=req.SerializeToString,
                                            response_deserializer=resp.FromString)

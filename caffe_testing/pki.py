@@ -91,3 +91,28 @@ def service_account_keys(folder: Path) -> tuple[Path, Path]:
     pub_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                        serialization.PublicFormat.SubjectPublicKeyInfo))
     return key_path, pub_path
+
+
+def write_secret_volume(folder: Path, files: dict[str, bytes]) -> None:
+    """Write `files` into `folder` as the kubelet writes a Secret volume, and on each later call
+    replace them the same way: a fresh timestamped folder, then one atomic rename of the `..data`
+    symlink to it; each name is a symlink through `..data` (kubelet's AtomicWriter)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("..%Y_%m_%d_%H_%M_%S.%f")
+    fresh = folder / stamp
+    fresh.mkdir()
+    for name, data in files.items():
+        (fresh / name).write_bytes(data)
+    old = (folder / "..data").resolve() if (folder / "..data").is_symlink() else None
+    tmp = folder / "..data_tmp"
+    tmp.symlink_to(stamp)
+    tmp.rename(folder / "..data")  # the one atomic step: every file changes at once
+    for name in files:
+        link = folder / name
+        if not link.is_symlink():
+            link.symlink_to(f"..data/{name}")
+    if old is not None:
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()

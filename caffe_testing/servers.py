@@ -39,11 +39,13 @@ def stop_process(proc: subprocess.Popen | None, grace_s: float, sig=signal.SIGTE
     return proc.returncode if proc else None
 
 
-def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 30):
-    """(status, headers, body bytes) of one request; never raises for an HTTP error code."""
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 30,
+         context=None):
+    """(status, headers, body bytes) of one request (`context`: an ssl.SSLContext for https); never
+    raises for an HTTP error code."""
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as r:
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
@@ -60,7 +62,8 @@ class ServerProcess:
     `repository` a folder: `serve --model-repository FOLDER`."""
 
     def __init__(self, config: dict | str | Path | None, tmp_dir: Path | None = None, env: dict | None = None,
-                 wait_ready: bool = True, args: list[str] | None = None, repository: Path | None = None):
+                 wait_ready: bool = True, args: list[str] | None = None, root: Path = REPO,
+                 repository: Path | None = None):
         config_dict = config
         if isinstance(config, dict):
             tmp_dir = Path(tmp_dir or ".")
@@ -80,6 +83,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.grpc_port: int | None = None  # set by caffe_testing.grpc.grpc_server for a server that serves gRPC
         self.log_path: Path | None = None
+        self.root = root  # the checkout whose code runs (a benchmark's baseline may be another)
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
         # Output goes to a file, not a pipe: a pipe nobody reads fills up (64 KiB of access-log lines)
@@ -89,7 +93,7 @@ class ServerProcess:
         with os.fdopen(fd, "wb") as log:
             self.proc = subprocess.Popen(
                 CAFFESERVE + ["serve", *self.source, "--port", str(self.port), *self.args],
-                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + timeout
         path = "/v2/health/ready" if self.wait_ready else "/v2/health/live"

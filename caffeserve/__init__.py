@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gateway": ("caffe_gateway.main", "run the gateway that forwards requests to model pods"),
     "up": ("caffe_local.main", "run a CaffeModelService manifest on this machine (local mode)"),
     "demo": ("caffe_local.demo", "local mode on the digits example plus one real request"),
+    "export": ("inference_server.commands.export", "export a model as ONNX with its parity report (and for Triton)"),
     "fetch": ("inference_server.commands.fetch", "download a model file and check its sha256"),
     "crd": ("caffe_operator.crd", "print the CaffeModelService CRD YAML generated from the model"),
 }

@@ -166,6 +166,16 @@ class Limits(CamelModel):
     )
 
 
+class PythonLayers(CamelModel):
+    """Where a net's Caffe Python layers (`type: "Python"`) come from. Loading such a net imports and runs
+    their code in the server, so a net with a Python layer is refused unless this is set."""
+
+    path: str = Field(
+        description="Folder holding the layers' Python modules (each layer's python_param.module), put first on "
+        "sys.path; relative paths resolve against the config file's folder. Its code runs when the model loads."
+    )
+
+
 class ModelFiles(CamelModel):
     """The Caffe model files."""
 
@@ -174,6 +184,11 @@ class ModelFiles(CamelModel):
     prototxt_sha256: Sha256 | None = None
     weights_sha256: Sha256 | None = None
     labels: str | None = Field(default=None, description="Text file, one class label per line (classification).")
+    python_layers: PythonLayers | None = Field(
+        default=None,
+        description="Off by default: a net with a Python layer is refused unless this names the folder of its "
+        "layer modules (their code runs in the server).",
+    )
 
 
 class Grpc(CamelModel):
@@ -186,6 +201,21 @@ class Grpc(CamelModel):
         "servers on one host need a port each (`--grpc-port`, or 0 for any free port).",
     )
     port: int = Field(default=8081, ge=0, le=65535, description="gRPC port (0: any free port, printed in the log).")
+
+
+class Tracing(CamelModel):
+    """OpenTelemetry traces of infer requests, exported over OTLP/HTTP (protobuf). Off unless an endpoint is
+    set here or in the standard OTEL_EXPORTER_OTLP_ENDPOINT; needs the `tracing` extra (docs/tracing.md)."""
+
+    endpoint: str | None = Field(
+        default=None, pattern=r"^https?://[^\s/$.?#][^\s]*$", max_length=2048,
+        description="OTLP/HTTP base URL, e.g. http://otel-collector.observability:4318 (spans are posted to "
+        "ENDPOINT/v1/traces). Default: OTEL_EXPORTER_OTLP_ENDPOINT if set, else no tracing.",
+    )
+    sample_ratio: float = Field(
+        default=1.0, ge=0, le=1,
+        description="Share of new traces recorded; a request whose traceparent says sampled (or not) follows it.",
+    )
 
 
 Backend = Literal["pycaffe", "onnxruntime", "auto"]
@@ -216,6 +246,7 @@ class ModelServing(CamelModel):
         "(1e-5 catches a BatchNorm off by 1e-5).",
     )
     limits: Limits = Field(default_factory=Limits)
+    tracing: Tracing = Field(default_factory=Tracing)
 
 
 class ServerConfig(ModelServing):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 import grpc
@@ -28,6 +29,7 @@ from . import messages as pb
 from .codec import decode_infer_request, encode_infer_response
 from .listener import GRPCListener
 from .status import RETRY_INFO_TYPE, error_status  # noqa: F401 (RETRY_INFO_TYPE: re-exported)
+from .transport import GRPCTransportServer
 from .triton import config_response, statistics_response
 
 log = logging.getLogger(__name__)
@@ -166,26 +168,34 @@ class GRPCService:
         metrics = self.plane.metrics_of(msg.model_name)
         metrics.in_flight.inc()
         code, error = 200, None
+        trace = None
         try:
             plane = self.plane
             m = plane.get(msg.model_name, msg.model_version or None)
+            if m.tracing is not None:
+                trace = m.tracing.grpc(m, context.invocation_metadata(), start)
             if plane.draining:
                 raise InferenceError("the server is shutting down", 503, {"Retry-After": "1"})
             m.check_ready()
             req = decode_infer_request(msg, m.max_elements)
             remaining = context.time_remaining()
             deadline = None if remaining is None else start + remaining
-            outs = await m.run(req, deadline)
+            outs = await m.run(req, deadline, trace)
             return encode_infer_response(m.name, m.version, req.id, outs, req.binary_output)
         except InferenceError as e:
             code, error = e.status_code, e
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as e:
             code = 499  # the client went away or its deadline passed: grpc cancelled us, the queued work is dropped
+            if trace is not None:
+                trace.end(e)
+                trace = None
             raise
         except Exception as e:  # a bug of ours: INTERNAL with the message, and the server keeps serving
             log.exception("ModelInfer failed")
             code, error = 500, InferenceError(f"inference failed: {type(e).__name__}: {e}")
         finally:
+            if trace is not None:
+                trace.end(error)
             metrics.in_flight.dec()
             metrics.count(code)
             metrics.request_seconds.observe(time.monotonic() - start)
@@ -205,9 +215,29 @@ class GRPCService:
         await context.abort(code, details, trailing_metadata=trailing)
 
 
-class GRPCServer(GRPCListener):
-    """A grpc.aio server for one DataPlane; its largest request message is `max_message_bytes`."""
+class GRPCServer:
+    """The gRPC listener of one DataPlane; its largest request message is `max_message_bytes`.
+
+    Our own HTTP/2 framing (transport.py) by default: it costs about half of grpc.aio's CPU per call
+    (bench/protocols.py). CAFFESERVE_GRPC_TRANSPORT=grpcio serves the same service on grpc.aio instead.
+    """
 
     def __init__(self, plane: DataPlane, repository: Repository, max_message_bytes: int):
         self.service = GRPCService(plane, repository)
-        super().__init__(self.service.handler, max_message_bytes)
+        self.transport = os.environ.get("CAFFESERVE_GRPC_TRANSPORT") or "h2"
+        if self.transport not in ("h2", "grpcio"):
+            raise ValueError(f"CAFFESERVE_GRPC_TRANSPORT must be h2 or grpcio, not {self.transport!r}")
+        self.server: GRPCListener | GRPCTransportServer
+        if self.transport == "grpcio":
+            self.server = GRPCListener(self.service.handler, max_message_bytes)
+        else:
+            paths = {f"/{pb.SERVICE}/{name}".encode(): getattr(self.service, name) for name in pb.METHODS}
+            self.server = GRPCTransportServer(paths, max_message_bytes)
+
+    async def start(self, host: str, port: int) -> int:
+        """Bind and start; returns the bound port. OSError when the port cannot be bound."""
+        return await self.server.start(host, port)
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new calls at once, let those in flight finish within `grace_s`, then cancel them."""
+        await self.server.stop(grace_s)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelLoadError
+from . import python_layers
 
 EXIT_LOAD_ERROR = 3  # the child found a ModelLoadError (a Python-level refusal) and printed it as JSON
 MAX_MESSAGE = 4000
@@ -64,6 +65,7 @@ def request(cfg) -> dict:
         "device": [cfg.device.kind if isinstance(cfg.device.kind, str) else cfg.device.kind.value, cfg.device.id],
         "inputs": [[s.name, list(s.shape) if s.shape else None] for s in (cfg.inputs or [])],
         "outputs": [o.name for o in (cfg.outputs or [])],
+        "python_layers": python_layers.folder(cfg),
         "batch_two": runs_batches(cfg),
         "parity_stack": (N_RANDOM_INPUTS + (1 if cfg.preprocessing is not None else 0))
         if cfg.backend != "pycaffe"
@@ -111,6 +113,7 @@ def failure_message(returncode: int, stderr: str) -> str:
 def probe_load(cfg, timeout_s: float | None = None) -> ProbedLoad:
     """Run the load in a child; ModelLoadError with Caffe's message when it fails in any way."""
     t0 = time.perf_counter()
+    _allow_python_layers(cfg)
     try:
         r = subprocess.run(
             [sys.executable, "-m", "inference_server.loading.child_load"],
@@ -134,6 +137,12 @@ def probe_load(cfg, timeout_s: float | None = None) -> ProbedLoad:
     raise ModelLoadError(failure_message(r.returncode, r.stderr))
 
 
+def _allow_python_layers(cfg) -> None:
+    """A net with Python layers: refused here, in the server, unless the config allows them (python_layers.py);
+    allowed, their folder is on this process's sys.path, for the Nets it builds after the probe."""
+    python_layers.allow(str(cfg.path(cfg.model.prototxt)), python_layers.folder(cfg))
+
+
 # --- the child
 
 class _RawNet:
@@ -151,12 +160,15 @@ class _RawNet:
         self.net._forward(0, self.n_layers - 1)
 
 
-def _import_native():
-    """`caffe._caffe` without running `caffe/__init__.py` (which imports scikit-image, scipy, ...)."""
+def _import_native(full: bool = False):
+    """`caffe._caffe` without running `caffe/__init__.py` (which imports scikit-image, scipy, ...); with
+    `full`, the whole package (a Python layer's module subclasses `caffe.Layer`, which only it defines)."""
     import importlib.util
     import types
 
-    if "caffe" not in sys.modules:
+    if full:
+        import caffe  # noqa: F401
+    elif "caffe" not in sys.modules:
         spec = importlib.util.find_spec("caffe")
         if spec is None or not spec.submodule_search_locations:
             raise ModelLoadError("pycaffe (the `caffe` package) is not installed")
@@ -180,7 +192,9 @@ def _child(req: dict) -> dict:
     from ..backends.pycaffe import set_device
     from . import served
 
-    native = _import_native()
+    native = _import_native(full=bool(req.get("python_layers")))
+    if req.get("python_layers"):  # allowed by the parent (python_layers.allow): the modules' folder first
+        sys.path.insert(0, req["python_layers"])
     kind, device_id = req["device"]
     set_device(kind, device_id, native)
     _step(f"building the Net from {req['prototxt']} and {req['weights']}")

@@ -115,7 +115,8 @@ def _save_atomically(onnx_model, path: Path) -> None:
 
 
 def with_logits_outputs(onnx_model, logits: list[dict]):
-    """Add the values feeding the final Softmax layers as graph outputs (in place), for the parity gate."""
+    """Add the values feeding the final Softmax layers (and the index choices) as graph outputs (in place),
+    for the parity gate."""
     from onnx import TensorProto, helper
 
     present = {o.name for o in onnx_model.graph.output}
@@ -153,7 +154,8 @@ def _convert(net, path: Path, cfg, outputs: list[str]) -> tuple[str | None, bool
     except Exception as e:  # a converter bug must not take the server down: report it, let auto fall back
         log.exception("converting %s failed", cfg.model.prototxt)
         return f"the conversion failed ({type(e).__name__}: {e})", False
-    with_logits_outputs(onnx_model, _gated_logits(model_info(onnx_model), outputs))
+    info = model_info(onnx_model)
+    with_logits_outputs(onnx_model, _gated_logits(info, outputs) + info.get("selections", []))
     _save_atomically(onnx_model, path)
     return None, False
 
@@ -241,7 +243,8 @@ def _gate(net, path: Path, cfg, shapes: dict, outputs: list[str], n_random: int,
         if recorded != outputs:
             return None, f"the graph serves {recorded}, not the served outputs {outputs}", None
         logits = _gated_logits(info, outputs)
-        report = parity.check_parity(net, session, outputs, logits, inputs, cfg.parity_tolerance)
+        report = parity.check_parity(net, session, outputs, logits, inputs, cfg.parity_tolerance,
+                                     info.get("selections", []))
         problem = None if report.passed else f"the parity check failed: {report.summary()}"
         details["onnx_tensorrt"] = tensorrt
         if problem is None:

@@ -31,6 +31,7 @@ from .memory import ModelMemory, gpu_used_bytes, release_freed_memory, rss_bytes
 from .metrics import ServerMetrics
 from .preprocess import ImagePreprocessor
 from .stats import ModelStats, model_config
+from .tracing import RequestTrace, ServerTracing
 
 log = logging.getLogger(__name__)
 _decoder_pool: ThreadPoolExecutor | None = None
@@ -133,6 +134,7 @@ class Model:
         self.admit: Callable[[ModelMemory], None] | None = None
         self.failure: InferenceError | None = None  # why a load failed, with the code a load call answers
         self.inflight = 0  # requests inside infer/run (event loop only): an unload waits for 0
+        self.tracing: ServerTracing | None = None  # set when tracing is on (commands/serve.py)
 
     # --- loading (runs in a background thread)
     def load(self) -> None:
@@ -264,6 +266,7 @@ class Model:
         """REST: an infer request body (JSON or binary extension) to the response body and extra headers."""
         self.check_ready()
         started = time.perf_counter_ns()
+        trace = None if self.tracing is None else self.tracing.rest(self, headers)
         self.inflight += 1
         try:
             header_len = headers.get(HEADER_LENGTH)
@@ -275,30 +278,35 @@ class Model:
                     _decoders(), decode_request, body, headers, self.max_elements, self._check_input)
             else:
                 req = decode_request(body, headers, self.max_elements, self._check_input)
-            outs, phases = await self._run_timed(req, None, started)
+            outs, phases = await self._run_timed(req, None, started, trace)
             t = time.perf_counter_ns()
             answer = encode_response(self.name, self.version, req.id, outs)
-        except BaseException:
+        except BaseException as e:
             self.stats.failure(time.perf_counter_ns() - started)
+            if trace is not None:
+                trace.end(e)
             raise
         finally:
             self.inflight -= 1
         output_ns = time.perf_counter_ns() - t
         total, queue_ns, input_ns, infer_ns, rows, batch_size = phases
         self.stats.success(total + output_ns, queue_ns, input_ns, infer_ns, output_ns, rows, batch_size)
+        if trace is not None:
+            trace.end()
         return answer
 
-    async def run(self, req: InferRequest, deadline: float | None = None) -> list[tuple[str, str, np.ndarray, bool]]:
+    async def run(self, req: InferRequest, deadline: float | None = None,
+                  trace: RequestTrace | None = None) -> list[tuple[str, str, np.ndarray, bool]]:
         """A decoded request's outputs as (name, datatype, array, as_binary), whatever the protocol.
 
         `deadline` (time.monotonic()) is the client's own, if it gave one; `requestTimeoutS` bounds it.
-        A request whose deadline has passed is never run.
+        A request whose deadline has passed is never run. `trace` (tracing on) gets the phase times.
         """
         self.check_ready()
         started = time.perf_counter_ns()
         self.inflight += 1
         try:
-            outs, phases = await self._run_timed(req, deadline, started)
+            outs, phases = await self._run_timed(req, deadline, started, trace)
         except BaseException:
             self.stats.failure(time.perf_counter_ns() - started)
             raise
@@ -308,11 +316,15 @@ class Model:
         self.stats.success(total, queue_ns, input_ns, infer_ns, 0, rows, batch_size)
         return outs
 
-    async def _run_timed(self, req: InferRequest, deadline: float | None, started: int):
+    async def _run_timed(self, req: InferRequest, deadline: float | None, started: int,
+                         trace: RequestTrace | None = None):
         """`_run`, and the request's phases for `stats` (ns since `started`, a perf_counter_ns())."""
         outs, timing, submitted, rows = await self._run(req, deadline)
-        return outs, (time.perf_counter_ns() - started, int(timing.queue_s * 1e9), submitted - started,
-                      int(timing.compute_s * 1e9), rows, timing.batch_size)
+        phases = (time.perf_counter_ns() - started, int(timing.queue_s * 1e9), submitted - started,
+                  int(timing.compute_s * 1e9), rows, timing.batch_size)
+        if trace is not None:
+            trace.ran(started, phases)
+        return outs, phases
 
     async def _run(self, req: InferRequest, deadline: float | None):
         limit = time.monotonic() + self.timeout

@@ -32,6 +32,7 @@ from inference_server.config import (
     Preprocessing,
     Sha256,
     TensorSpec,
+    Tracing,
     format_validation_error,
 )
 
@@ -220,6 +221,17 @@ class ModelSource(CamelModel):
 FileName = Annotated[str, Field(min_length=1, max_length=2048)]
 
 
+class PythonLayersSpec(CamelModel):
+    """The folder of the model's Caffe Python layer modules, inside the model's own source."""
+
+    path: str = Field(
+        min_length=1, max_length=1024,
+        description="Folder inside spec.source (relative; '.' for its root) holding the modules that the net's "
+        "`type: \"Python\"` layers name. Their code runs in the model server when the model loads: only a "
+        "source.pvc or source.configMap model can set it, so the code comes from the model's own files.",
+    )
+
+
 class ModelSpec(CamelModel):
     """The Caffe model: its files (names relative to spec.source) and how clients see its tensors."""
 
@@ -241,6 +253,11 @@ class ModelSpec(CamelModel):
     )
     version: str = Field(
         default="1", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Model version reported to clients."
+    )
+    python_layers: PythonLayersSpec | None = Field(
+        default=None,
+        description="Off by default: a net with Caffe Python layers is refused unless this names the folder of "
+        "their modules in the model's own source (their code runs in the server).",
     )
     inputs: list[TensorSpec] | None = _serving_field(
         "inputs", "The model's inputs as clients see them. Default: the net's Input layers."
@@ -328,6 +345,9 @@ class RuntimeSpec(CamelModel):
     parity_tolerance: float = _serving_field("parity_tolerance")
     limits: Limits = Field(default_factory=Limits, description="Per-request limits inside each replica.")
     grpc: GrpcSpec = Field(default_factory=GrpcSpec, description="gRPC beside REST (on by default).")
+    tracing: Tracing = _serving_field(
+        "tracing", "OpenTelemetry traces of infer requests (docs/tracing.md). Default: the operator's "
+        "CAFFESERVE_OTLP_ENDPOINT (the chart's tracing.endpoint), else none.")
     startup_timeout_seconds: int = Field(
         default=600,
         ge=10,
@@ -433,6 +453,13 @@ class CaffeModelServiceSpec(CamelModel):
         default=None, description="Scale on load between minReplicas and maxReplicas (spec.replicas is then ignored).",
     )
     canary: CanarySpec | None = Field(default=None, description="A canary version with a share of the requests.")
+    pool: str | None = Field(
+        default=None, pattern=_DNS_LABEL, max_length=47,
+        description="A CaffeServingPool in this namespace to serve the model from, instead of pods of its own: the "
+        "operator places it on pool pods by its memory and loads it there. replicas (or the autoscaler's count) is "
+        "then how many pool pods hold it. Its files come from source.pvc, a claim the pool mounts "
+        "(spec.modelClaims). A canary still runs in pods of its own.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> CaffeModelServiceSpec:
@@ -461,6 +488,21 @@ class CaffeModelServiceSpec(CamelModel):
             if (other := seen.get(local)) is not None:
                 raise ValueError(f"model.{role} and model.{other} would both be /models/{local}")
             seen[local] = role
+        if self.model.python_layers is not None:
+            path = self.model.python_layers.path
+            if self.source.downloaded:
+                raise ValueError("model.pythonLayers needs source.pvc or source.configMap: a downloaded model "
+                                 "(source.url, source.s3) brings single files, not a folder of Python modules")
+            if why := _bad_path_reason(path):
+                raise ValueError(f"model.pythonLayers.path {path!r} {why}")
+            if self.source.config_map is not None and path.strip("/") not in ("", "."):
+                raise ValueError(f"model.pythonLayers.path {path!r}: a ConfigMap's keys are one folder: use '.'")
+        if self.pool is not None:
+            if self.source.pvc is None:
+                raise ValueError(f"pool {self.pool}: a pool model's files must come from source.pvc (a claim the pool "
+                                 f"mounts), not source.{self.source.kind}")
+            if rt.gpus is not None:
+                raise ValueError(f"runtime.gpus is set but the model is in pool {self.pool}, whose spec.gpu decides")
         if self.canary is not None:
             try:
                 CaffeModelServiceSpec.model_validate(self.canary_spec().model_dump(by_alias=True, exclude_none=True))
@@ -474,7 +516,7 @@ class CaffeModelServiceSpec(CamelModel):
         c = self.canary
         assert c is not None
         return self.model_copy(update={"model": c.model, "source": c.source or self.source, "replicas": c.replicas,
-                                       "canary": None})
+                                       "canary": None, "pool": None})
 
     def model_files(self) -> list[ModelFile]:
         """Every model file with its download URL (see ModelSpec.files)."""
@@ -552,6 +594,21 @@ class CaffeModelServiceStatus(CamelModel):
         default=None, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
         description="With a canary: each variant, its version, share of the requests and readiness.",
     )
+    placement: PlacementStatus | None = Field(
+        default=None, description="With spec.pool: the pool pods that hold the model, and its memory.",
+    )
+
+
+class PlacementStatus(CamelModel):
+    """Where a pool model is loaded (spec.pool)."""
+
+    model_config = CamelModel.model_config | {"extra": "ignore"}
+
+    pool: str = Field(description="The CaffeServingPool.")
+    pods: list[str] = Field(default_factory=list, description="Pool pods that hold the model (loaded).")
+    memory_bytes: int | None = Field(default=None, description="Memory one copy takes, as a pod measured it at load "
+                                     "(an estimate until one has).")
+    measured: bool = Field(default=False, description="Whether memoryBytes was measured by a pod.")
 
 
 class VariantStatus(CamelModel):

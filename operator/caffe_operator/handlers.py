@@ -6,6 +6,8 @@ Triggers, all ending in the same level-based reconcile of one CaffeModelService:
   hand edit or deletion is undone, and the Deployment's ready replicas reach the CR status;
 - a periodic resync of every model this process has seen (CAFFESERVE_RESYNC_SECONDS, default
   300), a safety net for missed events. (Not a kopf timer: kopf gives timers a finalizer.)
+- for a CaffeServingPool (pool_reconcile.py): the pool created, updated, resumed or deleted, one of
+  its pods changing (one that dies has its models placed again), a model of it deleted;
 - a follow-up look at a model that is not ready for no known reason (its pods loading or not
   answering yet; reconcile.py), so that a model that fails to load says so without a spec change.
 
@@ -23,12 +25,14 @@ from typing import Any
 
 import kopf
 
-from caffe_operator import manifests
+from caffe_operator import manifests, pool_manifests
 from caffe_operator.api import GROUP, PLURAL, VERSION
 from caffe_operator.kube import ApiError, KubeClient
+from caffe_operator.pool_api import POOL_PLURAL
 from caffe_operator.reconcile import OperatorConfig, Reconciler
 
 CR = (GROUP, VERSION, PLURAL)
+POOL = (GROUP, VERSION, POOL_PLURAL)
 CHILDREN = {"app.kubernetes.io/managed-by": manifests.MANAGED_BY}
 RESYNC_SECONDS = float(os.environ.get("CAFFESERVE_RESYNC_SECONDS", "300"))
 RETRY_BACKOFF_SECONDS = 10
@@ -123,3 +127,38 @@ async def on_child(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: A
 # only then does the operator watch them (and need RBAC for them).
 if os.environ.get("CAFFESERVE_NETWORK_POLICY_FROM", "").strip():
     kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=CHILDREN)(on_child)
+
+
+@kopf.on.resume(*POOL, backoff=RETRY_BACKOFF_SECONDS)
+@kopf.on.create(*POOL, backoff=RETRY_BACKOFF_SECONDS)
+@kopf.on.update(*POOL, backoff=RETRY_BACKOFF_SECONDS)
+async def on_pool(name: str, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    assert namespace is not None
+    await memo.reconciler.pools.reconcile(namespace, name, logger)
+
+
+async def _pool_later(memo: kopf.Memo, namespace: str, pool: str, logger: kopf.Logger, why: str) -> None:
+    """A pool pass from an event handler (kopf retries none of these): a failure is logged, the next
+    event or the resync tries again."""
+    try:
+        await memo.reconciler.pools.reconcile(namespace, pool, logger)
+    except (ApiError, kopf.PermanentError) as e:
+        logger.warning("reconcile of pool %s/%s after %s failed: %s", namespace, pool, why, e)
+
+
+@kopf.on.event("v1", "pods", labels={pool_manifests.POOL_LABEL: kopf.PRESENT})
+async def on_pool_pod(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    pool = (body.metadata.labels or {}).get(pool_manifests.POOL_LABEL)
+    if pool and body.metadata.namespace:
+        await _pool_later(memo, body.metadata.namespace, pool, logger, f"a change to pod {body.metadata.name}")
+
+
+@kopf.on.event(*POOL)
+@kopf.on.event(*CR)
+async def on_deleted(type: str, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    """A pool deleted (its models say so), or a pool model deleted (the pool unloads it)."""
+    if type != "DELETED" or not body.metadata.namespace:
+        return
+    pool = body.metadata.name if body.get("kind") == "CaffeServingPool" else (body.get("spec") or {}).get("pool")
+    if pool:
+        await _pool_later(memo, body.metadata.namespace, pool, logger, f"{body.get('kind')} {body.metadata.name} went")

@@ -30,6 +30,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "NetworkPolicy": ("networking.k8s.io/v1", "networkpolicies"),
     "ScaledObject": ("keda.sh/v1alpha1", "scaledobjects"),
     KIND: (API_VERSION, PLURAL),
+    "CaffeServingPool": (API_VERSION, "caffeservingpools"),
 }
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,10 +152,22 @@ def server_config(name: str, spec: CaffeModelServiceSpec, model_dir: str = MODEL
             "prototxt_sha256": m.prototxt_sha256,
             "weights_sha256": m.weights_sha256,
             "labels": paths.get("labels"),
+            # only ever a folder of the model's own volume (api.py refuses other sources and paths)
+            "python_layers": {"path": posixpath.normpath(posixpath.join(model_dir, m.python_layers.path))}
+            if m.python_layers is not None else None,
         },
         device={"kind": rt.device.value if isinstance(rt.device, RuntimeDevice) else rt.device, "id": 0},
         **serving,
     )
+
+
+def with_tracing_default(spec: CaffeModelServiceSpec, endpoint: str | None) -> CaffeModelServiceSpec:
+    """The spec with the operator's OTLP endpoint (the chart's tracing.endpoint) where it sets none itself."""
+    tracing = spec.runtime.tracing
+    if not endpoint or tracing.endpoint:
+        return spec
+    runtime = spec.runtime.model_copy(update={"tracing": tracing.model_copy(update={"endpoint": endpoint})})
+    return spec.model_copy(update={"runtime": runtime})
 
 
 def server_config_yaml(name: str, spec: CaffeModelServiceSpec) -> str:

@@ -58,8 +58,8 @@ from typing import Any
 
 import kopf
 
-from caffe_operator import manifests, traffic, variants
-from caffe_operator.api import KIND, CaffeModelServiceSpec, InvalidSpec, parse_spec
+from caffe_operator import manifests, pool_manifests, traffic, variants
+from caffe_operator.api import API_VERSION, KIND, CaffeModelServiceSpec, InvalidSpec, parse_spec
 from caffe_operator.backend_report import BackendProbe, BackendReport
 from caffe_operator.events import EventPoster
 from caffe_operator.fetch_errors import (
@@ -73,6 +73,7 @@ from caffe_operator.fetch_errors import (
 from caffe_operator.kube import ApiError, KubeClient, object_path
 from caffe_operator.load_errors import LoadErrorProbe
 from caffe_operator.pods import Pods
+from caffe_operator.pool_reconcile import PoolReconciler
 from caffe_operator.status import (
     MODEL_LOAD_FAILED,
     READY,
@@ -101,6 +102,7 @@ class OperatorConfig:
     network_peers: tuple[dict[str, Any], ...] | None = None
     gateway_metrics_url: str | None = None  # where KEDA reads the load signal (in-cluster gateway URL)
     prometheus_url: str | None = None  # with it, KEDA sums the signal over gateway replicas (traffic.py)
+    otlp_endpoint: str | None = None  # model pods' traces, where a CR sets no spec.runtime.tracing.endpoint
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -113,6 +115,7 @@ class OperatorConfig:
             network_peers=network_peers_from(env.get("CAFFESERVE_NETWORK_POLICY_FROM")),
             gateway_metrics_url=env.get("CAFFESERVE_GATEWAY_METRICS_URL") or env.get("CAFFESERVE_GATEWAY_URL") or None,
             prometheus_url=env.get("CAFFESERVE_PROMETHEUS_URL") or None,
+            otlp_endpoint=env.get("CAFFESERVE_OTLP_ENDPOINT") or None,
         )
 
 
@@ -252,8 +255,12 @@ def drift_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, A
             # serviceAccountName is defaulted by the API server: absent from the CR is not drift.
             stale = [f for f in manifests.OPTIONAL_POD_FIELDS
                      if f in pod_current and f not in pod_desired and f != "serviceAccountName"]
-        if stale or not is_subset(desired["spec"], spec_current):
+        selector_keys_gone = kind == "Service" and bool(
+            set(spec_current.get("selector") or {}) - set(desired["spec"].get("selector") or {}))
+        if stale or selector_keys_gone or not is_subset(desired["spec"], spec_current):
             spec = dict(desired["spec"])
+            if selector_keys_gone:  # a model moved into or out of a pool: a merge patch would keep the old keys
+                spec["selector"] = {**{k: None for k in spec_current["selector"]}, **desired["spec"]["selector"]}
             if kind == "Deployment":
                 template = dict(spec["template"])
                 pod_current = (spec_current.get("template") or {}).get("spec") or {}
@@ -289,8 +296,11 @@ class Reconciler:
         # per model, the (kind, name)s of children it does not want that were found gone or not
         # its own: not looked up again until the spec (or this process's settings) wants them
         self._swept: defaultdict[tuple[str, str], set[tuple[str, str]]] = defaultdict(set)
+        self.pools = PoolReconciler(client, self._apply, self.post_event, config.server_image, config.gateway_url,
+                                    config.gateway_grpc_address)
 
     async def close(self) -> None:
+        await self.pools.close()
         for task in self._rechecks.values():
             task.cancel()
         self._rechecks.clear()
@@ -344,6 +354,11 @@ class Reconciler:
                     await self.reconcile_named(namespace, name, logger)
                 except Exception as e:  # logged; the next trigger tries again
                     logger.warning(f"resync of {namespace}/{name} failed: {e}")
+            for namespace, name in sorted(self.pools.known):
+                try:
+                    await self.pools.reconcile(namespace, name, logger)
+                except Exception as e:  # logged; the next trigger tries again
+                    logger.warning(f"resync of pool {namespace}/{name} failed: {e}")
 
     async def _reconcile(self, cr: dict[str, Any], logger: Any) -> Outcome:
         meta = cr["metadata"]
@@ -366,13 +381,18 @@ class Reconciler:
             return outcome
 
         peers = list(self.config.network_peers) if self.config.network_peers is not None else None
-        wanted = variants.of(name, spec)
+        wanted = variants.of(name, manifests.with_tracing_default(spec, self.config.otlp_endpoint))
         applied: dict[str, dict[str, dict[str, Any]]] = {}  # variant → kind → the object as applied
         for v in wanted:
-            applied[v.name] = await self._apply_all(
-                cr, previous, generation, manifests.children(v, namespace, self.config.server_image, peers).all(),
-                outcome, logger)
+            objs = ([pool_manifests.model_service(v, namespace, v.spec.pool)] if v.spec.pool is not None else
+                    manifests.children(v, namespace, self.config.server_image, peers).all())
+            applied[v.name] = await self._apply_all(cr, previous, generation, objs, outcome, logger)
             await self._drop_stale_labels(applied[v.name]["Service"], v.traffic_labels)
+        old_pool = (previous.get("placement") or {}).get("pool")
+        if old_pool and old_pool != spec.pool:  # it left that pool: the pool unloads it
+            await self.pools.reconcile(namespace, old_pool, logger)
+        if spec.pool is not None:
+            return await self._reconcile_pool_model(cr, spec, previous, generation, wanted, applied, outcome, logger)
         primary, deployment = wanted[0], applied[PRIMARY]["Deployment"]
         desired = primary.expected_replicas(deployment)
         outcome.ready = readiness(desired, deployment)
@@ -408,6 +428,27 @@ class Reconciler:
                                  manifests.model_url(name, namespace, self.config.gateway_url), logger, backend,
                                  manifests.grpc_address(name, namespace, spec, self.config.gateway_grpc_address),
                                  variant_status(wanted, applied, outcome.ready))
+        return outcome
+
+    async def _reconcile_pool_model(self, cr: dict[str, Any], spec: CaffeModelServiceSpec, previous: dict[str, Any],
+                                    generation: int | None, wanted: list[variants.Variant],
+                                    applied: dict[str, dict[str, dict[str, Any]]], outcome: Outcome,
+                                    logger: Any) -> Outcome:
+        """A model in a pool: its Service (applied above) selects the pool pods that hold it; the pool's
+        reconcile places and loads it and writes its status. spec.autoscaling scales the CR itself
+        (its scale subresource: spec.replicas, the copies held), not a Deployment."""
+        assert spec.pool is not None
+        namespace, name = cr["metadata"]["namespace"], cr["metadata"]["name"]
+        keda = await self._keda_installed()
+        if keda and spec.autoscaling is not None:
+            gateway = self.config.gateway_metrics_url or f"http://caffe-serving-gateway.{namespace}.svc:8080"
+            for v in wanted:
+                so = traffic.scaled_object(v, namespace, gateway, self.config.prometheus_url)
+                if v.spec.pool is not None:
+                    so["spec"]["scaleTargetRef"] = {"apiVersion": API_VERSION, "kind": KIND, "name": name}
+                applied[v.name].update(await self._apply_all(cr, previous, generation, [so], outcome, logger))
+        await self._remove_unwanted(cr, spec, applied, keda, outcome, logger)
+        await self.pools.reconcile(namespace, spec.pool, logger)
         return outcome
 
     async def _apply_all(self, cr: dict[str, Any], previous: dict[str, Any], generation: int | None,
@@ -470,11 +511,13 @@ class Reconciler:
                 outcome.actions[f"{kind}/{child}"] = "deleted"
                 logger.info(f"deleted {kind} {child}")
                 reason = ("CanaryRemoved" if variant not in applied else
-                          "AutoscalingRemoved" if kind == "ScaledObject" else "NetworkPolicyRemoved")
+                          "AutoscalingRemoved" if kind == "ScaledObject" else
+                          "MovedToPool" if spec.pool is not None and variant == PRIMARY else "NetworkPolicyRemoved")
                 removed[reason].append(f"{kind} {child}")
         for reason, what in removed.items():
             why = {"CanaryRemoved": f"the canary is removed; all requests go to version {spec.model.version}",
                    "AutoscalingRemoved": "spec.autoscaling is removed; the replica count is spec.replicas again",
+                   "MovedToPool": f"the model is served from pool {spec.pool}",
                    "NetworkPolicyRemoved": "the operator makes no NetworkPolicies now (the chart's "
                                            "networkPolicy.enabled is off)"}[reason]
             await self.post_event(cr, "Normal", reason, f"deleted {', '.join(what)}: {why}")

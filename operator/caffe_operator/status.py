@@ -151,12 +151,16 @@ def build_status(
     now: str | None = None,
     grpc_address: str | None = None,
     variants: list[dict[str, Any]] | None = None,
+    placement: dict[str, Any] | None = None,
+    replicas: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """The whole status object (the operator owns every field of it). `backend` is a fresh answer
     from a pod (backend_report.py); without one the previous answer stays."""
     prev_conditions = (previous or {}).get("conditions")
     others = [c for c in prev_conditions or [] if c.get("type") != READY]
     st = (deployment or {}).get("status") or {}
+    if replicas is not None:  # a pool model: copies placed, copies on ready pods (pool_reconcile.py)
+        st = {"replicas": replicas[0], "readyReplicas": replicas[1]}
     backend = backend if backend is not None else (previous or {}).get("backend")
     return {
         "observedGeneration": generation,
@@ -168,6 +172,7 @@ def build_status(
         "selector": selector,
         **({"backend": backend} if backend is not None else {}),
         **({"variants": variants} if variants is not None else {}),
+        **({"placement": placement} if placement is not None else {}),
     }
 
 
@@ -189,6 +194,8 @@ def status_patch(previous: dict[str, Any] | None, new: dict[str, Any]) -> dict[s
         patch["grpcAddress"] = None
     if (previous or {}).get("variants") is not None and new.get("variants") is None:
         patch["variants"] = None  # the canary is gone
+    if (previous or {}).get("placement") is not None and new.get("placement") is None:
+        patch["placement"] = None  # the model left its pool
     old_backend, new_backend = (previous or {}).get("backend"), new.get("backend")
     if isinstance(old_backend, dict) and isinstance(new_backend, dict):
         patch["backend"] = {**{k: None for k in old_backend if k not in new_backend}, **new_backend}

@@ -3,7 +3,8 @@
 
     apply_patches.py source CAFFE_SRC [--cuda]   before compiling (build_caffe.sh): the forward pass releases
                                                  the GIL, protobuf reads up to 2 GiB, the Caffe forks' layers
-                                                 and fields; with --cuda also the sdist's CUDA parts back on
+                                                 and fields, Python layers take the GIL back; with --cuda
+                                                 also the sdist's CUDA parts back on
     apply_patches.py installed CAFFE_PACKAGE     after copying pycaffe (install_pycaffe.sh, gpu/gpu_bundle.sh):
                                                  caffe/io.py for current scikit-image, no rebuild
     apply_patches.py files [--cuda]              the files the source patches are made of, relative to this
@@ -23,9 +24,11 @@ import patch_caffe_forks  # noqa: E402
 import patch_caffe_proto_limit  # noqa: E402
 import patch_pycaffe_gil  # noqa: E402
 import patch_pycaffe_io  # noqa: E402
+import patch_python_layer  # noqa: E402
 
 # (patch, the path its main takes relative to the target), in the order they apply
-SOURCE = [(patch_pycaffe_gil, "python/caffe/_caffe.cpp"), (patch_caffe_proto_limit, ""), (patch_caffe_forks, "")]
+SOURCE = [(patch_pycaffe_gil, "python/caffe/_caffe.cpp"), (patch_caffe_proto_limit, ""), (patch_caffe_forks, ""),
+          (patch_python_layer, "")]
 CUDA = [(patch_caffe_cuda, "")]
 INSTALLED = [(patch_pycaffe_io, "")]
 

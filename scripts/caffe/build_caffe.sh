@@ -14,6 +14,10 @@
 #             (_caffe.so, libcaffe and, where the system has none, Boost.Python for that Python,
 #             found through RUNPATH $ORIGIN), DIR/build-debs.txt, DIR/BUILD_INFO
 #
+# The CPU build has Caffe's Python layer (WITH_PYTHON_LAYER, as a define: the sdist's BUILD_python_layer
+# option links CMake targets it never defines); the CUDA build has not: its libcaffe links no Python, so
+# that one library serves a binding per Python version, and a net with a Python layer is refused there.
+#
 # CUDA_ROOT holds bin/nvcc, include/ and lib/ (a CUDA toolkit, or the nvidia/cu13 folder of the
 # PyPI CUDA wheels). USE_CUDNN stays off: BVLC's cuDNN code predates cuDNN 8. A Python whose
 # Boost.Python the system lacks (Debian 12 has it for 3.11 only) gets one compiled from Debian's
@@ -113,7 +117,8 @@ build_cpu() {
   (cd "$src/build" && cmake .. -DCPU_ONLY=ON -DBLAS=Open -DBUILD_python=ON -DBUILD_docs=OFF \
       -DUSE_OPENCV=OFF -DUSE_LEVELDB=OFF -DUSE_LMDB=OFF -DUSE_HDF5=OFF \
       -DANACONDA_HOME="$shim" -DPYTHON_EXECUTABLE="$PY" -DCMAKE_BUILD_TYPE=Release \
-      -DCMAKE_CXX_FLAGS="-I$pyinc -I$npinc -I/usr/include/hdf5/serial -std=c++14" >"$work/cmake.log" 2>&1) \
+      -DCMAKE_CXX_FLAGS="-I$pyinc -I$npinc -I/usr/include/hdf5/serial -std=c++14 -DWITH_PYTHON_LAYER" \
+      >"$work/cmake.log" 2>&1) \
     || { tail -40 "$work/cmake.log" >&2; log "cmake failed"; exit 1; }
   make_with_progress "$src/build" pycaffe "$work/make.log" \
     || { tail -60 "$work/make.log" >&2; log "make failed"; exit 1; }

@@ -5,9 +5,9 @@
 
 pycaffe binds `_forward` straight to `Net::ForwardFromTo`, which holds the GIL for the whole forward
 pass: with `instances: N` the server's N worker threads would take turns. The patch binds `_forward`
-to a wrapper that releases the GIL while Caffe computes. That is safe only while no Python code runs
-inside a forward pass, i.e. Caffe built without the Python layer (WITH_PYTHON_LAYER off), as both
-our builds are. BVLC Caffe at 9b89154 and the brocolli-caffe 9.0.2 sdist (its CPU-only repackaging)
+to a wrapper that releases the GIL while Caffe computes. Python code inside a forward pass (a
+`type: "Python"` layer, WITH_PYTHON_LAYER in the CPU build) takes the GIL back for each of its calls
+(patch_python_layer.py). BVLC Caffe at 9b89154 and the brocolli-caffe 9.0.2 sdist (its CPU-only repackaging)
 carry the same _caffe.cpp lines this patch anchors on; it fails loudly if they ever change, and a
 second run on a patched file changes nothing.
 

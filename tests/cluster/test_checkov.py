@@ -1,5 +1,6 @@
 """checkov (Kubernetes hygiene) on what we deploy: the chart as rendered by real Helm (NetworkPolicies
-on) and the operator's model pods (every source, with the NetworkPolicy peers the chart gives the
+on; the gateway with TLS and TokenReview, so its Secret volume and auth-delegator binding are seen)
+and the operator's model pods (every source, with the NetworkPolicy peers the chart gives the
 operator). Every finding must be in charts/checkov-accepted.yaml with its reason, and every entry
 there must still be needed. checkov lives in a venv of its own (`make setup`: .venv-checkov)."""
 
@@ -41,7 +42,9 @@ def checkov_binary() -> str:
 def findings(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("checkov")
     with helm_cluster() as cluster:
-        chart = rendered_objects(helm_install(cluster, "cs", "caffe-system", {"networkPolicy": {"enabled": True}}))
+        chart = rendered_objects(helm_install(cluster, "cs", "caffe-system", {
+            "networkPolicy": {"enabled": True},
+            "gateway": {"tls": {"secretName": "gateway-tls"}, "auth": {"mode": "tokenreview"}}}))
     (out / "chart.yaml").write_text(yaml.safe_dump_all(chart))
     operator = one(chart, "Deployment", "cs-caffe-serving-operator")["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in operator["env"]}

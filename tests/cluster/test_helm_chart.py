@@ -19,7 +19,9 @@ import pytest
 import yaml
 
 from caffe_operator import manifests
-from caffe_operator.crd import crd_yaml, custom_resource_definition
+from caffe_operator.crd import crd_yaml, custom_resource_definition, pool_custom_resource_definition
+from caffe_operator.pool_api import parse_pool_spec
+from caffe_operator.pool_manifests import pool_deployment
 from caffe_testing.chart import (
     CHART,
     REPO,
@@ -52,7 +54,8 @@ def api_path(obj: dict[str, Any]) -> str:
               "Deployment": "deployments", "HorizontalPodAutoscaler": "horizontalpodautoscalers",
               "NetworkPolicy": "networkpolicies", "ServiceMonitor": "servicemonitors",
               "PodDisruptionBudget": "poddisruptionbudgets", "ConfigMap": "configmaps",
-              "CustomResourceDefinition": "customresourcedefinitions"}[obj["kind"]]
+              "CustomResourceDefinition": "customresourcedefinitions",
+              "CaffeServingPool": "caffeservingpools"}[obj["kind"]]
     resource = f"{group_version}/{plural}"
     return resource_path(resource, obj["metadata"].get("namespace"), obj["metadata"]["name"])
 
@@ -119,11 +122,15 @@ def test_install_creates_the_crd_rbac_deployments_and_service(default_install):
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in stored)
     assert kinds == sorted([
         ("CustomResourceDefinition", "caffemodelservices.caffeserving.io"),
+        ("CustomResourceDefinition", "caffeservingpools.caffeserving.io"),
         ("ServiceAccount", f"{PREFIX}-operator"), ("ServiceAccount", f"{PREFIX}-gateway"),
         ("ClusterRole", f"{PREFIX}-operator"), ("ClusterRoleBinding", f"{PREFIX}-operator"),
         ("ClusterRole", f"{PREFIX}-gateway"), ("ClusterRoleBinding", f"{PREFIX}-gateway"),
         ("Deployment", f"{PREFIX}-operator"), ("Deployment", f"{PREFIX}-gateway"),
         ("Service", f"{PREFIX}-gateway"), ("PodDisruptionBudget", f"{PREFIX}-gateway"),
+        # two operators, one leading (a Lease), and a PodDisruptionBudget for them too
+        ("Role", f"{PREFIX}-operator-leader"), ("RoleBinding", f"{PREFIX}-operator-leader"),
+        ("PodDisruptionBudget", f"{PREFIX}-operator"),
     ])
     for obj in stored:
         if obj["kind"] not in ("CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"):
@@ -183,16 +190,19 @@ def test_pods_meet_pod_security_restricted(everything_install):
         assert restricted_violations(dep["spec"]["template"]["spec"]) == [], dep["metadata"]["name"]
 
 
-def test_operator_runs_one_replica_with_the_server_image_and_gateway_url(default_install):
+def test_operator_runs_two_replicas_one_leading_with_the_server_image_and_gateway_url(default_install):
     _, stored = default_install
     dep = one(stored, "Deployment", f"{PREFIX}-operator")
-    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    assert dep["spec"]["replicas"] == 2 and dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     pod = dep["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == f"{PREFIX}-operator"
     (c,) = pod["containers"]
     assert c["image"] == f"ghcr.io/caffe-serving/caffe-serving-operator:{APP_VERSION}"
     assert c["command"] + c["args"] == [
-        "caffeserve", "operator", "--all-namespaces", "--liveness", "http://0.0.0.0:8081/healthz"]
+        "caffeserve", "operator", "--all-namespaces", "--liveness", "http://0.0.0.0:8081/healthz",
+        "--leader-elect", "--lease-name", "caffe-serving-operator"]
+    fields = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"] if "valueFrom" in e}
+    assert fields["POD_NAME"] == "metadata.name" and fields["POD_NAMESPACE"] == "metadata.namespace"
     env = {e["name"]: e.get("value") for e in c["env"]}
     # The default server image is the one the operator would fall back to (one image name, two places).
     assert env["CAFFESERVE_SERVER_IMAGE"] == manifests.DEFAULT_SERVER_IMAGE == \
@@ -255,6 +265,21 @@ def test_gateway_grpc_can_be_turned_off_or_moved():
         f"{PREFIX}-gateway.{NAMESPACE}.svc:443"
 
 
+def test_tracing_endpoint_reaches_the_gateway_and_the_model_pods_default():
+    _, stored = install({"tracing": {"endpoint": "http://otel-collector.observability:4318", "sampleRatio": 0.1}})
+    (c,) = one(stored, "Deployment", f"{PREFIX}-gateway")["spec"]["template"]["spec"]["containers"]
+    args = c["args"]
+    assert args[args.index("--otlp-endpoint") + 1] == "http://otel-collector.observability:4318"
+    assert args[args.index("--trace-sample-ratio") + 1] == "0.1"
+    (op,) = one(stored, "Deployment", f"{PREFIX}-operator")["spec"]["template"]["spec"]["containers"]
+    assert {e["name"]: e.get("value") for e in op["env"]}["CAFFESERVE_OTLP_ENDPOINT"] == \
+        "http://otel-collector.observability:4318"
+    _, stored = install({})  # off by default: neither is told anything
+    (c,) = one(stored, "Deployment", f"{PREFIX}-gateway")["spec"]["template"]["spec"]["containers"]
+    (op,) = one(stored, "Deployment", f"{PREFIX}-operator")["spec"]["template"]["spec"]["containers"]
+    assert "--otlp-endpoint" not in c["args"] and "CAFFESERVE_OTLP_ENDPOINT" not in {e["name"] for e in op["env"]}
+
+
 def test_gateway_can_be_left_out():
     _, stored = install({"gateway": {"enabled": False}})
     assert not [o for o in stored if "gateway" in o["metadata"]["name"]]
@@ -273,7 +298,13 @@ def test_cluster_scope_binds_cluster_roles_to_each_component(default_install):
                                       "name": f"{PREFIX}-{component}"}
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{PREFIX}-{component}",
                                         "namespace": NAMESPACE}]
-    assert not find(stored, "Role") and not find(stored, "RoleBinding")
+    # the one namespaced grant: the operators' leader-election Lease, by name, in the release namespace
+    (leader,) = find(stored, "Role")
+    assert leader["metadata"]["namespace"] == NAMESPACE and leader["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["caffe-serving-operator"],
+         "verbs": ["get", "update"]}]
+    assert [b["metadata"]["name"] for b in find(stored, "RoleBinding")] == [f"{PREFIX}-operator-leader"]
     gateway_rules = one(stored, "ClusterRole", f"{PREFIX}-gateway")["rules"]
     assert gateway_rules == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
                               "verbs": ["list", "watch"]}]
@@ -414,6 +445,8 @@ BAD_VALUES = {
     "service type typo": ({"gateway": {"service": {"type": "Ingress"}}}, "type"),
     "bad scrape interval": ({"metrics": {"serviceMonitor": {"interval": "30 seconds"}}}, "interval"),
     "extraArgs not strings": ({"operator": {"extraArgs": [1, 2]}}, "extraArgs"),
+    "tracing endpoint without a scheme": ({"tracing": {"endpoint": "otel-collector:4318"}}, "endpoint"),
+    "sample ratio above 1": ({"tracing": {"sampleRatio": 2}}, "sampleRatio"),
 }
 
 
@@ -457,15 +490,54 @@ def test_chart_crd_is_the_generated_crd():
     a copy, not a symlink, so the chart folder is complete on its own (packaged, vendored, checked
     out where symlinks are not). This test fails whenever the copy drifts."""
     chart_copy = (CHART / "crds" / "caffemodelservices.yaml").read_text()
-    assert chart_copy == crd_yaml(), "run: caffeserve crd > charts/caffe-serving/crds/caffemodelservices.yaml"
+    assert chart_copy == crd_yaml(), "run: make crd"
     assert chart_copy == (REPO / "crds" / "caffemodelservices.yaml").read_text()
-    assert [p.name for p in (CHART / "crds").iterdir()] == ["caffemodelservices.yaml"]
+    pool_copy = (CHART / "crds" / "caffeservingpools.yaml").read_text()
+    assert pool_copy == crd_yaml("CaffeServingPool") == (REPO / "crds" / "caffeservingpools.yaml").read_text(), \
+        "run: make crd"
+    assert sorted(p.name for p in (CHART / "crds").iterdir()) == ["caffemodelservices.yaml", "caffeservingpools.yaml"]
 
 
-def test_helm_installed_the_crd_and_the_api_serves_it(default_install):
+def test_helm_installed_the_crds_and_the_api_serves_them(default_install):
     _, stored = default_install
-    crd = one(stored, "CustomResourceDefinition")
-    assert crd["spec"] == custom_resource_definition()["spec"]
+    crds = {c["metadata"]["name"]: c for c in find(stored, "CustomResourceDefinition")}
+    assert crds["caffemodelservices.caffeserving.io"]["spec"] == custom_resource_definition()["spec"]
+    assert crds["caffeservingpools.caffeserving.io"]["spec"] == pool_custom_resource_definition()["spec"]
+
+
+POOLS = [
+    {"name": "whole", "replicas": 2, "modelMemory": "8Gi", "modelClaims": ["models"]},
+    {"name": "sliced", "modelMemory": "4Gi", "gpu": {"sharing": "timeSlicing"}},
+    {"name": "mig", "gpu": {"sharing": "mig", "migProfile": "1g.10gb"}},
+    {"name": "hami", "gpu": {"sharing": "hami", "memoryMiB": 6144, "coresPercent": 25}},
+]
+
+
+def test_chart_renders_pools_with_each_gpu_sharing_mode():
+    """values.pools become CaffeServingPools (over poolDefaults) that the operator's own types accept,
+    and their pods ask for the GPU resource each sharing mode names."""
+    release, stored = install({"poolDefaults": {"gpu": {"sharing": "whole", "count": 1}}, "pools": POOLS})
+    pools = {p["metadata"]["name"]: p for p in find(stored, "CaffeServingPool")}
+    assert sorted(pools) == ["hami", "mig", "sliced", "whole"]
+    limits = {}
+    for name, pool in pools.items():
+        assert pool["metadata"]["namespace"] == NAMESPACE
+        spec = parse_pool_spec(name, pool["spec"])
+        container = pool_deployment(name, NAMESPACE, spec)["spec"]["template"]["spec"]["containers"][0]
+        limits[name] = {k: v for k, v in container["resources"]["limits"].items() if k.startswith("nvidia.com/")}
+    assert limits == {
+        "whole": {"nvidia.com/gpu": 1},
+        "sliced": {"nvidia.com/gpu.shared": 1},
+        "mig": {"nvidia.com/mig-1g.10gb": 1},
+        "hami": {"nvidia.com/gpu": 1, "nvidia.com/gpumem": 6144, "nvidia.com/gpucores": 25},
+    }
+    assert parse_pool_spec("whole", pools["whole"]["spec"]).replicas == 2
+
+
+def test_schema_rejects_an_unknown_gpu_sharing_mode():
+    with helm_cluster() as cluster:
+        with pytest.raises(HelmError, match="sharing"):
+            helm_install(cluster, RELEASE, NAMESPACE, {"pools": [{"name": "p", "gpu": {"sharing": "shared"}}]})
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,7 +571,7 @@ def test_operator_image_runs_the_commands_the_chart_gives_it(default_install):
     text = dockerfile("Dockerfile.operator")
     assert entrypoint(text) == ["caffeserve", "operator", "--all-namespaces"]
     assert re.search(r"^FROM python:3\.12-slim", text.replace("${PYTHON_IMAGE}", "python:3.12-slim-bookworm"), re.M)
-    assert 'pip install --no-cache-dir ".[operator]"' in text
+    assert 'pip install --no-cache-dir ".[operator,tracing]"' in text  # the gateway traces when the chart says so
     _, stored = default_install
     for component in ("operator", "gateway"):
         (c,) = one(stored, "Deployment", f"{PREFIX}-{component}")["spec"]["template"]["spec"]["containers"]
@@ -507,7 +579,9 @@ def test_operator_image_runs_the_commands_the_chart_gives_it(default_install):
 
 
 def test_server_image_runs_what_the_operator_puts_in_model_pods():
-    assert entrypoint(dockerfile("Dockerfile.caffe-gpu")) == manifests.SERVE_COMMAND
+    text = dockerfile("Dockerfile.caffe-gpu")
+    assert entrypoint(text) == manifests.SERVE_COMMAND
+    assert '"/src[s3,tracing]"' in text  # a CR's spec.runtime.tracing needs the SDK in the image
 
 
 def test_gpu_image_builds_the_cpu_builds_source_with_the_same_script():
@@ -548,3 +622,54 @@ def test_dockerignore_keeps_the_venv_and_git_out():
     for needed in ("scripts", "caffeserve", "caffe_http", "inference_server", "caffe_gateway", "operator",
                    "pyproject.toml", "README.md"):
         assert needed not in ignored
+
+
+# --------------------------------------------------------------------------------------------
+# security: TLS, tokens, the admin calls (docs/security.md)
+# --------------------------------------------------------------------------------------------
+SECURED = {"gateway": {"tls": {"secretName": "gateway-tls"},
+                       "auth": {"mode": "tokenreview", "groups": ["system:serviceaccounts:team-a", "ops"],
+                                "audiences": ["caffe-serving"]},
+                       "adminApi": {"enabled": True, "users": ["alice"], "groups": ["ml-admins"]}}}
+
+
+def test_gateway_tls_and_tokenreview_reach_its_flags_volumes_probes_and_rbac():
+    _, stored = install(SECURED)
+    dep = one(stored, "Deployment", f"{PREFIX}-gateway")
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    args = c["args"]
+    flags = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--") and not args[i + 1].startswith("--")}
+    assert flags["--tls-dir"] == "/etc/caffe-serving/tls" and flags["--auth"] == "tokenreview"
+    assert flags["--auth-groups"] == "system:serviceaccounts:team-a,ops" and flags["--auth-audience"] == "caffe-serving"
+    assert "--admin-api" in args and flags["--admin-users"] == "alice" and flags["--admin-groups"] == "ml-admins"
+    # the parser the gateway runs accepts exactly these
+    from caffe_gateway.main import parser
+    parsed = parser().parse_args(args[1:])
+    assert parsed.tls_dir == "/etc/caffe-serving/tls" and parsed.admin_api
+    assert {"name": "tls", "mountPath": "/etc/caffe-serving/tls", "readOnly": True} in c["volumeMounts"]
+    assert {v["name"]: v for v in pod["volumes"]}["tls"]["secret"]["secretName"] == "gateway-tls"
+    assert c["readinessProbe"]["httpGet"]["scheme"] == "HTTPS" and c["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    binding = one(stored, "ClusterRoleBinding", f"{PREFIX}-gateway-auth-delegator")
+    assert binding["roleRef"]["name"] == "system:auth-delegator"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{PREFIX}-gateway", "namespace": NAMESPACE}]
+
+
+def test_gateway_static_tokens_mount_their_secret():
+    _, stored = install({"gateway": {"auth": {"mode": "tokens", "tokensSecret": "gateway-tokens"}}})
+    pod = one(stored, "Deployment", f"{PREFIX}-gateway")["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["args"][c["args"].index("--auth-token-file") + 1] == "/etc/caffe-serving/tokens/tokens.csv"
+    assert {v["name"]: v for v in pod["volumes"]}["tokens"]["secret"]["secretName"] == "gateway-tokens"
+    assert "scheme" not in c["readinessProbe"]["httpGet"]  # no TLS: plain HTTP probes
+    assert not find(stored, "ClusterRoleBinding", f"{PREFIX}-gateway-auth-delegator")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"adminApi": {"enabled": True, "users": ["alice"]}}, "gateway.adminApi.enabled needs gateway.auth.mode"),
+    ({"auth": {"mode": "tokens"}}, "gateway.auth.tokensSecret is required"),
+])
+def test_security_values_that_do_not_fit_fail_the_install_with_a_message(values, message):
+    with helm_cluster() as cluster:
+        with pytest.raises(HelmError, match=message):
+            helm_install(cluster, RELEASE, NAMESPACE, {"gateway": values})

@@ -38,13 +38,6 @@ def grpc_count(server, code: str = "OK") -> float:
 
 
 @pytest.fixture(scope="module")
-def grpc_servers(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("grpc-gateway")
-    with grpc_server(digits_config(), tmp) as a, grpc_server(digits_config(), tmp) as b:
-        yield a, b
-
-
-@pytest.fixture(scope="module")
 def grpc_gateway(grpc_servers):
     with GatewayProcess("--static", static("digits", *grpc_servers)) as g:
         yield g

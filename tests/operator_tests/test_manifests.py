@@ -223,6 +223,26 @@ def test_grpc_is_on_by_default_and_can_be_turned_off():
     assert c["readinessProbe"] == server(on)["readinessProbe"]
 
 
+def test_tracing_reaches_the_pods_config_from_the_cr_or_the_operators_default():
+    def config_of(s):
+        return parse_config(yaml.safe_load(build(s).config_map["data"]["config.yaml"]), environ={})
+
+    assert config_of(spec()).tracing.endpoint is None  # off unless someone sets it
+    own = spec(runtime={"tracing": {"endpoint": "http://mine:4318", "sampleRatio": 0.25}})
+    cfg = config_of(own)
+    assert (cfg.tracing.endpoint, cfg.tracing.sample_ratio) == ("http://mine:4318", 0.25)
+    default = "http://otel-collector.observability:4318"
+    assert config_of(manifests.with_tracing_default(spec(), default)).tracing.endpoint == default
+    assert config_of(manifests.with_tracing_default(own, default)).tracing.endpoint == "http://mine:4318"
+    assert manifests.with_tracing_default(own, None) is own
+    canary = spec(canary={"model": {"prototxt": "deploy.prototxt", "weights": "v2.caffemodel", "version": "2"},
+                          "trafficPercent": 10})
+    assert all(config_of(v.spec).tracing.endpoint == default
+               for v in variants.of("digits", manifests.with_tracing_default(canary, default)))
+    with pytest.raises(api.InvalidSpec, match=r"spec\.runtime\.tracing\.endpoint"):
+        spec(runtime={"tracing": {"endpoint": "otel-collector:4318"}})
+
+
 def test_cpu_config_says_cpu():
     text = build(spec(runtime={"device": "cpu"})).config_map["data"]["config.yaml"]
     assert parse_config(yaml.safe_load(text), environ={}).device.kind == "cpu"

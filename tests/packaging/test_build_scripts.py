@@ -80,6 +80,7 @@ def test_source_patches_release_the_gil_lift_the_weights_limit_and_add_the_fork_
     assert io_cpp.count("SetTotalBytesLimit(INT_MAX)") == 2 and "536870912" not in io_cpp
     assert "#include <climits>" in io_cpp
     assert (src / "src" / "caffe" / "layers" / "axpy_layer.cpp").exists()
+    assert (src / "include" / "caffe" / "layers" / "python_layer.hpp").read_text().count("PythonLayerGIL gil;") == 4
     again = run("caffe/apply_patches.py", "source", src)
     assert again.returncode == 0
     assert "_caffe.cpp: already patched" in again.stdout and "io.cpp: already patched" in again.stdout
@@ -105,7 +106,7 @@ def test_source_patches_refuse_sources_they_do_not_know(tmp_path):
 
 
 def test_every_place_that_patches_calls_the_one_entry_point():
-    """Five patches, one caller: build_caffe.sh (sources), install_pycaffe.sh and gpu_bundle.sh (installed
+    """Six patches, one caller: build_caffe.sh (sources), install_pycaffe.sh and gpu_bundle.sh (installed
     package); nothing else runs a patch_*.py itself."""
     callers = {}
     for path in [*SCRIPTS.rglob("*.sh"), REPO / "Makefile", *REPO.glob("Dockerfile.*")]:

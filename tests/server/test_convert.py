@@ -174,6 +174,57 @@ def test_concat_slice_flatten_reshape(tmp_path):
     assert_matches_pycaffe(n, tmp_path, "shapes")
 
 
+def caffe_argmax(x: np.ndarray, top_k: int, axis: int | None, out_max_val: bool) -> np.ndarray:
+    """argmax_layer.cpp's definition: rank (value, index) pairs by std::greater, so equal values by the
+    higher index; indices as floats. Without an axis each sample is ranked flattened, top (N, 1|2, k, 1…)."""
+    def ranked(rows: np.ndarray):  # rows: (..., dim) -> indices, values (..., k)
+        order = np.lexsort((np.broadcast_to(np.arange(rows.shape[-1]), rows.shape), rows), axis=-1)[..., ::-1]
+        index = order[..., :top_k]
+        return index.astype(np.float32), np.take_along_axis(rows, index, axis=-1)
+
+    if axis is not None:
+        index, values = ranked(np.moveaxis(x, axis, -1))
+        return np.moveaxis(values if out_max_val else index, -1, axis)
+    index, values = ranked(x.reshape(len(x), -1))
+    top = np.stack([index, values], axis=1) if out_max_val else index[:, None]
+    return top.reshape(len(x), top.shape[1], top_k, *[1] * (x.ndim - 3))
+
+
+ARGMAX_CASES = {  # name: (argmax_param, bottom shape)
+    "pixel_class": (dict(axis=1), (1, 5, 4, 6)),
+    "pixel_top3_values": (dict(axis=1, top_k=3, out_max_val=True), (1, 5, 4, 6)),
+    "last_axis_top2": (dict(axis=-1, top_k=2), (1, 3, 4, 7)),
+    "flat_top4": (dict(top_k=4), (1, 3, 2, 5)),
+    "flat_top2_with_values": (dict(top_k=2, out_max_val=True), (1, 3, 2, 5)),
+    "flat_2d": (dict(top_k=3, out_max_val=True), (1, 10)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ARGMAX_CASES))
+def test_argmax_resolves_ties_as_caffe_does(tmp_path, case):
+    """Scores of a few distinct values, so most rankings have ties: Caffe puts the higher index first."""
+    param, shape = ARGMAX_CASES[case]
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=list(shape)))
+    n.best = L.ArgMax(n.data, argmax_param=param)
+    proto, weights, model = converted(n, tmp_path, case)
+    rng = np.random.default_rng(3)
+    feed = {"data": rng.integers(-1, 2, (BATCH, *shape[1:])).astype(np.float32)}
+    want = forward(proto, weights, feed)["best"]
+    definition = caffe_argmax(feed["data"], param.get("top_k", 1), param.get("axis"), param.get("out_max_val", False))
+    np.testing.assert_array_equal(want, definition)  # pycaffe follows the definition, ties included
+    np.testing.assert_array_equal(run_onnx(model, feed)["best"], want)
+
+
+def test_argmax_along_the_batch_axis_is_refused_with_the_reason(tmp_path):
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[2, 3]))
+    n.best = L.ArgMax(n.data, axis=0)
+    proto, weights = save_net(n, tmp_path, "argmax_batch")
+    with pytest.raises(UnsupportedLayer, match="ranking along the batch axis"):
+        convert_net(load_net(proto, weights))
+
+
 def test_crop_axes_and_offsets(tmp_path):
     n = caffe.NetSpec()
     n.data = L.Input(shape=dict(dim=[1, 5, 9, 11]))
@@ -345,12 +396,12 @@ def test_graph_records_io_shapes_layer_types_and_the_logits_of_a_final_softmax(t
 
 def test_a_layer_type_without_a_converter_is_named_in_the_error(tmp_path):
     n = caffe.NetSpec()
-    n.data = L.Input(shape=dict(dim=[1, 5]))
-    n.best = L.ArgMax(n.data, top_k=1)
-    proto, weights = save_net(n, tmp_path, "argmax")
+    n.data = L.Input(shape=dict(dim=[1, 2, 3, 3]))
+    n.norm = L.MVN(n.data)
+    proto, weights = save_net(n, tmp_path, "mvn")
     with pytest.raises(UnsupportedLayer) as e:
         convert_net(load_net(proto, weights))
-    assert str(e.value) == "layer 'best' of type 'ArgMax' is not supported by the onnxruntime backend"
+    assert str(e.value) == "layer 'norm' of type 'MVN' is not supported by the onnxruntime backend"
 
 
 def test_a_supported_type_with_an_unconvertible_setting_says_which(tmp_path):

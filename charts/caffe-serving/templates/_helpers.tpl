@@ -151,6 +151,13 @@ CaffeModelService (ownerReferences hand it to the garbage collector).
 - apiGroups: ["caffeserving.io"]
   resources: ["caffemodelservices/status"]
   verbs: ["patch"]
+# CaffeServingPools: watched like the models; their status says which pod holds which model.
+- apiGroups: ["caffeserving.io"]
+  resources: ["caffeservingpools"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["caffeserving.io"]
+  resources: ["caffeservingpools/status"]
+  verbs: ["patch"]
 # The children: the server config, the predictor Service and Deployment. Created, read back,
 # watched (a hand edit or a deletion is undone; the Deployment's ready replicas reach the status)
 # and patched when the spec changes or they drift. Deleted: only a canary's (spec.canary removed:
@@ -177,9 +184,12 @@ CaffeModelService (ownerReferences hand it to the garbage collector).
 # The model pods of a model that is not ready: a fetch init container that failed (wrong sha256,
 # missing object) says why in its termination message; the status then reads ModelFetchFailed. A pod
 # no node fits (too many GPUs asked) says why in its PodScheduled condition: Unschedulable.
+# Pool pods (CaffeServingPool) are watched (one that dies has its models placed elsewhere) and
+# patched: the label pool.caffeserving.io/MODEL says the pod holds MODEL, and selects it into the
+# model's Service.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
+  verbs: ["list", "watch", "patch"]
 # A NetworkPolicy per model variant (networkPolicy.enabled): created, read back, watched and
 # patched like the other children, deleted with a canary. Turned off, the operator only looks for
 # those it made while it was on, and deletes them.

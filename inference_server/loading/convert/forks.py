@@ -1,5 +1,5 @@
 """Layers of the Caffe forks our build adds (scripts/caffe/caffe_forks/): Axpy (SE-Nets), ShuffleChannel
-(ShuffleNet), ConvolutionDepthwise (MobileNet/ShuffleNet), BN (SegNet, ENet) and Upsample (SegNet's
+(ShuffleNet), ConvolutionDepthwise (MobileNet/ShuffleNet), BN (SegNet, ENet; PSPNet, ICNet) and Upsample (SegNet's
 max-unpooling from a Pooling mask, or nearest-neighbour enlargement). Each follows the definition its
 C++ file states; the parity check still gates every converted net.
 """
@@ -56,16 +56,26 @@ def convolution_depthwise(ctx: LayerContext):
     return outs
 
 
-@converts("BN", note="bn_mode INFERENCE: Mul + Add per channel (scale, shift). LEARN (the batch's own "
-          "statistics) is not converted")
+@converts("BN", note="SegNet's and ENet's 2 blobs in bn_mode INFERENCE: Mul + Add per channel (scale, shift); "
+          "PSPNet's 4 blobs (slope, bias, mean, variance; TEST or frozen): Sub mean, Mul slope/sqrt(var + eps), "
+          "Add bias. SegNet's LEARN (the batch's own statistics) is not converted")
 def bn(ctx: LayerContext):
+    """One type name, two layouts: the loaded layer's blob count says which (Caffe chose it from bn_param's
+    fields when it built the layer), never the values."""
     p = ctx.layer.bn_param
+    shape = [1, -1] + [1] * (ctx.rank() - 2)
+    if len(ctx.params) == 4:  # PSPNet/ICNet: always the stored statistics in the TEST phase
+        slope, bias, mean, var = (b.reshape(-1) for b in ctx.params)
+        factor = slope * (np.float32(1) / np.sqrt(var + np.float32(p.eps)))  # float32, as the layer computes it
+        centred = ctx.op("Sub", [ctx.bottoms[0], ctx.const("mean", mean.reshape(shape))])
+        scaled = ctx.op("Mul", [centred, ctx.const("factor", factor.astype(np.float32).reshape(shape))])
+        return [ctx.op("Add", [scaled, ctx.const("bias", bias.reshape(shape))])]
+    if len(ctx.params) != 2:
+        raise ctx.unsupported(f"expected 2 blobs (scale, shift) or 4 (slope, bias, mean, variance), "
+                              f"got {len(ctx.params)}")
     if p.bn_mode != INFERENCE:
         raise ctx.unsupported("bn_mode LEARN normalizes with the statistics of each batch (set bn_mode: INFERENCE "
                               "once compute_bn_statistics.py has folded the dataset's statistics into the weights)")
-    if len(ctx.params) != 2:
-        raise ctx.unsupported(f"expected 2 blobs (scale, shift), got {len(ctx.params)}")
-    shape = [1, -1] + [1] * (ctx.rank() - 2)
     scale = ctx.const("scale", ctx.params[0].reshape(shape))
     shift = ctx.const("shift", ctx.params[1].reshape(shape))
     return [ctx.op("Add", [ctx.op("Mul", [ctx.bottoms[0], scale]), shift])]

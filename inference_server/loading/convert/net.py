@@ -7,11 +7,12 @@ import json
 from onnx import ModelProto, TensorProto, helper
 
 from ...errors import ModelLoadError
-from .builder import GraphBuilder, LayerContext
+from .builder import GraphBuilder, LayerContext, canonical_axis
+from .pooling import pool_geometry
 from .registry import converter_for
 from .source import CaffeModel
 
-CONVERTER_VERSION = "1"  # bump on any change that alters the graph: it is part of the cache key
+CONVERTER_VERSION = "2"  # bump on any change that alters the graph or what converts: it is part of the cache key
 OPSET = 17
 IR_VERSION = 8  # opset 17's IR version; loads in ONNX Runtime 1.11 and later
 METADATA_KEY = "caffe_serving"
@@ -26,7 +27,7 @@ def convert_model(model: CaffeModel, name: str = "caffe") -> ModelProto:
     g = GraphBuilder(reserved=set(model.shapes) | set(model.inputs))
     for blob in model.inputs:
         g.values[blob] = blob
-    logits = []
+    logits, selections = [], []
     final_softmax = {i for i, layer in enumerate(model.layers)
                      if layer.type == "Softmax" and any(t in model.outputs for t in layer.top)}
     for i, layer in enumerate(model.layers):
@@ -44,6 +45,7 @@ def convert_model(model: CaffeModel, name: str = "caffe") -> ModelProto:
             raise AssertionError(f"converter for {layer.type} returned {len(outs)} values for {len(layer.top)} tops")
         for top, value in zip(layer.top, outs, strict=True):
             g.values[top] = value
+        selections += index_choices(layer, outs, model.shapes)
 
     if g.const_bytes > MAX_WEIGHT_BYTES:
         raise ModelLoadError(f"the converted graph would hold {g.const_bytes / 2**20:.1f} MiB of weights, over the "
@@ -67,9 +69,30 @@ def convert_model(model: CaffeModel, name: str = "caffe") -> ModelProto:
         "outputs": [[b, list(model.shapes[b])] for b in model.outputs],
         "layer_types": [layer.type for layer in model.layers],
         "softmax_logits": logits,
+        "selections": selections,
     }
     helper.set_model_props(onnx_model, {METADATA_KEY: json.dumps(info)})
     return onnx_model
+
+
+def index_choices(layer, outs: list[str], shapes: dict) -> list[dict]:
+    """The tops holding an index chosen by comparing values: a MAX Pooling's mask, ArgMax's indices.
+
+    Where two candidates are within float rounding of each other, ONNX Runtime (whose sums round
+    differently) may pick the other one, and everything downstream of that index moves (ENet's
+    Upsample puts a value in another cell). The parity gate reads these values to tell such near-ties
+    from errors (parity.py).
+    """
+    if layer.type == "Pooling" and len(layer.top) > 1:
+        kernel, stride, pad = pool_geometry(layer.pooling_param)
+        return [{"layer": layer.name, "kind": "mask", "blob": layer.top[1], "value": outs[1], "scores": layer.bottom[0],
+                 "kernel": list(kernel), "stride": list(stride), "pad": list(pad)}]
+    if layer.type == "ArgMax" and not layer.argmax_param.out_max_val:
+        p = layer.argmax_param
+        axis = canonical_axis(p.axis, len(shapes[layer.bottom[0]])) if p.HasField("axis") else None
+        return [{"layer": layer.name, "kind": "argmax", "blob": layer.top[0], "value": outs[0],
+                 "scores": layer.bottom[0], "axis": axis}]
+    return []
 
 
 def model_info(onnx_model: ModelProto) -> dict:

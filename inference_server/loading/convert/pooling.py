@@ -56,7 +56,7 @@ def _end_pad(size: int, out: int, kernel: int, stride: int, pad: int) -> int | N
     return None
 
 
-def _geometry(p) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+def pool_geometry(p) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """(kernel, stride, pad) as (h, w), read as PoolingLayer::LayerSetUp reads them."""
     kernel = (p.kernel_h, p.kernel_w) if p.HasField("kernel_h") else (p.kernel_size, p.kernel_size)
     stride = (p.stride_h, p.stride_w) if p.HasField("stride_h") else (p.stride, p.stride)
@@ -80,7 +80,7 @@ def pooling(ctx: LayerContext):
     if p.global_pooling:
         return [ctx.op("GlobalMaxPool" if p.pool == MAX else "GlobalAveragePool", [x])]
 
-    kernel, stride, pad = _geometry(p)
+    kernel, stride, pad = pool_geometry(p)
     ceil_mode = getattr(p, "ceil_mode", True)  # a field of this Caffe (default true); BVLC always rounds up
     sizes = (height, width)
     outs = [caffe_pooled_size(sizes[i], kernel[i], stride[i], pad[i], ceil_mode, any(pad)) for i in range(2)]

@@ -50,4 +50,17 @@ def converter_for(layer_name: str, layer_type: str) -> Callable:
 
 def _load_all() -> None:
     # the modules register their converters on import
-    from . import activations, arithmetic, convolution, crop, forks, normalization, pooling, ssd, structure  # noqa: F401  # noqa: F401  (the Caffe forks' layers)
+    from . import (  # noqa: F401
+        activations,
+        argmax,
+        arithmetic,
+        convolution,
+        crop,
+        forks,
+        interp,
+        normalization,
+        pooling,
+        pycaffe_only,  # types left to pycaffe, with their reason
+        ssd,
+        structure,
+    )

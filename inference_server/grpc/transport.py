@@ -1,0 +1,560 @@
+"""Unary gRPC calls over HTTP/2 framing of our own, on the event loop's transports (as the REST server).
+
+Why not grpc.aio: an empty grpc.aio handler cost 0.41–0.44 ms of server CPU per call here (uvloop,
+h2load, load ~10), more than our whole REST binary request; grpc's core hands every call between its
+own poller thread and the event loop. Here a call is: the frames parsed from one read, its header
+block decoded (hpack_decode.py), the handler run as a task, and its answer written in one write
+(headers, data and trailers). bench/protocols.py keeps the comparison (`--grpc-transport`).
+
+What it speaks: HTTP/2 without TLS (prior knowledge, as `add_insecure_port`), unary calls only (every
+OIP and Triton RPC we serve is unary), request messages in identity, gzip or deflate, answers
+uncompressed; flow control both ways; PING, SETTINGS, GOAWAY and RST_STREAM (a reset cancels the
+call's task). A handler gets the request bytes and a context with grpc.aio's `time_remaining()`,
+`invocation_metadata()` and `abort()`, so the same service object runs on either server.
+On stop: the listener closes (new connections are refused), every connection gets GOAWAY, calls in
+flight finish within the grace period and are then cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import struct
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import NoReturn
+
+import grpc
+
+from .hpack_decode import HeaderDecoder, HPACKError, encode_int, literal
+
+log = logging.getLogger(__name__)
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
+END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
+FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x6, 0x7, 0x8, 0x9
+
+MAX_STREAMS = 1024  # calls at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS)
+MAX_FRAME = 1 << 20  # the largest frame we accept (fewer frames for a large tensor than the 16 KiB default)
+CONN_WINDOW = 1 << 26  # what a client may send ahead on a connection; topped up once half is used
+MAX_HEADER_LIST = 16384
+_TIMEOUT_UNITS = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3, ord("u"): 1e-6, ord("n"): 1e-9}
+_HEAD = struct.Struct(">I")
+
+Handler = Callable[[bytes, "CallContext"], Awaitable[bytes]]
+
+
+def _frame_head(kind: int, flags: int, stream: int, n: int) -> bytes:
+    return bytes((n >> 16, (n >> 8) & 0xFF, n & 0xFF, kind, flags)) + _HEAD.pack(stream)
+
+
+def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return _frame_head(kind, flags, stream, len(payload)) + payload
+
+
+# the answer's header block: `:status: 200` (static index 8) and the content type
+_RESPONSE_HEADERS = b"\x88" + literal(b"content-type", b"application/grpc")
+_OK_TRAILERS = literal(b"grpc-status", b"0")
+
+
+def _percent(message: str) -> bytes:
+    """grpc-message's encoding: printable ASCII but '%' as is, every other byte of UTF-8 as %XX."""
+    out = bytearray()
+    for b in message.encode("utf-8"):
+        out += bytes((b,)) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b
+    return bytes(out)
+
+
+def status_block(code: grpc.StatusCode, details: str, trailing=()) -> bytes:
+    """The header block of a trailers-only answer: status, message and trailing metadata."""
+    block = _RESPONSE_HEADERS + literal(b"grpc-status", str(code.value[0]).encode())
+    if details:
+        block += literal(b"grpc-message", _percent(details))
+    for key, value in trailing:
+        name = key.lower().encode()
+        if name.endswith(b"-bin"):
+            raw = value if isinstance(value, bytes) else value.encode()
+            block += literal(name, base64.b64encode(raw).rstrip(b"="))
+        else:
+            block += literal(name, value.encode() if isinstance(value, str) else value)
+    return block
+
+
+class AbortError(Exception):
+    """Raised by `CallContext.abort`: the call ends with this status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailing=()):
+        super().__init__(details)
+        self.code, self.details, self.trailing = code, details, trailing
+
+
+class CallContext:
+    """What a handler may ask of its call (the subset of grpc.aio's ServicerContext our services use)."""
+
+    __slots__ = ("deadline", "_headers")
+
+    def __init__(self, deadline: float | None, headers: list[tuple[bytes, bytes]]):
+        self.deadline = deadline  # time.monotonic(), from grpc-timeout
+        self._headers = headers
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        out: list[tuple[str, str | bytes]] = []
+        for name, value in self._headers:
+            if name[:1] == b":" or name in (b"content-type", b"te", b"grpc-timeout", b"grpc-encoding"):
+                continue
+            key = name.decode("latin-1")
+            if key.endswith("-bin"):
+                out.append((key, base64.b64decode(value + b"=" * (-len(value) % 4))))
+            else:
+                out.append((key, value.decode("latin-1")))
+        return tuple(out)
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()) -> NoReturn:
+        raise AbortError(code, details, trailing_metadata)
+
+
+class _Stream:
+    __slots__ = ("id", "path", "headers", "deadline", "encoding", "body", "task", "send_window", "pending",
+                 "answered")
+
+    def __init__(self, sid: int, path: bytes, headers, deadline: float | None, encoding: bytes, window: int):
+        self.id = sid
+        self.path = path
+        self.headers = headers
+        self.deadline = deadline
+        self.encoding = encoding
+        self.body = bytearray()
+        self.task: asyncio.Task | None = None
+        self.send_window = window
+        self.pending: memoryview | None = None  # answer data waiting for flow-control window
+        self.answered = False  # its request is complete (or refused): DATA that still arrives is dropped
+
+
+class _ConnectionError(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, server: GRPCTransportServer):
+        self.server = server
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
+        self.buf = bytearray()
+        self.preface = False
+        self.decoder = HeaderDecoder(max_list_bytes=MAX_HEADER_LIST)
+        self.streams: dict[int, _Stream] = {}
+        self.last_id = 0
+        self.conn_send_window = 65535
+        self.peer_window = 65535  # the client's SETTINGS_INITIAL_WINDOW_SIZE
+        self.peer_max_frame = 16384
+        self.received = 0  # bytes of DATA since the last connection WINDOW_UPDATE we sent
+        self.continuing: tuple[int, int, bytearray] | None = None  # a header block awaiting CONTINUATION
+        self.goaway = False
+        self.closed = False
+        self.stream_window = min(2**31 - 1, server.max_message_bytes + 5 + MAX_FRAME)
+
+    # --- lifecycle
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.server.connections.add(self)
+        settings = struct.pack(">HIHIHIHI", 0x3, MAX_STREAMS, 0x4, self.stream_window, 0x5, MAX_FRAME,
+                               0x6, MAX_HEADER_LIST)
+        transport.write(frame(SETTINGS, 0, 0, settings) + frame(WINDOW_UPDATE, 0, 0, _HEAD.pack(CONN_WINDOW - 65535)))
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        for s in self.streams.values():
+            if s.task is not None:
+                s.task.cancel()  # nobody reads the answer: the call's queued work is dropped
+        self.streams.clear()
+        self.server.stream_closed()
+
+    def close_gracefully(self) -> None:
+        """GOAWAY: the streams begun so far are served, no new one; the connection closes when they end."""
+        if not self.goaway and not self.closed:
+            self.goaway = True
+            self.transport.write(frame(GOAWAY, 0, 0, struct.pack(">II", self.last_id, NO_ERROR)))
+        if not self.streams:
+            self.transport.close()
+
+    # --- reading
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if not self.preface:
+            if len(buf) < len(PREFACE):
+                if not PREFACE.startswith(bytes(buf)):
+                    self.transport.close()  # not HTTP/2 with prior knowledge (an HTTP/1.1 client, say)
+                return
+            if not buf.startswith(PREFACE):
+                self.transport.close()
+                return
+            del buf[: len(PREFACE)]
+            self.preface = True
+        try:
+            with memoryview(buf) as view:
+                pos = self._frames(buf, view)  # its slices of `view` are gone when it returns
+        except _ConnectionError as e:
+            self._fail(e.code, str(e))
+            return
+        del buf[:pos]
+
+    def _frames(self, buf: bytearray, view: memoryview) -> int:
+        """Handle every whole frame in `buf`; returns the bytes consumed."""
+        pos, end = 0, len(buf)
+        while end - pos >= 9:
+            length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
+            if length > MAX_FRAME:
+                raise _ConnectionError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
+            if end - pos - 9 < length:
+                break
+            kind, flags = buf[pos + 3], buf[pos + 4]
+            sid = _HEAD.unpack_from(buf, pos + 5)[0] & 0x7FFFFFFF
+            payload = view[pos + 9 : pos + 9 + length]
+            pos += 9 + length
+            if self.continuing is not None and kind != CONTINUATION:
+                raise _ConnectionError(PROTOCOL_ERROR, "a header block was interrupted")
+            if kind == DATA:
+                self._on_data(sid, flags, payload)
+            elif kind == HEADERS:
+                self._on_headers(sid, flags, payload)
+            elif kind == CONTINUATION:
+                self._on_continuation(sid, flags, payload)
+            elif kind == WINDOW_UPDATE:
+                self._on_window_update(sid, payload)
+            elif kind == SETTINGS:
+                self._on_settings(flags, payload)
+            elif kind == PING:
+                if not flags & ACK:
+                    self.transport.write(frame(PING, ACK, 0, bytes(payload)))
+            elif kind == RST_STREAM:
+                s = self.streams.pop(sid, None)
+                if s is not None and s.task is not None:
+                    s.task.cancel()
+                self.server.stream_closed()
+            elif kind == GOAWAY:
+                self.goaway = True
+                if not self.streams:
+                    self.transport.close()
+            elif kind == PUSH_PROMISE:
+                raise _ConnectionError(PROTOCOL_ERROR, "a client may not push")
+            # PRIORITY and unknown frame types are ignored (RFC 9113 5.5)
+        return pos
+
+    def _fail(self, code: int, message: str) -> None:
+        log.info("gRPC connection closed: %s", message)
+        self.transport.write(frame(GOAWAY, 0, 0, struct.pack(">II", self.last_id, code) + message.encode()[:200]))
+        self.transport.close()
+
+    def _on_data(self, sid: int, flags: int, payload: memoryview) -> None:
+        self.received += len(payload)
+        if self.received >= CONN_WINDOW // 2:
+            self.transport.write(frame(WINDOW_UPDATE, 0, 0, _HEAD.pack(self.received)))
+            self.received = 0
+        s = self.streams.get(sid)
+        if s is None or s.answered:
+            if sid > self.last_id:
+                raise _ConnectionError(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
+            return  # a stream reset or refused: its data is dropped
+        if flags & PADDED:
+            payload = payload[1 : len(payload) - payload[0]]
+        body = s.body
+        body += payload
+        limit = self.server.max_message_bytes
+        if len(body) >= 5:
+            declared = _HEAD.unpack_from(body, 1)[0]
+            if declared > limit or len(body) > limit + 5:
+                self._refuse(s, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"Received message larger than max ({max(declared, len(body) - 5)} vs. {limit})")
+                return
+        if flags & END_STREAM:
+            self._request_complete(s)
+
+    def _on_headers(self, sid: int, flags: int, payload: memoryview) -> None:
+        start, end = 0, len(payload)
+        if flags & PADDED:
+            start, end = 1, end - payload[0]
+        if flags & PRIORITY_FLAG:
+            start += 5
+        if start > end:
+            raise _ConnectionError(PROTOCOL_ERROR, "HEADERS padding exceeds the frame")
+        if flags & END_HEADERS:
+            self._header_block(sid, flags, bytes(payload[start:end]))
+        else:
+            self.continuing = (sid, flags, bytearray(payload[start:end]))
+
+    def _on_continuation(self, sid: int, flags: int, payload: memoryview) -> None:
+        if self.continuing is None or self.continuing[0] != sid:
+            raise _ConnectionError(PROTOCOL_ERROR, "CONTINUATION without HEADERS")
+        block = self.continuing[2]
+        block += payload
+        if len(block) > MAX_HEADER_LIST * 2:
+            raise _ConnectionError(PROTOCOL_ERROR, "header block too large")
+        if flags & END_HEADERS:
+            first_flags = self.continuing[1]  # END_STREAM rides on the HEADERS frame
+            self.continuing = None
+            self._header_block(sid, first_flags, bytes(block))
+
+    def _header_block(self, sid: int, flags: int, block: bytes) -> None:
+        try:
+            headers = self.decoder.decode(block)
+        except HPACKError as e:
+            raise _ConnectionError(COMPRESSION_ERROR, str(e)) from None
+        s = self.streams.get(sid)
+        if s is not None or sid <= self.last_id:  # trailers from the client (gRPC clients send none)
+            if s is not None and flags & END_STREAM and not s.answered:
+                self._request_complete(s)
+            return
+        if sid % 2 == 0:
+            raise _ConnectionError(PROTOCOL_ERROR, f"a client stream with an even id ({sid})")
+        self.last_id = sid
+        if self.goaway or self.server.closing or len(self.streams) >= MAX_STREAMS:
+            self.transport.write(frame(RST_STREAM, 0, sid, _HEAD.pack(REFUSED_STREAM)))
+            return
+        method = path = ctype = encoding = b""
+        deadline = None
+        for name, value in headers:
+            if name == b":path":
+                path = value
+            elif name == b":method":
+                method = value
+            elif name == b"content-type":
+                ctype = value
+            elif name == b"grpc-timeout":
+                deadline = _deadline(value)
+            elif name == b"grpc-encoding":
+                encoding = value
+        s = _Stream(sid, path, headers, deadline, encoding, self.peer_window)
+        self.streams[sid] = s
+        if method != b"POST" or not ctype.startswith(b"application/grpc"):
+            status = b"405" if method != b"POST" else b"415"
+            self._end(s, frame(HEADERS, END_HEADERS | END_STREAM, sid,
+                               b"\x08" + encode_int(len(status), 7) + status))  # :status by name index 8
+            return
+        if flags & END_STREAM:
+            self._request_complete(s)
+
+    def _on_window_update(self, sid: int, payload: memoryview) -> None:
+        if len(payload) != 4:
+            raise _ConnectionError(FRAME_SIZE_ERROR, "WINDOW_UPDATE of the wrong size")
+        inc = _HEAD.unpack(payload)[0] & 0x7FFFFFFF
+        if sid == 0:
+            self.conn_send_window += inc
+            self._flush_all()
+        else:
+            s = self.streams.get(sid)
+            if s is not None:
+                s.send_window += inc
+                self._flush(s)
+
+    def _on_settings(self, flags: int, payload: memoryview) -> None:
+        if flags & ACK:
+            return
+        if len(payload) % 6:
+            raise _ConnectionError(FRAME_SIZE_ERROR, "SETTINGS of the wrong size")
+        for i in range(0, len(payload), 6):
+            key, value = struct.unpack_from(">HI", payload, i)
+            if key == 0x4:
+                if value > 2**31 - 1:
+                    raise _ConnectionError(FLOW_CONTROL_ERROR, "initial window too large")
+                delta, self.peer_window = value - self.peer_window, value
+                for s in self.streams.values():
+                    s.send_window += delta
+            elif key == 0x5:
+                if not 16384 <= value <= 2**24 - 1:
+                    raise _ConnectionError(PROTOCOL_ERROR, f"max frame size {value}")
+                self.peer_max_frame = value
+        self.transport.write(frame(SETTINGS, ACK, 0))
+        self._flush_all()
+
+    # --- a call
+    def _request_complete(self, s: _Stream) -> None:
+        s.answered = True
+        body = s.body
+        if len(body) < 5:
+            self._refuse(s, grpc.StatusCode.INTERNAL, "the call carried no request message")
+            return
+        n = _HEAD.unpack_from(body, 1)[0]
+        if len(body) != 5 + n:
+            self._refuse(s, grpc.StatusCode.INTERNAL, "a unary call must carry exactly one request message")
+            return
+        message = bytes(body[5:])
+        s.body = bytearray()
+        if body[0]:
+            try:
+                message = self._decompress(s.encoding, message)
+            except _Refusal as r:
+                self._refuse(s, r.code, str(r))
+                return
+        handler = self.server.handlers.get(s.path)
+        if handler is None:
+            self._refuse(s, grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {s.path.decode('latin-1')}")
+            return
+        s.task = asyncio.get_running_loop().create_task(self._call(s, handler, message))
+
+    def _decompress(self, encoding: bytes, message: bytes) -> bytes:
+        if encoding not in (b"gzip", b"deflate"):
+            raise _Refusal(grpc.StatusCode.UNIMPLEMENTED, f"grpc-encoding {encoding.decode('latin-1')!r} is not "
+                           "supported (identity, gzip, deflate)")
+        limit = self.server.max_message_bytes
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == b"gzip" else zlib.MAX_WBITS)
+        try:
+            out = d.decompress(message, limit + 1)
+        except zlib.error as e:
+            raise _Refusal(grpc.StatusCode.INTERNAL,
+                           f"the {encoding.decode()} message does not decompress: {e}") from None
+        if len(out) > limit:
+            raise _Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"Received message larger than max (more than {limit} vs. {limit}) once decompressed")
+        return out
+
+    async def _call(self, s: _Stream, handler: Handler, message: bytes) -> None:
+        try:
+            answer = await handler(message, CallContext(s.deadline, s.headers))
+        except AbortError as a:
+            self._end(s, self._headers_frames(s.id, status_block(a.code, a.details, a.trailing)))
+            return
+        except asyncio.CancelledError:
+            return  # reset by the client, its connection lost, or the grace period over
+        except Exception as e:  # a handler's bug: the call fails, the server serves on
+            log.exception("gRPC handler for %s failed", s.path.decode("latin-1"))
+            self._end(s, self._headers_frames(s.id, status_block(grpc.StatusCode.UNKNOWN,
+                                                                 f"Unexpected {type(e).__name__}: {e}")))
+            return
+        if self.closed or s.id not in self.streams:
+            return
+        n = len(answer) + 5
+        head = frame(HEADERS, END_HEADERS, s.id, _RESPONSE_HEADERS)
+        if n <= self.peer_max_frame and n <= s.send_window and n <= self.conn_send_window:
+            s.send_window -= n
+            self.conn_send_window -= n
+            data_head = _frame_head(DATA, 0, s.id, n) + b"\0"
+            trailers = frame(HEADERS, END_HEADERS | END_STREAM, s.id, _OK_TRAILERS)
+            if n < 65536:
+                self._end(s, b"".join((head, data_head, _HEAD.pack(n - 5), answer, trailers)))
+            else:
+                self.transport.writelines((head, data_head, _HEAD.pack(n - 5), answer))
+                self._end(s, trailers)
+            return
+        self.transport.write(head)
+        s.pending = memoryview(b"\0" + _HEAD.pack(n - 5) + answer)
+        self._flush(s)
+
+    def _flush_all(self) -> None:
+        for s in [s for s in self.streams.values() if s.pending is not None]:
+            self._flush(s)
+
+    def _flush(self, s: _Stream) -> None:
+        """Send what the flow-control windows allow of an answer's data; its trailers once all is sent."""
+        data = s.pending
+        if data is None:
+            return
+        while data and s.send_window > 0 and self.conn_send_window > 0:
+            n = min(len(data), s.send_window, self.conn_send_window, self.peer_max_frame)
+            self.transport.writelines((_frame_head(DATA, 0, s.id, n), data[:n]))
+            s.send_window -= n
+            self.conn_send_window -= n
+            data = data[n:]
+        s.pending = data if data else None
+        if not data:
+            self._end(s, frame(HEADERS, END_HEADERS | END_STREAM, s.id, _OK_TRAILERS))
+
+    def _headers_frames(self, sid: int, block: bytes) -> bytes:
+        """A header block that ends the stream, split into HEADERS + CONTINUATION by the peer's frame size."""
+        size = self.peer_max_frame
+        if len(block) <= size:
+            return frame(HEADERS, END_HEADERS | END_STREAM, sid, block)
+        parts = [block[i : i + size] for i in range(0, len(block), size)]
+        out = [frame(HEADERS, END_STREAM, sid, parts[0])]
+        out += [frame(CONTINUATION, 0, sid, p) for p in parts[1:-1]]
+        out.append(frame(CONTINUATION, END_HEADERS, sid, parts[-1]))
+        return b"".join(out)
+
+    def _refuse(self, s: _Stream, code: grpc.StatusCode, details: str) -> None:
+        """Answer a call that will not run; RST_STREAM(NO_ERROR) stops a client still sending its request."""
+        incomplete = not s.answered
+        s.answered = True
+        s.body = bytearray()
+        out = self._headers_frames(s.id, status_block(code, details))
+        if incomplete:
+            out += frame(RST_STREAM, 0, s.id, _HEAD.pack(NO_ERROR))
+        self._end(s, out)
+
+    def _end(self, s: _Stream, out: bytes) -> None:
+        if not self.closed:
+            self.transport.write(out)
+        if self.streams.pop(s.id, None) is not None:
+            self.server.stream_closed()
+        if self.goaway and not self.streams and not self.closed:
+            self.transport.close()
+
+
+class _Refusal(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _deadline(value: bytes) -> float | None:
+    """grpc-timeout (`<digits><unit>`) as a time.monotonic() deadline; None when it does not parse."""
+    if len(value) < 2 or not value[:-1].isdigit():
+        return None
+    unit = _TIMEOUT_UNITS.get(value[-1])
+    return None if unit is None else time.monotonic() + int(value[:-1]) * unit
+
+
+class GRPCTransportServer:
+    """Serves `handlers` (full method path, e.g. b"/inference.GRPCInferenceService/ModelInfer" → handler);
+    the same start/stop as GRPCListener. A request message over `max_message_bytes` is RESOURCE_EXHAUSTED."""
+
+    def __init__(self, handlers: dict[bytes, Handler], max_message_bytes: int):
+        self.handlers = handlers
+        self.max_message_bytes = max_message_bytes
+        self.connections: set[_Connection] = set()
+        self.closing = False
+        self._server: asyncio.Server | None = None
+        self._idle: asyncio.Event | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Bind and start; returns the bound port. OSError when the port cannot be bound."""
+        loop = asyncio.get_running_loop()
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_port=False)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot listen for gRPC on {address}") from None
+        return self._server.sockets[0].getsockname()[1]
+
+    def stream_closed(self) -> None:
+        if self._idle is not None and not any(c.streams for c in self.connections):
+            self._idle.set()
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new connections and calls at once, let those in flight finish within `grace_s`, then cancel them."""
+        if self._server is None:
+            return
+        self.closing = True
+        self._server.close()
+        self._idle = asyncio.Event()
+        for c in list(self.connections):
+            c.close_gracefully()
+        self.stream_closed()
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        except TimeoutError:
+            pass
+        for c in list(self.connections):
+            for s in list(c.streams.values()):
+                if s.task is not None:
+                    s.task.cancel()
+            c.transport.close()
+        self._server = None
