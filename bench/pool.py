@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -67,6 +68,14 @@ def _digits_body() -> dict:
     from caffe_testing.gateway import infer_payload
 
     return infer_payload(0)
+
+
+def single_config(root: Path, name: str) -> Path:
+    """The model's server.yaml as a `serve --config` file (which names its model), beside it."""
+    cfg = yaml.safe_load((root / name / "server.yaml").read_text())
+    path = root / name / "single.yaml"
+    path.write_text(yaml.safe_dump({**cfg, "name": name}))
+    return path
 
 
 def rss_tree(pid: int) -> int:
@@ -151,12 +160,88 @@ def summary(ms: list[float]) -> dict:
             "max": float(a.max())}
 
 
+def memory_and_mix(root: Path, models: dict[str, dict], weights: dict[str, int], out: dict, mix: bool,
+                   seconds: float, connections: int) -> None:
+    """The pool server's memory (and each model's), then, with `mix`, the mixed load through a gateway in
+    front of it and in front of 20 single servers (whose summed memory is read too)."""
+    pool = ServerProcess(None, repository=root, env=ENV).start(timeout=300)
+    try:
+        assert pool.proc is not None
+        out["pool_rss"] = rss_tree(pool.proc.pid)
+        per = {n: http_json("GET", f"{pool.url}/v2/models/{n}")[1]["parameters"]["memory_bytes"] for n in models}
+        out["model_memory"] = per
+        out["factor"] = {n: per[n] / weights[n] for n in weights}
+        if mix:
+            with GatewayProcess(*static_args(models, {n: pool.url for n in models}), "--no-grpc") as gw:
+                for n, m in models.items():  # every model answers through the gateway before the load
+                    assert http("POST", f"{gw.url}/v2/models/{n}/infer", m["body"])[0] == 200, n
+                out["pool_mix"] = mixed_load(gw.url, models, seconds, connections)
+    finally:
+        pool.stop()
+    if not mix:
+        return
+    singles = [ServerProcess(single_config(root, n), env=ENV) for n in models]
+    try:
+        for s in singles:
+            s.start(timeout=300)
+        out["singles_rss"] = sum(rss_tree(s.proc.pid) for s in singles if s.proc is not None)
+        urls = {n: s.url for n, s in zip(models, singles, strict=True)}
+        with GatewayProcess(*static_args(models, urls), "--no-grpc") as gw:
+            out["singles_mix"] = mixed_load(gw.url, models, seconds, connections)
+    finally:
+        for s in singles:
+            s.stop()
+
+
+def first_answers(root: Path, models: dict[str, dict], out: dict) -> None:
+    """Time to the first answer after a load (5 models, median): a load call, or a new single server."""
+    picks = list(models)[1::4][:5]
+    pool_times, single_times = [], []
+    with ServerProcess(None, repository=root, env=ENV, args=["--model-control-mode", "explicit"]) as pool:
+        for n in picks:
+            t0 = time.monotonic()
+            assert http_json("POST", f"{pool.url}/v2/repository/models/{n}/load", {}, timeout=120)[0] == 200
+            first_answer(pool.url, n, models[n]["body"])
+            pool_times.append(time.monotonic() - t0)
+    for n in picks:
+        s = ServerProcess(single_config(root, n), env=ENV, wait_ready=False)
+        t0 = time.monotonic()
+        s.start(timeout=120)
+        try:
+            first_answer(s.url, n, models[n]["body"])
+            single_times.append(time.monotonic() - t0)
+        finally:
+            s.stop()
+    out["first_answer_s"] = {"pool": statistics.median(pool_times), "single": statistics.median(single_times)}
+
+
+def big_load(root: Path, models: dict[str, dict], out: dict) -> None:
+    """The p99 of a small model while a big one loads, and the memory the big one's unload returns."""
+    dense_model(root, "big", 4096, 4096, seed=99)  # 64 MiB of weights
+    with ServerProcess(None, repository=root, env=ENV, args=[
+            "--model-control-mode", "explicit", "--load-model", "digits"]) as pool:
+        assert pool.proc is not None
+
+        def load_big():
+            assert http_json("POST", f"{pool.url}/v2/repository/models/big/load", {}, timeout=300)[0] == 200
+
+        out["stall"] = stall(pool.url, "digits", models["digits"]["body"], load_big)
+        out["big_memory_bytes"] = http_json("GET", f"{pool.url}/v2/models/big")[1]["parameters"]["memory_bytes"]
+        before = psutil.Process(pool.proc.pid).memory_info().rss
+        assert http_json("POST", f"{pool.url}/v2/repository/models/big/unload", {})[0] == 200
+        time.sleep(0.5)
+        out["big_unload_returned_bytes"] = before - psutil.Process(pool.proc.pid).memory_info().rss
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", type=int, default=20)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--parts", default="memory,mix,first,stall",
+                    help="the figures to measure, comma-separated (default %(default)s)")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "repository"
@@ -164,70 +249,11 @@ def main() -> int:
         weights = {n: (root / n / "net.caffemodel").stat().st_size for n in models if n != "digits"}
         print(f"{len(models)} models, weights {min(weights.values()) / 1e3:.0f} kB .. "
               f"{max(weights.values()) / 1e6:.1f} MB")
-
-        # --- memory and the mixed load: the pool
-        pool = ServerProcess(None, repository=root, env=ENV).start(timeout=300)
-        try:
-            assert pool.proc is not None
-            out["pool_rss"] = rss_tree(pool.proc.pid)
-            per = {n: http_json("GET", f"{pool.url}/v2/models/{n}")[1]["parameters"]["memory_bytes"] for n in models}
-            out["model_memory"] = per
-            out["factor"] = {n: per[n] / weights[n] for n in weights}
-            with GatewayProcess(*static_args(models, {n: pool.url for n in models}), "--no-grpc") as gw:
-                for n, m in models.items():  # every model answers through the gateway before the load
-                    assert http("POST", f"{gw.url}/v2/models/{n}/infer", m["body"])[0] == 200, n
-                out["pool_mix"] = mixed_load(gw.url, models, args.seconds, args.concurrency)
-        finally:
-            pool.stop()
-        # --- the same through 20 single-model servers
-        singles = [ServerProcess(root / n / "server.yaml", env=ENV) for n in models]
-        try:
-            for s in singles:
-                s.start(timeout=300)
-            out["singles_rss"] = sum(rss_tree(s.proc.pid) for s in singles if s.proc is not None)
-            urls = {n: s.url for n, s in zip(models, singles, strict=True)}
-            with GatewayProcess(*static_args(models, urls), "--no-grpc") as gw:
-                out["singles_mix"] = mixed_load(gw.url, models, args.seconds, args.concurrency)
-        finally:
-            for s in singles:
-                s.stop()
-
-        # --- time to the first answer after a load (5 models, median)
-        picks = list(models)[1::4][:5]
-        pool_times, single_times = [], []
-        with ServerProcess(None, repository=root, env=ENV, args=["--model-control-mode", "explicit"]) as pool:
-            for n in picks:
-                t0 = time.monotonic()
-                assert http_json("POST", f"{pool.url}/v2/repository/models/{n}/load", {}, timeout=120)[0] == 200
-                first_answer(pool.url, n, models[n]["body"])
-                pool_times.append(time.monotonic() - t0)
-        for n in picks:
-            s = ServerProcess(root / n / "server.yaml", env=ENV, wait_ready=False)
-            t0 = time.monotonic()
-            s.start(timeout=120)
-            try:
-                first_answer(s.url, n, models[n]["body"])
-                single_times.append(time.monotonic() - t0)
-            finally:
-                s.stop()
-        out["first_answer_s"] = {"pool": statistics.median(pool_times), "single": statistics.median(single_times)}
-
-        # --- the p99 of a small model while a big one loads, and the memory its unload returns
-        dense_model(root, "big", 4096, 4096, seed=99)  # 64 MiB of weights
-        with ServerProcess(None, repository=root, env=ENV, args=[
-                "--model-control-mode", "explicit", "--load-model", "digits"]) as pool:
-            assert pool.proc is not None
-
-            def load_big():
-                assert http_json("POST", f"{pool.url}/v2/repository/models/big/load", {}, timeout=300)[0] == 200
-
-            out["stall"] = stall(pool.url, "digits", models["digits"]["body"], load_big)
-            big = http_json("GET", f"{pool.url}/v2/models/big")[1]["parameters"]
-            out["big_memory_bytes"] = big["memory_bytes"]
-            before = psutil.Process(pool.proc.pid).memory_info().rss
-            assert http_json("POST", f"{pool.url}/v2/repository/models/big/unload", {})[0] == 200
-            time.sleep(0.5)
-            out["big_unload_returned_bytes"] = before - psutil.Process(pool.proc.pid).memory_info().rss
+        memory_and_mix(root, models, weights, out, "mix" in parts, args.seconds, args.concurrency)
+        if "first" in parts:
+            first_answers(root, models, out)
+        if "stall" in parts:
+            big_load(root, models, out)
     report(out, weights)
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
@@ -238,25 +264,31 @@ def main() -> int:
 def report(out: dict, weights: dict[str, int]) -> None:
     mib = 2**20
     n = len(out["model_memory"])
-    print(f"\nmemory, {n} models: one pool server {out['pool_rss'] / mib:.0f} MiB, "
-          f"{n} single servers {out['singles_rss'] / mib:.0f} MiB ({out['singles_rss'] / out['pool_rss']:.1f}x)")
+    if "singles_rss" in out:
+        print(f"\nmemory, {n} models: one pool server {out['pool_rss'] / mib:.0f} MiB, "
+              f"{n} single servers {out['singles_rss'] / mib:.0f} MiB ({out['singles_rss'] / out['pool_rss']:.1f}x)")
+    else:
+        print(f"\nmemory, {n} models: one pool server {out['pool_rss'] / mib:.0f} MiB")
     f = out["factor"]
     big = [f[k] for k in weights if weights[k] > 1e6]
     print(f"model memory / weights size: median {statistics.median(f.values()):.2f}, weights over 1 MB "
           f"{min(big):.2f}..{max(big):.2f}, all {min(f.values()):.2f}..{max(f.values()):.2f}")
-    fa = out["first_answer_s"]
-    print(f"first answer after a load (median of 5): pool load call {fa['pool'] * 1000:.0f} ms, "
-          f"new single server {fa['single'] * 1000:.0f} ms")
-    pm, sm = out["pool_mix"], out["singles_mix"]
-    print(f"mixed load through the gateway: pool {pm['rps']:.0f} req/s (p99 {pm['p99']}, non-2xx {pm['non2xx']}), "
-          f"{n} singles {sm['rps']:.0f} req/s (p99 {sm['p99']}, non-2xx {sm['non2xx']})")
-    st = out["stall"]
-    print(f"small model while a 64 MiB model loads ({st['load_s']:.2f} s): before p50 {st['before']['p50']:.2f} ms "
-          f"p99 {st['before']['p99']:.2f} ms; during p50 {st['during'].get('p50', 0):.2f} ms "
-          f"p99 {st['during'].get('p99', 0):.2f} ms max {st['during'].get('max', 0):.0f} ms "
-          f"({st['during']['n']} requests)")
-    print(f"big model: {out['big_memory_bytes'] / mib:.0f} MiB at load, its unload returned "
-          f"{out['big_unload_returned_bytes'] / mib:.0f} MiB")
+    if "first_answer_s" in out:
+        fa = out["first_answer_s"]
+        print(f"first answer after a load (median of 5): pool load call {fa['pool'] * 1000:.0f} ms, "
+              f"new single server {fa['single'] * 1000:.0f} ms")
+    if "pool_mix" in out:
+        pm, sm = out["pool_mix"], out["singles_mix"]
+        print(f"mixed load through the gateway: pool {pm['rps']:.0f} req/s (p99 {pm['p99']}, non-2xx "
+              f"{pm['non2xx']}), {n} singles {sm['rps']:.0f} req/s (p99 {sm['p99']}, non-2xx {sm['non2xx']})")
+    if "stall" in out:
+        st = out["stall"]
+        print(f"small model while a 64 MiB model loads ({st['load_s']:.2f} s): before p50 {st['before']['p50']:.2f} "
+              f"ms p99 {st['before']['p99']:.2f} ms; during p50 {st['during'].get('p50', 0):.2f} ms "
+              f"p99 {st['during'].get('p99', 0):.2f} ms max {st['during'].get('max', 0):.0f} ms "
+              f"({st['during']['n']} requests)")
+        print(f"big model: {out['big_memory_bytes'] / mib:.0f} MiB at load, its unload returned "
+              f"{out['big_unload_returned_bytes'] / mib:.0f} MiB")
 
 
 if __name__ == "__main__":

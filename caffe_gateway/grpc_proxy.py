@@ -300,8 +300,7 @@ class GRPCGateway:
     """The RPC handlers; `handler()` is what the gateway's grpc server registers."""
 
     def __init__(self, forwarder: Forwarder, ready: Callable[[], bool] = lambda: True, version: str = "0.1.0",
-                 tracing: GatewayTracing | None = None,
-                 index: Callable[[bool], Awaitable[list[dict]]] | None = None):
+                 tracing: GatewayTracing | None = None, index: Callable[[bool], Awaitable[list[dict]]] | None = None):
         self.forwarder = forwarder
         self.index = index  # the REST gateway's repository index (Gateway.index_entries)
         self.balancer = forwarder.balancer

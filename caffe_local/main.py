@@ -32,9 +32,10 @@ watched: saving a change (promote or roll back a canary, change a weight or the 
 without losing a request (replicas.py says how).
 
 `--pool` runs every CaffeModelService of the file in one many-model server (`caffeserve serve
---model-repository`, each model's config in a folder of its own, explicit control mode: load and unload
-through the gateway's repository API work), `--replicas` of them (default 1), as the operator's pool does
-in a cluster; canaries need replicas of their own and are refused there, autoscaling does not apply.
+--model-repository`, each model's config in a folder of its own, explicit control mode: the pool server,
+whose address is printed, takes load and unload calls), `--replicas` of them (default 1), as the
+operator's pool does in a cluster; canaries need replicas of their own and are refused there, autoscaling
+does not apply.
 
 Runtime fields that only make sense in a cluster (image, GPU resource names, node selection) are
 ignored. `--device cpu` runs a `device: gpu` manifest on this machine's CPU.

@@ -62,8 +62,8 @@ class ServerProcess:
     `repository` a folder: `serve --model-repository FOLDER`."""
 
     def __init__(self, config: dict | str | Path | None, tmp_dir: Path | None = None, env: dict | None = None,
-                 wait_ready: bool = True, args: list[str] | None = None, repository: Path | None = None,
-                 root: Path = REPO):
+                 wait_ready: bool = True, args: list[str] | None = None, root: Path = REPO,
+                 repository: Path | None = None):
         config_dict = config
         if isinstance(config, dict):
             tmp_dir = Path(tmp_dir or ".")

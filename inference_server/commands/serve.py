@@ -1,13 +1,13 @@
-"""`caffeserve serve --config FILE | --model-repository DIR`: models over the Open Inference Protocol.
+"""`caffeserve serve --config FILE | --model_dir DIR | --model-repository DIR`: models over the Open Inference Protocol.
 
-`--config FILE` serves one model (a repository of one); `--model-repository DIR` every model folder in DIR
-(`DIR/NAME/server.yaml` and its files), with Triton's `--model-control-mode none|explicit` and
-`--load-model NAME`. Starts listening at once (liveness true), loads the models in a background thread
-(with --config: readiness true when the model is loaded, false with the loader's message when it failed;
-with a repository: true once the start-up loads are done, each model having its own readiness). On
-SIGTERM readiness turns 503 at once, the listener stays open for the drain delay (every response then
-closes its connection), then closes; every request received is finished, and the process exits 0 within
-drain delay + grace period.
+`--config FILE` (or a KServe model folder, `--model_dir`) serves one model (a repository of one);
+`--model-repository DIR` every model folder in DIR (`DIR/NAME/server.yaml` and its files), with Triton's
+`--model-control-mode none|explicit` and `--load-model NAME`. Starts listening at once (liveness true),
+loads the models in a background thread (one model: readiness true when it is loaded, false with the
+loader's message when it failed; a repository: true once the start-up loads are done, each model having its
+own readiness). On SIGTERM readiness turns 503 at once, the listener stays open for the drain delay (every
+response then closes its connection), then closes; every request received is finished, and the process
+exits 0 within drain delay + grace period.
 """
 
 from __future__ import annotations
@@ -43,15 +43,15 @@ log = logging.getLogger("caffeserve")
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="caffeserve serve", description=__doc__.splitlines()[0])
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", metavar="FILE",
-                        help="one model's server config YAML: its fields are in the README, section 'The inference "
-                        "server' (a repository of one)")
-    source.add_argument("--model_dir", "--model-dir", metavar="DIR",
-                        help="a model folder, as KServe's runtimes take it (/mnt/models): its server.yaml, else its "
-                        "prototxt and caffemodel with the net's own inputs and outputs (docs/kserve.md)")
-    source.add_argument("--model-repository", metavar="DIR",
-                        help="serve the models in DIR: each a folder DIR/NAME holding its server.yaml and files")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--config", metavar="FILE",
+                       help="the server config YAML: its fields are in the README, section 'The inference server'")
+    model.add_argument("--model_dir", "--model-dir", metavar="DIR",
+                       help="a model folder, as KServe's runtimes take it (/mnt/models): its server.yaml, else its "
+                            "prototxt and caffemodel with the net's own inputs and outputs (docs/kserve.md)")
+    model.add_argument("--model-repository", metavar="DIR",
+                       help="serve the models in DIR: each a folder DIR/NAME holding its server.yaml and files "
+                            "(docs/repository.md)")
     p.add_argument("--model-control-mode", choices=CONTROL_MODES, default="none",
                    help="none (default): load every model at start, refuse load and unload calls; explicit: load "
                    "the --load-model models at start and take the repository API's load and unload calls")
@@ -100,19 +100,22 @@ def _bind_error(host: str, port: int) -> str:
     return "the port could be bound a moment later"
 
 
-def build(cfg, access_log: bool = True, repository_dir: str | None = None, config_file: str | None = None,
-          mode: str = "none", budget: MemoryBudget | None = None) -> tuple[DataPlane, HTTPServer, Repository]:
-    """The data plane, the REST server and the repository: one model (`cfg`, from `config_file`) or the
-    models of `repository_dir` (none loaded yet)."""
+def build(cfg, access_log: bool = True, repository_dir: str | None = None, source: str | None = None,
+          name: str | None = None, mode: str = "none", budget: MemoryBudget | None = None,
+          tracing: ServerTracing | None = None) -> tuple[DataPlane, HTTPServer, Repository]:
+    """The data plane, the REST server and the repository: one model (`cfg`, read from `source`, a config
+    file or a model folder) or the models of `repository_dir` (none loaded yet)."""
     families = MetricFamilies()
     if repository_dir is None:
         plane = DataPlane(Model(cfg, ServerMetrics(cfg.name, cfg.version, families)))
-        repo = Repository(plane, families, config_file=Path(config_file or "server.yaml"), mode=mode, budget=budget)
+        path = Path(source or ".")
+        repo = Repository(plane, families, single=path, reread=lambda: config_from(path, name)[0], mode=mode,
+                          budget=budget, tracing=tracing)
         repo.adopt(plane.models[cfg.name])
         limits = cfg.limits
     else:
         plane = DataPlane([], ServerMetrics("", "", families), strict=False)
-        repo = Repository(plane, families, root=Path(repository_dir), mode=mode, budget=budget)
+        repo = Repository(plane, families, root=Path(repository_dir), mode=mode, budget=budget, tracing=tracing)
         limits = Limits()  # the transport's limits; each model's own apply to its requests
     server_limits = ServerLimits(
         max_body_bytes=limits.max_request_bytes,
@@ -129,11 +132,9 @@ def build(cfg, access_log: bool = True, repository_dir: str | None = None, confi
     return plane, server, repo
 
 
-def start_tracing(cfg, flag: str | None) -> ServerTracing | None:
+def start_tracing(tracing: Tracing, flag: str | None) -> ServerTracing | None:
     """The server's tracer when an OTLP endpoint is set (flag, config, environment), else None; the
-    OpenTelemetry SDK is imported only then. A repository (`cfg` None) takes the flag or the environment,
-    and its tracer serves every model it loads."""
-    tracing = Tracing() if cfg is None else cfg.tracing
+    OpenTelemetry SDK is imported only then."""
     url = tracing_endpoint(flag or tracing.endpoint)
     if url is None:
         return None
@@ -144,37 +145,33 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     budget = MemoryBudget(args.memory_bytes, args.gpu_memory_bytes, args.gpu_memory_reserve_bytes)
-    if args.model_repository is not None:
-        if not os.path.isdir(args.model_repository):
-            print(f"caffeserve serve: --model-repository {args.model_repository} is not a folder", file=sys.stderr)
-            return 2
-        cfg, grpc_cfg, instances = None, Grpc(), 1
-    else:
-        try:
+    cfg = None
+    try:
+        if args.model_repository is not None:
+            if not os.path.isdir(args.model_repository):
+                raise ConfigError(f"--model-repository {args.model_repository} is not a folder")
+        else:
             if args.model_dir and not os.path.isdir(args.model_dir):
                 raise ConfigError(f"--model_dir {args.model_dir} is not a folder")
             cfg, source = config_from(args.config or args.model_dir, args.model_name)
-        except ConfigError as e:
-            print(f"caffeserve serve: {e}", file=sys.stderr)
-            return 2
-        if args.model_dir:
-            log.info("model folder %s: %s", args.model_dir, "its server.yaml" if source == "folder config" else
-                     f"no server.yaml, serving {cfg.model.prototxt} and {cfg.model.weights} with the net's own "
-                     "inputs and outputs")
-        grpc_cfg, instances = cfg.grpc, cfg.instances
+    except ConfigError as e:
+        print(f"caffeserve serve: {e}", file=sys.stderr)
+        return 2
+    grpc_cfg = cfg.grpc if cfg is not None else Grpc()  # a repository's: the flags' (each model's is ignored)
     if args.grpc_port is not None:
         grpc_cfg.enabled, grpc_cfg.port = True, args.grpc_port
-    blas = share_blas_threads(instances)
-    config_file = args.config or (os.path.join(args.model_dir, "server.yaml") if args.model_dir else None)
-    plane, server, repo = build(cfg, args.access_log, args.model_repository, config_file, args.model_control_mode,
-                                budget)
+    if args.model_dir and cfg is not None:
+        log.info("model folder %s: %s", args.model_dir, "its server.yaml" if source == "folder config" else
+                 f"no server.yaml, serving {cfg.model.prototxt} and {cfg.model.weights} with the net's own inputs "
+                 "and outputs")
+    blas = share_blas_threads(cfg.instances if cfg is not None else 1)
     try:
-        repo.tracing = start_tracing(cfg, args.otlp_endpoint)
+        tracing = start_tracing(cfg.tracing if cfg is not None else Tracing(), args.otlp_endpoint)
     except TracingUnavailable as e:
         print(f"caffeserve serve: {e}", file=sys.stderr)
         return 2
-    for m in plane.models.values():
-        m.tracing = repo.tracing
+    plane, server, repo = build(cfg, args.access_log, args.model_repository, args.config or args.model_dir,
+                                args.model_name, args.model_control_mode, budget, tracing)
     install_uvloop()
     grpc_server = None
     if grpc_cfg.enabled:
@@ -224,8 +221,8 @@ def main(argv: list[str]) -> int:
         return 0
 
     rc = asyncio.run(run())
-    if repo.tracing is not None:
-        repo.tracing.shutdown()  # the spans still queued go out before the exit
+    if tracing is not None:
+        tracing.shutdown()  # the spans still queued go out before the exit
     if rc != 0:
         logging.shutdown()  # the log lines that say why, written before the exit
         return rc

@@ -27,7 +27,7 @@ from ..hashing import file_sha256
 from ..loading.child_load import probe_load
 from .codecs import HEADER_LENGTH, STREAM_MIN_BYTES, InferRequest, decode_request, encode_response
 from .executor import Executor
-from .memory import ModelMemory, gpu_used_bytes, rss_bytes
+from .memory import ModelMemory, gpu_used_bytes, release_freed_memory, rss_bytes
 from .metrics import ServerMetrics
 from .preprocess import ImagePreprocessor
 from .stats import ModelStats, model_config
@@ -129,12 +129,12 @@ class Model:
         self.max_elements = cfg.limits.max_request_bytes
         self.max_batch = cfg.limits.max_batch
         self.timeout = cfg.limits.request_timeout_s
-        self.tracing: ServerTracing | None = None  # set when tracing is on (commands/serve.py)
         self.memory = ModelMemory()
         # called with the measured memory before the model turns ready; raises to refuse it (the budget)
         self.admit: Callable[[ModelMemory], None] | None = None
         self.failure: InferenceError | None = None  # why a load failed, with the code a load call answers
         self.inflight = 0  # requests inside infer/run (event loop only): an unload waits for 0
+        self.tracing: ServerTracing | None = None  # set when tracing is on (commands/serve.py)
 
     # --- loading (runs in a background thread)
     def load(self) -> None:
@@ -184,6 +184,9 @@ class Model:
             with open(cfg.path(cfg.model.labels)) as f:
                 self.labels = [line.rstrip("\n") for line in f if line.strip()]
         gpu1 = self._gpu_used()
+        # what the load freed (the protobuf read of the weights, conversion buffers) goes back first: glibc
+        # would keep it resident, and it would count as this model's (up to 3x its weights, measured)
+        release_freed_memory()
         self.memory.host_bytes = max(0, rss_bytes() - rss0)
         self.memory.gpu_bytes = None if gpu0 is None or gpu1 is None else max(0, gpu1 - gpu0)
         if self.admit is not None:

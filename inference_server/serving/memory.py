@@ -4,10 +4,10 @@ A model's memory is measured, not guessed: the process's resident set (RSS, from
 its load, and on a GPU the device's free memory before and after (cudaMemGetInfo, through the CUDA build).
 Loads run one at a time (the repository's lock), so the difference is that model's own.
 
-Before a load only an estimate exists: the caffemodel's size × `ESTIMATE_FACTOR` × instances (measured:
-bench/pool.py prints the ratio of real growth to weights size). A load whose estimate would pass the budget
-is refused before anything is read (507 / RESOURCE_EXHAUSTED); one whose real growth passes it is unloaded
-again and refused the same way. The kernel's out-of-memory killer never gets to choose.
+Before a load only an estimate exists, from the caffemodel's size and the instances (`estimate_bytes`;
+bench/pool.py prints the ratio of real growth to weights size it is based on). A load whose estimate would
+pass the budget is refused before anything is read (507 / RESOURCE_EXHAUSTED); one whose real growth passes
+it is unloaded again and refused the same way. The kernel's out-of-memory killer never gets to choose.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 from ..errors import InferenceError
 
-# Host RSS growth of a loaded model over its caffemodel's size, per instance: the weights as Caffe blobs
-# (float32, as on disk) plus the activations at the served shape and the protobuf read's transient copy
-# that glibc keeps; bench/pool.py measures 1.1-1.6 for digits- to SqueezeNet-size nets on pycaffe (more
-# for small nets, whose activations outweigh their weights), so 2 leaves room.
-ESTIMATE_FACTOR = 2.0
+# Host RSS growth of a loaded model over its caffemodel's size, per instance: bench/pool.py measures 2.7-3.4x
+# for dense nets of 1-5 MB on pycaffe (the weights, plus what OpenBLAS's per-thread buffers hold of them after
+# the load's probe forwards; 4.7x for 60 kB nets) and 1.03x for 64 MiB of weights: the extra is bounded. So the
+# estimate is min(size x ESTIMATE_FACTOR, size + ESTIMATE_EXTRA_MAX), at least ESTIMATE_FLOOR.
+ESTIMATE_FACTOR = 3.5
+ESTIMATE_EXTRA_MAX = 64 * 2**20
 # and a floor: a tiny net still costs Caffe's per-Net bookkeeping and the layers' buffers
 ESTIMATE_FLOOR = 4 * 2**20
 # GPU budget when none is given: the device's free memory at start less this (cuBLAS/cuDNN workspaces,
@@ -98,12 +99,12 @@ def warm_imports(backend: str) -> None:
 
 
 def estimate_bytes(weights_path: str, instances: int) -> int:
-    """A model's host memory before it is loaded: its weights file's size × ESTIMATE_FACTOR per instance."""
+    """A model's host memory before it is loaded, from its weights file's size (per instance; see ESTIMATE_*)."""
     try:
         size = os.path.getsize(weights_path)
     except OSError:
         size = 0
-    return max(ESTIMATE_FLOOR, int(size * ESTIMATE_FACTOR)) * instances
+    return max(ESTIMATE_FLOOR, min(int(size * ESTIMATE_FACTOR), size + ESTIMATE_EXTRA_MAX)) * instances
 
 
 @dataclass

@@ -19,18 +19,21 @@ import gc
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import yaml
 
-from ..config import ConfigError, ServerConfig, load_config, parse_config
+from ..config import ConfigError, ServerConfig, parse_config
 from ..errors import BadRequest, Conflict, InferenceError, NotFound
 from .dataplane import DataPlane, Model
 from .memory import MemoryBudget, ModelMemory, estimate_bytes, release_freed_memory, rss_bytes, warm_imports
 from .metrics import MetricFamilies, ServerMetrics
-from .tracing import ServerTracing
+
+if TYPE_CHECKING:
+    from .tracing import ServerTracing
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +48,15 @@ class Repository:
     """Where models come from and what the DataPlane holds of them; every load and unload goes through here."""
 
     def __init__(self, plane: DataPlane, families: MetricFamilies, *, root: Path | None = None,
-                 config_file: Path | None = None, mode: str = "none", budget: MemoryBudget | None = None):
-        if (root is None) == (config_file is None):
-            raise ValueError("a repository is a folder or one config file")
+                 single: Path | None = None, reread: Callable[[], ServerConfig] | None = None, mode: str = "none",
+                 budget: MemoryBudget | None = None, tracing: ServerTracing | None = None):
+        """`root`: a folder of model folders; or `single`, one model's config file or folder, `reread()`
+        reading it again for a load call."""
+        if (root is None) == (single is None or reread is None):
+            raise ValueError("a repository is a folder of models, or one model's config and how to read it")
         self.plane, self.families = plane, families
-        self.root, self.config_file = root, config_file
-        self.tracing: ServerTracing | None = None  # set by commands/serve.py when tracing is on; given to each model
+        self.root, self.single, self.reread = root, single, reread
+        self.tracing = tracing  # given to every model loaded (None: tracing off)
         self.mode = mode
         self.budget = budget or MemoryBudget()
         if self.budget.host is not None:
@@ -79,12 +85,12 @@ class Repository:
         relative paths resolving against the model's folder). NotFound, or BadRequest naming the field."""
         try:
             if self.root is None:
-                assert self.config_file is not None
+                assert self.single is not None and self.reread is not None
                 if name != self._single_name():
                     raise NotFound(f"model '{name}' is not in this server's repository (it serves "
-                                   f"'{self._single_name()}' from {self.config_file})")
-                base = self.config_file.resolve().parent
-                cfg = load_config(self.config_file) if override is None else parse_config(override, str(base))
+                                   f"'{self._single_name()}' from {self.single})")
+                base = self.single.resolve() if self.single.is_dir() else self.single.resolve().parent
+                cfg = self.reread() if override is None else parse_config({"name": name, **override}, str(base))
             else:
                 folder = self.root / name
                 if override is None:
@@ -125,7 +131,8 @@ class Repository:
         return self.adopt(Model(cfg, ServerMetrics(cfg.name, cfg.version, self.families)))
 
     def adopt(self, model: Model) -> Model:
-        """`model`'s measured memory is checked against the budget before it turns ready."""
+        """`model`'s measured memory is checked against the budget before it turns ready; it is traced as
+        the server is."""
         model.admit = lambda mem: self._admit(model, mem)
         model.tracing = self.tracing
         return model

@@ -1,9 +1,10 @@
 """`caffeserve up --pool MANIFEST`: every CaffeModelService of the file in one many-model server behind the
-gateway; each model answers as its own net does; the repository index answers through the gateway, and load and
-unload (admin calls, off on the gateway by default: caffe_gateway/auth.py) go to the pool's server itself."""
+gateway; each model answers as its own net does; the pool server takes load and unload calls (the gateway,
+whose admin API is off, refuses them)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -55,17 +56,18 @@ def test_a_pool_of_three_manifests_in_one_server(tmp_path):
             want = forward(proto, weights, {"data": x})["prob"]
             np.testing.assert_allclose(body["outputs"][0]["data"], want.ravel(), rtol=1e-5, atol=1e-6)
 
-        # the index through the gateway; load and unload are admin calls the gateway refuses by default,
-        # and the pool's own server takes them
         states = {e["name"]: e["state"] for e in http_json("POST", up.url + "/v2/repository/index")[1]}
         assert states == {"digits": "READY", "small": "READY", "wide": "READY"}
+        # the pool's server (its address in the banner) takes load and unload calls; the gateway refuses them
+        # (admin calls: `caffeserve gateway --admin-api` with tokens, docs/security.md)
         status, body = http_json("POST", up.url + "/v2/repository/models/wide/unload", {})
-        assert status == 403 and "admin API is off" in body["error"]
-        cmd = servers[0].cmdline()
-        pool_url = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
-        assert http_json("POST", pool_url + "/v2/repository/models/wide/unload", {}) == (200, {})
+        assert status == 403 and "--admin-api" in body["error"]
+        match = re.search(r"pool: 1 replica\(s\) ready \((http://127\.0\.0\.1:\d+)", up.output)
+        assert match is not None, up.output
+        pool = match.group(1)
+        assert http_json("POST", pool + "/v2/repository/models/wide/unload", {}) == (200, {})
         assert http_json("POST", up.url + "/v2/models/wide/infer", {"inputs": []})[0] == 503
-        assert http_json("POST", pool_url + "/v2/repository/models/wide/load", {}) == (200, {})
+        assert http_json("POST", pool + "/v2/repository/models/wide/load", {}) == (200, {})
         status, body = http_json("POST", up.url + "/v2/models/digits/infer", infer_payload(5))
         assert status == 200 and predicted(body) == LABELS[5]
         assert psutil.pid_exists(servers[0].pid)

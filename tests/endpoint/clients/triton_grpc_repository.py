@@ -1,7 +1,7 @@
 """tritonclient.grpc, unchanged, drives the model repository API of a server or the gateway; run in its own
 process by the repository tests (tritonclient.grpc's stubs and ours must not share one, kserve#3099).
 
-argv: GRPC_PORT MODEL [CONFIG_JSON]; $BEARER_TOKEN, when set, goes with every call (a gateway with --auth).
+argv: GRPC_PORT MODEL [CONFIG_JSON]; $CAFFE_TOKEN, when set, is sent as a bearer token on every call.
 Loads MODEL (with CONFIG_JSON as Triton's `config` where given), infers
 on it with zeros of its input shape, unloads it, loads a model that is not there, and prints one JSON object:
 the index after each step, whether MODEL was ready, its answer, and the errors (status and message)."""
@@ -16,13 +16,14 @@ from tritonclient.utils import InferenceServerException
 
 port, model = sys.argv[1], sys.argv[2]
 config = sys.argv[3] if len(sys.argv) > 3 else None
+token = os.environ.get("CAFFE_TOKEN")
+H = {"authorization": f"Bearer {token}"} if token else None
 c = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
-H = {"authorization": f"Bearer {os.environ['BEARER_TOKEN']}"} if os.environ.get("BEARER_TOKEN") else None
 out: dict = {"errors": {}}
 
 
 def index() -> dict:
-    entries = c.get_model_repository_index(as_json=True, headers=H).get("models", [])
+    entries = c.get_model_repository_index(headers=H, as_json=True).get("models", [])
     return {e["name"]: [e.get("state", ""), e.get("reason", "")] for e in entries}
 
 
@@ -35,13 +36,12 @@ def error(step: str, call) -> None:
 
 
 out["index_before"] = index()
-out["ready_index_before"] = sorted(
-    e["name"] for e in c.get_model_repository_index(as_json=True, headers=H).get("models", [])
-    if e.get("state") == "READY")
-error("load", lambda: c.load_model(model, config=config, headers=H) if config else c.load_model(model, headers=H))
+entries = c.get_model_repository_index(headers=H, as_json=True).get("models", [])
+out["ready_index_before"] = sorted(e["name"] for e in entries if e.get("state") == "READY")
+error("load", lambda: c.load_model(model, headers=H, config=config) if config else c.load_model(model, headers=H))
 out["ready_after_load"] = c.is_model_ready(model, headers=H)
 if out["ready_after_load"]:
-    meta = c.get_model_metadata(model, as_json=True, headers=H)
+    meta = c.get_model_metadata(model, headers=H, as_json=True)
     inp = meta["inputs"][0]
     shape = [1, *[int(d) for d in inp["shape"][1:]]]
     x = grpcclient.InferInput(inp["name"], shape, "FP32")
