@@ -74,6 +74,7 @@ PODS, ENDPOINTSLICES = "v1/pods", "discovery.k8s.io/v1/endpointslices"
 RBAC_KINDS = {"ClusterRole": "clusterroles", "ClusterRoleBinding": "clusterrolebindings",
               "Role": "roles", "RoleBinding": "rolebindings"}
 VALUES = {"networkPolicy": {"enabled": True}}
+POOL, POOL_CLAIM = "small", "pool-models"
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
 
 pytestmark = pytest.mark.timeout(300)
@@ -86,6 +87,7 @@ class Kube:
     agent: NodeAgent
     release: dict[str, Any]
     model_dir: Path
+    pool_mount: Path
     timings: dict[str, float]
 
     def gateways(self):
@@ -154,13 +156,19 @@ def kube(tmp_path_factory):
         if f.is_file():
             shutil.copy(f, k.model_dir / f.name)
     shutil.copy(DIGITS_DIR / "digits.caffemodel", k.model_dir / "digits-v2.caffemodel")
-    with ControlPlane() as cp, NodeAgent(cp, TEST_NODES, pvcs={"digits-model": k.model_dir},
+    # the pool's claim, mounted in pool pods at POOL_MOUNT/pool-models: here the same path as its local
+    # folder, since the operator names files in its load calls' bodies, which the agent cannot remap
+    k.pool_mount = tmp_path_factory.mktemp("pool-mount")
+    shutil.copytree(k.model_dir, k.pool_mount / POOL_CLAIM)
+    with ControlPlane() as cp, NodeAgent(cp, TEST_NODES, pvcs={"digits-model": k.model_dir,
+                                                             POOL_CLAIM: k.pool_mount / POOL_CLAIM},
                                          run_processes=runs_a_process) as agent:
         k.cp, k.agent = cp, agent
         k.timings["control plane up"] = time.monotonic() - start
         for ns in (NAMESPACE, MODEL_NS):  # as an admin prepares a cluster: Pod Security "restricted" enforced
             cp.create_namespace(ns, RESTRICTED)
         apply_all(cp, volume("digits-model", "digits-model", k.model_dir))
+        apply_all(cp, volume(POOL_CLAIM, POOL_CLAIM, k.pool_mount / POOL_CLAIM))
         yield k
         k.timings["total"] = time.monotonic() - start
         print("\ne2e timings, s from start:", {n: round(v, 1) for n, v in k.timings.items()},
@@ -624,6 +632,119 @@ def test_8_a_rollout_of_new_weights_under_load_loses_no_request_and_old_pods_ter
         assert c.terminated and c.terminated["exitCode"] == 0, c.terminated
     config = yaml.safe_load(k.cp.get_object(CONFIGMAPS, MODEL_NS, f"{MODEL}-config")["data"]["config.yaml"])
     assert config["model"]["weights"].endswith("digits-v2.caffemodel")
+
+
+# --------------------------------------------------------------------------------------------
+# 8b. a pool: many models in shared pods
+# --------------------------------------------------------------------------------------------
+POOL_PODS, POOL_MODELS = "small-pool-", {"pool-a": "300Mi", "pool-b": "300Mi", "pool-c": "100Mi"}
+
+
+def pool_model(name: str, memory: str) -> dict[str, Any]:
+    """The digits files again (the claim the pool mounts), under another name, in pool `small`; its
+    memory estimate (before a pod measures it) in resources.requests.memory."""
+    return {"apiVersion": "caffeserving.io/v1alpha1", "kind": "CaffeModelService",
+            "metadata": {"name": name, "namespace": MODEL_NS},
+            "spec": {"pool": POOL, "source": {"pvc": {"claimName": POOL_CLAIM}},
+                     "model": {"prototxt": "deploy.prototxt", "weights": "digits.caffemodel", "labels": "labels.txt"},
+                     "resources": {"requests": {"memory": memory}}}}
+
+
+def pool_pods(k: Kube) -> list[dict[str, Any]]:
+    return [p for p in k.cp.list_objects(PODS, MODEL_NS, labelSelector=f"caffeserving.io/pool={POOL}")
+            if not p["metadata"].get("deletionTimestamp")]
+
+
+def placed(k: Kube, name: str) -> list[str]:
+    cr = k.cp.get_object(CMS, MODEL_NS, name)
+    if condition(cr).get("status") != "True":
+        return []
+    return list(((cr or {}).get("status") or {}).get("placement", {}).get("pods") or [])
+
+
+def pool_state(k: Kube) -> str:
+    """What the pool's objects and the operator say, for a failed wait's message."""
+    crs = {m: (k.cp.get_object(CMS, MODEL_NS, m) or {}).get("status") for m in POOL_MODELS}
+    pool = (k.cp.get_object("caffeserving.io/v1alpha1/caffeservingpools", MODEL_NS, POOL) or {}).get("status")
+    pods = "\n".join(w.logs()[-1500:] for w in k.agent.running(MODEL_NS, POOL_PODS))
+    return (f"models: {json.dumps(crs)}\npool: {json.dumps(pool)}\noperator: {k.operator().logs()[-6000:]}\n"
+            f"pool pods: {pods}")
+
+
+@pytest.mark.timeout(900)
+def test_8b_a_pool_packs_models_into_shared_pods_the_gateway_routes_each_to_its_pods_and_a_dead_pods_move(digits):
+    """Three models in a pool of two CPU pods (512 MiB each for models): packed by memory (estimates, then
+    what a pod measured), loaded through the repository API, each answering
+    through the gateway as the digits model's own pods answer; one that fits nowhere says
+    Unschedulable; a pool pod deleted, its models are loaded on the other pod and keep answering."""
+    k = digits
+    k.cp.apply(yaml.safe_dump({"apiVersion": "caffeserving.io/v1alpha1", "kind": "CaffeServingPool",
+                               "metadata": {"name": POOL, "namespace": MODEL_NS},
+                               "spec": {"replicas": 2, "device": "cpu", "modelMemory": "512Mi",
+                                        "modelClaims": [POOL_CLAIM], "modelMountPath": str(k.pool_mount)}}))
+    k.cp.wait_for(lambda: len([p for p in pool_pods(k) if condition(p).get("status") == "True"]) == 2,
+                  timeout=120, what="two ready pool pods")
+    for name, memory in POOL_MODELS.items():
+        k.cp.apply(yaml.safe_dump(pool_model(name, memory)))
+    try:
+        k.cp.wait_for(lambda: all(placed(k, m) for m in POOL_MODELS), timeout=120, what="the pool models Ready")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{pool_state(k)}") from None
+    pods = sorted(p["metadata"]["name"] for p in pool_pods(k))
+    placement = {m: placed(k, m) for m in POOL_MODELS}
+    # one copy each, on the pool's pods (which ones depends on the order the models came in: once a pod
+    # has measured a model, its measured memory replaces the estimate; tests/operator_tests/test_placement.py
+    # checks the packing itself)
+    assert all(len(where) == 1 and where[0] in pods for where in placement.values()), placement
+    cr = k.cp.get_object(CMS, MODEL_NS, "pool-a")
+    assert cr["status"]["placement"]["measured"] is True and cr["status"]["placement"]["memoryBytes"] > 0
+    assert cr["status"]["replicas"] == 1 and cr["status"]["url"].endswith("/v2/models/pool-a")
+    assert k.cp.get_object(DEPLOYMENTS, MODEL_NS, "pool-a-predictor") is None  # no pods of its own
+
+    images, labels = one_digit_per_class()
+    body = infer_body(images)
+    status, own = http_json("POST", f"{k.gateway_url()}/v2/models/{MODEL}/infer", body)
+    assert status == 200
+
+    def answers(name: str) -> list[float] | None:
+        status, got = http_json("POST", f"{k.gateway_url()}/v2/models/{name}/infer", body)
+        return got["outputs"][0]["data"] if status == 200 else None
+    for name in POOL_MODELS:
+        k.cp.wait_for(lambda name=name: answers(name) is not None, timeout=30, what=f"the gateway routing {name}")
+        assert answers(name) == own["outputs"][0]["data"], name
+    # each model's EndpointSlice holds the pods that hold it, and only those
+    for name in POOL_MODELS:
+        slices = k.cp.list_objects(ENDPOINTSLICES, MODEL_NS,
+                                   labelSelector=f"kubernetes.io/service-name={name}-predictor")
+        held = {ep["targetRef"]["name"] for s in slices for ep in s.get("endpoints") or []}
+        assert held == set(placed(k, name)), name
+
+    pool = k.cp.get_object("caffeserving.io/v1alpha1/caffeservingpools", MODEL_NS, POOL)
+    assert condition(pool).get("status") == "True", pool.get("status")
+    held = {p["name"]: p["models"] for p in pool["status"]["pods"]}
+    assert held == {pod: sorted(m for m, where in placement.items() if pod in where) for pod in pods}
+    assert all(p["memoryBytes"] <= p["budgetBytes"] == 512 * 2**20 for p in pool["status"]["pods"])
+
+    # a model bigger than a pod's budget: Unschedulable, the others untouched
+    k.cp.apply(yaml.safe_dump(pool_model("pool-huge", "1Gi")))
+    huge = k.cp.wait_for(lambda: (c := condition(k.cp.get_object(CMS, MODEL_NS, "pool-huge"))).get("reason") ==
+                         "Unschedulable" and c, timeout=60, what="pool-huge Unschedulable")
+    assert "one copy needs 1024 MiB and no other pod has that much free" in huge["message"], huge
+    k.cp.kubectl("delete", "cms", "pool-huge", "-n", MODEL_NS)
+
+    # a pool pod dies: its models are loaded on another pod and keep answering
+    victim = placement["pool-a"][0]
+    k.cp.kubectl("delete", "pod", victim, "-n", MODEL_NS, "--wait=false")
+    k.cp.wait_for(lambda: all(placed(k, m) and victim not in placed(k, m) for m in POOL_MODELS), timeout=180,
+                  what=f"the models of {victim} placed again")
+    for name in POOL_MODELS:
+        k.cp.wait_for(lambda name=name: answers(name) == own["outputs"][0]["data"], timeout=60,
+                      what=f"{name} answering again")
+
+    for name in POOL_MODELS:
+        k.cp.kubectl("delete", "cms", name, "-n", MODEL_NS)
+    k.cp.kubectl("delete", "caffeservingpool", POOL, "-n", MODEL_NS)
+    k.cp.wait_for(lambda: not pool_pods(k), timeout=120, what="the pool's pods gone")
 
 
 # --------------------------------------------------------------------------------------------
