@@ -72,6 +72,10 @@ def parser() -> argparse.ArgumentParser:
     add_security_arguments(p)
     p.add_argument("--grace", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, how long requests in flight may take to finish (default %(default)s)")
+    p.add_argument("--drain-delay", type=float, default=0.0, metavar="S",
+                   help="on SIGTERM, readiness turns 503 at once while REST and gRPC keep serving this long (each "
+                        "REST response closing its connection), so that the Service stops routing here before the "
+                        "listeners close (default %(default)g: close at once; the Helm chart sets 5)")
     add_logging_arguments(p)
     return p
 
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     install_uvloop()
 
     grpc_port = None if args.no_grpc else args.grpc_port
-    rc = asyncio.run(run_until_signalled(app, args.host, args.port, args.grace, grpc_port))
+    rc = asyncio.run(run_until_signalled(app, args.host, args.port, args.grace, grpc_port, args.drain_delay))
     if tracing is not None:
         tracing.shutdown()  # the spans still queued go out before the exit
     logging.shutdown()  # every queued log line written before the exit
@@ -129,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def run_until_signalled(app: GatewayApp, host: str, port: int, grace_s: float,
-                              grpc_port: int | None = None) -> int:
-    """Serve until SIGTERM/SIGINT, then drain: refuse new requests, finish those in flight."""
+                              grpc_port: int | None = None, drain_delay_s: float = 0.0) -> int:
+    """Serve until SIGTERM/SIGINT, then drain: not ready but serving for `drain_delay_s` (endpoints
+    controllers stop routing here), then refuse new requests and finish those in flight."""
     stop = stop_event()
     try:
         bound = await app.start(host, port, grpc_port=grpc_port)
@@ -142,6 +147,10 @@ async def run_until_signalled(app: GatewayApp, host: str, port: int, grace_s: fl
     if app.grpc_port is not None:
         log.info("gateway listening for gRPC on %s:%d", host, app.grpc_port)
     await stop.wait()
+    if drain_delay_s > 0:
+        app.server.begin_drain()  # readiness 503 from now on; still serving
+        log.info("stopping: not ready, still serving for %g s (--drain-delay)", drain_delay_s)
+        await asyncio.sleep(drain_delay_s)
     log.info("stopping: finishing requests in flight (up to %.0f s)", grace_s)
     await app.stop(grace_s)
     return 0

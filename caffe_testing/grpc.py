@@ -29,7 +29,7 @@ class OIPClient:
         """`root_certificates`: TLS, trusting those CAs (PEM); `target_name`: the name the server's
         certificate must carry, when it is not `host` (a pod called by its address)."""
         options: list[tuple[str, int | str]] = [("grpc.max_send_message_length", max_message_bytes),
-                                                 ("grpc.max_receive_message_length", max_message_bytes)]
+                                                ("grpc.max_receive_message_length", max_message_bytes)]
         if target_name:
             options.append(("grpc.ssl_target_name_override", target_name))
         target = f"{host}:{port}"

@@ -228,10 +228,11 @@ def test_gateway_scales_on_its_own_behind_its_service(default_install, everythin
     (c,) = pod["containers"]
     assert c["image"] == f"ghcr.io/caffe-serving/caffe-serving-operator:{APP_VERSION}"  # same image
     assert c["command"] + c["args"] == ["caffeserve", "gateway", "--kubernetes", "--all-namespaces", "--host",
-                                        "0.0.0.0", "--port", "8080", "--grpc-port", "8081", "--grace", "30"]
+                                        "0.0.0.0", "--port", "8080", "--grpc-port", "8081", "--grace", "30",
+                                        "--drain-delay", "5"]
     assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
                           {"name": "grpc", "containerPort": 8081, "protocol": "TCP"}]
-    assert pod["terminationGracePeriodSeconds"] == 40
+    assert pod["terminationGracePeriodSeconds"] == 45  # 5 s drain delay + 30 s grace + a margin
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     svc = one(stored, "Service", f"{PREFIX}-gateway")
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]

@@ -313,6 +313,22 @@ def test_sigterm_finishes_requests_in_flight_then_exits():
             gw.stop()
 
 
+def test_drain_delay_keeps_serving_while_not_ready_then_exits(servers):
+    """--drain-delay (the chart sets 5 s): after SIGTERM readiness is 503 at once (the Service stops
+    routing here) while new REST and gRPC calls are still answered; then the gateway exits."""
+    gw = GatewayProcess("--static", static("digits", *servers), "--drain-delay", "3").start()
+    try:
+        gw.proc.terminate()
+        time.sleep(0.5)
+        assert http("GET", gw.url + "/v2/health/ready")[0] == 503
+        status, body = http_json("POST", gw.url + "/v2/models/digits/infer", infer_payload(4))
+        assert status == 200 and predicted(body) == LABELS[4]
+        assert gw.proc.poll() is None
+        assert gw.proc.wait(15) == 0
+    finally:
+        gw.stop()
+
+
 # --------------------------------------------------------------------------- balancing rules
 
 
