@@ -261,8 +261,8 @@ def test_bn_layouts_are_told_by_their_fields_and_a_mismatch_is_refused(tmp_path)
     psp_proto, psp_weights = build(tmp_path, "psp", PSP_BN.format(extra="frozen: true"), {"bn": stats})
     segnet_proto = tmp_path / "segnet.prototxt"
     segnet_proto.write_text('input: "data" input_shape { dim: 2 dim: 4 dim: 5 dim: 3 }\n'
-                            'layer { name: "bn" type: "BN" bottom: "data" top: "out" '
-                            'bn_param { bn_mode: INFERENCE } }\n')
+                            'layer { name: "bn" type: "BN" bottom: "data" top: "out"\n'
+                            '  bn_param { bn_mode: INFERENCE } }\n')
     r = load_in_child(segnet_proto, psp_weights)
     assert r.returncode != 0 and "Incompatible number of blobs for layer bn" in r.stderr, r.stderr[-2000:]
     mixed = tmp_path / "mixed.prototxt"
