@@ -43,6 +43,44 @@ def save_weights(proto: Path, seed: int = 0) -> Path:
     return weights
 
 
+def net_from_text(directory: Path, name: str, text: str, weights: dict[str, list[np.ndarray]] | None = None,
+                  seed: int = 0) -> tuple[Path, Path]:
+    """A hand-written prototxt → (proto, weights path): named layers' blobs set from `weights`, the rest
+    random (a 4-blob BN's variance positive, as trained statistics are)."""
+    import caffe
+
+    proto = directory / f"{name}.prototxt"
+    proto.write_text(text)
+    net = caffe.Net(str(proto), caffe.TEST)
+    rng = np.random.default_rng(seed)
+    for layer, blobs in net.params.items():
+        for i, b in enumerate(blobs):
+            if weights and layer in weights:
+                b.data[...] = weights[layer][i]
+            elif len(blobs) == 4 and i == 3:
+                b.data[...] = rng.uniform(0.5, 2.0, b.data.shape)
+            else:
+                b.data[...] = rng.normal(0, 0.5, b.data.shape)
+    path = directory / f"{name}.caffemodel"
+    net.save(str(path))
+    return proto, path
+
+
+def run_net(proto: Path, weights: Path, feed: dict[str, np.ndarray]) -> caffe.Net:
+    """A pycaffe forward pass on the CPU at `feed`'s shapes; the Net, for any blob a test reads."""
+    import caffe
+
+    caffe.set_mode_cpu()
+    net = caffe.Net(str(proto), caffe.TEST, weights=str(weights))
+    for k, v in feed.items():
+        net.blobs[k].reshape(*v.shape)
+    net.reshape()
+    for k, v in feed.items():
+        net.blobs[k].data[...] = v
+    net.forward()
+    return net
+
+
 def forward(proto: Path, weights: Path, inputs: dict[str, np.ndarray], blobs: list[str] | None = None
             ) -> dict[str, np.ndarray]:
     """A direct pycaffe forward pass: the reference the server must match (its outputs, or `blobs`)."""

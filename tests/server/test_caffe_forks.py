@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import caffe
 import numpy as np
@@ -24,38 +23,15 @@ from google.protobuf import text_format
 import caffe_testing.fork_nets as ref
 from caffe_testing import REPO
 from caffe_testing.caffe_sources import fork_targets
-from caffe_testing.nets import save_net
+from caffe_testing.nets import net_from_text, run_net, save_net
 from inference_server.loading.convert import UnsupportedLayer, convert_net, load_net
 
 SCRIPTS = REPO / "scripts" / "caffe"
 TOL = 1e-5
 
 
-def net_from_text(tmp_path: Path, name: str, text: str, weights: dict[str, list[np.ndarray]] | None = None,
-                  seed: int = 0):
-    """A hand-written prototxt → (proto, weights path): named blobs set from `weights`, the rest random."""
-    proto = tmp_path / f"{name}.prototxt"
-    proto.write_text(text)
-    net = caffe.Net(str(proto), caffe.TEST)
-    rng = np.random.default_rng(seed)
-    for layer, blobs in net.params.items():
-        for i, b in enumerate(blobs):
-            b.data[...] = weights[layer][i] if weights and layer in weights else rng.normal(0, 0.5, b.data.shape)
-    path = tmp_path / f"{name}.caffemodel"
-    net.save(str(path))
-    return proto, path
 
 
-def run_net(proto, weights, feed: dict[str, np.ndarray]):
-    caffe.set_mode_cpu()
-    net = caffe.Net(str(proto), caffe.TEST, weights=str(weights))
-    for k, v in feed.items():
-        net.blobs[k].reshape(*v.shape)
-    net.reshape()
-    for k, v in feed.items():
-        net.blobs[k].data[...] = v
-    net.forward()
-    return net
 
 
 def onnx_matches_pycaffe(proto, weights, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

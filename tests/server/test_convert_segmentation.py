@@ -8,15 +8,13 @@ Real pycaffe (with layers-25's C++ layers), real ONNX Runtime; nothing is mocked
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import caffe
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 
 import caffe_testing.seg_det_nets as ref
+from caffe_testing.nets import net_from_text as build
 from inference_server.loading import parity
 from inference_server.loading.convert import convert_net, load_net, model_info
 from inference_server.loading.selection import _parity_session_model
@@ -24,24 +22,6 @@ from inference_server.loading.selection import _parity_session_model
 TOL = 1e-5
 
 
-def build(tmp_path: Path, name: str, text: str, weights: dict[str, list[np.ndarray]] | None = None, seed: int = 0):
-    """A hand-written prototxt → (proto, weights path): named blobs from `weights`, the rest random (a 4-blob
-    BN's variance positive, as trained statistics are)."""
-    proto = tmp_path / f"{name}.prototxt"
-    proto.write_text(text)
-    net = caffe.Net(str(proto), caffe.TEST)
-    rng = np.random.default_rng(seed)
-    for layer, blobs in net.params.items():
-        for i, b in enumerate(blobs):
-            if weights and layer in weights:
-                b.data[...] = weights[layer][i]
-            elif len(blobs) == 4 and i == 3:
-                b.data[...] = rng.uniform(0.5, 2.0, b.data.shape)
-            else:
-                b.data[...] = rng.normal(0, 0.5, b.data.shape)
-    path = tmp_path / f"{name}.caffemodel"
-    net.save(str(path))
-    return proto, path
 
 
 def uniform(*shape, seed=0, low=-2.0, high=2.0):

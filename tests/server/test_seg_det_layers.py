@@ -22,34 +22,13 @@ from google.protobuf import text_format
 import caffe_testing.seg_det_nets as ref
 from caffe_testing import REPO
 from caffe_testing.caffe_sources import PYTHON_LAYER_SNIPPET, fork_targets
+from caffe_testing.nets import net_from_text as build, run_net as run
 
 SCRIPTS = REPO / "scripts" / "caffe"
 
 
-def build(tmp_path: Path, name: str, text: str, weights: dict[str, list[np.ndarray]] | None = None, seed: int = 0):
-    """A hand-written prototxt → (proto, weights path): named blobs from `weights`, the rest random."""
-    proto = tmp_path / f"{name}.prototxt"
-    proto.write_text(text)
-    net = caffe.Net(str(proto), caffe.TEST)
-    rng = np.random.default_rng(seed)
-    for layer, blobs in net.params.items():
-        for i, b in enumerate(blobs):
-            b.data[...] = weights[layer][i] if weights and layer in weights else rng.normal(0, 0.5, b.data.shape)
-    path = tmp_path / f"{name}.caffemodel"
-    net.save(str(path))
-    return proto, path
 
 
-def run(proto, weights, feed: dict[str, np.ndarray]):
-    caffe.set_mode_cpu()
-    net = caffe.Net(str(proto), caffe.TEST, weights=str(weights))
-    for k, v in feed.items():
-        net.blobs[k].reshape(*v.shape)
-    net.reshape()
-    for k, v in feed.items():
-        net.blobs[k].data[...] = v
-    net.forward()
-    return net
 
 
 def close(got, want, tol=1e-5):
