@@ -91,7 +91,7 @@ def test_unknown_model_is_not_found_and_model_ready_is_false(grpc_gateway):
         assert client.call("ModelReady", pb.ModelReadyRequest(name="digits")).ready
         assert_status(_raw_error(client, "ModelInfer", b"\xff"), grpc.StatusCode.INVALID_ARGUMENT,
                       "malformed ModelInferRequest")
-        assert_status(_raw_error(client, "RepositoryIndex", b""), grpc.StatusCode.UNIMPLEMENTED)
+        assert_status(_raw_error(client, "SystemSharedMemoryStatus", b""), grpc.StatusCode.UNIMPLEMENTED)
         # typed contents and the server's own version errors pass through the same way
         resp = client.infer(digits_request(0, raw=False))
         assert int(np.argmax(output(resp, "prob"))) == LABELS[0]
