@@ -130,7 +130,9 @@ def rewatched(s: KubeStack, since: float) -> dict[str, set[str]]:
 
 
 WATCHED = {"operator": {"/apis/caffeserving.io/v1alpha1/caffemodelservices", "/apis/apps/v1/deployments",
-                        "/api/v1/services", "/api/v1/configmaps"},
+                        "/api/v1/services", "/api/v1/configmaps",
+                        # the pools (CaffeServingPool) and their pods (labelled with their pool)
+                        "/apis/caffeserving.io/v1alpha1/caffeservingpools", "/api/v1/pods"},
            "gateway": {"/apis/discovery.k8s.io/v1/endpointslices"}}
 
 
