@@ -84,19 +84,8 @@ def run_net(proto: Path, weights: Path, feed: dict[str, np.ndarray]) -> caffe.Ne
 def forward(proto: Path, weights: Path, inputs: dict[str, np.ndarray], blobs: list[str] | None = None
             ) -> dict[str, np.ndarray]:
     """A direct pycaffe forward pass: the reference the server must match (its outputs, or `blobs`)."""
-    import caffe
-
-    caffe.set_mode_cpu()
-    net = caffe.Net(str(proto), caffe.TEST, weights=str(weights))
-    for k, v in inputs.items():
-        net.blobs[k].reshape(*v.shape)
-    net.reshape()
-    for k, v in inputs.items():
-        net.blobs[k].data[...] = v
-    out = net.forward()
-    if blobs is not None:
-        return {k: net.blobs[k].data.copy() for k in blobs}
-    return {k: v.copy() for k, v in out.items()}
+    net = run_net(proto, weights, inputs)
+    return {k: net.blobs[k].data.copy() for k in (net.outputs if blobs is None else blobs)}
 
 
 def dense_net(inputs: int, outputs: int):

@@ -24,6 +24,7 @@ import pytest
 
 import caffe_testing.seg_det_nets as nets
 from caffe_testing.grpc import OIPClient, grpc_server, infer_request, output
+from caffe_testing.nets import forward
 from caffe_testing.servers import ServerProcess, http_json
 
 CLIENTS = Path(__file__).resolve().parent / "seg_det_clients"
@@ -61,17 +62,6 @@ def save(tmp_path: Path, name: str, text: str, seed: int = 7, python_path: Path 
     weights = tmp_path / f"{name}.caffemodel"
     net.save(str(weights))
     return proto, weights
-
-
-def reference(proto: Path, weights: Path, feed: dict[str, np.ndarray], blobs: list[str] | None = None):
-    net = caffe.Net(str(proto), caffe.TEST, weights=str(weights))
-    for k, v in feed.items():
-        net.blobs[k].reshape(*v.shape)
-    net.reshape()
-    for k, v in feed.items():
-        net.blobs[k].data[...] = v
-    net.forward()
-    return {k: net.blobs[k].data.copy() for k in (blobs or net.outputs)}
 
 
 def config(name: str, proto, weights, backend: str, **extra) -> dict:
@@ -126,7 +116,7 @@ def wait_failed(url: str, timeout: float = 60.0) -> str:
 def test_pspnet_shaped_net_serves_bit_identical_on_pycaffe_and_within_parity_on_auto(tmp_path):
     proto, weights = save(tmp_path, "pspnet", nets.pspnet_text())
     x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 33, 33)).astype(np.float32)
-    want = reference(proto, weights, {"data": x})
+    want = forward(proto, weights, {"data": x})
     assert set(want) == {"prob", "conv4_sub"} and want["prob"].shape == (1, 5, 33, 33)
     assert want["conv4_sub"].shape == (1, 5, 5, 5)
     with serving(ServerProcess(config("pspnet", proto, weights, "pycaffe"), tmp_path)) as server:
@@ -150,14 +140,14 @@ def frcnn(tmp_model_dir):
     rng = np.random.default_rng(3)
     feed = {"data": rng.uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32),
             "im_info": np.array([[32, 32, 1]], np.float32)}
-    want = reference(proto, weights, feed, ["rois", "cls_prob", "bbox_pred"])
+    want = forward(proto, weights, feed, ["rois", "cls_prob", "bbox_pred"])
     return proto, weights, layers, feed, want
 
 
 def test_the_proposal_layer_feeds_roi_pooling_as_its_definitions_say(frcnn):
     """The net as Caffe runs it: rois are what the Python layer computes, pool5 is ROIPooling of them."""
     proto, weights, layers, feed, want = frcnn
-    blobs = reference(proto, weights, feed, ["rpn_cls_prob_reshape", "rpn_bbox_pred", "pool2", "rois", "pool5"])
+    blobs = forward(proto, weights, feed, ["rpn_cls_prob_reshape", "rpn_bbox_pred", "pool2", "rois", "pool5"])
     p = nets.FASTER_RCNN
     rois = nets.proposals(blobs["rpn_cls_prob_reshape"], blobs["rpn_bbox_pred"], feed["im_info"],
                           p["feat_stride"], p["anchor_sizes"], p["top_n"])
@@ -198,7 +188,7 @@ def test_faster_rcnn_is_served_over_rest_grpc_and_tritonclient(frcnn, tmp_model_
         other = {"data": np.random.default_rng(9).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32),
                  "im_info": np.array([[20, 28, 1]], np.float32)}
         got = infer(server.url, "frcnn", other)
-        assert_close(got, reference(proto, weights, other, list(want)), 0)
+        assert_close(got, forward(proto, weights, other, list(want)), 0)
         assert got["rois"][:, 3].max() <= 27 and got["rois"][:, 4].max() <= 19  # clipped to im_info's 20 x 28
 
 
@@ -241,7 +231,7 @@ def test_a_python_layer_that_cannot_load_is_refused_saying_why(frcnn, tmp_path, 
 ])
 def test_detection_family_serves_on_pycaffe_and_auto_says_why(tmp_path, family, text, feed, layer, kind):
     proto, weights = save(tmp_path, family, text)
-    want = reference(proto, weights, feed)
+    want = forward(proto, weights, feed)
     with serving(ServerProcess(config(family, proto, weights, "pycaffe"), tmp_path)) as server:
         assert_close(infer(server.url, family, feed), want, 0)
     with serving(ServerProcess(config(family, proto, weights, "auto"), tmp_path)) as server:
