@@ -15,6 +15,22 @@ F32 = np.float32
 
 # --- references ---------------------------------------------------------------------------------
 
+# interp_param settings and the matching size arguments of interp_size: the layer's tests (against this
+# module) and the converter's (against pycaffe) run the same cases
+INTERP_CASES = [
+    ("height: 11 width: 7", {"height": 11, "width": 7}),  # up on one axis, down on the other
+    ("height: 3 width: 4", {"height": 3, "width": 4}),
+    ("height: 1 width: 1", {"height": 1, "width": 1}),  # r = 0: the corner
+    ("zoom_factor: 3", {"zoom": 3}),
+    ("zoom_factor: 8", {"zoom": 8}),
+    ("shrink_factor: 2", {"shrink": 2}),
+    ("shrink_factor: 3 zoom_factor: 2", {"shrink": 3, "zoom": 2}),
+    ("height: 9 width: 9 pad_beg: -1 pad_end: -2", {"height": 9, "width": 9, "pad_beg": -1, "pad_end": -2}),
+    ("zoom_factor: 2 pad_beg: -1 pad_end: -1", {"zoom": 2, "pad_beg": -1, "pad_end": -1}),
+    ("height: 6 width: 9", {"height": 6, "width": 9}),  # the same size on one axis: a copy there
+]
+
+
 def interp_size(h: int, w: int, height=None, width=None, zoom=None, shrink=None, pad_beg=0, pad_end=0):
     """The DeepLab fork's Interp output size: shrink alone, zoom alone, height/width, shrink then zoom."""
     eh, ew = h + pad_beg + pad_end, w + pad_beg + pad_end

@@ -15,6 +15,7 @@ import pytest
 
 import caffe_testing.seg_det_nets as ref
 from caffe_testing.nets import net_from_text as build
+from caffe_testing.seg_det_nets import INTERP_CASES
 from inference_server.loading import parity
 from inference_server.loading.convert import convert_net, load_net, model_info
 from inference_server.loading.selection import _parity_session_model
@@ -49,18 +50,6 @@ def close(got, want, tol=TOL):
     assert got.shape == want.shape, (got.shape, want.shape)
     diff = float(np.abs(got - want).max())
     assert diff <= tol * max(1.0, float(np.abs(want).max())), f"max |Δ| {diff:.3g}"
-
-
-INTERP_CASES = [  # interp_param, the reference's size arguments
-    ("height: 11 width: 7", {"height": 11, "width": 7}),  # up on one axis, down on the other
-    ("height: 1 width: 1", {"height": 1, "width": 1}),  # one pixel: the corner
-    ("height: 6 width: 9", {"height": 6, "width": 9}),  # the input's height: a copy on that axis
-    ("zoom_factor: 8", {"zoom": 8}),  # DeepLab's and PSPNet's classifier upsampling
-    ("shrink_factor: 2", {"shrink": 2}),  # ICNet's sub-sampled branch
-    ("shrink_factor: 3 zoom_factor: 2", {"shrink": 3, "zoom": 2}),
-    ("height: 9 width: 9 pad_beg: -1 pad_end: -2", {"height": 9, "width": 9, "pad_beg": -1, "pad_end": -2}),
-    ("zoom_factor: 2 pad_beg: -1 pad_end: -1", {"zoom": 2, "pad_beg": -1, "pad_end": -1}),
-]
 
 
 @pytest.mark.parametrize("params,kw", INTERP_CASES, ids=[c[0] for c in INTERP_CASES])

@@ -23,6 +23,7 @@ import caffe_testing.seg_det_nets as ref
 from caffe_testing import REPO
 from caffe_testing.caffe_sources import PYTHON_LAYER_SNIPPET, fork_targets
 from caffe_testing.nets import net_from_text as build, run_net as run
+from caffe_testing.seg_det_nets import INTERP_CASES
 
 SCRIPTS = REPO / "scripts" / "caffe"
 
@@ -115,20 +116,6 @@ def test_the_published_constructs_parse(error):
 
 
 # --- Interp ----------------------------------------------------------------------------------------
-
-INTERP_CASES = [
-    ("height: 11 width: 7", {"height": 11, "width": 7}),  # up on one axis, down on the other
-    ("height: 3 width: 4", {"height": 3, "width": 4}),
-    ("height: 1 width: 1", {"height": 1, "width": 1}),  # r = 0: the corner
-    ("zoom_factor: 3", {"zoom": 3}),
-    ("zoom_factor: 8", {"zoom": 8}),
-    ("shrink_factor: 2", {"shrink": 2}),
-    ("shrink_factor: 3 zoom_factor: 2", {"shrink": 3, "zoom": 2}),
-    ("height: 9 width: 9 pad_beg: -1 pad_end: -2", {"height": 9, "width": 9, "pad_beg": -1, "pad_end": -2}),
-    ("zoom_factor: 2 pad_beg: -1 pad_end: -1", {"zoom": 2, "pad_beg": -1, "pad_end": -1}),
-    ("height: 6 width: 9", {"height": 6, "width": 9}),  # the same size on one axis: a copy there
-]
-
 
 @pytest.mark.parametrize("params,kw", INTERP_CASES, ids=[c[0] for c in INTERP_CASES])
 def test_interp_is_the_forks_align_corners_bilinear(tmp_path, params, kw):
