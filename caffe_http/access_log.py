@@ -18,11 +18,14 @@ malformed HTTP) are logged by `log_refusal` the same way.
 own). Records are handed to a background thread through a queue (`QueueHandler`), so a slow log
 reader never blocks the event loop.
 
-What a line costs the request path: the access line is kept as a tuple and its records are made
-`FLUSH_S` later, all the lines of those milliseconds at once; the writer thread writes whatever it has
-queued in one write. One record and one write per request (each waking the writer thread) had cost
-about a third of a small request's server CPU (bench/server_overhead.py measures the line on and off).
-Lines keep their own time; every held line is written before the process's logging shuts down.
+What a line costs the request path: one tuple of the request's fields, appended to a list. Every
+`FLUSH_S` the lines held are handed to the writer thread as one queue item, which formats them (the
+same text or JSON the record formatter writes, the time stamp made once per second) and writes them
+in one write. One record and one write per request (each waking the writer thread) had cost about a
+third of a small request's server CPU, and a `LogRecord` per line still a sixth (bench/server_overhead.py
+measures the line on and off). Where the logging set-up is not `configure_logging`'s alone (another
+handler, a filter: a test's capture), each line is a record of its own, as before. Lines keep their own
+time; every held line is written before the process's logging shuts down.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ import argparse
 import asyncio
 import logging
 import logging.handlers
-import os
 import queue
+import random
 import sys
 import threading
 import time
@@ -53,8 +56,13 @@ FLUSH_S = 0.01  # how long an access line may wait for others to be logged with 
 _ACCESS_LOGS: weakref.WeakSet[AccessLog] = weakref.WeakSet()  # flushed when logging shuts down
 
 
+_random_bits = random.SystemRandom().getrandbits(64)  # seeds the generator below from the OS
+_ids = random.Random(_random_bits)
+
+
 def new_request_id() -> str:
-    return os.urandom(8).hex()
+    """16 hex digits: a name for the request in the logs, not a secret (no system call per request)."""
+    return f"{_ids.getrandbits(64):016x}"
 
 
 def model_of(path: str) -> str:
@@ -76,6 +84,10 @@ def error_message(resp: Response) -> str:
     return str(payload.get("error", "")) if isinstance(payload, dict) else ""
 
 
+# one held line: (time, level, method, path, status, bytes, seconds, request id, client, error)
+Line = tuple[float, int, str, str, int, int, float, str, str, str]
+
+
 class AccessLog:
     """Writes the access lines; `enabled` False keeps only the 4xx/5xx ones."""
 
@@ -83,7 +95,7 @@ class AccessLog:
         self.server = server  # "server" or "gateway": which program wrote the line
         self.enabled = enabled
         self.log = logging.getLogger(ACCESS_LOGGER)
-        self._held: list[tuple[float, int, str, dict[str, object]]] = []  # (time, level, text, fields), not yet logged
+        self._held: list[Line] = []  # not yet handed to logging
         self._lock = threading.Lock()
         self._scheduled = False
         _ACCESS_LOGS.add(self)
@@ -104,15 +116,9 @@ class AccessLog:
             level = logging.INFO
         if not self.log.isEnabledFor(level):
             return
-        fields = {"method": method, "path": path, "model": model_of(path), "status": status, "bytes": size,
-                  "duration_ms": round(seconds * 1000.0, 3), "request_id": request_id, "client": client,
-                  "error": error, "server": self.server}
-        text = (f'{client} "{method} {path}" {status} {size}B {fields["duration_ms"]:.3f}ms '
-                f'model={fields["model"] or "-"} request_id={request_id or "-"}')
-        if error:
-            text += f" error={orjson.dumps(error).decode()}"
+        line = (time.time(), level, method, path, status, size, seconds, request_id, client, error)
         with self._lock:
-            self._held.append((time.time(), level, text, fields))
+            self._held.append(line)
             if self._scheduled:
                 return
             self._scheduled = True
@@ -122,14 +128,69 @@ class AccessLog:
             self.flush()
 
     def flush(self) -> None:
-        """Log every held line (as records of their own time)."""
+        """Hand every held line to logging: as one item to configure_logging's writer thread, or as
+        records of their own time where logging is set up otherwise."""
         with self._lock:
             held, self._held, self._scheduled = self._held, [], False
-        log = self.log
-        for created, level, text, fields in held:
-            record = log.makeRecord(log.name, level, "(access)", 0, text, (), None, extra={"access": fields})
-            record.created, record.msecs = created, int(created * 1000) % 1000
-            log.handle(record)
+        if not held:
+            return
+        direct = _writer_queue(self.log)
+        if direct is not None:
+            direct.put_nowait(AccessLines(self.server, held))
+            return
+        for line in held:
+            self.log.handle(access_record(self.log.name, self.server, line))
+
+
+def access_fields(server: str, line: Line) -> tuple[str, dict[str, object]]:
+    """(the text line, the fields) of a held line."""
+    _, _, method, path, status, size, seconds, request_id, client, error = line
+    duration_ms = round(seconds * 1000.0, 3)
+    model = model_of(path)
+    text = (f'{client} "{method} {path}" {status} {size}B {duration_ms:.3f}ms '
+            f'model={model or "-"} request_id={request_id or "-"}')
+    if error:
+        text += f" error={orjson.dumps(error).decode()}"
+    return text, {"method": method, "path": path, "model": model, "status": status, "bytes": size,
+                  "duration_ms": duration_ms, "request_id": request_id, "client": client, "error": error,
+                  "server": server}
+
+
+def access_record(name: str, server: str, line: Line) -> logging.LogRecord:
+    """A held line as a record of its own time (`access`: its fields, for the JSON format)."""
+    created, level = line[0], line[1]
+    text, fields = access_fields(server, line)
+    record = logging.getLogger(name).makeRecord(name, level, "(access)", 0, text, (), None, extra={"access": fields})
+    record.created, record.msecs = created, int(created * 1000) % 1000
+    return record
+
+
+class AccessLines(logging.LogRecord):
+    """Access lines handed to the writer thread as one queue item (a record to the queue's machinery)."""
+
+    def __init__(self, server: str, lines: list[Line]):
+        super().__init__(ACCESS_LOGGER, logging.INFO, "(access)", 0, "", (), None)
+        self.server, self.lines = server, lines
+
+
+def _writer_queue(logger: logging.Logger) -> queue.SimpleQueue[logging.LogRecord] | None:
+    """The writer thread's queue when every access record would go there and nowhere else, unfiltered
+    (logging as configure_logging sets it up); else None."""
+    c: logging.Logger | None = logger
+    while c is not None:
+        if c.filters:
+            return None
+        if c.handlers:
+            if c.parent is not None or len(c.handlers) != 1:
+                return None
+            h = c.handlers[0]
+            if not isinstance(h, _QueueHandler) or h.filters or h.level or h.listener is None:
+                return None
+            return h.queue  # type: ignore[return-value]
+        if not c.propagate:
+            return None
+        c = c.parent
+    return None
 
 
 def with_access_log(handler: Handler, access: AccessLog) -> Handler:
@@ -171,8 +232,53 @@ def log_refusal(access: AccessLog) -> Callable[[str, str, str, int, str], None]:
 # ------------------------------------------------------------------------------------------------
 # process logging
 # ------------------------------------------------------------------------------------------------
+class _SecondStamp:
+    """A time stamp's whole-second part, made once per second (strftime is most of a line's cost)."""
+
+    def __init__(self, fmt: str, convert: Callable[[float | None], time.struct_time]):
+        self.fmt, self.convert = fmt, convert
+        self.second, self.text = -1, ""
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        if second != self.second:
+            self.second, self.text = second, time.strftime(self.fmt, self.convert(created))
+        return self.text
+
+
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT, and the same line for held access lines without a record each."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+        self._stamp = _SecondStamp(self.default_time_format, self.converter)
+
+    def access_lines(self, batch: AccessLines) -> list[str]:
+        stamp, out = self._stamp, []
+        for line in batch.lines:
+            created = line[0]
+            text, _ = access_fields(batch.server, line)
+            out.append(f"{stamp(created)},{int(created * 1000) % 1000:03d} {logging.getLevelName(line[1])} "
+                       f"{ACCESS_LOGGER}: {text}")
+        return out
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (RFC 3339, UTC), level, logger, message, and access fields."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stamp = _SecondStamp("%Y-%m-%dT%H:%M:%S", time.gmtime)
+
+    def access_lines(self, batch: AccessLines) -> list[str]:
+        stamp, out = self._stamp, []
+        for line in batch.lines:
+            created = line[0]
+            text, fields = access_fields(batch.server, line)
+            record = {"time": f"{stamp(created)}.{int(created * 1000) % 1000:03d}Z",
+                      "level": logging.getLevelName(line[1]), "logger": ACCESS_LOGGER, "message": text, **fields}
+            out.append(orjson.dumps(record).decode())
+        return out
 
     def format(self, record: logging.LogRecord) -> str:
         out = {
@@ -198,7 +304,7 @@ LOG_FORMATS = ("text", "json")
 def configure_logging(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
     """The process's logging: `fmt` text or json, written by a background thread (module docstring)."""
     target = _BatchWriter(stream)
-    target.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    target.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     listener = _Listener(q, target)
     listener.start()
@@ -226,6 +332,19 @@ class _BatchWriter(logging.Handler):
         except Exception:
             self.handleError(record)
 
+    def emit_access(self, batch: AccessLines) -> None:
+        """Held access lines (AccessLog.flush): formatted here, on the writer thread."""
+        fmt = self.formatter
+        try:
+            if isinstance(fmt, (TextFormatter, JsonFormatter)):
+                self.lines.extend(fmt.access_lines(batch))
+                return
+            for line in batch.lines:
+                if line[1] >= self.level:
+                    self.lines.append(self.format(access_record(ACCESS_LOGGER, batch.server, line)))
+        except Exception:
+            self.handleError(batch)
+
     def flush(self) -> None:
         if not self.lines:
             return
@@ -246,7 +365,10 @@ class _Listener(logging.handlers.QueueListener):
         self.writer = writer
 
     def handle(self, record: logging.LogRecord) -> None:
-        super().handle(record)
+        if isinstance(record, AccessLines):
+            self.writer.emit_access(record)
+        else:
+            super().handle(record)
         if self.queue.empty():  # type: ignore[attr-defined]
             self.writer.flush()
 
