@@ -60,6 +60,7 @@ class InferRequest:
     outputs: list[RequestedOutput] | None  # None: all outputs
     binary_output: bool = False  # request-level binary_data_output
     parameters: dict = field(default_factory=dict)
+    checked: bool = False  # every input passed the model's own check (decode_request's `check`)
 
 
 def _depth_ok(obj, depth: int = 0) -> bool:
@@ -229,7 +230,7 @@ def decode_request(body: bytes | bytearray, headers: dict[str, str], max_element
     binary_output = bool(isinstance(req_params, dict) and req_params.get("binary_data_output"))
     rid = req.get("id")
     return InferRequest(rid if isinstance(rid, str) else None, inputs, requested_outputs(req, binary_output),
-                        binary_output, req_params)
+                        binary_output, req_params, check is not None)
 
 
 def split_body(body: bytes | bytearray, headers: dict[str, str]) -> tuple[bytes | bytearray, memoryview]:
@@ -254,7 +255,8 @@ def parse_json(json_part: bytes | bytearray, stream_min_bytes: int) -> tuple[dic
             raise BadRequest(f"malformed JSON request body: {e}") from None
     if not isinstance(req, dict):
         raise BadRequest("the request body must be a JSON object")
-    if not _depth_ok(req):
+    # each level of nesting opens a bracket: with no more brackets than the limit in all, the walk is moot
+    if json_part.count(b"[") + json_part.count(b"{") > MAX_JSON_DEPTH and not _depth_ok(req):
         raise BadRequest(f"the request JSON is nested deeper than {MAX_JSON_DEPTH} levels")
     return req, spans
 

@@ -92,8 +92,10 @@ class InputBinding:
             )
         self._check_batch(shape[0], max_batch)
 
-    def to_blob(self, t, max_batch: int) -> np.ndarray | Callable[[], np.ndarray]:
-        self.check(t.datatype, t.shape, max_batch)
+    def to_blob(self, t, max_batch: int, checked: bool = False) -> np.ndarray | Callable[[], np.ndarray]:
+        """`t` as the blob (a callable for encoded images, decoded off the loop); `checked`: `check` passed."""
+        if not checked:
+            self.check(t.datatype, t.shape, max_batch)
         if t.datatype == "BYTES" and self.image is not None:
             return functools.partial(self.image, self.name, t.array)  # decoded off the event loop
         arr = t.array
@@ -332,16 +334,20 @@ class Model:
         # an empty `outputs` list means every output, as an absent one does (Triton answers it so;
         # an empty answer would be a silent surprise)
         requested = req.outputs or None
-        names = self.outputs if requested is None else [o.name for o in requested]
-        for n in names:  # before any image is decoded: a bad request costs nothing
-            if n not in self.output_shapes:
-                raise BadRequest(f"unknown output '{n}'; the model's outputs are: {', '.join(self.outputs)}")
+        if requested is None:
+            names = run_names = self.outputs  # the model's own: known, no repeats
+        else:
+            names = [o.name for o in requested]
+            for n in names:  # before any image is decoded: a bad request costs nothing
+                if n not in self.output_shapes:
+                    raise BadRequest(f"unknown output '{n}'; the model's outputs are: {', '.join(self.outputs)}")
+            run_names = list(dict.fromkeys(names))
         blobs = await self._blobs(req)
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("the request's deadline passed before it reached the model")
         batch = next(iter(blobs.values())).shape[0]
         submitted = time.perf_counter_ns()
-        result, timing = await self.executor.submit(blobs, list(dict.fromkeys(names)), batch, deadline)
+        result, timing = await self.executor.submit(blobs, run_names, batch, deadline)
         self.metrics.queue_seconds.observe(timing.queue_s)
         outs = []
         if requested is None:
@@ -356,14 +362,20 @@ class Model:
         return outs, timing, submitted, batch
 
     async def _blobs(self, req: InferRequest) -> dict[str, np.ndarray]:
+        inputs, checked = req.inputs, req.checked
+        if len(inputs) == 1 and len(self.inputs) == 1:  # the usual model: one input, as numbers
+            t = inputs[0]
+            binding = self.inputs.get(t.name)
+            if binding is not None and binding.image is None:
+                return {t.name: binding.to_blob(t, self.max_batch, checked)}  # type: ignore[dict-item]
         blobs: dict[str, Any] = {}  # an encoded image's is a callable until it is decoded
-        for t in req.inputs:
+        for t in inputs:
             binding = self.inputs.get(t.name)
             if binding is None:
                 raise BadRequest(f"unknown input '{t.name}'; the model's inputs are: {', '.join(self.inputs)}")
             if t.name in blobs:
                 raise BadRequest(f"input '{t.name}' is given more than once")
-            blobs[t.name] = binding.to_blob(t, self.max_batch)
+            blobs[t.name] = binding.to_blob(t, self.max_batch, checked)
         missing = [n for n in self.inputs if n not in blobs]
         if missing:
             raise BadRequest(f"missing input(s): {', '.join(missing)}")
