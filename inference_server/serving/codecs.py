@@ -84,6 +84,15 @@ def _check_shape(name: str, shape, max_elements: int) -> int:
     stay within `max_elements`, so that `[0, 2**62, 4]` (0 elements, but no array of that shape
     can be built) is refused here and never reaches numpy's reshape.
     """
+    if type(shape) is list and len(shape) <= MAX_DIMS:  # the usual shape, positive dimensions: one pass
+        n = 1
+        for d in shape:
+            if type(d) is not int or d <= 0:
+                break
+            n *= d
+        else:
+            if n <= max_elements:
+                return n
     if not isinstance(shape, list) or not all(type(d) is int for d in shape):
         raise BadRequest(f"input '{name}': shape must be a list of integers, got {shape!r}")
     if len(shape) > MAX_DIMS:

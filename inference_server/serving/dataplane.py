@@ -320,15 +320,7 @@ class Model:
 
     async def _run_timed(self, req: InferRequest, deadline: float | None, started: int,
                          trace: RequestTrace | None = None):
-        """`_run`, and the request's phases for `stats` (ns since `started`, a perf_counter_ns())."""
-        outs, timing, submitted, rows = await self._run(req, deadline)
-        phases = (time.perf_counter_ns() - started, int(timing.queue_s * 1e9), submitted - started,
-                  int(timing.compute_s * 1e9), rows, timing.batch_size)
-        if trace is not None:
-            trace.ran(started, phases)
-        return outs, phases
-
-    async def _run(self, req: InferRequest, deadline: float | None):
+        """The request's outputs, and its phases for `stats` (ns since `started`, a perf_counter_ns())."""
         limit = time.monotonic() + self.timeout
         deadline = limit if deadline is None else min(deadline, limit)
         # an empty `outputs` list means every output, as an absent one does (Triton answers it so;
@@ -342,33 +334,49 @@ class Model:
                 if n not in self.output_shapes:
                     raise BadRequest(f"unknown output '{n}'; the model's outputs are: {', '.join(self.outputs)}")
             run_names = list(dict.fromkeys(names))
-        blobs = await self._blobs(req)
+        blobs = self._blobs(req)
+        for name, blob in blobs.items():
+            if callable(blob):  # encoded images: a large one must not stall every other connection
+                blobs[name] = await asyncio.to_thread(blob)
+        if len(blobs) > 1:
+            sizes = {a.shape[0] for a in blobs.values()}
+            if len(sizes) > 1:
+                raise BadRequest(f"inputs disagree on the batch size: {sorted(sizes)}")
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("the request's deadline passed before it reached the model")
         batch = next(iter(blobs.values())).shape[0]
         submitted = time.perf_counter_ns()
-        result, timing = await self.executor.submit(blobs, run_names, batch, deadline)
+        ex = self.executor
+        # a short forward runs here when the worker is idle (executor.py), without a coroutine for it
+        done = ex.run_inline(blobs, run_names, batch, deadline)
+        result, timing = done if done is not None else await ex.submit(blobs, run_names, batch, deadline)
         self.metrics.queue_seconds.observe(timing.queue_s)
-        outs = []
         if requested is None:
-            outs = [(n, "FP32", result[n], req.binary_output) for n in names]
+            binary = req.binary_output
+            outs = [(n, "FP32", result[n], binary) for n in names]
         else:
+            outs = []
             for o in requested:
                 arr = result[o.name]
                 if o.classification:
                     outs.append((o.name, "BYTES", self._classify(o.name, arr, o.classification), o.binary))
                 else:
                     outs.append((o.name, "FP32", arr, o.binary))
-        return outs, timing, submitted, batch
+        phases = (time.perf_counter_ns() - started, int(timing.queue_s * 1e9), submitted - started,
+                  int(timing.compute_s * 1e9), batch, timing.batch_size)
+        if trace is not None:
+            trace.ran(started, phases)
+        return outs, phases
 
-    async def _blobs(self, req: InferRequest) -> dict[str, np.ndarray]:
+    def _blobs(self, req: InferRequest) -> dict[str, Any]:
+        """Each input's blob; an encoded image's is a callable until it is decoded (off the loop)."""
         inputs, checked = req.inputs, req.checked
         if len(inputs) == 1 and len(self.inputs) == 1:  # the usual model: one input, as numbers
             t = inputs[0]
             binding = self.inputs.get(t.name)
             if binding is not None and binding.image is None:
-                return {t.name: binding.to_blob(t, self.max_batch, checked)}  # type: ignore[dict-item]
-        blobs: dict[str, Any] = {}  # an encoded image's is a callable until it is decoded
+                return {t.name: binding.to_blob(t, self.max_batch, checked)}
+        blobs: dict[str, Any] = {}
         for t in inputs:
             binding = self.inputs.get(t.name)
             if binding is None:
@@ -379,12 +387,6 @@ class Model:
         missing = [n for n in self.inputs if n not in blobs]
         if missing:
             raise BadRequest(f"missing input(s): {', '.join(missing)}")
-        for name, blob in blobs.items():
-            if callable(blob):  # encoded images: a large one must not stall every other connection
-                blobs[name] = await asyncio.to_thread(blob)
-        sizes = {a.shape[0] for a in blobs.values()}
-        if len(sizes) > 1:
-            raise BadRequest(f"inputs disagree on the batch size: {sorted(sizes)}")
         return blobs
 
     def _classify(self, name: str, arr: np.ndarray, k: int) -> np.ndarray:

@@ -22,6 +22,7 @@ rather than hand out rows that belong to someone else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -143,13 +144,22 @@ class Executor:
         return not any(t.is_alive() for t in self.threads)
 
     # --- submission (event loop thread)
-    async def submit(self, inputs: dict[str, np.ndarray], outputs: list[str], batch: int, deadline: float):
-        if self.pending >= self.max_queue:
-            raise Unavailable(f"the model's queue is full ({self.max_queue} requests); retry later", retry_after_s=1)
+    def run_inline(self, inputs: dict[str, np.ndarray], outputs: list[str], batch: int,
+                   deadline: float) -> tuple[dict[str, np.ndarray], Timing] | None:
+        """(outputs, timing) of a forward pass run here, on the event loop, when it may be (the module
+        docstring); None when the request must go to a worker (`submit`)."""
         backend = self.inline_backend
         if (backend is not None and not self.pending and batch * self.row_s <= INLINE_MAX_S
                 and self.net_lock.acquire(blocking=False)):
             return self._inline(backend, inputs, outputs, batch, deadline)
+        return None
+
+    async def submit(self, inputs: dict[str, np.ndarray], outputs: list[str], batch: int, deadline: float):
+        if self.pending >= self.max_queue:
+            raise Unavailable(f"the model's queue is full ({self.max_queue} requests); retry later", retry_after_s=1)
+        done = self.run_inline(inputs, outputs, batch, deadline)
+        if done is not None:
+            return done
         self.pending += 1
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
@@ -199,6 +209,9 @@ class Executor:
             return
         if index == 0 and self.instances == 1 and not self.batching and self.cfg.device.kind == "cpu":
             self.inline_backend = backend
+        # only the inline path shares this worker's Net: with several instances each worker runs alone
+        # (one lock for all of them would run their forward passes one at a time)
+        lock = self.net_lock if self.inline_backend is backend else contextlib.nullcontext()
         carry: WorkItem | None = None
         while True:
             first = carry if carry is not None else self.queue.get()
@@ -208,7 +221,7 @@ class Executor:
             batch = [first]
             if self.batching:
                 batch, carry = self._gather(first)
-            with self.net_lock:
+            with lock:
                 self._execute(backend, batch)
             if carry is self._STOP:
                 return
