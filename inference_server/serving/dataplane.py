@@ -25,7 +25,7 @@ from ..config import ServerConfig, TensorSpec
 from ..errors import BadRequest, DeadlineExceeded, InferenceError, ModelLoadError, NotFound, Unavailable
 from ..hashing import file_sha256
 from ..loading.child_load import probe_load
-from .codecs import HEADER_LENGTH, STREAM_MIN_BYTES, InferRequest, decode_request, encode_response
+from .codecs import HEADER_LENGTH, STREAM_MIN_BYTES, InferRequest, Plans, decode_request, encode_response
 from .executor import Executor
 from .memory import ModelMemory, gpu_used_bytes, release_freed_memory, rss_bytes
 from .metrics import ServerMetrics
@@ -128,6 +128,7 @@ class Model:
         self.config_json: bytes = b""  # Triton's model configuration (stats.model_config)
         self.answer_headers: dict[str, str] = {}  # on every infer answer: which backend answered
         self.stats = ModelStats()
+        self.plans: Plans = {}  # binary requests' headers decoded before (codecs.decode_request; loop only)
         self.max_elements = cfg.limits.max_request_bytes
         self.max_batch = cfg.limits.max_batch
         self.timeout = cfg.limits.request_timeout_s
@@ -279,7 +280,8 @@ class Model:
                 req = await asyncio.get_running_loop().run_in_executor(
                     _decoders(), decode_request, body, headers, self.max_elements, self._check_input)
             else:
-                req = decode_request(body, headers, self.max_elements, self._check_input)
+                req = decode_request(body, headers, self.max_elements, self._check_input, STREAM_MIN_BYTES,
+                                     self.plans)
             outs, phases = await self._run_timed(req, None, started, trace)
             t = time.perf_counter_ns()
             answer = encode_response(self.name, self.version, req.id, outs)
