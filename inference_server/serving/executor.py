@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 
 INLINE_MAX_S = 0.0002  # a forward pass expected under this runs on the event loop (see the module docstring)
 _EWMA = 0.2  # weight of the newest forward pass in the per-row time estimate
+# A forward pass counts at most this in the estimate: one the OS held up (a busy machine preempts the
+# thread mid-pass) must not send the next requests through the worker hop, which costs more than the
+# pass. A net that is slow on every pass still crosses INLINE_MAX_S after a few.
+_ROW_SAMPLE_MAX_S = 2 * INLINE_MAX_S
 
 
 @dataclass(slots=True)
@@ -187,7 +191,7 @@ class Executor:
             compute = time.monotonic() - start
         finally:
             self.net_lock.release()
-        self.row_s += _EWMA * (compute / batch - self.row_s)
+        self.row_s += _EWMA * (min(compute / batch, _ROW_SAMPLE_MAX_S) - self.row_s)
         if self.on_batch is not None:
             self.on_batch(batch, compute)
         return result, Timing(0.0, compute, batch)
@@ -320,7 +324,7 @@ class Executor:
             results, error = [None] * len(live), InferenceError(f"inference failed: {e}")
         done = time.monotonic()
         batch_size = sum(it.batch for it in live)
-        row_s = (done - now) / batch_size
+        row_s = min((done - now) / batch_size, _ROW_SAMPLE_MAX_S)
         self.row_s = row_s if self.row_s == float("inf") else self.row_s + _EWMA * (row_s - self.row_s)
         for it, res in zip(live, results, strict=True):
             _post(it.loop, _deliver, it.future, (res, Timing(now - it.enqueued, done - now, batch_size)), error)
