@@ -53,7 +53,7 @@ _FIELDS = ("method", "path", "model", "status", "bytes", "duration_ms", "request
 _QUIET_PATHS = ("/v2/health/live", "/v2/health/ready", "/metrics")
 _HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 MODELS_PREFIX = "/v2/models/"
-FLUSH_S = 0.01  # how long an access line may wait for others to be logged with it
+FLUSH_S = 0.05  # how long an access line may wait for others to be logged with it
 _ACCESS_LOGS: weakref.WeakSet[AccessLog] = weakref.WeakSet()  # flushed when logging shuts down
 
 
