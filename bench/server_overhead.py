@@ -185,6 +185,9 @@ def served(url: str, model: str) -> int:
 def profile_breakdown(server, model: str, body: bytes, headers: dict[str, str], seconds: float) -> None:
     """Where the server's CPU goes per request: py-spy `--gil` samples (which thread holds the GIL, and
     where) under h2load at concurrency 1, and each thread's CPU time from /proc over the same window.
+    py-spy often shows a coroutine chain the loop has just resumed by its outer frame alone, at an `await`
+    line (38% of the samples once, at the access-log wrapper's `await handler(req)`): such samples are
+    counted apart, as unattributed, and `--native` (which sees the whole chain) slows the server ten-fold.
 
     A part's time per request = its share of the GIL samples × the server's CPU time per request: the
     split is an estimate (what runs without the GIL, the Net's C++ forward in our pycaffe build and the
@@ -252,12 +255,29 @@ def profile_breakdown(server, model: str, body: bytes, headers: dict[str, str], 
           "write left out)")
 
 
+CUT_CHAIN = "unattributed: a coroutine chain py-spy cut at an await"
+
+
+def _source_line(frame: str) -> str:
+    """The source line a py-spy frame "function (path:line)" names ('' when it cannot be read)."""
+    import linecache
+    import re
+
+    m = re.search(r"\((.+):(\d+)\)$", frame)
+    if m is None:
+        return ""
+    path = m.group(1) if os.path.isabs(m.group(1)) else str(ROOT / m.group(1))
+    return linecache.getline(path, int(m.group(2)))
+
+
 def part_of(frames: list[str]) -> str:
     """The PROFILE_PARTS name of one sampled stack (root first, as py-spy writes it); a thread's own part
-    (the log writer's) wins over its frames."""
+    (the log writer's) wins over its frames; a leaf at an `await` is a chain py-spy cut."""
     for name, needles in PROFILE_PARTS[:1]:
         if any(needle in frame for frame in frames for needle in needles):
             return name
+    if "await " in _source_line(frames[-1]):
+        return CUT_CHAIN
     for frame in reversed(frames):
         for name, needles in PROFILE_PARTS:
             if any(needle in frame for needle in needles):
