@@ -285,6 +285,91 @@ def part_of(frames: list[str]) -> str:
     return "other (event loop, task steps, glue)"
 
 
+def request_path_costs(config: str, body: bytes, headers: dict[str, str]) -> dict[str, float]:
+    """CPU µs (this thread's CPU time, so other jobs on the machine do not inflate it) of each stage of one
+    REST request, on the server's own objects in this process, no sockets: the HTTP parse (httptools and
+    the connection's callbacks), the whole handler chain (access log, content coding, routing, data plane,
+    the forward run inline, the answer), and inside it the codec, the forward and the bookkeeping."""
+    import asyncio
+
+    from caffe_http.access_log import configure_logging
+    from caffe_http.server import Request, Response, _Connection, encode_response as http_head
+    from inference_server.commands.serve import build
+    from inference_server.model_dir import config_from
+    from inference_server.serving.codecs import STREAM_MIN_BYTES, decode_request, encode_response
+
+    configure_logging("INFO", "text", io.StringIO())
+    cfg, _ = config_from(config, None)
+    plane, server, _repo = build(cfg, True, None, config, None, "none")
+    m = plane.models[cfg.name]
+    m.load()
+    path = f"/v2/models/{cfg.name}/infer"
+    hdrs = {"host": "127.0.0.1", "user-agent": "h2load", **{k.lower(): v for k, v in headers.items()},
+            "content-length": str(len(body))}
+    raw = (f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n").encode() + body
+    n = 5000
+    out: dict[str, float] = {}
+
+    def cpu_us(what: str, fn) -> None:
+        fn()
+        t = time.thread_time()
+        for _ in range(n):
+            fn()
+        out[what] = (time.thread_time() - t) / n * 1e6
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def chain(k: int) -> None:
+            for i in range(k):
+                await server.handler(Request("POST", path, "", dict(hdrs), body, "127.0.0.1:1", 0.0))
+                if i % 100 == 0:
+                    await asyncio.sleep(0)  # the access log's flush runs, as it would between requests
+
+        await chain(200)
+        t = time.thread_time()
+        await chain(n)
+        out["handler chain: all of it (below)"] = (time.thread_time() - t) / n * 1e6
+        cpu_us("  decode the request (codec)",
+               lambda: decode_request(body, hdrs, m.max_elements, m._check_input, STREAM_MIN_BYTES, m.plans))
+        req = decode_request(body, hdrs, m.max_elements, m._check_input, STREAM_MIN_BYTES, m.plans)
+        backend = m.executor.inline_backend
+        if backend is not None:
+            blobs = {t.name: t.array for t in req.inputs}
+            cpu_us("  the forward (backend.infer, inline)", lambda: backend.infer(blobs, m.outputs))
+        outs, _ = await m._run_timed(req, None, time.perf_counter_ns())
+        cpu_us("  encode the answer (codec)", lambda: encode_response(m.name, m.version, req.id, outs))
+        cpu_us("  statistics (one success)", lambda: m.stats.success(1, 1, 1, 1, 1, 1, 1))
+        resp = Response(200, b"x" * 200, "application/octet-stream",
+                        {"Inference-Header-Content-Length": "150", "X-Caffeserve-Backend": "pycaffe",
+                         "X-Request-Id": "0123456789abcdef"})
+        cpu_us("HTTP response head", lambda: http_head(resp, True))
+
+        class Transport:  # what _Connection asks of a socket's transport
+            def get_extra_info(self, name):
+                return ("127.0.0.1", 1)
+
+            def write(self, data) -> None:
+                pass
+
+        server.loop = loop
+        conn = _Connection(server)
+        conn.connection_made(Transport())  # type: ignore[arg-type]
+        conn.worker = object()  # type: ignore[assignment]  # parse only: no task is started
+
+        def parse() -> None:
+            conn.data_received(raw)
+            conn.pending.clear()
+
+        cpu_us("HTTP parse (httptools and the callbacks)", parse)
+        conn.worker = None
+        conn._cancel_timer()
+
+    asyncio.run(run())
+    m.close()
+    return out
+
+
 def tracing_cost(args, url_path: str, body: bytes) -> None:
     """--tracing: the same server with tracing off and on, interleaved rounds, medians and ratios."""
     from contextlib import ExitStack
@@ -397,6 +482,7 @@ def main() -> None:
         if args.profile:
             profile_breakdown(servers["access log on"], cfg.name, *binary_case, max(4.0, args.seconds))
     costs = bookkeeping_costs(cfg)
+    stages = request_path_costs(args.config, *binary_case)
     print(f"\nload average (1 min): {os.getloadavg()[0]:.1f}")
     print(f"{'conc':>4} {'protocol':<12} {'server':<15} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/req':>10}")
     for (conc, proto, v), (rps, p50, p99, cpu) in rows.items():
@@ -413,6 +499,9 @@ def main() -> None:
                   f"CPU {base[3]:.3f} ms per request; this checkout / baseline CPU: {on[3] / base[3]:.2f}")
     print("bookkeeping on the request path, µs per request (timed in-process):")
     for what, us in costs.items():
+        print(f"  {what:<55} {us:7.2f}")
+    print("a REST binary request's stages, µs of CPU each (in-process, no sockets):")
+    for what, us in stages.items():
         print(f"  {what:<55} {us:7.2f}")
 
 
