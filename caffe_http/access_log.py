@@ -21,12 +21,13 @@ reader never blocks the event loop.
 What a line costs the request path: one tuple of the request's fields, appended to a list. Every
 `FLUSH_S` the lines held are formatted (the same text or JSON the record formatter writes, the time
 stamp made once per second) and handed to the writer thread as one queue item, which writes them in
-one write: formatted on the loop's thread, not the writer's, because a writer thread that formats
-takes the GIL from the requests (measured: 0.02-0.03 ms more CPU per request than this). One record and one write per request (each waking the writer thread) had cost about a
-third of a small request's server CPU, and a `LogRecord` per line still a sixth (bench/server_overhead.py
-measures the line on and off). Where the logging set-up is not `configure_logging`'s alone (another
-handler, a filter: a test's capture), each line is a record of its own, as before. Lines keep their own
-time; every held line is written before the process's logging shuts down.
+one write. They are formatted on the loop's thread, not the writer's: a writer thread that formats
+takes the GIL from the requests (measured: 0.02-0.03 ms more CPU per request). One record and one
+write per request (each waking the writer thread) had cost about a third of a small request's server
+CPU, and a `LogRecord` per line still a sixth (bench/server_overhead.py measures the line on and off).
+Where the logging set-up is not `configure_logging`'s alone (another handler, a filter: a test's
+capture), each line is a record of its own, as before. Lines keep their own time; every held line is
+written before the process's logging shuts down.
 """
 
 from __future__ import annotations
