@@ -9,6 +9,9 @@ and the ratios ours/peer; writes bench/results/compare.json and bench/results/co
 
     bash bench/setup_peers.sh          # once: the peers' venvs (idempotent)
     .venv/bin/python bench/compare.py [--seconds 5] [--concurrency 1 4 16]
+
+`--baseline DIR` adds a row for ours run from another checkout (the "before" of a change, e.g. a
+worktree at main), started and measured in the same rounds as the others.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ sys.path.insert(0, str(BENCH))
 
 from peers.servers import (  # noqa: E402
     SERVERS,
+    Ours,
     ServedModel,
     ServerUnderTest,
     http,
@@ -48,7 +52,8 @@ from wrk import run_wrk  # noqa: E402
 OURS = "caffe-serving"
 OURS_BINARY = "caffe-serving (binary)"
 OURS_AUTO = "caffe-serving (auto, binary)"
-OURS_ROWS = (OURS, OURS_BINARY, OURS_AUTO)
+OURS_BASELINE = "caffe-serving (baseline)"
+OURS_ROWS = (OURS, OURS_BINARY, OURS_AUTO, OURS_BASELINE)
 PEERS = ("kserve", "mlserver")
 RESULTS = BENCH / "results"
 
@@ -166,6 +171,16 @@ def measure(server: ServerUnderTest, body: bytes, headers: dict, concurrencies: 
     return points
 
 
+class OursFrom(Ours):
+    """Ours, its code from another checkout (`--baseline`)."""
+
+    root: Path = REPO
+
+    def start(self, timeout: float = 120.0):
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.root), self.env.get("PYTHONPATH")]))
+        return ServerUnderTest.start(self, timeout)
+
+
 @dataclass(frozen=True)
 class Setup:
     """One server start: which server, its options, and the rows (label, request body kind) it is measured for."""
@@ -185,6 +200,8 @@ def setups_for(model: str, args) -> list[Setup]:
             plan.append(Setup(OURS, (("backend", "pycaffe"),), tuple(rows)))
             if model in args.auto_backend_models:
                 plan.append(Setup(OURS, (("backend", None),), ((OURS_AUTO, "binary"),)))
+            if args.baseline is not None:
+                plan.append(Setup(OURS_BASELINE, (("backend", "pycaffe"),), ((OURS_BASELINE, "json"),)))
         elif server == "mlserver":
             plan.append(Setup(server, (("parallel_workers", args.mlserver_parallel_workers),), ((server, "json"),)))
         else:
@@ -194,7 +211,11 @@ def setups_for(model: str, args) -> list[Setup]:
 
 def run_server(setup: Setup, model: ServedModel, bodies: dict, reference: dict, args, env: dict) -> list[dict]:
     """Start one server for one model, check each row's answer, measure it; rows for the results table."""
-    server = SERVERS[setup.server](model, env, **dict(setup.options))
+    if setup.server == OURS_BASELINE:
+        server: ServerUnderTest = OursFrom(model, env, **dict(setup.options))
+        server.root = args.baseline.resolve()  # type: ignore[attr-defined]
+    else:
+        server = SERVERS[setup.server](model, env, **dict(setup.options))
     try:
         server.start()
     except (RuntimeError, TimeoutError) as e:
@@ -288,7 +309,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     models = list(dict.fromkeys(r["model"] for r in measured))
     order = [*OURS_ROWS, *PEERS]
     servers = sorted(dict.fromkeys(r["server"] for r in measured), key=lambda s: order.index(s) if s in order else 99)
-    colors = {OURS: "#1f77b4", OURS_BINARY: "#6baed6", OURS_AUTO: "#9ecae1", "kserve": "#ff7f0e", "mlserver": "#2ca02c"}
+    colors = {OURS: "#1f77b4", OURS_BINARY: "#6baed6", OURS_AUTO: "#9ecae1", OURS_BASELINE: "#aaaaaa",
+              "kserve": "#ff7f0e", "mlserver": "#2ca02c"}
     fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
     for col, model in enumerate(models):
         concs = sorted({r["concurrency"] for r in measured if r["model"] == model})
@@ -353,6 +375,8 @@ def main() -> int:
     ap.add_argument("--mlserver-parallel-workers", type=int, default=0,
                     help="MLServer's parallel_workers (default 0: inference in the server process)")
     ap.add_argument("--no-setup", action="store_true", help="do not run bench/setup_peers.sh first")
+    ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
+                    help="also ours from the checkout DIR (JSON rows, pycaffe), in the same rounds")
     ap.add_argument("--out", type=Path, default=RESULTS / "compare.json")
     ap.add_argument("--plot", type=Path, default=RESULTS / "compare.png")
     args = ap.parse_args()

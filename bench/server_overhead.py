@@ -12,6 +12,14 @@ Prints, for one model in one run:
 
     .venv/bin/python bench/server_overhead.py [--config examples/digits/server.yaml] [--seconds 10] [--rounds 2]
 
+`--baseline DIR` adds a third server run from another checkout (e.g. a worktree at main: the "before" of a
+change, measured in the same turns). `--profile` adds where the default server's CPU goes, per request:
+py-spy samples the GIL holder while h2load sends REST binary requests at concurrency 1, each sample is put
+in one part of the request path (HTTP parse, routing, codec, forward, bookkeeping, the write, ...) and each
+thread's CPU time is read from /proc (see `profile_breakdown`).
+
+    .venv/bin/python bench/server_overhead.py --protocols "REST binary" --baseline ../main --profile
+
 `--tracing` measures what OpenTelemetry tracing costs instead (docs/tracing.md): the same server with
 tracing off, on (every request sampled: 5 spans each, exported over OTLP/HTTP to a receiver on
 loopback that only counts them, as a collector elsewhere would cost nothing here) and on with
@@ -47,6 +55,27 @@ from protocols import cpu_s, h2load  # noqa: E402
 from wrk import run_wrk  # noqa: E402
 
 VARIANTS = {"access log on": [], "access log off": ["--no-access-log"]}
+
+SOCKET_WRITE = "HTTP: socket write"
+# Where a GIL sample goes: its leaf-most frame that names a part (by "function (file" as py-spy writes a
+# frame; the first rule in this order that matches that frame). A sample in a metrics call made by the
+# data plane is "metrics"; the lines of a wrapper itself are the wrapper's.
+PROFILE_PARTS: list[tuple[str, tuple[str, ...]]] = [
+    ("access log: writer thread (format, write)", ("QueueListener._monitor",)),
+    ("access log: request path (hold, flush)", ("AccessLog.", "new_request_id", "access_log.py")),
+    ("metrics (prometheus)", ("prometheus_client/", "serving/metrics.py")),
+    ("statistics (Triton's)", ("serving/stats.py",)),
+    ("tracing", ("tracing.py",)),
+    ("forward: backend (pycaffe's Python side)", ("backends/", "caffe/pycaffe.py")),
+    ("executor (queue, inline run)", ("serving/executor.py",)),
+    ("decode request (binary/JSON codec)", ("decode_request", "jsonscan.py")),
+    ("encode answer (codec)", ("encode_response (inference_server",)),
+    ("data plane (checks, blobs, timing)", ("serving/dataplane.py",)),
+    ("routing + handler wrappers", ("serving/app.py", "caffe_http/encoding.py")),
+    ("HTTP: response head", ("encode_response (caffe_http",)),
+    (SOCKET_WRITE, ("_Connection._serve_pending",)),  # what is left there: transport.write
+    ("HTTP: parse (httptools callbacks)", ("_Connection.",)),
+]
 
 
 def direct_forward_p50(cfg, x: np.ndarray, iterations: int = 2000) -> float:
@@ -88,16 +117,25 @@ def per_call_us(fn, n: int = 20000) -> float:
 
 def bookkeeping_costs(cfg) -> dict[str, float]:
     """µs per request of each bookkeeping step, on the server's own classes, in this process."""
-    from caffe_http.access_log import AccessLog, configure_logging
+    from caffe_http.access_log import AccessLog, TextFormatter, configure_logging
     from inference_server.serving.metrics import ServerMetrics
     from inference_server.serving.stats import ModelStats
 
     configure_logging("INFO", "text", io.StringIO())
     access = AccessLog("server")
     path = f"/v2/models/{cfg.name}/infer"
+    access._scheduled = True  # as between two flushes on the event loop: a line is only held
 
-    def line():  # outside an event loop a line is made into a record at once: its whole cost here
+    def line():
         access.write("POST", path, 200, 120, 0.0003, "0123456789abcdef", "127.0.0.1:5555")
+
+    held_us = per_call_us(line)
+    lines = access._held[:5000]
+    access._held.clear()
+    text = TextFormatter()
+    t = time.perf_counter()
+    text.access_lines("server", lines)
+    format_us = (time.perf_counter() - t) / len(lines) * 1e6
 
     metrics = ServerMetrics(cfg.name, cfg.version)
 
@@ -115,10 +153,220 @@ def bookkeeping_costs(cfg) -> dict[str, float]:
         stats.execution(1, 20000)
         stats.success(300000, 1000, 20000, 20000, 5000, 1, 1)
 
-    out = {"access line (record + formatting, queued to the writer)": per_call_us(line, 5000),
+    out = {"access line: held (request path)": held_us,
+           "access line: formatted (each flush, text format)": format_us,
            "metrics (in-flight, count, 4 histograms)": per_call_us(one_request_metrics),
            "statistics (Triton's, one success and one execution)": per_call_us(one_request_stats)}
     logging.shutdown()
+    return out
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[float, float]]:
+    """CPU seconds (user, system) of each thread of `pid`, by thread id."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        out[int(task.name)] = (int(fields[11]) / tick, int(fields[12]) / tick)
+    return out
+
+
+def served(url: str, model: str) -> int:
+    """Requests the model has answered (its Triton statistics' success count)."""
+    from caffe_testing.servers import http
+
+    status, _, body = http("GET", f"{url}/v2/models/{model}/stats")
+    return orjson.loads(body)["model_stats"][0]["inference_stats"]["success"]["count"]
+
+
+def profile_breakdown(server, model: str, body: bytes, headers: dict[str, str], seconds: float) -> None:
+    """Where the server's CPU goes per request: py-spy `--gil` samples (which thread holds the GIL, and
+    where) under h2load at concurrency 1, and each thread's CPU time from /proc over the same window.
+    py-spy often shows a coroutine chain the loop has just resumed by its outer frame alone, at an `await`
+    line (38% of the samples once, at the access-log wrapper's `await handler(req)`): such samples are
+    counted apart, as unattributed, and `--native` (which sees the whole chain) slows the server ten-fold.
+
+    A part's time per request = its share of the GIL samples × the server's CPU time per request: the
+    split is an estimate (what runs without the GIL, the Net's C++ forward in our pycaffe build and the
+    event loop's socket reads, is spread over the parts), the total is measured.
+    """
+    import re
+    import subprocess
+    import tempfile
+    import threading
+
+    spy = Path(sys.executable).parent / "py-spy"
+    if not spy.exists():
+        print("--profile needs py-spy: pip install -e '.[bench]'")
+        return
+    pid, rate = server.proc.pid, 500
+    url = f"{server.url}/v2/models/{model}/infer"
+    load = threading.Thread(target=h2load, args=(url, body, headers, 1, seconds + 3), kwargs={"h1": True})
+    load.start()
+    time.sleep(1.0)
+    with tempfile.TemporaryDirectory() as d:
+        raw = Path(d) / "profile.raw"
+        n0, cpu0, t0 = served(server.url, model), thread_cpu(pid), time.monotonic()
+        spy_run = subprocess.run([str(spy), "record", "-p", str(pid), "-d", str(round(seconds)), "-r", str(rate),
+                                  "--gil", "--threads", "-f", "raw", "-o", str(raw)], capture_output=True, text=True)
+        n1, cpu1, t1 = served(server.url, model), thread_cpu(pid), time.monotonic()
+        load.join()
+        if spy_run.returncode != 0 or not raw.exists():
+            print(f"py-spy failed: {spy_run.stderr.strip()[-500:]}")
+            return
+        rows = []
+        for line in raw.read_text().splitlines():
+            stack, count = line.rsplit(" ", 1)
+            rows.append((stack.split(";"), int(count)))
+    n = max(1, n1 - n0)
+    span = t1 - t0
+    per_thread = {tid: sum(cpu1.get(tid, c)) - sum(c) for tid, c in cpu0.items()}
+    main_cpu = per_thread.get(pid, 0.0)
+    main_sys = cpu1[pid][1] - cpu0[pid][1]
+    parts: dict[str, int] = {}
+    main_gil = 0
+    for frames, count in rows:
+        thread = int(re.search(r"\((\d+)\)", frames[0]).group(1)) if frames[0].startswith("thread") else pid
+        main_gil += count if thread == pid else 0
+        parts[part_of(frames)] = parts.get(part_of(frames), 0) + count
+    cpu_us = 1e6 * sum(per_thread.values()) / n
+    kernel_us = 1e6 * main_sys / n
+    gil_us = 1e6 * sum(parts.values()) / rate / n  # py-spy samples `rate` times a second
+    print(f"\nprofile: REST binary, concurrency 1, {span:.1f} s, {n} requests, load average "
+          f"{os.getloadavg()[0]:.1f}; py-spy --gil at {rate} Hz: {sum(parts.values())} samples")
+    print(f"  server CPU per request: {cpu_us / 1000:.3f} ms (the main thread {1000 * main_cpu / n:.3f}, other "
+          f"threads {(cpu_us - 1e6 * main_cpu / n) / 1000:.3f}); the GIL held {gil_us / 1000:.3f} ms per request "
+          f"({1000 * main_gil / (rate * n):.3f} by the main thread; wall time, which a busy machine stretches)")
+    # The samples in the socket write are mostly the thread waiting for the CPU it gave the woken client:
+    # the write's CPU is in the kernel time, measured. The rest of the CPU is split as the other samples are.
+    write = parts.pop(SOCKET_WRITE, 0)
+    total = max(1, sum(parts.values()))
+    user_us = cpu_us - kernel_us
+    print(f"  {'part':<50} {'µs/req':>7} {'share':>6}")
+    kernel = "kernel: socket reads and writes, epoll (measured)"
+    print(f"  {kernel:<50} {kernel_us:7.1f} {100 * kernel_us / cpu_us:5.1f}%")
+    for part, count in sorted(parts.items(), key=lambda kv: -kv[1]):
+        us = user_us * count / total
+        print(f"  {part:<50} {us:7.1f} {100 * us / cpu_us:5.1f}%")
+    print(f"  (each part: its share of the GIL samples x the user CPU per request; {write} samples in the socket "
+          "write left out)")
+
+
+CUT_CHAIN = "unattributed: a coroutine chain py-spy cut at an await"
+
+
+def _source_line(frame: str) -> str:
+    """The source line a py-spy frame "function (path:line)" names ('' when it cannot be read)."""
+    import linecache
+    import re
+
+    m = re.search(r"\((.+):(\d+)\)$", frame)
+    if m is None:
+        return ""
+    path = m.group(1) if os.path.isabs(m.group(1)) else str(ROOT / m.group(1))
+    return linecache.getline(path, int(m.group(2)))
+
+
+def part_of(frames: list[str]) -> str:
+    """The PROFILE_PARTS name of one sampled stack (root first, as py-spy writes it); a thread's own part
+    (the log writer's) wins over its frames; a leaf at an `await` is a chain py-spy cut."""
+    for name, needles in PROFILE_PARTS[:1]:
+        if any(needle in frame for frame in frames for needle in needles):
+            return name
+    if "await " in _source_line(frames[-1]):
+        return CUT_CHAIN
+    for frame in reversed(frames):
+        for name, needles in PROFILE_PARTS:
+            if any(needle in frame for needle in needles):
+                return name
+    return "other (event loop, task steps, glue)"
+
+
+def request_path_costs(config: str, body: bytes, headers: dict[str, str]) -> dict[str, float]:
+    """CPU µs (this thread's CPU time, so other jobs on the machine do not inflate it) of each stage of one
+    REST request, on the server's own objects in this process, no sockets: the HTTP parse (httptools and
+    the connection's callbacks), the whole handler chain (access log, content coding, routing, data plane,
+    the forward run inline, the answer), and inside it the codec, the forward and the bookkeeping."""
+    import asyncio
+
+    from caffe_http.access_log import configure_logging
+    from caffe_http.server import Request, Response, _Connection, encode_response as http_head
+    from inference_server.commands.serve import build
+    from inference_server.model_dir import config_from
+    from inference_server.serving.codecs import STREAM_MIN_BYTES, decode_request, encode_response
+
+    configure_logging("INFO", "text", io.StringIO())
+    cfg, _ = config_from(config, None)
+    plane, server, _repo = build(cfg, True, None, config, None, "none")
+    m = plane.models[cfg.name]
+    m.load()
+    path = f"/v2/models/{cfg.name}/infer"
+    hdrs = {"host": "127.0.0.1", "user-agent": "h2load", **{k.lower(): v for k, v in headers.items()},
+            "content-length": str(len(body))}
+    raw = (f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n").encode() + body
+    n = 5000
+    out: dict[str, float] = {}
+
+    def cpu_us(what: str, fn) -> None:
+        fn()
+        t = time.thread_time()
+        for _ in range(n):
+            fn()
+        out[what] = (time.thread_time() - t) / n * 1e6
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def chain(k: int) -> None:
+            for i in range(k):
+                await server.handler(Request("POST", path, "", dict(hdrs), body, "127.0.0.1:1", 0.0))
+                if i % 100 == 0:
+                    await asyncio.sleep(0)  # the access log's flush runs, as it would between requests
+
+        await chain(200)
+        t = time.thread_time()
+        await chain(n)
+        out["handler chain: all of it (below)"] = (time.thread_time() - t) / n * 1e6
+        cpu_us("  decode the request (codec)",
+               lambda: decode_request(body, hdrs, m.max_elements, m._check_input, STREAM_MIN_BYTES, m.plans))
+        req = decode_request(body, hdrs, m.max_elements, m._check_input, STREAM_MIN_BYTES, m.plans)
+        backend = m.executor.inline_backend
+        if backend is not None:
+            blobs = {t.name: t.array for t in req.inputs}
+            cpu_us("  the forward (backend.infer, inline)", lambda: backend.infer(blobs, m.outputs))
+        outs, _ = await m._run_timed(req, None, time.perf_counter_ns())
+        cpu_us("  encode the answer (codec)", lambda: encode_response(m.name, m.version, req.id, outs))
+        cpu_us("  statistics (one success)", lambda: m.stats.success(1, 1, 1, 1, 1, 1, 1))
+        resp = Response(200, b"x" * 200, "application/octet-stream",
+                        {"Inference-Header-Content-Length": "150", "X-Caffeserve-Backend": "pycaffe",
+                         "X-Request-Id": "0123456789abcdef"})
+        cpu_us("HTTP response head", lambda: http_head(resp, True))
+
+        class Transport:  # what _Connection asks of a socket's transport
+            def get_extra_info(self, name):
+                return ("127.0.0.1", 1)
+
+            def write(self, data) -> None:
+                pass
+
+        server.loop = loop
+        conn = _Connection(server)
+        conn.connection_made(Transport())  # type: ignore[arg-type]
+        conn.worker = object()  # type: ignore[assignment]  # parse only: no task is started
+
+        def parse() -> None:
+            conn.data_received(raw)
+            conn.pending.clear()
+
+        cpu_us("HTTP parse (httptools and the callbacks)", parse)
+        conn.worker = None
+        conn._cancel_timer()
+
+    asyncio.run(run())
+    m.close()
     return out
 
 
@@ -179,7 +427,10 @@ def main() -> None:
                     help="turns the seconds are split into, in rotation; with --tracing, interleaved rounds")
     ap.add_argument("--tracing", action="store_true", help="measure tracing off against on (module docstring)")
     ap.add_argument("--baseline", type=Path, default=None, metavar="DIR",
-                    help="with --tracing: also a server run from the checkout DIR")
+                    help="also a server (access log on) run from the checkout DIR, measured in the same turns")
+    ap.add_argument("--protocols", default="REST binary,REST JSON", help="comma-separated (default: both)")
+    ap.add_argument("--concurrency", default="1,8", help="comma-separated (default: 1,8)")
+    ap.add_argument("--profile", action="store_true", help="where the default server's CPU goes (docstring)")
     ap.add_argument("--only", default="", metavar="NAMES",
                     help="with --tracing: only these servers, comma-separated: off, on, baseline (default: all)")
     args = ap.parse_args()
@@ -192,6 +443,8 @@ def main() -> None:
     del net
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
     cases = bodies(name, x)
+    binary_case = cases["REST binary"]
+    cases = {k: v for k, v in cases.items() if k in args.protocols.split(",")}
     if args.tracing:
         tracing_cost(args, f"/v2/models/{cfg.name}/infer", cases["REST JSON"][0])
         return
@@ -199,9 +452,13 @@ def main() -> None:
     print(f"model {cfg.name}: input {name} {shape}; direct pycaffe forward p50: {fwd:.4f} ms", flush=True)
     rows = {}
     with ExitStack() as stack:
-        servers = {v: stack.enter_context(ServerProcess(Path(args.config), env={"OPENBLAS_NUM_THREADS": "1"},
-                                                        args=a)) for v, a in VARIANTS.items()}
-        for conc in (1, 8):
+        env = {"OPENBLAS_NUM_THREADS": "1"}
+        servers = {v: stack.enter_context(ServerProcess(Path(args.config), env=env, args=a))
+                   for v, a in VARIANTS.items()}
+        if args.baseline:
+            servers["baseline"] = stack.enter_context(ServerProcess(Path(args.config), env=env,
+                                                                    root=args.baseline.resolve()))
+        for conc in (int(c) for c in args.concurrency.split(",")):
             for proto, (body, headers) in cases.items():
                 acc = {v: [0, 0.0, 0.0, []] for v in servers}
                 for s in servers.values():  # warm-up
@@ -222,17 +479,29 @@ def main() -> None:
                     lat_all = np.concatenate(lat)
                     rows[(conc, proto, v)] = (n / span, float(np.percentile(lat_all, 50)),
                                               float(np.percentile(lat_all, 99)), 1000 * cpu / n)
+        if args.profile:
+            profile_breakdown(servers["access log on"], cfg.name, *binary_case, max(4.0, args.seconds))
     costs = bookkeeping_costs(cfg)
+    stages = request_path_costs(args.config, *binary_case)
     print(f"\nload average (1 min): {os.getloadavg()[0]:.1f}")
     print(f"{'conc':>4} {'protocol':<12} {'server':<15} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/req':>10}")
     for (conc, proto, v), (rps, p50, p99, cpu) in rows.items():
         print(f"{conc:>4} {proto:<12} {v:<15} {rps:>8.0f} {p50:>8.3f} {p99:>8.3f} {cpu:>10.3f}")
     for proto in cases:
+        if (1, proto, "access log on") not in rows:
+            continue
         on, off = rows[(1, proto, "access log on")], rows[(1, proto, "access log off")]
         print(f"{proto}: overhead at concurrency 1 (HTTP p50 − forward p50): {on[1] - fwd:.3f} ms; "
               f"the access line costs {on[3] - off[3]:+.3f} ms of CPU per request (on − off)")
+        if args.baseline:
+            base = rows[(1, proto, "baseline")]
+            print(f"{proto}: baseline {args.baseline} at concurrency 1: overhead {base[1] - fwd:.3f} ms, "
+                  f"CPU {base[3]:.3f} ms per request; this checkout / baseline CPU: {on[3] / base[3]:.2f}")
     print("bookkeeping on the request path, µs per request (timed in-process):")
     for what, us in costs.items():
+        print(f"  {what:<55} {us:7.2f}")
+    print("a REST binary request's stages, µs of CPU each (in-process, no sockets):")
+    for what, us in stages.items():
         print(f"  {what:<55} {us:7.2f}")
 
 

@@ -18,11 +18,16 @@ malformed HTTP) are logged by `log_refusal` the same way.
 own). Records are handed to a background thread through a queue (`QueueHandler`), so a slow log
 reader never blocks the event loop.
 
-What a line costs the request path: the access line is kept as a tuple and its records are made
-`FLUSH_S` later, all the lines of those milliseconds at once; the writer thread writes whatever it has
-queued in one write. One record and one write per request (each waking the writer thread) had cost
-about a third of a small request's server CPU (bench/server_overhead.py measures the line on and off).
-Lines keep their own time; every held line is written before the process's logging shuts down.
+What a line costs the request path: one tuple of the request's fields, appended to a list. Every
+`FLUSH_S` the lines held are formatted (the same text or JSON the record formatter writes, the time
+stamp made once per second) and handed to the writer thread as one queue item, which writes them in
+one write. They are formatted on the loop's thread, not the writer's: a writer thread that formats
+takes the GIL from the requests (measured: 0.02-0.03 ms more CPU per request). One record and one
+write per request (each waking the writer thread) had cost about a third of a small request's server
+CPU, and a `LogRecord` per line still a sixth (bench/server_overhead.py measures the line on and off).
+Where the logging set-up is not `configure_logging`'s alone (another handler, a filter: a test's
+capture), each line is a record of its own, as before. Lines keep their own time; every held line is
+written before the process's logging shuts down.
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ import argparse
 import asyncio
 import logging
 import logging.handlers
-import os
 import queue
+import random
 import sys
 import threading
 import time
@@ -49,12 +54,17 @@ _FIELDS = ("method", "path", "model", "status", "bytes", "duration_ms", "request
 _QUIET_PATHS = ("/v2/health/live", "/v2/health/ready", "/metrics")
 _HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 MODELS_PREFIX = "/v2/models/"
-FLUSH_S = 0.01  # how long an access line may wait for others to be logged with it
+FLUSH_S = 0.05  # how long an access line may wait for others to be logged with it
 _ACCESS_LOGS: weakref.WeakSet[AccessLog] = weakref.WeakSet()  # flushed when logging shuts down
 
 
+_random_bits = random.SystemRandom().getrandbits(64)  # seeds the generator below from the OS
+_ids = random.Random(_random_bits)
+
+
 def new_request_id() -> str:
-    return os.urandom(8).hex()
+    """16 hex digits: a name for the request in the logs, not a secret (no system call per request)."""
+    return f"{_ids.getrandbits(64):016x}"
 
 
 def model_of(path: str) -> str:
@@ -76,6 +86,10 @@ def error_message(resp: Response) -> str:
     return str(payload.get("error", "")) if isinstance(payload, dict) else ""
 
 
+# one held line: (time, level, method, path, status, bytes, seconds, request id, client, error)
+Line = tuple[float, int, str, str, int, int, float, str, str, str]
+
+
 class AccessLog:
     """Writes the access lines; `enabled` False keeps only the 4xx/5xx ones."""
 
@@ -83,7 +97,7 @@ class AccessLog:
         self.server = server  # "server" or "gateway": which program wrote the line
         self.enabled = enabled
         self.log = logging.getLogger(ACCESS_LOGGER)
-        self._held: list[tuple[float, int, str, dict[str, object]]] = []  # (time, level, text, fields), not yet logged
+        self._held: list[Line] = []  # not yet handed to logging
         self._lock = threading.Lock()
         self._scheduled = False
         _ACCESS_LOGS.add(self)
@@ -104,15 +118,9 @@ class AccessLog:
             level = logging.INFO
         if not self.log.isEnabledFor(level):
             return
-        fields = {"method": method, "path": path, "model": model_of(path), "status": status, "bytes": size,
-                  "duration_ms": round(seconds * 1000.0, 3), "request_id": request_id, "client": client,
-                  "error": error, "server": self.server}
-        text = (f'{client} "{method} {path}" {status} {size}B {fields["duration_ms"]:.3f}ms '
-                f'model={fields["model"] or "-"} request_id={request_id or "-"}')
-        if error:
-            text += f" error={orjson.dumps(error).decode()}"
+        line = (time.time(), level, method, path, status, size, seconds, request_id, client, error)
         with self._lock:
-            self._held.append((time.time(), level, text, fields))
+            self._held.append(line)
             if self._scheduled:
                 return
             self._scheduled = True
@@ -122,14 +130,77 @@ class AccessLog:
             self.flush()
 
     def flush(self) -> None:
-        """Log every held line (as records of their own time)."""
+        """Hand every held line to logging: as one item to configure_logging's writer thread, or as
+        records of their own time where logging is set up otherwise."""
         with self._lock:
             held, self._held, self._scheduled = self._held, [], False
-        log = self.log
-        for created, level, text, fields in held:
-            record = log.makeRecord(log.name, level, "(access)", 0, text, (), None, extra={"access": fields})
-            record.created, record.msecs = created, int(created * 1000) % 1000
-            log.handle(record)
+        if not held:
+            return
+        direct = _direct_writer(self.log)
+        if direct is not None:
+            q, fmt = direct
+            # formatted here, on the loop's thread: the writer thread then needs the GIL only to pick the
+            # text up, and does not take it from the requests for the formatting
+            q.put_nowait(AccessLines(self.server, fmt.access_lines(self.server, held)))
+            return
+        for line in held:
+            self.log.handle(access_record(self.log.name, self.server, line))
+
+
+def access_fields(server: str, line: Line) -> tuple[str, dict[str, object]]:
+    """(the text line, the fields) of a held line."""
+    _, _, method, path, status, size, seconds, request_id, client, error = line
+    duration_ms = round(seconds * 1000.0, 3)
+    model = model_of(path)
+    text = (f'{client} "{method} {path}" {status} {size}B {duration_ms:.3f}ms '
+            f'model={model or "-"} request_id={request_id or "-"}')
+    if error:
+        text += f" error={orjson.dumps(error).decode()}"
+    return text, {"method": method, "path": path, "model": model, "status": status, "bytes": size,
+                  "duration_ms": duration_ms, "request_id": request_id, "client": client, "error": error,
+                  "server": server}
+
+
+def access_record(name: str, server: str, line: Line) -> logging.LogRecord:
+    """A held line as a record of its own time (`access`: its fields, for the JSON format)."""
+    created, level = line[0], line[1]
+    text, fields = access_fields(server, line)
+    record = logging.getLogger(name).makeRecord(name, level, "(access)", 0, text, (), None, extra={"access": fields})
+    record.created, record.msecs = created, int(created * 1000) % 1000
+    return record
+
+
+class AccessLines(logging.LogRecord):
+    """Formatted access lines handed to the writer thread as one queue item (a record to the queue's
+    machinery)."""
+
+    def __init__(self, server: str, lines: list[str]):
+        super().__init__(ACCESS_LOGGER, logging.INFO, "(access)", 0, "", (), None)
+        self.server, self.lines = server, lines
+
+
+def _direct_writer(logger: logging.Logger) -> tuple[queue.SimpleQueue[logging.LogRecord], AccessFormatter] | None:
+    """The writer thread's queue and formatter when every access record would go there and nowhere else,
+    unfiltered, in one of our formats (logging as configure_logging sets it up); else None."""
+    c: logging.Logger | None = logger
+    while c is not None:
+        if c.filters:
+            return None
+        if c.handlers:
+            if c.parent is not None or len(c.handlers) != 1:
+                return None
+            h = c.handlers[0]
+            if not isinstance(h, _QueueHandler) or h.filters or h.level or not isinstance(h.listener, _Listener):
+                return None
+            writer = h.listener.writer
+            fmt = writer.formatter
+            if writer.level or writer.filters or not isinstance(fmt, (TextFormatter, JsonFormatter)):
+                return None
+            return h.queue, fmt  # type: ignore[return-value]
+        if not c.propagate:
+            return None
+        c = c.parent
+    return None
 
 
 def with_access_log(handler: Handler, access: AccessLog) -> Handler:
@@ -171,8 +242,59 @@ def log_refusal(access: AccessLog) -> Callable[[str, str, str, int, str], None]:
 # ------------------------------------------------------------------------------------------------
 # process logging
 # ------------------------------------------------------------------------------------------------
+_LEVELS = {level: logging.getLevelName(level) for level in (logging.DEBUG, logging.INFO, logging.WARNING)}
+
+
+class _SecondStamp:
+    """A time stamp's whole-second part, made once per second (strftime is most of a line's cost)."""
+
+    def __init__(self, fmt: str, convert: Callable[[float | None], time.struct_time]):
+        self.fmt, self.convert = fmt, convert
+        self.second, self.text = -1, ""
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        if second != self.second:
+            self.second, self.text = second, time.strftime(self.fmt, self.convert(created))
+        return self.text
+
+
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT, and the same line for held access lines without a record each."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+        self._stamp = _SecondStamp(self.default_time_format, self.converter)
+
+    def access_lines(self, server: str, lines: list[Line]) -> list[str]:
+        stamp, out = self._stamp, []
+        for line in lines:
+            created, level, method, path, status, size, seconds, request_id, client, error = line
+            model = model_of(path) or "-"
+            name = _LEVELS.get(level) or logging.getLevelName(level)
+            text = (f'{stamp(created)},{int(created * 1000) % 1000:03d} {name} {ACCESS_LOGGER}: {client} '
+                    f'"{method} {path}" {status} {size}B {round(seconds * 1000.0, 3):.3f}ms model={model} '
+                    f'request_id={request_id or "-"}')
+            out.append(f"{text} error={orjson.dumps(error).decode()}" if error else text)
+        return out
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (RFC 3339, UTC), level, logger, message, and access fields."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stamp = _SecondStamp("%Y-%m-%dT%H:%M:%S", time.gmtime)
+
+    def access_lines(self, server: str, lines: list[Line]) -> list[str]:
+        stamp, out = self._stamp, []
+        for line in lines:
+            created = line[0]
+            text, fields = access_fields(server, line)
+            record = {"time": f"{stamp(created)}.{int(created * 1000) % 1000:03d}Z",
+                      "level": logging.getLevelName(line[1]), "logger": ACCESS_LOGGER, "message": text, **fields}
+            out.append(orjson.dumps(record).decode())
+        return out
 
     def format(self, record: logging.LogRecord) -> str:
         out = {
@@ -191,6 +313,7 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out).decode()
 
 
+AccessFormatter = TextFormatter | JsonFormatter
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_FORMATS = ("text", "json")
 
@@ -198,7 +321,7 @@ LOG_FORMATS = ("text", "json")
 def configure_logging(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
     """The process's logging: `fmt` text or json, written by a background thread (module docstring)."""
     target = _BatchWriter(stream)
-    target.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    target.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     listener = _Listener(q, target)
     listener.start()
@@ -226,6 +349,10 @@ class _BatchWriter(logging.Handler):
         except Exception:
             self.handleError(record)
 
+    def emit_access(self, batch: AccessLines) -> None:
+        """Access lines AccessLog.flush has formatted."""
+        self.lines.extend(batch.lines)
+
     def flush(self) -> None:
         if not self.lines:
             return
@@ -246,7 +373,10 @@ class _Listener(logging.handlers.QueueListener):
         self.writer = writer
 
     def handle(self, record: logging.LogRecord) -> None:
-        super().handle(record)
+        if isinstance(record, AccessLines):
+            self.writer.emit_access(record)
+        else:
+            super().handle(record)
         if self.queue.empty():  # type: ignore[attr-defined]
             self.writer.flush()
 

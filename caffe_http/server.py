@@ -64,22 +64,21 @@ def _json_error(message: str) -> bytes:
     return orjson.dumps({"error": message})
 
 
-_REASONS = {s.value: s.phrase for s in HTTPStatus}
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus}
 
 
 def encode_response(resp: Response, keep_alive: bool, with_body: bool = True) -> bytes:
     """The response bytes; `with_body` False for HEAD (same headers, no body, as HTTP/1.1 requires)."""
-    head = [
-        f"HTTP/1.1 {resp.status} {_REASONS.get(resp.status, 'Unknown')}",
-        f"content-length: {len(resp.body)}",
-    ]
+    status = _STATUS_LINES.get(resp.status) or f"HTTP/1.1 {resp.status} Unknown\r\n"
+    head = f"{status}content-length: {len(resp.body)}\r\n"
     if resp.content_type:
-        head.append(f"content-type: {resp.content_type}")
+        head += f"content-type: {resp.content_type}\r\n"
     for k, v in resp.headers.items():
-        head.append(f"{k}: {v}")
+        head += f"{k}: {v}\r\n"
     if not keep_alive:
-        head.append("connection: close")
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (resp.body if with_body else b"")
+        head += "connection: close\r\n"
+    raw = (head + "\r\n").encode("latin-1")
+    return raw + resp.body if with_body and resp.body else raw
 
 
 @dataclass
@@ -130,7 +129,13 @@ class _Connection(asyncio.Protocol):
         # (request, keep-alive, bytes reserved) in arrival order; a refusal queued in order is a Response
         self.pending: deque[tuple[Request | Response, bool, int]] = deque()
         self.worker: asyncio.Task[None] | None = None
+        # One timer per connection, not one per deadline (_arm): it fires at `timer_at`, at the latest
+        # the current `deadline`, and then acts on the deadline set since, or sleeps again until it.
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
+        self.deadline: float | None = None  # loop.time() by which `timer_kind`'s wait ends; None: no deadline
+        self.tick = max(0.05, min(server.limits.header_timeout_s, server.limits.body_timeout_s,
+                                  server.limits.keepalive_timeout_s))
         self.closing = False
         self.refused = False  # a refusal is queued behind earlier pipelined requests: read no more
         self.reading_paused = False  # too many pipelined requests waiting: read no more until they drain
@@ -156,7 +161,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self._disarm()
+        self._cancel_timer()
         if self.writable is not None:
             self.writable.set()  # a worker waiting to write sees the connection is gone
         self.server.connections.discard(self)
@@ -272,7 +277,12 @@ class _Connection(asyncio.Protocol):
         if self.discarding:  # the refused body is all read: close now, or once the refusal is written
             self._end_discard()
             raise _Refused()
-        url = httptools.parse_url(self.url)
+        raw_url = self.url
+        if raw_url[:1] == b"/" and b"?" not in raw_url and b"#" not in raw_url:  # most requests: a bare path
+            path, query = raw_url.decode("latin-1"), ""
+        else:
+            url = httptools.parse_url(raw_url)
+            path, query = url.path.decode("latin-1"), (url.query or b"").decode("latin-1")
         body: bytes | bytearray
         if self.body_buf is not None:
             body, self.body_buf = self.body_buf, None
@@ -280,8 +290,8 @@ class _Connection(asyncio.Protocol):
             body = self.body_parts[0] if len(self.body_parts) == 1 else b"".join(self.body_parts)
         req = Request(
             method=self.parser.get_method().decode("latin-1"),
-            path=url.path.decode("latin-1"),
-            query=(url.query or b"").decode("latin-1"),
+            path=path,
+            query=query,
             headers=self.headers,
             body=body,
             client=self.client,
@@ -339,17 +349,41 @@ class _Connection(asyncio.Protocol):
 
     # --- deadlines and refusals
     def _arm(self, seconds: float, kind: str | None) -> None:
-        self._disarm()
+        """`kind`'s wait ends `seconds` from now. The timer is made again only when it would fire after
+        that: each request moves the deadline three times, which costs attribute stores, not timers."""
         self.timer_kind = kind
-        self.timer = self.loop.call_later(seconds, self._on_timeout, kind)
+        now = self.loop.time()
+        self.deadline = now + seconds
+        if self.timer is None or self.deadline < self.timer_at:
+            if self.timer is not None:
+                self.timer.cancel()
+            # no later than the shortest limit from now: a later, shorter wait (the next request's header
+            # deadline after a keep-alive one) then still finds the timer early enough
+            self.timer_at = now + min(seconds, self.tick)
+            self.timer = self.loop.call_at(self.timer_at, self._on_timer)
 
     def _disarm(self) -> None:
+        self.deadline = None  # the timer, if any, finds nothing to do when it fires
+
+    def _cancel_timer(self) -> None:
+        self.deadline = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
 
-    def _on_timeout(self, kind: str | None) -> None:
+    def _on_timer(self) -> None:
         self.timer = None
+        if self.deadline is None:
+            return
+        now = self.loop.time()
+        if now < self.deadline:  # moved since the timer was made: wait on
+            self.timer_at = min(self.deadline, now + self.tick)
+            self.timer = self.loop.call_at(self.timer_at, self._on_timer)
+            return
+        self.deadline = None
+        self._on_timeout(self.timer_kind)
+
+    def _on_timeout(self, kind: str | None) -> None:
         if kind == "drain":  # a refused body was not all sent within the body deadline
             self._close()
             return
@@ -457,7 +491,7 @@ class _Connection(asyncio.Protocol):
 
     def _close(self) -> None:
         self.closing = True
-        self._disarm()
+        self._cancel_timer()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 

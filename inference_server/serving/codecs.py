@@ -60,6 +60,7 @@ class InferRequest:
     outputs: list[RequestedOutput] | None  # None: all outputs
     binary_output: bool = False  # request-level binary_data_output
     parameters: dict = field(default_factory=dict)
+    checked: bool = False  # every input passed the model's own check (decode_request's `check`)
 
 
 def _depth_ok(obj, depth: int = 0) -> bool:
@@ -83,6 +84,15 @@ def _check_shape(name: str, shape, max_elements: int) -> int:
     stay within `max_elements`, so that `[0, 2**62, 4]` (0 elements, but no array of that shape
     can be built) is refused here and never reaches numpy's reshape.
     """
+    if type(shape) is list and len(shape) <= MAX_DIMS:  # the usual shape, positive dimensions: one pass
+        n = 1
+        for d in shape:
+            if type(d) is not int or d <= 0:
+                break
+            n *= d
+        else:
+            if n <= max_elements:
+                return n
     if not isinstance(shape, list) or not all(type(d) is int for d in shape):
         raise BadRequest(f"input '{name}': shape must be a list of integers, got {shape!r}")
     if len(shape) > MAX_DIMS:
@@ -213,23 +223,45 @@ class PlannedInput:
     span: jsonscan.Span | None = None  # where jsonscan found `data` in a large JSON part
 
 
+# What a binary request's JSON header decoded to (plans, the outputs, binary_data_output, id, parameters),
+# by the header's bytes and the binary part's length: a client sends the same header with every request.
+Plans = dict[tuple[bytes, int], tuple[list[PlannedInput], list[RequestedOutput] | None, bool, str | None, dict]]
+PLANS_KEPT = 64  # headers remembered per model (then forgotten all at once)
+
+
 def decode_request(body: bytes | bytearray, headers: dict[str, str], max_elements: int, check: InputCheck | None = None,
-                   stream_min_bytes: int = STREAM_MIN_BYTES) -> InferRequest:
+                   stream_min_bytes: int = STREAM_MIN_BYTES, plans: Plans | None = None) -> InferRequest:
     """Parse an infer request body (JSON, or JSON header + binary tensors) into numpy inputs.
 
     A JSON part of `stream_min_bytes` or more is decoded by `jsonscan` (its docstring says why); a
     smaller one by orjson at once, the fastest way for the small requests that are most of them.
     Every input is checked before any tensor is built: a bad last input costs no array.
+    `plans` (the model's, with the model's `check`): a binary request whose header and binary length
+    were seen before skips the JSON and its checks, which gave the same answer then; only the arrays are
+    built (and BYTES elements checked) from its own binary part.
     """
     json_part, binary = split_body(body, headers)
+    key = None
+    if plans is not None and binary:
+        key = (bytes(json_part), len(binary))
+        known = plans.get(key)
+        if known is not None:
+            plan, outputs, binary_output, rid, req_params = known
+            inputs = [InputTensor(p.name, p.shape, p.datatype, input_array(p, json_part, binary)) for p in plan]
+            return InferRequest(rid, inputs, outputs, binary_output, req_params, check is not None)
     req, spans = parse_json(json_part, stream_min_bytes)
     plan = plan_inputs(req.get("inputs"), spans, len(binary), max_elements, check)
     inputs = [InputTensor(p.name, p.shape, p.datatype, input_array(p, json_part, binary)) for p in plan]
     req_params = req.get("parameters") or {}
     binary_output = bool(isinstance(req_params, dict) and req_params.get("binary_data_output"))
     rid = req.get("id")
-    return InferRequest(rid if isinstance(rid, str) else None, inputs, requested_outputs(req, binary_output),
-                        binary_output, req_params)
+    rid = rid if isinstance(rid, str) else None
+    outputs = requested_outputs(req, binary_output)
+    if plans is not None and key is not None and all(p.binary is not None for p in plan):
+        if len(plans) >= PLANS_KEPT:
+            plans.clear()
+        plans[key] = (plan, outputs, binary_output, rid, req_params)
+    return InferRequest(rid, inputs, outputs, binary_output, req_params, check is not None)
 
 
 def split_body(body: bytes | bytearray, headers: dict[str, str]) -> tuple[bytes | bytearray, memoryview]:
@@ -254,7 +286,8 @@ def parse_json(json_part: bytes | bytearray, stream_min_bytes: int) -> tuple[dic
             raise BadRequest(f"malformed JSON request body: {e}") from None
     if not isinstance(req, dict):
         raise BadRequest("the request body must be a JSON object")
-    if not _depth_ok(req):
+    # each level of nesting opens a bracket: with no more brackets than the limit in all, the walk is moot
+    if json_part.count(b"[") + json_part.count(b"{") > MAX_JSON_DEPTH and not _depth_ok(req):
         raise BadRequest(f"the request JSON is nested deeper than {MAX_JSON_DEPTH} levels")
     return req, spans
 

@@ -25,7 +25,7 @@ from ..config import ServerConfig, TensorSpec
 from ..errors import BadRequest, DeadlineExceeded, InferenceError, ModelLoadError, NotFound, Unavailable
 from ..hashing import file_sha256
 from ..loading.child_load import probe_load
-from .codecs import HEADER_LENGTH, STREAM_MIN_BYTES, InferRequest, decode_request, encode_response
+from .codecs import HEADER_LENGTH, STREAM_MIN_BYTES, InferRequest, Plans, decode_request, encode_response
 from .executor import Executor
 from .memory import ModelMemory, gpu_used_bytes, release_freed_memory, rss_bytes
 from .metrics import ServerMetrics
@@ -92,8 +92,10 @@ class InputBinding:
             )
         self._check_batch(shape[0], max_batch)
 
-    def to_blob(self, t, max_batch: int) -> np.ndarray | Callable[[], np.ndarray]:
-        self.check(t.datatype, t.shape, max_batch)
+    def to_blob(self, t, max_batch: int, checked: bool = False) -> np.ndarray | Callable[[], np.ndarray]:
+        """`t` as the blob (a callable for encoded images, decoded off the loop); `checked`: `check` passed."""
+        if not checked:
+            self.check(t.datatype, t.shape, max_batch)
         if t.datatype == "BYTES" and self.image is not None:
             return functools.partial(self.image, self.name, t.array)  # decoded off the event loop
         arr = t.array
@@ -126,6 +128,7 @@ class Model:
         self.config_json: bytes = b""  # Triton's model configuration (stats.model_config)
         self.answer_headers: dict[str, str] = {}  # on every infer answer: which backend answered
         self.stats = ModelStats()
+        self.plans: Plans = {}  # binary requests' headers decoded before (codecs.decode_request; loop only)
         self.max_elements = cfg.limits.max_request_bytes
         self.max_batch = cfg.limits.max_batch
         self.timeout = cfg.limits.request_timeout_s
@@ -277,7 +280,8 @@ class Model:
                 req = await asyncio.get_running_loop().run_in_executor(
                     _decoders(), decode_request, body, headers, self.max_elements, self._check_input)
             else:
-                req = decode_request(body, headers, self.max_elements, self._check_input)
+                req = decode_request(body, headers, self.max_elements, self._check_input, STREAM_MIN_BYTES,
+                                     self.plans)
             outs, phases = await self._run_timed(req, None, started, trace)
             t = time.perf_counter_ns()
             answer = encode_response(self.name, self.version, req.id, outs)
@@ -318,61 +322,73 @@ class Model:
 
     async def _run_timed(self, req: InferRequest, deadline: float | None, started: int,
                          trace: RequestTrace | None = None):
-        """`_run`, and the request's phases for `stats` (ns since `started`, a perf_counter_ns())."""
-        outs, timing, submitted, rows = await self._run(req, deadline)
-        phases = (time.perf_counter_ns() - started, int(timing.queue_s * 1e9), submitted - started,
-                  int(timing.compute_s * 1e9), rows, timing.batch_size)
-        if trace is not None:
-            trace.ran(started, phases)
-        return outs, phases
-
-    async def _run(self, req: InferRequest, deadline: float | None):
+        """The request's outputs, and its phases for `stats` (ns since `started`, a perf_counter_ns())."""
         limit = time.monotonic() + self.timeout
         deadline = limit if deadline is None else min(deadline, limit)
         # an empty `outputs` list means every output, as an absent one does (Triton answers it so;
         # an empty answer would be a silent surprise)
         requested = req.outputs or None
-        names = self.outputs if requested is None else [o.name for o in requested]
-        for n in names:  # before any image is decoded: a bad request costs nothing
-            if n not in self.output_shapes:
-                raise BadRequest(f"unknown output '{n}'; the model's outputs are: {', '.join(self.outputs)}")
-        blobs = await self._blobs(req)
+        if requested is None:
+            names = run_names = self.outputs  # the model's own: known, no repeats
+        else:
+            names = [o.name for o in requested]
+            for n in names:  # before any image is decoded: a bad request costs nothing
+                if n not in self.output_shapes:
+                    raise BadRequest(f"unknown output '{n}'; the model's outputs are: {', '.join(self.outputs)}")
+            run_names = list(dict.fromkeys(names))
+        blobs = self._blobs(req)
+        for name, blob in blobs.items():
+            if callable(blob):  # encoded images: a large one must not stall every other connection
+                blobs[name] = await asyncio.to_thread(blob)
+        if len(blobs) > 1:
+            sizes = {a.shape[0] for a in blobs.values()}
+            if len(sizes) > 1:
+                raise BadRequest(f"inputs disagree on the batch size: {sorted(sizes)}")
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("the request's deadline passed before it reached the model")
         batch = next(iter(blobs.values())).shape[0]
         submitted = time.perf_counter_ns()
-        result, timing = await self.executor.submit(blobs, list(dict.fromkeys(names)), batch, deadline)
+        ex = self.executor
+        # a short forward runs here when the worker is idle (executor.py), without a coroutine for it
+        done = ex.run_inline(blobs, run_names, batch, deadline)
+        result, timing = done if done is not None else await ex.submit(blobs, run_names, batch, deadline)
         self.metrics.queue_seconds.observe(timing.queue_s)
-        outs = []
         if requested is None:
-            outs = [(n, "FP32", result[n], req.binary_output) for n in names]
+            binary = req.binary_output
+            outs = [(n, "FP32", result[n], binary) for n in names]
         else:
+            outs = []
             for o in requested:
                 arr = result[o.name]
                 if o.classification:
                     outs.append((o.name, "BYTES", self._classify(o.name, arr, o.classification), o.binary))
                 else:
                     outs.append((o.name, "FP32", arr, o.binary))
-        return outs, timing, submitted, batch
+        phases = (time.perf_counter_ns() - started, int(timing.queue_s * 1e9), submitted - started,
+                  int(timing.compute_s * 1e9), batch, timing.batch_size)
+        if trace is not None:
+            trace.ran(started, phases)
+        return outs, phases
 
-    async def _blobs(self, req: InferRequest) -> dict[str, np.ndarray]:
-        blobs: dict[str, Any] = {}  # an encoded image's is a callable until it is decoded
-        for t in req.inputs:
+    def _blobs(self, req: InferRequest) -> dict[str, Any]:
+        """Each input's blob; an encoded image's is a callable until it is decoded (off the loop)."""
+        inputs, checked = req.inputs, req.checked
+        if len(inputs) == 1 and len(self.inputs) == 1:  # the usual model: one input, as numbers
+            t = inputs[0]
+            binding = self.inputs.get(t.name)
+            if binding is not None and binding.image is None:
+                return {t.name: binding.to_blob(t, self.max_batch, checked)}
+        blobs: dict[str, Any] = {}
+        for t in inputs:
             binding = self.inputs.get(t.name)
             if binding is None:
                 raise BadRequest(f"unknown input '{t.name}'; the model's inputs are: {', '.join(self.inputs)}")
             if t.name in blobs:
                 raise BadRequest(f"input '{t.name}' is given more than once")
-            blobs[t.name] = binding.to_blob(t, self.max_batch)
+            blobs[t.name] = binding.to_blob(t, self.max_batch, checked)
         missing = [n for n in self.inputs if n not in blobs]
         if missing:
             raise BadRequest(f"missing input(s): {', '.join(missing)}")
-        for name, blob in blobs.items():
-            if callable(blob):  # encoded images: a large one must not stall every other connection
-                blobs[name] = await asyncio.to_thread(blob)
-        sizes = {a.shape[0] for a in blobs.values()}
-        if len(sizes) > 1:
-            raise BadRequest(f"inputs disagree on the batch size: {sorted(sizes)}")
         return blobs
 
     def _classify(self, name: str, arr: np.ndarray, k: int) -> np.ndarray:

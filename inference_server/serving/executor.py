@@ -22,6 +22,7 @@ rather than hand out rows that belong to someone else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -42,6 +43,10 @@ log = logging.getLogger(__name__)
 
 INLINE_MAX_S = 0.0002  # a forward pass expected under this runs on the event loop (see the module docstring)
 _EWMA = 0.2  # weight of the newest forward pass in the per-row time estimate
+# A forward pass counts at most this in the estimate: one the OS held up (a busy machine preempts the
+# thread mid-pass) must not send the next requests through the worker hop, which costs more than the
+# pass. A net that is slow on every pass still crosses INLINE_MAX_S after a few.
+_ROW_SAMPLE_MAX_S = 2 * INLINE_MAX_S
 
 
 @dataclass(slots=True)
@@ -143,13 +148,22 @@ class Executor:
         return not any(t.is_alive() for t in self.threads)
 
     # --- submission (event loop thread)
-    async def submit(self, inputs: dict[str, np.ndarray], outputs: list[str], batch: int, deadline: float):
-        if self.pending >= self.max_queue:
-            raise Unavailable(f"the model's queue is full ({self.max_queue} requests); retry later", retry_after_s=1)
+    def run_inline(self, inputs: dict[str, np.ndarray], outputs: list[str], batch: int,
+                   deadline: float) -> tuple[dict[str, np.ndarray], Timing] | None:
+        """(outputs, timing) of a forward pass run here, on the event loop, when it may be (the module
+        docstring); None when the request must go to a worker (`submit`)."""
         backend = self.inline_backend
         if (backend is not None and not self.pending and batch * self.row_s <= INLINE_MAX_S
                 and self.net_lock.acquire(blocking=False)):
             return self._inline(backend, inputs, outputs, batch, deadline)
+        return None
+
+    async def submit(self, inputs: dict[str, np.ndarray], outputs: list[str], batch: int, deadline: float):
+        if self.pending >= self.max_queue:
+            raise Unavailable(f"the model's queue is full ({self.max_queue} requests); retry later", retry_after_s=1)
+        done = self.run_inline(inputs, outputs, batch, deadline)
+        if done is not None:
+            return done
         self.pending += 1
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
@@ -177,7 +191,7 @@ class Executor:
             compute = time.monotonic() - start
         finally:
             self.net_lock.release()
-        self.row_s += _EWMA * (compute / batch - self.row_s)
+        self.row_s += _EWMA * (min(compute / batch, _ROW_SAMPLE_MAX_S) - self.row_s)
         if self.on_batch is not None:
             self.on_batch(batch, compute)
         return result, Timing(0.0, compute, batch)
@@ -199,6 +213,9 @@ class Executor:
             return
         if index == 0 and self.instances == 1 and not self.batching and self.cfg.device.kind == "cpu":
             self.inline_backend = backend
+        # only the inline path shares this worker's Net: with several instances each worker runs alone
+        # (one lock for all of them would run their forward passes one at a time)
+        lock = self.net_lock if self.inline_backend is backend else contextlib.nullcontext()
         carry: WorkItem | None = None
         while True:
             first = carry if carry is not None else self.queue.get()
@@ -208,7 +225,7 @@ class Executor:
             batch = [first]
             if self.batching:
                 batch, carry = self._gather(first)
-            with self.net_lock:
+            with lock:
                 self._execute(backend, batch)
             if carry is self._STOP:
                 return
@@ -307,7 +324,7 @@ class Executor:
             results, error = [None] * len(live), InferenceError(f"inference failed: {e}")
         done = time.monotonic()
         batch_size = sum(it.batch for it in live)
-        row_s = (done - now) / batch_size
+        row_s = min((done - now) / batch_size, _ROW_SAMPLE_MAX_S)
         self.row_s = row_s if self.row_s == float("inf") else self.row_s + _EWMA * (row_s - self.row_s)
         for it, res in zip(live, results, strict=True):
             _post(it.loop, _deliver, it.future, (res, Timing(now - it.enqueued, done - now, batch_size)), error)

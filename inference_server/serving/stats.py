@@ -42,6 +42,9 @@ class ModelStats:
         self._lock = threading.Lock()
         # phase -> [count, ns]
         self._phases: dict[str, list[int]] = {p: [0, 0] for p in _PHASES}
+        # the counters one answered request adds to, in success()'s order
+        self._success = tuple(self._phases[p] for p in ("success", "queue", "compute_input", "compute_infer",
+                                                          "compute_output"))
         # executed batch size -> [executions, input ns, infer ns, output ns]
         self._batches: dict[int, list[int]] = {}
         self.inference_count = 0
@@ -61,13 +64,18 @@ class ModelStats:
     def success(self, total_ns: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int,
                 rows: int, batch_size: int) -> None:
         """One request answered: its phases; `batch_size` is the executed batch it rode in."""
+        success, queue, compute_input, compute_infer, compute_output = self._success
         with self._lock:
-            p = self._phases
-            for name, ns in (("success", total_ns), ("queue", queue_ns), ("compute_input", input_ns),
-                             ("compute_infer", infer_ns), ("compute_output", output_ns)):
-                c = p[name]
-                c[0] += 1
-                c[1] += ns
+            success[0] += 1
+            success[1] += total_ns
+            queue[0] += 1
+            queue[1] += queue_ns
+            compute_input[0] += 1
+            compute_input[1] += input_ns
+            compute_infer[0] += 1
+            compute_infer[1] += infer_ns
+            compute_output[0] += 1
+            compute_output[1] += output_ns
             self.inference_count += rows
             self.last_inference_ms = int(time.time() * 1000)
             b = self._batches.get(batch_size)

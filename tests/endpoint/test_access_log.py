@@ -114,3 +114,40 @@ def test_gateway_and_server_lines_share_the_request_id(server):
         [line] = lines_with(g, '"gw-404"')
         record = json.loads(line)
         assert status == 404 and record["level"] == "WARNING" and "not known to the gateway" in record["error"]
+
+
+def test_lines_are_the_same_whether_batched_or_records_of_their_own():
+    """With logging as `configure_logging` sets it up the held lines go to the writer thread already formatted;
+    with another handler on the access logger (an embedding program's) each line is a record with its fields.
+    Both write the same text."""
+    import io
+    import logging
+
+    from caffe_http.access_log import ACCESS_LOGGER, AccessLog, configure_logging
+
+    root = logging.getLogger()
+    saved = list(root.handlers), root.level
+    out = io.StringIO()
+    configure_logging("INFO", "text", out)
+    access = AccessLog("server")
+    records: list[logging.LogRecord] = []
+    capture = logging.Handler()
+    capture.emit = records.append  # type: ignore[method-assign]
+    try:
+        access.write("POST", "/v2/models/digits/infer", 200, 120, 0.0004, "batched-1", "127.0.0.1:1")
+        logging.getLogger(ACCESS_LOGGER).addHandler(capture)
+        access.write("POST", "/v2/models/digits/infer", 200, 120, 0.0004, "record-1", "127.0.0.1:1")
+    finally:
+        logging.getLogger(ACCESS_LOGGER).removeHandler(capture)
+        for h in list(root.handlers):  # ours: closing it writes what is held and stops its thread
+            root.removeHandler(h)
+            h.close()
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+    [record] = records
+    assert record.access["request_id"] == "record-1" and record.access["model"] == "digits"  # type: ignore[attr-defined]
+    lines = out.getvalue().splitlines()
+    tails = [line.split(" INFO caffeserve.access: ", 1)[1] for line in lines if "caffeserve.access" in line]
+    assert tails == [f'127.0.0.1:1 "POST /v2/models/digits/infer" 200 120B 0.400ms model=digits request_id={rid}'
+                     for rid in ("batched-1", "record-1")]

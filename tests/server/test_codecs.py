@@ -165,3 +165,19 @@ def test_the_model_check_runs_before_any_tensor_is_built():
     with pytest.raises(BadRequest, match="batch size 100000"):
         decode_request(body, {}, MAX, check=check)
     assert seen == [("data", "FP32", [100_000, 2])]
+
+
+def test_a_repeated_binary_header_decodes_each_request_s_own_data_and_still_refuses_a_bad_one():
+    """The model's plans remember a header it has decoded (codecs.Plans): the second request with the same
+    header gets its own values, and a header whose binary part no longer fits is still a 400."""
+    plans: dict = {}
+    checked: list = []
+    x1, x2 = np.arange(4, dtype=np.float32), np.arange(4, 8, dtype=np.float32)
+    for x in (x1, x2, x1):
+        body, headers = _binary([1, 4], payload=x.tobytes())
+        req = decode_request(body, headers, MAX, lambda *a: checked.append(a), plans=plans)
+        np.testing.assert_array_equal(req.inputs[0].array, x.reshape(1, 4))
+    assert len(plans) == 1 and len(checked) == 1  # checked once, by the model, when first seen
+    head_len = int(headers["inference-header-content-length"])
+    with pytest.raises(BadRequest, match="binary_data_size 16 runs past the binary data"):
+        decode_request(body[: head_len + 12], headers, MAX, lambda *a: None, plans=plans)
