@@ -24,6 +24,7 @@ import struct
 import time
 import zlib
 from collections.abc import Awaitable, Callable
+from ssl import SSLContext
 from typing import NoReturn
 
 import grpc
@@ -70,12 +71,10 @@ def _percent(message: str) -> bytes:
     return bytes(out)
 
 
-def status_block(code: grpc.StatusCode, details: str, trailing=()) -> bytes:
-    """The header block of a trailers-only answer: status, message and trailing metadata."""
-    block = _RESPONSE_HEADERS + literal(b"grpc-status", str(code.value[0]).encode())
-    if details:
-        block += literal(b"grpc-message", _percent(details))
-    for key, value in trailing:
+def metadata_block(metadata) -> bytes:
+    """gRPC metadata ((key, str or bytes) pairs) as literal header fields; `-bin` values in unpadded base64."""
+    block = b""
+    for key, value in metadata:
         name = key.lower().encode()
         if name.endswith(b"-bin"):
             raw = value if isinstance(value, bytes) else value.encode()
@@ -83,6 +82,14 @@ def status_block(code: grpc.StatusCode, details: str, trailing=()) -> bytes:
         else:
             block += literal(name, value.encode() if isinstance(value, str) else value)
     return block
+
+
+def status_block(code: grpc.StatusCode, details: str, trailing=()) -> bytes:
+    """The header block of a trailers-only answer: status, message and trailing metadata."""
+    block = _RESPONSE_HEADERS + literal(b"grpc-status", str(code.value[0]).encode())
+    if details:
+        block += literal(b"grpc-message", _percent(details))
+    return block + metadata_block(trailing) if trailing else block
 
 
 class AbortError(Exception):
@@ -94,18 +101,25 @@ class AbortError(Exception):
 
 
 class CallContext:
-    """What a handler may ask of its call (the subset of grpc.aio's ServicerContext our services use)."""
+    """What a handler may ask of its call (the subset of grpc.aio's ServicerContext our services and the
+    gateway's forwarder use): deadline, metadata both ways, the peer, abort."""
 
-    __slots__ = ("deadline", "_headers")
+    __slots__ = ("deadline", "_headers", "_conn", "_metadata", "initial", "trailing")
 
-    def __init__(self, deadline: float | None, headers: list[tuple[bytes, bytes]]):
+    def __init__(self, deadline: float | None, headers: list[tuple[bytes, bytes]], conn: _Connection | None = None):
         self.deadline = deadline  # time.monotonic(), from grpc-timeout
         self._headers = headers
+        self._conn = conn
+        self._metadata: tuple[tuple[str, str | bytes], ...] | None = None
+        self.initial: tuple = ()  # metadata for the answer's headers (send_initial_metadata)
+        self.trailing: tuple = ()  # metadata for an OK answer's trailers (set_trailing_metadata)
 
     def time_remaining(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
     def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        if self._metadata is not None:
+            return self._metadata
         out: list[tuple[str, str | bytes]] = []
         for name, value in self._headers:
             if name[:1] == b":" or name in (b"content-type", b"te", b"grpc-timeout", b"grpc-encoding"):
@@ -115,7 +129,18 @@ class CallContext:
                 out.append((key, base64.b64decode(value + b"=" * (-len(value) % 4))))
             else:
                 out.append((key, value.decode("latin-1")))
-        return tuple(out)
+        self._metadata = tuple(out)
+        return self._metadata
+
+    def peer(self) -> str:
+        """grpc's form of the client's address: `ipv4:10.0.0.1:5555`, `ipv6:[::1]:5555` ("" when unknown)."""
+        return self._conn.peer if self._conn is not None else ""
+
+    async def send_initial_metadata(self, metadata) -> None:
+        self.initial = tuple(metadata)
+
+    def set_trailing_metadata(self, metadata) -> None:
+        self.trailing = tuple(metadata)
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()) -> NoReturn:
         raise AbortError(code, details, trailing_metadata)
@@ -123,7 +148,7 @@ class CallContext:
 
 class _Stream:
     __slots__ = ("id", "path", "headers", "deadline", "encoding", "body", "filled", "expect", "task", "send_window",
-                 "pending", "answered")
+                 "pending", "trailers", "answered")
 
     def __init__(self, sid: int, path: bytes, headers, deadline: float | None, encoding: bytes, window: int):
         self.id = sid
@@ -137,6 +162,7 @@ class _Stream:
         self.task: asyncio.Task | None = None
         self.send_window = window
         self.pending: memoryview | None = None  # answer data waiting for flow-control window
+        self.trailers = b""  # the frames that end the answer, once `pending` is sent
         self.answered = False  # its request is complete (or refused): DATA that still arrives is dropped
 
 
@@ -164,6 +190,18 @@ class _Connection(asyncio.Protocol):
         self.goaway = False
         self.closed = False
         self.stream_window = min(2**31 - 1, server.max_message_bytes + 5 + MAX_FRAME)
+        self._peer: str | None = None
+
+    @property
+    def peer(self) -> str:
+        if self._peer is None:
+            addr = self.transport.get_extra_info("peername")
+            if isinstance(addr, tuple) and len(addr) >= 2:
+                host = str(addr[0])
+                self._peer = f"ipv6:[{host}]:{addr[1]}" if ":" in host else f"ipv4:{host}:{addr[1]}"
+            else:
+                self._peer = ""
+        return self._peer
 
     # --- lifecycle
     def connection_made(self, transport) -> None:
@@ -468,8 +506,9 @@ class _Connection(asyncio.Protocol):
         return out
 
     async def _call(self, s: _Stream, handler: Handler, message: bytes | memoryview) -> None:
+        ctx = CallContext(s.deadline, s.headers, self)
         try:
-            answer = await handler(message, CallContext(s.deadline, s.headers))
+            answer = await handler(message, ctx)
         except AbortError as a:
             self._end(s, self._headers_frames(s.id, status_block(a.code, a.details, a.trailing)))
             return
@@ -483,12 +522,18 @@ class _Connection(asyncio.Protocol):
         if self.closed or s.id not in self.streams:
             return
         n = len(answer) + 5
-        head = frame(HEADERS, END_HEADERS, s.id, _RESPONSE_HEADERS)
+        if ctx.initial:
+            head = self._headers_frames(s.id, _RESPONSE_HEADERS + metadata_block(ctx.initial), end=False)
+        else:
+            head = frame(HEADERS, END_HEADERS, s.id, _RESPONSE_HEADERS)
+        if ctx.trailing:
+            trailers = self._headers_frames(s.id, _OK_TRAILERS + metadata_block(ctx.trailing))
+        else:
+            trailers = frame(HEADERS, END_HEADERS | END_STREAM, s.id, _OK_TRAILERS)
         if n <= self.peer_max_frame and n <= s.send_window and n <= self.conn_send_window:
             s.send_window -= n
             self.conn_send_window -= n
             data_head = _frame_head(DATA, 0, s.id, n) + b"\0"
-            trailers = frame(HEADERS, END_HEADERS | END_STREAM, s.id, _OK_TRAILERS)
             if n < 65536:
                 self._end(s, b"".join((head, data_head, _HEAD.pack(n - 5), answer, trailers)))
             else:
@@ -497,6 +542,7 @@ class _Connection(asyncio.Protocol):
             return
         self.transport.write(head)
         s.pending = memoryview(b"\0" + _HEAD.pack(n - 5) + answer)
+        s.trailers = trailers
         self._flush(s)
 
     def _flush_all(self) -> None:
@@ -516,15 +562,17 @@ class _Connection(asyncio.Protocol):
             data = data[n:]
         s.pending = data if data else None
         if not data:
-            self._end(s, frame(HEADERS, END_HEADERS | END_STREAM, s.id, _OK_TRAILERS))
+            self._end(s, s.trailers)
 
-    def _headers_frames(self, sid: int, block: bytes) -> bytes:
-        """A header block that ends the stream, split into HEADERS + CONTINUATION by the peer's frame size."""
+    def _headers_frames(self, sid: int, block: bytes, end: bool = True) -> bytes:
+        """A header block (ending the stream unless not `end`), split into HEADERS + CONTINUATION by the
+        peer's frame size."""
         size = self.peer_max_frame
+        flags = END_STREAM if end else 0
         if len(block) <= size:
-            return frame(HEADERS, END_HEADERS | END_STREAM, sid, block)
+            return frame(HEADERS, END_HEADERS | flags, sid, block)
         parts = [block[i : i + size] for i in range(0, len(block), size)]
-        out = [frame(HEADERS, END_STREAM, sid, parts[0])]
+        out = [frame(HEADERS, flags, sid, parts[0])]
         out += [frame(CONTINUATION, 0, sid, p) for p in parts[1:-1]]
         out.append(frame(CONTINUATION, END_HEADERS, sid, parts[-1]))
         return b"".join(out)
@@ -574,12 +622,13 @@ class GRPCTransportServer:
         self._server: asyncio.Server | None = None
         self._idle: asyncio.Event | None = None
 
-    async def start(self, host: str, port: int) -> int:
-        """Bind and start; returns the bound port. OSError when the port cannot be bound."""
+    async def start(self, host: str, port: int, ssl: SSLContext | None = None) -> int:
+        """Bind and start (TLS with `ssl`, whose ALPN must offer h2); returns the bound port. OSError when the
+        port cannot be bound."""
         loop = asyncio.get_running_loop()
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_port=False)
+            self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_port=False, ssl=ssl)
         except OSError as e:
             raise OSError(e.errno, f"cannot listen for gRPC on {address}") from None
         return self._server.sockets[0].getsockname()[1]
