@@ -28,6 +28,7 @@ import zlib
 import grpc
 
 from inference_server.grpc.hpack_decode import HeaderDecoder, HPACKError, encode_int, literal
+from inference_server.grpc.messages import SERVICE
 from inference_server.grpc.transport import (
     ACK,
     CANCEL,
@@ -469,13 +470,17 @@ class H2Upstream:
     async def call(self, method: str, message: bytes, metadata, deadline: float, connect_timeout_s: float) -> tuple:
         """The server's answer to one unary call (see the module's docstring for how else it ends)."""
         loop = asyncio.get_running_loop()
-        conn = await self._connection(min(connect_timeout_s, deadline - loop.time()))
-        left = deadline - loop.time()
-        c = conn.start(f"/inference.GRPCInferenceService/{method}".encode(), message, metadata, max(left, 0.001))
+        conn = self._conn
+        if conn is None or not conn.usable:
+            conn = await self._connection(min(connect_timeout_s, deadline - loop.time()))
+        path = _PATHS.get(method)
+        if path is None:
+            path = _PATHS[method] = f"/{SERVICE}/{method}".encode()
+        c = conn.start(path, message, metadata, max(deadline - loop.time(), 0.001))
+        timer = loop.call_at(deadline, _expire, c.future)  # cheaper than asyncio.timeout_at on this path
         try:
-            async with asyncio.timeout_at(deadline):
-                return await c.future
-        except TimeoutError:
+            return await c.future
+        except _Expired:
             conn.reset(c)
             return grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", (), ()
         except asyncio.CancelledError:
@@ -483,6 +488,8 @@ class H2Upstream:
             raise
         except _ConnectionClosed as e:
             raise Unreachable(f"{self.target}: {e}") from None
+        finally:
+            timer.cancel()
 
     def abort(self, reason: str) -> int:
         """Take back every call in flight (the server stopped answering): each ends in forward.Lost."""
@@ -500,6 +507,18 @@ class H2Upstream:
         self.closed = True
         if self._conn is not None:
             self._conn.close()
+
+
+class _Expired(Exception):
+    pass
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(_Expired())
+
+
+_PATHS: dict[str, bytes] = {}  # method name -> its :path
 
 
 class Taken(Exception):

@@ -109,6 +109,38 @@ def _raw_error(client: OIPClient, method: str, data: bytes) -> grpc.RpcError:
     raise AssertionError(f"{method} succeeded")
 
 
+# --------------------------------------------------------------------------- large messages
+
+
+@pytest.mark.parametrize("server_transport", ["h2", "grpcio"])
+def test_a_large_batch_through_the_gateway_answers_as_direct_with_a_small_client_window(tmp_path, server_transport):
+    """A 1 MiB request and its 160 kB answer cross the gateway whole, whichever transport the server runs
+    (a grpc.aio server opens with a 64 KiB window: the gateway's request waits for its updates), and a
+    client whose window stays at 64 KiB (no BDP probe) reads the answer as the gateway sends it in turns."""
+    n = 4096
+    x = np.concatenate([digits_data.to_blob(IMAGES[:64])] * (n // 64))
+    request = infer_request("digits", {"data": x})
+    assert request.ByteSize() > 1 << 20
+    config = digits_config(limits={"maxBatch": n})
+    with grpc_server(config, tmp_path, env={"CAFFESERVE_GRPC_TRANSPORT": server_transport}) as server, \
+            GatewayProcess("--static", static("digits", server)) as gw:
+        direct = OIPClient(server.grpc_port)
+        expected = output(direct.infer(request), "prob")
+        direct.close()
+        channel = grpc.insecure_channel(f"127.0.0.1:{gw.grpc_port}", options=[
+            ("grpc.http2.bdp_probe", 0), ("grpc.max_receive_message_length", 64 << 20)])
+        call = channel.unary_unary(f"/{pb.SERVICE}/ModelInfer",
+                                   request_serializer=pb.ModelInferRequest.SerializeToString,
+                                   response_deserializer=pb.ModelInferResponse.FromString)
+        try:
+            for _ in range(3):  # the connection's windows after a large call let the next one through too
+                got = output(call(request, timeout=30), "prob")
+                assert got.shape == (n, 10) and np.array_equal(got, expected)
+            assert list(got[:64].argmax(1)) == list(LABELS[:64])
+        finally:
+            channel.close()
+
+
 # --------------------------------------------------------------------------- bytes and metadata
 
 
