@@ -43,7 +43,8 @@ MAX_STREAMS = 1024  # calls at once on one connection (SETTINGS_MAX_CONCURRENT_S
 MAX_FRAME = 1 << 20  # the largest frame we accept (fewer frames for a large tensor than the 16 KiB default)
 CONN_WINDOW = 1 << 26  # what a client may send ahead on a connection; topped up once half is used
 MAX_HEADER_LIST = 16384
-PRESIZE_MAX = 1 << 20  # a message up to this size gets its buffer at once (no regrowth), from its length prefix
+POOL_MIN, POOL_MAX = 1 << 16, 1 << 22  # messages of these sizes are joined into a reused buffer
+POOL_BUFFERS = 4  # at most this many idle (16 MiB at most)
 _TIMEOUT_UNITS = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3, ord("u"): 1e-6, ord("n"): 1e-9}
 _HEAD = struct.Struct(">I")
 
@@ -147,8 +148,8 @@ class CallContext:
 
 
 class _Stream:
-    __slots__ = ("id", "path", "headers", "deadline", "encoding", "body", "filled", "expect", "task", "send_window",
-                 "pending", "trailers", "answered")
+    __slots__ = ("id", "path", "headers", "deadline", "encoding", "chunks", "filled", "expect", "task", "send_window",
+                 "pending", "trailers", "answered", "pooled")
 
     def __init__(self, sid: int, path: bytes, headers, deadline: float | None, encoding: bytes, window: int):
         self.id = sid
@@ -156,14 +157,15 @@ class _Stream:
         self.headers = headers
         self.deadline = deadline
         self.encoding = encoding
-        self.body = bytearray()
-        self.filled = 0  # bytes of `body` received, once it is sized (`expect`)
-        self.expect = 0  # 5 + the message's length once its prefix has arrived and it fits PRESIZE_MAX
+        self.chunks: list[memoryview] = []  # the request's bytes as they arrived (slices of immutable reads)
+        self.filled = 0  # bytes in `chunks`
+        self.expect = 0  # 5 + the message's length once its prefix has arrived
         self.task: asyncio.Task | None = None
         self.send_window = window
         self.pending: memoryview | None = None  # answer data waiting for flow-control window
         self.trailers = b""  # the frames that end the answer, once `pending` is sent
         self.answered = False  # its request is complete (or refused): DATA that still arrives is dropped
+        self.pooled: bytearray | None = None  # the message's buffer, from the server's pool
 
 
 class _ConnectionError(Exception):
@@ -230,11 +232,19 @@ class _Connection(asyncio.Protocol):
 
     # --- reading
     def data_received(self, data: bytes) -> None:
+        """Frames are read where they arrived: a read is immutable bytes, so a DATA payload is kept as a
+        slice of it until its message is whole and joined once (no copy into a connection buffer, no
+        zero-filled buffer per message: those two cost more than the rest of a 600 kB call here). Only a
+        frame cut by the end of a read waits in `buf`; a DATA frame cut so goes on as `data_left`."""
+        if type(data) is not bytes:
+            data = bytes(data)  # a read of our own to keep: another transport may reuse its buffer
+        view = memoryview(data)
+        start = 0
         if self.data_left is not None:  # the rest of a large DATA frame: straight into its stream's body
             sid, left, flags = self.data_left
             n = min(left, len(data))
             try:
-                self._data_chunk(sid, memoryview(data)[:n])
+                self._data_chunk(sid, view[:n])
                 if n < left:
                     self.data_left = (sid, left - n, flags)
                     return
@@ -246,30 +256,34 @@ class _Connection(asyncio.Protocol):
                 return
             if n == len(data):
                 return
-            data = data[n:]
+            start = n
         buf = self.buf
-        buf += data
-        if not self.preface:
-            if len(buf) < len(PREFACE):
-                if not PREFACE.startswith(bytes(buf)):
-                    self.transport.close()  # not HTTP/2 with prior knowledge (an HTTP/1.1 client, say)
-                return
-            if not buf.startswith(PREFACE):
-                self.transport.close()
-                return
-            del buf[: len(PREFACE)]
-            self.preface = True
+        if buf or not self.preface:  # a frame cut by the last read (or the preface) goes first
+            buf += view[start:]
+            if not self.preface:
+                if len(buf) < len(PREFACE):
+                    if not PREFACE.startswith(bytes(buf)):
+                        self.transport.close()  # not HTTP/2 with prior knowledge (an HTTP/1.1 client, say)
+                    return
+                if not buf.startswith(PREFACE):
+                    self.transport.close()
+                    return
+                del buf[: len(PREFACE)]
+                self.preface = True
+            data = bytes(buf)
+            buf.clear()
+            view, start = memoryview(data), 0
         try:
-            with memoryview(buf) as view:
-                pos = self._frames(buf, view)  # its slices of `view` are gone when it returns
+            pos = self._frames(data, view, start)
         except _ConnectionError as e:
             self._fail(e.code, str(e))
             return
-        del buf[:pos]
+        if pos < len(data):
+            buf += view[pos:]
 
-    def _frames(self, buf: bytearray, view: memoryview) -> int:
-        """Handle every whole frame in `buf`; returns the bytes consumed."""
-        pos, end = 0, len(buf)
+    def _frames(self, buf: bytes, view: memoryview, pos: int) -> int:
+        """Handle every whole frame in `buf` from `pos`; returns where the first incomplete one starts."""
+        end = len(buf)
         while end - pos >= 9:
             length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
             if length > MAX_FRAME:
@@ -329,7 +343,7 @@ class _Connection(asyncio.Protocol):
             self._data_end(sid)
 
     def _data_chunk(self, sid: int, payload: memoryview) -> None:
-        """Bytes of a stream's request message, as they arrive."""
+        """Bytes of a stream's request message, as they arrive (a slice of an immutable read, kept as is)."""
         self.received += len(payload)
         if self.received >= CONN_WINDOW // 2:
             self.transport.write(frame(WINDOW_UPDATE, 0, 0, _HEAD.pack(self.received)))
@@ -339,27 +353,26 @@ class _Connection(asyncio.Protocol):
             if sid > self.last_id:
                 raise _ConnectionError(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
             return  # a stream reset or refused: its data is dropped
-        if s.expect:  # sized: copied into place
-            n = len(payload)
-            if s.filled + n > s.expect:
+        if not payload:
+            return
+        s.chunks.append(payload)
+        s.filled += len(payload)
+        if s.expect:
+            if s.filled > s.expect:
                 self._refuse(s, grpc.StatusCode.INTERNAL, "a unary call must carry exactly one request message")
-                return
-            s.body[s.filled : s.filled + n] = payload
-            s.filled += n
             return
-        body = s.body
-        body += payload
-        if len(body) < 5:
+        if s.filled < 5:
             return
+        head = s.chunks[0] if len(s.chunks[0]) >= 5 else b"".join(s.chunks)
         limit = self.server.max_message_bytes
-        declared = _HEAD.unpack_from(body, 1)[0]
-        if declared > limit or len(body) > limit + 5:
-            self._refuse(s, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"Received message larger than max ({max(declared, len(body) - 5)} vs. {limit})")
-        elif declared <= PRESIZE_MAX and len(body) <= declared + 5:
-            s.expect, s.filled = declared + 5, len(body)
-            s.body = bytearray(s.expect)
-            s.body[: len(body)] = body
+        declared = _HEAD.unpack_from(head, 1)[0]
+        if declared > limit:
+            self._refuse(s, grpc.StatusCode.RESOURCE_EXHAUSTED, f"Received message larger than max ({declared} vs. "
+                                                                f"{limit})")
+        elif s.filled > declared + 5:
+            self._refuse(s, grpc.StatusCode.INTERNAL, "a unary call must carry exactly one request message")
+        else:
+            s.expect = declared + 5
 
     def _data_end(self, sid: int) -> None:
         s = self.streams.get(sid)
@@ -466,17 +479,26 @@ class _Connection(asyncio.Protocol):
     # --- a call
     def _request_complete(self, s: _Stream) -> None:
         s.answered = True
-        body = s.body
-        size = s.filled if s.expect else len(body)
-        if size < 5:
+        if not s.expect:
             self._refuse(s, grpc.StatusCode.INTERNAL, "the call carried no request message")
             return
-        n = _HEAD.unpack_from(body, 1)[0]
-        if size != 5 + n:
+        if s.filled != s.expect:
             self._refuse(s, grpc.StatusCode.INTERNAL, "a unary call must carry exactly one request message")
             return
-        message: bytes | memoryview = memoryview(body)[5:]  # protobuf parses from a buffer: no copy
-        s.body = bytearray()
+        chunks = s.chunks
+        s.chunks = []
+        if len(chunks) == 1:
+            body = chunks[0]
+        elif s.filled < POOL_MIN:
+            body = memoryview(b"".join(chunks))
+        else:  # joined once, into a buffer a finished call gave back (fresh memory costs a page fault per 4 KiB)
+            s.pooled = self.server.buffer(s.filled)
+            pos = 0
+            for c in chunks:
+                s.pooled[pos : pos + len(c)] = c
+                pos += len(c)
+            body = memoryview(s.pooled)[: s.filled]
+        message: bytes | memoryview = body[5:]  # protobuf parses from a buffer: no copy
         if body[0]:
             try:
                 message = self._decompress(s.encoding, message)
@@ -487,7 +509,22 @@ class _Connection(asyncio.Protocol):
         if handler is None:
             self._refuse(s, grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {s.path.decode('latin-1')}")
             return
-        s.task = asyncio.get_running_loop().create_task(self._call(s, handler, message))
+        s.task = asyncio.get_running_loop().create_task(self._call_pooled(s, handler, message) if s.pooled is not None
+                                                        else self._call(s, handler, message))
+
+    async def _call_pooled(self, s: _Stream, handler: Handler, message: bytes | memoryview) -> None:
+        """`_call`, then the message's buffer goes back to the pool (when nothing holds a view of it)."""
+        try:
+            await self._call(s, handler, message)
+        finally:
+            if isinstance(message, memoryview):
+                try:
+                    message.release()
+                except BufferError:  # the handler kept something made from it: the buffer stays theirs
+                    pass
+            buf, s.pooled = s.pooled, None
+            if buf is not None:
+                self.server.give_back(buf)
 
     def _decompress(self, encoding: bytes, message: bytes | memoryview) -> bytes:
         if encoding not in (b"gzip", b"deflate"):
@@ -581,7 +618,7 @@ class _Connection(asyncio.Protocol):
         """Answer a call that will not run; RST_STREAM(NO_ERROR) stops a client still sending its request."""
         incomplete = not s.answered
         s.answered = True
-        s.body = bytearray()
+        s.chunks = []
         out = self._headers_frames(s.id, status_block(code, details))
         if incomplete:
             out += frame(RST_STREAM, 0, s.id, _HEAD.pack(NO_ERROR))
@@ -618,6 +655,7 @@ class GRPCTransportServer:
         self.handlers = handlers
         self.max_message_bytes = max_message_bytes
         self.connections: set[_Connection] = set()
+        self._spare: list[bytearray] = []  # message buffers free for reuse (POOL_*)
         self.closing = False
         self._server: asyncio.Server | None = None
         self._idle: asyncio.Event | None = None
@@ -632,6 +670,25 @@ class GRPCTransportServer:
         except OSError as e:
             raise OSError(e.errno, f"cannot listen for gRPC on {address}") from None
         return self._server.sockets[0].getsockname()[1]
+
+    def buffer(self, n: int) -> bytearray:
+        """A buffer of at least `n` bytes: one a finished call gave back, or a new one."""
+        for i, b in enumerate(self._spare):
+            if len(b) >= n:
+                return self._spare.pop(i)
+        return bytearray(n)
+
+    def give_back(self, buf: bytearray) -> None:
+        """Keep `buf` for a later message, unless something still holds a view of it (a handler kept the
+        message, a write not yet flushed): a bytearray with views cannot be resized, which is the test."""
+        if len(buf) > POOL_MAX or len(self._spare) >= POOL_BUFFERS:
+            return
+        try:
+            buf.append(0)
+        except BufferError:
+            return
+        del buf[-1]
+        self._spare.append(buf)
 
     def stream_closed(self) -> None:
         if self._idle is not None and not any(c.streams for c in self.connections):
