@@ -97,6 +97,9 @@ def test_unknown_model_is_not_found_and_model_ready_is_false(grpc_gateway):
         assert int(np.argmax(output(resp, "prob"))) == LABELS[0]
         assert_status(client.error("ModelInfer", infer_request("digits", {"data": np.zeros((1, 1, 8, 8), np.float32)},
                                                                version="9")), grpc.StatusCode.NOT_FOUND, "9")
+        # a status message beyond ASCII crosses both hops (percent-encoded on each) as the server wrote it
+        err = client.error("ModelInfer", infer_request("digits", {"dätä": np.zeros((1, 1, 8, 8), np.float32)}))
+        assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "dätä")
     finally:
         client.close()
 
