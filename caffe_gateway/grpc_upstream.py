@@ -49,6 +49,7 @@ from inference_server.grpc.transport import (
     RST_STREAM,
     SETTINGS,
     WINDOW_UPDATE,
+    data_frames,
     frame,
 )
 
@@ -72,11 +73,12 @@ _SKIP_REPLY = frozenset({b"content-type", b"grpc-status", b"grpc-message"})
 
 
 class _Call:
-    __slots__ = ("id", "future", "pending", "send_window", "headers", "trailers", "body", "received")
+    __slots__ = ("id", "future", "head", "pending", "send_window", "headers", "trailers", "body", "received")
 
     def __init__(self, sid: int, window: int):
         self.id = sid
         self.future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.head = b""  # the request's message prefix, while not yet sent
         self.pending: memoryview | None = None  # request data waiting for window
         self.send_window = window
         self.headers: list[tuple[bytes, bytes]] | None = None
@@ -164,7 +166,7 @@ class _Connection(asyncio.Protocol):
                 t.writelines((head, data_head, message))
             return c
         t.write(head)
-        c.pending = memoryview(b"\0" + _HEAD.pack(n - 5) + message)
+        c.head, c.pending = b"\0" + _HEAD.pack(n - 5), memoryview(message)
         self._flush(c)
         return c
 
@@ -174,19 +176,16 @@ class _Connection(asyncio.Protocol):
             self.transport.write(frame(RST_STREAM, 0, c.id, _HEAD.pack(code)))
 
     def _flush(self, c: _Call) -> None:
-        data = c.pending
-        if data is None:
+        """Send what the windows allow of the request's data, in one write (END_STREAM with the last of it)."""
+        if c.pending is None or self.transport is None:
             return
-        t = self.transport
-        assert t is not None
-        while data and c.send_window > 0 and self.conn_send_window > 0:
-            n = min(len(data), c.send_window, self.conn_send_window, self.peer_max_frame)
-            flags = END_STREAM if n == len(data) else 0
-            t.writelines((_frame_head(DATA, flags, c.id, n), data[:n]))
-            c.send_window -= n
-            self.conn_send_window -= n
-            data = data[n:]
-        c.pending = data if data else None
+        room = min(c.send_window, self.conn_send_window)
+        out, c.head, data, taken = data_frames(c.id, c.head, c.pending, room, self.peer_max_frame, END_STREAM)
+        if out:
+            self.transport.writelines(out)
+        c.send_window -= taken
+        self.conn_send_window -= taken
+        c.pending = data if data or c.head else None
 
     def _flush_all(self) -> None:
         for c in [c for c in self.calls.values() if c.pending is not None]:

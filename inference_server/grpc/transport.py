@@ -59,6 +59,24 @@ def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
     return _frame_head(kind, flags, stream, len(payload)) + payload
 
 
+def data_frames(sid: int, head: bytes, data: memoryview, room: int, max_frame: int, end: int = 0):
+    """DATA frames carrying up to `room` bytes of `head` then `data` (a message's 5-byte prefix, then the
+    message itself: never copied into one buffer), each at most `max_frame`; `end` (END_STREAM) on the last
+    frame when everything is in. Returns (the buffers to write at once, head left, data left, bytes taken)."""
+    out: list[bytes | memoryview] = []
+    taken = 0
+    while room > 0 and (head or data):
+        n = min(room, max_frame, len(head) + len(data))
+        k = min(len(head), n)
+        parts = (head[:k], data[: n - k]) if k else (data[:n],)
+        head, data = head[k:], data[n - k :]
+        out.append(_frame_head(DATA, 0 if head or data else end, sid, n))
+        out += parts
+        room -= n
+        taken += n
+    return out, head, data, taken
+
+
 # the answer's header block: `:status: 200` (static index 8) and the content type
 _RESPONSE_HEADERS = b"\x88" + literal(b"content-type", b"application/grpc")
 _OK_TRAILERS = literal(b"grpc-status", b"0")
@@ -149,7 +167,7 @@ class CallContext:
 
 class _Stream:
     __slots__ = ("id", "path", "headers", "deadline", "encoding", "chunks", "filled", "expect", "task", "send_window",
-                 "pending", "trailers", "answered", "pooled")
+                 "head", "pending", "trailers", "answered", "pooled")
 
     def __init__(self, sid: int, path: bytes, headers, deadline: float | None, encoding: bytes, window: int):
         self.id = sid
@@ -162,6 +180,7 @@ class _Stream:
         self.expect = 0  # 5 + the message's length once its prefix has arrived
         self.task: asyncio.Task | None = None
         self.send_window = window
+        self.head = b""  # the answer's message prefix, while not yet sent
         self.pending: memoryview | None = None  # answer data waiting for flow-control window
         self.trailers = b""  # the frames that end the answer, once `pending` is sent
         self.answered = False  # its request is complete (or refused): DATA that still arrives is dropped
@@ -578,7 +597,7 @@ class _Connection(asyncio.Protocol):
                 self._end(s, trailers)
             return
         self.transport.write(head)
-        s.pending = memoryview(b"\0" + _HEAD.pack(n - 5) + answer)
+        s.head, s.pending = b"\0" + _HEAD.pack(n - 5), memoryview(answer)
         s.trailers = trailers
         self._flush(s)
 
@@ -587,18 +606,17 @@ class _Connection(asyncio.Protocol):
             self._flush(s)
 
     def _flush(self, s: _Stream) -> None:
-        """Send what the flow-control windows allow of an answer's data; its trailers once all is sent."""
-        data = s.pending
-        if data is None:
+        """Send what the flow-control windows allow of an answer's data, in one write; its trailers once all is sent."""
+        if s.pending is None:
             return
-        while data and s.send_window > 0 and self.conn_send_window > 0:
-            n = min(len(data), s.send_window, self.conn_send_window, self.peer_max_frame)
-            self.transport.writelines((_frame_head(DATA, 0, s.id, n), data[:n]))
-            s.send_window -= n
-            self.conn_send_window -= n
-            data = data[n:]
-        s.pending = data if data else None
-        if not data:
+        room = min(s.send_window, self.conn_send_window)
+        out, s.head, data, taken = data_frames(s.id, s.head, s.pending, room, self.peer_max_frame)
+        if out:
+            self.transport.writelines(out)
+        s.send_window -= taken
+        self.conn_send_window -= taken
+        s.pending = data if data or s.head else None
+        if s.pending is None:
             self._end(s, s.trailers)
 
     def _headers_frames(self, sid: int, block: bytes, end: bool = True) -> bytes:
