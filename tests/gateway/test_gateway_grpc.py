@@ -144,6 +144,75 @@ def test_a_large_batch_through_the_gateway_answers_as_direct_with_a_small_client
             channel.close()
 
 
+def _read_frame(sock) -> tuple[int, int, int, bytes]:
+    """One HTTP/2 frame: (type, flags, stream, payload)."""
+    def exactly(n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = sock.recv(n - len(out))
+            assert chunk, "the gateway closed the connection"
+            out += chunk
+        return out
+
+    head = exactly(9)
+    length = int.from_bytes(head[:3], "big")
+    return head[3], head[4], int.from_bytes(head[5:9], "big") & 0x7FFFFFFF, exactly(length)
+
+
+def test_a_slow_reader_gets_its_whole_answer_and_holds_up_no_one(grpc_gateway):
+    """A client that lets the gateway send only 100 bytes of its answer (HTTP/2 flow control, spoken here
+    by hand over a socket: no gRPC library lets a test hold its window) gets those, then the rest once it
+    reads on; meanwhile another client's calls are answered."""
+    import socket
+    import struct
+
+    from inference_server.grpc import transport as h2
+    from inference_server.grpc.hpack_decode import HeaderDecoder, literal
+
+    x = digits_data.to_blob(IMAGES[:64])
+    msg = infer_request("digits", {"data": x}).SerializeToString()
+    block = b"\x83\x86" + b"".join(literal(k, v) for k, v in (
+        (b":path", f"/{pb.SERVICE}/ModelInfer".encode()), (b":authority", b"gateway"),
+        (b"content-type", b"application/grpc"), (b"te", b"trailers")))
+    with socket.create_connection(("127.0.0.1", grpc_gateway.grpc_port), timeout=10) as sock:
+        sock.sendall(h2.PREFACE + h2.frame(h2.SETTINGS, 0, 0, struct.pack(">HI", 0x4, 100))  # 100-byte windows
+                     + h2.frame(h2.HEADERS, h2.END_HEADERS, 1, block)
+                     + h2.frame(h2.DATA, h2.END_STREAM, 1, b"\0" + struct.pack(">I", len(msg)) + msg))
+        decoder, data, fields, done = HeaderDecoder(), b"", [], False
+
+        def read_until(stop) -> None:
+            nonlocal data, done
+            while not stop():
+                kind, flags, sid, payload = _read_frame(sock)
+                if kind == h2.SETTINGS and not flags & h2.ACK:
+                    sock.sendall(h2.frame(h2.SETTINGS, h2.ACK, 0))
+                elif kind == h2.HEADERS and sid == 1:
+                    fields.extend(decoder.decode(payload))
+                    done = bool(flags & h2.END_STREAM)
+                elif kind == h2.DATA and sid == 1:
+                    data += payload
+
+        read_until(lambda: len(data) >= 100)
+        assert len(data) == 100 and not done
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):  # nothing more until the client reads on
+            read_until(lambda: False)
+        other = OIPClient(grpc_gateway.grpc_port)  # the gateway serves others meanwhile
+        try:
+            assert int(np.argmax(output(other.infer(digits_request(5)), "prob"))) == LABELS[5]
+        finally:
+            other.close()
+        sock.settimeout(10)
+        sock.sendall(h2.frame(h2.WINDOW_UPDATE, 0, 1, struct.pack(">I", 1 << 20))
+                     + h2.frame(h2.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1 << 20)))
+        read_until(lambda: done)
+    assert (b"grpc-status", b"0") in fields
+    answer = pb.ModelInferResponse.FromString(data[5:])
+    assert int.from_bytes(data[1:5], "big") == len(data) - 5
+    probs = np.frombuffer(answer.raw_output_contents[0], np.float32).reshape(64, -1)
+    assert list(probs.argmax(1)) == list(LABELS[:64])
+
+
 # --------------------------------------------------------------------------- bytes and metadata
 
 
