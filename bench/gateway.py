@@ -7,10 +7,14 @@ input, keep-alive connections) and prints:
 - requests/s at concurrency C: direct to one server, through the gateway to 1 replica, to 2 replicas.
 
     .venv/bin/python bench/gateway.py [--seconds 5] [--concurrency 16] [--baseline DIR] [--rounds 3]
+        [--protocol-concurrency 1,8] [--no-grpcio] [--only-protocols]
 
-Then, for REST JSON and gRPC alike (h2load, one request in flight, as bench/protocols.py drives
-them): p50 direct and through the gateway, the difference, and the gateway process's CPU time per
-request (user + system, from /proc). `--baseline DIR` runs a second gateway from another checkout
+Then, for REST JSON and gRPC alike (h2load, one request in flight per connection, 1 and 8
+connections, as bench/protocols.py drives them): p50 direct and through the gateway, the
+difference, and the gateway process's CPU time per request (user + system, from /proc). Beside
+this checkout's gateway (gRPC on our HTTP/2 transport, both sides) runs the same gateway with
+CAFFESERVE_GRPC_TRANSPORT=grpcio (gRPC on grpc.aio, as before issue 29), in the same rounds;
+`--no-grpcio` leaves it out. `--baseline DIR` runs a further gateway from another checkout
 (e.g. `git archive main | tar -x -C DIR`) in front of the same server, measured in the same run,
 rounds interleaved (direct, this, baseline, then the reverse order, ...), each figure the median over `--rounds`:
 a change's before and after on the same machine state.
@@ -59,14 +63,14 @@ def served(server: ServerProcess) -> float:
 class Gateway:
     """`caffeserve gateway` in front of `servers`, REST and gRPC; from the checkout at `root`."""
 
-    def __init__(self, *servers: ServerProcess, root: Path = ROOT):
+    def __init__(self, *servers: ServerProcess, root: Path = ROOT, env: dict[str, str] | None = None):
         self.port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         static = ",".join(f"{s.url}?grpc={s.grpc_port}" for s in servers)
         self.proc = subprocess.Popen(  # `python -m` imports the packages of its working directory first
             CAFFESERVE + ["gateway", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "WARNING",
                           "--grpc-port", str(self.grpc_port), "--static", "digits=" + static],
-            cwd=root, env={**os.environ, **ENV},
+            cwd=root, env={**os.environ, **ENV, **(env or {})},
         )
         self.ps = psutil.Process(self.proc.pid)
         deadline = time.monotonic() + 30
@@ -91,11 +95,12 @@ def grpc_ok(url: str) -> float:
                if line.startswith("caffeserve_gateway_grpc_requests_total{") and 'grpc_code="OK"' in line)
 
 
-def one_run(url: str, case: tuple[bytes, dict], seconds: float, grpc: bool, gateway: Gateway | None) -> dict:
+def one_run(url: str, case: tuple[bytes, dict], seconds: float, grpc: bool, gateway: Gateway | None,
+            conc: int = 1) -> dict:
     body, headers = case
     ok_before = grpc_ok(gateway.url) if grpc and gateway else 0.0
     cpu_before = cpu_s(gateway.ps) if gateway else 0.0
-    r = h2load(url, body, headers, 1, seconds, h1=not grpc)
+    r = h2load(url, body, headers, conc, seconds, h1=not grpc)
     cpu = cpu_s(gateway.ps) - cpu_before if gateway else 0.0
     assert r["ok"] == r["n"], f"{r['n'] - r['ok']} of {r['n']} requests failed\n{r['raw']}"
     if grpc and gateway:
@@ -103,13 +108,14 @@ def one_run(url: str, case: tuple[bytes, dict], seconds: float, grpc: bool, gate
     return {"p50_ms": r["p50_ms"], "cpu_ms": 1000 * cpu / max(r["n"], 1), "rps": r["rps"]}
 
 
-def per_protocol(server: ServerProcess, gateways: dict[str, Gateway], seconds: float, rounds: int) -> None:
+def per_protocol(server: ServerProcess, gateways: dict[str, Gateway], seconds: float, rounds: int,
+                 concurrency: list[int]) -> None:
     """Added p50 and the gateway's CPU per request, REST JSON and gRPC, each gateway build in turn."""
     x = np.array([((i * 7) % 17) / 4.0 for i in range(64)], np.float32).reshape(1, 1, 8, 8)
     cases = bodies("digits", "data", x)
     path = "/v2/models/digits/infer"
     grpc_path = f"/{pb.SERVICE}/ModelInfer"
-    results: dict[tuple[str, str], list[dict]] = {}
+    results: dict[tuple[str, int, str], list[dict]] = {}
     for proto, grpc in (("REST JSON", False), ("gRPC", True)):
         case = cases[proto]
         direct = f"http://127.0.0.1:{server.grpc_port}{grpc_path}" if grpc else server.url + path
@@ -118,23 +124,27 @@ def per_protocol(server: ServerProcess, gateways: dict[str, Gateway], seconds: f
             targets[name] = (f"http://127.0.0.1:{gw.grpc_port}{grpc_path}" if grpc else gw.url + path, gw)
         for url, _gw in targets.values():  # warm-up: connections, caches
             h2load(url, case[0], case[1], 1, None, requests=200, h1=not grpc)
-        order = list(targets)
-        for _ in range(rounds):
-            for name in order:
-                url, gw = targets[name]
-                results.setdefault((proto, name), []).append(one_run(url, case, seconds, grpc, gw))
-            order.reverse()  # no build always runs right after another
+        for conc in concurrency:
+            order = list(targets)
+            for _ in range(rounds):
+                for name in order:
+                    url, gw = targets[name]
+                    results.setdefault((proto, conc, name), []).append(one_run(url, case, seconds, grpc, gw, conc))
+                order.reverse()  # no build always runs right after another
     med = {k: {f: statistics.median(r[f] for r in runs) for f in runs[0]} for k, runs in results.items()}
-    print(f"\nadded by the gateway, one request in flight (h2load; median of {rounds} interleaved rounds of "
-          f"{seconds:g} s)")
-    print(f"{'protocol':<10} {'gateway':<10} {'direct p50':>10} {'via p50':>9} {'added p50':>10} "
+    print(f"\nadded by the gateway (h2load, one request in flight per connection; median of {rounds} interleaved "
+          f"rounds of {seconds:g} s; load average {os.getloadavg()[0]:.1f})")
+    print(f"{'protocol':<10} {'conc':>4} {'gateway':<10} {'direct p50':>10} {'via p50':>9} {'added p50':>10} "
           f"{'gw CPU ms/req':>13} {'req/s':>8}")
     for proto in ("REST JSON", "gRPC"):
-        d = med[(proto, "direct")]
-        for name in gateways:
-            g = med[(proto, name)]
-            print(f"{proto:<10} {name:<10} {d['p50_ms']:>10.3f} {g['p50_ms']:>9.3f} {g['p50_ms'] - d['p50_ms']:>10.3f} "
-                  f"{g['cpu_ms']:>13.3f} {g['rps']:>8.0f}")
+        for conc in concurrency:
+            d = med[(proto, conc, "direct")]
+            for name in gateways:
+                g = med[(proto, conc, name)]
+                print(f"{proto:<10} {conc:>4} {name:<10} {d['p50_ms']:>10.3f} {g['p50_ms']:>9.3f} "
+                      f"{g['p50_ms'] - d['p50_ms']:>10.3f} {g['cpu_ms']:>13.3f} {g['rps']:>8.0f}")
+    print("(gateway: this = gRPC on our HTTP/2 transport, grpc.aio = the same with CAFFESERVE_GRPC_TRANSPORT=grpcio; "
+          "REST is the same code in both)")
 
 
 def main() -> None:
@@ -145,6 +155,8 @@ def main() -> None:
                     help="a checkout whose gateway is measured beside this one's, in the same run")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the per-protocol figures")
     ap.add_argument("--only-protocols", action="store_true", help="skip the wrk latency and throughput tables")
+    ap.add_argument("--protocol-concurrency", default="1,8", help="connections for the per-protocol figures")
+    ap.add_argument("--no-grpcio", action="store_true", help="leave out the gateway on grpc.aio")
     args = ap.parse_args()
     body = orjson.dumps({"inputs": [{"name": "data", "shape": [1, 1, 8, 8], "datatype": "FP32",
                                      "data": [((i * 7) % 17) / 4.0 for i in range(64)]}]})
@@ -154,10 +166,13 @@ def main() -> None:
     with grpc_server(CONFIG, None, **serve) as a, grpc_server(CONFIG, None, **serve) as b:
         one, two = Gateway(a), Gateway(a, b)
         base = Gateway(a, root=args.baseline.resolve()) if args.baseline else None
+        aio = None if args.no_grpcio else Gateway(a, env={"CAFFESERVE_GRPC_TRANSPORT": "grpcio"})
         try:
-            builds = {"this": one, **({"baseline": base} if base else {})}
-            print(f"digits model, {os.cpu_count()} cores; gateways: {', '.join(builds)}", flush=True)
-            per_protocol(a, builds, args.seconds, args.rounds)
+            builds = {"this": one, **({"grpc.aio": aio} if aio else {}), **({"baseline": base} if base else {})}
+            print(f"digits model, {os.cpu_count()} cores; gateways: {', '.join(builds)}; load average "
+                  f"{os.getloadavg()[0]:.1f}", flush=True)
+            per_protocol(a, builds, args.seconds, args.rounds,
+                         [int(c) for c in args.protocol_concurrency.split(",")])
             if args.only_protocols:
                 return
             for url in (a.url, b.url, one.url, two.url, *([base.url] if base else [])):  # warm-up
@@ -179,8 +194,9 @@ def main() -> None:
         finally:
             one.stop()
             two.stop()
-            if base:
-                base.stop()
+            for extra in (base, aio):
+                if extra:
+                    extra.stop()
 
     print(f"digits model, JSON FP32 body {len(body)} bytes, wrk {args.seconds:g} s per run, {os.cpu_count()} cores")
     print("\nlatency at concurrency 1")

@@ -15,6 +15,12 @@ three are checked against each other before measuring, and the server's gRPC cou
 measured call OK.
 
     .venv/bin/python bench/protocols.py [--seconds 10] [--rounds 2] [--models digits,inception] [--concurrency 1,8]
+    .venv/bin/python bench/protocols.py --models large [--baseline DIR]
+
+`--models large`: the transports alone with a large message, an inception-size input (1x3x224x224 FP32,
+602 kB as a gRPC message) sent to the empty handler on each gRPC transport; `--baseline DIR` adds the
+empty handler of our transport from another checkout (e.g. `git worktree add DIR main`), measured in the
+same turns: a transport change's before and after.
 """
 
 from __future__ import annotations
@@ -143,10 +149,15 @@ def targets(server, grpcio_server, empty: dict[str, tuple[int, psutil.Process]],
     if grpcio_server is not None:
         out.append(Target("gRPC grpc.aio", f"http://127.0.0.1:{grpcio_server.grpc_port}{path}", *cases["gRPC"], False,
                           psutil.Process(grpcio_server.proc.pid), grpcio_server))
-    for kind, (port, eproc) in empty.items():
-        label = "empty h2" if kind == "h2" else "empty grpc.aio"
-        out.append(Target(label, f"http://127.0.0.1:{port}{path}", *cases["gRPC"], False, eproc))
+    out += empty_targets(empty, cases)
     return out
+
+
+def empty_targets(empty: dict[str, tuple[int, psutil.Process]], cases) -> list[Target]:
+    path = f"/{pb.SERVICE}/ModelInfer"
+    labels = {"h2": "empty h2", "grpcio": "empty grpc.aio", "h2 baseline": "empty h2 base"}
+    return [Target(labels[kind], f"http://127.0.0.1:{port}{path}", *cases["gRPC"], False, eproc)
+            for kind, (port, eproc) in empty.items()]
 
 
 def measure(model: str, tgts: list[Target], concurrency: list[int], seconds: float, rounds: int) -> list[dict]:
@@ -190,13 +201,15 @@ def report(rows: list[dict]) -> None:
     print(f"{'model':<10} {'conc':>4} {'protocol':<14} {'body B':>9} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} "
           f"{'CPU ms/req':>10} {'×req/s':>7} {'×p50':>6} {'×CPU':>6}")
     for r in rows:
-        base = next(b for b in rows if b["model"] == r["model"] and b["concurrency"] == r["concurrency"]
-                    and b["protocol"] == "REST binary")
+        same = [b for b in rows if b["model"] == r["model"] and b["concurrency"] == r["concurrency"]]
+        base = next((b for b in same if b["protocol"] == "REST binary"), None) or next(
+            b for b in same if b["protocol"] == "empty grpc.aio")
         print(f"{r['model']:<10} {r['concurrency']:>4} {r['protocol']:<14} {r['body_bytes']:>9} {r['rps']:>9.1f} "
               f"{r['p50_ms']:>9.3f} {r['p99_ms']:>9.3f} {r['cpu_ms']:>10.3f} {r['rps'] / base['rps']:>7.2f} "
               f"{r['p50_ms'] / base['p50_ms']:>6.2f} {r['cpu_ms'] / base['cpu_ms']:>6.2f}")
-    print("(× columns: ratio to REST binary at the same model and concurrency, this run; gRPC is our HTTP/2 "
-          "transport, gRPC grpc.aio the same service on grpc.aio, empty *: a handler that answers nothing)")
+    print("(× columns: ratio to REST binary at the same model and concurrency, this run (model large: to empty "
+          "grpc.aio); gRPC is our HTTP/2 transport, gRPC grpc.aio the same service on grpc.aio, empty *: a handler "
+          "that answers nothing, empty h2 base: --baseline's)")
 
 
 def model_configs(tmp: Path, names: list[str], backend: str | None) -> list[tuple[str, Path, str, str, list[int]]]:
@@ -223,14 +236,17 @@ def model_configs(tmp: Path, names: list[str], backend: str | None) -> list[tupl
 
 
 @contextmanager
-def empty_servers(kinds: list[str]):
-    """Empty-handler gRPC servers (bench/empty_grpc.py), one process per transport: {kind: (port, process)}."""
+def empty_servers(kinds: list[str], baseline: Path | None = None):
+    """Empty-handler gRPC servers (bench/empty_grpc.py), one process per transport: {kind: (port, process)};
+    with `baseline`, also that checkout's h2 (kind "h2 baseline")."""
     procs, out = [], {}
     try:
-        for kind in kinds:
+        for kind in kinds + (["h2 baseline"] if baseline else []):
             port = free_port()
-            p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "empty_grpc.py"), kind, str(port)],
-                                 stdout=subprocess.PIPE, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+            root = baseline if kind == "h2 baseline" else ROOT
+            assert root is not None
+            p = subprocess.Popen([sys.executable, str(root / "bench" / "empty_grpc.py"), kind.split()[0], str(port)],
+                                 cwd=root, stdout=subprocess.PIPE, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
             procs.append(p)
             assert p.stdout is not None and p.stdout.readline().strip() == b"serving", f"empty {kind} did not start"
             out[kind] = (port, psutil.Process(p.pid))
@@ -249,15 +265,23 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8")
     ap.add_argument("--backend", default=None, help="override the configs' backend (pycaffe, onnxruntime, auto)")
     ap.add_argument("--no-grpcio", action="store_true", help="leave out grpc.aio (the second server, the empty one)")
+    ap.add_argument("--baseline", type=Path, default=None, help="a checkout whose empty h2 handler runs beside ours")
     args = ap.parse_args()
     if shutil.which("h2load") is None:
         raise SystemExit("h2load is not installed: apt-get install nghttp2-client (scripts/system/debian-packages.txt)")
     conc = [int(c) for c in args.concurrency.split(",")]
     rows = []
     env = {"OPENBLAS_NUM_THREADS": "1"}
+    models = args.models.split(",")
     with tempfile.TemporaryDirectory() as d, \
-            empty_servers(["h2"] if args.no_grpcio else ["h2", "grpcio"]) as empty:
-        for model, path, name, out, shape in model_configs(Path(d), args.models.split(","), args.backend):
+            empty_servers(["h2"] if args.no_grpcio else ["h2", "grpcio"], args.baseline) as empty:
+        if "large" in models:
+            x = np.random.default_rng(0).random(inception_net.INPUT_SHAPE, dtype=np.float32)
+            cases = bodies("large", "data", x)
+            print(f"large: input {list(x.shape)}, a {len(cases['gRPC'][0])} B gRPC message to the empty handlers; "
+                  "measuring", flush=True)
+            rows += measure("large", empty_targets(empty, cases), conc, args.seconds, args.rounds)
+        for model, path, name, out, shape in model_configs(Path(d), models, args.backend):
             x = np.random.default_rng(0).random(shape, dtype=np.float32)
             with ExitStack() as stack:
                 server = stack.enter_context(grpc_server(path, Path(d), env=env, args=["--log-level", "WARNING"]))

@@ -1,5 +1,6 @@
 """The running gateway: discovery feeding the balancer, the proxy served by our HTTP server and
-(with a gRPC port) the gRPC proxy served by grpc.aio, both over the one balancer.
+(with a gRPC port) the gRPC proxy on our HTTP/2 transport (grpc.aio with CAFFESERVE_GRPC_TRANSPORT=grpcio),
+both over the one balancer.
 
 `caffeserve gateway` (main.py) and local mode (`caffeserve up`) both start one of these.
 """
@@ -70,15 +71,12 @@ class GatewayApp:
         """Start discovery and listen (REST on `port`, gRPC on `grpc_port` unless None); returns
         the bound REST port (`self.grpc_port` is the bound gRPC port). OSError when a port is taken."""
         if grpc_port is not None:
-            from .grpc_auth import hooks  # grpcio only when gRPC is on
-            from .grpc_proxy import GRPCGateway, GRPCGatewayServer
+            from .grpc_proxy import GRPCGateway, GRPCGatewayServer  # grpcio only when gRPC is on
 
             grpc_gateway = GRPCGateway(self.gateway.forwarder, self.ready, self.gateway.version, self.gateway.tracing,
                                        index=self.gateway.index_entries)
-            handler, interceptors = hooks(self.guard, grpc_gateway.handler)
-            self.grpc_server = GRPCGatewayServer(grpc_gateway, self.limits.max_body_bytes, handler, interceptors)
-            credentials = self.tls.grpc_credentials() if self.tls is not None else None
-            self.grpc_port = await self.grpc_server.start(host, grpc_port, credentials)
+            self.grpc_server = GRPCGatewayServer(grpc_gateway, self.guard, self.limits.max_body_bytes, self.tls)
+            self.grpc_port = await self.grpc_server.start(host, grpc_port)
         self._discovery_task = asyncio.create_task(self.discovery.run(self.balancer), name="gateway-discovery")
         self._discovery_task.add_done_callback(_log_crash)
         if self.tls is not None:

@@ -43,6 +43,7 @@ from caffe_http.upstream import EndpointPool
 
 if TYPE_CHECKING:
     from .grpc_proxy import Upstream
+    from .grpc_upstream import H2Upstream
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Endpoint:
         self.pool = EndpointPool(host, port, connect_timeout_s)
         self.address = self.pool.authority
         self.grpc_port = grpc_port
-        self.grpc: Upstream | None = None  # the gRPC proxy's channel to it, made on first use (grpc_proxy.py)
+        self.grpc: H2Upstream | Upstream | None = None  # the gRPC proxy's connection to it, made on first use
         self.active = 0
         self.failures = 0  # consecutive
         self.ejected_until = 0.0

@@ -36,21 +36,29 @@ What a client sees (tritonclient.grpc, KServe's InferenceGRPCClient, any OIP gRP
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from inference_server.grpc import messages as pb
 from inference_server.grpc.listener import GRPCListener
 from inference_server.grpc.status import NOT_RUN_KEY, retry_trailers
+from inference_server.grpc.transport import GRPCTransportServer
 
 from .balancer import Endpoint, ModelRoute
 from .forward import BROKEN, DEADLINE, NOT_SERVED, UNAVAILABLE, UNKNOWN, Forwarder, Lost, NotRun, Refused, Unreachable
+from .grpc_auth import guarded, hooks
 from .grpc_stats import model_statistics
+from .grpc_upstream import H2Upstream, Taken
 from .proxy import FORWARDED_EXTENSIONS, GATEWAY_NAME
 from .repository import broadcast, endpoints_of, unknown_model
 from .tracing import GatewayTracing, TracedTransport, with_trace_context
+
+if TYPE_CHECKING:
+    from .auth import Guard
+    from .tls import ReloadingTLS
 
 SERVICE = pb.SERVICE
 OWN_METHODS = ("ServerLive", "ServerReady", "ServerMetadata")
@@ -133,7 +141,7 @@ def model_and_version(data: bytes) -> tuple[str, str]:
     if pos > end:
         raise Malformed("truncated message")
     try:
-        return name.decode("utf-8"), version.decode("utf-8")
+        return str(name, "utf-8"), str(version, "utf-8")  # bytes or, from our HTTP/2 transport, a memoryview
     except UnicodeDecodeError:
         raise Malformed("the model name or version is not UTF-8") from None
 
@@ -237,6 +245,7 @@ class GRPCTransport:
         if upstream is None:
             assert ep.grpc_port is not None  # the forwarder sends gRPC only to endpoints with a gRPC port
             upstream = ep.grpc = Upstream(ep.pool.host, ep.grpc_port)
+        assert isinstance(upstream, Upstream)
         loop = asyncio.get_running_loop()
         if not await upstream.connected(min(self.connect_timeout_s, deadline - loop.time())):
             raise Unreachable(f"cannot reach model '{route.name}': cannot connect to {upstream.target}")
@@ -261,10 +270,16 @@ class GRPCTransport:
         code, details = e.code(), e.details() or ""
         if lost is not None:
             raise Lost(f"model '{route.name}' at {lost}")
-        trailing = e.trailing_metadata() or ()
+        if code == Code.UNAVAILABLE and any(w in details for w in TRANSPORT_FAILURES):
+            raise Unreachable(f"cannot reach model '{route.name}': {upstream_target(ep)}: {details}")
+        return self._refused(route, ep, (code, details, (), e.trailing_metadata() or ()), deadline, loop)
+
+    def _refused(self, route: ModelRoute, ep: Endpoint, answer: Answer, deadline: float, loop) -> Answer:
+        """A server's non-OK status: passed through, or NotRun (it did not start the call), or the
+        gateway's own DEADLINE_EXCEEDED."""
+        code, details, _, trailing = answer
+        details = str(details)
         if code == Code.UNAVAILABLE:
-            if any(w in details for w in TRANSPORT_FAILURES):
-                raise Unreachable(f"cannot reach model '{route.name}': {upstream_target(ep)}: {details}")
             if "shutting down" in details or any(k == NOT_RUN_KEY for k, _ in trailing):
                 raise NotRun(f"model '{route.name}' at {ep.address} did not run the request: {details}")
         if code == Code.DEADLINE_EXCEEDED and loop.time() >= deadline:
@@ -292,6 +307,27 @@ class GRPCTransport:
         return REFUSALS[kind].name
 
 
+class H2Transport(GRPCTransport):
+    """GRPCTransport over HTTP/2 framing of our own (grpc_upstream.py) instead of a grpc.aio channel."""
+
+    async def send(self, route: ModelRoute, ep: Endpoint, request: tuple, deadline: float) -> Answer:
+        method, data, metadata = request
+        upstream = ep.grpc
+        if upstream is None:
+            assert ep.grpc_port is not None  # the forwarder sends gRPC only to endpoints with a gRPC port
+            upstream = ep.grpc = H2Upstream(ep.pool.host, ep.grpc_port)
+        try:
+            assert isinstance(upstream, H2Upstream)
+            answer = await upstream.call(method, data, metadata, deadline, self.connect_timeout_s)
+        except Taken as e:
+            raise Lost(f"model '{route.name}' at {e}") from None
+        except Unreachable as e:
+            raise Unreachable(f"cannot reach model '{route.name}': {e}") from None
+        if answer[0] is _OK:
+            return answer
+        return self._refused(route, ep, answer, deadline, asyncio.get_running_loop())
+
+
 def upstream_target(ep: Endpoint) -> str:
     return ep.grpc.target if ep.grpc is not None else f"{ep.pool.host}:{ep.grpc_port}"
 
@@ -306,7 +342,8 @@ class GRPCGateway:
         self.balancer = forwarder.balancer
         self.metrics = forwarder.metrics
         self.settings = forwarder.settings
-        self.transport = GRPCTransport(self.balancer.settings.connect_timeout_s, self.settings.request_timeout_s)
+        kind = H2Transport if transport_kind() == "h2" else GRPCTransport
+        self.transport = kind(self.balancer.settings.connect_timeout_s, self.settings.request_timeout_s)
         self.is_ready = ready
         self.tracing = tracing  # None: tracing off (tracing.py)
         self._live = pb.ServerLiveResponse(live=True).SerializeToString()
@@ -314,15 +351,20 @@ class GRPCGateway:
         self._server_metadata = pb.ServerMetadataResponse(
             name=GATEWAY_NAME, version=version, extensions=FORWARDED_EXTENSIONS).SerializeToString()
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        methods: dict[str, grpc.RpcMethodHandler] = {
-            name: grpc.unary_unary_rpc_method_handler(getattr(self, name)) for name in OWN_METHODS}
+    def methods(self) -> dict[str, Callable[[bytes, Any], Awaitable[bytes]]]:
+        """Each RPC the gateway serves, by method name."""
+        out: dict[str, Callable[[bytes, Any], Awaitable[bytes]]] = {name: getattr(self, name) for name in OWN_METHODS}
         for name in MODEL_METHODS:
-            methods[name] = grpc.unary_unary_rpc_method_handler(self._forwarder(name))
-        methods["ModelStatistics"] = grpc.unary_unary_rpc_method_handler(self.ModelStatistics)
+            out[name] = self._forwarder(name)
+        out["ModelStatistics"] = self.ModelStatistics
         for name in ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"):
-            methods[name] = grpc.unary_unary_rpc_method_handler(getattr(self, name))
-        return grpc.method_handlers_generic_handler(SERVICE, methods)
+            out[name] = getattr(self, name)
+        return out
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The RPCs as grpc.aio's generic handler (CAFFESERVE_GRPC_TRANSPORT=grpcio)."""
+        return grpc.method_handlers_generic_handler(
+            SERVICE, {name: grpc.unary_unary_rpc_method_handler(f) for name, f in self.methods().items()})
 
     # --- the gateway's own
     async def ServerLive(self, data: bytes, context) -> bytes:
@@ -456,9 +498,34 @@ class GRPCGateway:
         return tuple(md)
 
 
-class GRPCGatewayServer(GRPCListener):
-    """The gateway's grpc.aio server; its largest request message is `max_message_bytes`."""
+def transport_kind() -> str:
+    """h2 (our HTTP/2 framing, the default) or grpcio (grpc.aio): CAFFESERVE_GRPC_TRANSPORT, as the server reads it."""
+    kind = os.environ.get("CAFFESERVE_GRPC_TRANSPORT") or "h2"
+    if kind not in ("h2", "grpcio"):
+        raise ValueError(f"CAFFESERVE_GRPC_TRANSPORT must be h2 or grpcio, not {kind!r}")
+    return kind
 
-    def __init__(self, gateway: GRPCGateway, max_message_bytes: int, handler=None, interceptors: tuple = ()):
-        super().__init__(handler or gateway.handler, max_message_bytes, interceptors)
-        self.gateway = gateway
+
+class GRPCGatewayServer:
+    """The gateway's gRPC listener: our HTTP/2 transport (the model server's), or grpc.aio with
+    CAFFESERVE_GRPC_TRANSPORT=grpcio; the guard's rules on each call; its largest request is `max_message_bytes`."""
+
+    def __init__(self, gateway: GRPCGateway, guard: Guard, max_message_bytes: int, tls: ReloadingTLS | None = None):
+        self.gateway, self.tls = gateway, tls
+        self.kind = transport_kind()
+        self.server: GRPCListener | GRPCTransportServer
+        if self.kind == "grpcio":
+            handler, interceptors = hooks(guard, gateway.handler)
+            self.server = GRPCListener(handler, max_message_bytes, interceptors)
+        else:
+            paths = {f"/{SERVICE}/{name}".encode(): f for name, f in guarded(gateway.methods(), guard).items()}
+            self.server = GRPCTransportServer(paths, max_message_bytes)
+
+    async def start(self, host: str, port: int) -> int:
+        """Bind and start (TLS when the gateway has it); returns the bound port. OSError when it cannot be bound."""
+        if isinstance(self.server, GRPCListener):
+            return await self.server.start(host, port, self.tls.grpc_credentials() if self.tls is not None else None)
+        return await self.server.start(host, port, self.tls.h2_context if self.tls is not None else None)
+
+    async def stop(self, grace_s: float) -> None:
+        await self.server.stop(grace_s)

@@ -8,8 +8,9 @@ load (a key that does not match, a half-written file from some other writer) is 
 last good pair kept; the next poll tries again.
 
 New connections get the new certificate; connections already open keep theirs (TLS cannot change
-a certificate mid-connection). REST swaps the SSLContext of each handshake (`sni_callback`, which
-OpenSSL calls on every ClientHello, SNI or not); gRPC asks `cert_config` before each handshake.
+a certificate mid-connection). REST and gRPC (on our HTTP/2 transport) swap the SSLContext of each
+handshake (`sni_callback`, which OpenSSL calls on every ClientHello, SNI or not); grpc.aio asks
+`cert_config` before each handshake.
 """
 
 from __future__ import annotations
@@ -49,11 +50,12 @@ class TLSFiles:
         return tuple(out)
 
 
-def server_context(files: TLSFiles) -> ssl.SSLContext:
-    """A server SSLContext holding the pair (TLS 1.2+, ALPN http/1.1). ssl.SSLError/OSError when it does not load."""
+def server_context(files: TLSFiles, alpn: str = "http/1.1") -> ssl.SSLContext:
+    """A server SSLContext holding the pair (TLS 1.2+, ALPN `alpn`: h2 for gRPC, whose clients insist on it).
+    ssl.SSLError/OSError when it does not load."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols([alpn])
     ctx.load_cert_chain(files.cert, files.key)
     return ctx
 
@@ -61,8 +63,9 @@ def server_context(files: TLSFiles) -> ssl.SSLContext:
 class ReloadingTLS:
     """The current certificate pair of `files`, reloaded when they change (`check`, or `watch` in a task).
 
-    `context` is what the REST listener is given: it hands each handshake the newest loaded context.
-    `generation` counts successful loads; `pem` is the newest pair as bytes (for gRPC).
+    `context` is what the REST listener is given: it hands each handshake the newest loaded context;
+    `h2_context` the same for the gRPC listener on our HTTP/2 transport (ALPN h2).
+    `generation` counts successful loads; `pem` is the newest pair as bytes (for grpc.aio).
     """
 
     def __init__(self, files: TLSFiles, poll_s: float = RELOAD_POLL_S):
@@ -70,11 +73,14 @@ class ReloadingTLS:
         self.poll_s = poll_s
         self._stamp = files.stamp()
         self._current = server_context(files)  # the first load must succeed: a bad pair at start is fatal
+        self._current_h2 = server_context(files, "h2")
         self.pem = self._read()
         self.generation = 1
         # The listener's own context is never swapped out; each handshake is moved to the newest one.
         self.context = server_context(files)
         self.context.sni_callback = self._pick
+        self.h2_context = server_context(files, "h2")
+        self.h2_context.sni_callback = self._pick_h2
 
     def _read(self) -> tuple[bytes, bytes]:
         return self.files.cert.read_bytes(), self.files.key.read_bytes()
@@ -84,6 +90,11 @@ class ReloadingTLS:
             sslobj.context = self._current
         return None
 
+    def _pick_h2(self, sslobj, server_name, ctx) -> None:
+        if self._current_h2 is not ctx:
+            sslobj.context = self._current_h2
+        return None
+
     def check(self) -> bool:
         """Reload when the files changed since the last look; True when a new pair was loaded."""
         stamp = self.files.stamp()
@@ -91,12 +102,12 @@ class ReloadingTLS:
             return False
         self._stamp = stamp
         try:
-            ctx, pem = server_context(self.files), self._read()
+            ctx, ctx_h2, pem = server_context(self.files), server_context(self.files, "h2"), self._read()
         except (ssl.SSLError, OSError, ValueError) as e:
             log.warning("TLS: %s / %s changed but do not load (%s); serving the previous certificate",
                         self.files.cert, self.files.key, e)
             return False
-        self._current, self.pem = ctx, pem
+        self._current, self._current_h2, self.pem = ctx, ctx_h2, pem
         self.generation += 1
         log.info("TLS: loaded the new certificate from %s", self.files.cert)
         return True

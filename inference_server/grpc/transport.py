@@ -24,6 +24,7 @@ import struct
 import time
 import zlib
 from collections.abc import Awaitable, Callable
+from ssl import SSLContext
 from typing import NoReturn
 
 import grpc
@@ -42,7 +43,8 @@ MAX_STREAMS = 1024  # calls at once on one connection (SETTINGS_MAX_CONCURRENT_S
 MAX_FRAME = 1 << 20  # the largest frame we accept (fewer frames for a large tensor than the 16 KiB default)
 CONN_WINDOW = 1 << 26  # what a client may send ahead on a connection; topped up once half is used
 MAX_HEADER_LIST = 16384
-PRESIZE_MAX = 1 << 20  # a message up to this size gets its buffer at once (no regrowth), from its length prefix
+POOL_MIN, POOL_MAX = 1 << 16, 1 << 22  # messages of these sizes are joined into a reused buffer
+POOL_BUFFERS = 4  # at most this many idle (16 MiB at most)
 _TIMEOUT_UNITS = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3, ord("u"): 1e-6, ord("n"): 1e-9}
 _HEAD = struct.Struct(">I")
 
@@ -55,6 +57,24 @@ def _frame_head(kind: int, flags: int, stream: int, n: int) -> bytes:
 
 def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
     return _frame_head(kind, flags, stream, len(payload)) + payload
+
+
+def data_frames(sid: int, head: bytes, data: memoryview, room: int, max_frame: int, end: int = 0):
+    """DATA frames carrying up to `room` bytes of `head` then `data` (a message's 5-byte prefix, then the
+    message itself: never copied into one buffer), each at most `max_frame`; `end` (END_STREAM) on the last
+    frame when everything is in. Returns (the buffers to write at once, head left, data left, bytes taken)."""
+    out: list[bytes | memoryview] = []
+    taken = 0
+    while room > 0 and (head or data):
+        n = min(room, max_frame, len(head) + len(data))
+        k = min(len(head), n)
+        parts = (head[:k], data[: n - k]) if k else (data[:n],)
+        head, data = head[k:], data[n - k :]
+        out.append(_frame_head(DATA, 0 if head or data else end, sid, n))
+        out += parts
+        room -= n
+        taken += n
+    return out, head, data, taken
 
 
 # the answer's header block: `:status: 200` (static index 8) and the content type
@@ -70,12 +90,10 @@ def _percent(message: str) -> bytes:
     return bytes(out)
 
 
-def status_block(code: grpc.StatusCode, details: str, trailing=()) -> bytes:
-    """The header block of a trailers-only answer: status, message and trailing metadata."""
-    block = _RESPONSE_HEADERS + literal(b"grpc-status", str(code.value[0]).encode())
-    if details:
-        block += literal(b"grpc-message", _percent(details))
-    for key, value in trailing:
+def metadata_block(metadata) -> bytes:
+    """gRPC metadata ((key, str or bytes) pairs) as literal header fields; `-bin` values in unpadded base64."""
+    block = b""
+    for key, value in metadata:
         name = key.lower().encode()
         if name.endswith(b"-bin"):
             raw = value if isinstance(value, bytes) else value.encode()
@@ -83,6 +101,14 @@ def status_block(code: grpc.StatusCode, details: str, trailing=()) -> bytes:
         else:
             block += literal(name, value.encode() if isinstance(value, str) else value)
     return block
+
+
+def status_block(code: grpc.StatusCode, details: str, trailing=()) -> bytes:
+    """The header block of a trailers-only answer: status, message and trailing metadata."""
+    block = _RESPONSE_HEADERS + literal(b"grpc-status", str(code.value[0]).encode())
+    if details:
+        block += literal(b"grpc-message", _percent(details))
+    return block + metadata_block(trailing) if trailing else block
 
 
 class AbortError(Exception):
@@ -94,18 +120,25 @@ class AbortError(Exception):
 
 
 class CallContext:
-    """What a handler may ask of its call (the subset of grpc.aio's ServicerContext our services use)."""
+    """What a handler may ask of its call (the subset of grpc.aio's ServicerContext our services and the
+    gateway's forwarder use): deadline, metadata both ways, the peer, abort."""
 
-    __slots__ = ("deadline", "_headers")
+    __slots__ = ("deadline", "_headers", "_conn", "_metadata", "initial", "trailing")
 
-    def __init__(self, deadline: float | None, headers: list[tuple[bytes, bytes]]):
+    def __init__(self, deadline: float | None, headers: list[tuple[bytes, bytes]], conn: _Connection | None = None):
         self.deadline = deadline  # time.monotonic(), from grpc-timeout
         self._headers = headers
+        self._conn = conn
+        self._metadata: tuple[tuple[str, str | bytes], ...] | None = None
+        self.initial: tuple = ()  # metadata for the answer's headers (send_initial_metadata)
+        self.trailing: tuple = ()  # metadata for an OK answer's trailers (set_trailing_metadata)
 
     def time_remaining(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
     def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        if self._metadata is not None:
+            return self._metadata
         out: list[tuple[str, str | bytes]] = []
         for name, value in self._headers:
             if name[:1] == b":" or name in (b"content-type", b"te", b"grpc-timeout", b"grpc-encoding"):
@@ -115,15 +148,26 @@ class CallContext:
                 out.append((key, base64.b64decode(value + b"=" * (-len(value) % 4))))
             else:
                 out.append((key, value.decode("latin-1")))
-        return tuple(out)
+        self._metadata = tuple(out)
+        return self._metadata
+
+    def peer(self) -> str:
+        """grpc's form of the client's address: `ipv4:10.0.0.1:5555`, `ipv6:[::1]:5555` ("" when unknown)."""
+        return self._conn.peer if self._conn is not None else ""
+
+    async def send_initial_metadata(self, metadata) -> None:
+        self.initial = tuple(metadata)
+
+    def set_trailing_metadata(self, metadata) -> None:
+        self.trailing = tuple(metadata)
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()) -> NoReturn:
         raise AbortError(code, details, trailing_metadata)
 
 
 class _Stream:
-    __slots__ = ("id", "path", "headers", "deadline", "encoding", "body", "filled", "expect", "task", "send_window",
-                 "pending", "answered")
+    __slots__ = ("id", "path", "headers", "deadline", "encoding", "chunks", "filled", "expect", "task", "send_window",
+                 "head", "pending", "trailers", "answered", "pooled")
 
     def __init__(self, sid: int, path: bytes, headers, deadline: float | None, encoding: bytes, window: int):
         self.id = sid
@@ -131,13 +175,16 @@ class _Stream:
         self.headers = headers
         self.deadline = deadline
         self.encoding = encoding
-        self.body = bytearray()
-        self.filled = 0  # bytes of `body` received, once it is sized (`expect`)
-        self.expect = 0  # 5 + the message's length once its prefix has arrived and it fits PRESIZE_MAX
+        self.chunks: list[memoryview] = []  # the request's bytes as they arrived (slices of immutable reads)
+        self.filled = 0  # bytes in `chunks`
+        self.expect = 0  # 5 + the message's length once its prefix has arrived
         self.task: asyncio.Task | None = None
         self.send_window = window
+        self.head = b""  # the answer's message prefix, while not yet sent
         self.pending: memoryview | None = None  # answer data waiting for flow-control window
+        self.trailers = b""  # the frames that end the answer, once `pending` is sent
         self.answered = False  # its request is complete (or refused): DATA that still arrives is dropped
+        self.pooled: bytearray | None = None  # the message's buffer, from the server's pool
 
 
 class _ConnectionError(Exception):
@@ -164,6 +211,18 @@ class _Connection(asyncio.Protocol):
         self.goaway = False
         self.closed = False
         self.stream_window = min(2**31 - 1, server.max_message_bytes + 5 + MAX_FRAME)
+        self._peer: str | None = None
+
+    @property
+    def peer(self) -> str:
+        if self._peer is None:
+            addr = self.transport.get_extra_info("peername")
+            if isinstance(addr, tuple) and len(addr) >= 2:
+                host = str(addr[0])
+                self._peer = f"ipv6:[{host}]:{addr[1]}" if ":" in host else f"ipv4:{host}:{addr[1]}"
+            else:
+                self._peer = ""
+        return self._peer
 
     # --- lifecycle
     def connection_made(self, transport) -> None:
@@ -192,11 +251,19 @@ class _Connection(asyncio.Protocol):
 
     # --- reading
     def data_received(self, data: bytes) -> None:
+        """Frames are read where they arrived: a read is immutable bytes, so a DATA payload is kept as a
+        slice of it until its message is whole and joined once (no copy into a connection buffer, no
+        zero-filled buffer per message: those two cost more than the rest of a 600 kB call here). Only a
+        frame cut by the end of a read waits in `buf`; a DATA frame cut so goes on as `data_left`."""
+        if type(data) is not bytes:
+            data = bytes(data)  # a read of our own to keep: another transport may reuse its buffer
+        view = memoryview(data)
+        start = 0
         if self.data_left is not None:  # the rest of a large DATA frame: straight into its stream's body
             sid, left, flags = self.data_left
             n = min(left, len(data))
             try:
-                self._data_chunk(sid, memoryview(data)[:n])
+                self._data_chunk(sid, view[:n])
                 if n < left:
                     self.data_left = (sid, left - n, flags)
                     return
@@ -208,30 +275,34 @@ class _Connection(asyncio.Protocol):
                 return
             if n == len(data):
                 return
-            data = data[n:]
+            start = n
         buf = self.buf
-        buf += data
-        if not self.preface:
-            if len(buf) < len(PREFACE):
-                if not PREFACE.startswith(bytes(buf)):
-                    self.transport.close()  # not HTTP/2 with prior knowledge (an HTTP/1.1 client, say)
-                return
-            if not buf.startswith(PREFACE):
-                self.transport.close()
-                return
-            del buf[: len(PREFACE)]
-            self.preface = True
+        if buf or not self.preface:  # a frame cut by the last read (or the preface) goes first
+            buf += view[start:]
+            if not self.preface:
+                if len(buf) < len(PREFACE):
+                    if not PREFACE.startswith(bytes(buf)):
+                        self.transport.close()  # not HTTP/2 with prior knowledge (an HTTP/1.1 client, say)
+                    return
+                if not buf.startswith(PREFACE):
+                    self.transport.close()
+                    return
+                del buf[: len(PREFACE)]
+                self.preface = True
+            data = bytes(buf)
+            buf.clear()
+            view, start = memoryview(data), 0
         try:
-            with memoryview(buf) as view:
-                pos = self._frames(buf, view)  # its slices of `view` are gone when it returns
+            pos = self._frames(data, view, start)
         except _ConnectionError as e:
             self._fail(e.code, str(e))
             return
-        del buf[:pos]
+        if pos < len(data):
+            buf += view[pos:]
 
-    def _frames(self, buf: bytearray, view: memoryview) -> int:
-        """Handle every whole frame in `buf`; returns the bytes consumed."""
-        pos, end = 0, len(buf)
+    def _frames(self, buf: bytes, view: memoryview, pos: int) -> int:
+        """Handle every whole frame in `buf` from `pos`; returns where the first incomplete one starts."""
+        end = len(buf)
         while end - pos >= 9:
             length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
             if length > MAX_FRAME:
@@ -291,7 +362,7 @@ class _Connection(asyncio.Protocol):
             self._data_end(sid)
 
     def _data_chunk(self, sid: int, payload: memoryview) -> None:
-        """Bytes of a stream's request message, as they arrive."""
+        """Bytes of a stream's request message, as they arrive (a slice of an immutable read, kept as is)."""
         self.received += len(payload)
         if self.received >= CONN_WINDOW // 2:
             self.transport.write(frame(WINDOW_UPDATE, 0, 0, _HEAD.pack(self.received)))
@@ -301,27 +372,26 @@ class _Connection(asyncio.Protocol):
             if sid > self.last_id:
                 raise _ConnectionError(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
             return  # a stream reset or refused: its data is dropped
-        if s.expect:  # sized: copied into place
-            n = len(payload)
-            if s.filled + n > s.expect:
+        if not payload:
+            return
+        s.chunks.append(payload)
+        s.filled += len(payload)
+        if s.expect:
+            if s.filled > s.expect:
                 self._refuse(s, grpc.StatusCode.INTERNAL, "a unary call must carry exactly one request message")
-                return
-            s.body[s.filled : s.filled + n] = payload
-            s.filled += n
             return
-        body = s.body
-        body += payload
-        if len(body) < 5:
+        if s.filled < 5:
             return
+        head = s.chunks[0] if len(s.chunks[0]) >= 5 else b"".join(s.chunks)
         limit = self.server.max_message_bytes
-        declared = _HEAD.unpack_from(body, 1)[0]
-        if declared > limit or len(body) > limit + 5:
-            self._refuse(s, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"Received message larger than max ({max(declared, len(body) - 5)} vs. {limit})")
-        elif declared <= PRESIZE_MAX and len(body) <= declared + 5:
-            s.expect, s.filled = declared + 5, len(body)
-            s.body = bytearray(s.expect)
-            s.body[: len(body)] = body
+        declared = _HEAD.unpack_from(head, 1)[0]
+        if declared > limit:
+            self._refuse(s, grpc.StatusCode.RESOURCE_EXHAUSTED, f"Received message larger than max ({declared} vs. "
+                                                                f"{limit})")
+        elif s.filled > declared + 5:
+            self._refuse(s, grpc.StatusCode.INTERNAL, "a unary call must carry exactly one request message")
+        else:
+            s.expect = declared + 5
 
     def _data_end(self, sid: int) -> None:
         s = self.streams.get(sid)
@@ -428,17 +498,26 @@ class _Connection(asyncio.Protocol):
     # --- a call
     def _request_complete(self, s: _Stream) -> None:
         s.answered = True
-        body = s.body
-        size = s.filled if s.expect else len(body)
-        if size < 5:
+        if not s.expect:
             self._refuse(s, grpc.StatusCode.INTERNAL, "the call carried no request message")
             return
-        n = _HEAD.unpack_from(body, 1)[0]
-        if size != 5 + n:
+        if s.filled != s.expect:
             self._refuse(s, grpc.StatusCode.INTERNAL, "a unary call must carry exactly one request message")
             return
-        message: bytes | memoryview = memoryview(body)[5:]  # protobuf parses from a buffer: no copy
-        s.body = bytearray()
+        chunks = s.chunks
+        s.chunks = []
+        if len(chunks) == 1:
+            body = chunks[0]
+        elif s.filled < POOL_MIN:
+            body = memoryview(b"".join(chunks))
+        else:  # joined once, into a buffer a finished call gave back (fresh memory costs a page fault per 4 KiB)
+            s.pooled = self.server.buffer(s.filled)
+            pos = 0
+            for c in chunks:
+                s.pooled[pos : pos + len(c)] = c
+                pos += len(c)
+            body = memoryview(s.pooled)[: s.filled]
+        message: bytes | memoryview = body[5:]  # protobuf parses from a buffer: no copy
         if body[0]:
             try:
                 message = self._decompress(s.encoding, message)
@@ -449,7 +528,22 @@ class _Connection(asyncio.Protocol):
         if handler is None:
             self._refuse(s, grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {s.path.decode('latin-1')}")
             return
-        s.task = asyncio.get_running_loop().create_task(self._call(s, handler, message))
+        s.task = asyncio.get_running_loop().create_task(self._call_pooled(s, handler, message) if s.pooled is not None
+                                                        else self._call(s, handler, message))
+
+    async def _call_pooled(self, s: _Stream, handler: Handler, message: bytes | memoryview) -> None:
+        """`_call`, then the message's buffer goes back to the pool (when nothing holds a view of it)."""
+        try:
+            await self._call(s, handler, message)
+        finally:
+            if isinstance(message, memoryview):
+                try:
+                    message.release()
+                except BufferError:  # the handler kept something made from it: the buffer stays theirs
+                    pass
+            buf, s.pooled = s.pooled, None
+            if buf is not None:
+                self.server.give_back(buf)
 
     def _decompress(self, encoding: bytes, message: bytes | memoryview) -> bytes:
         if encoding not in (b"gzip", b"deflate"):
@@ -468,8 +562,9 @@ class _Connection(asyncio.Protocol):
         return out
 
     async def _call(self, s: _Stream, handler: Handler, message: bytes | memoryview) -> None:
+        ctx = CallContext(s.deadline, s.headers, self)
         try:
-            answer = await handler(message, CallContext(s.deadline, s.headers))
+            answer = await handler(message, ctx)
         except AbortError as a:
             self._end(s, self._headers_frames(s.id, status_block(a.code, a.details, a.trailing)))
             return
@@ -483,12 +578,18 @@ class _Connection(asyncio.Protocol):
         if self.closed or s.id not in self.streams:
             return
         n = len(answer) + 5
-        head = frame(HEADERS, END_HEADERS, s.id, _RESPONSE_HEADERS)
+        if ctx.initial:
+            head = self._headers_frames(s.id, _RESPONSE_HEADERS + metadata_block(ctx.initial), end=False)
+        else:
+            head = frame(HEADERS, END_HEADERS, s.id, _RESPONSE_HEADERS)
+        if ctx.trailing:
+            trailers = self._headers_frames(s.id, _OK_TRAILERS + metadata_block(ctx.trailing))
+        else:
+            trailers = frame(HEADERS, END_HEADERS | END_STREAM, s.id, _OK_TRAILERS)
         if n <= self.peer_max_frame and n <= s.send_window and n <= self.conn_send_window:
             s.send_window -= n
             self.conn_send_window -= n
             data_head = _frame_head(DATA, 0, s.id, n) + b"\0"
-            trailers = frame(HEADERS, END_HEADERS | END_STREAM, s.id, _OK_TRAILERS)
             if n < 65536:
                 self._end(s, b"".join((head, data_head, _HEAD.pack(n - 5), answer, trailers)))
             else:
@@ -496,7 +597,8 @@ class _Connection(asyncio.Protocol):
                 self._end(s, trailers)
             return
         self.transport.write(head)
-        s.pending = memoryview(b"\0" + _HEAD.pack(n - 5) + answer)
+        s.head, s.pending = b"\0" + _HEAD.pack(n - 5), memoryview(answer)
+        s.trailers = trailers
         self._flush(s)
 
     def _flush_all(self) -> None:
@@ -504,27 +606,28 @@ class _Connection(asyncio.Protocol):
             self._flush(s)
 
     def _flush(self, s: _Stream) -> None:
-        """Send what the flow-control windows allow of an answer's data; its trailers once all is sent."""
-        data = s.pending
-        if data is None:
+        """Send what the flow-control windows allow of an answer's data, in one write; its trailers once all is sent."""
+        if s.pending is None:
             return
-        while data and s.send_window > 0 and self.conn_send_window > 0:
-            n = min(len(data), s.send_window, self.conn_send_window, self.peer_max_frame)
-            self.transport.writelines((_frame_head(DATA, 0, s.id, n), data[:n]))
-            s.send_window -= n
-            self.conn_send_window -= n
-            data = data[n:]
-        s.pending = data if data else None
-        if not data:
-            self._end(s, frame(HEADERS, END_HEADERS | END_STREAM, s.id, _OK_TRAILERS))
+        room = min(s.send_window, self.conn_send_window)
+        out, s.head, data, taken = data_frames(s.id, s.head, s.pending, room, self.peer_max_frame)
+        if out:
+            self.transport.writelines(out)
+        s.send_window -= taken
+        self.conn_send_window -= taken
+        s.pending = data if data or s.head else None
+        if s.pending is None:
+            self._end(s, s.trailers)
 
-    def _headers_frames(self, sid: int, block: bytes) -> bytes:
-        """A header block that ends the stream, split into HEADERS + CONTINUATION by the peer's frame size."""
+    def _headers_frames(self, sid: int, block: bytes, end: bool = True) -> bytes:
+        """A header block (ending the stream unless not `end`), split into HEADERS + CONTINUATION by the
+        peer's frame size."""
         size = self.peer_max_frame
+        flags = END_STREAM if end else 0
         if len(block) <= size:
-            return frame(HEADERS, END_HEADERS | END_STREAM, sid, block)
+            return frame(HEADERS, END_HEADERS | flags, sid, block)
         parts = [block[i : i + size] for i in range(0, len(block), size)]
-        out = [frame(HEADERS, END_STREAM, sid, parts[0])]
+        out = [frame(HEADERS, flags, sid, parts[0])]
         out += [frame(CONTINUATION, 0, sid, p) for p in parts[1:-1]]
         out.append(frame(CONTINUATION, END_HEADERS, sid, parts[-1]))
         return b"".join(out)
@@ -533,7 +636,7 @@ class _Connection(asyncio.Protocol):
         """Answer a call that will not run; RST_STREAM(NO_ERROR) stops a client still sending its request."""
         incomplete = not s.answered
         s.answered = True
-        s.body = bytearray()
+        s.chunks = []
         out = self._headers_frames(s.id, status_block(code, details))
         if incomplete:
             out += frame(RST_STREAM, 0, s.id, _HEAD.pack(NO_ERROR))
@@ -570,19 +673,40 @@ class GRPCTransportServer:
         self.handlers = handlers
         self.max_message_bytes = max_message_bytes
         self.connections: set[_Connection] = set()
+        self._spare: list[bytearray] = []  # message buffers free for reuse (POOL_*)
         self.closing = False
         self._server: asyncio.Server | None = None
         self._idle: asyncio.Event | None = None
 
-    async def start(self, host: str, port: int) -> int:
-        """Bind and start; returns the bound port. OSError when the port cannot be bound."""
+    async def start(self, host: str, port: int, ssl: SSLContext | None = None) -> int:
+        """Bind and start (TLS with `ssl`, whose ALPN must offer h2); returns the bound port. OSError when the
+        port cannot be bound."""
         loop = asyncio.get_running_loop()
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_port=False)
+            self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_port=False, ssl=ssl)
         except OSError as e:
             raise OSError(e.errno, f"cannot listen for gRPC on {address}") from None
         return self._server.sockets[0].getsockname()[1]
+
+    def buffer(self, n: int) -> bytearray:
+        """A buffer of at least `n` bytes: one a finished call gave back, or a new one."""
+        for i, b in enumerate(self._spare):
+            if len(b) >= n:
+                return self._spare.pop(i)
+        return bytearray(n)
+
+    def give_back(self, buf: bytearray) -> None:
+        """Keep `buf` for a later message, unless something still holds a view of it (a handler kept the
+        message, a write not yet flushed): a bytearray with views cannot be resized, which is the test."""
+        if len(buf) > POOL_MAX or len(self._spare) >= POOL_BUFFERS:
+            return
+        try:
+            buf.append(0)
+        except BufferError:
+            return
+        del buf[-1]
+        self._spare.append(buf)
 
     def stream_closed(self) -> None:
         if self._idle is not None and not any(c.streams for c in self.connections):

@@ -97,6 +97,9 @@ def test_unknown_model_is_not_found_and_model_ready_is_false(grpc_gateway):
         assert int(np.argmax(output(resp, "prob"))) == LABELS[0]
         assert_status(client.error("ModelInfer", infer_request("digits", {"data": np.zeros((1, 1, 8, 8), np.float32)},
                                                                version="9")), grpc.StatusCode.NOT_FOUND, "9")
+        # a status message beyond ASCII crosses both hops (percent-encoded on each) as the server wrote it
+        err = client.error("ModelInfer", infer_request("digits", {"dätä": np.zeros((1, 1, 8, 8), np.float32)}))
+        assert_status(err, grpc.StatusCode.INVALID_ARGUMENT, "dätä")
     finally:
         client.close()
 
@@ -107,6 +110,107 @@ def _raw_error(client: OIPClient, method: str, data: bytes) -> grpc.RpcError:
     except grpc.RpcError as e:
         return e
     raise AssertionError(f"{method} succeeded")
+
+
+# --------------------------------------------------------------------------- large messages
+
+
+@pytest.mark.parametrize("server_transport", ["h2", "grpcio"])
+def test_a_large_batch_through_the_gateway_answers_as_direct_with_a_small_client_window(tmp_path, server_transport):
+    """A 1 MiB request and its 160 kB answer cross the gateway whole, whichever transport the server runs
+    (a grpc.aio server opens with a 64 KiB window: the gateway's request waits for its updates), and a
+    client whose window stays at 64 KiB (no BDP probe) reads the answer as the gateway sends it in turns."""
+    n = 4096
+    x = np.concatenate([digits_data.to_blob(IMAGES[:64])] * (n // 64))
+    request = infer_request("digits", {"data": x})
+    assert request.ByteSize() > 1 << 20
+    config = digits_config(limits={"maxBatch": n})
+    with grpc_server(config, tmp_path, env={"CAFFESERVE_GRPC_TRANSPORT": server_transport}) as server, \
+            GatewayProcess("--static", static("digits", server)) as gw:
+        direct = OIPClient(server.grpc_port)
+        expected = output(direct.infer(request), "prob")
+        direct.close()
+        channel = grpc.insecure_channel(f"127.0.0.1:{gw.grpc_port}", options=[
+            ("grpc.http2.bdp_probe", 0), ("grpc.max_receive_message_length", 64 << 20)])
+        call = channel.unary_unary(f"/{pb.SERVICE}/ModelInfer",
+                                   request_serializer=pb.ModelInferRequest.SerializeToString,
+                                   response_deserializer=pb.ModelInferResponse.FromString)
+        try:
+            for _ in range(3):  # the connection's windows after a large call let the next one through too
+                got = output(call(request, timeout=30), "prob")
+                assert got.shape == (n, 10) and np.array_equal(got, expected)
+            assert list(got[:64].argmax(1)) == list(LABELS[:64])
+        finally:
+            channel.close()
+
+
+def _read_frame(sock) -> tuple[int, int, int, bytes]:
+    """One HTTP/2 frame: (type, flags, stream, payload)."""
+    def exactly(n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = sock.recv(n - len(out))
+            assert chunk, "the gateway closed the connection"
+            out += chunk
+        return out
+
+    head = exactly(9)
+    length = int.from_bytes(head[:3], "big")
+    return head[3], head[4], int.from_bytes(head[5:9], "big") & 0x7FFFFFFF, exactly(length)
+
+
+def test_a_slow_reader_gets_its_whole_answer_and_holds_up_no_one(grpc_gateway):
+    """A client that lets the gateway send only 100 bytes of its answer (HTTP/2 flow control, spoken here
+    by hand over a socket: no gRPC library lets a test hold its window) gets those, then the rest once it
+    reads on; meanwhile another client's calls are answered."""
+    import socket
+    import struct
+
+    from inference_server.grpc import transport as h2
+    from inference_server.grpc.hpack_decode import HeaderDecoder, literal
+
+    x = digits_data.to_blob(IMAGES[:64])
+    msg = infer_request("digits", {"data": x}).SerializeToString()
+    block = b"\x83\x86" + b"".join(literal(k, v) for k, v in (
+        (b":path", f"/{pb.SERVICE}/ModelInfer".encode()), (b":authority", b"gateway"),
+        (b"content-type", b"application/grpc"), (b"te", b"trailers")))
+    with socket.create_connection(("127.0.0.1", grpc_gateway.grpc_port), timeout=10) as sock:
+        sock.sendall(h2.PREFACE + h2.frame(h2.SETTINGS, 0, 0, struct.pack(">HI", 0x4, 100))  # 100-byte windows
+                     + h2.frame(h2.HEADERS, h2.END_HEADERS, 1, block)
+                     + h2.frame(h2.DATA, h2.END_STREAM, 1, b"\0" + struct.pack(">I", len(msg)) + msg))
+        decoder, data, fields, done = HeaderDecoder(), b"", [], False
+
+        def read_until(stop) -> None:
+            nonlocal data, done
+            while not stop():
+                kind, flags, sid, payload = _read_frame(sock)
+                if kind == h2.SETTINGS and not flags & h2.ACK:
+                    sock.sendall(h2.frame(h2.SETTINGS, h2.ACK, 0))
+                elif kind == h2.HEADERS and sid == 1:
+                    fields.extend(decoder.decode(payload))
+                    done = bool(flags & h2.END_STREAM)
+                elif kind == h2.DATA and sid == 1:
+                    data += payload
+
+        read_until(lambda: len(data) >= 100)
+        assert len(data) == 100 and not done
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):  # nothing more until the client reads on
+            read_until(lambda: False)
+        other = OIPClient(grpc_gateway.grpc_port)  # the gateway serves others meanwhile
+        try:
+            assert int(np.argmax(output(other.infer(digits_request(5)), "prob"))) == LABELS[5]
+        finally:
+            other.close()
+        sock.settimeout(10)
+        sock.sendall(h2.frame(h2.WINDOW_UPDATE, 0, 1, struct.pack(">I", 1 << 20))
+                     + h2.frame(h2.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1 << 20)))
+        read_until(lambda: done)
+    assert (b"grpc-status", b"0") in fields
+    answer = pb.ModelInferResponse.FromString(data[5:])
+    assert int.from_bytes(data[1:5], "big") == len(data) - 5
+    probs = np.frombuffer(answer.raw_output_contents[0], np.float32).reshape(64, -1)
+    assert list(probs.argmax(1)) == list(LABELS[:64])
 
 
 # --------------------------------------------------------------------------- bytes and metadata

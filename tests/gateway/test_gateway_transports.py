@@ -1,9 +1,10 @@
 """The gateway's traffic and reliability rules, each case run over REST and over gRPC from one table.
 
-A client must see the same behaviour whichever transport it speaks: the canary split, a pinned
-version, the hold while a model is scaled to zero, the fallback when its variant goes away, the
-rescue from a hung replica, the retry of a request a replica did not run, the deadline and the
-queue limit. Each case below is written once against `Client` (REST or gRPC) and runs over both.
+A client must see the same behaviour whichever transport it speaks (and, over gRPC, whichever
+transport the gateway runs it on: our HTTP/2 framing, or grpc.aio with CAFFESERVE_GRPC_TRANSPORT=grpcio):
+the canary split, a pinned version, the hold while a model is scaled to zero, the fallback when its
+variant goes away, the rescue from a hung replica, the retry of a request a replica did not run, the
+deadline and the queue limit. Each case below is written once against `Client` (REST or gRPC) and runs over both.
 
 The gateway is the real GatewayApp (what `caffeserve gateway` runs) on loopback, REST and gRPC, in
 this process, so a case can change its endpoints at a chosen moment as discovery would. The
@@ -17,6 +18,7 @@ end to end in tests/local and tests/server; its gRPC refusals are built here wit
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -145,7 +147,9 @@ class GrpcClient:
         await self.channel.close()
 
 
-CLIENTS = {"rest": RestClient, "grpc": GrpcClient}
+CLIENTS = {"rest": RestClient, "grpc": GrpcClient, "grpc.aio": GrpcClient}
+# the gateway's gRPC transport for each client: our HTTP/2 framing (the default), or grpc.aio (the switch back)
+GRPC_TRANSPORT = {"grpc.aio": "grpcio"}
 
 
 @asynccontextmanager
@@ -156,7 +160,13 @@ async def gateway(transport: str, primary: list[Replica], canary: list[Replica] 
     proxy = ProxySettings(request_timeout_s=settings.pop("request_timeout_s", 20))
     app = GatewayApp(StaticDiscovery({"m": {r.address for r in primary}}),
                      BalancerSettings(**{"max_concurrency": 64, **settings}), proxy)
-    await app.start("127.0.0.1", 0, grpc_port=0)
+    kind = GRPC_TRANSPORT.get(transport)
+    if kind:
+        os.environ["CAFFESERVE_GRPC_TRANSPORT"] = kind
+    try:
+        await app.start("127.0.0.1", 0, grpc_port=0)
+    finally:
+        os.environ.pop("CAFFESERVE_GRPC_TRANSPORT", None)
     await app.discovery.synced.wait()
     app.balancer.configure("m", version="1", cold_start_s=cold_start_s)
     if canary is not None:
