@@ -335,6 +335,13 @@ def pod_template(v: Variant, image: str, model_cache: str | None = None) -> dict
     spec = v.spec
     rt = spec.runtime
     startup_period = 5
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        _model_mount(spec),
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if model_cache:
+        mounts.append({"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_DIR})
     server = {
         "name": "server",
         "image": image,
@@ -345,11 +352,7 @@ def pod_template(v: Variant, image: str, model_cache: str | None = None) -> dict
         "env": [{"name": "HOME", "value": "/tmp"}],
         "resources": _server_resources(spec),
         "securityContext": _container_security(),
-        "volumeMounts": [
-            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-            _model_mount(spec),
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
+        "volumeMounts": mounts,
         # Startup waits for readiness (the model loaded): liveness never races a slow load, and a
         # model that never loads is restarted once the budget is spent, visibly (restarts, events).
         "startupProbe": _probe(
@@ -380,7 +383,6 @@ def pod_template(v: Variant, image: str, model_cache: str | None = None) -> dict
         ],
     }
     if model_cache:
-        server["volumeMounts"].append({"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_DIR})
         pod["volumes"].append({"name": MODEL_CACHE_VOLUME, "persistentVolumeClaim": {"claimName": model_cache}})
     if init := _fetch_containers(spec, image):
         pod["initContainers"] = init

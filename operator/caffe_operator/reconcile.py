@@ -60,7 +60,7 @@ import kopf
 
 from caffe_operator import manifests, pool_manifests, traffic, variants
 from caffe_operator.api import API_VERSION, KIND, CaffeModelServiceSpec, InvalidSpec, parse_spec
-from caffe_operator.backend_report import BackendProbe, BackendReport
+from caffe_operator.backend_report import RECHECK_CHECKING_S, BackendProbe, BackendReport
 from caffe_operator.events import EventPoster
 from caffe_operator.fetch_errors import (
     MODEL_FETCH_FAILED,
@@ -325,6 +325,9 @@ class Reconciler:
             outcome = await self._reconcile(cr, logger)
             if outcome.ready is not None:
                 self._follow_up(key, outcome.ready, logger)
+            if key not in self._rechecks and self.backends.checking(key):  # it may switch backend: ask again
+                self._rechecks[key] = asyncio.get_running_loop().create_task(
+                    self._recheck_later(key, RECHECK_CHECKING_S, logger))
             return outcome
 
     def _follow_up(self, key: tuple[str, str], ready: Readiness, logger: Any) -> None:
