@@ -1,14 +1,19 @@
-"""Load time of a real `caffeserve serve` process, start to ready, per backend and cache state.
+"""Time to ready and time to fast of a real `caffeserve serve` process, per backend and cache state.
 
-    python bench/load_time.py [--model digits|inception|big] [--before DIR] [--repeat N]
+    python bench/load_time.py [--model inception fcn8s openpose digits big ...] [--before DIR] [--repeat N]
+                              [--fcn-size 256] [--pose-size 256] [--serving-loss SECONDS]
 
-For each model: pycaffe; auto with an empty ONNX cache (convert, gate, time); auto restarted on that
-cache; and the load probe alone (the child process that catches Caffe's aborts). Wall time is measured
-from starting the process to the first 200 from /v2/health/ready, the same way for every row; the
-server's own `load_seconds` (metadata) is printed beside it. `--before DIR` also starts the servers of
-an older checkout (e.g. `git archive <commit> | tar -x -C DIR`) the same way, for a before/after (it must
-have the `caffeserve` package: the figures in docs/onnx.md for e267cbb, older, were taken with
-`-m caffeserve`).
+Rows, per model (each a fresh process; wall time from starting it):
+- pycaffe: ready (the first 200 from /v2/health/ready).
+- auto, cold: empty local and shared cache. Ready, then fast: the moment the model metadata says the check
+  has ended (`backend_check` no longer "running"), serving with onnxruntime (or not: the row says which).
+- auto, new node: the local cache empty, the shared cache (onnxCache.sharedDir) filled by the cold run: what
+  a new pod on another node pays.
+- auto, restart: the same local cache again (what a restarted container on the same node pays).
+`--before DIR` (an older checkout, e.g. `git archive <commit> | tar -x -C DIR`) starts its servers the same
+way: there `auto` converts, gates and times before ready, so ready is fast; it has no shared cache, so a new
+node pays the cold row. `--serving-loss S` runs wrk at concurrency 1 for S seconds on the pycaffe server and
+on the cold auto server from its ready (while its check runs beside serving): requests/s and p50 of each.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,19 +32,28 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(REPO), str(HERE)]
 
-import caffe_testing.servers as server_process  # noqa: E402
 from caffe_testing.servers import ServerProcess, http_json  # noqa: E402
 
+MODELS = ("digits", "inception", "fcn8s", "openpose", "big")
 
-def model_files(kind: str, d: Path) -> tuple[Path, Path, dict]:
+
+def model_files(kind: str, d: Path, fcn_size: int, pose_size: int) -> tuple[Path, Path, str]:
+    """(prototxt, weights, a label for the table)."""
     if kind == "digits":
         ex = REPO / "examples" / "digits"
-        return ex / "deploy.prototxt", ex / "digits.caffemodel", {}
+        return ex / "deploy.prototxt", ex / "digits.caffemodel", "digits"
     if kind == "inception":
         import inception_net
 
         proto, weights = inception_net.write(d)
-        return proto, weights, {}
+        return proto, weights, "inception-size (GoogLeNet 3a-4a, 224)"
+    if kind in ("fcn8s", "openpose"):
+        import big_nets
+
+        if kind == "fcn8s":
+            return (*big_nets.write(big_nets.fcn8s(fcn_size), d, kind), f"FCN-8s-size (538 MB, {fcn_size}x{fcn_size})")
+        return (*big_nets.write(big_nets.openpose(pose_size), d, kind),
+                f"OpenPose-size (209 MB, {pose_size}x{pose_size})")
     if kind == "big":  # tests/test_large_model.py's 560 MB InnerProduct
         import caffe
         from caffe import layers as L
@@ -52,62 +67,126 @@ def model_files(kind: str, d: Path) -> tuple[Path, Path, dict]:
         weights = d / "big.caffemodel"
         net.save(str(weights))
         del net
-        return proto, weights, {}
+        return proto, weights, "560 MB InnerProduct"
     raise SystemExit(f"unknown model {kind}")
 
 
-def time_to_ready(cfg: dict, d: Path, env: dict, code_root: Path) -> tuple[float, dict]:
-    server = ServerProcess(cfg, d, env={**env, "PYTHONPATH": str(code_root)})
-    server_process.REPO = code_root  # the process's working folder: `-m caffeserve` imports from it
+def start(cfg: dict, d: Path, env: dict, code_root: Path) -> tuple[ServerProcess, float]:
+    # the process's working folder and import path: `-m caffeserve` imports from `code_root`
+    server = ServerProcess(cfg, d, env={**env, "PYTHONPATH": str(code_root)}, root=code_root)
     t0 = time.perf_counter()
-    with server:
-        wall = time.perf_counter() - t0
-        params = http_json("GET", server.url + f"/v2/models/{cfg['name']}")[1]["parameters"]
-    return wall, params
+    server.start(timeout=900)
+    return server, t0
+
+
+def run(cfg: dict, d: Path, env: dict, code_root: Path, loss_s: float = 0.0) -> dict:
+    """One server: ready and fast (s from its start), the backend it ends with, and wrk's figures from ready."""
+    server, t0 = start(cfg, d, env, code_root)
+    try:
+        ready = time.perf_counter() - t0
+        out: dict = {"ready": ready}
+        if loss_s:
+            out["wrk"] = load(server, cfg["name"], loss_s)
+            out["still_checking"] = params(server, cfg["name"]).get("backend_check") == "running"
+        while True:
+            p = params(server, cfg["name"])
+            if p.get("backend_check") != "running":
+                break
+            time.sleep(0.1)
+        out.update(fast=time.perf_counter() - t0, backend=p["backend"], load_seconds=p.get("load_seconds"),
+                   check_s=p.get("backend_check_seconds"))
+        return out
+    finally:
+        server.stop()
+
+
+def params(server: ServerProcess, name: str) -> dict:
+    return http_json("GET", server.url + f"/v2/models/{name}")[1]["parameters"]
+
+
+def load(server: ServerProcess, name: str, seconds: float) -> dict:
+    """wrk at concurrency 1 on the model's first input (binary tensor data), for `seconds`."""
+    import numpy as np
+
+    from compare import binary_body
+    from wrk import run_wrk
+
+    meta = http_json("GET", server.url + f"/v2/models/{name}")[1]
+    spec = meta["inputs"][0]
+    shape = [1, *spec["shape"][1:]]
+    body, headers = binary_body(spec["name"], np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32))
+    return run_wrk(server.url + f"/v2/models/{name}/infer", body, headers, 1, seconds, timeout_s=60)
+
+
+def fmt(row: dict) -> str:
+    ready, fast, checked = row["ready"], row["fast"], row.get("check_s") is not None
+    if row["backend"] == "onnxruntime":
+        tail = f"fast {fast:6.1f} s" + ("" if checked else " (onnxruntime from the start)")
+    else:
+        tail = f"stays pycaffe after its check, at {fast:.1f} s" if checked else "pycaffe"
+    return f"ready {ready:6.1f} s   {tail}"
+
+
+def table(label: str, rows: dict[str, dict]) -> None:
+    print(f"\n{label}")
+    for name, row in rows.items():
+        print(f"  {name:<38} {fmt(row)}", flush=True)
+
+
+def median(cfg: dict, d: Path, envs: list[dict], root: Path) -> dict:
+    """One run per env; ready and fast as medians, the rest from the last run."""
+    runs = [run(cfg, d, env, root) for env in envs]
+    row = {k: statistics.median(r[k] for r in runs) if k in ("ready", "fast") else runs[-1][k]
+           for k in runs[-1] if k != "wrk"}
+    return row
+
+
+def bench_model(kind: str, args) -> None:
+    d = Path(tempfile.mkdtemp(prefix="load-time-"))
+    try:
+        proto, weights, label = model_files(kind, d, args.fcn_size, args.pose_size)
+        cfg = {"name": "m", "model": {"prototxt": str(proto), "weights": str(weights)}}
+        rows: dict[str, dict] = {}
+        pyc = run({**cfg, "backend": "pycaffe"}, d, {}, REPO, args.serving_loss)
+        rows["pycaffe"] = median({**cfg, "backend": "pycaffe"}, d, [{}] * args.repeat, REPO) if args.repeat > 1 \
+            else pyc
+        if args.before:
+            before, old = args.before.resolve(), {"CAFFESERVE_CACHE_DIR": str(d / "before-cache")}
+            rows["before: auto, cold (= a new node)"] = run({**cfg, "backend": "auto"}, d, old, before)
+            rows["before: auto, restart"] = median({**cfg, "backend": "auto"}, d, [old] * args.repeat, before)
+        auto = {**cfg, "backend": "auto", "onnxCache": {"sharedDir": str(d / "shared")}}
+        local = {"CAFFESERVE_CACHE_DIR": str(d / "local-cold")}
+        cold = run(auto, d, local, REPO, args.serving_loss)
+        rows["after: auto, cold"] = cold
+        rows["after: auto, new node (shared cache)"] = median(
+            auto, d, [{"CAFFESERVE_CACHE_DIR": str(d / f"local-new-{i}")} for i in range(args.repeat)], REPO)
+        rows["after: auto, restart"] = median(auto, d, [local] * args.repeat, REPO)
+        table(label, rows)
+        if args.serving_loss:
+            base, during = pyc["wrk"], cold["wrk"]
+            print(f"  serving while the check runs (wrk c=1, {args.serving_loss:g} s from ready, binary): "
+                  f"{during['rps']:.2f} req/s, p50 {during['p50_ms']:.1f} ms, against pycaffe alone "
+                  f"{base['rps']:.2f} req/s, p50 {base['p50_ms']:.1f} ms ({during['rps'] / base['rps']:.2f}x)"
+                  + ("" if cold.get("still_checking") else "; the check ended within the window"), flush=True)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="inception", choices=["digits", "inception", "big"])
+    p.add_argument("--model", nargs="+", default=["inception"], choices=MODELS)
     p.add_argument("--before", type=Path, help="an older checkout to time the same way")
-    p.add_argument("--repeat", type=int, default=3, help="runs per row (the median is printed)")
+    p.add_argument("--repeat", type=int, default=1, help="runs of the pycaffe and warm rows (the median is printed)")
+    p.add_argument("--fcn-size", type=int, default=256, help="FCN-8s input height and width")
+    p.add_argument("--pose-size", type=int, default=256, help="OpenPose input height and width")
+    p.add_argument("--serving-loss", type=float, default=0.0, metavar="S",
+                   help="wrk for S seconds on the pycaffe server and on the cold auto server while its check runs")
     args = p.parse_args()
-    d = Path(tempfile.mkdtemp(prefix="load-time-"))
-    try:
-        proto, weights, extra = model_files(args.model, d)
-        cfg = {"name": "m", "model": {"prototxt": str(proto), "weights": str(weights)}, **extra}
-        roots = [("after", REPO)] + ([("before", args.before.resolve())] if args.before else [])
-        for label, root in roots:
-            cache = d / f"cache-{label}"
-            rows = {}
-            for name, backend, fresh in (("pycaffe", "pycaffe", False), ("auto, empty cache", "auto", True),
-                                         ("auto, cached", "auto", False)):
-                walls, loads, chosen = [], [], ""
-                for _ in range(args.repeat if not fresh else 1):
-                    if fresh:
-                        shutil.rmtree(cache, ignore_errors=True)
-                    wall, params = time_to_ready({**cfg, "backend": backend}, d,
-                                                 {"CAFFESERVE_CACHE_DIR": str(cache)}, root)
-                    walls.append(wall)
-                    loads.append(params.get("load_seconds"))
-                    chosen = params["backend"]
-                load = statistics.median(x for x in loads if x is not None) if any(loads) else None
-                rows[name] = statistics.median(walls)
-                parts = {k: v for k, v in params.items() if k.startswith(("backend_", "load_probe"))
-                         and isinstance(v, (int, float))}
-                print(f"{args.model:<9} {label:<6} {name:<18} ready in {rows[name]:6.2f} s (median of {len(walls)})"
-                      + (f", load_seconds {load:.2f}" if load is not None else "") + f", serving with {chosen}"
-                      + (f"; last run: {parts}" if parts else ""), flush=True)
-            print(f"{args.model:<9} {label:<6} cached auto / pycaffe = {rows['auto, cached'] / rows['pycaffe']:.2f}×")
-        if not args.before:
-            from inference_server.config import parse_config
-            from inference_server.loading.child_load import probe_load
-
-            probes = [probe_load(parse_config({**cfg, "backend": b})).seconds
-                      for b in ("pycaffe", "auto") for _ in range(args.repeat)]
-            print(f"{args.model:<9} load probe alone: {statistics.median(probes):.2f} s (median of {len(probes)})")
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    print(f"commit {commit}; {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    for kind in args.model:
+        bench_model(kind, args)
 
 
 if __name__ == "__main__":
