@@ -10,6 +10,7 @@ Rows, per model (each a fresh process; wall time from starting it):
 - auto, new node: the local cache empty, the shared cache (onnxCache.sharedDir) filled by the cold run: what
   a new pod on another node pays.
 - auto, restart: the same local cache again (what a restarted container on the same node pays).
+Each row is the median of `--repeat` runs (cold runs with caches of their own).
 `--before DIR` (an older checkout, e.g. `git archive <commit> | tar -x -C DIR`) starts its servers the same
 way: there `auto` converts, gates and times before ready, so ready is fast; it has no shared cache, so a new
 node pays the cold row. `--serving-loss S` runs wrk at concurrency 1 for S seconds on the pycaffe server and
@@ -143,31 +144,39 @@ def median(cfg: dict, d: Path, envs: list[dict], root: Path) -> dict:
 
 def bench_model(kind: str, args) -> None:
     d = Path(tempfile.mkdtemp(prefix="load-time-"))
+    n = range(args.repeat)
     try:
         proto, weights, label = model_files(kind, d, args.fcn_size, args.pose_size)
         cfg = {"name": "m", "model": {"prototxt": str(proto), "weights": str(weights)}}
-        rows: dict[str, dict] = {}
-        pyc = run({**cfg, "backend": "pycaffe"}, d, {}, REPO, args.serving_loss)
-        rows["pycaffe"] = median({**cfg, "backend": "pycaffe"}, d, [{}] * args.repeat, REPO) if args.repeat > 1 \
-            else pyc
+        pycaffe, auto = {**cfg, "backend": "pycaffe"}, {**cfg, "backend": "auto"}
+        rows: dict[str, dict] = {"pycaffe": median(pycaffe, d, [{}] * args.repeat, REPO)}
         if args.before:
-            before, old = args.before.resolve(), {"CAFFESERVE_CACHE_DIR": str(d / "before-cache")}
-            rows["before: auto, cold (= a new node)"] = run({**cfg, "backend": "auto"}, d, old, before)
-            rows["before: auto, restart"] = median({**cfg, "backend": "auto"}, d, [old] * args.repeat, before)
-        auto = {**cfg, "backend": "auto", "onnxCache": {"sharedDir": str(d / "shared")}}
-        local = {"CAFFESERVE_CACHE_DIR": str(d / "local-cold")}
-        cold = run(auto, d, local, REPO, args.serving_loss)
-        rows["after: auto, cold"] = cold
+            before = args.before.resolve()
+            rows["before: auto, cold (= a new node)"] = median(
+                auto, d, [{"CAFFESERVE_CACHE_DIR": str(d / f"before-{i}")} for i in n], before)
+            rows["before: auto, restart"] = median(auto, d, [{"CAFFESERVE_CACHE_DIR": str(d / "before-0")}] * len(n),
+                                                   before)
+        # each cold run with caches of its own; the last one's shared cache serves the new nodes
+        colds = [run({**auto, "onnxCache": {"sharedDir": str(d / f"shared-{i}")}}, d,
+                     {"CAFFESERVE_CACHE_DIR": str(d / f"local-{i}")}, REPO) for i in n]
+        rows["after: auto, cold"] = {k: statistics.median(r[k] for r in colds) if k in ("ready", "fast") else v
+                                     for k, v in colds[-1].items()}
+        shared = {**auto, "onnxCache": {"sharedDir": str(d / f"shared-{n[-1]}")}}
         rows["after: auto, new node (shared cache)"] = median(
-            auto, d, [{"CAFFESERVE_CACHE_DIR": str(d / f"local-new-{i}")} for i in range(args.repeat)], REPO)
-        rows["after: auto, restart"] = median(auto, d, [local] * args.repeat, REPO)
+            shared, d, [{"CAFFESERVE_CACHE_DIR": str(d / f"new-node-{i}")} for i in n], REPO)
+        rows["after: auto, restart"] = median(shared, d, [{"CAFFESERVE_CACHE_DIR": str(d / f"local-{n[-1]}")}] *
+                                              len(n), REPO)
         table(label, rows)
-        if args.serving_loss:
-            base, during = pyc["wrk"], cold["wrk"]
+        if args.serving_loss:  # runs of their own: load on the server slows its check
+            base = run(pycaffe, d, {}, REPO, args.serving_loss)["wrk"]
+            cold = run({**auto, "onnxCache": {"sharedDir": str(d / "shared-loss")}}, d,
+                       {"CAFFESERVE_CACHE_DIR": str(d / "local-loss")}, REPO, args.serving_loss)
+            during = cold["wrk"]
             print(f"  serving while the check runs (wrk c=1, {args.serving_loss:g} s from ready, binary): "
                   f"{during['rps']:.2f} req/s, p50 {during['p50_ms']:.1f} ms, against pycaffe alone "
-                  f"{base['rps']:.2f} req/s, p50 {base['p50_ms']:.1f} ms ({during['rps'] / base['rps']:.2f}x)"
-                  + ("" if cold.get("still_checking") else "; the check ended within the window"), flush=True)
+                  f"{base['rps']:.2f} req/s, p50 {base['p50_ms']:.1f} ms ({during['rps'] / base['rps']:.2f}x); "
+                  f"its check then {'chose ' + cold['backend'] if cold.get('check_s') else 'did not run'}"
+                  + ("" if cold.get("still_checking") else " (it ended within the window)"), flush=True)
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
