@@ -43,6 +43,13 @@ def failed(why: str, seconds: float | None = None) -> BackendChoice:
     return BackendChoice("pycaffe", f"auto: serving with pycaffe because the onnxruntime check failed: {why}", details)
 
 
+@dataclasses.dataclass
+class CheckResult:
+    choice: BackendChoice
+    graph: str | None = None  # the converted graph judged (local or shared cache), where there is one
+    verdict_file: str | None = None  # the local verdict, not yet published (serving/switch.py publishes it)
+
+
 class BackgroundCheck:
     """One model's check; `run` blocks (call it from a thread of its own), `cancel` ends the child."""
 
@@ -61,7 +68,7 @@ class BackgroundCheck:
                        "batches": probed.batches},
         })
 
-    def run(self) -> BackendChoice:
+    def run(self) -> CheckResult:
         """The choice the check leads to (pycaffe with the reason where it failed); Cancelled if cancelled."""
         from .selection import Evaluation, finish
 
@@ -81,11 +88,12 @@ class BackgroundCheck:
         if rc in (0, EXIT_LOAD_ERROR) and last.startswith("{"):
             found = json.loads(last)
             if rc == EXIT_LOAD_ERROR:
-                return failed(found["error"], seconds)
-            choice = finish(self.cfg, Evaluation(**found), seconds)
+                return CheckResult(failed(found["error"], seconds))
+            ev = Evaluation(**found)
+            choice = finish(self.cfg, ev, seconds)
             choice.details.update(backend_check="done", backend_check_seconds=round(seconds, 3))
-            return choice
-        return failed(_ended(rc, err), seconds)
+            return CheckResult(choice, ev.artifact, ev.verdict_file)
+        return CheckResult(failed(_ended(rc, err), seconds))
 
     def cancel(self) -> None:
         with self._lock:
@@ -137,7 +145,7 @@ def main() -> int:
     probed = ProbedLoad({k: tuple(v) for k, v in p["inputs"].items()}, p["outputs"], p["batches"], 0.0)
     try:
         python_layers.allow(str(cfg.path(cfg.model.prototxt)), python_layers.folder(cfg))
-        ev = evaluate(cfg, probed=probed)
+        ev = evaluate(cfg, probed=probed, publish=False)
     except ModelLoadError as e:
         print(json.dumps({"error": str(e)}), flush=True)
         return EXIT_LOAD_ERROR

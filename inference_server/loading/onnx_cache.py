@@ -172,23 +172,28 @@ class CachedGraph:
         self.path, self.graph_sha = self.local / self.graph_name, None
         return self.path
 
-    def record(self, **findings) -> None:
-        """Write the verdict locally, then publish the graph and the verdict to the shared cache."""
+    def record(self, publish: bool = True, **findings) -> Path:
+        """Write the verdict locally and (with `publish`) publish the graph and the verdict to the shared cache;
+        the local verdict file's path."""
         verdict = {"key": self.verdict_key, "fields": self.fields, **findings}
-        write_verdict(self.local / self.verdict_name, verdict)
-        self.publish(verdict)
+        path = self.local / self.verdict_name
+        write_verdict(path, verdict)
+        if publish:
+            publish_files(self.shared, self.local, self.path, verdict)
+        return path
 
-    def publish(self, verdict: dict) -> None:
-        """Copy the graph (where the shared one differs) and then the verdict to the shared cache; a cache that
-        cannot be written is skipped with a log line (the next pod converts again, nothing else)."""
-        shared = self.shared
-        if shared is None or shared == self.local or not _writable(shared):
-            return
-        sha = verdict.get("onnx_sha256")
-        if sha:
-            target = shared / self.graph_name
-            if target != self.path and not (target.is_file() and file_sha256(target) == sha):
-                if not write_atomically(target, lambda tmp: shutil.copyfile(self.path, tmp)):
-                    return
-        if write_verdict(shared / self.verdict_name, verdict):
-            log.info("ONNX verdict and graph stored in the shared cache %s", shared)
+
+def publish_files(shared: Path | None, local: Path, graph: Path | None, verdict: dict | None) -> None:
+    """Copy the graph `KEY.onnx` (where it exists and the shared one differs) and then the verdict (unless None)
+    to the shared cache;
+    a cache that cannot be written is skipped with a log line (the next pod converts again, nothing else)."""
+    if shared is None or shared == local or graph is None or not _writable(shared):
+        return
+    target = shared / graph.name
+    if target != graph and graph.is_file():
+        sha = (verdict or {}).get("onnx_sha256") or file_sha256(graph)
+        if not (target.is_file() and file_sha256(target) == sha):
+            if not write_atomically(target, lambda tmp: shutil.copyfile(graph, tmp)):
+                return
+    if verdict is not None and write_verdict(shared / f"{graph.stem}.{verdict['key'][:16]}.verdict.json", verdict):
+        log.info("ONNX verdict and graph stored in the shared cache %s", shared)

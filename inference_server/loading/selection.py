@@ -69,6 +69,7 @@ class Evaluation:
     summary: str = ""
     timings: dict = field(default_factory=dict)
     speed: dict | None = None  # measure_speed's figures, where timed
+    verdict_file: str | None = None  # the local verdict file written (not published: evaluate(publish=False))
 
 
 def _save_atomically(onnx_model, path: Path) -> None:
@@ -230,16 +231,18 @@ def measure_speed(net, session, shapes: dict, outputs: list[str], value_range: t
             "pairs": len(pairs)}
 
 
-def evaluate(cfg, n_random: int | None = None, probed=None, speed: bool | None = None) -> Evaluation:
+def evaluate(cfg, n_random: int | None = None, probed=None, speed: bool | None = None,
+             publish: bool = True) -> Evaluation:
     """Convert (or reuse the cache), run the parity gate and (with `speed`, default for `auto`) the timing;
     never raises for a model ONNX cannot serve.
 
     `probed` (child_load.ProbedLoad) gives the served shapes and outputs without loading the Net here: a
     verdict cached for the graph's exact bytes is then all it reads. A cached graph that fails the gate is
     converted again once (a stale or altered file must not demote the model for good); a fresh
-    conversion that fails it is the verdict.
+    conversion that fails it is the verdict. `publish` False: the verdict is written to the local cache
+    only (`verdict_file`), and the caller publishes it (serving/switch.py decides whether it should).
     """
-    ev = _evaluate(cfg, n_random, probed, speed, cached_only=False)
+    ev = _evaluate(cfg, n_random, probed, speed, cached_only=False, publish=publish)
     assert ev is not None
     return ev
 
@@ -250,7 +253,8 @@ def cached_evaluation(cfg, probed) -> Evaluation | None:
     return _evaluate(cfg, None, probed, None, cached_only=True)
 
 
-def _evaluate(cfg, n_random: int | None, probed, speed: bool | None, cached_only: bool) -> Evaluation | None:
+def _evaluate(cfg, n_random: int | None, probed, speed: bool | None, cached_only: bool,
+              publish: bool = True) -> Evaluation | None:
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
@@ -296,10 +300,12 @@ def _evaluate(cfg, n_random: int | None, probed, speed: bool | None, cached_only
         with _pycaffe_on(cfg.device):
             found_speed = measure_speed(net, gated.session, shapes, outputs, parity.value_range(cfg.preprocessing))
         timings["speed_s"] = _since(t0)
-    cache.record(onnx_sha256=gated.sha, onnx_tensorrt=details.get("onnx_tensorrt", False), speed=found_speed,
-                 parity={"passed": gated.problem is None, "problem": gated.problem,
-                         "summary": gated.report.summary(), "details": gated.report.details()})
-    return Evaluation(gated.problem, details, str(cache.path), gated.report.summary(), timings, found_speed)
+    verdict_file = cache.record(publish, onnx_sha256=gated.sha, onnx_tensorrt=details.get("onnx_tensorrt", False),
+                                speed=found_speed, parity={"passed": gated.problem is None, "problem": gated.problem,
+                                                           "summary": gated.report.summary(),
+                                                           "details": gated.report.details()})
+    return Evaluation(gated.problem, details, str(cache.path), gated.report.summary(), timings, found_speed,
+                      str(verdict_file))
 
 
 def _since(t0: float) -> float:

@@ -166,3 +166,26 @@ def test_a_crash_of_the_check_leaves_pycaffe_serving_with_the_reason(tmp_path):
         got = np.array(answer["outputs"][0]["data"], np.float32).reshape(1, 10)
         assert np.abs(got - forward(proto, weights, {"data": x})["prob"]).max() <= 1e-6
         assert http("GET", server.url + "/v2/health/ready")[0] == 200
+
+
+def test_a_not_faster_verdict_timed_beside_requests_is_not_recorded_but_the_graph_is_shared(tmp_path):
+    """ONNX Runtime's timing beside serving is skewed against it: `not faster` found while requests were served
+    is said, not kept (the next start times again); the converted graph still goes to the shared cache."""
+    proto, weights = save_net(conv_net(), tmp_path / "model", "m", seed=6)
+    shared, local = tmp_path / "shared", tmp_path / "local"
+    cfg = config(proto, weights, onnxCache={"sharedDir": str(shared)})
+    env = {"CAFFESERVE_CACHE_DIR": str(local), "CAFFESERVE_AUTO_MIN_SPEEDUP": "1000"}  # no graph is that fast
+    with ServerProcess(cfg, tmp_path, env=env) as server:
+        client = Client(server.url)
+        client.start()
+        params = settled_backend(server.url, "m")
+        client.stop.set()
+        client.join(30)
+        assert params["backend"] == "pycaffe" and params["backend_check"] == "done"
+        assert params["backend_reason"].startswith("auto: serving with pycaffe because onnxruntime is not faster")
+        assert re.search(r"\(timed while this server answered \d+ requests, so not recorded: the next start "
+                         r"times it again\)$", params["backend_reason"]), params["backend_reason"]
+        assert params["verdict_recorded"] is False
+        assert all(status == 200 for status, _, _ in client.answers)
+    assert not list(local.glob("*.verdict.json")) and not list(shared.glob("*.verdict.json"))
+    assert len(list(shared.glob("*.onnx"))) == 1  # the next pod skips the conversion, and times on its own
