@@ -1,13 +1,18 @@
 """`backend: auto`'s onnxruntime check in a child process, while the server already serves with pycaffe.
 
 The child (`python -m inference_server.loading.background`, the same interpreter) converts the net (or
-finds the graph in the shared cache), runs the parity gate and the timing (selection.evaluate), records
-the verdict in the local and the shared cache, and prints the Evaluation as one JSON line. Why a process,
-not a thread: conversion and the gate run Python for seconds to minutes; in a thread they would hold the
-GIL that the server's event loop needs. The child runs at a lower CPU priority (`nice`,
-CAFFESERVE_AUTO_CHECK_NICE, default 10), so requests come first on a busy machine. A child that crashes
-(a Caffe abort, the OOM killer) or fails in any way is reported as a reason, never as a load failure: the
-model keeps serving with pycaffe.
+finds the graph in the shared cache), runs the parity gate and the timing (selection.evaluate), writes
+the verdict to the local cache, and prints the Evaluation as one JSON line; the server then publishes it
+to the shared cache (serving/switch.py). Why a process, not a thread: conversion and the gate run Python
+for seconds to minutes; in a thread they would hold the GIL that the server's event loop needs.
+
+Its CPU priority: the server's by default. `CAFFESERVE_AUTO_CHECK_NICE=N` lowers it (`nice` N), so that
+requests come first on a busy machine, at a price measured here: the timing then runs starved too, and
+ONNX Runtime's thread pool loses more to contention than pycaffe does (the inception-size net timed at
+2.2x pycaffe's speed at nice 10, 1.2-2.1x at nice 19, 5.6-7.2x at nice 0, the same minutes, load average 7),
+so a low priority on a busy node can cache a wrong "not faster" verdict. A child that crashes (a Caffe
+abort, the OOM killer) or fails in any way is reported as a reason, never as a load failure: the model
+keeps serving with pycaffe.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from .child_load import EXIT_LOAD_ERROR, ProbedLoad, _child_env, failure_message
 log = logging.getLogger("caffeserve.backends")
 
 NICE_ENV = "CAFFESERVE_AUTO_CHECK_NICE"
-DEFAULT_NICE = 10
+DEFAULT_NICE = 0  # the module docstring says why not lower
 
 
 class Cancelled(Exception):
@@ -115,7 +120,9 @@ def _ended(returncode: int, stderr: str) -> str:
 
 def _nice() -> None:
     try:
-        os.nice(int(os.environ.get(NICE_ENV) or DEFAULT_NICE))
+        n = int(os.environ.get(NICE_ENV) or DEFAULT_NICE)
+        if n:
+            os.nice(n)
     except (OSError, ValueError) as e:
         print(f"{NICE_ENV}: cannot lower the priority ({e})", file=sys.stderr)
 
