@@ -1,7 +1,7 @@
 """Time to ready and time to fast of a real `caffeserve serve` process, per backend and cache state.
 
     python bench/load_time.py [--model inception fcn8s openpose digits big ...] [--before DIR] [--repeat N]
-                              [--fcn-size 256] [--pose-size 256] [--serving-loss SECONDS]
+                              [--fcn-size 256] [--pose-size 256] [--serving-loss]
 
 Rows, per model (each a fresh process; wall time from starting it):
 - pycaffe: ready (the first 200 from /v2/health/ready).
@@ -12,21 +12,25 @@ Rows, per model (each a fresh process; wall time from starting it):
 - auto, restart: the same local cache again (what a restarted container on the same node pays).
 Each row is the median of `--repeat` runs (cold runs with caches of their own).
 `--before DIR` (an older checkout, e.g. `git archive <commit> | tar -x -C DIR`) starts its servers the same
-way: there `auto` converts, gates and times before ready, so ready is fast; it has no shared cache, so a new
-node pays the cold row. `--serving-loss S` runs wrk at concurrency 1 for S seconds on the pycaffe server and
-on the cold auto server from its ready (while its check runs beside serving): requests/s and p50 of each.
+way: there `auto` converts, gates and times before ready (ready and fast are one moment); it has no shared
+cache, so a new node pays the cold row. `--serving-loss` runs a client at concurrency 1 on a cold auto server
+from its ready until its check ends (the answers pycaffe gave meanwhile), then on a pycaffe server for as
+long: requests/s and p50 of each.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -81,14 +85,17 @@ def start(cfg: dict, d: Path, env: dict, code_root: Path) -> tuple[ServerProcess
 
 
 def run(cfg: dict, d: Path, env: dict, code_root: Path, loss_s: float = 0.0) -> dict:
-    """One server: ready and fast (s from its start), the backend it ends with, and wrk's figures from ready."""
+    """One server: ready and fast (s from its start), the backend it ends with; with `loss_s`, a client at
+    concurrency 1 from ready, for `loss_s` seconds or (auto) until the check ends: its pycaffe answers."""
     server, t0 = start(cfg, d, env, code_root)
     try:
         ready = time.perf_counter() - t0
         out: dict = {"ready": ready}
-        if loss_s:
-            out["wrk"] = load(server, cfg["name"], loss_s)
-            out["still_checking"] = params(server, cfg["name"]).get("backend_check") == "running"
+        client = Client(server.url, cfg["name"]) if loss_s else None
+        if client is not None:
+            client.start()
+            if cfg["backend"] == "pycaffe":
+                time.sleep(loss_s)
         while True:
             p = params(server, cfg["name"])
             if p.get("backend_check") != "running":
@@ -96,6 +103,8 @@ def run(cfg: dict, d: Path, env: dict, code_root: Path, loss_s: float = 0.0) -> 
             time.sleep(0.1)
         out.update(fast=time.perf_counter() - t0, backend=p["backend"], load_seconds=p.get("load_seconds"),
                    check_s=p.get("backend_check_seconds"))
+        if client is not None:
+            out["client"] = client.finish()
         return out
     finally:
         server.stop()
@@ -105,18 +114,42 @@ def params(server: ServerProcess, name: str) -> dict:
     return http_json("GET", server.url + f"/v2/models/{name}")[1]["parameters"]
 
 
-def load(server: ServerProcess, name: str, seconds: float) -> dict:
-    """wrk at concurrency 1 on the model's first input (binary tensor data), for `seconds`."""
-    import numpy as np
+class Client(threading.Thread):
+    """Closed loop at concurrency 1 (one kept-alive connection, binary tensor data): per answer, when it came,
+    its latency and the backend that answered (X-Caffeserve-Backend)."""
 
-    from compare import binary_body
-    from wrk import run_wrk
+    def __init__(self, url: str, name: str):
+        import numpy as np
 
-    meta = http_json("GET", server.url + f"/v2/models/{name}")[1]
-    spec = meta["inputs"][0]
-    shape = [1, *spec["shape"][1:]]
-    body, headers = binary_body(spec["name"], np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32))
-    return run_wrk(server.url + f"/v2/models/{name}/infer", body, headers, 1, seconds, timeout_s=60)
+        from compare import binary_body
+
+        super().__init__(daemon=True)
+        meta = http_json("GET", f"{url}/v2/models/{name}")[1]
+        spec = meta["inputs"][0]
+        x = np.random.default_rng(0).uniform(-1, 1, [1, *spec["shape"][1:]]).astype(np.float32)
+        self.body, self.headers = binary_body(spec["name"], x)
+        self.url, self.path = urllib.parse.urlsplit(url), f"/v2/models/{name}/infer"
+        self.stop, self.answers, self.t0 = threading.Event(), [], time.perf_counter()
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection(self.url.hostname, self.url.port, timeout=120)
+        while not self.stop.is_set():
+            t = time.perf_counter()
+            conn.request("POST", self.path, self.body, self.headers)
+            r = conn.getresponse()
+            r.read()
+            self.answers.append((time.perf_counter() - self.t0, time.perf_counter() - t, r.status,
+                                 r.getheader("X-Caffeserve-Backend")))
+        conn.close()
+
+    def finish(self) -> dict:
+        """Requests/s and p50 (ms) of the pycaffe answers, over the time until the last one."""
+        self.stop.set()
+        self.join(120)
+        pyc = [a for a in self.answers if a[3] == "pycaffe" and a[2] == 200]
+        span = pyc[-1][0] if pyc else float("nan")
+        return {"rps": len(pyc) / span, "p50_ms": statistics.median(a[1] for a in pyc) * 1000, "span_s": span,
+                "n": len(pyc), "errors": sum(a[2] != 200 for a in self.answers)}
 
 
 def fmt(row: dict) -> str:
@@ -138,7 +171,7 @@ def median(cfg: dict, d: Path, envs: list[dict], root: Path) -> dict:
     """One run per env; ready and fast as medians, the rest from the last run."""
     runs = [run(cfg, d, env, root) for env in envs]
     row = {k: statistics.median(r[k] for r in runs) if k in ("ready", "fast") else runs[-1][k]
-           for k in runs[-1] if k != "wrk"}
+           for k in runs[-1] if k != "client"}
     return row
 
 
@@ -168,15 +201,15 @@ def bench_model(kind: str, args) -> None:
                                               len(n), REPO)
         table(label, rows)
         if args.serving_loss:  # runs of their own: load on the server slows its check
-            base = run(pycaffe, d, {}, REPO, args.serving_loss)["wrk"]
             cold = run({**auto, "onnxCache": {"sharedDir": str(d / "shared-loss")}}, d,
                        {"CAFFESERVE_CACHE_DIR": str(d / "local-loss")}, REPO, args.serving_loss)
-            during = cold["wrk"]
-            print(f"  serving while the check runs (wrk c=1, {args.serving_loss:g} s from ready, binary): "
-                  f"{during['rps']:.2f} req/s, p50 {during['p50_ms']:.1f} ms, against pycaffe alone "
-                  f"{base['rps']:.2f} req/s, p50 {base['p50_ms']:.1f} ms ({during['rps'] / base['rps']:.2f}x); "
-                  f"its check then {'chose ' + cold['backend'] if cold.get('check_s') else 'did not run'}"
-                  + ("" if cold.get("still_checking") else " (it ended within the window)"), flush=True)
+            during = cold["client"]
+            base = run(pycaffe, d, {}, REPO, max(1.0, during["span_s"]))["client"]
+            print(f"  serving with pycaffe while the check runs (c=1, binary, {during['span_s']:.1f} s from ready, "
+                  f"{during['n']} answers): {during['rps']:.2f} req/s, p50 {during['p50_ms']:.1f} ms; pycaffe alone "
+                  f"for as long: {base['rps']:.2f} req/s, p50 {base['p50_ms']:.1f} ms "
+                  f"({during['rps'] / base['rps']:.2f}x); errors {during['errors'] + base['errors']}; the check "
+                  f"then chose {cold['backend']} ({cold['fast'] - cold['ready']:.1f} s after ready)", flush=True)
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -188,8 +221,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="runs of the pycaffe and warm rows (the median is printed)")
     p.add_argument("--fcn-size", type=int, default=256, help="FCN-8s input height and width")
     p.add_argument("--pose-size", type=int, default=256, help="OpenPose input height and width")
-    p.add_argument("--serving-loss", type=float, default=0.0, metavar="S",
-                   help="wrk for S seconds on the pycaffe server and on the cold auto server while its check runs")
+    p.add_argument("--serving-loss", action="store_true",
+                   help="a client at c=1 on a cold auto server until its check ends, and on pycaffe as long")
     args = p.parse_args()
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
