@@ -120,7 +120,7 @@ def _ended(returncode: int, stderr: str) -> str:
 
 def _nice() -> None:
     try:
-        n = int(os.environ.get(NICE_ENV) or DEFAULT_NICE)
+        n = int(os.environ.get("CAFFESERVE_AUTO_CHECK_NICE") or DEFAULT_NICE)
         if n:
             os.nice(n)
     except (OSError, ValueError) as e:
