@@ -37,6 +37,10 @@ whose address is printed, takes load and unload calls), `--replicas` of them (de
 operator's pool does in a cluster; canaries need replicas of their own and are refused there, autoscaling
 does not apply.
 
+The gateway's security flags work here as on `caffeserve gateway` (docs/security.md): `--tls-dir`
+serves REST and gRPC over TLS, `--auth tokens --auth-token-file F` asks each call for a bearer token
+(`--auth tokenreview` needs an API server and is refused). The replicas listen on loopback only.
+
 Runtime fields that only make sense in a cluster (image, GPU resource names, node selection) are
 ignored. `--device cpu` runs a `device: gpu` manifest on this machine's CPU.
 """
@@ -51,7 +55,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from caffe_gateway.settings import add_arguments, settings_from
+from caffe_gateway.settings import add_arguments, add_security_arguments, guard_from, settings_from, tls_from
 from caffe_http.access_log import add_logging_arguments, configure_logging
 from caffe_http.lifecycle import install_uvloop, stop_event
 
@@ -84,6 +88,7 @@ def parser(prog: str = "caffeserve up") -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=30.0, metavar="S",
                    help="seconds to finish requests in flight on stop (default %(default)g)")
     add_arguments(p)
+    add_security_arguments(p)
     add_logging_arguments(p)
     return p
 
@@ -93,6 +98,11 @@ async def run(args, on_ready=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="caffeserve-up-"))
     service = None
     try:
+        try:  # the gateway's security flags, as `caffeserve gateway` takes them (no API server here)
+            guard, tls = guard_from(args), tls_from(args)
+        except ValueError as e:
+            print(f"caffeserve up: {e}", file=sys.stderr, flush=True)
+            return 2
         try:
             models = local_models(args.manifest, args.pvc_root, args.cache_dir or default_cache_dir(), tmp,
                                   args.device, args.replicas)
@@ -103,7 +113,7 @@ async def run(args, on_ready=None) -> int:
             return e.exit_code
         service = LocalService(models, tmp, settings_from(args), args.host, args.port, args.grace,
                                None if args.no_grpc else args.grpc_port, log_level=args.log_level,
-                               access_log=args.access_log)
+                               access_log=args.access_log, guard=guard, tls=tls)
         stop = stop_event()
         starting = asyncio.create_task(service.start())
         stopped = asyncio.create_task(stop.wait())

@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from caffe_gateway.app import GatewayApp
 from caffe_gateway.balancer import Address
@@ -40,6 +41,10 @@ from caffe_http.upstream import EndpointPool, UpstreamError
 
 from .autoscale import Autoscaler
 from .models import LocalError, LocalModel
+
+if TYPE_CHECKING:
+    from caffe_gateway.auth import Guard
+    from caffe_gateway.tls import ReloadingTLS
 
 log = logging.getLogger("caffeserve.up")
 
@@ -187,6 +192,8 @@ class LocalService:
         scale_interval_s: float = 0.25,
         log_level: str = "INFO",
         access_log: bool = True,
+        guard: Guard | None = None,
+        tls: ReloadingTLS | None = None,
     ):
         self.log_level = log_level
         self.models = models
@@ -211,7 +218,7 @@ class LocalService:
         except TracingUnavailable as e:
             raise LocalError(str(e)) from None
         self.app = GatewayApp(StaticDiscovery(primaries), balancer, proxy, limits, AccessLog("gateway", access_log),
-                              tracing)
+                              tracing, guard, tls)
         self._supervisor: asyncio.Task | None = None
         self._scaler: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -510,7 +517,8 @@ class LocalService:
             self.app.gateway.tracing.shutdown()  # the gateway's last spans go out
 
     def banner(self, port: int) -> str:
-        url = f"http://{self.host if self.host not in ('0.0.0.0', '') else '127.0.0.1'}:{port}"
+        scheme = "https" if self.app.tls is not None else "http"
+        url = f"{scheme}://{self.host if self.host not in ('0.0.0.0', '') else '127.0.0.1'}:{port}"
         lines = []
         for g in self.groups.values():
             m = g.model

@@ -70,6 +70,7 @@ class FaultProxy:
         self.fault_until = 0.0
         self.fault_rate = 0.0
         self._rng = random.Random(23)
+        self._refusals: list[list] = []  # [method, path part, answers left, status]: refuse_next's rules
         self._open_watches: list[tuple[Seen, aiohttp.web.Request]] = []
         self._watch_gate: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -148,6 +149,23 @@ class FaultProxy:
             self.fault_until, self.fault_rate = time.monotonic() + seconds, rate
         self.in_loop(set_)
 
+    def refuse_next(self, method: str, path_contains: str, times: int, status: int = 500) -> None:
+        """The next `times` requests of the clients with `method` to a path containing `path_contains`
+        are answered `status` (a Kubernetes Status body) before they reach the API server."""
+        self.in_loop(lambda: self._refusals.append([method, path_contains, times, status]))
+
+    def refused_left(self) -> int:
+        """How many refusals asked by refuse_next have not been answered yet."""
+        return self.in_loop(lambda: sum(rule[2] for rule in self._refusals))
+
+    def _refusal(self, seen: Seen) -> int | None:
+        for rule in self._refusals:
+            method, part, left, status = rule
+            if left > 0 and seen.method == method and part in seen.path:
+                rule[2] -= 1
+                return status
+        return None
+
     def cut_watches(self, path_contains: str = "") -> list[str]:
         """Abort the open watches (of paths containing `path_contains`) at the TCP level; their paths."""
         def cut() -> list[str]:
@@ -181,8 +199,11 @@ class FaultProxy:
         seen = Seen(time.monotonic(), agent, request.method, request.path, request.query_string, watch)
         self.seen.append(seen)
         ours = agent.startswith(self.agents)
-        if ours and seen.at < self.fault_until and self._rng.random() < self.fault_rate:
-            seen.status, seen.injected = (429 if self._rng.random() < 0.5 else 500), True
+        refused = self._refusal(seen) if ours else None
+        if refused is None and ours and seen.at < self.fault_until and self._rng.random() < self.fault_rate:
+            refused = 429 if self._rng.random() < 0.5 else 500
+        if refused is not None:
+            seen.status, seen.injected = refused, True
             reason = "TooManyRequests" if seen.status == 429 else "InternalError"
             return aiohttp.web.json_response(
                 {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": seen.status,

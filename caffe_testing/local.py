@@ -18,7 +18,7 @@ class UpProcess:
 
     def __init__(self, *args: str):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if '--tls-dir' in args else 'http'}://127.0.0.1:{self.port}"
         self.grpc_port = None if "--no-grpc" in args else free_port()
         grpc = [] if self.grpc_port is None else ["--grpc-port", str(self.grpc_port)]
         self.proc = subprocess.Popen(CAFFESERVE + ["up", *args, "--port", str(self.port), *grpc], cwd=REPO,
@@ -41,7 +41,7 @@ class UpProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"caffeserve up exited with {self.proc.returncode}:\n{self.output}")
-            if "gateway: http://" in self.output:
+            if "gateway: http://" in self.output or "gateway: https://" in self.output:
                 return self
             time.sleep(0.05)
         raise AssertionError(f"caffeserve up not ready:\n{self.output}")

@@ -19,8 +19,10 @@ no finalizer: deleting the CR leaves the children to Kubernetes' garbage collect
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import kopf
@@ -97,12 +99,23 @@ async def on_cleanup(memo: kopf.Memo, **_: Any) -> None:
         await memo.client.close()
 
 
+@contextlib.contextmanager
+def api_weather_retried() -> Iterator[None]:
+    """The API server failing (429, 5xx, a cut connection) is weather, not a bug: kopf retries a
+    TemporaryError after the backoff with one log line, where any other exception logs a traceback."""
+    try:
+        yield
+    except ApiError as e:
+        raise kopf.TemporaryError(f"the API server answered {e}; retrying", delay=RETRY_BACKOFF_SECONDS) from None
+
+
 @kopf.on.resume(*CR, backoff=RETRY_BACKOFF_SECONDS)
 @kopf.on.create(*CR, backoff=RETRY_BACKOFF_SECONDS)
 @kopf.on.update(*CR, backoff=RETRY_BACKOFF_SECONDS)
 async def on_spec(name: str, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     assert namespace is not None  # CaffeModelServices are namespaced
-    outcome = await memo.reconciler.reconcile_named(namespace, name, logger)
+    with api_weather_retried():
+        outcome = await memo.reconciler.reconcile_named(namespace, name, logger)
     if outcome is not None and outcome.invalid:
         raise kopf.PermanentError(f"InvalidSpec: {outcome.invalid}")
 
@@ -134,7 +147,8 @@ if os.environ.get("CAFFESERVE_NETWORK_POLICY_FROM", "").strip():
 @kopf.on.update(*POOL, backoff=RETRY_BACKOFF_SECONDS)
 async def on_pool(name: str, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     assert namespace is not None
-    await memo.reconciler.pools.reconcile(namespace, name, logger)
+    with api_weather_retried():
+        await memo.reconciler.pools.reconcile(namespace, name, logger)
 
 
 async def _pool_later(memo: kopf.Memo, namespace: str, pool: str, logger: kopf.Logger, why: str) -> None:

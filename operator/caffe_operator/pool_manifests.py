@@ -5,6 +5,8 @@
   operator loads each model through the repository API. The GPU resource comes from spec.gpu
   (pool_api.PoolGpu: whole, time-sliced, MIG or HAMi); the model claims are mounted at
   spec.modelMountPath/CLAIM (/models/CLAIM by default).
+- NetworkPolicy `{pool}-pool` when the operator is given peers (the chart's networkPolicy.enabled), as
+  for a model's own pods: ingress to the pool's pods on http and grpc from those peers only.
 - A pool model `m` keeps its Service `m-predictor` (labels, traffic labels, ports as before), whose
   selector is the pool's pods that hold `m`: `caffeserving.io/pool: POOL` and `pool.caffeserving.io/m:
   loaded`, a label the operator sets on a pod once `m` is loaded there and removes before it unloads.
@@ -211,5 +213,21 @@ def pool_deployment(pool: str, namespace: str, spec: CaffeServingPoolSpec,
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "revisionHistoryLimit": 3,
             "template": template,
+        },
+    }
+
+
+def pool_network_policy(pool: str, namespace: str, peers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Ingress to every pod of the pool on http and grpc, from `peers` (NetworkPolicyPeers) only: the
+    same rule a model's own pods get (manifests.network_policy), over the pool's pod selector."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": pool_name(pool), "namespace": namespace, "labels": pool_labels(pool)},
+        "spec": {
+            "podSelector": {"matchLabels": {POOL_LABEL: pool}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": peers, "ports": [{"port": PORT, "protocol": "TCP"},
+                                                  {"port": GRPC_PORT, "protocol": "TCP"}]}],
         },
     }

@@ -2,7 +2,8 @@
 
 Level-based, like reconcile.py: whatever triggers it (the pool changed, a pool pod came, went or
 turned (un)ready, a model joined, left or changed, the resync), one pass
-1. applies the pool's Deployment (pool_manifests.pool_deployment, owned by the pool);
+1. applies the pool's NetworkPolicy when the operator is given peers (removes the one it made when
+   not), then the pool's Deployment (pool_manifests.pool_deployment, owned by the pool);
 2. reads the ready pool pods and asks each what it holds (`POST /v2/repository/index`);
 3. places every model that names the pool (placement.place: copies = the model's spec.replicas,
    memory = what a pod measured at load, else the model's resources.requests.memory, else the
@@ -25,7 +26,7 @@ import asyncio
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,8 @@ MODEL_LOAD_FAILED = "ModelLoadFailed"
 # (obj, type, reason, message) → an Event on obj
 PostEvent = Callable[[Mapping[str, Any], str, str, str], Awaitable[None]]
 Apply = Callable[[dict[str, Any]], Awaitable[tuple[dict[str, Any], str]]]
+# (owner, kind, namespace, name) → whether it deleted kind/name, which it does only if owner controls it
+DeleteOwned = Callable[[Mapping[str, Any], str, str, str], Awaitable[bool]]
 
 
 def config_hash(config_json: str) -> str:
@@ -94,10 +97,14 @@ class PoolPass:
 class PoolReconciler:
     def __init__(self, client: KubeClient, apply: Apply, post_event: PostEvent, server_image: str,
                  gateway_url: str | None = None, gateway_grpc_address: str | None = None,
-                 repository: RepositoryClient | None = None) -> None:
+                 repository: RepositoryClient | None = None, network_peers: Sequence[dict[str, Any]] | None = None,
+                 delete_owned: DeleteOwned | None = None) -> None:
         self.client = client
         self.apply = apply
         self.post_event = post_event
+        self.network_peers = network_peers  # None: the operator makes no NetworkPolicies
+        self.delete_owned = delete_owned
+        self._policy_swept: set[tuple[str, str]] = set()  # pools whose stale policy was looked for
         self.server_image = server_image
         self.gateway_url = gateway_url
         self.gateway_grpc_address = gateway_grpc_address
@@ -144,6 +151,7 @@ class PoolReconciler:
             for m in models:
                 await self._write_model(m, pool, [], Readiness("False", "PoolInvalid", f"pool {pool}: {e}"))
             raise kopf.PermanentError(f"InvalidSpec: {e}") from None
+        await self._network_policy(cr, namespace, pool, logger)
         deployment = pool_manifests.pool_deployment(pool, namespace, spec, self.server_image)
         kopf.append_owner_reference(deployment, owner=cr)  # type: ignore[arg-type]
         deployment, _ = await self.apply(deployment)
@@ -198,6 +206,24 @@ class PoolReconciler:
             out.append(PoolModel(cr, spec, pool_manifests.load_config(cr["metadata"]["name"], spec, device, mount_path),
                                  int(placement.get("memoryBytes") or 0) if measured else 0, measured))
         return out
+
+    async def _network_policy(self, cr: dict[str, Any], namespace: str, pool: str, logger: Any) -> None:
+        """The pool pods' NetworkPolicy before its pods, as for a model's own; with no peers, the one
+        this operator made while it had them is deleted (looked for once per process, as reconcile.py does)."""
+        if self.network_peers is not None:
+            policy = pool_manifests.pool_network_policy(pool, namespace, list(self.network_peers))
+            kopf.append_owner_reference(policy, owner=cr)  # type: ignore[arg-type]
+            await self.apply(policy)
+            self._policy_swept.discard((namespace, pool))
+            return
+        if self.delete_owned is None or (namespace, pool) in self._policy_swept:
+            return
+        name = pool_manifests.pool_name(pool)
+        if await self.delete_owned(cr, "NetworkPolicy", namespace, name):
+            logger.info(f"deleted NetworkPolicy {name}")
+            await self.post_event(cr, "Normal", "NetworkPolicyRemoved", f"deleted NetworkPolicy {name}: the operator "
+                                  "makes no NetworkPolicies now (the chart's networkPolicy.enabled is off)")
+        self._policy_swept.add((namespace, pool))
 
     @staticmethod
     def _memory_estimate(m: PoolModel, spec: CaffeServingPoolSpec) -> int:

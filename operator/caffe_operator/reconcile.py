@@ -299,7 +299,8 @@ class Reconciler:
         # its own: not looked up again until the spec (or this process's settings) wants them
         self._swept: defaultdict[tuple[str, str], set[tuple[str, str]]] = defaultdict(set)
         self.pools = PoolReconciler(client, self._apply, self.post_event, config.server_image, config.gateway_url,
-                                    config.gateway_grpc_address)
+                                    config.gateway_grpc_address, network_peers=config.network_peers,
+                                    delete_owned=self._delete_owned)
 
     async def close(self) -> None:
         await self.pools.close()
@@ -528,7 +529,7 @@ class Reconciler:
                                            "networkPolicy.enabled is off)"}[reason]
             await self.post_event(cr, "Normal", reason, f"deleted {', '.join(what)}: {why}")
 
-    async def _delete_owned(self, cr: dict[str, Any], kind: str, namespace: str, name: str) -> bool:
+    async def _delete_owned(self, cr: Mapping[str, Any], kind: str, namespace: str, name: str) -> bool:
         """Delete `kind/name` if `cr` is its controller; whether it was deleted."""
         path = object_path(kind, namespace, name)
         try:

@@ -700,6 +700,14 @@ def test_8b_a_pool_packs_models_into_shared_pods_the_gateway_routes_each_to_its_
     assert cr["status"]["placement"]["measured"] is True and cr["status"]["placement"]["memoryBytes"] > 0
     assert cr["status"]["replicas"] == 1 and cr["status"]["url"].endswith("/v2/models/pool-a")
     assert k.cp.get_object(DEPLOYMENTS, MODEL_NS, "pool-a-predictor") is None  # no pods of its own
+    # the pool's pods are behind a NetworkPolicy with the peers a model's own pods get (networkPolicy.enabled)
+    policies = "networking.k8s.io/v1/networkpolicies"
+    pool_policy = k.cp.get_object(policies, MODEL_NS, f"{POOL}-pool")
+    assert pool_policy is not None and pool_policy["metadata"]["ownerReferences"][0]["kind"] == "CaffeServingPool"
+    model_policy = k.cp.get_object(policies, MODEL_NS, f"{MODEL}-predictor")
+    assert pool_policy["spec"]["ingress"][0]["from"] == model_policy["spec"]["ingress"][0]["from"]
+    assert all(p["metadata"]["labels"].get(key) == value for p in pool_pods(k)
+               for key, value in pool_policy["spec"]["podSelector"]["matchLabels"].items())
 
     images, labels = one_digit_per_class()
     body = infer_body(images)

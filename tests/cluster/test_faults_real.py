@@ -230,3 +230,20 @@ def test_a_minute_of_api_errors_and_a_cut_watch(stack):
     assert len(op) < 20 * fault_s and max(per_second.values()) < 60  # a controller's pace, not a hot loop
     assert_quiet(s, "a minute of API errors")
     assert "Traceback" not in s.operator.logs(), s.operator.logs()[-3000:]
+
+
+def test_a_create_refused_past_the_clients_retries_is_retried_by_kopf_in_one_line(stack):
+    """The case a minute of random faults once hit (CI, 2026-12-07): the API server refuses a child's
+    create more times than the operator's client retries, so the error reaches kopf's create handler.
+    kopf retries it after the backoff, and the log says so in one line: no traceback for weather."""
+    s = stack
+    # the client tries 4 times (3 retries); 8 refusals fail the handler once even if the resync takes some
+    s.proxy.refuse_next("POST", f"/namespaces/{NS}/configmaps", times=8)
+    s.want["zeta"] = 1
+    s.apply(model("zeta", NS))
+    converge(s, "a model whose ConfigMap create was refused eight times")
+    assert s.proxy.refused_left() == 0
+    assert_no_duplicates(s)
+    logs = s.operator.logs()
+    assert "Handler 'on_spec' failed temporarily: the API server answered HTTP 500 InternalError" in logs, logs[-3000:]
+    assert "Traceback" not in logs, logs[-3000:]

@@ -124,3 +124,19 @@ def test_a_pool_models_canary_runs_in_pods_of_its_own():
                            "trafficPercent": 10})
     primary, canary = variants.of("digits", s)
     assert primary.spec.pool == "small" and canary.spec.pool is None
+
+
+def test_the_pool_network_policy_lets_only_the_peers_into_every_pool_pod_on_http_and_grpc():
+    peers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "caffe-system"}},
+              "podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}}}]
+    policy = pool_manifests.pool_network_policy("small", "ml", peers)
+    kubernetes_validate.validate(policy, kubernetes_validate.latest_version(), strict=True)
+    pod_labels = pool_manifests.pool_deployment("small", "ml", pool(), "registry.example/caffe:1")[
+        "spec"]["template"]["metadata"]["labels"]
+    assert policy["metadata"] == {"name": "small-pool", "namespace": "ml", "labels": pool_manifests.pool_labels("small")}
+    assert all(pod_labels.get(k) == v for k, v in policy["spec"]["podSelector"]["matchLabels"].items())
+    # a pod that holds a model has one more label and is still selected; a pod of another pool is not
+    assert policy["spec"]["podSelector"]["matchLabels"] == {pool_manifests.POOL_LABEL: "small"}
+    assert policy["spec"]["ingress"] == [{"from": peers, "ports": [{"port": 8080, "protocol": "TCP"},
+                                                                   {"port": 8081, "protocol": "TCP"}]}]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
