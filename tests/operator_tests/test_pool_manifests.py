@@ -133,7 +133,8 @@ def test_the_pool_network_policy_lets_only_the_peers_into_every_pool_pod_on_http
     kubernetes_validate.validate(policy, kubernetes_validate.latest_version(), strict=True)
     pod_labels = pool_manifests.pool_deployment("small", "ml", pool(), "registry.example/caffe:1")[
         "spec"]["template"]["metadata"]["labels"]
-    assert policy["metadata"] == {"name": "small-pool", "namespace": "ml", "labels": pool_manifests.pool_labels("small")}
+    assert policy["metadata"] == {"name": "small-pool", "namespace": "ml",
+                                  "labels": pool_manifests.pool_labels("small")}
     assert all(pod_labels.get(k) == v for k, v in policy["spec"]["podSelector"]["matchLabels"].items())
     # a pod that holds a model has one more label and is still selected; a pod of another pool is not
     assert policy["spec"]["podSelector"]["matchLabels"] == {pool_manifests.POOL_LABEL: "small"}
