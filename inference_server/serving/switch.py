@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SWAP_WAIT_S = 60.0  # how long the switch waits for the event loop to run the swap (a stopping server: never)
+# One check at a time per server: a repository server starting many `auto` models would otherwise load every
+# model's Net a second time at once (each check is a process holding a Net, the graph and a session).
+_ONE_CHECK = threading.Semaphore(1)
 
 
 class BackendSwitch:
@@ -55,7 +58,8 @@ class BackendSwitch:
         m = self.model
         served = m.stats.inference_count
         try:
-            result = self.check.run()
+            with _ONE_CHECK:
+                result = self.check.run()
         except Cancelled:
             return
         except Exception as e:  # the check's own machinery: pycaffe keeps serving, saying why
