@@ -1,44 +1,64 @@
-"""Load time of a real `caffeserve serve` process, start to ready, per backend and cache state.
+"""Time to ready and time to fast of a real `caffeserve serve` process, per backend and cache state.
 
-    python bench/load_time.py [--model digits|inception|big] [--before DIR] [--repeat N]
+    python bench/load_time.py [--model inception fcn8s openpose digits big ...] [--before DIR] [--repeat N]
+                              [--fcn-size 256] [--pose-size 256] [--serving-loss]
 
-For each model: pycaffe; auto with an empty ONNX cache (convert, gate, time); auto restarted on that
-cache; and the load probe alone (the child process that catches Caffe's aborts). Wall time is measured
-from starting the process to the first 200 from /v2/health/ready, the same way for every row; the
-server's own `load_seconds` (metadata) is printed beside it. `--before DIR` also starts the servers of
-an older checkout (e.g. `git archive <commit> | tar -x -C DIR`) the same way, for a before/after (it must
-have the `caffeserve` package: the figures in docs/onnx.md for e267cbb, older, were taken with
-`-m caffeserve`).
+Rows, per model (each a fresh process; wall time from starting it):
+- pycaffe: ready (the first 200 from /v2/health/ready).
+- auto, cold: empty local and shared cache. Ready, then fast: the moment the model metadata says the check
+  has ended (`backend_check` no longer "running"), serving with onnxruntime (or not: the row says which).
+- auto, new node: the local cache empty, the shared cache (onnxCache.sharedDir) filled by the cold run: what
+  a new pod on another node pays.
+- auto, restart: the same local cache again (what a restarted container on the same node pays).
+Each row is the median of `--repeat` runs (cold runs with caches of their own).
+`--before DIR` (an older checkout, e.g. `git archive <commit> | tar -x -C DIR`) starts its servers the same
+way: there `auto` converts, gates and times before ready (ready and fast are one moment); it has no shared
+cache, so a new node pays the cold row. `--serving-loss` runs a client at concurrency 1 on a cold auto server
+from its ready until its check ends (the answers pycaffe gave meanwhile), then on a pycaffe server for as
+long: requests/s and p50 of each.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(REPO), str(HERE)]
 
-import caffe_testing.servers as server_process  # noqa: E402
 from caffe_testing.servers import ServerProcess, http_json  # noqa: E402
 
+MODELS = ("digits", "inception", "fcn8s", "openpose", "big")
 
-def model_files(kind: str, d: Path) -> tuple[Path, Path, dict]:
+
+def model_files(kind: str, d: Path, fcn_size: int, pose_size: int) -> tuple[Path, Path, str]:
+    """(prototxt, weights, a label for the table)."""
     if kind == "digits":
         ex = REPO / "examples" / "digits"
-        return ex / "deploy.prototxt", ex / "digits.caffemodel", {}
+        return ex / "deploy.prototxt", ex / "digits.caffemodel", "digits"
     if kind == "inception":
         import inception_net
 
         proto, weights = inception_net.write(d)
-        return proto, weights, {}
+        return proto, weights, "inception-size (GoogLeNet 3a-4a, 224)"
+    if kind in ("fcn8s", "openpose"):
+        import big_nets
+
+        if kind == "fcn8s":
+            return (*big_nets.write(big_nets.fcn8s(fcn_size), d, kind), f"FCN-8s-size (538 MB, {fcn_size}x{fcn_size})")
+        return (*big_nets.write(big_nets.openpose(pose_size), d, kind),
+                f"OpenPose-size (209 MB, {pose_size}x{pose_size})")
     if kind == "big":  # tests/test_large_model.py's 560 MB InnerProduct
         import caffe
         from caffe import layers as L
@@ -52,62 +72,163 @@ def model_files(kind: str, d: Path) -> tuple[Path, Path, dict]:
         weights = d / "big.caffemodel"
         net.save(str(weights))
         del net
-        return proto, weights, {}
+        return proto, weights, "560 MB InnerProduct"
     raise SystemExit(f"unknown model {kind}")
 
 
-def time_to_ready(cfg: dict, d: Path, env: dict, code_root: Path) -> tuple[float, dict]:
-    server = ServerProcess(cfg, d, env={**env, "PYTHONPATH": str(code_root)})
-    server_process.REPO = code_root  # the process's working folder: `-m caffeserve` imports from it
+def start(cfg: dict, d: Path, env: dict, code_root: Path) -> tuple[ServerProcess, float]:
+    # the process's working folder and import path: `-m caffeserve` imports from `code_root`
+    server = ServerProcess(cfg, d, env={**env, "PYTHONPATH": str(code_root)}, root=code_root)
     t0 = time.perf_counter()
-    with server:
-        wall = time.perf_counter() - t0
-        params = http_json("GET", server.url + f"/v2/models/{cfg['name']}")[1]["parameters"]
-    return wall, params
+    server.start(timeout=900)
+    return server, t0
+
+
+def run(cfg: dict, d: Path, env: dict, code_root: Path, loss_s: float = 0.0) -> dict:
+    """One server: ready and fast (s from its start), the backend it ends with; with `loss_s`, a client at
+    concurrency 1 from ready, for `loss_s` seconds or (auto) until the check ends: its pycaffe answers."""
+    server, t0 = start(cfg, d, env, code_root)
+    try:
+        ready = time.perf_counter() - t0
+        out: dict = {"ready": ready}
+        client = Client(server.url, cfg["name"]) if loss_s else None
+        if client is not None:
+            client.start()
+            if cfg["backend"] == "pycaffe":
+                time.sleep(loss_s)
+        while True:
+            p = params(server, cfg["name"])
+            if p.get("backend_check") != "running":
+                break
+            time.sleep(0.1)
+        out.update(fast=time.perf_counter() - t0, backend=p["backend"], load_seconds=p.get("load_seconds"),
+                   check_s=p.get("backend_check_seconds"))
+        if client is not None:
+            out["client"] = client.finish()
+        return out
+    finally:
+        server.stop()
+
+
+def params(server: ServerProcess, name: str) -> dict:
+    return http_json("GET", server.url + f"/v2/models/{name}")[1]["parameters"]
+
+
+class Client(threading.Thread):
+    """Closed loop at concurrency 1 (one kept-alive connection, binary tensor data): per answer, when it came,
+    its latency and the backend that answered (X-Caffeserve-Backend)."""
+
+    def __init__(self, url: str, name: str):
+        import numpy as np
+
+        from compare import binary_body
+
+        super().__init__(daemon=True)
+        meta = http_json("GET", f"{url}/v2/models/{name}")[1]
+        spec = meta["inputs"][0]
+        x = np.random.default_rng(0).uniform(-1, 1, [1, *spec["shape"][1:]]).astype(np.float32)
+        self.body, self.headers = binary_body(spec["name"], x)
+        self.url, self.path = urllib.parse.urlsplit(url), f"/v2/models/{name}/infer"
+        self.stop, self.answers, self.t0 = threading.Event(), [], time.perf_counter()
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection(self.url.hostname, self.url.port, timeout=120)
+        while not self.stop.is_set():
+            t = time.perf_counter()
+            conn.request("POST", self.path, self.body, self.headers)
+            r = conn.getresponse()
+            r.read()
+            self.answers.append((time.perf_counter() - self.t0, time.perf_counter() - t, r.status,
+                                 r.getheader("X-Caffeserve-Backend")))
+        conn.close()
+
+    def finish(self) -> dict:
+        """Requests/s and p50 (ms) of the pycaffe answers, over the time until the last one."""
+        self.stop.set()
+        self.join(120)
+        pyc = [a for a in self.answers if a[3] == "pycaffe" and a[2] == 200]
+        span = pyc[-1][0] if pyc else float("nan")
+        return {"rps": len(pyc) / span, "p50_ms": statistics.median(a[1] for a in pyc) * 1000, "span_s": span,
+                "n": len(pyc), "errors": sum(a[2] != 200 for a in self.answers)}
+
+
+def fmt(row: dict) -> str:
+    ready, fast, checked = row["ready"], row["fast"], row.get("check_s") is not None
+    if row["backend"] == "onnxruntime":
+        tail = f"fast {fast:6.1f} s" + ("" if checked else " (onnxruntime from the start)")
+    else:
+        tail = f"stays pycaffe after its check, at {fast:.1f} s" if checked else "pycaffe"
+    return f"ready {ready:6.1f} s   {tail}"
+
+
+def table(label: str, rows: dict[str, dict]) -> None:
+    print(f"\n{label}")
+    for name, row in rows.items():
+        print(f"  {name:<38} {fmt(row)}", flush=True)
+
+
+def median(cfg: dict, d: Path, envs: list[dict], root: Path) -> dict:
+    """One run per env; ready and fast as medians, the rest from the last run."""
+    runs = [run(cfg, d, env, root) for env in envs]
+    row = {k: statistics.median(r[k] for r in runs) if k in ("ready", "fast") else runs[-1][k]
+           for k in runs[-1] if k != "client"}
+    return row
+
+
+def bench_model(kind: str, args) -> None:
+    d = Path(tempfile.mkdtemp(prefix="load-time-"))
+    n = range(args.repeat)
+    try:
+        proto, weights, label = model_files(kind, d, args.fcn_size, args.pose_size)
+        cfg = {"name": "m", "model": {"prototxt": str(proto), "weights": str(weights)}}
+        pycaffe, auto = {**cfg, "backend": "pycaffe"}, {**cfg, "backend": "auto"}
+        rows: dict[str, dict] = {"pycaffe": median(pycaffe, d, [{}] * args.repeat, REPO)}
+        if args.before:
+            before = args.before.resolve()
+            rows["before: auto, cold (= a new node)"] = median(
+                auto, d, [{"CAFFESERVE_CACHE_DIR": str(d / f"before-{i}")} for i in n], before)
+            rows["before: auto, restart"] = median(auto, d, [{"CAFFESERVE_CACHE_DIR": str(d / "before-0")}] * len(n),
+                                                   before)
+        # each cold run with caches of its own; the last one's shared cache serves the new nodes
+        colds = [run({**auto, "onnxCache": {"sharedDir": str(d / f"shared-{i}")}}, d,
+                     {"CAFFESERVE_CACHE_DIR": str(d / f"local-{i}")}, REPO) for i in n]
+        rows["after: auto, cold"] = {k: statistics.median(r[k] for r in colds) if k in ("ready", "fast") else v
+                                     for k, v in colds[-1].items()}
+        shared = {**auto, "onnxCache": {"sharedDir": str(d / f"shared-{n[-1]}")}}
+        rows["after: auto, new node (shared cache)"] = median(
+            shared, d, [{"CAFFESERVE_CACHE_DIR": str(d / f"new-node-{i}")} for i in n], REPO)
+        rows["after: auto, restart"] = median(shared, d, [{"CAFFESERVE_CACHE_DIR": str(d / f"local-{n[-1]}")}] *
+                                              len(n), REPO)
+        table(label, rows)
+        if args.serving_loss:  # runs of their own: load on the server slows its check
+            cold = run({**auto, "onnxCache": {"sharedDir": str(d / "shared-loss")}}, d,
+                       {"CAFFESERVE_CACHE_DIR": str(d / "local-loss")}, REPO, args.serving_loss)
+            during = cold["client"]
+            base = run(pycaffe, d, {}, REPO, max(1.0, during["span_s"]))["client"]
+            print(f"  serving with pycaffe while the check runs (c=1, binary, {during['span_s']:.1f} s from ready, "
+                  f"{during['n']} answers): {during['rps']:.2f} req/s, p50 {during['p50_ms']:.1f} ms; pycaffe alone "
+                  f"for as long: {base['rps']:.2f} req/s, p50 {base['p50_ms']:.1f} ms "
+                  f"({during['rps'] / base['rps']:.2f}x); errors {during['errors'] + base['errors']}; the check "
+                  f"then chose {cold['backend']} ({cold['fast'] - cold['ready']:.1f} s after ready)", flush=True)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="inception", choices=["digits", "inception", "big"])
+    p.add_argument("--model", nargs="+", default=["inception"], choices=MODELS)
     p.add_argument("--before", type=Path, help="an older checkout to time the same way")
-    p.add_argument("--repeat", type=int, default=3, help="runs per row (the median is printed)")
+    p.add_argument("--repeat", type=int, default=1, help="runs of the pycaffe and warm rows (the median is printed)")
+    p.add_argument("--fcn-size", type=int, default=256, help="FCN-8s input height and width")
+    p.add_argument("--pose-size", type=int, default=256, help="OpenPose input height and width")
+    p.add_argument("--serving-loss", action="store_true",
+                   help="a client at c=1 on a cold auto server until its check ends, and on pycaffe as long")
     args = p.parse_args()
-    d = Path(tempfile.mkdtemp(prefix="load-time-"))
-    try:
-        proto, weights, extra = model_files(args.model, d)
-        cfg = {"name": "m", "model": {"prototxt": str(proto), "weights": str(weights)}, **extra}
-        roots = [("after", REPO)] + ([("before", args.before.resolve())] if args.before else [])
-        for label, root in roots:
-            cache = d / f"cache-{label}"
-            rows = {}
-            for name, backend, fresh in (("pycaffe", "pycaffe", False), ("auto, empty cache", "auto", True),
-                                         ("auto, cached", "auto", False)):
-                walls, loads, chosen = [], [], ""
-                for _ in range(args.repeat if not fresh else 1):
-                    if fresh:
-                        shutil.rmtree(cache, ignore_errors=True)
-                    wall, params = time_to_ready({**cfg, "backend": backend}, d,
-                                                 {"CAFFESERVE_CACHE_DIR": str(cache)}, root)
-                    walls.append(wall)
-                    loads.append(params.get("load_seconds"))
-                    chosen = params["backend"]
-                load = statistics.median(x for x in loads if x is not None) if any(loads) else None
-                rows[name] = statistics.median(walls)
-                parts = {k: v for k, v in params.items() if k.startswith(("backend_", "load_probe"))
-                         and isinstance(v, (int, float))}
-                print(f"{args.model:<9} {label:<6} {name:<18} ready in {rows[name]:6.2f} s (median of {len(walls)})"
-                      + (f", load_seconds {load:.2f}" if load is not None else "") + f", serving with {chosen}"
-                      + (f"; last run: {parts}" if parts else ""), flush=True)
-            print(f"{args.model:<9} {label:<6} cached auto / pycaffe = {rows['auto, cached'] / rows['pycaffe']:.2f}×")
-        if not args.before:
-            from inference_server.config import parse_config
-            from inference_server.loading.child_load import probe_load
-
-            probes = [probe_load(parse_config({**cfg, "backend": b})).seconds
-                      for b in ("pycaffe", "auto") for _ in range(args.repeat)]
-            print(f"{args.model:<9} load probe alone: {statistics.median(probes):.2f} s (median of {len(probes)})")
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    print(f"commit {commit}; {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    for kind in args.model:
+        bench_model(kind, args)
 
 
 if __name__ == "__main__":

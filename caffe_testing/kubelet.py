@@ -41,6 +41,7 @@ import yaml
 from caffe_testing.servers import free_port, stop_process
 
 VENV_BIN = Path(sys.executable).parent
+MODEL_FOLDER_CACHE_ENV = "CAFFESERVE__ONNX_CACHE__MODEL_FOLDER"  # the server config's onnxCache.modelFolder
 IMAGE_ENV = {  # what Dockerfile.operator / Dockerfile.caffe-gpu set, with the venv for /opt/venv
     "PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin",
     "PYTHONUNBUFFERED": "1",
@@ -162,6 +163,11 @@ class ContainerProcess:
         env = dict(IMAGE_ENV, HOME=self.map_path("/tmp"))
         if os.environ.get("PYTHONPATH"):  # the checkout under test is the image's code (else the venv's install)
             env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        if any(m.get("readOnly") and m.get("mountPath") == "/models" for m in self.container.get("volumeMounts") or []):
+            # The pod mounts its model files read-only, which this process cannot do (the folder is the
+            # test's own, writable): a server would publish its ONNX graphs into the model's folder (the
+            # repository's examples), where a pod could not. This setting is what the read-only mount does.
+            env[MODEL_FOLDER_CACHE_ENV] = "false"
         for item in self.container.get("env") or []:
             if "value" in item:
                 env[item["name"]] = self.map_path(str(item["value"]))

@@ -123,3 +123,14 @@ class ServerProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def settled_backend(url: str, model: str, timeout: float = 240.0) -> dict:
+    """The model metadata's parameters once `backend: auto`'s onnxruntime check beside serving has ended
+    (serving/switch.py): until then it serves with pycaffe and `backend_check` says "running"."""
+    deadline = time.monotonic() + timeout
+    while True:
+        params = http_json("GET", f"{url}/v2/models/{model}")[1]["parameters"]
+        if params.get("backend_check") != "running" or time.monotonic() > deadline:
+            return params
+        time.sleep(0.1)

@@ -218,6 +218,24 @@ class Tracing(CamelModel):
     )
 
 
+class OnnxCache(CamelModel):
+    """Where converted ONNX graphs and their parity/speed verdicts are kept for the next server (another pod,
+    another node): with them, `backend: auto` serves ONNX Runtime from the start instead of converting again.
+    This machine's own cache is CAFFESERVE_CACHE_DIR (docs/onnx.md)."""
+
+    shared_dir: str | None = Field(
+        default=None, max_length=4096,
+        description="A folder every server of the model can read and write (e.g. a ReadWriteMany volume; the "
+        "chart's modelCache value mounts one): graphs and verdicts are published there and looked for there. "
+        "Relative paths resolve against the config file's folder.",
+    )
+    model_folder: bool = Field(
+        default=True,
+        description="Without sharedDir, publish to the model's own folder (.caffeserve-onnx/ beside the prototxt) "
+        "where it can be written.",
+    )
+
+
 Backend = Literal["pycaffe", "onnxruntime", "auto"]
 
 
@@ -257,6 +275,8 @@ class ServerConfig(ModelServing):
     model: ModelFiles
     # the process's own listener, like --port (not a ModelServing field: the operator will choose the pod's ports)
     grpc: Grpc = Field(default_factory=Grpc)
+    # where the operator (or a user) keeps converted graphs for the next pod: the process's, not the CR's
+    onnx_cache: OnnxCache = Field(default_factory=OnnxCache)
     base_dir: str | None = Field(default=None, exclude=True, description="Folder relative paths resolve against.")
 
     @overload

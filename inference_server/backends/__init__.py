@@ -1,6 +1,7 @@
 """Backends: one small interface (load, describe, infer on numpy arrays); pycaffe first.
 
-`choose_backend` runs once at startup (it may convert and check parity); `create_backend` runs in
+`choose_backend` runs once at startup (it may convert and check parity, or with `auto` leave that to a
+check beside serving); `create_backend` runs in
 each worker thread, because a backend instance belongs to the thread that made it.
 """
 
@@ -19,16 +20,20 @@ class BackendChoice:
     reason: str  # why, in words (shown in metadata, logs, metrics, CR status)
     details: dict[str, object] = field(default_factory=dict)  # e.g. parity figures
     artifact: str | None = None  # e.g. the converted ONNX file
+    pending: bool = False  # `auto` serving with pycaffe while the onnxruntime check runs beside it
 
 
-def choose_backend(cfg: ServerConfig, probed=None) -> BackendChoice:
-    """`probed`: the child load's findings (child_load.ProbedLoad), which let a cached verdict skip loading the Net."""
+def choose_backend(cfg: ServerConfig, probed=None, defer: bool = False) -> BackendChoice:
+    """`probed`: the child load's findings (child_load.ProbedLoad), which let a cached verdict skip loading the Net.
+    `defer` (with `auto`): where no verdict is cached, pycaffe at once, `pending` (the check runs beside serving)."""
     if cfg.backend == "pycaffe":
         return BackendChoice("pycaffe", "backend: pycaffe in the config")
     try:
-        from ..loading.selection import choose_accelerated
+        from ..loading.selection import choose_accelerated, choose_known_or_pending
     except ImportError:
         raise ModelLoadError(f"backend {cfg.backend!r} is not available in this build") from None
+    if defer and cfg.backend == "auto":
+        return choose_known_or_pending(cfg, probed)
     return choose_accelerated(cfg, probed)
 
 

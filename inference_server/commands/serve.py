@@ -186,6 +186,7 @@ def main(argv: list[str]) -> int:
         log.info("listening on http://%s:%d (%s loading %s; control mode %s; %d BLAS thread(s) per instance)",
                  args.host, port, what, ", ".join(start_names) or "nothing", args.model_control_mode, blas)
         plane.starting = True
+        repo.loop = asyncio.get_running_loop()
         threading.Thread(target=repo.load_at_start, args=(start_names,), name="model-loader", daemon=True).start()
 
     signalled: list[float] = []

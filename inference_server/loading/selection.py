@@ -7,15 +7,20 @@ at the served shapes on this machine, saving at least `CAFFESERVE_AUTO_MIN_SAVIN
 forward; otherwise with pycaffe. Either way the BackendChoice says why,
 with the parity and speed figures in `details`.
 
-Converted graphs are cached on disk under CAFFESERVE_CACHE_DIR (default ~/.cache/caffe-serving/onnx),
-named by the sha256 of the prototxt, the weights, the served input shapes, the served output blobs and
-the converter version. The graph carries the logits feeding a final Softmax as extra outputs, so the
-file the gate judges is byte for byte the file that serves. Beside it, a verdict file records what the
-gate and the timing found together with the sha256 of the graph's bytes they judged, keyed further by
-the ONNX Runtime version, the device, the tolerance, the parity inputs (preprocessing, mean file) and
-this machine's CPUs. A restart whose graph hashes to the recorded bytes is served from the verdict
-without loading the Net, converting or rerunning the gate; any change to a keyed input, or to the
-graph's bytes, reruns them (a cached graph that then fails the gate is converted again once).
+With `auto`, the server serves with pycaffe as soon as the Net loads and runs this check in a child
+process beside it (loading/background.py, serving/switch.py), unless a verdict is already cached
+(`cached_evaluation`).
+
+Converted graphs are cached on disk under CAFFESERVE_CACHE_DIR (default ~/.cache/caffe-serving/onnx) and
+published to a shared cache the next pod finds (loading/onnx_cache.py), named by the sha256 of the
+prototxt, the weights, the served input shapes, the served output blobs and the converter version. The
+graph carries the logits feeding a final Softmax as extra outputs, so the file the gate judges is byte
+for byte the file that serves. Beside it, a verdict file records what the gate and the timing found
+together with the sha256 of the graph's bytes they judged, keyed further by the ONNX Runtime version,
+the device, the tolerance, the parity inputs (preprocessing, mean file) and this machine's CPUs. A
+restart whose graph hashes to the recorded bytes is served from the verdict without loading the Net,
+converting or rerunning the gate; any change to a keyed input, or to the graph's bytes, reruns them (a
+cached graph that then fails the gate is converted again once).
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ import logging
 import os
 import platform
 import statistics
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,15 +40,13 @@ from typing import TYPE_CHECKING, Any
 from ..backends import BackendChoice
 from ..errors import ModelLoadError
 from ..hashing import file_sha256
-from . import served
+from . import onnx_cache, served
 
 if TYPE_CHECKING:
     from .parity import ParityReport
 
 log = logging.getLogger("caffeserve.backends")
 
-DEFAULT_CACHE_DIR = "~/.cache/caffe-serving/onnx"
-CACHE_FORMAT = "2"  # 2: the graph carries the logits outputs, a verdict file sits beside it
 MIN_SPEEDUP_ENV = "CAFFESERVE_AUTO_MIN_SPEEDUP"
 DEFAULT_MIN_SPEEDUP = 1.1  # a margin over the timing's noise on a busy machine: within it, pycaffe stays
 MIN_SAVING_ENV = "CAFFESERVE_AUTO_MIN_SAVING_MS"
@@ -67,51 +69,14 @@ class Evaluation:
     summary: str = ""
     timings: dict = field(default_factory=dict)
     speed: dict | None = None  # measure_speed's figures, where timed
-
-
-def cache_dir() -> Path:
-    return Path(os.path.expanduser(os.environ.get("CAFFESERVE_CACHE_DIR") or DEFAULT_CACHE_DIR))
-
-
-def cache_key(prototxt: Path, weights: Path, input_shapes: dict, converter_version: str,
-              outputs: list[str] | None = None) -> str:
-    h = hashlib.sha256()
-    parts = [file_sha256(prototxt), file_sha256(weights), json.dumps(sorted(input_shapes.items())), converter_version,
-             CACHE_FORMAT]
-    if outputs is not None:  # the served blobs are the graph's outputs
-        parts.append(json.dumps(outputs))
-    for part in parts:
-        h.update(part.encode() + b"\0")
-    return h.hexdigest()
-
-
-def _writable_cache_dir() -> Path:
-    """The configured cache folder, or a temporary one where it cannot be written (read-only root filesystem)."""
-    d = cache_dir()
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        probe = d / f".probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-        return d
-    except OSError as e:
-        fallback = Path(tempfile.gettempdir()) / "caffe-serving-onnx"
-        log.warning("ONNX cache %s is not writable (%s); using %s", d, e.strerror, fallback)
-        fallback.mkdir(parents=True, exist_ok=True)
-        return fallback
+    verdict_file: str | None = None  # the local verdict file written (not published: evaluate(publish=False))
 
 
 def _save_atomically(onnx_model, path: Path) -> None:
     import onnx
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        onnx.save(onnx_model, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
+    if not onnx_cache.write_atomically(path, lambda tmp: onnx.save(onnx_model, str(tmp))):
+        raise ModelLoadError(f"could not write the converted graph {path}")
 
 
 def with_logits_outputs(onnx_model, logits: list[dict]):
@@ -162,17 +127,6 @@ def _convert(net, path: Path, cfg, outputs: list[str]) -> tuple[str | None, bool
 
 # --- the verdict file
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def verdict_key(cfg, graph_key: str, n_random: int) -> tuple[dict, str]:
     """What the gate's and the timing's findings depend on beyond the graph: (fields, their sha256)."""
     import onnxruntime
@@ -181,7 +135,7 @@ def verdict_key(cfg, graph_key: str, n_random: int) -> tuple[dict, str]:
 
     pre = cfg.preprocessing
     fields = {
-        "format": CACHE_FORMAT,
+        "format": onnx_cache.CACHE_FORMAT,
         "graph": graph_key,
         "onnxruntime": onnxruntime.__version__,
         "device": [str(getattr(cfg.device.kind, "value", cfg.device.kind)), cfg.device.id],
@@ -191,30 +145,10 @@ def verdict_key(cfg, graph_key: str, n_random: int) -> tuple[dict, str]:
         "preprocessing": pre.model_dump(mode="json") if pre is not None else None,
         "mean_file_sha256": file_sha256(cfg.path(pre.mean_file)) if pre is not None and pre.mean_file else None,
         "cpus": available_cpus(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": onnx_cache.cpu_model(),
         "machine": platform.machine(),
     }
     return fields, hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-
-
-def _read_verdict(path: Path, key: str) -> dict | None:
-    try:
-        verdict = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return verdict if isinstance(verdict, dict) and verdict.get("key") == key else None
-
-
-def _write_verdict(path: Path, verdict: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(verdict, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError as e:  # a verdict that cannot be kept costs the next load the gate again, nothing else
-        log.warning("could not write the verdict %s: %s", path, e)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # --- the gate and the timing
@@ -297,15 +231,30 @@ def measure_speed(net, session, shapes: dict, outputs: list[str], value_range: t
             "pairs": len(pairs)}
 
 
-def evaluate(cfg, n_random: int | None = None, probed=None, speed: bool | None = None) -> Evaluation:
+def evaluate(cfg, n_random: int | None = None, probed=None, speed: bool | None = None,
+             publish: bool = True) -> Evaluation:
     """Convert (or reuse the cache), run the parity gate and (with `speed`, default for `auto`) the timing;
     never raises for a model ONNX cannot serve.
 
     `probed` (child_load.ProbedLoad) gives the served shapes and outputs without loading the Net here: a
     verdict cached for the graph's exact bytes is then all it reads. A cached graph that fails the gate is
     converted again once (a stale or altered file must not demote the model for good); a fresh
-    conversion that fails it is the verdict.
+    conversion that fails it is the verdict. `publish` False: the verdict is written to the local cache
+    only (`verdict_file`), and the caller publishes it (serving/switch.py decides whether it should).
     """
+    ev = _evaluate(cfg, n_random, probed, speed, cached_only=False, publish=publish)
+    assert ev is not None
+    return ev
+
+
+def cached_evaluation(cfg, probed) -> Evaluation | None:
+    """What is known without loading the Net, converting or gating (a verdict in the local or the shared
+    cache, or onnxruntime missing), else None: the check must run (`auto` runs it beside serving)."""
+    return _evaluate(cfg, None, probed, None, cached_only=True)
+
+
+def _evaluate(cfg, n_random: int | None, probed, speed: bool | None, cached_only: bool,
+              publish: bool = True) -> Evaluation | None:
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
@@ -330,11 +279,13 @@ def evaluate(cfg, n_random: int | None = None, probed=None, speed: bool | None =
     else:
         net, shapes, outputs = None, dict(probed.input_shapes), list(probed.outputs)
     t0 = time.perf_counter()
-    cache = CachedGraph.find(cfg, shapes, outputs, n_random, CONVERTER_VERSION)
+    key = onnx_cache.cache_key(cfg.path(cfg.model.prototxt), cfg.path(cfg.model.weights), shapes,
+                               CONVERTER_VERSION, outputs)
+    cache = onnx_cache.CachedGraph.find(cfg, key, *verdict_key(cfg, key, n_random))
     details["onnx_cache_key"] = cache.key[:16]
     timings["hash_s"] = _since(t0)
-    known = cache.known_evaluation(want_speed, details, timings)
-    if known is not None:
+    known = known_evaluation(cache, want_speed, details, timings)
+    if known is not None or cached_only:
         return known
 
     if net is None:
@@ -349,10 +300,12 @@ def evaluate(cfg, n_random: int | None = None, probed=None, speed: bool | None =
         with _pycaffe_on(cfg.device):
             found_speed = measure_speed(net, gated.session, shapes, outputs, parity.value_range(cfg.preprocessing))
         timings["speed_s"] = _since(t0)
-    cache.record(onnx_sha256=gated.sha, onnx_tensorrt=details.get("onnx_tensorrt", False), speed=found_speed,
-                 parity={"passed": gated.problem is None, "problem": gated.problem,
-                         "summary": gated.report.summary(), "details": gated.report.details()})
-    return Evaluation(gated.problem, details, str(cache.path), gated.report.summary(), timings, found_speed)
+    verdict_file = cache.record(publish, onnx_sha256=gated.sha, onnx_tensorrt=details.get("onnx_tensorrt", False),
+                                speed=found_speed, parity={"passed": gated.problem is None, "problem": gated.problem,
+                                                           "summary": gated.report.summary(),
+                                                           "details": gated.report.details()})
+    return Evaluation(gated.problem, details, str(cache.path), gated.report.summary(), timings, found_speed,
+                      str(verdict_file))
 
 
 def _since(t0: float) -> float:
@@ -370,50 +323,28 @@ def _load_net(cfg, timings: dict):
     return net
 
 
-@dataclass
-class CachedGraph:
-    """The converted graph's file in the cache and its verdict file, as found at load."""
-
-    key: str  # the graph's cache key (model files, served shapes and outputs, converter)
-    path: Path
-    verdict_path: Path
-    verdict_key: str  # what the verdict depends on beyond the graph (verdict_key)
-    fields: dict
-    verdict: dict | None  # the recorded verdict, where its key matches
-    graph_sha: str | None  # the sha256 of the cached graph's bytes, where the file exists
-
-    @classmethod
-    def find(cls, cfg, shapes: dict, outputs: list[str], n_random: int, converter_version: str) -> CachedGraph:
-        key = cache_key(cfg.path(cfg.model.prototxt), cfg.path(cfg.model.weights), shapes, converter_version, outputs)
-        folder = _writable_cache_dir()
-        path = folder / f"{key}.onnx"
-        fields, vkey = verdict_key(cfg, key, n_random)
-        vpath = folder / f"{key}.{vkey[:16]}.verdict.json"
-        return cls(key, path, vpath, vkey, fields, _read_verdict(vpath, vkey),
-                   file_sha256(path) if path.exists() else None)
-
-    def known_evaluation(self, want_speed: bool, details: dict, timings: dict) -> Evaluation | None:
-        """What the verdict already says, or None where the gate (or the timing) must run."""
-        verdict = self.verdict
-        if verdict is None:
-            return None
-        if verdict.get("conversion_problem"):
-            details.update(onnx_cache_hit=False, verdict_cached=True)
-            return Evaluation(verdict["conversion_problem"], details, None, "", timings)
-        if self.graph_sha is None:
-            return None
-        if self.graph_sha != verdict.get("onnx_sha256"):
-            details["onnx_cache_rejected"] = "the cached graph's bytes are not the ones that passed the gate"
-            return None
-        gate = verdict["parity"]
-        if want_speed and gate["passed"] and not verdict.get("speed"):
-            return None  # passed, but never timed
-        details.update(gate["details"])
-        details.update(onnx_cache_hit=True, verdict_cached=True, onnx_tensorrt=verdict.get("onnx_tensorrt", False))
-        return Evaluation(gate["problem"], details, str(self.path), gate["summary"], timings, verdict.get("speed"))
-
-    def record(self, **findings) -> None:
-        _write_verdict(self.verdict_path, {"key": self.verdict_key, "fields": self.fields, **findings})
+def known_evaluation(cache: onnx_cache.CachedGraph, want_speed: bool, details: dict,
+                     timings: dict) -> Evaluation | None:
+    """What the verdict already says, or None where the gate (or the timing) must run."""
+    verdict = cache.verdict
+    if cache.found_in != "none":
+        details["onnx_cache_found_in"] = cache.found_in
+    if verdict is None:
+        return None
+    if verdict.get("conversion_problem"):
+        details.update(onnx_cache_hit=False, verdict_cached=True)
+        return Evaluation(verdict["conversion_problem"], details, None, "", timings)
+    if cache.graph_sha is None:
+        return None
+    if cache.graph_sha != verdict.get("onnx_sha256"):
+        details["onnx_cache_rejected"] = "the cached graph's bytes are not the ones that passed the gate"
+        return None
+    gate = verdict["parity"]
+    if want_speed and gate["passed"] and not verdict.get("speed"):
+        return None  # passed, but never timed
+    details.update(gate["details"])
+    details.update(onnx_cache_hit=True, verdict_cached=True, onnx_tensorrt=verdict.get("onnx_tensorrt", False))
+    return Evaluation(gate["problem"], details, str(cache.path), gate["summary"], timings, verdict.get("speed"))
 
 
 @dataclass
@@ -427,14 +358,14 @@ class Gated:
     sha: str | None = None  # the sha256 of the bytes judged
 
 
-def _gate_cached_or_fresh(net, cache: CachedGraph, cfg, shapes: dict, outputs: list[str], n_random: int,
+def _gate_cached_or_fresh(net, cache: onnx_cache.CachedGraph, cfg, shapes: dict, outputs: list[str], n_random: int,
                           details: dict, timings: dict) -> Gated:
     """Gate the cached graph where there is one; where it fails, or there is none, convert and gate once."""
     gated = Gated(None)
     for attempt in ("cached", "fresh") if cache.graph_sha is not None else ("fresh",):
         t0 = time.perf_counter()
         if attempt == "fresh":
-            problem, final = _convert(net, cache.path, cfg, outputs)
+            problem, final = _convert(net, cache.converting(), cfg, outputs)
             timings["convert_s"] = _since(t0)
             if problem is not None:
                 if final:
@@ -532,6 +463,31 @@ def choose_accelerated(cfg, probed=None) -> BackendChoice:
             raise
         log.exception("the onnxruntime check failed")
         ev = Evaluation(f"the onnxruntime check failed unexpectedly ({type(e).__name__}: {e})")
-    ev.details["backend_decision_s"] = round(time.perf_counter() - t0, 3)
+    return finish(cfg, ev, time.perf_counter() - t0)
+
+
+def finish(cfg, ev: Evaluation, seconds: float) -> BackendChoice:
+    """The choice from what the check found, its timings in the details."""
+    ev.details["backend_decision_s"] = round(seconds, 3)
     ev.details.update({f"backend_{k}": v for k, v in ev.timings.items()})
     return decide(cfg, ev)
+
+
+CHECK_RUNNING = ("auto: serving with pycaffe while the onnxruntime check (conversion, parity gate, timing) "
+                 "runs beside it")
+
+
+def choose_known_or_pending(cfg, probed) -> BackendChoice:
+    """`auto` at load: the cached verdict's choice (local or shared cache), else pycaffe with `pending` set:
+    the caller serves at once and runs the check beside serving (serving/switch.py)."""
+    t0 = time.perf_counter()
+    try:
+        ev = cached_evaluation(cfg, probed)
+    except ModelLoadError:
+        raise
+    except Exception:  # reading the cache must not cost `auto` its model: the check will say more
+        log.exception("reading the onnxruntime verdict failed")
+        ev = None
+    if ev is None:
+        return BackendChoice("pycaffe", CHECK_RUNNING, {"backend_check": "running"}, pending=True)
+    return finish(cfg, ev, time.perf_counter() - t0)

@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
@@ -32,6 +32,9 @@ from .metrics import ServerMetrics
 from .preprocess import ImagePreprocessor
 from .stats import ModelStats, model_config
 from .tracing import RequestTrace, ServerTracing
+
+if TYPE_CHECKING:
+    from .switch import BackendSwitch
 
 log = logging.getLogger(__name__)
 _decoder_pool: ThreadPoolExecutor | None = None
@@ -138,6 +141,12 @@ class Model:
         self.failure: InferenceError | None = None  # why a load failed, with the code a load call answers
         self.inflight = 0  # requests inside infer/run (event loop only): an unload waits for 0
         self.tracing: ServerTracing | None = None  # set when tracing is on (commands/serve.py)
+        # the event loop requests run on (set by the repository before the load): with it, `auto` serves
+        # pycaffe at once and switches once its onnxruntime check beside serving says so (switch.py)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.switch: BackendSwitch | None = None
+        self.backend_since = 0.0  # time.time() when the serving backend began to serve
+        self._desc = None  # the NetDescription of the serving backend
 
     # --- loading (runs in a background thread)
     def load(self) -> None:
@@ -164,7 +173,7 @@ class Model:
         rss0, gpu0 = rss_bytes(), self._gpu_used()
         probed = probe_load(cfg)  # a child process: a Caffe abort (CHECK, FATAL) becomes a ModelLoadError
         self.load_times["load_probe_seconds"] = round(probed.seconds, 3)
-        self.choice = choose_backend(cfg, probed)
+        self.choice = choose_backend(cfg, probed, defer=self.loop is not None)
         log.info("model %s: serving with %s (%s)", self.name, self.choice.name, self.choice.reason)
         self.executor = Executor(cfg, self.choice, on_batch=self._on_batch)
         desc = self.executor.start()
@@ -195,24 +204,51 @@ class Model:
         if self.admit is not None:
             self.admit(self.memory)  # InsufficientMemory: load() frees the Nets and reports it
         self.load_times["load_seconds"] = round(time.perf_counter() - t0, 3)
-        self.metadata = orjson.dumps(self._metadata(desc))
         self.metrics.load_seconds.set(self.load_times["load_seconds"])
-        self.config_json = orjson.dumps(model_config(self))
-        self.answer_headers = {"X-Caffeserve-Backend": self.choice.name}
-        self.metrics.set_backend(self.choice.name, self.choice.reason)
-        self.metrics.set_batching(self.executor.batching, self.executor.max_batch if self.executor.batching else 1,
-                                  self.executor.decision.curve if self.executor.decision else [])
+        self._describe(desc)
         self.metrics.set_memory(self.memory.host_bytes, self.memory.gpu_bytes)
         self.state = "ready"
         self.metrics.ready.set(1)
         log.info("model %s version %s is ready", self.name, self.version)
+        if self.choice.pending:
+            from .switch import BackendSwitch
+
+            self.switch = BackendSwitch(self, probed)
+            self.switch.start()
+
+    def _describe(self, desc) -> None:
+        """Metadata, configuration, answer headers and metrics for the serving backend."""
+        self._desc = desc
+        self.backend_since = time.time()
+        self.metadata = orjson.dumps(self._metadata(desc))
+        self.config_json = orjson.dumps(model_config(self))
+        self.answer_headers = {"X-Caffeserve-Backend": self.choice.name}
+        self.metrics.set_backend(self.choice.name, self.choice.reason, self.backend_since)
+        self.metrics.set_batching(self.executor.batching, self.executor.max_batch if self.executor.batching else 1,
+                                  self.executor.decision.curve if self.executor.decision else [])
+
+    def adopt_backend(self, choice: BackendChoice, executor: Executor | None = None, desc=None) -> Executor | None:
+        """The swap point (on the event loop, so that no request is between reading the executor and queueing
+        on it): `choice` serves from now on, on `executor` where given. Returns the executor it replaced (its
+        queued requests still run there; the caller stops it), None where the model no longer serves."""
+        if self.state != "ready":
+            return None
+        old = self.executor
+        if executor is not None:
+            self.executor = executor
+            self.output_shapes = dict(executor.probe.shapes)
+        self.choice = choice
+        self._describe(desc if desc is not None else self._desc)
+        log.info("model %s: serving with %s (%s)", self.name, choice.name, choice.reason)
+        return old if executor is not None else None
 
     def _gpu_used(self) -> int | None:
         return gpu_used_bytes(self.cfg.device.id) if self.cfg.device.kind == "gpu" else None
 
     def _metadata(self, desc) -> dict:
         ex = self.executor
-        params = {"backend": self.choice.name, "backend_reason": self.choice.reason, **self.choice.details,
+        params = {"backend": self.choice.name, "backend_reason": self.choice.reason,
+                  "backend_since": round(self.backend_since, 3), **self.choice.details,
                   "device": str(self.cfg.device.kind), "instances": self.cfg.instances, "batching": ex.batching,
                   "batch_separable": ex.probe.separable, "batch_separable_reason": ex.probe.reason,
                   "max_request_batch": self.max_batch, **self.load_times, **self.memory.parameters()}
@@ -246,7 +282,10 @@ class Model:
         return self.stats.as_json(self.name, self.version, usage)
 
     def close(self, timeout: float = 30.0) -> bool:
-        """Stop the workers; False when a forward pass was still running after `timeout`."""
+        """Stop the workers (and an `auto` check beside serving); False when a forward pass was still running
+        after `timeout`."""
+        if self.switch is not None:
+            self.switch.cancel()
         return self.executor.stop(timeout) if self.executor is not None else True
 
     # --- serving

@@ -14,7 +14,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
@@ -145,6 +145,16 @@ class MetricFamilies:
             "caffeserve_model_backend_info", "The backend serving the model, and why (value is always 1).",
             ["model", "version", "backend", "reason"], registry=r,
         )
+        self.backend_since = Gauge(
+            "caffeserve_model_backend_since_timestamp_seconds",
+            "Unix time since which the backend in caffeserve_model_backend_info serves the model.",
+            ["model", "version"], registry=r,
+        )
+        self.backend_switches = Counter(
+            "caffeserve_model_backend_switches", "Switches of a served model from one backend to another "
+            "(backend: auto, once its onnxruntime check beside serving found onnxruntime faster).",
+            ["model", "version", "from_backend", "to_backend"], registry=r,
+        )
         self.batching = Gauge(
             "caffeserve_batching_max_batch_size", "Largest stacked batch in use (1: batching off).",
             ["model", "version"], registry=r,
@@ -186,6 +196,7 @@ class ServerMetrics:
         self.backend = f.backend
         self.batching = f.batching.labels(**self.labels)
         self.calibration = f.calibration
+        self._backend: tuple[str, str] | None = None  # the backend_info labels set now
 
     def set_memory(self, host: int, gpu: int | None) -> None:
         self.families.memory.labels(memory="host", **self.labels).set(host)
@@ -206,8 +217,24 @@ class ServerMetrics:
             self.batch_size.observe(size)
             self.compute_seconds.observe(compute_s)
 
-    def set_backend(self, backend: str, reason: str) -> None:
+    def set_backend(self, backend: str, reason: str, since: float | None = None) -> None:
+        """The serving backend and why (the previous series removed: one backend_info series per model);
+        a change of backend counts as a switch."""
+        previous = self._backend
+        if previous == (backend, reason):
+            return
+        if previous is not None:
+            try:
+                self.backend.remove(self.labels["model"], self.labels["version"], *previous)
+            except KeyError:
+                pass
+            if previous[0] != backend:
+                self.families.backend_switches.labels(from_backend=previous[0], to_backend=backend,
+                                                      **self.labels).inc()
+        self._backend = (backend, reason)
         self.backend.labels(backend=backend, reason=reason, **self.labels).set(1)
+        if since is not None:
+            self.families.backend_since.labels(**self.labels).set(since)
 
     def set_batching(self, enabled: bool, max_batch: int, curve: list[dict]) -> None:
         self.batching.set(max_batch if enabled else 1)

@@ -63,6 +63,9 @@ class Repository:
             families.budget.labels(memory="host").set(self.budget.host)
         self._load_lock = threading.Lock()  # one load at a time: each model's RSS growth is its own
         self._busy: set[str] = set()  # names with a load or unload under way (event loop only)
+        # the event loop requests run on (commands/serve.py sets it once listening): a model's `auto` switch
+        # happens there (serving/switch.py)
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     # --- what the repository holds
     def names(self) -> list[str]:
@@ -175,6 +178,7 @@ class Repository:
                 model.state, model.error, model.failure = "failed", e.message, e
                 log.error("model %s was not loaded: %s", model.name, e.message)
                 return
+            model.loop = self.loop
             model.load()
 
     def load_at_start(self, names: list[str]) -> None:
@@ -213,6 +217,7 @@ class Repository:
         """Load (or reload) model `name`; returns once it is ready. A reload serves the old model until the
         new one is ready, then drains it. Raises the load's error (the others keep serving)."""
         self._check_mode("load")
+        self.loop = self.loop or asyncio.get_running_loop()
         cfg = self.read_config(name, override)
         if name in self._busy:
             raise Conflict(f"model '{name}' is already being loaded or unloaded; retry once that has finished")

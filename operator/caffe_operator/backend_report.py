@@ -12,7 +12,8 @@ the pods may disagree; the status says what the asked pod says.
 It does not ask on every reconcile: `needs_probe` (pure) asks again only when there is no answer
 for the current pod template (its config hash) and CR generation, when the answer was given
 during a rollout and the pods have changed since, or, after a failed ask, once the ready pods
-change or RETRY_FAILED_S has passed. A steady model costs nothing.
+change or RETRY_FAILED_S has passed, or, while the pod's `auto` check runs beside serving (it serves
+with pycaffe and may switch to onnxruntime), every RECHECK_CHECKING_S. A steady model costs nothing.
 
 API access: the `list` on discovery.k8s.io endpointslices that pods.py needs.
 """
@@ -34,6 +35,9 @@ from caffe_operator.pods import MAX_MESSAGE_CHARS, Pods, Target, endpoint_target
 
 MAX_METADATA_BYTES = 256 * 1024  # model metadata carries the batching curve; larger than a health answer
 RETRY_FAILED_S = 60.0
+# A pod with `auto` serves with pycaffe while its onnxruntime check runs beside serving (parameters.backend_check
+# "running"); then it may switch. Its answer is asked again this often until the check has ended.
+RECHECK_CHECKING_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class BackendReport:
     name: str
     reason: str
     max_abs_diff: float | None = None
+    checking: bool = False  # `auto`'s onnxruntime check still runs on the pod: the answer may change
 
     def as_status(self) -> dict[str, Any]:
         """`status.backend` (camelCase, as the CRD's schema has it)."""
@@ -84,6 +89,8 @@ def needs_probe(cached: Answer | None, fingerprint: tuple[str | None, int | None
             return "the rollout finished"
         if cached.ready_replicas != ready_replicas:
             return "the ready pods changed during the rollout"
+    if cached.report.checking and now - cached.asked_at >= RECHECK_CHECKING_S:
+        return "the pod's onnxruntime check was still running"
     return None
 
 
@@ -115,7 +122,8 @@ def parse_metadata(status: int, body: bytes) -> BackendReport | str:
     diff = params.get("parity_max_abs_diff")
     if isinstance(diff, bool) or not isinstance(diff, (int, float)) or not math.isfinite(diff):
         diff = None
-    return BackendReport(name[:64], str(reason or "")[:MAX_MESSAGE_CHARS], None if diff is None else float(diff))
+    return BackendReport(name[:64], str(reason or "")[:MAX_MESSAGE_CHARS], None if diff is None else float(diff),
+                         params.get("backend_check") == "running")
 
 
 class BackendProbe:
@@ -128,6 +136,11 @@ class BackendProbe:
 
     def forget(self, key: tuple[str, str]) -> None:
         self.answers.pop(key, None)
+
+    def checking(self, key: tuple[str, str]) -> bool:
+        """Whether the last answer came while `auto`'s check ran (ask again in RECHECK_CHECKING_S)."""
+        answer = self.answers.get(key)
+        return answer is not None and answer.report is not None and answer.report.checking
 
     async def report(self, key: tuple[str, str], service_name: str, port: int, *,
                      fingerprint: tuple[str | None, int | None], settled: bool, ready_replicas: int,

@@ -12,6 +12,9 @@ names; the canary's are `{name}-canary-config` and `{name}-canary`.
   probes on the V2 health endpoints, the Pod Security "restricted" profile, and a config-hash
   annotation on the pod template so that any change to what the pods see rolls them. `replicas`
   as the variant says (none while autoscaled).
+- The shared ONNX cache, when the operator is given a PVC (`CAFFESERVE_MODEL_CACHE_CLAIM`, the chart's
+  `modelCache.claimName`): mounted read-write at /var/cache/caffe-serving and named in the config
+  (`onnxCache.sharedDir`), so that `backend: auto` on a new pod skips the conversion.
 - Service `{name}-predictor`: port `http` 8080 in front of the pods, and `grpc` 8081 (appProtocol
   grpc) unless spec.runtime.grpc.enabled is false; the variant's traffic labels for the gateway.
 - NetworkPolicy `{name}-predictor`, when the operator is given the peers allowed in
@@ -43,7 +46,7 @@ from caffe_operator.variants import (
     predictor_name as predictor_name,
     selector_string as selector_string,
 )
-from inference_server.config import Grpc, ModelServing, ServerConfig
+from inference_server.config import Grpc, ModelServing, OnnxCache, ServerConfig
 from inference_server.slices import (
     GRPC_PORT,
     GRPC_PORT_NAME,
@@ -60,6 +63,11 @@ RUN_AS = 1000  # the uid/gid the server images run as (numeric, for runAsNonRoot
 # room for AlexNet-size weights, their Net and the request buffers. Big nets set their own.
 DEFAULT_MEMORY_LIMIT = "4Gi"
 TMP_SIZE_LIMIT = "1Gi"  # /tmp (an emptyDir): ONNX conversions, Python's scratch files
+# The chart's modelCache.claimName (CAFFESERVE_MODEL_CACHE_CLAIM): a PVC mounted read-write here in every model
+# pod and named as the server config's onnxCache.sharedDir, so that a new pod (a new node, a scale-up) finds
+# the converted graph and its verdict instead of converting again (inference_server/loading/onnx_cache.py)
+MODEL_CACHE_DIR = "/var/cache/caffe-serving"
+MODEL_CACHE_VOLUME = "model-cache"
 S3_CREDENTIALS_DIR = "/var/run/secrets/caffeserve/s3"  # source.s3.secretRef's keys as files (fetch containers only)
 MODELS_SIZE_LIMIT = "20Gi"  # /models for downloaded files (source.url, source.s3); fetch caps a file at 8 GiB
 
@@ -170,10 +178,14 @@ def with_tracing_default(spec: CaffeModelServiceSpec, endpoint: str | None) -> C
     return spec.model_copy(update={"runtime": runtime})
 
 
-def server_config_yaml(name: str, spec: CaffeModelServiceSpec) -> str:
+def server_config_yaml(name: str, spec: CaffeModelServiceSpec, model_cache: str | None = None) -> str:
     """The config as YAML, defaults left out: the server image applies its own, so an operator
-    and a server of neighbouring versions still agree on the file."""
-    data = server_config(name, spec).model_dump(by_alias=True, exclude_none=True, exclude_defaults=True, mode="json")
+    and a server of neighbouring versions still agree on the file. `model_cache` (a PVC's name): the
+    shared ONNX cache is where the pods mount it."""
+    cfg = server_config(name, spec)
+    if model_cache:
+        cfg.onnx_cache = OnnxCache(shared_dir=MODEL_CACHE_DIR)
+    data = cfg.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True, mode="json")
     head: dict[str, Any] = {k: data.pop(k) for k in ("name", "version", "model") if k in data}
     return yaml.safe_dump({**head, **data}, sort_keys=False)
 
@@ -185,12 +197,12 @@ def _metadata(name: str, namespace: str, v: Variant) -> dict[str, Any]:
     return {"name": name, "namespace": namespace, "labels": v.labels}
 
 
-def config_map(v: Variant, namespace: str) -> dict[str, Any]:
+def config_map(v: Variant, namespace: str, model_cache: str | None = None) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(v.config_name, namespace, v),
-        "data": {CONFIG_KEY: server_config_yaml(v.model, v.spec)},
+        "data": {CONFIG_KEY: server_config_yaml(v.model, v.spec, model_cache)},
     }
 
 
@@ -318,11 +330,18 @@ def _tolerations(spec: CaffeModelServiceSpec) -> list[dict[str, Any]]:
     return tolerations
 
 
-def pod_template(v: Variant, image: str) -> dict[str, Any]:
-    """The pod template without its config-hash annotation."""
+def pod_template(v: Variant, image: str, model_cache: str | None = None) -> dict[str, Any]:
+    """The pod template without its config-hash annotation; `model_cache`: the shared ONNX cache's PVC."""
     spec = v.spec
     rt = spec.runtime
     startup_period = 5
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        _model_mount(spec),
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if model_cache:
+        mounts.append({"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_DIR})
     server = {
         "name": "server",
         "image": image,
@@ -333,11 +352,7 @@ def pod_template(v: Variant, image: str) -> dict[str, Any]:
         "env": [{"name": "HOME", "value": "/tmp"}],
         "resources": _server_resources(spec),
         "securityContext": _container_security(),
-        "volumeMounts": [
-            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-            _model_mount(spec),
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
+        "volumeMounts": mounts,
         # Startup waits for readiness (the model loaded): liveness never races a slow load, and a
         # model that never loads is restarted once the budget is spent, visibly (restarts, events).
         "startupProbe": _probe(
@@ -367,6 +382,8 @@ def pod_template(v: Variant, image: str) -> dict[str, Any]:
             {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}},
         ],
     }
+    if model_cache:
+        pod["volumes"].append({"name": MODEL_CACHE_VOLUME, "persistentVolumeClaim": {"claimName": model_cache}})
     if init := _fetch_containers(spec, image):
         pod["initContainers"] = init
     if spec.source.s3 is not None and spec.source.s3.secret_ref is not None:
@@ -404,8 +421,9 @@ def config_hash(config: dict[str, Any], template: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def deployment(v: Variant, namespace: str, image: str, config: dict[str, Any]) -> dict[str, Any]:
-    template = pod_template(v, image)
+def deployment(v: Variant, namespace: str, image: str, config: dict[str, Any],
+               model_cache: str | None = None) -> dict[str, Any]:
+    template = pod_template(v, image, model_cache)
     template["metadata"]["annotations"][CONFIG_HASH_ANNOTATION] = config_hash(config, template)
     spec: dict[str, Any] = {} if v.replicas is None else {"replicas": v.replicas}
     spec.update({
@@ -460,13 +478,14 @@ def server_image(spec: CaffeModelServiceSpec, default_image: str = DEFAULT_SERVE
 
 
 def children(v: Variant, namespace: str, default_image: str = DEFAULT_SERVER_IMAGE,
-             network_peers: list[dict[str, Any]] | None = None) -> Children:
+             network_peers: list[dict[str, Any]] | None = None, model_cache: str | None = None) -> Children:
     """Every child of one variant (without owner references: the operator adds them); a
-    NetworkPolicy when `network_peers` is given (None: no policy)."""
-    cm = config_map(v, namespace)
+    NetworkPolicy when `network_peers` is given (None: no policy); the shared ONNX cache's PVC
+    mounted where `model_cache` names one."""
+    cm = config_map(v, namespace, model_cache)
     return Children(
         config_map=cm,
-        deployment=deployment(v, namespace, server_image(v.spec, default_image), cm),
+        deployment=deployment(v, namespace, server_image(v.spec, default_image), cm, model_cache),
         service=service(v, namespace),
         network_policy=network_policy(v, namespace, network_peers) if network_peers is not None else None,
     )

@@ -60,7 +60,7 @@ import kopf
 
 from caffe_operator import manifests, pool_manifests, traffic, variants
 from caffe_operator.api import API_VERSION, KIND, CaffeModelServiceSpec, InvalidSpec, parse_spec
-from caffe_operator.backend_report import BackendProbe, BackendReport
+from caffe_operator.backend_report import RECHECK_CHECKING_S, BackendProbe, BackendReport
 from caffe_operator.events import EventPoster
 from caffe_operator.fetch_errors import (
     MODEL_FETCH_FAILED,
@@ -103,6 +103,7 @@ class OperatorConfig:
     gateway_metrics_url: str | None = None  # where KEDA reads the load signal (in-cluster gateway URL)
     prometheus_url: str | None = None  # with it, KEDA sums the signal over gateway replicas (traffic.py)
     otlp_endpoint: str | None = None  # model pods' traces, where a CR sets no spec.runtime.tracing.endpoint
+    model_cache_claim: str | None = None  # a PVC mounted into model pods as the shared ONNX cache (manifests.py)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -116,6 +117,7 @@ class OperatorConfig:
             gateway_metrics_url=env.get("CAFFESERVE_GATEWAY_METRICS_URL") or env.get("CAFFESERVE_GATEWAY_URL") or None,
             prometheus_url=env.get("CAFFESERVE_PROMETHEUS_URL") or None,
             otlp_endpoint=env.get("CAFFESERVE_OTLP_ENDPOINT") or None,
+            model_cache_claim=env.get("CAFFESERVE_MODEL_CACHE_CLAIM") or None,
         )
 
 
@@ -324,6 +326,9 @@ class Reconciler:
             outcome = await self._reconcile(cr, logger)
             if outcome.ready is not None:
                 self._follow_up(key, outcome.ready, logger)
+            if key not in self._rechecks and self.backends.checking(key):  # it may switch backend: ask again
+                self._rechecks[key] = asyncio.get_running_loop().create_task(
+                    self._recheck_later(key, RECHECK_CHECKING_S, logger))
             return outcome
 
     def _follow_up(self, key: tuple[str, str], ready: Readiness, logger: Any) -> None:
@@ -386,7 +391,8 @@ class Reconciler:
         applied: dict[str, dict[str, dict[str, Any]]] = {}  # variant → kind → the object as applied
         for v in wanted:
             objs = ([pool_manifests.model_service(v, namespace, v.spec.pool)] if v.spec.pool is not None else
-                    manifests.children(v, namespace, self.config.server_image, peers).all())
+                    manifests.children(v, namespace, self.config.server_image, peers,
+                                       self.config.model_cache_claim).all())
             applied[v.name] = await self._apply_all(cr, previous, generation, objs, outcome, logger)
             await self._drop_stale_labels(applied[v.name]["Service"], v.traffic_labels)
         old_pool = (previous.get("placement") or {}).get("pool")

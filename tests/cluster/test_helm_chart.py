@@ -281,6 +281,19 @@ def test_tracing_endpoint_reaches_the_gateway_and_the_model_pods_default():
     assert "--otlp-endpoint" not in c["args"] and "CAFFESERVE_OTLP_ENDPOINT" not in {e["name"] for e in op["env"]}
 
 
+def test_model_cache_claim_reaches_the_operator_and_a_bad_name_is_refused():
+    from caffe_operator.reconcile import OperatorConfig
+
+    _, stored = install({"modelCache": {"claimName": "onnx-cache"}})
+    (op,) = one(stored, "Deployment", f"{PREFIX}-operator")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in op["env"] if "value" in e}
+    assert env["CAFFESERVE_MODEL_CACHE_CLAIM"] == "onnx-cache"
+    assert OperatorConfig.from_env(env).model_cache_claim == "onnx-cache"  # what the operator mounts
+    _, stored = install({})  # off by default
+    (op,) = one(stored, "Deployment", f"{PREFIX}-operator")["spec"]["template"]["spec"]["containers"]
+    assert "CAFFESERVE_MODEL_CACHE_CLAIM" not in {e["name"] for e in op["env"]}
+
+
 def test_gateway_can_be_left_out():
     _, stored = install({"gateway": {"enabled": False}})
     assert not [o for o in stored if "gateway" in o["metadata"]["name"]]

@@ -183,6 +183,23 @@ def test_names_and_labels_are_the_contract():
     ]
 
 
+def test_a_model_cache_claim_is_mounted_read_write_as_the_servers_shared_onnx_cache():
+    kids = manifests.children(variants.Variant("digits", spec()), "ml", "registry.example/caffe:1", None, "onnx-cache")
+    assert {"name": "model-cache", "persistentVolumeClaim": {"claimName": "onnx-cache"}} in pod(kids)["volumes"]
+    mount = next(m for m in server(kids)["volumeMounts"] if m["name"] == "model-cache")
+    assert mount == {"name": "model-cache", "mountPath": "/var/cache/caffe-serving"}  # writable: pods publish there
+    cfg = parse_config(yaml.safe_load(kids.config_map["data"]["config.yaml"]), environ={})
+    assert cfg.onnx_cache.shared_dir == "/var/cache/caffe-serving"
+    for obj in kids.all():
+        kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
+    plain = build()  # no claim: no volume, no shared cache in the config (each pod converts on its own)
+    assert "model-cache" not in {v["name"] for v in pod(plain)["volumes"]}
+    assert "onnxCache" not in plain.config_map["data"]["config.yaml"]
+    hashes = {k.deployment["spec"]["template"]["metadata"]["annotations"][manifests.CONFIG_HASH_ANNOTATION]
+              for k in (kids, plain)}
+    assert len(hashes) == 2  # turning the cache on or off rolls the pods
+
+
 def test_the_server_config_is_what_caffeserve_serve_accepts():
     s = spec(runtime={"device": "gpu", "instances": 3, "batching": {"enabled": "auto", "maxBatchSize": 32},
                       "backend": "auto", "parityTolerance": 1e-4, "limits": {"maxBatch": 4}},

@@ -70,6 +70,18 @@ def test_an_answer_from_a_rollout_is_checked_once_the_pods_change():
     assert needs_probe(during, FP, settled=True, ready_replicas=2, now=101) == "the rollout finished"
 
 
+def test_an_answer_given_while_autos_check_runs_is_asked_again_until_it_has_ended():
+    checking = answer(BackendReport("pycaffe", "auto: serving with pycaffe while the onnxruntime check ...",
+                                    checking=True))
+    assert needs_probe(checking, FP, settled=True, ready_replicas=2, now=105) is None
+    assert needs_probe(checking, FP, settled=True, ready_replicas=2, now=115) == \
+        "the pod's onnxruntime check was still running"
+    assert parse_metadata(200, b'{"parameters": {"backend": "pycaffe", "backend_reason": "auto: ... beside it", '
+                               b'"backend_check": "running"}}').checking is True
+    assert parse_metadata(200, b'{"parameters": {"backend": "onnxruntime", "backend_reason": "auto: onnxruntime", '
+                               b'"backend_check": "done"}}').checking is False
+
+
 def test_a_failed_ask_is_retried_later_or_when_the_ready_pods_change():
     failed = answer(report=None, error="TimeoutError")
     assert needs_probe(failed, FP, settled=True, ready_replicas=2, now=130, retry_s=60) is None

@@ -14,7 +14,7 @@ import pytest
 
 from caffe_testing import fork_nets
 from caffe_testing.nets import forward, save_net
-from caffe_testing.servers import ServerProcess, http_json
+from caffe_testing.servers import ServerProcess, http_json, settled_backend
 
 TOL = 1e-5
 
@@ -36,7 +36,7 @@ def infer(url: str, model: str, x: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def backend_of(url: str, model: str) -> tuple[str, str]:
-    params = http_json("GET", f"{url}/v2/models/{model}")[1]["parameters"]
+    params = settled_backend(url, model)  # with auto: once the onnxruntime check beside serving has ended
     return params["backend"], params["backend_reason"]
 
 

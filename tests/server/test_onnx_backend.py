@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from caffe_testing.digits import DIGITS_DIR, digits_data
 from caffe_testing.nets import every_layer_net, forward, save_net
-from caffe_testing.servers import ServerProcess, http, http_json
+from caffe_testing.servers import ServerProcess, http, http_json, settled_backend
 from inference_server.backends import choose_backend, create_backend
 from inference_server.backends.onnxruntime import make_session
 from inference_server.backends.pycaffe import PycaffeBackend
@@ -30,7 +30,8 @@ from inference_server.config import parse_config
 from inference_server.errors import ModelLoadError
 from inference_server.loading import parity
 from inference_server.loading.convert import convert_net, load_net, model_info
-from inference_server.loading.selection import _parity_session_model, cache_dir
+from inference_server.loading.onnx_cache import cache_dir
+from inference_server.loading.selection import _parity_session_model
 
 TOL = 1e-5
 
@@ -126,7 +127,7 @@ def test_auto_serves_a_net_with_an_unsupported_layer_with_pycaffe_and_says_why(t
     proto, weights = save_net(unsupported_net(), tmp_path, "stoch")
     env = {"CAFFESERVE_CACHE_DIR": str(onnx_cache)}
     with ServerProcess(server_config("stoch", proto, weights, "auto"), tmp_path, env=env) as server:
-        params = http_json("GET", server.url + "/v2/models/stoch")[1]["parameters"]
+        params = settled_backend(server.url, "stoch")  # the check beside serving says why pycaffe stays
         assert params["backend"] == "pycaffe"
         assert params["backend_reason"].startswith(f"auto: serving with pycaffe because {UNSUPPORTED}")
         x = np.random.default_rng(0).normal(0, 1, (1, 3, 8, 8)).astype(np.float32)

@@ -23,7 +23,7 @@ import inference_server.loading.parity as parity
 import inference_server.loading.selection as selection
 from caffe_testing.digits import DIGITS_DIR
 from caffe_testing.nets import save_net
-from caffe_testing.servers import ServerProcess, http, http_json
+from caffe_testing.servers import ServerProcess, http, settled_backend
 from inference_server.backends import choose_backend
 from inference_server.config import parse_config
 from inference_server.loading.child_load import probe_load
@@ -200,7 +200,7 @@ def test_digits_is_served_by_pycaffe_under_auto_with_both_figures_and_its_load_t
     env = {"CAFFESERVE_CACHE_DIR": str(onnx_cache)}
     for restart in (False, True):
         with ServerProcess(write_digits_config(tmp_path, "auto"), env=env) as server:
-            params = http_json("GET", server.url + "/v2/models/digits")[1]["parameters"]
+            params = settled_backend(server.url, "digits")  # first start: once the check beside serving ends
             assert params["backend"] == "pycaffe", params["backend_reason"]
             assert params["backend_reason"].startswith("auto: serving with pycaffe because onnxruntime is not "
                                                        "faster here: forward "), params["backend_reason"]

@@ -25,7 +25,7 @@ import pytest
 import caffe_testing.seg_det_nets as nets
 from caffe_testing.grpc import OIPClient, grpc_server, infer_request, output
 from caffe_testing.nets import forward
-from caffe_testing.servers import ServerProcess, http_json
+from caffe_testing.servers import ServerProcess, http_json, settled_backend
 
 CLIENTS = Path(__file__).resolve().parent / "seg_det_clients"
 TOL = 1e-5
@@ -82,7 +82,7 @@ def infer(url: str, model: str, feed: dict[str, np.ndarray], outputs: list[str] 
 
 
 def backend_of(url: str, model: str) -> tuple[str, str]:
-    params = http_json("GET", f"{url}/v2/models/{model}")[1]["parameters"]
+    params = settled_backend(url, model)  # with auto: once the onnxruntime check beside serving has ended
     return params["backend"], params["backend_reason"]
 
 
