@@ -51,6 +51,7 @@ from inference_server.grpc.transport import (
     WINDOW_UPDATE,
     data_frames,
     frame,
+    metadata_pairs,
 )
 
 from .forward import Unreachable
@@ -362,19 +363,6 @@ def _timeout(seconds: float) -> bytes:
     return b"%dm" % ms if ms < 100_000_000 else b"%dS" % (ms // 1000)
 
 
-def _metadata(fields) -> tuple[tuple[str, str | bytes], ...]:
-    out: list[tuple[str, str | bytes]] = []
-    for name, value in fields:
-        if name[:1] == b":" or name in _SKIP_REPLY:
-            continue
-        key = name.decode("latin-1")
-        if key.endswith("-bin"):
-            out.append((key, base64.b64decode(value + b"=" * (-len(value) % 4))))
-        else:
-            out.append((key, value.decode("latin-1")))
-    return tuple(out)
-
-
 def _unpercent(value: bytes) -> str:
     if b"%" not in value:
         return value.decode("utf-8", "replace")
@@ -408,8 +396,8 @@ def _answer(c: _Call) -> tuple:
             grpc_status = value
         elif name == b"grpc-message":
             message = value
-    initial = _metadata(headers) if c.trailers is not None else ()
-    trailing = _metadata(trailers)
+    initial = metadata_pairs(headers, _SKIP_REPLY) if c.trailers is not None else ()
+    trailing = metadata_pairs(trailers, _SKIP_REPLY)
     if status != b"200":
         http = int(status) if status and status.isdigit() else 0
         return (_HTTP_CODES.get(http, grpc.StatusCode.UNKNOWN), f"Received http2 header with status: {http}",

@@ -90,6 +90,24 @@ def _percent(message: str) -> bytes:
     return bytes(out)
 
 
+_REQUEST_NOT_METADATA = frozenset({b"content-type", b"te", b"grpc-timeout", b"grpc-encoding"})
+
+
+def metadata_pairs(fields, skip: frozenset[bytes]) -> tuple[tuple[str, str | bytes], ...]:
+    """A header block's custom metadata as grpc gives it: pseudo-headers and `skip` left out, `-bin`
+    values base64-decoded (padding restored), the others as text."""
+    out: list[tuple[str, str | bytes]] = []
+    for name, value in fields:
+        if name[:1] == b":" or name in skip:
+            continue
+        key = name.decode("latin-1")
+        if key.endswith("-bin"):
+            out.append((key, base64.b64decode(value + b"=" * (-len(value) % 4))))
+        else:
+            out.append((key, value.decode("latin-1")))
+    return tuple(out)
+
+
 def metadata_block(metadata) -> bytes:
     """gRPC metadata ((key, str or bytes) pairs) as literal header fields; `-bin` values in unpadded base64."""
     block = b""
@@ -139,16 +157,7 @@ class CallContext:
     def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         if self._metadata is not None:
             return self._metadata
-        out: list[tuple[str, str | bytes]] = []
-        for name, value in self._headers:
-            if name[:1] == b":" or name in (b"content-type", b"te", b"grpc-timeout", b"grpc-encoding"):
-                continue
-            key = name.decode("latin-1")
-            if key.endswith("-bin"):
-                out.append((key, base64.b64decode(value + b"=" * (-len(value) % 4))))
-            else:
-                out.append((key, value.decode("latin-1")))
-        self._metadata = tuple(out)
+        self._metadata = metadata_pairs(self._headers, _REQUEST_NOT_METADATA)
         return self._metadata
 
     def peer(self) -> str:
