@@ -235,16 +235,22 @@ class GRPCTransport:
     needs_grpc = True
     cancelled_code = "CANCELLED"
 
+    upstream_class: type = Upstream  # what _upstream makes for an endpoint
+
     def __init__(self, connect_timeout_s: float, request_timeout_s: float):
         self.connect_timeout_s = connect_timeout_s
         self.request_timeout_s = request_timeout_s
 
+    def _upstream(self, ep: Endpoint) -> Any:
+        """The endpoint's connection for this transport's calls, made on its first call."""
+        if ep.grpc is None:
+            assert ep.grpc_port is not None  # the forwarder sends gRPC only to endpoints with a gRPC port
+            ep.grpc = self.upstream_class(ep.pool.host, ep.grpc_port)
+        return ep.grpc
+
     async def send(self, route: ModelRoute, ep: Endpoint, request: tuple, deadline: float) -> Answer:
         method, data, metadata = request
-        upstream = ep.grpc
-        if upstream is None:
-            assert ep.grpc_port is not None  # the forwarder sends gRPC only to endpoints with a gRPC port
-            upstream = ep.grpc = Upstream(ep.pool.host, ep.grpc_port)
+        upstream = self._upstream(ep)
         assert isinstance(upstream, Upstream)
         loop = asyncio.get_running_loop()
         if not await upstream.connected(min(self.connect_timeout_s, deadline - loop.time())):
@@ -310,12 +316,11 @@ class GRPCTransport:
 class H2Transport(GRPCTransport):
     """GRPCTransport over HTTP/2 framing of our own (grpc_upstream.py) instead of a grpc.aio channel."""
 
+    upstream_class = H2Upstream
+
     async def send(self, route: ModelRoute, ep: Endpoint, request: tuple, deadline: float) -> Answer:
         method, data, metadata = request
-        upstream = ep.grpc
-        if upstream is None:
-            assert ep.grpc_port is not None  # the forwarder sends gRPC only to endpoints with a gRPC port
-            upstream = ep.grpc = H2Upstream(ep.pool.host, ep.grpc_port)
+        upstream = self._upstream(ep)
         try:
             assert isinstance(upstream, H2Upstream)
             answer = await upstream.call(method, data, metadata, deadline, self.connect_timeout_s)
