@@ -779,21 +779,48 @@ def chart_rbac_objects(k: Kube) -> list[dict[str, Any]]:
     return out
 
 
+WRITES = ("create", "update", "patch", "delete")
+
+
+def writes_to_the_model(events: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
+    """The writes among `events` to the model's objects: the CR, its children and their pods,
+    ReplicaSets and EndpointSlices (all named after the model)."""
+    return [e for e in events if e["verb"] in WRITES
+            and ((e.get("objectRef") or {}).get("name") or "").startswith(model)]
+
+
 def test_9_a_settled_model_costs_the_operator_no_writes(digits):
     """No hot loop: with nothing changing, the operator writes nothing (a child whose stored form
-    differs from the desired one only by the API server's defaults would be patched again and again)."""
+    differs from the desired one only by the API server's defaults would be patched again and again).
+
+    "Nothing changing" is checked, not assumed: on a loaded machine a readiness probe can time out
+    and a pod's readiness flap, and the operator rightly writes the new readyReplicas. So a window
+    counts only when nobody else wrote to the model's objects in it or in the 5 s before it; the
+    test takes the first such window of up to four."""
     k = digits
     user = f"system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNTS['operator']}"
     k.cp.wait_for(lambda: condition(k.cp.get_object(CMS, MODEL_NS, MODEL)).get("status") == "True", timeout=60,
                   what=f"{MODEL} Ready")
     time.sleep(5)  # the last status write of the rollout settles
-    before = len(k.cp.audit_events(user))
-    time.sleep(8)
-    # the leader's renewals of its Lease are the election's heartbeat (every 2 s), not reconciling
-    writes = [f"{e['verb']} {e['requestURI']}" for e in k.cp.audit_events(user)[before:]
-              if e["verb"] in ("create", "update", "patch", "delete")
-              and (e.get("objectRef") or {}).get("resource") != "leases"]
-    assert not writes, writes
+    busy = []
+    for _ in range(4):
+        lead_in = len(k.cp.audit_events())
+        time.sleep(5)
+        start = len(k.cp.audit_events())
+        time.sleep(8)
+        events = k.cp.audit_events()
+        others = [f"{e['user'].get('username')}: {e['verb']} {e['requestURI']}"
+                  for e in writes_to_the_model(events[lead_in:], MODEL) if e["user"].get("username") != user]
+        if others:
+            busy.append(others)
+            continue
+        # the leader's renewals of its Lease are the election's heartbeat (every 2 s), not reconciling
+        writes = [f"{e['verb']} {e['requestURI']}" for e in events[start:]
+                  if e["user"].get("username") == user and e["verb"] in WRITES
+                  and (e.get("objectRef") or {}).get("resource") != "leases"]
+        assert not writes, (writes, k.cp.get_object(CMS, MODEL_NS, MODEL).get("status"))
+        return
+    pytest.fail(f"no quiet 13 s window in four: others kept writing to {MODEL}'s objects: {busy}")
 
 
 @pytest.mark.parametrize("component", ["operator", "gateway"])
