@@ -5,6 +5,10 @@
   operator loads each model through the repository API. The GPU resource comes from spec.gpu
   (pool_api.PoolGpu: whole, time-sliced, MIG or HAMi); the model claims are mounted at
   spec.modelMountPath/CLAIM (/models/CLAIM by default).
+- The shared ONNX cache, when the operator is given a PVC (the chart's `modelCache.claimName`): mounted
+  read-write in every pool pod as in a model's own (manifests.py), and named in each model's load config,
+  so that a pool pod on a node with an empty local cache loads `auto`'s converted graph and verdict
+  instead of converting again.
 - NetworkPolicy `{pool}-pool` when the operator is given peers (the chart's networkPolicy.enabled), as
   for a model's own pods: ingress to the pool's pods on http and grpc from those peers only.
 - A pool model `m` keeps its Service `m-predictor` (labels, traffic labels, ports as before), whose
@@ -29,7 +33,7 @@ from caffe_operator import manifests
 from caffe_operator.api import CaffeModelServiceSpec
 from caffe_operator.pool_api import CaffeServingPoolSpec
 from caffe_operator.variants import MANAGED_BY, Variant
-from inference_server.config import DeviceKind
+from inference_server.config import DeviceKind, OnnxCache
 from inference_server.slices import GRPC_PORT, GRPC_PORT_NAME, PORT, PORT_NAME
 
 POOL_LABEL = "caffeserving.io/pool"
@@ -84,12 +88,16 @@ def model_dir(spec: CaffeModelServiceSpec, mount_path: str = POOL_MODEL_DIR) -> 
     return posixpath.join(mount_path, pvc.claim_name, pvc.path.strip("/")).rstrip("/")
 
 
-def load_config(name: str, spec: CaffeModelServiceSpec, device: str, mount_path: str = POOL_MODEL_DIR) -> str:
+def load_config(name: str, spec: CaffeModelServiceSpec, device: str, mount_path: str = POOL_MODEL_DIR,
+                model_cache: str | None = None) -> str:
     """The model's server config as the repository load's `parameters.config` (a JSON string): the
     same config its own pods would run (manifests.server_config), files under the pool's mount, on the
-    pool's device (`gpu` or `cpu`: the pool decides, whatever the model's runtime.device says)."""
+    pool's device (`gpu` or `cpu`: the pool decides, whatever the model's runtime.device says), with
+    the shared ONNX cache where the pool's pods mount one (`model_cache`, a PVC's name)."""
     cfg = manifests.server_config(name, spec, model_dir(spec, mount_path))
     cfg.device.kind = DeviceKind(device)
+    if model_cache:
+        cfg.onnx_cache = OnnxCache(shared_dir=manifests.MODEL_CACHE_DIR)
     return json.dumps(cfg.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True, mode="json"),
                       sort_keys=True)
 
@@ -148,9 +156,11 @@ def _tolerations(spec: CaffeServingPoolSpec) -> list[dict[str, Any]] | None:
 
 
 def pool_deployment(pool: str, namespace: str, spec: CaffeServingPoolSpec,
-                    default_image: str = manifests.DEFAULT_SERVER_IMAGE) -> dict[str, Any]:
+                    default_image: str = manifests.DEFAULT_SERVER_IMAGE,
+                    model_cache: str | None = None) -> dict[str, Any]:
     """The pool's Deployment: `replicas` empty many-model servers, ready before any model is loaded
-    (the repository server is ready when it serves; each model's readiness is its own)."""
+    (the repository server is ready when it serves; each model's readiness is its own). `model_cache`:
+    the shared ONNX cache's PVC, mounted read-write."""
     labels = pool_labels(pool)
     startup_period = 5
     server: dict[str, Any] = {
@@ -167,7 +177,8 @@ def pool_deployment(pool: str, namespace: str, spec: CaffeServingPoolSpec,
         "volumeMounts": [{"name": "repository", "mountPath": REPOSITORY_DIR},
                          {"name": "tmp", "mountPath": "/tmp"}]
         + [{"name": f"claim-{i}", "mountPath": f"{spec.model_mount_path}/{c}", "readOnly": True}
-           for i, c in enumerate(spec.model_claims)],
+           for i, c in enumerate(spec.model_claims)]
+        + ([{"name": manifests.MODEL_CACHE_VOLUME, "mountPath": manifests.MODEL_CACHE_DIR}] if model_cache else []),
         "startupProbe": {"httpGet": {"path": "/v2/health/live", "port": PORT_NAME}, "periodSeconds": startup_period,
                          "timeoutSeconds": 2,
                          "failureThreshold": math.ceil(spec.startup_timeout_seconds / startup_period)},
@@ -188,7 +199,9 @@ def pool_deployment(pool: str, namespace: str, spec: CaffeServingPoolSpec,
         "volumes": [{"name": "repository", "emptyDir": {"sizeLimit": "1Gi"}},
                     {"name": "tmp", "emptyDir": {"sizeLimit": manifests.TMP_SIZE_LIMIT}}]
         + [{"name": f"claim-{i}", "persistentVolumeClaim": {"claimName": c, "readOnly": True}}
-           for i, c in enumerate(spec.model_claims)],
+           for i, c in enumerate(spec.model_claims)]
+        + ([{"name": manifests.MODEL_CACHE_VOLUME, "persistentVolumeClaim": {"claimName": model_cache}}]
+           if model_cache else []),
     }
     optional = {
         "nodeSelector": spec.node_selector,

@@ -98,8 +98,9 @@ class PoolReconciler:
     def __init__(self, client: KubeClient, apply: Apply, post_event: PostEvent, server_image: str,
                  gateway_url: str | None = None, gateway_grpc_address: str | None = None,
                  repository: RepositoryClient | None = None, network_peers: Sequence[dict[str, Any]] | None = None,
-                 delete_owned: DeleteOwned | None = None) -> None:
+                 delete_owned: DeleteOwned | None = None, model_cache_claim: str | None = None) -> None:
         self.client = client
+        self.model_cache_claim = model_cache_claim  # the shared ONNX cache's PVC (pool_manifests.py), if any
         self.apply = apply
         self.post_event = post_event
         self.network_peers = network_peers  # None: the operator makes no NetworkPolicies
@@ -152,7 +153,8 @@ class PoolReconciler:
                 await self._write_model(m, pool, [], Readiness("False", "PoolInvalid", f"pool {pool}: {e}"))
             raise kopf.PermanentError(f"InvalidSpec: {e}") from None
         await self._network_policy(cr, namespace, pool, logger)
-        deployment = pool_manifests.pool_deployment(pool, namespace, spec, self.server_image)
+        deployment = pool_manifests.pool_deployment(pool, namespace, spec, self.server_image,
+                                                    self.model_cache_claim)
         kopf.append_owner_reference(deployment, owner=cr)  # type: ignore[arg-type]
         deployment, _ = await self.apply(deployment)
         pods = await self.client.list("Pod", namespace, pool_manifests.pool_selector_string(pool))
@@ -203,7 +205,8 @@ class PoolReconciler:
                 continue
             placement = (cr.get("status") or {}).get("placement") or {}
             measured = bool(placement.get("measured")) and placement.get("pool") == pool
-            out.append(PoolModel(cr, spec, pool_manifests.load_config(cr["metadata"]["name"], spec, device, mount_path),
+            out.append(PoolModel(cr, spec, pool_manifests.load_config(cr["metadata"]["name"], spec, device, mount_path,
+                                                                 self.model_cache_claim),
                                  int(placement.get("memoryBytes") or 0) if measured else 0, measured))
         return out
 

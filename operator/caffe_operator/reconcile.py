@@ -300,7 +300,7 @@ class Reconciler:
         self._swept: defaultdict[tuple[str, str], set[tuple[str, str]]] = defaultdict(set)
         self.pools = PoolReconciler(client, self._apply, self.post_event, config.server_image, config.gateway_url,
                                     config.gateway_grpc_address, network_peers=config.network_peers,
-                                    delete_owned=self._delete_owned)
+                                    delete_owned=self._delete_owned, model_cache_claim=config.model_cache_claim)
 
     async def close(self) -> None:
         await self.pools.close()

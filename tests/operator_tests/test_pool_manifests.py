@@ -11,6 +11,7 @@ import pytest
 from caffe_operator import api, pool_manifests, variants
 from caffe_operator.api import InvalidSpec
 from caffe_operator.pool_api import parse_pool_spec
+from inference_server.config import parse_config
 
 
 def pool(**changes: Any):
@@ -107,6 +108,22 @@ def test_the_load_config_is_the_models_server_config_under_the_pool_mount():
     assert cfg["name"] == "digits" and "device" not in cfg
     assert cfg["model"]["prototxt"] == "/models/models/zoo/digits/deploy.prototxt"
     assert cfg["model"]["weights"] == "/models/models/zoo/digits/digits.caffemodel"
+
+
+def test_a_model_cache_claim_is_every_pool_pods_shared_onnx_cache_and_named_in_each_load_config():
+    """A pool pod on a node with an empty local cache finds `auto`'s converted graph and verdict there."""
+    dep = pool_manifests.pool_deployment("small", "ml", pool(device="cpu"), "registry.example/caffe:1", "onnx-cache")
+    assert {"name": "model-cache", "persistentVolumeClaim": {"claimName": "onnx-cache"}} in \
+        dep["spec"]["template"]["spec"]["volumes"]
+    mount = next(m for m in server(dep)["volumeMounts"] if m["name"] == "model-cache")
+    assert mount == {"name": "model-cache", "mountPath": "/var/cache/caffe-serving"}  # writable: pods publish there
+    kubernetes_validate.validate(dep, kubernetes_validate.latest_version(), strict=True)
+    cfg = parse_config(json.loads(pool_manifests.load_config("digits", model_spec(runtime={"backend": "auto"}), "cpu",
+                                                             model_cache="onnx-cache")), environ={})
+    assert cfg.onnx_cache.shared_dir == "/var/cache/caffe-serving"
+    plain = pool_manifests.pool_deployment("small", "ml", pool(device="cpu"), "registry.example/caffe:1")
+    assert "model-cache" not in {v["name"] for v in plain["spec"]["template"]["spec"]["volumes"]}
+    assert "onnxCache" not in json.loads(pool_manifests.load_config("digits", model_spec(), "cpu"))
 
 
 @pytest.mark.parametrize("changes,message", [
