@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -138,6 +139,9 @@ class Model:
         self.memory = ModelMemory()
         # called with the measured memory before the model turns ready; raises to refuse it (the budget)
         self.admit: Callable[[ModelMemory], None] | None = None
+        # held while this model's memory is measured (the repository's load lock: one load at a time), so
+        # that `auto`'s switch (switch.py) and another model's load do not count each other's growth
+        self.memory_lock: threading.Lock | None = None
         self.failure: InferenceError | None = None  # why a load failed, with the code a load call answers
         self.inflight = 0  # requests inside infer/run (event loop only): an unload waits for 0
         self.tracing: ServerTracing | None = None  # set when tracing is on (commands/serve.py)

@@ -133,7 +133,7 @@ class ModelMemory:
 class MemoryBudget:
     """The bytes models may hold in this server, host and GPU; None: no limit of that kind.
 
-    `host` comes from `--memory-bytes` (or the config's `limits.memoryBytes`); `gpu` from `--gpu-memory-bytes`,
+    `host` comes from `--memory-bytes`; `gpu` from `--gpu-memory-bytes`,
     else the GPU's free memory at start less a reserve, once a GPU model is loaded.
     """
 

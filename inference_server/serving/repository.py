@@ -137,6 +137,7 @@ class Repository:
         """`model`'s measured memory is checked against the budget before it turns ready; it is traced as
         the server is."""
         model.admit = lambda mem: self._admit(model, mem)
+        model.memory_lock = self._load_lock
         model.tracing = self.tracing
         return model
 

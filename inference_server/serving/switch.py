@@ -7,12 +7,14 @@ on the event loop (Model.adopt_backend): from that moment new requests go to onn
 requests already queued on pycaffe's workers run there (a worker's stop marker sits behind them in its
 queue), so no request is lost or answered twice. Then pycaffe's workers stop and its Nets are freed.
 Where the verdict is pycaffe, or the check fails in any way (the converter, the gate, a crash of the
-child, onnxruntime's workers failing to start), pycaffe keeps serving and the reason says why.
+child, onnxruntime's workers failing to start), pycaffe keeps serving and the reason says why. So it does
+where the server has a memory budget and both backends at once (the switch's overlap) would pass it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import gc
 import json
 import logging
@@ -25,7 +27,7 @@ from ..backends import BackendChoice
 from ..loading import onnx_cache
 from ..loading.background import BackgroundCheck, Cancelled, CheckResult, failed
 from .executor import Executor
-from .memory import release_freed_memory, rss_bytes
+from .memory import InsufficientMemory, ModelMemory, release_freed_memory, rss_bytes
 
 if TYPE_CHECKING:
     from ..loading.child_load import ProbedLoad
@@ -70,15 +72,17 @@ class BackendSwitch:
         choice = result.choice
         publish(m.cfg, result, m.stats.inference_count - served)
         if choice.name == "onnxruntime":
-            self._switch(choice)
+            with m.memory_lock or contextlib.nullcontext():  # no load measures its memory meanwhile
+                self._switch(choice)
         else:
             _on_loop(m, lambda: m.adopt_backend(choice))
             log.info("model %s: staying with pycaffe (%s)", m.name, choice.reason)
 
     def _switch(self, choice: BackendChoice) -> None:
-        """Start onnxruntime's workers, swap them in, stop pycaffe's (where they fail to start, pycaffe stays)."""
+        """Start onnxruntime's workers, admit what they hold beside pycaffe's against the memory budget, swap
+        them in, stop pycaffe's. Where they fail to start or do not fit, pycaffe stays."""
         m = self.model
-        rss0 = rss_bytes()
+        rss0, gpu0 = rss_bytes(), m._gpu_used()
         executor = Executor(m.cfg, choice, on_batch=m._on_batch)
         try:
             desc = executor.start()
@@ -87,6 +91,20 @@ class BackendSwitch:
             why = failed(f"onnxruntime passed the check but its workers did not start: {e}")
             why.details.update({k: v for k, v in choice.details.items() if k not in why.details})
             _on_loop(m, lambda: m.adopt_backend(why))
+            return
+        try:
+            self._admit_both(rss0, gpu0)
+        except InsufficientMemory as e:
+            executor.stop()
+            del executor
+            gc.collect()
+            release_freed_memory()
+            log.warning("model %s: onnxruntime passed the check but does not fit beside pycaffe: %s", m.name, e.message)
+            stay = BackendChoice(
+                "pycaffe", "auto: serving with pycaffe: onnxruntime passed the check, but pycaffe's Net and "
+                f"onnxruntime's sessions, held at once during the switch, do not fit: {e.message}",
+                {**choice.details, "backend_check": "done", "backend_switch_refused": e.message})
+            _on_loop(m, lambda: m.adopt_backend(stay))
             return
         old = _on_loop(m, lambda: m.adopt_backend(choice, executor, desc))
         if old is None:  # the model was unloaded (or the server stops) meanwhile: it keeps what it had
@@ -98,9 +116,26 @@ class BackendSwitch:
         gc.collect()
         release_freed_memory()
         m.memory.host_bytes = max(0, m.memory.host_bytes + rss_bytes() - rss0)
+        gpu1 = m._gpu_used()
+        if m.memory.gpu_bytes is not None and gpu0 is not None and gpu1 is not None:
+            m.memory.gpu_bytes = max(0, m.memory.gpu_bytes + gpu1 - gpu0)
         m.metrics.set_memory(m.memory.host_bytes, m.memory.gpu_bytes)
         log.info("model %s: switched to onnxruntime (%s); pycaffe's workers drained in %.3f s and were freed",
                  m.name, choice.reason, time.perf_counter() - t0)
+
+    def _admit_both(self, rss0: int, gpu0: int | None) -> None:
+        """The server's memory budget (a many-model server's --memory-bytes / --gpu-memory-bytes) must hold
+        both backends at once: pycaffe serves until the swap, and its requests drain after it. So what
+        onnxruntime's workers grew the process by is checked, on top of the model's pycaffe memory, as a
+        load's measured memory is (InsufficientMemory where it does not fit)."""
+        m = self.model
+        if m.admit is None:
+            return
+        gpu1 = m._gpu_used()
+        both = ModelMemory(host_bytes=m.memory.host_bytes + max(0, rss_bytes() - rss0),
+                           gpu_bytes=None if m.memory.gpu_bytes is None or gpu0 is None or gpu1 is None
+                           else m.memory.gpu_bytes + max(0, gpu1 - gpu0))
+        m.admit(both)
 
 
 def publish(cfg, result: CheckResult, served: int) -> None:

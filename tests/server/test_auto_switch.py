@@ -189,3 +189,49 @@ def test_a_not_faster_verdict_timed_beside_requests_is_not_recorded_but_the_grap
         assert all(status == 200 for status, _, _ in client.answers)
     assert not list(local.glob("*.verdict.json")) and not list(shared.glob("*.verdict.json"))
     assert len(list(shared.glob("*.onnx"))) == 1  # the next pod skips the conversion, and times on its own
+
+
+def big_fc_net():
+    """95 MiB of weights: the budget below holds pycaffe's load (measured ~107 MiB) and its estimate (159 MiB),
+    not pycaffe's Net and onnxruntime's session at once (~214 MiB)."""
+    import caffe
+
+    n = caffe.NetSpec()
+    n.data = L.Input(shape=dict(dim=[1, 5000]))
+    n.fc = L.InnerProduct(n.data, num_output=5000)
+    n.prob = L.Softmax(n.fc)
+    return n
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget_mib,serves", [(180, "pycaffe"), (400, "onnxruntime")])
+def test_the_switch_holds_both_backends_at_once_so_it_must_fit_the_memory_budget(tmp_path, budget_mib, serves):
+    """A many-model server's budget promises no out-of-memory kill: a switch that would pass it while pycaffe
+    still serves is refused, pycaffe keeps serving and the reason says so; one that fits goes ahead."""
+    proto, weights = save_net(big_fc_net(), tmp_path / "model", "m", seed=7)
+    env = {"CAFFESERVE_CACHE_DIR": str(tmp_path / "local"), **FASTER}
+    with ServerProcess(config(proto, weights), tmp_path, env=env,
+                       args=["--memory-bytes", str(budget_mib * 2**20)]) as server:
+        loaded = params_of(server.url)["memory_bytes"]
+        params = settled_backend(server.url, "m")
+        assert params["backend"] == serves, params["backend_reason"]
+        if serves == "pycaffe":
+            assert params["backend_check"] == "done"
+            assert re.fullmatch(
+                r"auto: serving with pycaffe: onnxruntime passed the check, but pycaffe's Net and onnxruntime's "
+                r"sessions, held at once during the switch, do not fit: model 'm' does not fit in this server's "
+                rf"memory budget: it needs [\d.]+ MiB \(measured\), loaded models hold 0.0 MiB of {budget_mib}.0 MiB "
+                r"\(--memory-bytes\); unload a model or load it on another server", params["backend_reason"])
+            need = float(re.search(r"it needs ([\d.]+) MiB", params["backend_reason"]).group(1))
+            assert need > budget_mib and need * 2**20 > loaded  # both backends' memory, measured
+            assert params["memory_bytes"] <= loaded * 1.1  # onnxruntime's sessions were freed again
+        x = np.random.default_rng(8).normal(0, 1, (1, 5000)).astype(np.float32)
+        body = json.dumps({"inputs": [{"name": "data", "shape": [1, 5000], "datatype": "FP32",
+                                       "data": x.ravel().tolist()}]}).encode()
+        status, headers, raw = http("POST", server.url + "/v2/models/m/infer", body,
+                                    {"Content-Type": "application/json"})
+        assert status == 200 and {k.lower(): v for k, v in headers.items()}["x-caffeserve-backend"] == serves
+        answer = json.loads(raw)
+        got = np.array(answer["outputs"][0]["data"], np.float32).reshape(1, 5000)
+        assert np.abs(got - forward(proto, weights, {"data": x})["prob"]).max() <= 1e-5
+    assert ("does not fit beside pycaffe" in server.output()) == (serves == "pycaffe")
