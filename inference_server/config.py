@@ -284,11 +284,16 @@ class ServerConfig(ModelServing):
     @overload
     def path(self, p: None) -> None: ...
     def path(self, p: str | None) -> Path | None:
-        """A model file's path, resolved against the config file's folder."""
+        """A model file's path, resolved against the config file's folder. A folder that does not exist (a
+        model pushed with its config to a repository that has no folder of its name) cannot be walked through
+        by the kernel, so `..` is taken lexically there: `../shared/w.caffemodel` is the repository's `shared/`."""
         if p is None:
             return None
         q = Path(p)
-        return q if q.is_absolute() or self.base_dir is None else Path(self.base_dir) / q
+        if q.is_absolute() or self.base_dir is None:
+            return q
+        base = Path(self.base_dir)
+        return base / q if base.is_dir() else Path(os.path.normpath(base / q))
 
 
 class ConfigError(Exception):

@@ -177,6 +177,12 @@ def test_a_load_carries_its_config_as_tritons_parameters_config(explicit, repo):
     meta = client.get_model_metadata("pushed")
     assert meta["versions"] == ["3"] and meta["parameters"]["max_request_batch"] == 2
     assert index(url)["pushed"]["state"] == "READY"
+    # relative paths resolve against the model's folder, here one the repository does not have: `..` still works
+    beside = {"model": {"prototxt": f"../wide/{repo['wide']['proto'].name}",
+                        "weights": f"../wide/{repo['wide']['weights'].name}"}}
+    client.load_model("pushed-beside", config=json.dumps(beside))
+    assert_serves(url, "pushed-beside", repo["wide"])
+    client.unload_model("pushed-beside")
     # what is wrong with a pushed config is a 400 naming the field, and nothing is loaded
     for bad, words in (({"model": {"prototxt": "x"}}, "model.weights"),
                        ({**config, "name": "other"}, "names the model 'other'"),
