@@ -22,8 +22,9 @@ from .stats import ALL_STATS_PATH, stats_target
 from .tracing import GatewayTracing
 
 if TYPE_CHECKING:
+    from caffe_http.tls import ReloadingTLS
+
     from .grpc_proxy import GRPCGatewayServer
-    from .tls import ReloadingTLS
 
 log = logging.getLogger(__name__)
 

@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING
 from caffe_http.upstream import EndpointPool
 
 if TYPE_CHECKING:
+    from caffe_http.tls import ClientTLS
+
     from .grpc_proxy import Upstream
     from .grpc_upstream import H2Upstream
 
@@ -58,6 +60,7 @@ class BalancerSettings:
     retry_budget_min: int = 3
     connect_timeout_s: float = 2.0
     connect_backoff_s: float = 1.0
+    upstream_tls: ClientTLS | None = None  # TLS to the servers (--upstream-ca), REST and gRPC; None: plain text
 
 
 # A server as discovery reports it: (host, REST port) or (host, REST port, gRPC port or None).
@@ -70,8 +73,9 @@ class Endpoint:
     __slots__ = ("address", "pool", "grpc_port", "grpc", "active", "failures", "ejected_until", "ejections",
                  "removed")
 
-    def __init__(self, host: str, port: int, connect_timeout_s: float, grpc_port: int | None = None):
-        self.pool = EndpointPool(host, port, connect_timeout_s)
+    def __init__(self, host: str, port: int, connect_timeout_s: float, grpc_port: int | None = None,
+                 tls: ClientTLS | None = None):
+        self.pool = EndpointPool(host, port, connect_timeout_s, tls=tls)
         self.address = self.pool.authority
         self.grpc_port = grpc_port
         self.grpc: H2Upstream | Upstream | None = None  # the gRPC proxy's connection to it, made on first use
@@ -176,7 +180,7 @@ class ModelRoute:
         for (host, port), grpc_port in sorted(wanted.items()):
             ep = current.pop((host, port), None)
             if ep is None:
-                ep = Endpoint(host, port, self.settings.connect_timeout_s, grpc_port)
+                ep = Endpoint(host, port, self.settings.connect_timeout_s, grpc_port, self.settings.upstream_tls)
             else:
                 ep.set_grpc_port(grpc_port)
             keep.append(ep)

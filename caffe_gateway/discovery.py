@@ -59,7 +59,8 @@ def parse_static(spec: str) -> tuple[str, set[Address]]:
     """`MODEL=URL[,URL...]` → (model, {(host, port, gRPC port or None)}).
 
     URL: `http://host:port` or `host:port`, with `?grpc=PORT` when that server also serves gRPC
-    (on the same host), e.g. `digits=http://127.0.0.1:8001?grpc=8002`.
+    (on the same host), e.g. `digits=http://127.0.0.1:8001?grpc=8002`; `https://` for a server reached over
+    TLS (the gateway's --upstream-ca: then every server is).
     """
     model, sep, urls = spec.partition("=")
     model = model.strip()
@@ -73,8 +74,8 @@ def parse_static(spec: str) -> tuple[str, set[Address]]:
         if "://" not in url:
             url = "http://" + url
         parts = urlsplit(url)
-        if parts.scheme != "http":
-            raise ValueError(f"{url}: only http:// servers are supported")
+        if parts.scheme not in ("http", "https"):  # https: reached over TLS (--upstream-ca)
+            raise ValueError(f"{url}: only http:// and https:// servers are supported")
         if not parts.hostname or not parts.port:
             raise ValueError(f"{url}: expected host:port")
         query = dict(parse_qsl(parts.query, keep_blank_values=True))

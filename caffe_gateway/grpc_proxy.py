@@ -57,8 +57,9 @@ from .repository import broadcast, endpoints_of, unknown_model
 from .tracing import GatewayTracing, TracedTransport, with_trace_context
 
 if TYPE_CHECKING:
+    from caffe_http.tls import ClientTLS, ReloadingTLS
+
     from .auth import Guard
-    from .tls import ReloadingTLS
 
 SERVICE = pb.SERVICE
 OWN_METHODS = ("ServerLive", "ServerReady", "ServerMetadata")
@@ -162,9 +163,14 @@ class _Abort(Exception):
 class Upstream:
     """A channel to one server's gRPC port, with a callable per method and the calls in flight on it."""
 
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, tls: ClientTLS | None = None):
         self.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.channel = grpc.aio.insecure_channel(self.target, options=list(CHANNEL_OPTIONS))
+        if tls is None:
+            self.channel = grpc.aio.insecure_channel(self.target, options=list(CHANNEL_OPTIONS))
+        else:  # the pod's certificate is checked against the CA and the name all pods' certificates carry
+            self.channel = grpc.aio.secure_channel(
+                self.target, grpc.ssl_channel_credentials(tls.ca_file.read_bytes()),
+                options=[*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", tls.server_name)])
         self._methods: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
         self.calls: set[grpc.aio.UnaryUnaryCall] = set()
         self.lost: dict[grpc.aio.UnaryUnaryCall, str] = {}  # calls aborted by `abort`, with the reason
@@ -245,7 +251,7 @@ class GRPCTransport:
         """The endpoint's connection for this transport's calls, made on its first call."""
         if ep.grpc is None:
             assert ep.grpc_port is not None  # the forwarder sends gRPC only to endpoints with a gRPC port
-            ep.grpc = self.upstream_class(ep.pool.host, ep.grpc_port)
+            ep.grpc = self.upstream_class(ep.pool.host, ep.grpc_port, ep.pool.tls)
         return ep.grpc
 
     async def send(self, route: ModelRoute, ep: Endpoint, request: tuple, deadline: float) -> Answer:

@@ -24,6 +24,7 @@ import base64
 import logging
 import struct
 import zlib
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -55,6 +56,9 @@ from inference_server.grpc.transport import (
 )
 
 from .forward import Unreachable
+
+if TYPE_CHECKING:
+    from caffe_http.tls import ClientTLS
 
 log = logging.getLogger(__name__)
 
@@ -422,8 +426,9 @@ def _answer(c: _Call) -> tuple:
 class H2Upstream:
     """A server's gRPC port: one HTTP/2 connection at a time, reopened when it closes; the calls in flight."""
 
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, tls: ClientTLS | None = None):
         self.host, self.port = host, port
+        self.tls = tls  # over TLS (ALPN h2), the server's certificate checked against tls's CA and server name
         self.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._conn: _Connection | None = None
         self._connecting: asyncio.Future | None = None
@@ -443,7 +448,11 @@ class H2Upstream:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await loop.create_connection(lambda: _Connection(self.target), self.host, self.port)
+            if self.tls is None:
+                _, conn = await loop.create_connection(lambda: _Connection(self.target), self.host, self.port)
+            else:
+                _, conn = await loop.create_connection(lambda: _Connection(self.target), self.host, self.port,
+                                                       ssl=self.tls.context("h2"), server_hostname=self.tls.server_name)
         except OSError as e:
             raise Unreachable(f"cannot connect to {self.target}: {e.strerror or e}") from None
         finally:

@@ -37,7 +37,7 @@ from caffe_http.tracing import TracingUnavailable
 from .app import GatewayApp
 from .balancer import Address
 from .discovery import EndpointSliceWatcher, KubeConfig, StaticDiscovery, parse_static
-from .settings import add_arguments, add_security_arguments, guard_from, settings_from, tls_from
+from .settings import add_arguments, add_security_arguments, guard_from, settings_from, tls_from, upstream_tls_from
 from .tracing import start_tracing
 
 log = logging.getLogger("caffeserve.gateway")
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         tracing = start_tracing(args.otlp_endpoint, args.trace_sample_ratio)
         guard = guard_from(args, api_server(args) if args.auth == "tokenreview" else None)
         tls = tls_from(args)
+        balancer.upstream_tls = upstream_tls_from(args)
     except TracingUnavailable as e:
         p.error(str(e))
     except (OSError, ValueError) as e:  # ssl.SSLError is an OSError: a pair that does not load

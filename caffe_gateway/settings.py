@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 from caffe_http.server import ServerLimits
+from caffe_http.tls import POD_SERVER_NAME
 
 from .auth import REVIEW_TTL_S, Allowed, Guard, StaticTokens, TokenReviewer
 from .balancer import BalancerSettings
 from .proxy import ProxySettings
 
 if TYPE_CHECKING:
-    from .tls import ReloadingTLS
+    from caffe_http.tls import ClientTLS, ReloadingTLS
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,12 @@ def add_security_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-dir", metavar="DIR",
                    help="serve REST and gRPC over TLS with DIR/tls.crt and DIR/tls.key (a kubernetes.io/tls "
                         "Secret's volume), reloaded when they change (default: plain text)")
+    g.add_argument("--upstream-ca", metavar="FILE",
+                   help="reach the model servers over TLS (REST and gRPC), trusting only this CA bundle (a "
+                        "Secret's ca.crt), re-read when it changes (default: plain text inside the cluster)")
+    g.add_argument("--upstream-server-name", default=POD_SERVER_NAME, metavar="NAME",
+                   help="the name the servers' certificates carry, checked instead of their addresses "
+                        "(default %(default)s)")
     g.add_argument("--auth", choices=("none", "tokens", "tokenreview"), default="none",
                    help="bearer tokens: none; tokens (--auth-token-file); tokenreview (the API server checks "
                         f"each token, cached {REVIEW_TTL_S:g} s; ServiceAccount tokens work) (default %(default)s)")
@@ -119,9 +126,29 @@ def guard_from(args: argparse.Namespace, kube=None) -> Guard:
 def tls_from(args: argparse.Namespace) -> ReloadingTLS | None:
     if not args.tls_dir:
         return None
-    from .tls import ReloadingTLS, TLSFiles
+    from caffe_http.tls import ReloadingTLS, TLSFiles
 
     try:
         return ReloadingTLS(TLSFiles.from_dir(args.tls_dir))
     except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
         raise ValueError(f"--tls-dir {args.tls_dir}: cannot load tls.crt/tls.key: {e}") from None
+
+
+def upstream_tls_from(args: argparse.Namespace) -> ClientTLS | None:
+    """TLS to the model servers (--upstream-ca); ValueError when the CA does not load or a --static URL's
+    scheme says otherwise (https:// needs the CA; with it, every server is reached over TLS)."""
+    schemes = {url.strip().split("://", 1)[0] for spec in args.static or [] for url in spec.partition("=")[2].split(",")
+               if "://" in url}
+    if not args.upstream_ca:
+        if "https" in schemes:
+            raise ValueError("an https:// server in --static needs --upstream-ca (the CA its certificate is checked "
+                             "against)")
+        return None
+    if "http" in schemes:
+        raise ValueError("with --upstream-ca every server is reached over TLS: write https:// in --static")
+    from caffe_http.tls import ClientTLS
+
+    try:
+        return ClientTLS(args.upstream_ca, args.upstream_server_name)
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+        raise ValueError(f"--upstream-ca {args.upstream_ca}: cannot load it: {e}") from None

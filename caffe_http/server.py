@@ -585,15 +585,16 @@ IDLE_SETTLE_S = 0.1
 
 async def serve_until_signalled(server: HTTPServer, host: str, port: int,
                                 on_listening: Callable[[int], object] | None = None, grace_s: float = 30.0,
-                                before_stop: Callable[[], object] | None = None, drain_delay_s: float = 0.0) -> None:
+                                before_stop: Callable[[], object] | None = None, drain_delay_s: float = 0.0,
+                                ssl: ssl_.SSLContext | None = None) -> None:
     """Run until SIGTERM/SIGINT, then drain and stop. `on_listening(port)` is called once bound.
 
     On the signal: `before_stop()` (readiness turns false there), then the listener stays open for
     `drain_delay_s`, serving as before but closing each connection after its response, so that
     whoever routes here (Kubernetes endpoints, a gateway) stops before the listener closes; then
-    `stop(grace_s)`.
+    `stop(grace_s)`. `ssl`: serve over TLS.
     """
-    bound = await server.start(host, port)
+    bound = await server.start(host, port, ssl=ssl)
     if on_listening is not None:
         on_listening(bound)
     await stop_event().wait()

@@ -16,8 +16,12 @@ import asyncio
 import errno
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import httptools
+
+if TYPE_CHECKING:
+    from .tls import ClientTLS
 
 
 class UpstreamError(Exception):
@@ -138,9 +142,11 @@ _COPY_BODY_BELOW = 64 * 1024
 class EndpointPool:
     """Idle keep-alive connections to one `host:port`, reused most-recent-first."""
 
-    def __init__(self, host: str, port: int, connect_timeout_s: float = 2.0, max_idle: int = 64):
+    def __init__(self, host: str, port: int, connect_timeout_s: float = 2.0, max_idle: int = 64,
+                 tls: ClientTLS | None = None):
         self.host = host
         self.port = port
+        self.tls = tls  # over TLS, the server's certificate checked against tls's CA and server name
         self.authority = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         self.connect_timeout_s = connect_timeout_s
         self.max_idle = max_idle
@@ -151,7 +157,11 @@ class EndpointPool:
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Connection:
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                _, conn = await loop.create_connection(_Connection, self.host, self.port)
+                if self.tls is None:
+                    _, conn = await loop.create_connection(_Connection, self.host, self.port)
+                else:
+                    _, conn = await loop.create_connection(_Connection, self.host, self.port, ssl=self.tls.context(),
+                                                           server_hostname=self.tls.server_name)
         except TimeoutError:
             raise ConnectFailed(f"connect to {self.authority} timed out after {self.connect_timeout_s:g} s") from None
         except OSError as e:

@@ -44,7 +44,7 @@ from .models import LocalError, LocalModel
 
 if TYPE_CHECKING:
     from caffe_gateway.auth import Guard
-    from caffe_gateway.tls import ReloadingTLS
+    from caffe_http.tls import ReloadingTLS
 
 log = logging.getLogger("caffeserve.up")
 

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -59,11 +60,13 @@ def http_json(method: str, url: str, payload=None, **kw):
 
 class ServerProcess:
     """A `caffeserve serve` subprocess; `url` once started. Use as a context manager. `config` None and
-    `repository` a folder: `serve --model-repository FOLDER`."""
+    `repository` a folder: `serve --model-repository FOLDER`. `tls_ca` and `tls_name`: the server runs with
+    `--tls-dir` (in `args`), its certificate signed by that CA for that name; `url` is then https and
+    `context` checks it (the name instead of 127.0.0.1, as a client of a pod by its address does)."""
 
     def __init__(self, config: dict | str | Path | None, tmp_dir: Path | None = None, env: dict | None = None,
                  wait_ready: bool = True, args: list[str] | None = None, root: Path = REPO,
-                 repository: Path | None = None):
+                 repository: Path | None = None, tls_ca: Path | None = None, tls_name: str = "127.0.0.1"):
         config_dict = config
         if isinstance(config, dict):
             tmp_dir = Path(tmp_dir or ".")
@@ -73,7 +76,12 @@ class ServerProcess:
         self.config_path = None if config is None else Path(config)
         self.source = ["--model-repository", str(repository)] if config is None else ["--config", str(config)]
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls_ca else 'http'}://127.0.0.1:{self.port}"
+        self.context = None
+        if tls_ca:
+            self.context = ssl.create_default_context(cafile=str(tls_ca))
+            if tls_name != "127.0.0.1":
+                self.context.check_hostname = False  # urllib cannot name another host: the chain is still checked
         self.env = {**os.environ, **(env or {})}
         self.wait_ready = wait_ready
         self.args = list(args or [])
@@ -101,7 +109,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                if http("GET", self.url + path, timeout=2)[0] == 200:
+                if http("GET", self.url + path, timeout=2, context=self.context)[0] == 200:
                     return self
             except OSError:
                 pass

@@ -86,6 +86,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="send OpenTelemetry traces of infer requests to this OTLP/HTTP base URL (e.g. "
                         "http://otel-collector:4318), overriding the config's tracing.endpoint (default: the config's, "
                         "else $OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing; docs/tracing.md)")
+    p.add_argument("--tls-dir", metavar="DIR",
+                   help="serve REST and gRPC over TLS with DIR/tls.crt and DIR/tls.key (a kubernetes.io/tls Secret's "
+                        "layout), reloaded when they change (docs/security.md, 'To the model pods')")
     add_logging_arguments(p)
     return p.parse_args(argv)
 
@@ -170,6 +173,15 @@ def main(argv: list[str]) -> int:
     except TracingUnavailable as e:
         print(f"caffeserve serve: {e}", file=sys.stderr)
         return 2
+    tls = None
+    if args.tls_dir:
+        from caffe_http.tls import ReloadingTLS, TLSFiles
+
+        try:
+            tls = ReloadingTLS(TLSFiles.from_dir(args.tls_dir))
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError: a pair that does not load
+            print(f"caffeserve serve: --tls-dir {args.tls_dir}: cannot load tls.crt/tls.key: {e}", file=sys.stderr)
+            return 2
     plane, server, repo = build(cfg, args.access_log, args.model_repository, args.config or args.model_dir,
                                 args.model_name, args.model_control_mode, budget, tracing)
     install_uvloop()
@@ -183,8 +195,9 @@ def main(argv: list[str]) -> int:
 
     def listening(port: int) -> None:
         what = f"model {cfg.name}" if cfg is not None else f"repository {args.model_repository}"
-        log.info("listening on http://%s:%d (%s loading %s; control mode %s; %d BLAS thread(s) per instance)",
-                 args.host, port, what, ", ".join(start_names) or "nothing", args.model_control_mode, blas)
+        log.info("listening on %s://%s:%d (%s loading %s; control mode %s; %d BLAS thread(s) per instance)",
+                 "https" if tls else "http", args.host, port, what, ", ".join(start_names) or "nothing",
+                 args.model_control_mode, blas)
         plane.starting = True
         repo.loop = asyncio.get_running_loop()
         threading.Thread(target=repo.load_at_start, args=(start_names,), name="model-loader", daemon=True).start()
@@ -203,20 +216,24 @@ def main(argv: list[str]) -> int:
     async def run() -> int:
         if grpc_server is not None:
             try:
-                port = await grpc_server.start(args.host, grpc_cfg.port)
+                port = await grpc_server.start(args.host, grpc_cfg.port, tls)
             except OSError as e:  # grpc says only "Failed to bind": the OS says why
                 log.error("%s (%s); choose another --grpc-port", e, _bind_error(args.host, grpc_cfg.port))
                 return 2
             log.info("listening for gRPC on %s:%d", args.host, port)
+        reload = asyncio.ensure_future(tls.watch()) if tls is not None else None
         try:
             await serve_until_signalled(server, args.host, args.port, listening, args.grace_period, draining,
-                                        args.drain_delay)
+                                        args.drain_delay, ssl=tls.context if tls is not None else None)
         except OSError as e:  # the REST port is taken (or not ours to bind): a configuration error
             log.error("cannot listen for REST on %s:%d: %s; choose another --port", args.host, args.port,
                       e.strerror or e)
             if grpc_server is not None:
                 await grpc_server.stop(0)
             return 2
+        finally:
+            if reload is not None:
+                reload.cancel()
         if stopping:
             await stopping[0]
         return 0

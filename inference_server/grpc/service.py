@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 import grpc
 import orjson
@@ -31,6 +32,9 @@ from .listener import GRPCListener
 from .status import RETRY_INFO_TYPE, error_status  # noqa: F401 (RETRY_INFO_TYPE: re-exported)
 from .transport import GRPCTransportServer
 from .triton import config_response, statistics_response
+
+if TYPE_CHECKING:
+    from caffe_http.tls import ReloadingTLS
 
 log = logging.getLogger(__name__)
 
@@ -234,9 +238,11 @@ class GRPCServer:
             paths = {f"/{pb.SERVICE}/{name}".encode(): getattr(self.service, name) for name in pb.METHODS}
             self.server = GRPCTransportServer(paths, max_message_bytes)
 
-    async def start(self, host: str, port: int) -> int:
-        """Bind and start; returns the bound port. OSError when the port cannot be bound."""
-        return await self.server.start(host, port)
+    async def start(self, host: str, port: int, tls: ReloadingTLS | None = None) -> int:
+        """Bind and start (over TLS with `tls`); returns the bound port. OSError when the port cannot be bound."""
+        if isinstance(self.server, GRPCListener):
+            return await self.server.start(host, port, tls.grpc_credentials() if tls is not None else None)
+        return await self.server.start(host, port, tls.h2_context if tls is not None else None)
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new calls at once, let those in flight finish within `grace_s`, then cancel them."""

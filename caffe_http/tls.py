@@ -1,4 +1,6 @@
-"""TLS for the gateway's listeners, from a certificate and key on disk that may change while it runs.
+"""TLS from files on disk that may change while the program runs: the listeners' certificate and key
+(the gateway's `--tls-dir`, a model server's `--tls-dir`), and the CA that a client of the model pods
+(the gateway, the operator) checks their certificates against (`ClientTLS`).
 
 The files are a `kubernetes.io/tls` Secret mounted as a volume (tls.crt, tls.key; cert-manager
 writes that layout). When the Secret changes, the kubelet writes the new files into a fresh folder
@@ -19,8 +21,10 @@ import asyncio
 import logging
 import os
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +41,9 @@ class TLSFiles:
         """The `kubernetes.io/tls` layout: tls.crt and tls.key in `folder`."""
         return cls(Path(folder) / "tls.crt", Path(folder) / "tls.key")
 
-    def stamp(self) -> tuple:
+    def stamp(self) -> tuple[tuple[int, int, int, int] | None, ...]:
         """What changes when either file does (their targets' identity, size and mtime)."""
-        out: list = []
+        out: list[tuple[int, int, int, int] | None] = []
         for p in (self.cert, self.key):
             try:
                 st = os.stat(p)
@@ -85,12 +89,12 @@ class ReloadingTLS:
     def _read(self) -> tuple[bytes, bytes]:
         return self.files.cert.read_bytes(), self.files.key.read_bytes()
 
-    def _pick(self, sslobj, server_name, ctx) -> None:
+    def _pick(self, sslobj: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
         if self._current is not ctx:
             sslobj.context = self._current
         return None
 
-    def _pick_h2(self, sslobj, server_name, ctx) -> None:
+    def _pick_h2(self, sslobj: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
         if self._current_h2 is not ctx:
             sslobj.context = self._current_h2
         return None
@@ -118,20 +122,64 @@ class ReloadingTLS:
             await asyncio.sleep(self.poll_s)
             self.check()
 
-    def grpc_credentials(self):
+    def grpc_credentials(self) -> Any:
         """gRPC server credentials that take the newest pair at each new connection's handshake."""
         import grpc
 
         served = {"generation": self.generation}
 
-        def config():
+        def config() -> Any:
             cert, key = self.pem
             return grpc.ssl_server_certificate_configuration([(key, cert)])
 
-        def fetch():  # called by gRPC before each handshake, on its own thread: read-only here
+        def fetch() -> Any:  # called by gRPC before each handshake, on its own thread: read-only here
             if served["generation"] == self.generation:
                 return None  # no change
             served["generation"] = self.generation
             return config()
 
         return grpc.dynamic_ssl_server_credentials(config(), fetch)
+
+
+# The name every model pod's certificate carries (a DNS SAN), checked instead of the pod's address: pods come
+# and go with new IPs, and a certificate per pod IP is not something cert-manager or a user can keep up with.
+POD_SERVER_NAME = "caffe-model-server"
+
+
+def client_context(ca_file: str | Path, alpn: str | None = None) -> ssl.SSLContext:
+    """A client SSLContext that trusts `ca_file` only (TLS 1.2+, hostname checked; `alpn` h2 for gRPC).
+    ssl.SSLError/OSError when the file does not load."""
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if alpn:
+        ctx.set_alpn_protocols([alpn])
+    return ctx
+
+
+class ClientTLS:
+    """How to reach the model pods over TLS: the CA bundle (re-read when the file changes: the Secret it is
+    mounted from may rotate) and the server name their certificates carry (`POD_SERVER_NAME` by default)."""
+
+    def __init__(self, ca_file: str | Path, server_name: str = POD_SERVER_NAME, poll_s: float = RELOAD_POLL_S):
+        self.ca_file = Path(ca_file)
+        self.server_name = server_name
+        self.poll_s = poll_s
+        self._stamp = TLSFiles(self.ca_file, self.ca_file).stamp()
+        self._checked = 0.0
+        self._contexts = {alpn: client_context(self.ca_file, alpn) for alpn in (None, "h2")}  # fatal at start
+
+    def context(self, alpn: str | None = None) -> ssl.SSLContext:
+        """The newest loaded context (checked for a new CA at most every `poll_s`; a CA that does not load
+        is logged and the last good one kept)."""
+        now = time.monotonic()
+        if now - self._checked >= self.poll_s:
+            self._checked = now
+            stamp = TLSFiles(self.ca_file, self.ca_file).stamp()
+            if stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    self._contexts = {a: client_context(self.ca_file, a) for a in (None, "h2")}
+                    log.info("TLS: loaded the new CA bundle %s for the model pods", self.ca_file)
+                except (ssl.SSLError, OSError, ValueError) as e:
+                    log.warning("TLS: %s changed but does not load (%s); keeping the previous CA", self.ca_file, e)
+        return self._contexts[alpn]
