@@ -86,7 +86,8 @@ async def on_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: k
     await wait_for_crd(memo.client, CRD_WAIT_SECONDS, logger)
     memo.reconciler = Reconciler(memo.client, config)
     memo.resync = asyncio.get_running_loop().create_task(memo.reconciler.resync_forever(RESYNC_SECONDS, logger))
-    logger.info(f"server image {config.server_image}; model URLs via {config.gateway_url or 'the model Services'}")
+    logger.info(f"server image {config.server_image}; model URLs via {config.gateway_url or 'the model Services'}"
+                + (f"; pods serve over TLS with Secret {config.pod_tls_secret}" if config.pod_tls_secret else ""))
 
 
 @kopf.on.cleanup()

@@ -76,7 +76,7 @@ class LoadErrorProbe:
 
     async def _probe(self, session: aiohttp.ClientSession, target: Target) -> EndpointHealth:
         try:
-            status, body = await fetch(session, target.url)
+            status, body = await fetch(session, target.url, tls=self.pods.tls)
             return classify(target.endpoint, status, body)
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             return EndpointHealth(target.endpoint, "unreachable", f"{type(e).__name__}: {e}"[:200])

@@ -68,6 +68,13 @@ TMP_SIZE_LIMIT = "1Gi"  # /tmp (an emptyDir): ONNX conversions, Python's scratch
 # the converted graph and its verdict instead of converting again (inference_server/loading/onnx_cache.py)
 MODEL_CACHE_DIR = "/var/cache/caffe-serving"
 MODEL_CACHE_VOLUME = "model-cache"
+# The chart's podTLS.secretName (CAFFESERVE_POD_TLS_SECRET): a kubernetes.io/tls Secret in the model's namespace,
+# mounted here in every model and pool pod, whose server then serves REST and gRPC over TLS (`--tls-dir`); its
+# probes and Prometheus scrape say https. The operator and the gateway check the pods' certificates against its
+# ca.crt (mounted from the release namespace's Secret of that name at POD_TLS_CA_FILE).
+POD_TLS_DIR = "/etc/caffe-serving/tls"
+POD_TLS_VOLUME = "tls"
+POD_TLS_CA_FILE = "/etc/caffe-serving/pod-ca/ca.crt"
 S3_CREDENTIALS_DIR = "/var/run/secrets/caffeserve/s3"  # source.s3.secretRef's keys as files (fetch containers only)
 MODELS_SIZE_LIMIT = "20Gi"  # /models for downloaded files (source.url, source.s3); fetch caps a file at 8 GiB
 
@@ -108,15 +115,16 @@ OPTIONAL_POD_FIELDS = (
 )
 
 
-def service_url(name: str, namespace: str) -> str:
-    return f"http://{predictor_name(name)}.{namespace}.svc:{PORT}/v2/models/{name}"
+def service_url(name: str, namespace: str, tls: bool = False) -> str:
+    return f"{'https' if tls else 'http'}://{predictor_name(name)}.{namespace}.svc:{PORT}/v2/models/{name}"
 
 
-def model_url(name: str, namespace: str, gateway_url: str | None = None) -> str:
-    """Where clients reach the model: through the gateway when there is one, else the Service."""
+def model_url(name: str, namespace: str, gateway_url: str | None = None, tls: bool = False) -> str:
+    """Where clients reach the model: through the gateway when there is one, else the Service (https when
+    the pods serve over TLS)."""
     if gateway_url:
         return f"{gateway_url.rstrip('/')}/v2/models/{name}"
-    return service_url(name, namespace)
+    return service_url(name, namespace, tls)
 
 
 def grpc_address(name: str, namespace: str, spec: CaffeModelServiceSpec | None,
@@ -330,8 +338,20 @@ def _tolerations(spec: CaffeModelServiceSpec) -> list[dict[str, Any]]:
     return tolerations
 
 
-def pod_template(v: Variant, image: str, model_cache: str | None = None) -> dict[str, Any]:
-    """The pod template without its config-hash annotation; `model_cache`: the shared ONNX cache's PVC."""
+def with_pod_tls(pod: dict[str, Any], server: dict[str, Any], annotations: dict[str, str], secret: str) -> None:
+    """A model or pool pod serving over TLS with `secret` (see POD_TLS_DIR): its volume and mount, `--tls-dir`,
+    https probes and scrape."""
+    pod["volumes"].append({"name": POD_TLS_VOLUME, "secret": {"secretName": secret, "defaultMode": 0o440}})
+    server["volumeMounts"].append({"name": POD_TLS_VOLUME, "mountPath": POD_TLS_DIR, "readOnly": True})
+    server["args"] = [*server["args"], "--tls-dir", POD_TLS_DIR]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        server[probe]["httpGet"]["scheme"] = "HTTPS"
+    annotations["prometheus.io/scheme"] = "https"
+
+
+def pod_template(v: Variant, image: str, model_cache: str | None = None, pod_tls: str | None = None) -> dict[str, Any]:
+    """The pod template without its config-hash annotation; `model_cache`: the shared ONNX cache's PVC;
+    `pod_tls`: the TLS Secret the server serves with."""
     spec = v.spec
     rt = spec.runtime
     startup_period = 5
@@ -402,17 +422,10 @@ def pod_template(v: Variant, image: str, model_cache: str | None = None) -> dict
         "serviceAccountName": spec.service_account_name,
     }
     pod.update({k: v for k, v in optional.items() if v})
-    return {
-        "metadata": {
-            "labels": v.pod_labels,
-            "annotations": {
-                "prometheus.io/scrape": "true",
-                "prometheus.io/port": str(PORT),
-                "prometheus.io/path": "/metrics",
-            },
-        },
-        "spec": pod,
-    }
+    annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORT), "prometheus.io/path": "/metrics"}
+    if pod_tls:
+        with_pod_tls(pod, server, annotations, pod_tls)
+    return {"metadata": {"labels": v.pod_labels, "annotations": annotations}, "spec": pod}
 
 
 def config_hash(config: dict[str, Any], template: dict[str, Any]) -> str:
@@ -422,8 +435,8 @@ def config_hash(config: dict[str, Any], template: dict[str, Any]) -> str:
 
 
 def deployment(v: Variant, namespace: str, image: str, config: dict[str, Any],
-               model_cache: str | None = None) -> dict[str, Any]:
-    template = pod_template(v, image, model_cache)
+               model_cache: str | None = None, pod_tls: str | None = None) -> dict[str, Any]:
+    template = pod_template(v, image, model_cache, pod_tls)
     template["metadata"]["annotations"][CONFIG_HASH_ANNOTATION] = config_hash(config, template)
     spec: dict[str, Any] = {} if v.replicas is None else {"replicas": v.replicas}
     spec.update({
@@ -478,14 +491,15 @@ def server_image(spec: CaffeModelServiceSpec, default_image: str = DEFAULT_SERVE
 
 
 def children(v: Variant, namespace: str, default_image: str = DEFAULT_SERVER_IMAGE,
-             network_peers: list[dict[str, Any]] | None = None, model_cache: str | None = None) -> Children:
+             network_peers: list[dict[str, Any]] | None = None, model_cache: str | None = None,
+             pod_tls: str | None = None) -> Children:
     """Every child of one variant (without owner references: the operator adds them); a
     NetworkPolicy when `network_peers` is given (None: no policy); the shared ONNX cache's PVC
-    mounted where `model_cache` names one."""
+    mounted where `model_cache` names one; serving over TLS with the Secret `pod_tls` names."""
     cm = config_map(v, namespace, model_cache)
     return Children(
         config_map=cm,
-        deployment=deployment(v, namespace, server_image(v.spec, default_image), cm, model_cache),
+        deployment=deployment(v, namespace, server_image(v.spec, default_image), cm, model_cache, pod_tls),
         service=service(v, namespace),
         network_policy=network_policy(v, namespace, network_peers) if network_peers is not None else None,
     )

@@ -7,7 +7,9 @@ serves (backend_report.py asks one ready pod's model metadata). Both go through 
   read with the endpoint rules of inference_server/slices.py (the same the gateway follows), and
   walked by `endpoint_targets` in a stable order (by pod name), so that what is reported is stable;
 - how: plain GETs on a session of their own, within TIMEOUT_S, bodies read up to a cap: the
-  operator's API credentials never reach a pod.
+  operator's API credentials never reach a pod. Where the pods serve over TLS (the chart's podTLS),
+  over https, each pod's certificate checked against the CA and the one name every pod's carries
+  (`PodTLS`; pool pods' repository calls go the same way, repository.py).
 
 API access: `list` on discovery.k8s.io `endpointslices` in the model's namespace. Without it
 (a 403) the status stays what the Deployment says, and the operator logs that once. The GETs go
@@ -23,6 +25,7 @@ from typing import Any
 
 import aiohttp
 
+from caffe_http.tls import POD_SERVER_NAME, ClientTLS
 from caffe_operator.kube import ApiError, KubeClient
 from inference_server.slices import SERVICE_NAME_LABEL, slice_endpoints, slice_labels
 
@@ -31,6 +34,22 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_MESSAGE_CHARS = 1024  # what a pod says is cut to this before it reaches the status (pycaffe errors can be long)
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
+
+
+class PodTLS:
+    """How the operator reaches pods that serve over TLS (`caffeserve serve --tls-dir`): https, the pod's
+    certificate checked against `ca_file` (re-read when it changes) and `server_name`, not the pod's address."""
+
+    def __init__(self, ca_file: str, server_name: str = POD_SERVER_NAME) -> None:
+        self.client = ClientTLS(ca_file, server_name)
+
+
+def pod_request(tls: PodTLS | None, url: str) -> tuple[str, dict[str, Any]]:
+    """`url` (http://ADDRESS:PORT/...) as the operator asks it, and aiohttp's extra arguments for it."""
+    if tls is None:
+        return url, {}
+    return ("https://" + url.removeprefix("http://"),
+            {"ssl": tls.client.context(), "server_hostname": tls.client.server_name})
 
 
 @dataclass(frozen=True)
@@ -59,9 +78,11 @@ def endpoint_targets(slices: Iterable[Mapping[str, Any]], service_name: str, def
     return [found[k] for k in sorted(found)][:limit]
 
 
-async def fetch(session: aiohttp.ClientSession, url: str, max_bytes: int = MAX_BODY_BYTES) -> tuple[int, bytes]:
+async def fetch(session: aiohttp.ClientSession, url: str, max_bytes: int = MAX_BODY_BYTES,
+                tls: PodTLS | None = None) -> tuple[int, bytes]:
     """(status, at most `max_bytes` of the body) of a GET; raises aiohttp/timeout/OS errors."""
-    async with session.get(url, allow_redirects=False) as response:
+    url, extra = pod_request(tls, url)
+    async with session.get(url, allow_redirects=False, **extra) as response:
         body = b""
         async for chunk in response.content.iter_chunked(16 * 1024):
             body += chunk
@@ -73,9 +94,10 @@ async def fetch(session: aiohttp.ClientSession, url: str, max_bytes: int = MAX_B
 class Pods:
     """The EndpointSlice listing and the credential-free session (see the module docstring)."""
 
-    def __init__(self, client: KubeClient | None, timeout_s: float = TIMEOUT_S) -> None:
+    def __init__(self, client: KubeClient | None, timeout_s: float = TIMEOUT_S, tls: PodTLS | None = None) -> None:
         self.client = client
         self.timeout_s = timeout_s
+        self.tls = tls  # None: the pods serve plain HTTP
         self._session: aiohttp.ClientSession | None = None
         self._forbidden_logged = False
 
@@ -104,7 +126,7 @@ class Pods:
 
     async def get(self, url: str, max_bytes: int = MAX_BODY_BYTES) -> tuple[int, bytes]:
         """`fetch` on the session."""
-        return await fetch(self.session(), url, max_bytes)
+        return await fetch(self.session(), url, max_bytes, self.tls)
 
     async def close(self) -> None:
         if self._session is not None:

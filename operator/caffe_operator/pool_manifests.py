@@ -157,10 +157,10 @@ def _tolerations(spec: CaffeServingPoolSpec) -> list[dict[str, Any]] | None:
 
 def pool_deployment(pool: str, namespace: str, spec: CaffeServingPoolSpec,
                     default_image: str = manifests.DEFAULT_SERVER_IMAGE,
-                    model_cache: str | None = None) -> dict[str, Any]:
+                    model_cache: str | None = None, pod_tls: str | None = None) -> dict[str, Any]:
     """The pool's Deployment: `replicas` empty many-model servers, ready before any model is loaded
     (the repository server is ready when it serves; each model's readiness is its own). `model_cache`:
-    the shared ONNX cache's PVC, mounted read-write."""
+    the shared ONNX cache's PVC, mounted read-write; `pod_tls`: the TLS Secret the server serves with."""
     labels = pool_labels(pool)
     startup_period = 5
     server: dict[str, Any] = {
@@ -212,9 +212,10 @@ def pool_deployment(pool: str, namespace: str, spec: CaffeServingPoolSpec,
         if spec.image_pull_secrets else None,
     }
     pod.update({k: v for k, v in optional.items() if v})
-    template = {"metadata": {"labels": labels, "annotations": {
-        "prometheus.io/scrape": "true", "prometheus.io/port": str(PORT), "prometheus.io/path": "/metrics"}},
-        "spec": pod}
+    annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORT), "prometheus.io/path": "/metrics"}
+    if pod_tls:
+        manifests.with_pod_tls(pod, server, annotations, pod_tls)
+    template = {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -98,9 +98,11 @@ class PoolReconciler:
     def __init__(self, client: KubeClient, apply: Apply, post_event: PostEvent, server_image: str,
                  gateway_url: str | None = None, gateway_grpc_address: str | None = None,
                  repository: RepositoryClient | None = None, network_peers: Sequence[dict[str, Any]] | None = None,
-                 delete_owned: DeleteOwned | None = None, model_cache_claim: str | None = None) -> None:
+                 delete_owned: DeleteOwned | None = None, model_cache_claim: str | None = None,
+                 pod_tls_secret: str | None = None) -> None:
         self.client = client
         self.model_cache_claim = model_cache_claim  # the shared ONNX cache's PVC (pool_manifests.py), if any
+        self.pod_tls_secret = pod_tls_secret  # the pool pods serve over TLS with it (the repository client knows)
         self.apply = apply
         self.post_event = post_event
         self.network_peers = network_peers  # None: the operator makes no NetworkPolicies
@@ -154,7 +156,7 @@ class PoolReconciler:
             raise kopf.PermanentError(f"InvalidSpec: {e}") from None
         await self._network_policy(cr, namespace, pool, logger)
         deployment = pool_manifests.pool_deployment(pool, namespace, spec, self.server_image,
-                                                    self.model_cache_claim)
+                                                    self.model_cache_claim, self.pod_tls_secret)
         kopf.append_owner_reference(deployment, owner=cr)  # type: ignore[arg-type]
         deployment, _ = await self.apply(deployment)
         pods = await self.client.list("Pod", namespace, pool_manifests.pool_selector_string(pool))
@@ -319,7 +321,7 @@ class PoolReconciler:
                      "measured": measured is not None or (m.measured and bool(m.memory_bytes))}
         new = build_status(
             generation=meta.get("generation"), readiness_=ready, deployment=None, previous=previous,
-            url=manifests.model_url(name, namespace, self.gateway_url),
+            url=manifests.model_url(name, namespace, self.gateway_url, bool(self.pod_tls_secret)),
             grpc_address=manifests.grpc_address(name, namespace, m.spec, self.gateway_grpc_address),
             selector=pool_manifests.model_selector_string(pool, name), placement=placement,
             replicas=(len(pods), len(pods)),

@@ -58,6 +58,7 @@ from typing import Any
 
 import kopf
 
+from caffe_http.tls import POD_SERVER_NAME
 from caffe_operator import manifests, pool_manifests, traffic, variants
 from caffe_operator.api import API_VERSION, KIND, CaffeModelServiceSpec, InvalidSpec, parse_spec
 from caffe_operator.backend_report import RECHECK_CHECKING_S, BackendProbe, BackendReport
@@ -72,8 +73,9 @@ from caffe_operator.fetch_errors import (
 )
 from caffe_operator.kube import ApiError, KubeClient, object_path
 from caffe_operator.load_errors import LoadErrorProbe
-from caffe_operator.pods import Pods
+from caffe_operator.pods import Pods, PodTLS
 from caffe_operator.pool_reconcile import PoolReconciler
+from caffe_operator.repository import RepositoryClient
 from caffe_operator.status import (
     MODEL_LOAD_FAILED,
     READY,
@@ -104,6 +106,11 @@ class OperatorConfig:
     prometheus_url: str | None = None  # with it, KEDA sums the signal over gateway replicas (traffic.py)
     otlp_endpoint: str | None = None  # model pods' traces, where a CR sets no spec.runtime.tracing.endpoint
     model_cache_claim: str | None = None  # a PVC mounted into model pods as the shared ONNX cache (manifests.py)
+    # the model and pool pods serve over TLS with this kubernetes.io/tls Secret (in their namespace), and the
+    # operator reaches them checking the CA file (the same Secret's ca.crt, mounted here) and the server name
+    pod_tls_secret: str | None = None
+    pod_tls_ca: str = manifests.POD_TLS_CA_FILE
+    pod_tls_server_name: str = POD_SERVER_NAME
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -118,7 +125,15 @@ class OperatorConfig:
             prometheus_url=env.get("CAFFESERVE_PROMETHEUS_URL") or None,
             otlp_endpoint=env.get("CAFFESERVE_OTLP_ENDPOINT") or None,
             model_cache_claim=env.get("CAFFESERVE_MODEL_CACHE_CLAIM") or None,
+            pod_tls_secret=env.get("CAFFESERVE_POD_TLS_SECRET") or None,
+            pod_tls_ca=env.get("CAFFESERVE_POD_TLS_CA") or manifests.POD_TLS_CA_FILE,
+            pod_tls_server_name=env.get("CAFFESERVE_POD_TLS_SERVER_NAME") or POD_SERVER_NAME,
         )
+
+    def pod_tls(self) -> PodTLS | None:
+        """How to reach the pods when they serve over TLS (the CA must load: an operator that cannot check
+        the pods' certificates stops at start with why)."""
+        return PodTLS(self.pod_tls_ca, self.pod_tls_server_name) if self.pod_tls_secret else None
 
 
 def network_peers_from(raw: str | None) -> tuple[dict[str, Any], ...] | None:
@@ -287,7 +302,7 @@ class Reconciler:
         self.config = config
         # Our own poster, not kopf.event: the resync and follow-ups run outside kopf's handlers.
         self.post_event = post_event or EventPoster(client, manifests.MANAGED_BY)
-        self.pods = pods or Pods(client)  # asks the model pods, for both probes below
+        self.pods = pods or Pods(client, tls=config.pod_tls())  # asks the model pods, for both probes below
         self.probe = LoadErrorProbe(pods=self.pods)
         self.backends = BackendProbe(self.pods)
         self.fetches = FetchErrorProbe(client)
@@ -300,7 +315,8 @@ class Reconciler:
         self._swept: defaultdict[tuple[str, str], set[tuple[str, str]]] = defaultdict(set)
         self.pools = PoolReconciler(client, self._apply, self.post_event, config.server_image, config.gateway_url,
                                     config.gateway_grpc_address, network_peers=config.network_peers,
-                                    delete_owned=self._delete_owned, model_cache_claim=config.model_cache_claim)
+                                    delete_owned=self._delete_owned, model_cache_claim=config.model_cache_claim,
+                                    repository=RepositoryClient(self.pods.tls), pod_tls_secret=config.pod_tls_secret)
 
     async def close(self) -> None:
         await self.pools.close()
@@ -380,7 +396,8 @@ class Reconciler:
             deployment = await self.client.get(object_path("Deployment", namespace, manifests.predictor_name(name)))
             message = str(e) + ("" if deployment is None else "; the previous spec's pods keep running")
             outcome.ready = Readiness("False", "InvalidSpec", message)
-            url = None if deployment is None else manifests.model_url(name, namespace, self.config.gateway_url)
+            url = None if deployment is None else manifests.model_url(name, namespace, self.config.gateway_url,
+                                                                 bool(self.config.pod_tls_secret))
             # the previous spec's pods keep serving gRPC as they did (or did not)
             grpc = None if deployment is None else previous.get("grpcAddress")
             await self._write_status(cr, outcome.ready, deployment, url, logger, grpc_address=grpc)
@@ -392,7 +409,7 @@ class Reconciler:
         for v in wanted:
             objs = ([pool_manifests.model_service(v, namespace, v.spec.pool)] if v.spec.pool is not None else
                     manifests.children(v, namespace, self.config.server_image, peers,
-                                       self.config.model_cache_claim).all())
+                                       self.config.model_cache_claim, self.config.pod_tls_secret).all())
             applied[v.name] = await self._apply_all(cr, previous, generation, objs, outcome, logger)
             await self._drop_stale_labels(applied[v.name]["Service"], v.traffic_labels)
         old_pool = (previous.get("placement") or {}).get("pool")
@@ -432,7 +449,8 @@ class Reconciler:
                     outcome.ready = Readiness("False", UNSCHEDULABLE, failure_message(stuck))
         backend = await self._backend(cr, deployment, outcome.ready, logger)
         await self._write_status(cr, outcome.ready, deployment,
-                                 manifests.model_url(name, namespace, self.config.gateway_url), logger, backend,
+                                 manifests.model_url(name, namespace, self.config.gateway_url,
+                                                     bool(self.config.pod_tls_secret)), logger, backend,
                                  manifests.grpc_address(name, namespace, spec, self.config.gateway_grpc_address),
                                  variant_status(wanted, applied, outcome.ready))
         return outcome

@@ -18,6 +18,8 @@ from typing import Any
 
 import aiohttp
 
+from caffe_operator.pods import PodTLS, pod_request
+
 LOAD_TIMEOUT_S = 600.0
 TIMEOUT_S = 5.0
 MAX_MESSAGE_CHARS = 1024
@@ -57,8 +59,9 @@ def _message(status: int, body: bytes) -> str:
 class RepositoryClient:
     """Repository calls to pool pods at `http://ADDRESS:PORT`."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: PodTLS | None = None) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self.tls = tls  # the pool pods serve over TLS (pods.PodTLS); None: plain HTTP
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -74,7 +77,8 @@ class RepositoryClient:
             self._session = None
 
     async def _post(self, url: str, body: Any, timeout_s: float = TIMEOUT_S) -> tuple[int, bytes]:
-        async with self.session().post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+        url, extra = pod_request(self.tls, url)
+        async with self.session().post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s), **extra) as r:
             return r.status, await r.read()
 
     async def index(self, base: str) -> list[IndexEntry] | None:
@@ -107,7 +111,8 @@ class RepositoryClient:
     async def memory(self, base: str, model: str, gpu: bool) -> int | None:
         """The memory `model` took on this pod, from its metadata (memory_of); None when unknown."""
         try:
-            async with self.session().get(f"{base}/v2/models/{model}") as r:
+            url, extra = pod_request(self.tls, f"{base}/v2/models/{model}")
+            async with self.session().get(url, **extra) as r:
                 if r.status != 200:
                     return None
                 doc = json.loads(await r.read())

@@ -44,14 +44,16 @@ def findings(tmp_path_factory) -> list[dict]:
     with helm_cluster() as cluster:
         chart = rendered_objects(helm_install(cluster, "cs", "caffe-system", {
             "networkPolicy": {"enabled": True},
-            "gateway": {"tls": {"secretName": "gateway-tls"}, "auth": {"mode": "tokenreview"}}}))
+            "gateway": {"tls": {"secretName": "gateway-tls"}, "auth": {"mode": "tokenreview"}},
+            "podTLS": {"secretName": "pod-tls"}}))
     (out / "chart.yaml").write_text(yaml.safe_dump_all(chart))
     operator = one(chart, "Deployment", "cs-caffe-serving-operator")["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in operator["env"]}
     peers = json.loads(env["CAFFESERVE_NETWORK_POLICY_FROM"])  # what the chart tells the operator
     for source, raw in MODEL_SPECS.items():
         variant = variants.Variant(f"digits-{source}", api.parse_spec(f"digits-{source}", raw))
-        kids = manifests.children(variant, "ml", env["CAFFESERVE_SERVER_IMAGE"], peers)
+        kids = manifests.children(variant, "ml", env["CAFFESERVE_SERVER_IMAGE"], peers,
+                                  pod_tls=env["CAFFESERVE_POD_TLS_SECRET"])
         (out / f"model-{source}.yaml").write_text(yaml.safe_dump_all(kids.all()))
     proc = subprocess.run([checkov_binary(), "-d", str(out), "--framework", "kubernetes", "-o", "json", "--quiet",
                            "--compact", "--skip-download"], capture_output=True, text=True, timeout=300)

@@ -294,6 +294,29 @@ def test_model_cache_claim_reaches_the_operator_and_a_bad_name_is_refused():
     assert "CAFFESERVE_MODEL_CACHE_CLAIM" not in {e["name"] for e in op["env"]}
 
 
+def test_pod_tls_reaches_the_operator_and_the_gateway_with_the_ca_only():
+    from caffe_operator.reconcile import OperatorConfig
+
+    _, stored = install({"podTLS": {"secretName": "pod-tls"}})
+    (op,) = one(stored, "Deployment", f"{PREFIX}-operator")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in op["env"] if "value" in e}
+    config = OperatorConfig.from_env(env)
+    assert (config.pod_tls_secret, config.pod_tls_ca, config.pod_tls_server_name) == (
+        "pod-tls", "/etc/caffe-serving/pod-ca/ca.crt", "caffe-model-server")
+    gateway = one(stored, "Deployment", f"{PREFIX}-gateway")["spec"]["template"]["spec"]
+    (c,) = gateway["containers"]
+    assert c["args"][c["args"].index("--upstream-ca") + 1] == "/etc/caffe-serving/pod-ca/ca.crt"
+    assert c["args"][c["args"].index("--upstream-server-name") + 1] == "caffe-model-server"
+    for spec in (gateway, one(stored, "Deployment", f"{PREFIX}-operator")["spec"]["template"]["spec"]):
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "pod-ca"]
+        assert volume["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]  # not the pods' key
+    _, stored = install({})  # off by default
+    (op,) = one(stored, "Deployment", f"{PREFIX}-operator")["spec"]["template"]["spec"]["containers"]
+    assert "CAFFESERVE_POD_TLS_SECRET" not in {e["name"] for e in op["env"]}
+    (c,) = one(stored, "Deployment", f"{PREFIX}-gateway")["spec"]["template"]["spec"]["containers"]
+    assert "--upstream-ca" not in c["args"]
+
+
 def test_gateway_can_be_left_out():
     _, stored = install({"gateway": {"enabled": False}})
     assert not [o for o in stored if "gateway" in o["metadata"]["name"]]

@@ -200,6 +200,26 @@ def test_a_model_cache_claim_is_mounted_read_write_as_the_servers_shared_onnx_ca
     assert len(hashes) == 2  # turning the cache on or off rolls the pods
 
 
+def test_a_pod_tls_secret_makes_the_server_serve_over_tls_with_https_probes():
+    kids = manifests.children(variants.Variant("digits", spec()), "ml", "registry.example/caffe:1", pod_tls="pod-tls")
+    assert {"name": "tls", "secret": {"secretName": "pod-tls", "defaultMode": 0o440}} in pod(kids)["volumes"]
+    c = server(kids)
+    assert {"name": "tls", "mountPath": "/etc/caffe-serving/tls", "readOnly": True} in c["volumeMounts"]
+    assert c["args"][-2:] == ["--tls-dir", "/etc/caffe-serving/tls"]
+    assert {c[p]["httpGet"]["scheme"] for p in ("startupProbe", "livenessProbe", "readinessProbe")} == {"HTTPS"}
+    assert kids.deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scheme"] == "https"
+    assert manifests.model_url("digits", "ml", None, tls=True) == \
+        "https://digits-predictor.ml.svc:8080/v2/models/digits"
+    for obj in kids.all():
+        kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
+    plain = build()
+    assert "--tls-dir" not in server(plain)["args"] and "scheme" not in server(plain)["readinessProbe"]["httpGet"]
+    assert manifests.SERVE_ARGS == ["--drain-delay", "5", "--grace-period", "30"]  # the shared list is untouched
+    hashes = {k.deployment["spec"]["template"]["metadata"]["annotations"][manifests.CONFIG_HASH_ANNOTATION]
+              for k in (kids, plain)}
+    assert len(hashes) == 2  # turning TLS on or off rolls the pods
+
+
 def test_the_server_config_is_what_caffeserve_serve_accepts():
     s = spec(runtime={"device": "gpu", "instances": 3, "batching": {"enabled": "auto", "maxBatchSize": 32},
                       "backend": "auto", "parityTolerance": 1e-4, "limits": {"maxBatch": 4}},

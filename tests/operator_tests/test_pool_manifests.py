@@ -126,6 +126,16 @@ def test_a_model_cache_claim_is_every_pool_pods_shared_onnx_cache_and_named_in_e
     assert "onnxCache" not in json.loads(pool_manifests.load_config("digits", model_spec(), "cpu"))
 
 
+def test_pool_pods_serve_over_tls_with_the_pod_tls_secret():
+    dep = pool_manifests.pool_deployment("small", "ml", pool(device="cpu"), "registry.example/caffe:1", None, "pod-tls")
+    c = server(dep)
+    assert {"name": "tls", "secret": {"secretName": "pod-tls", "defaultMode": 0o440}} in \
+        dep["spec"]["template"]["spec"]["volumes"]
+    assert c["args"][-2:] == ["--tls-dir", "/etc/caffe-serving/tls"]
+    assert {c[p]["httpGet"]["scheme"] for p in ("startupProbe", "livenessProbe", "readinessProbe")} == {"HTTPS"}
+    kubernetes_validate.validate(dep, kubernetes_validate.latest_version(), strict=True)
+
+
 @pytest.mark.parametrize("changes,message", [
     ({"source": {"url": "https://models.example.com/d"}}, "must come from source.pvc"),
     ({"runtime": {"gpus": 2}}, "pool small, whose spec.gpu decides"),
