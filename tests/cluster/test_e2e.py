@@ -31,11 +31,13 @@ Running, as kwok does; a pod's credentials reach its process through a kubeconfi
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
 import re
 import shutil
+import ssl
 import threading
 import time
 import urllib.error
@@ -48,6 +50,7 @@ import pytest
 import tritonclient.http as httpclient
 import yaml
 
+from caffe_http.tls import POD_SERVER_NAME
 from caffe_operator import manifests
 from caffe_testing.chart import (
     chart_crds,
@@ -63,6 +66,7 @@ from caffe_testing.digits import DIGITS_DIR, digits_data
 from caffe_testing.grpc import OIPClient, infer_request, output
 from caffe_testing.keda import SCALEDOBJECT_CRD, SCALEDOBJECTS, unknown_fields
 from caffe_testing.nodeagent import TEST_NODES, NodeAgent
+from caffe_testing.pki import CA
 from caffe_testing.rbac import Attributes, authenticated_defaults, grants_for, unused_permissions
 
 RELEASE, NAMESPACE = "cs", "caffe-system"
@@ -73,7 +77,8 @@ GPU_EXAMPLES = {"alexnet", "resnet50"}  # their pods run no process here (no GPU
 PODS, ENDPOINTSLICES = "v1/pods", "discovery.k8s.io/v1/endpointslices"
 RBAC_KINDS = {"ClusterRole": "clusterroles", "ClusterRoleBinding": "clusterrolebindings",
               "Role": "roles", "RoleBinding": "rolebindings"}
-VALUES = {"networkPolicy": {"enabled": True}}
+# The model and pool pods serve over TLS (podTLS): the gateway and the operator reach them checking the CA
+VALUES = {"networkPolicy": {"enabled": True}, "podTLS": {"secretName": "pod-tls"}}
 POOL, POOL_CLAIM = "small", "pool-models"
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
 
@@ -89,6 +94,7 @@ class Kube:
     model_dir: Path
     pool_mount: Path
     timings: dict[str, float]
+    pod_context: ssl.SSLContext  # trusts the model pods' CA (podTLS)
 
     def gateways(self):
         return self.agent.running(NAMESPACE, f"{PREFIX}-gateway-")
@@ -112,11 +118,11 @@ def runs_a_process(pod: dict[str, Any]) -> bool:
     return (pod["metadata"].get("labels") or {}).get(manifests.MODEL_LABEL) not in GPU_EXAMPLES
 
 
-def http_json(method: str, url: str, body: Any = None, timeout: float = 30) -> tuple[int, Any]:
+def http_json(method: str, url: str, body: Any = None, timeout: float = 30, context=None) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as r:
             return r.status, json.loads(r.read() or b"null")
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"null")
@@ -167,6 +173,16 @@ def kube(tmp_path_factory):
         k.timings["control plane up"] = time.monotonic() - start
         for ns in (NAMESPACE, MODEL_NS):  # as an admin prepares a cluster: Pod Security "restricted" enforced
             cp.create_namespace(ns, RESTRICTED)
+        # the pods' TLS Secret, as cert-manager writes it, where the pods run and where the chart's programs do
+        ca = CA(tmp_path_factory.mktemp("pod-ca"))
+        crt, key = ca.issue(POD_SERVER_NAME, POD_SERVER_NAME, server=True, hosts=[POD_SERVER_NAME])
+        data = {"tls.crt": crt.read_bytes(), "tls.key": key.read_bytes(), "ca.crt": ca.cert_path.read_bytes()}
+        apply_all(cp, [{"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                        "metadata": {"name": "pod-tls", "namespace": ns},
+                        "data": {k: base64.b64encode(v).decode() for k, v in data.items()}}
+                       for ns in (NAMESPACE, MODEL_NS)])
+        k.pod_context = ssl.create_default_context(cafile=str(ca.cert_path))
+        k.pod_context.check_hostname = False  # a pod by its address: the chain is checked, its name is a DNS name
         apply_all(cp, volume("digits-model", "digits-model", k.model_dir))
         apply_all(cp, volume(POOL_CLAIM, POOL_CLAIM, k.pool_mount / POOL_CLAIM))
         yield k
@@ -299,7 +315,8 @@ def test_3_the_digits_pods_run_the_generated_template_on_addresses_of_their_own(
         assert owner["kind"] == "ReplicaSet" and owner["name"].startswith(f"{MODEL}-predictor-")
         (server,) = pod["spec"]["containers"]
         assert server["command"] == manifests.SERVE_COMMAND + manifests.GRPC_ARGS
-        status, meta = http_json("GET", f"http://{pod['status']['podIP']}:8080/v2/models/{MODEL}")
+        status, meta = http_json("GET", f"https://{pod['status']['podIP']}:8080/v2/models/{MODEL}",
+                                 context=digits.pod_context)  # the pods serve over TLS (podTLS)
         assert status == 200 and meta["name"] == MODEL
 
 
@@ -406,8 +423,8 @@ def test_4_the_documented_tritonclient_call_reads_a_3(digits):
     assert float(printed[0]) == pytest.approx(float(documented[0]), abs=1e-5)
 
 
-def served_inferences(ip: str) -> float:
-    with urllib.request.urlopen(f"http://{ip}:8080/metrics", timeout=10) as r:
+def served_inferences(ip: str, context) -> float:
+    with urllib.request.urlopen(f"https://{ip}:8080/metrics", timeout=10, context=context) as r:
         text = r.read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("caffeserve_inference_requests_total{") and 'code="200"' in line)
@@ -416,12 +433,12 @@ def served_inferences(ip: str) -> float:
 def test_4_the_gateways_spread_requests_over_both_model_pods(digits):
     images, _ = one_digit_per_class()
     ips = [p["status"]["podIP"] for p in digits.model_pods()]
-    before = [served_inferences(ip) for ip in ips]
+    before = [served_inferences(ip, digits.pod_context) for ip in ips]
     for i in range(20):
         assert (
             http_json("POST", f"{digits.gateway_url(i % 2)}/v2/models/{MODEL}/infer", infer_body(images[:1]))[0] == 200
         )
-    after = [served_inferences(ip) for ip in ips]
+    after = [served_inferences(ip, digits.pod_context) for ip in ips]
     assert sum(after) - sum(before) == 20
     assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
 

@@ -102,3 +102,19 @@ def test_upstream_tls_flags_that_do_not_fit_stop_the_gateway_with_why(args, mess
     args = tuple(str(ca.cert_path) if a == "CA" else a for a in args)
     run = subprocess.run([*CAFFESERVE, "gateway", "--port", "0", *args], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and message in run.stderr, run.stderr
+
+
+def test_the_grpcio_transport_forwards_over_tls_too(tls_servers, pki):
+    """CAFFESERVE_GRPC_TRANSPORT=grpcio: the gateway's gRPC runs on grpc.aio, its channel to the servers a
+    secure one with the same CA and name."""
+    ca, _ = pki
+    with GatewayProcess("--static", static("digits", *tls_servers), "--upstream-ca", str(ca.cert_path),
+                        env={"CAFFESERVE_GRPC_TRANSPORT": "grpcio"}) as g:
+        client = OIPClient(g.grpc_port)
+        try:
+            x = digits_data.to_blob(IMAGES[4:6]).astype(np.float32)
+            probs = np.frombuffer(client.infer(infer_request("digits", {"data": x})).raw_output_contents[0],
+                                  np.float32)
+            assert list(probs.reshape(2, -1).argmax(1)) == list(LABELS[4:6])
+        finally:
+            client.close()
