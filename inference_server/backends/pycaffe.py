@@ -129,6 +129,9 @@ class PycaffeBackend:
         batch0 = max(1, min(self._batch.values(), default=1))
         self._largest_blob_per_item = max((b.count for b in self.net.blobs.values()), default=0) / batch0
         self._gpu = device_kind == "gpu"
+        self._last_layer = len(self.net.layers) - 1
+        self._blobs = self.net.blobs  # pycaffe's property looks its dict up on each access
+        self._in_views: dict[str, np.ndarray] = {}  # CPU only: the input blobs' arrays (_infer_cpu)
         if self._gpu:
             # Blob memory grows with the batch and never shrinks (Caffe keeps a blob's capacity):
             # bytes per batch item, from the Net as loaded, and the largest batch allocated so far.
@@ -149,13 +152,44 @@ class PycaffeBackend:
         return list(self.net.blobs.keys())
 
     def infer(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        if not self._gpu:
+            return self._infer_cpu(inputs, outputs)
         net = self.net
-        reshape = False
+        if any(net.blobs[name].data.shape != arr.shape for name, arr in inputs.items()):
+            self._reshape(inputs)
         for name, arr in inputs.items():
-            blob = net.blobs[name]
-            if blob.data.shape != arr.shape:
-                reshape = True
-        if reshape:
+            net.blobs[name].data[...] = arr
+        net.forward()
+        return {name: net.blobs[name].data.copy() for name in outputs}
+
+    def _infer_cpu(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        """The forward pass on the CPU, writing into the input blobs' arrays fetched once per shape.
+
+        pycaffe's `Net.forward` builds a list of the layers, a set and a dict of every output's array per
+        call, and `net.blobs[name].data` a numpy array per access. On the CPU an input blob's memory stays
+        where it is while its shape does (only a reshape moves it; the Input layer never reshapes in a
+        forward), so arrays taken after the last reshape stay valid. Outputs are read fresh: a layer may
+        reshape its top in the forward (DetectionOutput's count is the data's). Not on the GPU: there
+        `blob.data` is also what marks the host copy as the newest (mutable_cpu_data), so that the next
+        forward uploads it; writing through an array taken earlier would not be uploaded.
+        """
+        views = self._in_views
+        for name, arr in inputs.items():
+            view = views.get(name)
+            if view is None or view.shape != arr.shape:
+                self._reshape(inputs)
+                views = self._in_views
+                break
+        for name, arr in inputs.items():
+            views[name][...] = arr
+        self.net._forward(0, self._last_layer)
+        blobs = self._blobs
+        return {name: blobs[name].data.copy() for name in outputs}
+
+    def _reshape(self, inputs: dict[str, np.ndarray]) -> None:
+        """The Net reshaped to `inputs`' shapes (any blob may move: the arrays are fetched again)."""
+        net = self.net
+        if any(net.blobs[name].data.shape != arr.shape for name, arr in inputs.items()):
             batch = max(arr.shape[0] for arr in inputs.values())
             if batch * self._largest_blob_per_item > 2**31 - 1:
                 raise BadRequest(f"batch {batch} is too large for this net: a blob would exceed Caffe's limit "
@@ -165,10 +199,8 @@ class PycaffeBackend:
             for name, arr in inputs.items():
                 net.blobs[name].reshape(*arr.shape)
             net.reshape()
-        for name, arr in inputs.items():
-            net.blobs[name].data[...] = arr
-        net.forward()
-        return {name: net.blobs[name].data.copy() for name in outputs}
+        if not self._gpu:
+            self._in_views = {name: net.blobs[name].data for name in inputs}
 
     def _check_gpu_memory(self, batch: int) -> None:
         """Raise GpuOutOfMemory (before any blob grows) if `batch` would not fit in the GPU's free memory."""

@@ -94,6 +94,18 @@ def test_nested_data_with_batch_of_three_equals_direct_forward(zoo):
     assert np.abs(got["prob"][1:2] - single["prob"]).max() <= TOL
 
 
+def test_a_batch_size_that_changes_between_requests_still_equals_direct_forward(zoo):
+    """The CPU backend writes into input arrays it keeps between requests (backends/pycaffe.py): each
+    reshape, to a larger batch and back, must leave every answer the Net's own."""
+    server, proto, weights = zoo
+    rng = np.random.default_rng(9)
+    for batch in (1, 3, 1, 1, 2, 3, 3):
+        x = rng.normal(0, 1, (batch, 3, 15, 15)).astype(np.float32)
+        body = json_infer(server.url, "zoo", [{"name": "data", "shape": list(x.shape), "datatype": "FP32",
+                                                "data": x.ravel().tolist()}])
+        assert_matches({o["name"]: tensor(o) for o in body["outputs"]}, forward(proto, weights, {"data": x}))
+
+
 def test_requested_outputs_return_only_those_in_request_order(zoo):
     server, proto, weights = zoo
     x = np.random.default_rng(2).normal(0, 1, (2, 3, 15, 15)).astype(np.float32)
