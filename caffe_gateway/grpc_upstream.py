@@ -27,7 +27,7 @@ import zlib
 
 import grpc
 
-from inference_server.grpc.hpack_decode import HeaderDecoder, HPACKError, encode_int, literal
+from inference_server.grpc.hpack_decode import Fields, HeaderDecoder, HPACKError, encode_int, literal
 from inference_server.grpc.messages import SERVICE
 from inference_server.grpc.transport import (
     ACK,
@@ -82,8 +82,8 @@ class _Call:
         self.head = b""  # the request's message prefix, while not yet sent
         self.pending: memoryview | None = None  # request data waiting for window
         self.send_window = window
-        self.headers: list[tuple[bytes, bytes]] | None = None
-        self.trailers: list[tuple[bytes, bytes]] | None = None
+        self.headers: Fields | None = None
+        self.trailers: Fields | None = None
         self.body = bytearray()
         self.received = 0  # answer bytes since this stream's last WINDOW_UPDATE
 
@@ -382,7 +382,7 @@ def _unpercent(value: bytes) -> str:
 
 def _answer(c: _Call) -> tuple:
     """(code, message bytes or details, initial metadata, trailing metadata) of a finished call."""
-    headers = c.headers or []
+    headers: Fields = c.headers or ()
     trailers = c.trailers if c.trailers is not None else headers  # trailers-only: one block
     status = grpc_status = message = None
     encoding = b""
