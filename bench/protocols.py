@@ -18,9 +18,9 @@ measured call OK.
     .venv/bin/python bench/protocols.py --models large [--baseline DIR]
 
 `--models large`: the transports alone with a large message, an inception-size input (1x3x224x224 FP32,
-602 kB as a gRPC message) sent to the empty handler on each gRPC transport; `--baseline DIR` adds the
-empty handler of our transport from another checkout (e.g. `git worktree add DIR main`), measured in the
-same turns: a transport change's before and after.
+602 kB as a gRPC message) sent to the empty handler on each gRPC transport. `--baseline DIR` adds a model
+server and the empty handler of our transport from another checkout (e.g. `git worktree add DIR main`),
+measured in the same turns: a change's before and after (rows `* base`).
 """
 
 from __future__ import annotations
@@ -138,9 +138,11 @@ class Target:
     grpc_server: object | None = None  # a model server whose gRPC counter must confirm the calls
 
 
-def targets(server, grpcio_server, empty: dict[str, tuple[int, psutil.Process]], model: str, cases) -> list[Target]:
+def targets(server, grpcio_server, empty: dict[str, tuple[int, psutil.Process]], model: str, cases,
+            base_server=None) -> list[Target]:
     """REST JSON, REST binary and gRPC on the model server (our HTTP/2 transport), gRPC on a second model
-    server running grpc.aio, and an empty handler on each gRPC transport (the floor of each)."""
+    server running grpc.aio, and an empty handler on each gRPC transport (the floor of each); with
+    `base_server` (--baseline's checkout), its REST binary and gRPC too."""
     rest_url = f"{server.url}/v2/models/{model}/infer"
     proc = psutil.Process(server.proc.pid)
     out = [Target(p, rest_url, *cases[p], True, proc) for p in ("REST JSON", "REST binary")]
@@ -149,6 +151,12 @@ def targets(server, grpcio_server, empty: dict[str, tuple[int, psutil.Process]],
     if grpcio_server is not None:
         out.append(Target("gRPC grpc.aio", f"http://127.0.0.1:{grpcio_server.grpc_port}{path}", *cases["gRPC"], False,
                           psutil.Process(grpcio_server.proc.pid), grpcio_server))
+    if base_server is not None:
+        base_proc = psutil.Process(base_server.proc.pid)
+        out.append(Target("REST bin base", f"{base_server.url}/v2/models/{model}/infer", *cases["REST binary"], True,
+                          base_proc))
+        out.append(Target("gRPC base", f"http://127.0.0.1:{base_server.grpc_port}{path}", *cases["gRPC"], False,
+                          base_proc, base_server))
     out += empty_targets(empty, cases)
     return out
 
@@ -202,14 +210,16 @@ def report(rows: list[dict]) -> None:
           f"{'CPU ms/req':>10} {'×req/s':>7} {'×p50':>6} {'×CPU':>6}")
     for r in rows:
         same = [b for b in rows if b["model"] == r["model"] and b["concurrency"] == r["concurrency"]]
-        base = next((b for b in same if b["protocol"] == "REST binary"), None) or next(
-            b for b in same if b["protocol"] == "empty grpc.aio")
+        rest = "REST bin base" if r["protocol"] == "gRPC base" else "REST binary"  # each server's own REST
+        base = next((b for b in same if b["protocol"] == rest), None) or next(
+            b for b in same if b["protocol"] in ("empty grpc.aio", "empty h2"))
         print(f"{r['model']:<10} {r['concurrency']:>4} {r['protocol']:<14} {r['body_bytes']:>9} {r['rps']:>9.1f} "
               f"{r['p50_ms']:>9.3f} {r['p99_ms']:>9.3f} {r['cpu_ms']:>10.3f} {r['rps'] / base['rps']:>7.2f} "
               f"{r['p50_ms'] / base['p50_ms']:>6.2f} {r['cpu_ms'] / base['cpu_ms']:>6.2f}")
     print("(× columns: ratio to REST binary at the same model and concurrency, this run (model large: to empty "
-          "grpc.aio); gRPC is our HTTP/2 transport, gRPC grpc.aio the same service on grpc.aio, empty *: a handler "
-          "that answers nothing, empty h2 base: --baseline's)")
+          "grpc.aio, or empty h2 with --no-grpcio); gRPC is our HTTP/2 transport, gRPC grpc.aio the same service on "
+          "grpc.aio, empty *: a handler that answers nothing; * base: --baseline's checkout, its gRPC's ratios to "
+          "its own REST binary)")
 
 
 def model_configs(tmp: Path, names: list[str], backend: str | None) -> list[tuple[str, Path, str, str, list[int]]]:
@@ -265,7 +275,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8")
     ap.add_argument("--backend", default=None, help="override the configs' backend (pycaffe, onnxruntime, auto)")
     ap.add_argument("--no-grpcio", action="store_true", help="leave out grpc.aio (the second server, the empty one)")
-    ap.add_argument("--baseline", type=Path, default=None, help="a checkout whose empty h2 handler runs beside ours")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="a checkout whose model server (REST binary, gRPC) and empty h2 handler run beside ours")
     args = ap.parse_args()
     if shutil.which("h2load") is None:
         raise SystemExit("h2load is not installed: apt-get install nghttp2-client (scripts/system/debian-packages.txt)")
@@ -287,11 +298,14 @@ def main() -> None:
                 server = stack.enter_context(grpc_server(path, Path(d), env=env, args=["--log-level", "WARNING"]))
                 grpcio = None if args.no_grpcio else stack.enter_context(grpc_server(
                     path, Path(d), env={**env, "CAFFESERVE_GRPC_TRANSPORT": "grpcio"}, args=["--log-level", "WARNING"]))
+                base = None if args.baseline is None else stack.enter_context(grpc_server(
+                    path, Path(d), env=env, args=["--log-level", "WARNING"], root=args.baseline.resolve()))
                 backend = orjson.loads(http("GET", f"{server.url}/v2/models/{model}")[2])["parameters"]["backend"]
                 cases = bodies(model, name, x)
                 check_answers(server, model, name, out, x, cases)
                 print(f"{model}: input {shape}, backend {backend}; the three protocols agree; measuring", flush=True)
-                rows += measure(model, targets(server, grpcio, empty, model, cases), conc, args.seconds, args.rounds)
+                rows += measure(model, targets(server, grpcio, empty, model, cases, base), conc, args.seconds,
+                                args.rounds)
             time.sleep(0.5)
     report(rows)
 

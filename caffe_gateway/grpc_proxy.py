@@ -357,6 +357,7 @@ class GRPCGateway:
         self.transport = kind(self.balancer.settings.connect_timeout_s, self.settings.request_timeout_s)
         self.is_ready = ready
         self.tracing = tracing  # None: tracing off (tracing.py)
+        self._forwarded_md: dict[int, tuple[Any, str, tuple]] = {}  # see _request_metadata
         self._live = pb.ServerLiveResponse(live=True).SerializeToString()
         self._not_ready = pb.ModelReadyResponse(ready=False).SerializeToString()
         self._server_metadata = pb.ServerMetadataResponse(
@@ -500,13 +501,24 @@ class GRPCGateway:
         return _Abort(Code.UNAVAILABLE, message, retry_trailers(Code.UNAVAILABLE, message, seconds))
 
     def _request_metadata(self, context) -> tuple:
-        md = [(k, v) for k, v in context.invocation_metadata() or ()
-              if not k.startswith((":", "grpc-")) and k not in _REQUEST_OWN]
-        ip = _peer_ip(context.peer() or "")
+        """The metadata passed on to the server: the client's (not gRPC's own), and x-forwarded-for. Kept
+        for the client's metadata object and peer of the last calls: our transport gives calls with the same
+        header block the same tuple, so a client's repeated calls cost a dict lookup."""
+        given = context.invocation_metadata() or ()
+        peer = context.peer() or ""
+        kept = self._forwarded_md.get(id(given))
+        if kept is not None and kept[0] is given and kept[1] == peer:
+            return kept[2]
+        md = [(k, v) for k, v in given if not k.startswith((":", "grpc-")) and k not in _REQUEST_OWN]
+        ip = _peer_ip(peer)
         if ip:
-            prior = next((v for k, v in context.invocation_metadata() or () if k == "x-forwarded-for"), None)
+            prior = next((v for k, v in given if k == "x-forwarded-for"), None)
             md.append(("x-forwarded-for", f"{prior}, {ip}" if prior else ip))
-        return tuple(md)
+        out = tuple(md)
+        if len(self._forwarded_md) >= 256:
+            self._forwarded_md.clear()
+        self._forwarded_md[id(given)] = (given, peer, out)
+        return out
 
 
 def transport_kind() -> str:

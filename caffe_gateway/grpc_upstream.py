@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from inference_server.grpc.hpack_decode import HeaderDecoder, HPACKError, encode_int, literal
+from inference_server.grpc.hpack_decode import Fields, HeaderDecoder, HPACKError, encode_int, literal
 from inference_server.grpc.messages import SERVICE
 from inference_server.grpc.transport import (
     ACK,
@@ -80,14 +80,14 @@ _SKIP_REPLY = frozenset({b"content-type", b"grpc-status", b"grpc-message"})
 class _Call:
     __slots__ = ("id", "future", "head", "pending", "send_window", "headers", "trailers", "body", "received")
 
-    def __init__(self, sid: int, window: int):
+    def __init__(self, sid: int, window: int, future: asyncio.Future):
         self.id = sid
-        self.future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.future = future
         self.head = b""  # the request's message prefix, while not yet sent
         self.pending: memoryview | None = None  # request data waiting for window
         self.send_window = window
-        self.headers: list[tuple[bytes, bytes]] | None = None
-        self.trailers: list[tuple[bytes, bytes]] | None = None
+        self.headers: Fields | None = None
+        self.trailers: Fields | None = None
         self.body = bytearray()
         self.received = 0  # answer bytes since this stream's last WINDOW_UPDATE
 
@@ -113,10 +113,17 @@ class _Connection(asyncio.Protocol):
         self.continuing: tuple[int, int, bytearray] | None = None
         self.usable = True  # false after GOAWAY or loss: new calls open a new connection
         self.closed = False
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by connection_made
+        # a call's header block but its grpc-timeout, by (path, metadata): the same for most calls
+        self.blocks: dict[tuple[bytes, tuple] | None, tuple[bytes, bytes]] = {}
+        # what an answer's header blocks say, by the blocks' identity (the decoder gives a repeated block's
+        # fields as the same tuple): (headers, trailers, what _status found)
+        self.statuses: dict[tuple[int, int], tuple[Fields, Fields, tuple]] = {}
 
     # --- lifecycle
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.loop = asyncio.get_running_loop()  # once: on 3.11 each get_running_loop() is a getpid() system call
         settings = struct.pack(">HIHIHI", 0x2, 0, 0x4, WINDOW, 0x5, MAX_FRAME)  # no push, windows, frame size
         top_up = frame(WINDOW_UPDATE, 0, 0, _HEAD.pack(WINDOW - 65535))
         transport.write(PREFACE + frame(SETTINGS, 0, 0, settings) + top_up)
@@ -143,21 +150,19 @@ class _Connection(asyncio.Protocol):
         self.next_id += 2
         if self.next_id > MAX_STREAM_ID:
             self.usable = False  # stream ids spent: the next call opens a new connection
-        c = _Call(sid, self.peer_window)
+        c = _Call(sid, self.peer_window, self.loop.create_future())
         self.calls[sid] = c
-        block = bytearray(_FIXED)
-        block += b"\x04" + encode_int(len(path), 7) + path  # :path, literal with name index 4
-        block += b"\x01" + encode_int(len(self.target), 7) + self.target.encode()  # :authority
-        if timeout is not None:
-            block += literal(b"grpc-timeout", _timeout(timeout))
-        for key, value in metadata:
-            name = key.encode()
-            if name.endswith(b"-bin"):
-                raw = value if isinstance(value, bytes) else value.encode()
-                block += literal(name, base64.b64encode(raw).rstrip(b"="))
-            else:
-                block += literal(name, value.encode() if isinstance(value, str) else value)
-        head = _header_frames(sid, bytes(block), self.peer_max_frame)
+        key = (path, metadata) if type(metadata) is tuple else None  # a tuple of str/bytes pairs: hashable
+        parts = self.blocks.get(key) if key is not None else None
+        if parts is None:
+            parts = self._block_parts(path, metadata)
+            if key is not None:
+                if len(self.blocks) >= 64:
+                    self.blocks.clear()
+                self.blocks[key] = parts
+        fixed, md = parts
+        block = fixed + md if timeout is None else b"".join((fixed, literal(b"grpc-timeout", _timeout(timeout)), md))
+        head = _header_frames(sid, block, self.peer_max_frame)
         n = len(message) + 5
         t = self.transport
         assert t is not None
@@ -174,6 +179,21 @@ class _Connection(asyncio.Protocol):
         c.head, c.pending = b"\0" + _HEAD.pack(n - 5), memoryview(message)
         self._flush(c)
         return c
+
+    def _block_parts(self, path: bytes, metadata) -> tuple[bytes, bytes]:
+        """A call's header block in two parts, around its grpc-timeout: the fixed fields, :path and :authority;
+        then the metadata."""
+        fixed = _FIXED + b"\x04" + encode_int(len(path), 7) + path  # :path, literal with name index 4
+        fixed += b"\x01" + encode_int(len(self.target), 7) + self.target.encode()  # :authority
+        md = b""
+        for key, value in metadata:
+            name = key.encode()
+            if name.endswith(b"-bin"):
+                raw = value if isinstance(value, bytes) else value.encode()
+                md += literal(name, base64.b64encode(raw).rstrip(b"="))
+            else:
+                md += literal(name, value.encode() if isinstance(value, str) else value)
+        return fixed, md
 
     def reset(self, c: _Call, code: int = CANCEL) -> None:
         """Stop a call (deadline, cancelled, taken back): the server drops its work."""
@@ -337,7 +357,7 @@ class _Connection(asyncio.Protocol):
         if not self.usable and not self.calls and self.transport is not None:
             self.transport.close()  # after GOAWAY: the last call is answered
         if not c.future.done():
-            c.future.set_result(_answer(c))
+            c.future.set_result(_answer(c, self.statuses))
 
 
 class _ProtocolError(Exception):
@@ -384,10 +404,9 @@ def _unpercent(value: bytes) -> str:
     return out.decode("utf-8", "replace")
 
 
-def _answer(c: _Call) -> tuple:
-    """(code, message bytes or details, initial metadata, trailing metadata) of a finished call."""
-    headers = c.headers or []
-    trailers = c.trailers if c.trailers is not None else headers  # trailers-only: one block
+def _status(headers: Fields, trailers: Fields, trailers_only: bool) -> tuple:
+    """What an answer's header blocks say: (code, details, initial metadata, trailing metadata, grpc-encoding);
+    the code is None for an OK status (the message is then the answer)."""
     status = grpc_status = message = None
     encoding = b""
     for name, value in headers:
@@ -400,17 +419,39 @@ def _answer(c: _Call) -> tuple:
             grpc_status = value
         elif name == b"grpc-message":
             message = value
-    initial = metadata_pairs(headers, _SKIP_REPLY) if c.trailers is not None else ()
+    initial = () if trailers_only else metadata_pairs(headers, _SKIP_REPLY)
     trailing = metadata_pairs(trailers, _SKIP_REPLY)
     if status != b"200":
         http = int(status) if status and status.isdigit() else 0
         return (_HTTP_CODES.get(http, grpc.StatusCode.UNKNOWN), f"Received http2 header with status: {http}",
-                initial, trailing)
+                initial, trailing, encoding)
     if grpc_status is None:
-        return grpc.StatusCode.INTERNAL, "the server's answer carried no grpc-status", initial, trailing
+        return grpc.StatusCode.INTERNAL, "the server's answer carried no grpc-status", initial, trailing, encoding
     code = _CODES.get(int(grpc_status) if grpc_status.isdigit() else -1, grpc.StatusCode.UNKNOWN)
     if code is not grpc.StatusCode.OK:
-        return code, _unpercent(message) if message else "", initial, trailing
+        return code, _unpercent(message) if message else "", initial, trailing, encoding
+    return None, "", initial, trailing, encoding
+
+
+def _answer(c: _Call, statuses: dict[tuple[int, int], tuple[Fields, Fields, tuple]]) -> tuple:
+    """(code, message bytes or details, initial metadata, trailing metadata) of a finished call. What its
+    header blocks say is kept in `statuses` (its connection's): a server answers most calls with the same
+    blocks, which the decoder gives as the same tuples."""
+    headers: Fields = c.headers or ()
+    trailers_only = c.trailers is None
+    trailers = headers if c.trailers is None else c.trailers  # trailers-only: one block
+    key = (id(headers), id(trailers) if not trailers_only else 0)
+    kept = statuses.get(key)
+    if kept is not None and kept[0] is headers and (trailers_only or kept[1] is trailers):
+        said = kept[2]
+    else:
+        said = _status(headers, trailers, trailers_only)
+        if len(statuses) >= 64:
+            statuses.clear()
+        statuses[key] = (headers, trailers, said)
+    code, details, initial, trailing, encoding = said
+    if code is not None:
+        return code, details, initial, trailing
     body = c.body
     if len(body) < 5 or len(body) != 5 + _HEAD.unpack_from(body, 1)[0]:
         return grpc.StatusCode.INTERNAL, "the server's answer is not one message", initial, trailing
@@ -465,10 +506,11 @@ class H2Upstream:
 
     async def call(self, method: str, message: bytes, metadata, deadline: float, connect_timeout_s: float) -> tuple:
         """The server's answer to one unary call (see the module's docstring for how else it ends)."""
-        loop = asyncio.get_running_loop()
         conn = self._conn
         if conn is None or not conn.usable:
+            loop = asyncio.get_running_loop()
             conn = await self._connection(min(connect_timeout_s, deadline - loop.time()))
+        loop = conn.loop
         path = _PATHS.get(method)
         if path is None:
             path = _PATHS[method] = f"/{SERVICE}/{method}".encode()

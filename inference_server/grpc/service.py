@@ -15,12 +15,14 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import grpc
 import orjson
 from google.protobuf.message import DecodeError
-from prometheus_client import Counter
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from ..errors import BadRequest, InferenceError, NotFound, Unavailable, grpc_status_name
 from ..serving.dataplane import DataPlane
@@ -59,9 +61,8 @@ class GRPCService:
         self._live = pb.ServerLiveResponse(live=True).SerializeToString()
         self._model_metadata: dict[str, tuple[bytes, bytes]] = {}  # name -> (the JSON it came from, serialized)
         self._model_config: dict[str, tuple[bytes, bytes]] = {}  # the same, for ModelConfig
-        self._rpcs = Counter("caffeserve_grpc_requests", "gRPC ModelInfer calls by gRPC status code.",
-                             ["model", "version", "grpc_code"], registry=metrics.registry)
-        self._rpc_codes: dict[tuple[str, str, str], Counter] = {}
+        self._rpc_codes = _CallCounts()
+        metrics.registry.register(self._rpc_codes)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -207,16 +208,41 @@ class GRPCService:
         return await self._abort(context, error)
 
     def _count(self, metrics: ServerMetrics, name: str) -> None:
-        key = (metrics.labels["model"], metrics.labels["version"], name)
-        child = self._rpc_codes.get(key)
-        if child is None:
-            child = self._rpc_codes[key] = self._rpcs.labels(grpc_code=name, **metrics.labels)
-        child.inc()
+        counts = self._rpc_codes.counts
+        key = (metrics, name)
+        n = counts.get(key)
+        if n is None:
+            self._rpc_codes.created[key] = time.time()
+            n = 0
+        counts[key] = n + 1
 
     @staticmethod
     async def _abort(context, e: InferenceError):
         code, details, trailing = error_status(e)
         await context.abort(code, details, trailing_metadata=trailing)
+
+
+class _CallCounts(Collector):
+    """caffeserve_grpc_requests: ModelInfer calls by model and gRPC status code, plain integers updated on
+    the event loop and made a Prometheus family when scraped (a prometheus_client Counter takes a lock
+    per call), as serving/metrics.py keeps the REST counts."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[ServerMetrics, str], int] = {}
+        self.created: dict[tuple[ServerMetrics, str], float] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("caffeserve_grpc_requests", "gRPC ModelInfer calls by gRPC status code.",
+                                     labels=["model", "version", "grpc_code"])
+        merged: dict[tuple[str, str, str], tuple[int, float]] = {}  # a model reloaded has new ServerMetrics
+        for key, n in list(self.counts.items()):
+            metrics, code = key
+            labels = (metrics.labels["model"], metrics.labels["version"], code)
+            total, created = merged.get(labels, (0, self.created[key]))
+            merged[labels] = (total + n, min(created, self.created[key]))
+        for labels, (n, created) in merged.items():
+            family.add_metric(list(labels), n, created=created)
+        yield family
 
 
 class GRPCServer:

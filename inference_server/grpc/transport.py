@@ -29,7 +29,7 @@ from typing import NoReturn
 
 import grpc
 
-from .hpack_decode import HeaderDecoder, HPACKError, encode_int, literal
+from .hpack_decode import Fields, HeaderDecoder, HPACKError, encode_int, literal
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,12 @@ def data_frames(sid: int, head: bytes, data: memoryview, room: int, max_frame: i
 # the answer's header block: `:status: 200` (static index 8) and the content type
 _RESPONSE_HEADERS = b"\x88" + literal(b"content-type", b"application/grpc")
 _OK_TRAILERS = literal(b"grpc-status", b"0")
+# an OK answer's frames around its message: HEADERS (stream id), then DATA's head (length in two parts,
+# stream id) and the message's prefix (uncompressed, length); after the message the trailers (stream id)
+_OK_HEAD = struct.Struct(f">5sI{len(_RESPONSE_HEADERS)}sBHHIBI")
+_OK_HEAD_FRAME = bytes((0, 0, len(_RESPONSE_HEADERS), HEADERS, END_HEADERS))
+_OK_TAIL = struct.Struct(f">5sI{len(_OK_TRAILERS)}s")
+_OK_TAIL_FRAME = bytes((0, 0, len(_OK_TRAILERS), HEADERS, END_HEADERS | END_STREAM))
 
 
 def _percent(message: str) -> bytes:
@@ -143,7 +149,7 @@ class CallContext:
 
     __slots__ = ("deadline", "_headers", "_conn", "_metadata", "initial", "trailing")
 
-    def __init__(self, deadline: float | None, headers: list[tuple[bytes, bytes]], conn: _Connection | None = None):
+    def __init__(self, deadline: float | None, headers: Fields, conn: _Connection | None = None):
         self.deadline = deadline  # time.monotonic(), from grpc-timeout
         self._headers = headers
         self._conn = conn
@@ -155,10 +161,21 @@ class CallContext:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
     def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        """The request's metadata; the same tuple for calls whose header blocks were the same (kept by the
+        connection, as the decoder keeps their fields)."""
         if self._metadata is not None:
             return self._metadata
-        self._metadata = metadata_pairs(self._headers, _REQUEST_NOT_METADATA)
-        return self._metadata
+        headers, conn = self._headers, self._conn
+        kept = conn.metadata.get(id(headers)) if conn is not None else None
+        if kept is not None and kept[0] is headers:
+            self._metadata = kept[1]
+            return kept[1]
+        self._metadata = md = metadata_pairs(headers, _REQUEST_NOT_METADATA)
+        if conn is not None:
+            if len(conn.metadata) >= 64:
+                conn.metadata.clear()
+            conn.metadata[id(headers)] = (headers, md)
+        return md
 
     def peer(self) -> str:
         """grpc's form of the client's address: `ipv4:10.0.0.1:5555`, `ipv6:[::1]:5555` ("" when unknown)."""
@@ -209,6 +226,10 @@ class _Connection(asyncio.Protocol):
         self.buf = bytearray()
         self.preface = False
         self.decoder = HeaderDecoder(max_list_bytes=MAX_HEADER_LIST)
+        # what a call needs of a header block the decoder gave before (the same tuple): id -> (fields, its scan)
+        self.scanned: dict[int, tuple[Fields, tuple[bytes, bytes, bytes, bytes | None, bytes]]] = {}
+        self.metadata: dict[int, tuple[Fields, tuple]] = {}  # the same, for CallContext.invocation_metadata
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by connection_made
         self.streams: dict[int, _Stream] = {}
         self.last_id = 0
         self.conn_send_window = 65535
@@ -236,6 +257,7 @@ class _Connection(asyncio.Protocol):
     # --- lifecycle
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.loop = asyncio.get_running_loop()  # once: on 3.11 each get_running_loop() is a getpid() system call
         self.server.connections.add(self)
         settings = struct.pack(">HIHIHIHI", 0x3, MAX_STREAMS, 0x4, self.stream_window, 0x5, MAX_FRAME,
                                0x6, MAX_HEADER_LIST)
@@ -448,19 +470,15 @@ class _Connection(asyncio.Protocol):
         if self.goaway or self.server.closing or len(self.streams) >= MAX_STREAMS:
             self.transport.write(frame(RST_STREAM, 0, sid, _HEAD.pack(REFUSED_STREAM)))
             return
-        method = path = ctype = encoding = b""
-        deadline = None
-        for name, value in headers:
-            if name == b":path":
-                path = value
-            elif name == b":method":
-                method = value
-            elif name == b"content-type":
-                ctype = value
-            elif name == b"grpc-timeout":
-                deadline = _deadline(value)
-            elif name == b"grpc-encoding":
-                encoding = value
+        cached = self.scanned.get(id(headers))
+        if cached is not None and cached[0] is headers:
+            path, method, ctype, timeout, encoding = cached[1]
+        else:
+            path, method, ctype, timeout, encoding = scan = _scan(headers)
+            if len(self.scanned) >= 64:
+                self.scanned.clear()
+            self.scanned[id(headers)] = (headers, scan)
+        deadline = None if timeout is None else _deadline(timeout)
         s = _Stream(sid, path, headers, deadline, encoding, self.peer_window)
         self.streams[sid] = s
         if method != b"POST" or not ctype.startswith(b"application/grpc"):
@@ -537,7 +555,7 @@ class _Connection(asyncio.Protocol):
         if handler is None:
             self._refuse(s, grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {s.path.decode('latin-1')}")
             return
-        s.task = asyncio.get_running_loop().create_task(self._call_pooled(s, handler, message) if s.pooled is not None
+        s.task = self.loop.create_task(self._call_pooled(s, handler, message) if s.pooled is not None
                                                         else self._call(s, handler, message))
 
     async def _call_pooled(self, s: _Stream, handler: Handler, message: bytes | memoryview) -> None:
@@ -587,6 +605,16 @@ class _Connection(asyncio.Protocol):
         if self.closed or s.id not in self.streams:
             return
         n = len(answer) + 5
+        if not ctx.initial and not ctx.trailing and n < 65536 and n <= self.peer_max_frame and \
+                n <= s.send_window and n <= self.conn_send_window:
+            # the usual answer: HEADERS, DATA and the OK trailers, laid out by one struct, in one write
+            s.send_window -= n
+            self.conn_send_window -= n
+            sid = s.id
+            self._end(s, b"".join((
+                _OK_HEAD.pack(_OK_HEAD_FRAME, sid, _RESPONSE_HEADERS, n >> 16, n & 0xFFFF, DATA << 8, sid, 0, n - 5),
+                answer, _OK_TAIL.pack(_OK_TAIL_FRAME, sid, _OK_TRAILERS))))
+            return
         if ctx.initial:
             head = self._headers_frames(s.id, _RESPONSE_HEADERS + metadata_block(ctx.initial), end=False)
         else:
@@ -664,6 +692,24 @@ class _Refusal(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code = code
+
+
+def _scan(headers: Fields) -> tuple[bytes, bytes, bytes, bytes | None, bytes]:
+    """(:path, :method, content-type, grpc-timeout or None, grpc-encoding) of a request's header block."""
+    method = path = ctype = encoding = b""
+    timeout = None
+    for name, value in headers:
+        if name == b":path":
+            path = value
+        elif name == b":method":
+            method = value
+        elif name == b"content-type":
+            ctype = value
+        elif name == b"grpc-timeout":
+            timeout = value
+        elif name == b"grpc-encoding":
+            encoding = value
+    return path, method, ctype, timeout, encoding
 
 
 def _deadline(value: bytes) -> float | None:

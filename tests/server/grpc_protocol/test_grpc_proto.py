@@ -236,3 +236,24 @@ def test_one_table_maps_our_errors_to_grpc_codes_and_a_full_queue_says_when_to_r
     assert "caffe-not-run" not in meta  # a full queue: the server answered for itself
     assert dict(error_status(Unavailable("model 'm' is loading", not_run=True))[2])["caffe-not-run"] == "true"
     assert error_status(InferenceError("boom"))[0] == grpc.StatusCode.INTERNAL
+
+
+@pytest.mark.parametrize("request_id", [None, "", "r", "é" * 200])
+@pytest.mark.parametrize("version", ["", "1"])
+def test_a_raw_answer_is_byte_for_byte_what_protobuf_writes(request_id, version):
+    """The raw answer is laid out without building the message (codec.py): a client must parse exactly what
+    protobuf itself would have written, for any id, version, output type and size (empty included)."""
+    outs = [("prob", "FP32", np.arange(40, dtype=np.float32).reshape(1, 40), True),
+            ("top", "BYTES", np.array([[b"0.75:1:dog", b""]], dtype=object), True),
+            ("half", "FP16", np.ones((2, 3), np.float16), True),
+            ("none", "INT64", np.zeros((0, 2), np.int64), True)]
+    for outputs in (outs, outs[:1], outs[2:]):
+        expected = pb.ModelInferResponse(model_name="digits", model_version=version, id=request_id or "")
+        for name, datatype, arr, _ in outputs:
+            expected.outputs.add(name=name, datatype=datatype, shape=arr.shape)
+            expected.raw_output_contents.append(
+                b"".join(struct.pack("<I", len(v)) + v for v in arr.ravel()) if datatype == "BYTES"
+                else arr.tobytes())
+        for _ in range(2):  # the second time from the kept heads
+            got = encode_infer_response("digits", version, request_id, outputs, raw=True)
+            assert got == expected.SerializeToString()

@@ -135,3 +135,49 @@ def test_request_messages_of_every_size_arrive_whole_plain_or_gzip():
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and str(limit) in e.value.details()
         assert stub(b"abc", timeout=60)[32:] == (3).to_bytes(8, "big")
         channel.close()
+
+
+def test_a_repeated_header_block_follows_the_header_table_it_refers_to():
+    """The same header block bytes sent again after the client changed its HPACK table must route by the
+    new table (the transport keeps the fields of repeated blocks: a stale copy would call the old method).
+    A raw HTTP/2 client, since grpc's own never repeats a block across a table change on purpose."""
+    from inference_server.grpc.hpack_decode import encode_int, literal
+    from inference_server.grpc.transport import DATA, END_HEADERS, END_STREAM, HEADERS, PREFACE, SETTINGS, frame
+
+    port = free_port()
+    started = threading.Event()
+
+    def answer(name: bytes):
+        async def handler(data, context) -> bytes:
+            return name
+        return handler
+
+    async def serve():
+        await GRPCTransportServer({b"/t.S/A": answer(b"A"), b"/t.S/B": answer(b"B")}, 1 << 20).start("127.0.0.1", port)
+        started.set()
+        await asyncio.Event().wait()
+
+    threading.Thread(target=lambda: asyncio.run(serve()), daemon=True).start()
+    assert started.wait(30)
+    fixed = b"\x83\x86" + literal(b"content-type", b"application/grpc")  # POST, http, literal content-type
+
+    def indexed_path(path: bytes) -> bytes:  # :path (static name 4), literal with incremental indexing: entry 62
+        return b"\x44" + encode_int(len(path), 7) + path
+
+    repeat = fixed + b"\xbe"  # indexed field 62: the newest entry of the table, whatever it is now
+    blocks = [fixed + indexed_path(b"/t.S/A"), repeat, repeat, fixed + indexed_path(b"/t.S/B"), repeat, repeat]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(PREFACE + frame(SETTINGS, 0, 0))
+        got = []
+        for i, block in enumerate(blocks):
+            sid = 2 * i + 1
+            sock.sendall(frame(HEADERS, END_HEADERS, sid, block) + frame(DATA, END_STREAM, sid, b"\0\0\0\0\0"))
+            data = b""
+            while b"grpc-status" not in data or not data.endswith(b"0"):
+                chunk = sock.recv(65536)
+                assert chunk, "the server closed the connection"
+                data += chunk
+            # the answer's DATA frame: 9-byte frame head, then the message's 5-byte prefix and the message
+            at = data.index(bytes((0, 0, 6, DATA, 0)) + sid.to_bytes(4, "big"))
+            got.append(data[at + 14 : at + 15])
+    assert got == [b"A", b"A", b"A", b"B", b"B", b"B"]
