@@ -11,12 +11,14 @@ requests in flight and closes within a bound.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import types
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -128,7 +130,7 @@ class _Connection(asyncio.Protocol):
         self.client = ""
         # (request, keep-alive, bytes reserved) in arrival order; a refusal queued in order is a Response
         self.pending: deque[tuple[Request | Response, bool, int]] = deque()
-        self.worker: asyncio.Task[None] | None = None
+        self.worker: asyncio.Task[None] | _Eager | None = None
         # One timer per connection, not one per deadline (_arm): it fires at `timer_at`, at the latest
         # the current `deadline`, and then acts on the deadline set since, or sleeps again until it.
         self.timer: asyncio.TimerHandle | None = None
@@ -306,7 +308,30 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
             self.reading_paused = True
         if self.worker is None:
-            self.worker = self.loop.create_task(self._serve_pending())
+            if self.server.eager:
+                self._serve_eagerly()
+            else:
+                self.worker = self.loop.create_task(self._serve_pending())
+
+    def _serve_eagerly(self) -> None:
+        """Run `_serve_pending` here, in the parser's callback, up to its first real wait: a request the
+        handler answers without waiting (a short forward run inline) is answered without a task, a loop
+        turn or a callback (Python 3.12's eager tasks, by hand). Only where it waits does a task take the
+        rest over (`_resume`), in the same context; the handler must not need `asyncio.current_task()`
+        before its first wait (`asyncio.timeout` does: the gateway's does not run eagerly)."""
+        ctx = contextvars.copy_context()
+        coro = self._serve_pending()
+        self.worker = _EAGER  # not None while the request is served: what is parsed meanwhile is queued
+        try:
+            waits_on = ctx.run(coro.send, None)
+        except StopIteration:
+            return  # served: _serve_pending's `finally` has set `worker` back to None
+        except BaseException:  # a bug guard, as a task's unretrieved exception would be logged
+            self.worker = None
+            log.exception("unhandled error serving a request")
+            self._close()
+            return
+        self.worker = self.loop.create_task(_resume(coro, waits_on), context=ctx)
 
     # --- request handling
     async def _serve_pending(self) -> None:
@@ -507,12 +532,42 @@ class _Refused(Exception):
     pass
 
 
+class _Eager:
+    """`_Connection.worker` while `_serve_eagerly` runs the first step (nothing can cancel it then)."""
+
+    def cancel(self) -> bool:
+        return False
+
+
+_EAGER = _Eager()
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, None], waits_on: Any) -> Generator[Any, Any, None]:
+    """The rest of a coroutine already run up to a wait on `waits_on` (what it yielded), for a task to
+    drive: the task waits on `waits_on`, then the coroutine goes on; a cancellation is thrown into it."""
+    while True:
+        try:
+            yield waits_on
+        except BaseException as e:
+            try:
+                waits_on = coro.throw(e)
+            except StopIteration:
+                return
+            continue
+        yield from coro  # resumes it where it waited, and delegates every later wait and cancellation
+        return
+
+
 class HTTPServer:
     """Serve `handler` on host:port until `stop()`."""
 
     def __init__(self, handler: Handler, limits: ServerLimits | None = None, error_body: ErrorBody = _json_error,
-                 cancel_on_disconnect: bool = False):
+                 cancel_on_disconnect: bool = False, eager: bool = False):
         self.handler = handler
+        # start serving a request in the parser's callback (_Connection._serve_eagerly): for a handler
+        # that often answers without waiting and never needs asyncio.current_task() before its first wait
+        self.eager = eager
         # cancel a request's handler when its client disconnects (the handler must tolerate
         # CancelledError at any await: the inference server's does; a proxy must not reuse a half-read upstream)
         self.cancel_on_disconnect = cancel_on_disconnect
