@@ -275,3 +275,37 @@ def test_a_client_that_goes_away_cancels_a_handler_that_waits(eager):
 
     asyncio.run(run())
     assert cancelled.is_set()
+
+
+def test_a_connection_lost_before_the_handler_first_waits_cancels_it_at_once():
+    """The connection is lost while the handler is still in its first step (here it aborts the socket itself,
+    as a reset read in the same turn of the loop would): the handler must see the cancellation at its first
+    wait and the server count it done, not when the garbage collector finds the coroutine."""
+    cancelled = threading.Event()
+    box: dict = {}
+
+    async def handler(req):
+        for conn in list(box["server"].connections):
+            conn.transport.abort()  # connection_lost runs at the loop's next turn, before any later step
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return Response(200, b"{}")
+
+    async def run():
+        server = box["server"] = HTTPServer(handler, ServerLimits(), cancel_on_disconnect=True)
+        port = await server.start("127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while not (cancelled.is_set() and server.in_flight == 0) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        writer.close()
+        await server.stop(1)
+        return server.in_flight
+
+    assert asyncio.run(run()) == 0
+    assert cancelled.is_set()
