@@ -262,19 +262,29 @@ class _SecondStamp:
 class TextFormatter(logging.Formatter):
     """TEXT_FORMAT, and the same line for held access lines without a record each."""
 
+    HEADS_KEPT = 1024  # line heads remembered (then forgotten all at once): clients × paths × codes seen
+
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
         self._stamp = _SecondStamp(self.default_time_format, self.converter)
+        # (level, client, method, path, status) -> the text around the fields that change per line: a client
+        # sends the same request many times, and the level name, model and quoting cost most of a line
+        self._heads: dict[tuple[int, str, str, str, int], tuple[str, str]] = {}
 
     def access_lines(self, server: str, lines: list[Line]) -> list[str]:
-        stamp, out = self._stamp, []
+        stamp, out, heads = self._stamp, [], self._heads
         for line in lines:
             created, level, method, path, status, size, seconds, request_id, client, error = line
-            model = model_of(path) or "-"
-            name = _LEVELS.get(level) or logging.getLevelName(level)
-            text = (f'{stamp(created)},{int(created * 1000) % 1000:03d} {name} {ACCESS_LOGGER}: {client} '
-                    f'"{method} {path}" {status} {size}B {round(seconds * 1000.0, 3):.3f}ms model={model} '
-                    f'request_id={request_id or "-"}')
+            key = (level, client, method, path, status)
+            head = heads.get(key)
+            if head is None:
+                if len(heads) >= self.HEADS_KEPT:
+                    heads.clear()
+                name = _LEVELS.get(level) or logging.getLevelName(level)
+                head = heads[key] = (f' {name} {ACCESS_LOGGER}: {client} "{method} {path}" {status} ',
+                                     f"ms model={model_of(path) or '-'} request_id=")
+            text = (f"{stamp(created)},{int(created * 1000) % 1000:03d}{head[0]}{size}B "
+                    f"{round(seconds * 1000.0, 3):.3f}{head[1]}{request_id or '-'}")
             out.append(f"{text} error={orjson.dumps(error).decode()}" if error else text)
         return out
 

@@ -11,12 +11,14 @@ requests in flight and closes within a bound.
 from __future__ import annotations
 
 import asyncio
+import collections.abc
+import contextvars
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -128,7 +130,7 @@ class _Connection(asyncio.Protocol):
         self.client = ""
         # (request, keep-alive, bytes reserved) in arrival order; a refusal queued in order is a Response
         self.pending: deque[tuple[Request | Response, bool, int]] = deque()
-        self.worker: asyncio.Task[None] | None = None
+        self.worker: asyncio.Task[None] | _Eager | None = None
         # One timer per connection, not one per deadline (_arm): it fires at `timer_at`, at the latest
         # the current `deadline`, and then acts on the deadline set since, or sleeps again until it.
         self.timer: asyncio.TimerHandle | None = None
@@ -306,7 +308,30 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
             self.reading_paused = True
         if self.worker is None:
-            self.worker = self.loop.create_task(self._serve_pending())
+            if self.server.eager:
+                self._serve_eagerly()
+            else:
+                self.worker = self.loop.create_task(self._serve_pending())
+
+    def _serve_eagerly(self) -> None:
+        """Run `_serve_pending` here, in the parser's callback, up to its first real wait: a request the
+        handler answers without waiting (a short forward run inline) is answered without a task, a loop
+        turn or a callback (Python 3.12's eager tasks, by hand). Only where it waits does a task take the
+        rest over (`_Resume`), in the same context; the handler must not need `asyncio.current_task()`
+        before its first wait (`asyncio.timeout` does: the gateway's does not run eagerly)."""
+        ctx = contextvars.copy_context()
+        coro = self._serve_pending()
+        self.worker = _EAGER  # not None while the request is served: what is parsed meanwhile is queued
+        try:
+            waits_on = ctx.run(coro.send, None)
+        except StopIteration:
+            return  # served: _serve_pending's `finally` has set `worker` back to None
+        except BaseException:  # a bug guard, as a task's unretrieved exception would be logged
+            self.worker = None
+            log.exception("unhandled error serving a request")
+            self._close()
+            return
+        self.worker = self.loop.create_task(_Resume(coro, waits_on), context=ctx)
 
     # --- request handling
     async def _serve_pending(self) -> None:
@@ -507,12 +532,60 @@ class _Refused(Exception):
     pass
 
 
+class _Eager:
+    """`_Connection.worker` while `_serve_eagerly` runs the first step (nothing can cancel it then)."""
+
+    def cancel(self) -> bool:
+        return False
+
+
+_EAGER = _Eager()
+
+
+class _Resume(collections.abc.Coroutine[Any, Any, None]):
+    """The rest of a coroutine already run up to a wait on `waits_on` (what it yielded), for a task to drive:
+    the task's first step gets `waits_on` to wait on, each later step resumes the coroutine. A cancellation
+    is thrown into the coroutine even before the task's first step (a generator not yet started would
+    raise it without running, and the coroutine's `finally` would wait for the garbage collector), and
+    cancels `waits_on` as a task cancels what it waits on."""
+
+    __slots__ = ("coro", "waits_on")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], waits_on: Any):
+        self.coro: Coroutine[Any, Any, None] = coro
+        self.waits_on: Any = waits_on
+
+    def send(self, value: Any) -> Any:
+        first, self.waits_on = self.waits_on, _RESUMED
+        if first is not _RESUMED:
+            return first
+        return self.coro.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        first, self.waits_on = self.waits_on, _RESUMED
+        if first is not _RESUMED and isinstance(first, asyncio.Future):
+            first.cancel()
+        return self.coro.throw(typ if val is None else val)
+
+    def close(self) -> None:
+        self.coro.close()
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        raise TypeError("_Resume is driven by a task, not awaited")
+
+
+_RESUMED = object()
+
+
 class HTTPServer:
     """Serve `handler` on host:port until `stop()`."""
 
     def __init__(self, handler: Handler, limits: ServerLimits | None = None, error_body: ErrorBody = _json_error,
-                 cancel_on_disconnect: bool = False):
+                 cancel_on_disconnect: bool = False, eager: bool = False):
         self.handler = handler
+        # start serving a request in the parser's callback (_Connection._serve_eagerly): for a handler
+        # that often answers without waiting and never needs asyncio.current_task() before its first wait
+        self.eager = eager
         # cancel a request's handler when its client disconnects (the handler must tolerate
         # CancelledError at any await: the inference server's does; a proxy must not reuse a half-read upstream)
         self.cancel_on_disconnect = cancel_on_disconnect

@@ -130,7 +130,7 @@ def build(cfg, access_log: bool = True, repository_dir: str | None = None, sourc
     # compressed when the client asks; one access line per request (caffe_http.access_log)
     access = AccessLog("server", access_log)
     handler = with_access_log(with_content_coding(create_app(plane, repo), limits.max_request_bytes), access)
-    server = HTTPServer(handler, server_limits, cancel_on_disconnect=True)
+    server = HTTPServer(handler, server_limits, cancel_on_disconnect=True, eager=True)
     server.on_refuse = log_refusal(access)
     return plane, server, repo
 

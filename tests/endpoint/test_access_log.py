@@ -151,3 +151,21 @@ def test_lines_are_the_same_whether_batched_or_records_of_their_own():
     tails = [line.split(" INFO caffeserve.access: ", 1)[1] for line in lines if "caffeserve.access" in line]
     assert tails == [f'127.0.0.1:1 "POST /v2/models/digits/infer" 200 120B 0.400ms model=digits request_id={rid}'
                      for rid in ("batched-1", "record-1")]
+
+
+def test_held_lines_read_exactly_as_the_record_formatter_writes_them():
+    """The server formats held lines itself (AccessLog.flush), from text heads it remembers per client, request
+    line and code: each must read as the record it replaces, the first time and from the remembered head."""
+    from caffe_http.access_log import ACCESS_LOGGER, TextFormatter, access_record
+
+    fmt = TextFormatter()
+    now = time.time()
+    lines = [
+        (now, 20, "POST", "/v2/models/digits/infer", 200, 362, 0.000314, "00000000000000ab", "127.0.0.1:5555", ""),
+        (now + 0.0012, 20, "POST", "/v2/models/digits/infer", 200, 361, 0.0021, "00000000000000ac", "127.0.0.1:5555",
+         ""),
+        (now + 1.5, 30, "POST", "/v2/models/nope/infer", 404, 60, 0.0001, "", "127.0.0.1:6", 'model "nope" is not'),
+        (now + 2.0, 10, "GET", "/metrics", 200, 9000, 0.001, "r1", "10.0.0.2:1", ""),
+    ]
+    for line in lines + lines:  # the second time from the heads remembered
+        assert fmt.access_lines("server", [line]) == [fmt.format(access_record(ACCESS_LOGGER, "server", line))]

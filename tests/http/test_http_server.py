@@ -7,9 +7,24 @@ connection handling, which is the same whatever the handler does.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 
-from caffe_http.server import HTTPServer, Response, ServerLimits
+import pytest
+
+from caffe_http import server as server_module
+from caffe_http.server import Response, ServerLimits
+
+HTTPServer = server_module.HTTPServer
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["task", "eager"])
+def eager(request, monkeypatch):
+    """Every test twice: requests served by a task (the gateway's way) and started in the parser's callback
+    (`eager`, the inference server's way)."""
+    monkeypatch.setitem(globals(), "HTTPServer", functools.partial(server_module.HTTPServer, eager=request.param))
+    return request.param
 
 
 async def _handler(req):
@@ -180,3 +195,117 @@ def test_bodies_past_the_in_flight_byte_budget_get_503_with_retry_after_before_t
         # the budget came back: the same large body now fits
         assert _post(port, "/x", b"b" * 800_000)[:1] == (200,)
         assert server.inflight_bytes == 0
+
+
+# --- serving a request in the parser's callback (eager), and handing it to a task where it waits
+
+_seen: contextvars.ContextVar[str] = contextvars.ContextVar("seen", default="")
+
+
+async def _mixed(req):
+    """/wait waits (a task takes it over), anything else answers at once; each says what the context held."""
+    before = _seen.get()
+    _seen.set(req.path)  # must not leak into the next request's context
+    if req.path == "/wait":
+        await asyncio.sleep(0.2)
+    return Response(200, b'{"path":"%s","before":"%s"}' % (req.path.encode(), before.encode()))
+
+
+def _requests(paths: list[bytes], close: bool = True) -> bytes:
+    last = len(paths) - 1
+    close_last = b"Connection: close\r\n" if close else b""
+    return b"".join(b"GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (p, close_last if i == last else b"")
+                    for i, p in enumerate(paths))
+
+
+def _answers(raw: bytes) -> list[tuple[bytes, bytes]]:
+    """(path, what the context held before) of each answer in `raw`."""
+    bodies = [part.split(b"\r\n\r\n", 1)[1] for part in raw.split(b"HTTP/1.1 200 OK")[1:]]
+    return [(b.split(b'"')[3], b.split(b'"')[7]) for b in bodies]
+
+
+def test_pipelined_answers_keep_their_order_whether_a_handler_waits_or_answers_at_once():
+    async def run():
+        server = HTTPServer(_mixed, ServerLimits())
+        port = await server.start("127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(_requests([b"/a", b"/wait", b"/b", b"/c", b"/burst-end"], close=False))
+            burst = b""
+            while b"/burst-end" not in burst:
+                burst += await asyncio.wait_for(reader.read(65536), 5)
+            writer.write(_requests([b"/later"]))  # the same connection, once the burst is answered
+            later = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+            await server.stop(1)
+        return burst, later
+
+    burst, later = asyncio.run(run())
+    assert [path for path, _ in _answers(burst)] == [b"/a", b"/wait", b"/b", b"/c", b"/burst-end"], burst
+    # what a handler set in its context is not there for the next request the connection reads later
+    assert _answers(later) == [(b"/later", b"")], later
+
+
+def test_a_client_that_goes_away_cancels_a_handler_that_waits(eager):
+    cancelled = threading.Event()
+
+    async def handler(req):
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return Response(200, b"{}")
+
+    async def run():
+        server = HTTPServer(handler, ServerLimits(), cancel_on_disconnect=True)
+        port = await server.start("127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.close()
+        for _ in range(100):
+            if cancelled.is_set():
+                break
+            await asyncio.sleep(0.02)
+        assert server.in_flight == 0
+        await server.stop(1)
+
+    asyncio.run(run())
+    assert cancelled.is_set()
+
+
+def test_a_connection_lost_before_the_handler_first_waits_cancels_it_at_once():
+    """The connection is lost while the handler is still in its first step (here it aborts the socket itself,
+    as a reset read in the same turn of the loop would): the handler must see the cancellation at its first
+    wait and the server count it done, not when the garbage collector finds the coroutine."""
+    cancelled = threading.Event()
+    box: dict = {}
+
+    async def handler(req):
+        for conn in list(box["server"].connections):
+            conn.transport.abort()  # connection_lost runs at the loop's next turn, before any later step
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return Response(200, b"{}")
+
+    async def run():
+        server = box["server"] = HTTPServer(handler, ServerLimits(), cancel_on_disconnect=True)
+        port = await server.start("127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while not (cancelled.is_set() and server.in_flight == 0) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        writer.close()
+        await server.stop(1)
+        return server.in_flight
+
+    assert asyncio.run(run()) == 0
+    assert cancelled.is_set()
