@@ -556,7 +556,7 @@ class _Connection(asyncio.Protocol):
             self._refuse(s, grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {s.path.decode('latin-1')}")
             return
         s.task = self.loop.create_task(self._call_pooled(s, handler, message) if s.pooled is not None
-                                                        else self._call(s, handler, message))
+                                       else self._call(s, handler, message))
 
     async def _call_pooled(self, s: _Stream, handler: Handler, message: bytes | memoryview) -> None:
         """`_call`, then the message's buffer goes back to the pool (when nothing holds a view of it)."""
