@@ -125,6 +125,7 @@ def decode_infer_request(msg, max_elements: int) -> InferRequest:
 # protobuf path, which checks and words every error; a request it accepts teaches the fast path its inputs.
 _INPUTS: dict[bytes, tuple[str, str, tuple[int, ...], int]] = {}  # -> (name, datatype, shape, element count)
 _INPUTS_MAX = 1024
+_INPUT_KEY_MAX = 512  # larger serialized inputs (a long name, many dimensions) are not kept: 512 kB at most
 _FAST_FIELDS = frozenset((1, 2, 3, 5, 7))  # model_name, model_version, id, inputs, raw_input_contents
 
 
@@ -220,7 +221,7 @@ def learn_inputs(scanned: ScannedRequest, req: InferRequest) -> None:
     if len(_INPUTS) + len(req.inputs) > _INPUTS_MAX:
         _INPUTS.clear()
     for t, tensor in zip(scanned.inputs, req.inputs, strict=True):
-        if tensor.datatype == "BYTES":  # the fast path takes numbers only
+        if tensor.datatype == "BYTES" or len(t) > _INPUT_KEY_MAX:  # numbers only; a bounded table
             continue
         count = 1
         for d in tensor.shape:
