@@ -157,7 +157,7 @@ class _Connection(asyncio.Protocol):
         if parts is None:
             parts = self._block_parts(path, metadata)
             if key is not None:
-                if len(self.blocks) >= 64:
+                if len(self.blocks) >= 16:
                     self.blocks.clear()
                 self.blocks[key] = parts
         fixed, md = parts
@@ -446,7 +446,7 @@ def _answer(c: _Call, statuses: dict[tuple[int, int], tuple[Fields, Fields, tupl
         said = kept[2]
     else:
         said = _status(headers, trailers, trailers_only)
-        if len(statuses) >= 64:
+        if len(statuses) >= 16:
             statuses.clear()
         statuses[key] = (headers, trailers, said)
     code, details, initial, trailing, encoding = said

@@ -118,6 +118,117 @@ def decode_infer_request(msg, max_elements: int) -> InferRequest:
     return InferRequest(msg.id or None, inputs, outputs, bool(raw), params)
 
 
+# The fast path for the usual request (fields model_name, model_version, id, inputs and raw_input_contents
+# only): what decode_infer_request found for an input's serialized InferInputTensor is kept by those bytes,
+# so a client that sends the same inputs again is decoded without protobuf: a scan of the top-level fields,
+# the tensors as views of the message (no copy). Anything else, or an input not seen before, takes the
+# protobuf path, which checks and words every error; a request it accepts teaches the fast path its inputs.
+_INPUTS: dict[bytes, tuple[str, str, tuple[int, ...], int]] = {}  # -> (name, datatype, shape, element count)
+_INPUTS_MAX = 1024
+_INPUT_KEY_MAX = 512  # larger serialized inputs (a long name, many dimensions) are not kept: 512 kB at most
+_FAST_FIELDS = frozenset((1, 2, 3, 5, 7))  # model_name, model_version, id, inputs, raw_input_contents
+
+
+class ScannedRequest:
+    """A ModelInferRequest's top-level fields as views of its bytes (`scan_infer_request`)."""
+
+    __slots__ = ("model_name", "model_version", "id", "inputs", "raw")
+
+    def __init__(self, model_name: str, model_version: str, request_id: str, inputs: list, raw: list):
+        self.model_name, self.model_version, self.id = model_name, model_version, request_id
+        self.inputs, self.raw = inputs, raw
+
+
+def scan_infer_request(data: bytes | memoryview) -> ScannedRequest | None:
+    """The request's fields when it carries only those the fast path knows (all length-delimited, as
+    protobuf writes them); None otherwise, or when it does not scan (protobuf then says what is wrong)."""
+    view = data if isinstance(data, memoryview) else memoryview(data)
+    strings: list[bytes | memoryview] = [b"", b"", b""]
+    inputs: list[memoryview] = []
+    raw: list[memoryview] = []
+    pos, end = 0, len(view)
+    while pos < end:
+        key = view[pos]
+        if key >= 0x80 or key & 7 != 2:  # a field number over 15, or not length-delimited
+            return None
+        field = key >> 3
+        if field not in _FAST_FIELDS:
+            return None
+        pos += 1
+        n = shift = 0
+        while True:  # the length, a varint
+            if pos >= end or shift > 35:
+                return None
+            b = view[pos]
+            pos += 1
+            n |= (b & 0x7F) << shift
+            if b < 0x80:
+                break
+            shift += 7
+        if pos + n > end:
+            return None
+        value = view[pos : pos + n]
+        pos += n
+        if field == 5:
+            inputs.append(value)
+        elif field == 7:
+            raw.append(value)
+        else:
+            strings[field - 1] = value  # the last occurrence wins, as protobuf's
+    try:
+        name, version, rid = (str(v, "utf-8") for v in strings)
+    except UnicodeDecodeError:
+        return None
+    return ScannedRequest(name, version, rid, inputs, raw)
+
+
+def known_inputs(scanned: ScannedRequest) -> list[tuple[str, str, tuple[int, ...], int]] | None:
+    """What the protobuf path found for each input of a scanned request (raw contents, one per input), or
+    None when one was not seen before (or the request is not of that form): the protobuf path decides."""
+    inputs = scanned.inputs
+    if not inputs or len(scanned.raw) != len(inputs):
+        return None
+    known = []
+    for t in inputs:
+        k = _INPUTS.get(bytes(t))
+        if k is None:
+            return None
+        known.append(k)
+    return known
+
+
+def decode_scanned(scanned: ScannedRequest, known: list[tuple[str, str, tuple[int, ...], int]],
+                   max_elements: int) -> InferRequest | None:
+    """The InferRequest of a scanned request whose inputs are `known`, its tensors views of the message;
+    None when the protobuf path must decide (over this model's element limit, data of the wrong size)."""
+    tensors: list[InputTensor] = []
+    raw = scanned.raw
+    for i, (name, datatype, shape, count) in enumerate(known):
+        data = raw[i]
+        if count > max_elements or datatype == "BYTES" or len(data) != count * DTYPES[datatype].itemsize:
+            return None
+        arr = np.frombuffer(data, DTYPES[datatype]).reshape(shape)
+        if not arr.flags.aligned:  # where the tensor sits in the message: backends may need aligned data
+            arr = arr.copy()
+        tensors.append(InputTensor(name, list(shape), datatype, arr))
+    return InferRequest(scanned.id or None, tensors, None, True, {})
+
+
+def learn_inputs(scanned: ScannedRequest, req: InferRequest) -> None:
+    """Keep what the protobuf path decoded for each input of an accepted raw request (decode_scanned's table)."""
+    if not req.binary_output or len(scanned.inputs) != len(req.inputs):
+        return
+    if len(_INPUTS) + len(req.inputs) > _INPUTS_MAX:
+        _INPUTS.clear()
+    for t, tensor in zip(scanned.inputs, req.inputs, strict=True):
+        if tensor.datatype == "BYTES" or len(t) > _INPUT_KEY_MAX:  # numbers only; a bounded table
+            continue
+        count = 1
+        for d in tensor.shape:
+            count *= d
+        _INPUTS[bytes(t)] = (tensor.name, tensor.datatype, tuple(tensor.shape), count)
+
+
 _RAW_HEADS: dict[tuple, tuple[bytes, bytes]] = {}  # (model, version, outputs' names, types, shapes) -> see below
 _RAW_HEADS_MAX = 256
 

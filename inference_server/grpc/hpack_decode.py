@@ -21,7 +21,7 @@ from hpack.table import HeaderTable
 STATIC: tuple[tuple[bytes, bytes], ...] = HeaderTable.STATIC_TABLE  # index 1..61
 _STATIC_LEN = len(STATIC)
 _HUFFMAN_CACHE_SIZE = 512
-_BLOCK_CACHE_SIZE = 64  # distinct repeated blocks a connection keeps (cleared when full)
+_BLOCK_CACHE_SIZE = 16  # distinct repeated blocks a connection keeps (cleared when full): a few hundred kB at most
 _BLOCK_CACHE_MAX = 2048  # larger blocks are decoded each time (keeps the cache's memory small)
 Fields = tuple[tuple[bytes, bytes], ...]
 

@@ -29,7 +29,14 @@ from ..serving.dataplane import DataPlane
 from ..serving.metrics import ServerMetrics
 from ..serving.repository import Repository, config_parameter
 from . import messages as pb
-from .codec import decode_infer_request, encode_infer_response
+from .codec import (
+    decode_infer_request,
+    decode_scanned,
+    encode_infer_response,
+    known_inputs,
+    learn_inputs,
+    scan_infer_request,
+)
 from .listener import GRPCListener
 from .status import RETRY_INFO_TYPE, error_status  # noqa: F401 (RETRY_INFO_TYPE: re-exported)
 from .transport import GRPCTransportServer
@@ -164,25 +171,40 @@ class GRPCService:
     # --- inference
     async def ModelInfer(self, data: bytes, context) -> bytes:
         start = time.monotonic()
-        try:
-            msg = _parse(pb.ModelInferRequest, data)
-        except InferenceError as e:
-            self.plane.fallback_metrics.count(e.status_code)
-            self._count(self.plane.fallback_metrics, grpc_status_name(e.status_code))
-            return await self._abort(context, e)
-        metrics = self.plane.metrics_of(msg.model_name)
+        # the usual request, with inputs seen before, is decoded without protobuf (codec.py's fast path)
+        scanned = scan_infer_request(data)
+        known = None if scanned is None else known_inputs(scanned)
+        msg = None
+        if known is None:
+            try:
+                msg = _parse(pb.ModelInferRequest, data)
+            except InferenceError as e:
+                self.plane.fallback_metrics.count(e.status_code)
+                self._count(self.plane.fallback_metrics, grpc_status_name(e.status_code))
+                return await self._abort(context, e)
+            model_name, model_version = msg.model_name, msg.model_version
+        else:
+            assert scanned is not None
+            model_name, model_version = scanned.model_name, scanned.model_version
+        metrics = self.plane.metrics_of(model_name)
         metrics.in_flight.inc()
         code, error = 200, None
         trace = None
         try:
             plane = self.plane
-            m = plane.get(msg.model_name, msg.model_version or None)
+            m = plane.get(model_name, model_version or None)
             if m.tracing is not None:
                 trace = m.tracing.grpc(m, context.invocation_metadata(), start)
             if plane.draining:
                 raise InferenceError("the server is shutting down", 503, {"Retry-After": "1"})
             m.check_ready()
-            req = decode_infer_request(msg, m.max_elements)
+            req = None if known is None or scanned is None else decode_scanned(scanned, known, m.max_elements)
+            if req is None:
+                if msg is None:
+                    msg = _parse(pb.ModelInferRequest, data)
+                req = decode_infer_request(msg, m.max_elements)
+                if scanned is not None:
+                    learn_inputs(scanned, req)
             remaining = context.time_remaining()
             deadline = None if remaining is None else start + remaining
             outs = await m.run(req, deadline, trace)

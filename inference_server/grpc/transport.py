@@ -45,6 +45,7 @@ CONN_WINDOW = 1 << 26  # what a client may send ahead on a connection; topped up
 MAX_HEADER_LIST = 16384
 POOL_MIN, POOL_MAX = 1 << 16, 1 << 22  # messages of these sizes are joined into a reused buffer
 POOL_BUFFERS = 4  # at most this many idle (16 MiB at most)
+KEPT_BLOCKS = 16  # header blocks whose scan and metadata a connection keeps (each holds its fields alive)
 _TIMEOUT_UNITS = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3, ord("u"): 1e-6, ord("n"): 1e-9}
 _HEAD = struct.Struct(">I")
 
@@ -172,7 +173,7 @@ class CallContext:
             return kept[1]
         self._metadata = md = metadata_pairs(headers, _REQUEST_NOT_METADATA)
         if conn is not None:
-            if len(conn.metadata) >= 64:
+            if len(conn.metadata) >= KEPT_BLOCKS:
                 conn.metadata.clear()
             conn.metadata[id(headers)] = (headers, md)
         return md
@@ -475,7 +476,7 @@ class _Connection(asyncio.Protocol):
             path, method, ctype, timeout, encoding = cached[1]
         else:
             path, method, ctype, timeout, encoding = scan = _scan(headers)
-            if len(self.scanned) >= 64:
+            if len(self.scanned) >= KEPT_BLOCKS:
                 self.scanned.clear()
             self.scanned[id(headers)] = (headers, scan)
         deadline = None if timeout is None else _deadline(timeout)
@@ -556,7 +557,7 @@ class _Connection(asyncio.Protocol):
             self._refuse(s, grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {s.path.decode('latin-1')}")
             return
         s.task = self.loop.create_task(self._call_pooled(s, handler, message) if s.pooled is not None
-                                                        else self._call(s, handler, message))
+                                       else self._call(s, handler, message))
 
     async def _call_pooled(self, s: _Stream, handler: Handler, message: bytes | memoryview) -> None:
         """`_call`, then the message's buffer goes back to the pool (when nothing holds a view of it)."""

@@ -257,3 +257,72 @@ def test_a_raw_answer_is_byte_for_byte_what_protobuf_writes(request_id, version)
         for _ in range(2):  # the second time from the kept heads
             got = encode_infer_response("digits", version, request_id, outputs, raw=True)
             assert got == expected.SerializeToString()
+
+
+def _decoded_as_the_server_does(data: bytes, max_elements: int = 1000):
+    """ModelInfer's decoding (service.py): the fast path when every input was seen, else protobuf, which
+    then teaches the fast path. Returns (which path, the request)."""
+    from inference_server.grpc.codec import decode_scanned, known_inputs, learn_inputs, scan_infer_request
+
+    scanned = scan_infer_request(data)
+    known = None if scanned is None else known_inputs(scanned)
+    req = None if known is None or scanned is None else decode_scanned(scanned, known, max_elements)
+    if req is not None:
+        return "fast", req
+    req = decode_infer_request(pb.ModelInferRequest.FromString(data), max_elements)
+    if scanned is not None:
+        learn_inputs(scanned, req)
+    return "protobuf", req
+
+
+@pytest.mark.parametrize("datatype", [d for d in DTYPES if d != "BYTES"])
+def test_a_repeated_raw_request_decodes_without_protobuf_to_the_same_tensors(datatype):
+    """The second request with the same inputs takes the fast path (codec.py) and gets the same tensors,
+    id and model name; other data of the same shape is read from the new message, never the first one's."""
+    arr = SAMPLES[datatype]
+    first = request(datatype, arr, raw=True)
+    first.id, first.model_version = "r1", "2"
+    paths, tensors = [], []
+    for msg in (first, first):
+        path, req = _decoded_as_the_server_does(msg.SerializeToString())
+        paths.append(path)
+        tensors.append(req)
+        assert req.id == "r1" and req.binary_output and req.outputs is None and req.parameters == {}
+        (t,) = req.inputs
+        assert t.name == "x" and t.datatype == datatype and t.array.dtype == DTYPES[datatype]
+        assert np.array_equal(t.array, arr) and t.array.flags.aligned
+    assert paths == ["protobuf", "fast"]
+    other = request(datatype, arr[::-1].copy(), raw=True)
+    path, req = _decoded_as_the_server_does(other.SerializeToString())
+    assert path == "fast" and np.array_equal(req.inputs[0].array, arr[::-1])
+
+
+def test_the_fast_path_leaves_every_other_request_and_every_error_to_protobuf():
+    """Requests with outputs or parameters, data of the wrong size, a model's smaller element limit, and
+    bytes that do not parse: the protobuf path answers them, with its own words."""
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    base = request("FP32", x, raw=True)
+    assert _decoded_as_the_server_does(base.SerializeToString())[0] in ("protobuf", "fast")  # now known
+    with_outputs = pb.ModelInferRequest()
+    with_outputs.CopyFrom(base)
+    with_outputs.outputs.add(name="y")
+    path, req = _decoded_as_the_server_does(with_outputs.SerializeToString())
+    assert path == "protobuf" and [o.name for o in req.outputs] == ["y"]
+    with_params = pb.ModelInferRequest()
+    with_params.CopyFrom(base)
+    with_params.parameters["k"].int64_param = 3
+    path, req = _decoded_as_the_server_does(with_params.SerializeToString())
+    assert path == "protobuf" and req.parameters == {"k": 3}
+    short = pb.ModelInferRequest()
+    short.CopyFrom(base)
+    short.raw_input_contents[0] = x.tobytes()[:-4]
+    with pytest.raises(BadRequest, match=r"input 'x': shape \[2, 3\] of FP32 needs 24 bytes, binary data has 20"):
+        _decoded_as_the_server_does(short.SerializeToString())
+    with pytest.raises(BadRequest, match=r"input 'x': shape \[2, 3\] has 6 elements, more than the 5"):
+        _decoded_as_the_server_does(base.SerializeToString(), max_elements=5)
+    two_names = base.SerializeToString() + pb.ModelInferRequest(model_name="last").SerializeToString()
+    from inference_server.grpc.codec import scan_infer_request
+
+    scanned = scan_infer_request(two_names)
+    assert scanned is not None and scanned.model_name == pb.ModelInferRequest.FromString(two_names).model_name
+    assert scan_infer_request(base.SerializeToString()[:-3]) is None  # truncated: protobuf words the error
