@@ -206,6 +206,18 @@ def digits(installed):
     k.cp.kubectl("apply", "-n", MODEL_NS, "-f", str(REPO / "examples/digits/service.yaml"))
     k.cp.wait_for(lambda: condition(k.cp.get_object(CMS, MODEL_NS, MODEL)).get("status") == "True",
                   timeout=180, what=f"{MODEL} Ready")
+    # The CR's Ready counts the Deployment's ready replicas; the EndpointSlice controller publishes them on its
+    # own schedule (batched, and slower on a loaded machine): the steps below start once both agree.
+    try:
+        k.cp.wait_for(lambda: ready_endpoints(k) == {p["status"].get("podIP"): p["metadata"]["name"]
+                                                      for p in k.model_pods()}, timeout=90,
+                      what=f"every {MODEL} pod ready in its EndpointSlices")
+    except Exception:
+        print("pods:", [(p["metadata"]["name"], p["status"].get("podIP"), p["status"].get("conditions"),
+                         p["status"].get("containerStatuses")) for p in k.model_pods()])
+        print("slices:", k.cp.list_objects(ENDPOINTSLICES, MODEL_NS,
+                                           labelSelector=f"kubernetes.io/service-name={MODEL}-predictor"))
+        raise
     for i in range(len(k.gateways())):
         k.cp.wait_for(lambda i=i: http_json("GET", f"{k.gateway_url(i)}/v2/models/{MODEL}/ready")[0] == 200,
                       timeout=30, what=f"gateway {i} routing {MODEL}")
@@ -320,6 +332,13 @@ def test_3_the_digits_pods_run_the_generated_template_on_addresses_of_their_own(
         assert status == 200 and meta["name"] == MODEL
 
 
+def ready_endpoints(k: Kube) -> dict[str, str]:
+    """address → pod name of the ready endpoints in the model Service's EndpointSlices."""
+    slices = k.cp.list_objects(ENDPOINTSLICES, MODEL_NS, labelSelector=f"kubernetes.io/service-name={MODEL}-predictor")
+    return {e["addresses"][0]: e["targetRef"]["name"]
+            for s in slices for e in s.get("endpoints") or [] if e["conditions"]["ready"]}
+
+
 def test_3_endpointslices_come_from_the_real_controller_and_the_gateways_route_by_them(digits):
     pods = {p["status"]["podIP"]: p["metadata"]["name"] for p in digits.model_pods()}
     slices = digits.cp.list_objects(
@@ -329,10 +348,7 @@ def test_3_endpointslices_come_from_the_real_controller_and_the_gateways_route_b
         s["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] == "endpointslice-controller.k8s.io"
         for s in slices
     )
-    endpoints = {
-        e["addresses"][0]: e["targetRef"]["name"] for s in slices for e in s["endpoints"] if e["conditions"]["ready"]
-    }
-    assert endpoints == pods
+    assert ready_endpoints(digits) == pods
     assert {(p["name"], p["port"]) for s in slices for p in s["ports"]} == {("http", 8080), ("grpc", 8081)}
     for i in range(len(digits.gateways())):
         status, body = http_json("GET", f"{digits.gateway_url(i)}/v2/models")
