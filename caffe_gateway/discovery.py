@@ -67,12 +67,7 @@ def parse_static(spec: str) -> tuple[str, set[Address]]:
     if not sep or not model or not urls.strip():
         raise ValueError(f"expected MODEL=URL[,URL...], got {spec!r}")
     out: set[Address] = set()
-    for url in urls.split(","):
-        url = url.strip()
-        if not url:
-            continue
-        if "://" not in url:
-            url = "http://" + url
+    for url in _static_urls(urls):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):  # https: reached over TLS (--upstream-ca)
             raise ValueError(f"{url}: only http:// and https:// servers are supported")
@@ -88,6 +83,16 @@ def parse_static(spec: str) -> tuple[str, set[Address]]:
             raise ValueError(f"{url}: expected http://host:port, optionally with ?grpc=PORT")
         out.add((parts.hostname, parts.port, grpc_port))
     return model, out
+
+
+def _static_urls(urls: str) -> list[str]:
+    """A --static spec's comma-separated URLs, each with its scheme (`host:port` is http://host:port)."""
+    return [u if "://" in u else "http://" + u for u in (u.strip() for u in urls.split(",")) if u]
+
+
+def static_schemes(specs: list[str]) -> set[str]:
+    """The URL schemes the --static specs name (http for a bare host:port)."""
+    return {urlsplit(u).scheme for spec in specs for u in _static_urls(spec.partition("=")[2])}
 
 
 class StaticDiscovery:

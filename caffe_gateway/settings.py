@@ -12,6 +12,7 @@ from caffe_http.tls import POD_SERVER_NAME
 
 from .auth import REVIEW_TTL_S, Allowed, Guard, StaticTokens, TokenReviewer
 from .balancer import BalancerSettings
+from .discovery import static_schemes
 from .proxy import ProxySettings
 
 if TYPE_CHECKING:
@@ -137,8 +138,7 @@ def tls_from(args: argparse.Namespace) -> ReloadingTLS | None:
 def upstream_tls_from(args: argparse.Namespace) -> ClientTLS | None:
     """TLS to the model servers (--upstream-ca); ValueError when the CA does not load or a --static URL's
     scheme says otherwise (https:// needs the CA; with it, every server is reached over TLS)."""
-    schemes = {url.strip().split("://", 1)[0] for spec in args.static or [] for url in spec.partition("=")[2].split(",")
-               if "://" in url}
+    schemes = static_schemes(args.static or [])
     if not args.upstream_ca:
         if "https" in schemes:
             raise ValueError("an https:// server in --static needs --upstream-ca (the CA its certificate is checked "

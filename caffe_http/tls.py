@@ -31,6 +31,18 @@ log = logging.getLogger(__name__)
 RELOAD_POLL_S = 2.0  # a stat of two files every 2 s: nothing measurable, and well inside the kubelet's ~1 min sync
 
 
+FileStamp = tuple[int, int, int, int] | None
+
+
+def file_stamp(path: Path) -> FileStamp:
+    """A file's target identity, size and mtime (None when it cannot be read): what a Secret's swap changes."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 @dataclass(frozen=True)
 class TLSFiles:
     cert: Path
@@ -41,17 +53,9 @@ class TLSFiles:
         """The `kubernetes.io/tls` layout: tls.crt and tls.key in `folder`."""
         return cls(Path(folder) / "tls.crt", Path(folder) / "tls.key")
 
-    def stamp(self) -> tuple[tuple[int, int, int, int] | None, ...]:
+    def stamp(self) -> tuple[FileStamp, ...]:
         """What changes when either file does (their targets' identity, size and mtime)."""
-        out: list[tuple[int, int, int, int] | None] = []
-        for p in (self.cert, self.key):
-            try:
-                st = os.stat(p)
-            except OSError:
-                out.append(None)
-                continue
-            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-        return tuple(out)
+        return file_stamp(self.cert), file_stamp(self.key)
 
 
 def server_context(files: TLSFiles, alpn: str = "http/1.1") -> ssl.SSLContext:
@@ -164,7 +168,7 @@ class ClientTLS:
         self.ca_file = Path(ca_file)
         self.server_name = server_name
         self.poll_s = poll_s
-        self._stamp = TLSFiles(self.ca_file, self.ca_file).stamp()
+        self._stamp = file_stamp(self.ca_file)
         self._checked = 0.0
         self._contexts = {alpn: client_context(self.ca_file, alpn) for alpn in (None, "h2")}  # fatal at start
 
@@ -174,7 +178,7 @@ class ClientTLS:
         now = time.monotonic()
         if now - self._checked >= self.poll_s:
             self._checked = now
-            stamp = TLSFiles(self.ca_file, self.ca_file).stamp()
+            stamp = file_stamp(self.ca_file)
             if stamp != self._stamp:
                 self._stamp = stamp
                 try:

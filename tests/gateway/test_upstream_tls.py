@@ -95,6 +95,7 @@ def test_the_gateway_reaches_tls_servers_with_the_ca_and_refuses_servers_it_cann
 @pytest.mark.parametrize("args,message", [
     (("--static", "digits=https://127.0.0.1:1"), "an https:// server in --static needs --upstream-ca"),
     (("--static", "digits=http://127.0.0.1:1", "--upstream-ca", "CA"), "write https:// in --static"),
+    (("--static", "digits=127.0.0.1:1", "--upstream-ca", "CA"), "write https:// in --static"),  # bare: http
     (("--static", "digits=https://127.0.0.1:1", "--upstream-ca", "/nonexistent/ca.crt"), "cannot load it"),
 ])
 def test_upstream_tls_flags_that_do_not_fit_stop_the_gateway_with_why(args, message, pki):
