@@ -1,8 +1,8 @@
 """Routes only: the Open Inference Protocol (KServe V2) REST paths onto the data plane.
 
 Built by `create_app`, which returns the handler the HTTP server calls; routing is two tables, one
-dict lookup for a fixed path and one for a model's path. Every InferenceError is
-turned into `{"error": message}` with its status code here, and nowhere else.
+dict lookup for a fixed path and one for a model's path, and a path seen before is one lookup in all.
+Every InferenceError is turned into `{"error": message}` with its status code here, and nowhere else.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from caffe_http.tryit import page_response
 from ..admin import REPOSITORY_INDEX_PATH, repository_model_path
 from ..errors import InferenceError, NotFound
 from .dataplane import DataPlane, Model
+from .inline_path import answer_inline
 from .repository import Repository, index_ready_only, load_parameters
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ READY = orjson.dumps({"ready": True})
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 Handler = Callable[..., Awaitable[Response]]
+ROUTES_KEPT = 1024  # paths resolved before, remembered (then forgotten all at once: model names are the clients')
 
 
 def error_response(e: InferenceError) -> Response:
@@ -73,6 +75,9 @@ class Endpoints:
         try:
             m = self.plane.get(model, version)
             # while draining (SIGTERM), requests are still served: only readiness says we are going
+            done = answer_inline(m, req.body, req.headers)  # the common request, in one step (inline_path.py)
+            if done is not None:
+                return Response(200, done[0], "application/octet-stream", done[1])
             body, extra = await m.infer(req.body, req.headers)
             if extra:
                 return Response(200, body, "application/octet-stream", {**extra, **m.answer_headers})
@@ -162,18 +167,32 @@ def create_app(plane: DataPlane, repository: Repository) -> Callable[[Request], 
     }
     repository_actions = {"load": Route("POST", e.repository_load), "unload": Route("POST", e.repository_unload)}
 
+    resolved: dict[str, tuple[Route, tuple[str | None, ...]]] = {}  # by path: a client sends the same ones
+
+    def resolve(path: str) -> tuple[Route, tuple[str | None, ...]] | None:
+        parts = tuple(path.strip("/").split("/"))
+        route = paths.get(parts)
+        if route is not None:
+            return route, ()
+        if (found := model_path(parts)) is not None:
+            route = model_tails.get(found[2])
+            return None if route is None else (route, found[:2])
+        if (action := repository_model_path(parts)) is not None:
+            return repository_actions[action[1]], action[:1]
+        return None
+
     async def handle(req: Request) -> Response:
         method = req.method
         try:
-            parts = tuple(req.path.strip("/").split("/"))
-            args: tuple[str | None, ...] = ()
-            route = paths.get(parts)
-            if route is None and (found := model_path(parts)) is not None:
-                route, args = model_tails.get(found[2]), found[:2]
-            elif route is None and (action := repository_model_path(parts)) is not None:
-                route, args = repository_actions[action[1]], action[:1]
-            if route is None:
-                raise NotFound(f"no route for {method} {req.path}")
+            found = resolved.get(req.path)
+            if found is None:
+                found = resolve(req.path)
+                if found is None:
+                    raise NotFound(f"no route for {method} {req.path}")
+                if len(resolved) >= ROUTES_KEPT:
+                    resolved.clear()
+                resolved[req.path] = found
+            route, args = found
             if not route.allows(method):
                 return _method_not_allowed(route.method)
             return await route.handler(req, *args)

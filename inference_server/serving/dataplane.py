@@ -28,6 +28,7 @@ from ..hashing import file_sha256
 from ..loading.child_load import probe_load
 from .codecs import HEADER_LENGTH, STREAM_MIN_BYTES, InferRequest, Plans, decode_request, encode_response
 from .executor import Executor
+from .inline_path import InlinePlan, PlanKey
 from .memory import ModelMemory, gpu_used_bytes, release_freed_memory, rss_bytes
 from .metrics import ServerMetrics
 from .preprocess import ImagePreprocessor
@@ -133,6 +134,8 @@ class Model:
         self.answer_headers: dict[str, str] = {}  # on every infer answer: which backend answered
         self.stats = ModelStats()
         self.plans: Plans = {}  # binary requests' headers decoded before (codecs.decode_request; loop only)
+        # what those headers mean on the inline path (inline_path.py; loop only; emptied when the backend changes)
+        self.inline_plans: dict[PlanKey, InlinePlan | None] = {}
         self.max_elements = cfg.limits.max_request_bytes
         self.max_batch = cfg.limits.max_batch
         self.timeout = cfg.limits.request_timeout_s
@@ -223,6 +226,7 @@ class Model:
     def _describe(self, desc) -> None:
         """Metadata, configuration, answer headers and metrics for the serving backend."""
         self._desc = desc
+        self.inline_plans = {}  # their answer headers name the backend
         self.backend_since = time.time()
         self.metadata = orjson.dumps(self._metadata(desc))
         self.config_json = orjson.dumps(model_config(self))
