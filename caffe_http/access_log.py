@@ -65,7 +65,7 @@ _random_id_bits = _ids.getrandbits
 
 def new_request_id() -> str:
     """16 hex digits: a name for the request in the logs, not a secret (no system call per request)."""
-    return "%016x" % _random_id_bits(64)
+    return f"{_random_id_bits(64):016x}"
 
 
 def model_of(path: str) -> str:

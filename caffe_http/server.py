@@ -103,6 +103,7 @@ class ServerLimits:
 
 
 _GROW_IN_PLACE_FROM = 1024 * 1024
+_METHODS = {m.encode(): m for m in ("GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH")}
 MAX_PIPELINED = 16  # requests read ahead on one connection before it stops reading
 
 
@@ -275,7 +276,7 @@ class _Connection(asyncio.Protocol):
                 self.body_parts = []
 
     def on_message_complete(self) -> None:
-        self._disarm()
+        self.deadline = None  # _disarm()
         if self.discarding:  # the refused body is all read: close now, or once the refusal is written
             self._end_discard()
             raise _Refused()
@@ -290,15 +291,9 @@ class _Connection(asyncio.Protocol):
             body, self.body_buf = self.body_buf, None
         else:
             body = self.body_parts[0] if len(self.body_parts) == 1 else b"".join(self.body_parts)
-        req = Request(
-            method=self.parser.get_method().decode("latin-1"),
-            path=path,
-            query=query,
-            headers=self.headers,
-            body=body,
-            client=self.client,
-            arrived=self.arrived,
-        )
+        method = self.parser.get_method()
+        req = Request(_METHODS.get(method) or method.decode("latin-1"), path, query, self.headers, body, self.client,
+                      self.arrived)
         self.pending.append((req, self.parser.should_keep_alive(), self.reserved))
         self.reserved = 0
         self.in_message = False
@@ -335,6 +330,7 @@ class _Connection(asyncio.Protocol):
 
     # --- request handling
     async def _serve_pending(self) -> None:
+        server = self.server
         try:
             while self.pending and not self.closing:
                 req, keep_alive, reserved = self.pending.popleft()
@@ -346,16 +342,17 @@ class _Connection(asyncio.Protocol):
                 if isinstance(req, Response):  # a refusal queued by _refuse
                     resp = req
                 else:
-                    self.server.in_flight += 1
+                    server.in_flight += 1
                     try:
-                        resp = await self.server.handler(req)
+                        resp = await server.handler(req)
                     except Exception:  # the handler maps its own errors; this is a bug guard
                         log.exception("unhandled error serving %s %s", req.method, req.path)
-                        resp = Response(500, self.server.error_body("internal server error"))
+                        resp = Response(500, server.error_body("internal server error"))
                     finally:
-                        self.server.in_flight -= 1
-                        self._release(reserved)
-                keep_alive = keep_alive and not self.server.stopping
+                        server.in_flight -= 1
+                        if reserved:
+                            server.inflight_bytes -= reserved  # _release(reserved)
+                keep_alive = keep_alive and not server.stopping
                 if self.closing:
                     return
                 head_only = not isinstance(req, Response) and req.method == "HEAD"
@@ -368,7 +365,8 @@ class _Connection(asyncio.Protocol):
                     return
         finally:
             self.worker = None
-            self.server._maybe_drained()
+            if server.stopping:
+                server._maybe_drained()
         if not self.closing and not self.in_message:
             self._arm(self.limits.keepalive_timeout_s, None)
 

@@ -34,6 +34,34 @@ namespace caffe {
 }
 """
 
+# brocolli-caffe 9.0.2's src/caffe/layers/pooling_layer.cpp, the lines the pooling patch anchors on and rewrites
+POOLING_CPP_SNIPPET = """\
+template <typename Dtype>
+void PoolingLayer<Dtype>::Forward_cpu(const vector<Blob<Dtype>*>& bottom,
+      const vector<Blob<Dtype>*>& top) {
+  const bool use_top_mask = top.size() > 1;
+    for (int n = 0; n < bottom[0]->num(); ++n) {
+      for (int c = 0; c < channels_; ++c) {
+        for (int ph = 0; ph < pooled_height_; ++ph) {
+          for (int pw = 0; pw < pooled_width_; ++pw) {
+            int hstart = ph * stride_h_ - pad_h_;
+            int wstart = pw * stride_w_ - pad_w_;
+            int hend = min(hstart + kernel_h_, height_);
+            int wend = min(wstart + kernel_w_, width_);
+          }
+        }
+        bottom_data += bottom[0]->offset(0, 1);
+        top_data += top[0]->offset(0, 1);
+      }
+    }
+}
+template <typename Dtype>
+void PoolingLayer<Dtype>::Backward_cpu(const vector<Blob<Dtype>*>& top,
+    for (int n = 0; n < top[0]->num(); ++n) {
+        bottom_diff += bottom[0]->offset(0, 1);
+}
+"""
+
 
 def caffe_tree(root: Path) -> Path:
     (root / "python" / "caffe").mkdir(parents=True)
@@ -42,7 +70,8 @@ def caffe_tree(root: Path) -> Path:
     (root / "src" / "caffe" / "util" / "io.cpp").write_text(IO_CPP_SNIPPET)
     (root / "include" / "caffe" / "layers").mkdir(parents=True)
     (root / "include" / "caffe" / "layers" / "python_layer.hpp").write_text(PYTHON_LAYER_SNIPPET)
-    fork_targets(root)  # what patch_caffe_forks.py edits
+    fork_targets(root)  # what patch_caffe_forks.py edits (and makes src/caffe/layers)
+    (root / "src" / "caffe" / "layers" / "pooling_layer.cpp").write_text(POOLING_CPP_SNIPPET)
     return root
 
 

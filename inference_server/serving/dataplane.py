@@ -52,6 +52,7 @@ def _decoders() -> ThreadPoolExecutor:
 
 
 SERVER_NAME = "caffe-serving"
+Outputs = list[tuple[str, str, np.ndarray, bool]]  # (name, datatype, array, as binary) of an answer
 EXTENSIONS = ["binary_tensor_data", "classification", "statistics", "model_configuration"]
 
 
@@ -347,7 +348,7 @@ class Model:
         return answer
 
     async def run(self, req: InferRequest, deadline: float | None = None,
-                  trace: RequestTrace | None = None) -> list[tuple[str, str, np.ndarray, bool]]:
+                  trace: RequestTrace | None = None) -> Outputs:
         """A decoded request's outputs as (name, datatype, array, as_binary), whatever the protocol.
 
         `deadline` (time.monotonic()) is the client's own, if it gave one; `requestTimeoutS` bounds it.
@@ -367,45 +368,83 @@ class Model:
         self.stats.success(total, queue_ns, input_ns, infer_ns, 0, rows, batch_size)
         return outs
 
+    def run_now(self, req: InferRequest, deadline: float | None = None) -> Outputs | None:
+        """`run` for a request answered without a wait: its inputs are numbers and its forward pass runs here, on
+        the event loop (executor.py's inline path). None where `run` must serve it (nothing is counted then)."""
+        if self.state != "ready" or self.tracing is not None or self.executor.inline_backend is None:
+            return None
+        started = time.perf_counter_ns()
+        try:
+            deadline, run_names, blobs = self._plan_run(req, deadline)
+            for blob in blobs.values():
+                if callable(blob):
+                    return None  # an encoded image: decoded off the loop by `run`
+            batch = self._checked_batch(blobs, deadline)
+            submitted = time.perf_counter_ns()
+            done = self.executor.run_inline(blobs, run_names, batch, deadline)
+            if done is None:
+                return None
+            outs, phases = self._ran(req, done[0], done[1], started, submitted, batch)
+        except BaseException:
+            self.stats.failure(time.perf_counter_ns() - started)
+            raise
+        total, queue_ns, input_ns, infer_ns, rows, batch_size = phases
+        self.stats.success(total, queue_ns, input_ns, infer_ns, 0, rows, batch_size)
+        return outs
+
     async def _run_timed(self, req: InferRequest, deadline: float | None, started: int,
                          trace: RequestTrace | None = None):
         """The request's outputs, and its phases for `stats` (ns since `started`, a perf_counter_ns())."""
+        deadline, run_names, blobs = self._plan_run(req, deadline)
+        for name, blob in blobs.items():
+            if callable(blob):  # encoded images: a large one must not stall every other connection
+                blobs[name] = await asyncio.to_thread(blob)
+        batch = self._checked_batch(blobs, deadline)
+        submitted = time.perf_counter_ns()
+        ex = self.executor
+        # a short forward runs here when the worker is idle (executor.py), without a coroutine for it
+        done = ex.run_inline(blobs, run_names, batch, deadline)
+        result, timing = done if done is not None else await ex.submit(blobs, run_names, batch, deadline)
+        return self._ran(req, result, timing, started, submitted, batch, trace)
+
+    def _plan_run(self, req: InferRequest, deadline: float | None) -> tuple[float, list[str], dict[str, Any]]:
+        """(the deadline, the outputs to run, each input's blob): the request's own deadline bounded by
+        `requestTimeoutS`, its outputs checked before any image is decoded (a bad request costs nothing)."""
         limit = time.monotonic() + self.timeout
         deadline = limit if deadline is None else min(deadline, limit)
         # an empty `outputs` list means every output, as an absent one does (Triton answers it so;
         # an empty answer would be a silent surprise)
-        requested = req.outputs or None
-        if requested is None:
-            names = run_names = self.outputs  # the model's own: known, no repeats
+        if not req.outputs:
+            run_names = self.outputs  # the model's own: known, no repeats
         else:
-            names = [o.name for o in requested]
-            for n in names:  # before any image is decoded: a bad request costs nothing
+            names = [o.name for o in req.outputs]
+            for n in names:
                 if n not in self.output_shapes:
                     raise BadRequest(f"unknown output '{n}'; the model's outputs are: {', '.join(self.outputs)}")
             run_names = list(dict.fromkeys(names))
-        blobs = self._blobs(req)
-        for name, blob in blobs.items():
-            if callable(blob):  # encoded images: a large one must not stall every other connection
-                blobs[name] = await asyncio.to_thread(blob)
+        return deadline, run_names, self._blobs(req)
+
+    @staticmethod
+    def _checked_batch(blobs: dict[str, np.ndarray], deadline: float) -> int:
+        """The batch size the inputs agree on; a request whose deadline passed is not run."""
         if len(blobs) > 1:
             sizes = {a.shape[0] for a in blobs.values()}
             if len(sizes) > 1:
                 raise BadRequest(f"inputs disagree on the batch size: {sorted(sizes)}")
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("the request's deadline passed before it reached the model")
-        batch = next(iter(blobs.values())).shape[0]
-        submitted = time.perf_counter_ns()
-        ex = self.executor
-        # a short forward runs here when the worker is idle (executor.py), without a coroutine for it
-        done = ex.run_inline(blobs, run_names, batch, deadline)
-        result, timing = done if done is not None else await ex.submit(blobs, run_names, batch, deadline)
+        return next(iter(blobs.values())).shape[0]
+
+    def _ran(self, req: InferRequest, result: dict[str, np.ndarray], timing, started: int, submitted: int,
+             batch: int, trace: RequestTrace | None = None):
+        """(outputs as (name, datatype, array, as_binary), phases) of a forward pass's result."""
         self.metrics.queue_seconds.observe(timing.queue_s)
-        if requested is None:
+        if not req.outputs:
             binary = req.binary_output
-            outs = [(n, "FP32", result[n], binary) for n in names]
+            outs = [(n, "FP32", result[n], binary) for n in self.outputs]
         else:
             outs = []
-            for o in requested:
+            for o in req.outputs:
                 arr = result[o.name]
                 if o.classification:
                     outs.append((o.name, "BYTES", self._classify(o.name, arr, o.classification), o.binary))

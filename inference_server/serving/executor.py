@@ -153,30 +153,9 @@ class Executor:
         """(outputs, timing) of a forward pass run here, on the event loop, when it may be (the module
         docstring); None when the request must go to a worker (`submit`)."""
         backend = self.inline_backend
-        if (backend is not None and not self.pending and batch * self.row_s <= INLINE_MAX_S
-                and self.net_lock.acquire(blocking=False)):
-            return self._inline(backend, inputs, outputs, batch, deadline)
-        return None
-
-    async def submit(self, inputs: dict[str, np.ndarray], outputs: list[str], batch: int, deadline: float):
-        if self.pending >= self.max_queue:
-            raise Unavailable(f"the model's queue is full ({self.max_queue} requests); retry later", retry_after_s=1)
-        done = self.run_inline(inputs, outputs, batch, deadline)
-        if done is not None:
-            return done
-        self.pending += 1
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self.queue.put(WorkItem(inputs, outputs, batch, deadline, fut, loop))
-        timer = loop.call_later(max(0.0, deadline - time.monotonic()), _expire, fut)
-        try:
-            return await fut
-        finally:
-            timer.cancel()
-            self.pending -= 1
-
-    def _inline(self, backend, inputs: dict[str, np.ndarray], outputs: list[str], batch: int, deadline: float):
-        """The forward pass on the calling (event loop) thread; the caller holds `net_lock`."""
+        if (backend is None or self.pending or batch * self.row_s > INLINE_MAX_S
+                or not self.net_lock.acquire(blocking=False)):
+            return None
         try:
             start = time.monotonic()
             if start > deadline:
@@ -195,6 +174,23 @@ class Executor:
         if self.on_batch is not None:
             self.on_batch(batch, compute)
         return result, Timing(0.0, compute, batch)
+
+    async def submit(self, inputs: dict[str, np.ndarray], outputs: list[str], batch: int, deadline: float):
+        if self.pending >= self.max_queue:
+            raise Unavailable(f"the model's queue is full ({self.max_queue} requests); retry later", retry_after_s=1)
+        done = self.run_inline(inputs, outputs, batch, deadline)
+        if done is not None:
+            return done
+        self.pending += 1
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.queue.put(WorkItem(inputs, outputs, batch, deadline, fut, loop))
+        timer = loop.call_later(max(0.0, deadline - time.monotonic()), _expire, fut)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+            self.pending -= 1
 
     # --- worker thread
     def _run(self, index: int, ready: list, cond: threading.Condition) -> None:

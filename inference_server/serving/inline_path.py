@@ -40,7 +40,7 @@ class InlinePlan:
     answer: list[tuple[str, bool]]  # (name, as binary) in the answer's order, repeats as requested
     rid: str | None
     binary: bool  # every output as binary: the answer's JSON header depends on their shapes alone
-    # by the outputs' shapes: (the answer's JSON header, the answer's HTTP headers)
+    # by the output's shape (one output) or the outputs' shapes: (the answer's JSON header, its HTTP headers)
     heads: dict[tuple, tuple[bytes, dict[str, str]]] = field(default_factory=dict)
 
 
@@ -98,11 +98,14 @@ def answer_inline(model: Model, body: bytes | bytearray, headers: dict[str, str]
         result, timing = done
         ran = time.perf_counter_ns()
         if plan.binary:
-            shapes = tuple(result[n].shape for n in plan.run)
-            head = plan.heads.get(shapes)
-            if head is None:
-                head = plan.heads[shapes] = _head(model, plan, result)
-            answer = head[0] + b"".join([result[n].tobytes() for n, _ in plan.answer])
+            if len(plan.answer) == 1:  # the usual request: one output
+                out = result[plan.run[0]]
+                head = plan.heads.get(out.shape) or _head(model, plan, result, out.shape)
+                answer = head[0] + out.tobytes()
+            else:
+                shapes = tuple(result[n].shape for n in plan.run)
+                head = plan.heads.get(shapes) or _head(model, plan, result, shapes)
+                answer = head[0] + b"".join([result[n].tobytes() for n, _ in plan.answer])
             http_headers = head[1]
         else:
             outs = [(n, "FP32", result[n], binary) for n, binary in plan.answer]
@@ -118,9 +121,11 @@ def answer_inline(model: Model, body: bytes | bytearray, headers: dict[str, str]
     return answer, http_headers
 
 
-def _head(model: Model, plan: InlinePlan, result: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
-    """The answer's JSON header for these output shapes, made by the general encoder (so it is the same)."""
+def _head(model: Model, plan: InlinePlan, result: dict[str, np.ndarray], key: tuple) -> tuple[bytes, dict[str, str]]:
+    """The answer's JSON header for these output shapes (`key`: their shape, or their shapes), made by the
+    general encoder (so it is the same), and kept in the plan."""
     outs = [(n, "FP32", result[n], True) for n, _ in plan.answer]
     answer, extra = encode_response(model.name, model.version, plan.rid, outs)
     head = answer[: int(extra["Inference-Header-Content-Length"])]
-    return head, {**extra, **model.answer_headers}
+    plan.heads[key] = head, {**extra, **model.answer_headers}
+    return plan.heads[key]

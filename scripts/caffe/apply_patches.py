@@ -3,7 +3,8 @@
 
     apply_patches.py source CAFFE_SRC [--cuda]   before compiling (build_caffe.sh): the forward pass releases
                                                  the GIL, protobuf reads up to 2 GiB, the Caffe forks' layers
-                                                 and fields, Python layers take the GIL back; with --cuda
+                                                 and fields, Python layers take the GIL back, CPU pooling
+                                                 reads its loop bounds once; with --cuda
                                                  also the sdist's CUDA parts back on
     apply_patches.py installed CAFFE_PACKAGE     after copying pycaffe (install_pycaffe.sh, gpu/gpu_bundle.sh):
                                                  caffe/io.py for current scikit-image, no rebuild
@@ -21,6 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import patch_caffe_cuda  # noqa: E402
 import patch_caffe_forks  # noqa: E402
+import patch_caffe_pooling  # noqa: E402
 import patch_caffe_proto_limit  # noqa: E402
 import patch_pycaffe_gil  # noqa: E402
 import patch_pycaffe_io  # noqa: E402
@@ -28,7 +30,7 @@ import patch_python_layer  # noqa: E402
 
 # (patch, the path its main takes relative to the target), in the order they apply
 SOURCE = [(patch_pycaffe_gil, "python/caffe/_caffe.cpp"), (patch_caffe_proto_limit, ""), (patch_caffe_forks, ""),
-          (patch_python_layer, "")]
+          (patch_python_layer, ""), (patch_caffe_pooling, "")]
 CUDA = [(patch_caffe_cuda, "")]
 INSTALLED = [(patch_pycaffe_io, "")]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from caffe_testing import REPO
-from caffe_testing.caffe_sources import PYCAFFE_SNIPPET, caffe_tree
+from caffe_testing.caffe_sources import POOLING_CPP_SNIPPET, PYCAFFE_SNIPPET, caffe_tree
 
 SCRIPTS = REPO / "scripts"
 CAFFE = SCRIPTS / "caffe"
@@ -81,9 +81,16 @@ def test_source_patches_release_the_gil_lift_the_weights_limit_and_add_the_fork_
     assert "#include <climits>" in io_cpp
     assert (src / "src" / "caffe" / "layers" / "axpy_layer.cpp").exists()
     assert (src / "include" / "caffe" / "layers" / "python_layer.hpp").read_text().count("PythonLayerGIL gil;") == 4
+    pooling = (src / "src" / "caffe" / "layers" / "pooling_layer.cpp").read_text()
+    forward, backward = pooling.split("void PoolingLayer<Dtype>::Backward_cpu(")
+    assert "const int bottom_step = bottom[0]->count(2);" in forward and "bottom_data += bottom_step;" in forward
+    assert "for (int n = 0; n < num; ++n)" in forward and "int hend = min(hstart + kernel_h, height);" in forward
+    assert "->offset(" not in forward.split("const int top_step")[1] and "kernel_h_;" in forward
+    assert backward == POOLING_CPP_SNIPPET.split("void PoolingLayer<Dtype>::Backward_cpu(")[1]  # the forward only
     again = run("caffe/apply_patches.py", "source", src)
     assert again.returncode == 0
     assert "_caffe.cpp: already patched" in again.stdout and "io.cpp: already patched" in again.stdout
+    assert "pooling_layer.cpp: already patched" in again.stdout
     assert "patched\n" not in again.stdout.replace("already patched", "")
     assert (src / "src" / "caffe" / "util" / "io.cpp").read_text() == io_cpp
     # each patch alone does what the entry point does
@@ -106,7 +113,7 @@ def test_source_patches_refuse_sources_they_do_not_know(tmp_path):
 
 
 def test_every_place_that_patches_calls_the_one_entry_point():
-    """Six patches, one caller: build_caffe.sh (sources), install_pycaffe.sh and gpu_bundle.sh (installed
+    """Seven patches, one caller: build_caffe.sh (sources), install_pycaffe.sh and gpu_bundle.sh (installed
     package); nothing else runs a patch_*.py itself."""
     callers = {}
     for path in [*SCRIPTS.rglob("*.sh"), REPO / "Makefile", *REPO.glob("Dockerfile.*")]:

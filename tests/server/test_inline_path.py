@@ -23,7 +23,9 @@ from caffe_testing.digits import DIGITS_DIR
 from caffe_testing.nets import forward
 from inference_server.backends import BackendChoice
 from inference_server.commands.serve import build
+from inference_server.errors import BadRequest
 from inference_server.model_dir import config_from
+from inference_server.serving.codecs import InferRequest, InputTensor, RequestedOutput
 
 PATH = "/v2/models/digits/infer"
 
@@ -178,3 +180,29 @@ def test_a_backend_change_is_named_in_the_next_inline_answer(served, inline_answ
     finally:
         model.adopt_backend(previous)
     assert inline_answers == [False, True, True]
+
+
+def test_a_grpc_request_runs_inline_with_the_outputs_and_statistics_of_run(served, inline_answers):
+    """gRPC's ModelInfer tries `Model.run_now` first (no wait, the forward inline), then `run`."""
+    _, model = served
+    x = inputs(1, batch=2)[0]
+    req = InferRequest("g1", [InputTensor("data", [2, 1, 8, 8], "FP32", x)],
+                       [RequestedOutput("prob", True), RequestedOutput("prob", False, 3)], True)
+    before = model.stats_json()
+    now = model.run_now(req)
+    assert now is not None
+    later = asyncio.run(model.run(req))
+    assert [(n, d, b) for n, d, _, b in now] == [(n, d, b) for n, d, _, b in later] == [
+        ("prob", "FP32", True), ("prob", "BYTES", False)]
+    assert np.array_equal(now[0][2], later[0][2]) and np.array_equal(now[0][2], direct_prob(x))
+    assert np.array_equal(now[1][2], later[1][2])
+    after = model.stats_json()
+    assert after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"] == 2
+    assert after["inference_count"] - before["inference_count"] == 4
+
+    image = InferRequest(None, [InputTensor("data", [1], "BYTES", np.array([b"\x89PNG"], dtype=object))], None)
+    assert model.run_now(image) is None  # an encoded image is decoded off the loop: `run` serves it
+    assert model.stats_json()["inference_stats"]["fail"] == after["inference_stats"]["fail"]
+    with pytest.raises(BadRequest, match="unknown output 'nope'"):
+        model.run_now(InferRequest(None, req.inputs, [RequestedOutput("nope")]))
+    assert model.stats_json()["inference_stats"]["fail"]["count"] == after["inference_stats"]["fail"]["count"] + 1
