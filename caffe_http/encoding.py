@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import orjson
 
@@ -142,9 +142,17 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 def with_content_coding(handler: Handler, max_body_bytes: int,
                         passthrough: Callable[[Request], bool] | None = None, min_compress_bytes: int = 0) -> Handler:
-    """`handler` with compressed requests decoded and answers compressed on request (module docstring)."""
+    """`handler` with compressed requests decoded and answers compressed on request (module docstring). A
+    request with neither Content-Encoding nor Accept-Encoding (most of them) is the handler's own awaitable:
+    no coroutine of ours around it."""
 
-    async def handle(req: Request) -> Response:
+    def handle(req: Request) -> Awaitable[Response]:
+        headers = req.headers
+        if "content-encoding" not in headers and "accept-encoding" not in headers:
+            return handler(req)
+        return coded(req)
+
+    async def coded(req: Request) -> Response:
         headers = req.headers
         raw = headers.get("content-encoding")
         if raw:

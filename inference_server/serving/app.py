@@ -45,6 +45,7 @@ class Route:
 
     method: str
     handler: Handler
+    maps_errors: bool = False  # the handler answers its own InferenceErrors (handle need not wrap it)
 
     def allows(self, method: str) -> bool:
         return method == self.method or (self.method == "GET" and method == "HEAD")
@@ -159,7 +160,7 @@ def create_app(plane: DataPlane, repository: Repository) -> Callable[[Request], 
         ("index.html",): Route("GET", e.try_it),
     }
     model_tails: dict[str | None, Route] = {  # v2/models/{m}[/versions/{v}]/{tail}; None: no such tail
-        "infer": Route("POST", e.infer),
+        "infer": Route("POST", e.infer, maps_errors=True),
         "": Route("GET", e.model_metadata),
         "ready": Route("GET", e.model_ready),
         "stats": Route("GET", e.model_stats),
@@ -181,25 +182,36 @@ def create_app(plane: DataPlane, repository: Repository) -> Callable[[Request], 
             return repository_actions[action[1]], action[:1]
         return None
 
-    async def handle(req: Request) -> Response:
-        method = req.method
-        try:
-            found = resolved.get(req.path)
+    def handle(req: Request) -> Awaitable[Response]:
+        """The route's own awaitable where it maps its errors itself (infer: no coroutine of ours around it)."""
+        found = resolved.get(req.path)
+        if found is None:
+            found = resolve(req.path)
             if found is None:
-                found = resolve(req.path)
-                if found is None:
-                    raise NotFound(f"no route for {method} {req.path}")
-                if len(resolved) >= ROUTES_KEPT:
-                    resolved.clear()
-                resolved[req.path] = found
-            route, args = found
-            if not route.allows(method):
-                return _method_not_allowed(route.method)
-            return await route.handler(req, *args)
-        except InferenceError as err:
-            return error_response(err)
+                return _answer(error_response(NotFound(f"no route for {req.method} {req.path}")))
+            if len(resolved) >= ROUTES_KEPT:
+                resolved.clear()
+            resolved[req.path] = found
+        route, args = found
+        if not route.allows(req.method):
+            return _answer(_method_not_allowed(route.method))
+        if route.maps_errors:
+            return route.handler(req, *args)
+        return _mapped(route.handler(req, *args))
 
     return handle
+
+
+async def _answer(resp: Response) -> Response:
+    return resp
+
+
+async def _mapped(answer: Awaitable[Response]) -> Response:
+    """A route's answer, an InferenceError it raises as its JSON error."""
+    try:
+        return await answer
+    except InferenceError as err:
+        return error_response(err)
 
 
 def _method_not_allowed(allowed: str) -> Response:
