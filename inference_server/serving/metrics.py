@@ -1,9 +1,10 @@
 """Prometheus metrics of the inference server, named the way the ecosystem names them.
 
 The metrics every request touches (its count by code, the in-flight gauge, the request, queue and
-compute durations, the batch size) are plain numbers updated by integer adds, and become Prometheus
-families only when /metrics is scraped (`_RequestCollector`): prometheus_client's own objects take a
-lock and a Python loop over the buckets per observation, which cost a small request ~9 µs in all. The
+compute durations, the batch size) are plain numbers, a duration appended to its histogram's list and put in
+its bucket when the counts are read, and become Prometheus families only when /metrics is scraped
+(`_RequestCollector`): prometheus_client's own objects take a lock and a Python loop over the buckets per
+observation, which cost a small request ~9 µs in all. The
 rest (readiness, load time, backend, memory: set once per load) are prometheus_client's gauges.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -20,24 +22,52 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
+from .stats import FOLD_AT, drain
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class FastHistogram:
-    """A histogram's bucket counts and sum (a value lands in the first bucket whose bound is ≥ it)."""
+    """A histogram's bucket counts and sum (a value lands in the first bucket whose bound is ≥ it).
 
-    __slots__ = ("bounds", "counts", "sum", "created")
+    `observe` appends the value; the values are put in their buckets when the counts are read (a scrape) or
+    every FOLD_AT values. Any thread may observe (a deque's append is atomic).
+    """
+
+    __slots__ = ("bounds", "_counts", "_sum", "created", "_values", "_lock")
 
     def __init__(self, bounds: tuple[float, ...]):
         self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
-        self.sum = 0.0
+        self._counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self._sum = 0.0
         self.created = time.time()
+        self._values: deque[float] = deque()  # observed, not in the counts yet
+        self._lock = threading.Lock()  # held while folding
 
     def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
+        values = self._values
+        values.append(value)
+        if len(values) > FOLD_AT:
+            self._fold()
+
+    def _fold(self) -> None:
+        with self._lock:
+            values = drain(self._values)
+            counts, bounds = self._counts, self.bounds
+            for v in values:
+                counts[bisect_left(bounds, v)] += 1
+            self._sum += sum(values)
+
+    @property
+    def counts(self) -> list[int]:
+        self._fold()
+        return self._counts
+
+    @property
+    def sum(self) -> float:
+        self._fold()
+        return self._sum
 
     def cumulative(self) -> list[tuple[str, float]]:
         buckets: list[tuple[str, float]] = []
@@ -64,11 +94,11 @@ class InFlight:
 
 
 class RequestMetrics:
-    """One model version's per-request numbers. The event loop updates the request ones; a worker thread
-    the forward ones (`forward`, under `forward_lock`: instances run in parallel)."""
+    """One model version's per-request numbers. The event loop updates the request ones; a worker thread or
+    the inline path the forward ones (instances run in parallel: the histograms take any thread's values)."""
 
     __slots__ = ("codes", "codes_created", "in_flight", "request_seconds", "queue_seconds", "compute_seconds",
-                 "batch_size", "forward_lock")
+                 "batch_size")
 
     def __init__(self) -> None:
         self.codes: dict[int, int] = {}
@@ -78,7 +108,6 @@ class RequestMetrics:
         self.queue_seconds = FastHistogram(LATENCY_BUCKETS)
         self.compute_seconds = FastHistogram(LATENCY_BUCKETS)
         self.batch_size = FastHistogram(BATCH_BUCKETS)
-        self.forward_lock = threading.Lock()
 
 
 _HISTOGRAMS = (  # (name, help, RequestMetrics attribute)
@@ -213,9 +242,8 @@ class ServerMetrics:
 
     def observe_batch(self, size: int, compute_s: float) -> None:
         """One forward pass (a worker thread, or the event loop running it inline)."""
-        with self._hot.forward_lock:
-            self.batch_size.observe(size)
-            self.compute_seconds.observe(compute_s)
+        self.batch_size.observe(size)
+        self.compute_seconds.observe(compute_s)
 
     def set_backend(self, backend: str, reason: str, since: float | None = None) -> None:
         """The serving backend and why (the previous series removed: one backend_info series per model);
