@@ -70,11 +70,14 @@ def answer_inline(model: Model, body: bytes | bytearray, headers: dict[str, str]
     if model.state != "ready" or model.tracing is not None or ex.inline_backend is None:
         return None
     header_len = headers.get(HEADER_LENGTH)
-    if header_len is None or not header_len.isdecimal() or int(header_len) > len(body):
+    if header_len is None or not header_len.isdecimal():
         return None
     started = time.perf_counter_ns()
     n = int(header_len)
-    key = (bytes(body[:n]), len(body) - n)
+    json_part = body[:n]
+    if len(json_part) < n or type(json_part) is not bytes:  # past the body (the general path's 400), or a large body
+        return None
+    key = (json_part, len(body) - n)
     plans = model.inline_plans
     plan = plans.get(key)
     if plan is None and key not in plans:
@@ -103,9 +106,9 @@ def answer_inline(model: Model, body: bytes | bytearray, headers: dict[str, str]
                 head = plan.heads.get(out.shape) or _head(model, plan, result, out.shape)
                 answer = head[0] + out.tobytes()
             else:
-                shapes = tuple(result[n].shape for n in plan.run)
+                shapes = tuple(result[name].shape for name in plan.run)
                 head = plan.heads.get(shapes) or _head(model, plan, result, shapes)
-                answer = head[0] + b"".join([result[n].tobytes() for n, _ in plan.answer])
+                answer = head[0] + b"".join([result[name].tobytes() for name, _ in plan.answer])
             http_headers = head[1]
         else:
             outs = [(n, "FP32", result[n], binary) for n, binary in plan.answer]

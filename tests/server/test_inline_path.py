@@ -144,7 +144,12 @@ def test_what_the_inline_path_cannot_answer_keeps_the_general_paths_answer(serve
     for _ in range(2):
         resp = post(server, *binary_request(too_big, header_for(too_big)))
         assert resp.status == 400 and b"batch size" in resp.body, resp.body
-    assert not any(inline_answers[2:])
+    body, headers = binary_request(x, header_for(x))
+    post(server, body, headers)  # its plan is known from here on
+    for _ in range(2):
+        resp = post(server, body, {**headers, "inference-header-content-length": str(len(body) + 1)})
+        assert resp.status == 400 and b"is not a length within the body" in resp.body, resp.body
+    assert not any(inline_answers)
 
 
 def test_statistics_and_metrics_count_every_request_whichever_path_answered_it(served, inline_answers):
