@@ -11,17 +11,16 @@ requests in flight and closes within a bound.
 from __future__ import annotations
 
 import asyncio
-import collections.abc
-import contextvars
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httptools
 
+from .eager import start_eagerly
 from .lifecycle import stop_event
 
 if TYPE_CHECKING:
@@ -309,24 +308,17 @@ class _Connection(asyncio.Protocol):
                 self.worker = self.loop.create_task(self._serve_pending())
 
     def _serve_eagerly(self) -> None:
-        """Run `_serve_pending` here, in the parser's callback, up to its first real wait: a request the
-        handler answers without waiting (a short forward run inline) is answered without a task, a loop
-        turn or a callback (Python 3.12's eager tasks, by hand). Only where it waits does a task take the
-        rest over (`_Resume`), in the same context; the handler must not need `asyncio.current_task()`
-        before its first wait (`asyncio.timeout` does: the gateway's does not run eagerly)."""
-        ctx = contextvars.copy_context()
-        coro = self._serve_pending()
+        """Run `_serve_pending` here, in the parser's callback, up to its first real wait (eager.py): a request
+        the handler answers without waiting (a short forward run inline) costs no task and no loop turn. The
+        handler must not need `asyncio.current_task()` before its first wait (`asyncio.timeout` does: the
+        gateway's does not run eagerly)."""
         self.worker = _EAGER  # not None while the request is served: what is parsed meanwhile is queued
         try:
-            waits_on = ctx.run(coro.send, None)
-        except StopIteration:
-            return  # served: _serve_pending's `finally` has set `worker` back to None
+            self.worker = start_eagerly(self.loop, self._serve_pending())
         except BaseException:  # a bug guard, as a task's unretrieved exception would be logged
             self.worker = None
             log.exception("unhandled error serving a request")
             self._close()
-            return
-        self.worker = self.loop.create_task(_Resume(coro, waits_on), context=ctx)
 
     # --- request handling
     async def _serve_pending(self) -> None:
@@ -540,39 +532,6 @@ class _Eager:
 _EAGER = _Eager()
 
 
-class _Resume(collections.abc.Coroutine[Any, Any, None]):
-    """The rest of a coroutine already run up to a wait on `waits_on` (what it yielded), for a task to drive:
-    the task's first step gets `waits_on` to wait on, each later step resumes the coroutine. A cancellation
-    is thrown into the coroutine even before the task's first step (a generator not yet started would
-    raise it without running, and the coroutine's `finally` would wait for the garbage collector), and
-    cancels `waits_on` as a task cancels what it waits on."""
-
-    __slots__ = ("coro", "waits_on")
-
-    def __init__(self, coro: Coroutine[Any, Any, None], waits_on: Any):
-        self.coro: Coroutine[Any, Any, None] = coro
-        self.waits_on: Any = waits_on
-
-    def send(self, value: Any) -> Any:
-        first, self.waits_on = self.waits_on, _RESUMED
-        if first is not _RESUMED:
-            return first
-        return self.coro.send(value)
-
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
-        first, self.waits_on = self.waits_on, _RESUMED
-        if first is not _RESUMED and isinstance(first, asyncio.Future):
-            first.cancel()
-        return self.coro.throw(typ if val is None else val)
-
-    def close(self) -> None:
-        self.coro.close()
-
-    def __await__(self) -> Generator[Any, Any, None]:
-        raise TypeError("_Resume is driven by a task, not awaited")
-
-
-_RESUMED = object()
 
 
 class HTTPServer:

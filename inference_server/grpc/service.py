@@ -286,7 +286,7 @@ class GRPCServer:
             self.server = GRPCListener(self.service.handler, max_message_bytes)
         else:
             paths = {f"/{pb.SERVICE}/{name}".encode(): getattr(self.service, name) for name in pb.METHODS}
-            self.server = GRPCTransportServer(paths, max_message_bytes)
+            self.server = GRPCTransportServer(paths, max_message_bytes, eager=True)  # no handler needs a task
 
     async def start(self, host: str, port: int, tls: ReloadingTLS | None = None) -> int:
         """Bind and start (over TLS with `tls`); returns the bound port. OSError when the port cannot be bound."""

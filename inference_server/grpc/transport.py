@@ -3,13 +3,14 @@
 Why not grpc.aio: an empty grpc.aio handler cost 0.41–0.44 ms of server CPU per call here (uvloop,
 h2load, load ~10), more than our whole REST binary request; grpc's core hands every call between its
 own poller thread and the event loop. Here a call is: the frames parsed from one read, its header
-block decoded (hpack_decode.py), the handler run as a task, and its answer written in one write
+block decoded (hpack_decode.py), the handler run where the message completes (a task only from its first
+wait on: caffe_http/eager.py), and its answer written in one write
 (headers, data and trailers). bench/protocols.py keeps the comparison (`--grpc-transport`).
 
 What it speaks: HTTP/2 without TLS (prior knowledge, as `add_insecure_port`), unary calls only (every
 OIP and Triton RPC we serve is unary), request messages in identity, gzip or deflate, answers
 uncompressed; flow control both ways; PING, SETTINGS, GOAWAY and RST_STREAM (a reset cancels the
-call's task). A handler gets the request bytes and a context with grpc.aio's `time_remaining()`,
+call's task, where it waits). A handler gets the request bytes and a context with grpc.aio's `time_remaining()`,
 `invocation_metadata()` and `abort()`, so the same service object runs on either server.
 On stop: the listener closes (new connections are refused), every connection gets GOAWAY, calls in
 flight finish within the grace period and are then cancelled.
@@ -28,6 +29,8 @@ from ssl import SSLContext
 from typing import NoReturn
 
 import grpc
+
+from caffe_http.eager import start_eagerly
 
 from .hpack_decode import Fields, HeaderDecoder, HPACKError, encode_int, literal
 
@@ -556,8 +559,9 @@ class _Connection(asyncio.Protocol):
         if handler is None:
             self._refuse(s, grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {s.path.decode('latin-1')}")
             return
-        s.task = self.loop.create_task(self._call_pooled(s, handler, message) if s.pooled is not None
-                                       else self._call(s, handler, message))
+        call = self._call_pooled(s, handler, message) if s.pooled is not None else self._call(s, handler, message)
+        # eager: run here up to its first wait, so that a call answered without waiting costs no task, no loop turn
+        s.task = start_eagerly(self.loop, call) if self.server.eager else self.loop.create_task(call)
 
     async def _call_pooled(self, s: _Stream, handler: Handler, message: bytes | memoryview) -> None:
         """`_call`, then the message's buffer goes back to the pool (when nothing holds a view of it)."""
@@ -723,10 +727,13 @@ def _deadline(value: bytes) -> float | None:
 
 class GRPCTransportServer:
     """Serves `handlers` (full method path, e.g. b"/inference.GRPCInferenceService/ModelInfer" → handler);
-    the same start/stop as GRPCListener. A request message over `max_message_bytes` is RESOURCE_EXHAUSTED."""
+    the same start/stop as GRPCListener. A request message over `max_message_bytes` is RESOURCE_EXHAUSTED.
+    `eager`: a call starts where its message completes, a task taking over only where it waits (eager.py): for
+    handlers that need no `asyncio.current_task()` before their first wait (`asyncio.timeout` does)."""
 
-    def __init__(self, handlers: dict[bytes, Handler], max_message_bytes: int):
+    def __init__(self, handlers: dict[bytes, Handler], max_message_bytes: int, eager: bool = False):
         self.handlers = handlers
+        self.eager = eager
         self.max_message_bytes = max_message_bytes
         self.connections: set[_Connection] = set()
         self._spare: list[bytearray] = []  # message buffers free for reuse (POOL_*)

@@ -1,0 +1,60 @@
+"""Start a coroutine in the caller, up to its first real wait: Python 3.12's eager tasks, by hand.
+
+A request that a handler answers without waiting (a short forward pass run inline) then costs no task (its
+creation, its registration in asyncio's weak set of tasks) and no loop turn. Where the coroutine waits, a
+task takes the rest over, in the same context and cancellable as a task started the usual way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections.abc
+import contextvars
+from collections.abc import Coroutine, Generator
+from typing import Any
+
+
+def start_eagerly(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+    """Run `coro` here up to its first wait, in a copy of the current context; None when it finished, else the
+    task that runs the rest. An exception it raises before waiting is raised here (`coro` is then closed)."""
+    ctx = contextvars.copy_context()
+    try:
+        waits_on = ctx.run(coro.send, None)
+    except StopIteration:
+        return None
+    return loop.create_task(_Resume(coro, waits_on), context=ctx)
+
+
+class _Resume(collections.abc.Coroutine[Any, Any, None]):
+    """The rest of a coroutine already run up to a wait on `waits_on` (what it yielded), for a task to drive:
+    the task's first step gets `waits_on` to wait on, each later step resumes the coroutine. A cancellation
+    is thrown into the coroutine even before the task's first step (a generator not yet started would
+    raise it without running, and the coroutine's `finally` would wait for the garbage collector), and
+    cancels `waits_on` as a task cancels what it waits on."""
+
+    __slots__ = ("coro", "waits_on")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], waits_on: Any):
+        self.coro: Coroutine[Any, Any, None] = coro
+        self.waits_on: Any = waits_on
+
+    def send(self, value: Any) -> Any:
+        first, self.waits_on = self.waits_on, _RESUMED
+        if first is not _RESUMED:
+            return first
+        return self.coro.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        first, self.waits_on = self.waits_on, _RESUMED
+        if first is not _RESUMED and isinstance(first, asyncio.Future):
+            first.cancel()
+        return self.coro.throw(typ if val is None else val)
+
+    def close(self) -> None:
+        self.coro.close()
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        raise TypeError("_Resume is driven by a task, not awaited")
+
+
+_RESUMED = object()
