@@ -130,13 +130,15 @@ _FAST_FIELDS = frozenset((1, 2, 3, 5, 7))  # model_name, model_version, id, inpu
 
 
 class ScannedRequest:
-    """A ModelInferRequest's top-level fields as views of its bytes (`scan_infer_request`)."""
+    """A ModelInferRequest's top-level fields as views of its bytes (`scan_infer_request`), and where each raw
+    field's key and data begin (`raw_at`; None when another field follows a raw one)."""
 
-    __slots__ = ("model_name", "model_version", "id", "inputs", "raw")
+    __slots__ = ("model_name", "model_version", "id", "inputs", "raw", "raw_at")
 
-    def __init__(self, model_name: str, model_version: str, request_id: str, inputs: list, raw: list):
+    def __init__(self, model_name: str, model_version: str, request_id: str, inputs: list, raw: list,
+                 raw_at: list[tuple[int, int]] | None = None):
         self.model_name, self.model_version, self.id = model_name, model_version, request_id
-        self.inputs, self.raw = inputs, raw
+        self.inputs, self.raw, self.raw_at = inputs, raw, raw_at
 
 
 def scan_infer_request(data: bytes | memoryview) -> ScannedRequest | None:
@@ -146,8 +148,10 @@ def scan_infer_request(data: bytes | memoryview) -> ScannedRequest | None:
     strings: list[bytes | memoryview] = [b"", b"", b""]
     inputs: list[memoryview] = []
     raw: list[memoryview] = []
+    raw_at: list[tuple[int, int]] | None = []
     pos, end = 0, len(view)
     while pos < end:
+        key_at = pos
         key = view[pos]
         if key >= 0x80 or key & 7 != 2:  # a field number over 15, or not length-delimited
             return None
@@ -169,17 +173,22 @@ def scan_infer_request(data: bytes | memoryview) -> ScannedRequest | None:
             return None
         value = view[pos : pos + n]
         pos += n
+        if field == 7:
+            raw.append(value)
+            if raw_at is not None:
+                raw_at.append((key_at, pos - n))
+            continue
+        if raw:
+            raw_at = None  # a field after the tensors: no layout to keep (learn_layout)
         if field == 5:
             inputs.append(value)
-        elif field == 7:
-            raw.append(value)
         else:
             strings[field - 1] = value  # the last occurrence wins, as protobuf's
     try:
         name, version, rid = (str(v, "utf-8") for v in strings)
     except UnicodeDecodeError:
         return None
-    return ScannedRequest(name, version, rid, inputs, raw)
+    return ScannedRequest(name, version, rid, inputs, raw, raw_at)
 
 
 def known_inputs(scanned: ScannedRequest) -> list[tuple[str, str, tuple[int, ...], int]] | None:
@@ -227,6 +236,60 @@ def learn_inputs(scanned: ScannedRequest, req: InferRequest) -> None:
         for d in tensor.shape:
             count *= d
         _INPUTS[bytes(t)] = (tensor.name, tensor.datatype, tuple(tensor.shape), count)
+
+
+# The usual client sends the same message but for its tensors' bytes, and protobuf writes raw_input_contents
+# (field 7) last: the bytes before the first tensor are the same as before (model, version, id, inputs), and each
+# tensor's key and length at the same places. A message of a length seen before, with those same bytes and
+# tensor heads, is read from where the tensors were: no scan at all. Learnt from a request the scan decoded.
+class Layout:
+    """A scanned request's bytes up to its first tensor, its tensors' heads, and what its inputs were."""
+
+    __slots__ = ("prefix", "heads", "model_name", "model_version", "id", "known")
+
+    def __init__(self, prefix: bytes, heads: list[tuple[int, bytes]], scanned: ScannedRequest,
+                 known: list[tuple[str, str, tuple[int, ...], int]]):
+        self.prefix, self.heads, self.known = prefix, heads, known
+        self.model_name, self.model_version, self.id = scanned.model_name, scanned.model_version, scanned.id
+
+
+_LAYOUTS: dict[int, Layout] = {}  # by the message's length
+_LAYOUTS_MAX = 256
+
+
+def laid_out(data: bytes | memoryview) -> Layout | None:
+    """The layout `data` has, if it is one seen before (its length, its bytes up to the tensors, their heads)."""
+    lay = _LAYOUTS.get(len(data))
+    if lay is None or data[: len(lay.prefix)] != lay.prefix:
+        return None
+    for pos, head in lay.heads:
+        if data[pos : pos + len(head)] != head:
+            return None
+    return lay
+
+
+def decode_laid_out(data: bytes | memoryview, lay: Layout, max_elements: int) -> InferRequest | None:
+    """decode_scanned for a message of a known layout; None over this model's element limit."""
+    tensors: list[InputTensor] = []
+    for (pos, head), (name, datatype, shape, count) in zip(lay.heads, lay.known, strict=True):
+        if count > max_elements:
+            return None
+        arr = np.frombuffer(data, DTYPES[datatype], count, pos + len(head)).reshape(shape)
+        if not arr.flags.aligned:  # where the tensor sits in the message: backends may need aligned data
+            arr = arr.copy()
+        tensors.append(InputTensor(name, list(shape), datatype, arr))
+    return InferRequest(lay.id or None, tensors, None, True, {})
+
+
+def learn_layout(data: bytes | memoryview, scanned: ScannedRequest,
+                 known: list[tuple[str, str, tuple[int, ...], int]]) -> None:
+    """Keep the layout of a message decode_scanned accepted, when its tensors come last (laid_out)."""
+    if not scanned.raw_at or len(scanned.raw_at) != len(known):
+        return
+    if len(_LAYOUTS) >= _LAYOUTS_MAX:
+        _LAYOUTS.clear()
+    heads = [(key_at, bytes(data[key_at:data_at])) for key_at, data_at in scanned.raw_at]
+    _LAYOUTS[len(data)] = Layout(bytes(data[: scanned.raw_at[0][0]]), heads, scanned, known)
 
 
 _RAW_HEADS: dict[tuple, tuple[bytes, bytes]] = {}  # (model, version, outputs' names, types, shapes) -> see below

@@ -31,10 +31,13 @@ from ..serving.repository import Repository, config_parameter
 from . import messages as pb
 from .codec import (
     decode_infer_request,
+    decode_laid_out,
     decode_scanned,
     encode_infer_response,
     known_inputs,
+    laid_out,
     learn_inputs,
+    learn_layout,
     scan_infer_request,
 )
 from .listener import GRPCListener
@@ -171,11 +174,17 @@ class GRPCService:
     # --- inference
     async def ModelInfer(self, data: bytes, context) -> bytes:
         start = time.monotonic()
-        # the usual request, with inputs seen before, is decoded without protobuf (codec.py's fast path)
-        scanned = scan_infer_request(data)
-        known = None if scanned is None else known_inputs(scanned)
+        # the usual request, with inputs seen before, is decoded without protobuf (codec.py's fast path), and one
+        # laid out as a request seen before without even a scan of its fields (codec.laid_out)
+        lay = laid_out(data)
+        scanned = known = None
+        if lay is None:
+            scanned = scan_infer_request(data)
+            known = None if scanned is None else known_inputs(scanned)
         msg = None
-        if known is None:
+        if lay is not None:
+            model_name, model_version = lay.model_name, lay.model_version
+        elif known is None:
             try:
                 msg = _parse(pb.ModelInferRequest, data)
             except InferenceError as e:
@@ -198,7 +207,13 @@ class GRPCService:
             if plane.draining:
                 raise InferenceError("the server is shutting down", 503, {"Retry-After": "1"})
             m.check_ready()
-            req = None if known is None or scanned is None else decode_scanned(scanned, known, m.max_elements)
+            req = None
+            if lay is not None:
+                req = decode_laid_out(data, lay, m.max_elements)
+            elif known is not None and scanned is not None:
+                req = decode_scanned(scanned, known, m.max_elements)
+                if req is not None:
+                    learn_layout(data, scanned, known)
             if req is None:
                 if msg is None:
                     msg = _parse(pb.ModelInferRequest, data)

@@ -262,12 +262,27 @@ def test_a_raw_answer_is_byte_for_byte_what_protobuf_writes(request_id, version)
 def _decoded_as_the_server_does(data: bytes, max_elements: int = 1000):
     """ModelInfer's decoding (service.py): the fast path when every input was seen, else protobuf, which
     then teaches the fast path. Returns (which path, the request)."""
-    from inference_server.grpc.codec import decode_scanned, known_inputs, learn_inputs, scan_infer_request
+    from inference_server.grpc.codec import (
+        decode_laid_out,
+        decode_scanned,
+        known_inputs,
+        laid_out,
+        learn_inputs,
+        learn_layout,
+        scan_infer_request,
+    )
 
+    lay = laid_out(data)
+    if lay is not None:
+        req = decode_laid_out(data, lay, max_elements)
+        if req is not None:
+            return "layout", req
     scanned = scan_infer_request(data)
     known = None if scanned is None else known_inputs(scanned)
     req = None if known is None or scanned is None else decode_scanned(scanned, known, max_elements)
     if req is not None:
+        assert scanned is not None and known is not None
+        learn_layout(data, scanned, known)
         return "fast", req
     req = decode_infer_request(pb.ModelInferRequest.FromString(data), max_elements)
     if scanned is not None:
@@ -277,13 +292,14 @@ def _decoded_as_the_server_does(data: bytes, max_elements: int = 1000):
 
 @pytest.mark.parametrize("datatype", [d for d in DTYPES if d != "BYTES"])
 def test_a_repeated_raw_request_decodes_without_protobuf_to_the_same_tensors(datatype):
-    """The second request with the same inputs takes the fast path (codec.py) and gets the same tensors,
-    id and model name; other data of the same shape is read from the new message, never the first one's."""
+    """The second request with the same inputs takes the fast path (codec.py), the third the layout of the
+    second (no scan), and get the same tensors, id and model name; other data of the same shape is read from
+    the new message, never the first one's."""
     arr = SAMPLES[datatype]
     first = request(datatype, arr, raw=True)
     first.id, first.model_version = "r1", "2"
     paths, tensors = [], []
-    for msg in (first, first):
+    for msg in (first, first, first):
         path, req = _decoded_as_the_server_does(msg.SerializeToString())
         paths.append(path)
         tensors.append(req)
@@ -291,10 +307,21 @@ def test_a_repeated_raw_request_decodes_without_protobuf_to_the_same_tensors(dat
         (t,) = req.inputs
         assert t.name == "x" and t.datatype == datatype and t.array.dtype == DTYPES[datatype]
         assert np.array_equal(t.array, arr) and t.array.flags.aligned
-    assert paths == ["protobuf", "fast"]
+    assert paths == ["protobuf", "fast", "layout"]
     other = request(datatype, arr[::-1].copy(), raw=True)
+    other.id, other.model_version = "r1", "2"
     path, req = _decoded_as_the_server_does(other.SerializeToString())
-    assert path == "fast" and np.array_equal(req.inputs[0].array, arr[::-1])
+    assert path == "layout" and np.array_equal(req.inputs[0].array, arr[::-1]) and req.id == "r1"
+    other.id = "r2"  # the same length, other bytes before the tensor: scanned, not taken for the first one
+    path, req = _decoded_as_the_server_does(other.SerializeToString())
+    assert path == "fast" and req.id == "r2"
+    from inference_server.grpc.codec import laid_out
+
+    data = bytearray(other.SerializeToString())
+    at = len(data) - arr.nbytes - (2 if arr.nbytes < 0x80 else 3)  # the tensor's head: its key, its length
+    assert data[at] == 0x3A and laid_out(bytes(data)) is not None
+    data[at] = 0x42  # the tensor's field key: another field, the same length
+    assert laid_out(bytes(data)) is None
 
 
 def test_the_fast_path_leaves_every_other_request_and_every_error_to_protobuf():
