@@ -68,6 +68,7 @@ from caffe_testing.keda import SCALEDOBJECT_CRD, SCALEDOBJECTS, unknown_fields
 from caffe_testing.nodeagent import TEST_NODES, NodeAgent
 from caffe_testing.pki import CA
 from caffe_testing.rbac import Attributes, authenticated_defaults, grants_for, unused_permissions
+from inference_server.loading.selection import CHECK_RUNNING
 
 RELEASE, NAMESPACE = "cs", "caffe-system"
 PREFIX = f"{RELEASE}-caffe-serving"
@@ -829,11 +830,16 @@ def test_9_a_settled_model_costs_the_operator_no_writes(digits):
     "Nothing changing" is checked, not assumed: on a loaded machine a readiness probe can time out
     and a pod's readiness flap, and the operator rightly writes the new readyReplicas. So a window
     counts only when nobody else wrote to the model's objects in it or in the 5 s before it; the
-    test takes the first such window of up to four."""
+    test takes the first such window of up to four. And `auto`'s onnxruntime check, which runs beside
+    serving after the rollout of test 8, must have ended: its verdict is a status write of its own
+    (status.backend; CI once saw it land in the window)."""
     k = digits
     user = f"system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNTS['operator']}"
     k.cp.wait_for(lambda: condition(k.cp.get_object(CMS, MODEL_NS, MODEL)).get("status") == "True", timeout=60,
                   what=f"{MODEL} Ready")
+    k.cp.wait_for(lambda: ((k.cp.get_object(CMS, MODEL_NS, MODEL).get("status") or {}).get("backend") or {})
+                  .get("reason", CHECK_RUNNING) != CHECK_RUNNING, timeout=240,
+                  what=f"{MODEL}'s onnxruntime check beside serving to end (status.backend.reason)")
     time.sleep(5)  # the last status write of the rollout settles
     busy = []
     for _ in range(4):
