@@ -377,18 +377,11 @@ class Model:
         try:
             inputs = req.inputs
             if len(inputs) == 1 and not req.outputs and inputs[0].datatype != "BYTES" and len(self.inputs) == 1:
-                # the usual request: one tensor of numbers, every output (what _plan_run and _blobs do for it)
-                t = inputs[0]
-                binding = self.inputs.get(t.name)
-                if binding is None:
-                    raise BadRequest(f"unknown input '{t.name}'; the model's inputs are: {', '.join(self.inputs)}")
-                blob = binding.to_blob(t, self.max_batch, req.checked)
-                assert isinstance(blob, np.ndarray)  # numbers, not an encoded image
-                blobs, run_names, batch = {t.name: blob}, self.outputs, blob.shape[0]
-                now = time.monotonic()
-                deadline = now + self.timeout if deadline is None else min(deadline, now + self.timeout)
-                if now >= deadline:
+                # the usual request: one tensor of numbers, every output (no outputs to check, one batch size)
+                deadline, run_names, blobs = self._bounded(deadline), self.outputs, self._blobs(req)
+                if time.monotonic() >= deadline:
                     raise DeadlineExceeded("the request's deadline passed before it reached the model")
+                batch = blobs[inputs[0].name].shape[0]
             else:
                 deadline, run_names, blobs = self._plan_run(req, deadline)
                 for blob in blobs.values():
@@ -425,8 +418,7 @@ class Model:
     def _plan_run(self, req: InferRequest, deadline: float | None) -> tuple[float, list[str], dict[str, Any]]:
         """(the deadline, the outputs to run, each input's blob): the request's own deadline bounded by
         `requestTimeoutS`, its outputs checked before any image is decoded (a bad request costs nothing)."""
-        limit = time.monotonic() + self.timeout
-        deadline = limit if deadline is None else min(deadline, limit)
+        deadline = self._bounded(deadline)
         # an empty `outputs` list means every output, as an absent one does (Triton answers it so;
         # an empty answer would be a silent surprise)
         if not req.outputs:
@@ -438,6 +430,11 @@ class Model:
                     raise BadRequest(f"unknown output '{n}'; the model's outputs are: {', '.join(self.outputs)}")
             run_names = list(dict.fromkeys(names))
         return deadline, run_names, self._blobs(req)
+
+    def _bounded(self, deadline: float | None) -> float:
+        """The client's deadline (time.monotonic()), if it gave one, bounded by `requestTimeoutS` from now."""
+        limit = time.monotonic() + self.timeout
+        return limit if deadline is None else min(deadline, limit)
 
     @staticmethod
     def _checked_batch(blobs: dict[str, np.ndarray], deadline: float) -> int:
@@ -477,7 +474,7 @@ class Model:
         if len(inputs) == 1 and len(self.inputs) == 1:  # the usual model: one input, as numbers
             t = inputs[0]
             binding = self.inputs.get(t.name)
-            if binding is not None and binding.image is None:
+            if binding is not None and (binding.image is None or t.datatype != "BYTES"):  # not an encoded image
                 return {t.name: binding.to_blob(t, self.max_batch, checked)}
         blobs: dict[str, Any] = {}
         for t in inputs:
