@@ -150,6 +150,10 @@ class _Connection(asyncio.Protocol):
         self.drain_until = 0.0
         self.answer_written = False  # the refusal of the body being discarded has been written
         self.reserved = 0  # bytes of the current message counted in the server's in-flight bytes
+        self.seen: _SeenHead | None = None  # the head of the last whole request data_received had (_learn)
+        self.messages = 0  # requests parsed
+        self.learning = False  # the parser reads a request from its first byte: what it means may be kept
+        self.learned: tuple[str, str, str, dict[str, str]] | None = None  # that request: method, path, query, headers
         self._reset_message()
 
     # --- connection lifecycle
@@ -193,9 +197,14 @@ class _Connection(asyncio.Protocol):
         self.last_read = self.loop.time()
         if self.closing or self.refused:
             return
-        if not self.in_message and self.timer_kind != "header":
-            # first bytes of a new request: the header deadline starts now
-            self._arm(self.limits.header_timeout_s, "header")
+        starts, messages = not self.in_message, self.messages
+        if starts:
+            seen = self.seen
+            if seen is not None and len(data) == seen.length and data.startswith(seen.head) and self._take_seen(data):
+                return
+            if self.timer_kind != "header":  # first bytes of a new request: the header deadline starts now
+                self._arm(self.limits.header_timeout_s, "header")
+            self.learning = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -207,6 +216,42 @@ class _Connection(asyncio.Protocol):
                 self._refuse(400, f"malformed HTTP request: {e}", raise_=False)
         except _Refused:
             pass
+        else:
+            if starts and self.messages == messages + 1:
+                self._learn(data)
+        self.learning = False
+        self.learned = None
+
+    # --- requests whose head was seen before on this connection
+    def _learn(self, data: bytes) -> None:
+        """Keep the head of `data`, one whole keep-alive request with a Content-Length (or no body) that
+        parsed cleanly, so that the next request of the same head and length skips the parser: clients send
+        the same header bytes with every request, and the same bytes parse the same way."""
+        learned = self.learned
+        if learned is None or self.in_message or self.closing or self.refused or self.discarding:
+            return
+        method, path, query, headers = learned
+        head_len = data.find(b"\r\n\r\n") + 4
+        clen = headers.get("content-length", "0")
+        if (head_len < 4 or not clen.isdigit() or head_len + int(clen) != len(data)
+                or "transfer-encoding" in headers or "expect" in headers):
+            return
+        self.seen = _SeenHead(bytes(data[:head_len]), len(data), method, path, query, headers)
+
+    def _take_seen(self, data: bytes) -> bool:
+        """Queue `data`, a request whose head is `self.seen`'s, as the parser would have; False (nothing
+        done) where its body does not fit the in-flight budget: the parser's path refuses it."""
+        seen = self.seen
+        assert seen is not None
+        size = seen.length - len(seen.head)
+        if size and not self._reserve(size):
+            return False
+        self.deadline = None  # _disarm()
+        self.timer_kind = None
+        self.arrived = self.last_read
+        self._queue(Request(seen.method, seen.path, seen.query, seen.headers.copy(),
+                            data[len(seen.head):] if size else b"", self.client, self.arrived), True)
+        return True
 
     # --- parser callbacks
     def _reset_message(self) -> None:
@@ -293,10 +338,20 @@ class _Connection(asyncio.Protocol):
         method = self.parser.get_method()
         req = Request(_METHODS.get(method) or method.decode("latin-1"), path, query, self.headers, body, self.client,
                       self.arrived)
-        self.pending.append((req, self.parser.should_keep_alive(), self.reserved))
-        self.reserved = 0
+        keep_alive = self.parser.should_keep_alive()
+        self.messages += 1
+        if self.learning:  # the first request of the bytes data_received has: its head may be kept (_learn)
+            self.learning = False
+            if keep_alive:
+                self.learned = (req.method, path, query, dict(self.headers))
         self.in_message = False
         self.timer_kind = None
+        self._queue(req, keep_alive)
+
+    def _queue(self, req: Request, keep_alive: bool) -> None:
+        """Serve `req` after the requests before it on this connection."""
+        self.pending.append((req, keep_alive, self.reserved))
+        self.reserved = 0
         if len(self.pending) >= MAX_PIPELINED and not self.reading_paused:
             # a client that pipelines without reading answers must not grow our memory
             self.transport.pause_reading()
@@ -520,6 +575,18 @@ class _Connection(asyncio.Protocol):
 
 class _Refused(Exception):
     pass
+
+
+@dataclass(slots=True, frozen=True)
+class _SeenHead:
+    """A request head parsed before on a connection, and what it meant (`_Connection._learn`)."""
+
+    head: bytes  # through the blank line
+    length: int  # of the whole request: the head and its Content-Length
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]  # copied into each request (handlers may add to theirs)
 
 
 class _Eager:

@@ -309,3 +309,106 @@ def test_a_connection_lost_before_the_handler_first_waits_cancels_it_at_once():
 
     assert asyncio.run(run()) == 0
     assert cancelled.is_set()
+
+
+# --- a request whose head the connection saw before skips the parser (_Connection._learn)
+
+async def _recorder(req):
+    """Answers with what the server made of the request, then adds a header to it (as the access log adds a
+    request id): the next request of the same head must not see it."""
+    seen = {"m": req.method, "p": req.path, "q": req.query, "h": req.headers, "b": bytes(req.body).decode()}
+    import json
+
+    body = json.dumps(seen, sort_keys=True).encode()
+    req.headers["x-added"] = "by the handler"
+    return Response(200, body)
+
+
+def _one_by_one(raws: list[bytes | list[bytes]]) -> list[dict]:
+    """Send each request on one keep-alive connection after the answer to the one before (a list: its parts in
+    separate writes), and return what the server made of each."""
+    import json
+
+    async def run():
+        server = HTTPServer(_recorder, ServerLimits())
+        port = await server.start("127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        got = []
+        try:
+            for raw in raws:
+                for part in raw if isinstance(raw, list) else [raw]:
+                    writer.write(part)
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                answers: list[dict] = []
+                while len(answers) < (raw.count(b"HTTP/1.1\r\n") if isinstance(raw, bytes) else 1):
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                    assert head.startswith(b"HTTP/1.1 200"), head
+                    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                    answers.append(json.loads(await asyncio.wait_for(reader.readexactly(length), 5)))
+                got.extend(answers)
+        finally:
+            writer.close()
+            await server.stop(1)
+        return got
+
+    return asyncio.run(run())
+
+
+def _post_raw(path: bytes, body: bytes, extra: bytes = b"") -> bytes:
+    return b"POST %s HTTP/1.1\r\nHost: x\r\nX-Model: a%s\r\nContent-Length: %d\r\n\r\n%s" % (
+        path, extra, len(body), body)
+
+
+def test_a_request_whose_head_was_seen_before_means_what_the_parser_would_make_of_it():
+    first = _post_raw(b"/v2/models/a/infer?x=1", b"abc")
+    expected_headers = {"host": "x", "x-model": "a", "content-length": "3"}
+    got = _one_by_one([
+        first,
+        _post_raw(b"/v2/models/a/infer?x=1", b"xyz"),  # the same head: the parser is skipped
+        _post_raw(b"/v2/models/a/infer?x=1", b"abcd"),  # another length
+        _post_raw(b"/v2/models/a/infer?x=1", b"xyz", b"\r\nX-Other: 1"),  # another head
+        [first[:20], first[20:]],  # the same bytes in two packets
+        first + first.replace(b"abc", b"def"),  # two requests in one packet
+        _post_raw(b"/v2/models/a/infer?x=1", b"qrs"),
+        _post_raw(b"/v2/models/a/infer?x=1", b"tuv"),  # seen: what the handler added to the one before is not here
+        _post_raw(b"/v2/models/a/infer?x=1", b"wxy"),
+    ])
+    want = [("abc", expected_headers), ("xyz", expected_headers),
+            ("abcd", {**expected_headers, "content-length": "4"}),
+            ("xyz", {**expected_headers, "x-other": "1"}),
+            ("abc", expected_headers), ("abc", expected_headers), ("def", expected_headers),
+            ("qrs", expected_headers), ("tuv", expected_headers), ("wxy", expected_headers)]
+    assert [(g["b"], g["h"]) for g in got] == want, got
+    assert {(g["m"], g["p"], g["q"]) for g in got} == {("POST", "/v2/models/a/infer", "x=1")}
+
+
+def test_a_seen_head_still_counts_its_body_against_the_in_flight_budget():
+    release = threading.Event()
+    entered = threading.Event()
+
+    async def handler(req):
+        if req.path == "/hold":
+            entered.set()
+            while not release.is_set():
+                await asyncio.sleep(0.01)
+        return Response(200, b'{"n":%d}' % len(req.body))
+
+    with serving(ServerLimits(max_inflight_bytes=1000), handler) as (port, server):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/x", b"a" * 500)  # its head is kept
+        assert conn.getresponse().read() == b'{"n":500}'
+        held: dict = {}
+        t = threading.Thread(target=lambda: held.update(r=_post(port, "/hold", b"h" * 900)))
+        t.start()
+        try:
+            assert entered.wait(20)
+            conn.request("POST", "/x", b"b" * 500)  # the same head, but 900 + 500 bytes do not fit
+            resp = conn.getresponse()
+            assert resp.status == 503 and b"maxInflightBytes" in resp.read()
+        finally:
+            release.set()
+            t.join(20)
+            conn.close()
+        assert held["r"][0] == 200
+        assert server.inflight_bytes == 0
