@@ -70,6 +70,11 @@ class HeaderDecoder:
             self._blocks[bytes(data)] = fields
         return fields
 
+    def unchanged_by(self, data: bytes, fields: Fields) -> bool:
+        """Whether decoding `data` again now gives `fields` and changes nothing: while `generation` stays
+        as it is, the same bytes may then skip decoding."""
+        return self._blocks.get(data) is fields
+
     def _walk(self, data: bytes) -> list[tuple[bytes, bytes]]:
         out: list[tuple[bytes, bytes]] = []
         pos, end, listed = 0, len(data), 0

@@ -217,6 +217,26 @@ class _Stream:
         self.pooled: bytearray | None = None  # the message's buffer, from the server's pool
 
 
+class _SeenCall:
+    """A read that was one whole unary call (`_Connection._learn`), and what its header block meant."""
+
+    __slots__ = ("length", "headers_head", "block", "data_head", "prefix", "headers", "path", "encoding", "timeout",
+                 "generation")
+
+    def __init__(self, length: int, headers_head: bytes, block: bytes, data_head: bytes, prefix: bytes,
+                 headers: Fields, timeout: bytes | None, generation: int):
+        self.length = length  # of the whole read
+        self.headers_head = headers_head  # the HEADERS frame's length, type and flags
+        self.block = block  # its header block
+        self.data_head = data_head  # the DATA frame's length, type and flags
+        self.prefix = prefix  # the message's: uncompressed, its length
+        self.headers = headers  # the block's fields
+        scan = _scan(headers)
+        self.path, self.encoding = scan[0], scan[4]
+        self.timeout = timeout  # grpc-timeout's value, made a deadline per call
+        self.generation = generation  # the header table's, when the block was decoded
+
+
 class _ConnectionError(Exception):
     def __init__(self, code: int, message: str):
         super().__init__(message)
@@ -246,6 +266,8 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.stream_window = min(2**31 - 1, server.max_message_bytes + 5 + MAX_FRAME)
         self._peer: str | None = None
+        self.seen: _SeenCall | None = None  # the layout of the last whole call a read had (_learn)
+        self.called: tuple[int, Fields, bytes | None] | None = None  # the call this read started: id, fields, timeout
 
     @property
     def peer(self) -> str:
@@ -292,6 +314,9 @@ class _Connection(asyncio.Protocol):
         frame cut by the end of a read waits in `buf`; a DATA frame cut so goes on as `data_left`."""
         if type(data) is not bytes:
             data = bytes(data)  # a read of our own to keep: another transport may reuse its buffer
+        seen = self.seen
+        if seen is not None and len(data) == seen.length and self._take_seen(seen, data):
+            return
         view = memoryview(data)
         start = 0
         if self.data_left is not None:  # the rest of a large DATA frame: straight into its stream's body
@@ -327,6 +352,7 @@ class _Connection(asyncio.Protocol):
             data = bytes(buf)
             buf.clear()
             view, start = memoryview(data), 0
+        self.called = None
         try:
             pos = self._frames(data, view, start)
         except _ConnectionError as e:
@@ -334,6 +360,61 @@ class _Connection(asyncio.Protocol):
             return
         if pos < len(data):
             buf += view[pos:]
+        elif self.called is not None and start == 0:
+            self._learn(data)
+
+    # --- calls whose frames, but for the stream id and the message, were seen before on this connection
+    def _learn(self, data: bytes) -> None:
+        """Keep the layout of `data` if it was one whole call (`self.called`): a HEADERS frame (END_HEADERS, no
+        padding, no priority) whose block changed nothing in the header table, then one DATA frame (END_STREAM)
+        carrying one uncompressed message. A client sends such a read for each call, the same bytes but for the
+        stream id and the message: the next one of the same length and bytes skips the frame loop."""
+        sid, headers, timeout = self.called  # type: ignore[misc]
+        end = len(data)
+        if end < 23 or data[3] != HEADERS or data[4] != END_HEADERS or _HEAD.unpack_from(data, 5)[0] != sid:
+            return
+        at = 9 + ((data[0] << 16) | (data[1] << 8) | data[2])  # the DATA frame
+        if (end < at + 14 or data[at + 3] != DATA or data[at + 4] != END_STREAM
+                or _HEAD.unpack_from(data, at + 5)[0] != sid
+                or ((data[at] << 16) | (data[at + 1] << 8) | data[at + 2]) != end - at - 9 or data[at + 9]
+                or _HEAD.unpack_from(data, at + 10)[0] != end - at - 14):
+            return
+        block = data[9:at]
+        if not self.decoder.unchanged_by(block, headers):
+            return
+        self.seen = _SeenCall(end, data[:5], block, data[at : at + 5], data[at + 9 : at + 14], headers, timeout,
+                              self.decoder.generation)
+
+    def _take_seen(self, seen: _SeenCall, data: bytes) -> bool:
+        """Start the call in `data` as the frame loop would have, if `data` is `seen`'s layout with a new stream id
+        and the header table is as it was; False (nothing done) for anything else."""
+        if self.data_left is not None or self.buf or self.continuing is not None:
+            return False
+        sid = _HEAD.unpack_from(data, 5)[0] & 0x7FFFFFFF
+        at = 9 + len(seen.block)
+        if not (sid > self.last_id and sid & 1 and data.startswith(seen.headers_head) and data.startswith(seen.block, 9)
+                and data.startswith(seen.data_head, at) and data.startswith(seen.prefix, at + 9)
+                and _HEAD.unpack_from(data, at + 5)[0] == sid and self.decoder.generation == seen.generation):
+            return False
+        if self.goaway or self.server.closing or len(self.streams) >= MAX_STREAMS:
+            return False  # the frame loop refuses it
+        handler = self.server.handlers.get(seen.path)
+        if handler is None:
+            return False
+        self.last_id = sid
+        n = len(data) - at - 9  # the DATA frame's payload: flow control counts it
+        self.received += n
+        if self.received >= CONN_WINDOW // 2:
+            self.transport.write(frame(WINDOW_UPDATE, 0, 0, _HEAD.pack(self.received)))
+            self.received = 0
+        s = _Stream(sid, seen.path, seen.headers, None if seen.timeout is None else _deadline(seen.timeout),
+                    seen.encoding, self.peer_window)
+        s.filled = s.expect = n
+        s.answered = True
+        self.streams[sid] = s
+        call = self._call(s, handler, memoryview(data)[at + 14 :])
+        s.task = start_eagerly(self.loop, call) if self.server.eager else self.loop.create_task(call)
+        return True
 
     def _frames(self, buf: bytes, view: memoryview, pos: int) -> int:
         """Handle every whole frame in `buf` from `pos`; returns where the first incomplete one starts."""
@@ -559,6 +640,8 @@ class _Connection(asyncio.Protocol):
         if handler is None:
             self._refuse(s, grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {s.path.decode('latin-1')}")
             return
+        if s.pooled is None and not body[0]:  # the call data_received may keep the layout of (_learn)
+            self.called = (s.id, s.headers, self.scanned[id(s.headers)][1][3])
         call = self._call_pooled(s, handler, message) if s.pooled is not None else self._call(s, handler, message)
         # eager: run here up to its first wait, so that a call answered without waiting costs no task, no loop turn
         s.task = start_eagerly(self.loop, call) if self.server.eager else self.loop.create_task(call)

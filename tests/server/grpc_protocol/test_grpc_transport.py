@@ -181,3 +181,64 @@ def test_a_repeated_header_block_follows_the_header_table_it_refers_to():
             at = data.index(bytes((0, 0, 6, DATA, 0)) + sid.to_bytes(4, "big"))
             got.append(data[at + 14 : at + 15])
     assert got == [b"A", b"A", b"A", b"B", b"B", b"B"]
+
+
+def test_calls_whose_frames_repeat_the_last_ones_layout_get_their_own_answers(monkeypatch):
+    """A client's read per call is the same bytes but for the stream id and the message (_Connection._learn):
+    such calls skip the frame loop, and each must still get the answer to its own message; a stream id not
+    above the last one is ignored as the frame loop ignores it (no answer), and the next call is served."""
+    from inference_server.grpc import transport
+    from inference_server.grpc.hpack_decode import literal
+    from inference_server.grpc.transport import DATA, END_HEADERS, END_STREAM, HEADERS, PREFACE, SETTINGS, frame
+
+    taken = []
+    take = transport._Connection._take_seen
+    monkeypatch.setattr(transport._Connection, "_take_seen", lambda self, seen, data: taken.append(
+        take(self, seen, data)) or taken[-1])
+    port = free_port()
+    started = threading.Event()
+
+    async def digest(data, context) -> bytes:
+        return hashlib.sha256(bytes(data)).digest()
+
+    async def serve():
+        await GRPCTransportServer({b"/t.S/M": digest}, 1 << 20, eager=True).start("127.0.0.1", port)
+        started.set()
+        await asyncio.Event().wait()
+
+    threading.Thread(target=lambda: asyncio.run(serve()), daemon=True).start()
+    assert started.wait(30)
+    block = b"\x83\x86" + literal(b":path", b"/t.S/M") + literal(b"content-type", b"application/grpc")
+
+    def call(sid: int, message: bytes) -> bytes:
+        return (frame(HEADERS, END_HEADERS, sid, block)
+                + frame(DATA, END_STREAM, sid, b"\0" + len(message).to_bytes(4, "big") + message))
+
+    def marker(sid: int) -> bytes:  # the answer's DATA frame head: 5-byte prefix + 32-byte digest
+        return bytes((0, 0, 37, DATA, 0)) + sid.to_bytes(4, "big")
+
+    def answer(sock, sid: int) -> tuple[bytes, bytes]:
+        """(the digest answered on `sid`, every byte read until it)"""
+        data = b""
+        while marker(sid) not in data or b"grpc-status" not in data[data.index(marker(sid)):]:
+            chunk = sock.recv(65536)
+            assert chunk, "the server closed the connection"
+            data += chunk
+        at = data.index(marker(sid))
+        return data[at + 14 : at + 46], data
+
+    messages = [os.urandom(100) for _ in range(6)]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(PREFACE + frame(SETTINGS, 0, 0))
+        assert sock.recv(65536)  # the server's SETTINGS: the preface was read on its own
+        got = []
+        for i, m in enumerate(messages):
+            sock.sendall(call(2 * i + 1, m))
+            got.append(answer(sock, 2 * i + 1)[0])
+        assert got == [hashlib.sha256(m).digest() for m in messages]
+        assert taken.count(True) >= 3, taken  # the first calls teach the layout, the others follow it
+        sock.sendall(call(3, messages[0]))  # a stream id used before: ignored
+        sock.sendall(call(101, messages[1]))
+        digest, read = answer(sock, 101)
+        assert digest == hashlib.sha256(messages[1]).digest()
+        assert marker(3) not in read and taken[-1] is True, (read, taken)
