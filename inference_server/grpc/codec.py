@@ -8,6 +8,8 @@ typed inputs get typed `contents`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from ..errors import BadRequest
@@ -22,6 +24,9 @@ from ..serving.codecs import (
     _object_array,
 )
 from . import messages as pb
+
+if TYPE_CHECKING:
+    from .inline_call import InlineCall
 
 # datatype -> (the InferTensorContents field that carries it, the field's own numpy dtype)
 CONTENTS_FIELD: dict[str, tuple[str, np.dtype]] = {
@@ -245,12 +250,13 @@ def learn_inputs(scanned: ScannedRequest, req: InferRequest) -> None:
 class Layout:
     """A scanned request's bytes up to its first tensor, its tensors' heads, and what its inputs were."""
 
-    __slots__ = ("prefix", "heads", "model_name", "model_version", "id", "known")
+    __slots__ = ("prefix", "heads", "model_name", "model_version", "id", "known", "call")
 
     def __init__(self, prefix: bytes, heads: list[tuple[int, bytes]], scanned: ScannedRequest,
                  known: list[tuple[str, str, tuple[int, ...], int]]):
         self.prefix, self.heads, self.known = prefix, heads, known
         self.model_name, self.model_version, self.id = scanned.model_name, scanned.model_version, scanned.id
+        self.call: InlineCall | None = None  # what such a message means on the model that answered it (inline_call.py)
 
 
 _LAYOUTS: dict[int, Layout] = {}  # by the message's length

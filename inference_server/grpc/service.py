@@ -40,6 +40,7 @@ from .codec import (
     learn_layout,
     scan_infer_request,
 )
+from .inline_call import learn_call
 from .listener import GRPCListener
 from .status import RETRY_INFO_TYPE, error_status  # noqa: F401 (RETRY_INFO_TYPE: re-exported)
 from .transport import GRPCTransportServer
@@ -207,8 +208,15 @@ class GRPCService:
             if plane.draining:
                 raise InferenceError("the server is shutting down", 503, {"Retry-After": "1"})
             m.check_ready()
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else start + remaining
             req = None
             if lay is not None:
+                call = lay.call
+                if call is not None and call.model is m:  # the usual call, in one step (inline_call.py)
+                    answer = call.answer(data, deadline)
+                    if answer is not None:
+                        return answer
                 req = decode_laid_out(data, lay, m.max_elements)
             elif known is not None and scanned is not None:
                 req = decode_scanned(scanned, known, m.max_elements)
@@ -220,11 +228,11 @@ class GRPCService:
                 req = decode_infer_request(msg, m.max_elements)
                 if scanned is not None:
                     learn_inputs(scanned, req)
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else start + remaining
             outs = m.run_now(req, deadline)  # a short forward, run here: no coroutine, no wait
             if outs is None:
                 outs = await m.run(req, deadline, trace)
+            elif lay is not None:
+                learn_call(lay, m, req, outs)
             return encode_infer_response(m.name, m.version, req.id, outs, req.binary_output)
         except InferenceError as e:
             code, error = e.status_code, e
