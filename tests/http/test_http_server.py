@@ -160,7 +160,9 @@ def test_a_refused_body_is_drained_only_within_its_bounds():
     assert got.startswith(b"HTTP/1.1 413") and time.monotonic() - started < 5, got
 
 
-def test_bodies_past_the_in_flight_byte_budget_get_503_with_retry_after_before_they_are_read():
+def _holding_handler():
+    """(release, entered, handler): /hold waits (its body held) until `release` is set; each answer says the
+    body's length."""
     release = threading.Event()
     entered = threading.Event()
 
@@ -170,6 +172,12 @@ def test_bodies_past_the_in_flight_byte_budget_get_503_with_retry_after_before_t
             while not release.is_set():
                 await asyncio.sleep(0.01)
         return Response(200, b'{"n":%d}' % len(req.body))
+
+    return release, entered, handler
+
+
+def test_bodies_past_the_in_flight_byte_budget_get_503_with_retry_after_before_they_are_read():
+    release, entered, handler = _holding_handler()
 
     limits = ServerLimits(max_body_bytes=4 * 1024 * 1024, max_inflight_bytes=1024 * 1024)
     with serving(limits, handler) as (port, server):
@@ -384,15 +392,7 @@ def test_a_request_whose_head_was_seen_before_means_what_the_parser_would_make_o
 
 
 def test_a_seen_head_still_counts_its_body_against_the_in_flight_budget():
-    release = threading.Event()
-    entered = threading.Event()
-
-    async def handler(req):
-        if req.path == "/hold":
-            entered.set()
-            while not release.is_set():
-                await asyncio.sleep(0.01)
-        return Response(200, b'{"n":%d}' % len(req.body))
+    release, entered, handler = _holding_handler()
 
     with serving(ServerLimits(max_inflight_bytes=1000), handler) as (port, server):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
