@@ -200,7 +200,7 @@ class _Connection(asyncio.Protocol):
         starts, messages = not self.in_message, self.messages
         if starts:
             seen = self.seen
-            if seen is not None and len(data) == seen.length and data.startswith(seen.head) and self._take_seen(data):
+            if seen is not None and data.startswith(seen.head) and self._take_seen(seen, data):
                 return
             if self.timer_kind != "header":  # first bytes of a new request: the header deadline starts now
                 self._arm(self.limits.header_timeout_s, "header")
@@ -226,7 +226,8 @@ class _Connection(asyncio.Protocol):
     def _learn(self, data: bytes) -> None:
         """Keep the head of `data`, one whole keep-alive request with a Content-Length (or no body) that
         parsed cleanly, so that the next request of the same head and length skips the parser: clients send
-        the same header bytes with every request, and the same bytes parse the same way."""
+        the same header bytes with every request, and the same bytes parse the same way. One header may vary,
+        X-Request-Id (a gateway sets one per request), where its value is a plain id (`_take_seen`)."""
         learned = self.learned
         if learned is None or self.in_message or self.closing or self.refused or self.discarding:
             return
@@ -236,21 +237,47 @@ class _Connection(asyncio.Protocol):
         if (head_len < 4 or not clen.isdigit() or head_len + int(clen) != len(data)
                 or "transfer-encoding" in headers or "expect" in headers):
             return
-        self.seen = _SeenHead(bytes(data[:head_len]), len(data), method, path, query, headers)
+        head, tail = bytes(data[:head_len]), None
+        request_id = headers.get("x-request-id")
+        if request_id is not None:
+            lowered = head.lower()
+            line = lowered.find(_REQUEST_ID_LINE)
+            if line < 0 or lowered.find(_REQUEST_ID_LINE, line + 2) >= 0:
+                return  # repeated: left to the parser
+            at = line + len(_REQUEST_ID_LINE)
+            while head[at : at + 1] in (b" ", b"\t"):
+                at += 1
+            end = head.find(b"\r\n", at)
+            if head[at:end] != request_id.encode("latin-1"):
+                return  # trailing blanks, or folded: left to the parser
+            head, tail = head[:at], head[end:]
+        self.seen = _SeenHead(head, tail, int(clen), method, path, query, headers)
 
-    def _take_seen(self, data: bytes) -> bool:
-        """Queue `data`, a request whose head is `self.seen`'s, as the parser would have; False (nothing
-        done) where its body does not fit the in-flight budget: the parser's path refuses it."""
-        seen = self.seen
-        assert seen is not None
-        size = seen.length - len(seen.head)
+    def _take_seen(self, seen: _SeenHead, data: bytes) -> bool:
+        """Queue `data`, a request that starts with `seen.head`, as the parser would have, if the rest of its
+        head is `seen`'s too; False (nothing done) otherwise, or where its body does not fit the in-flight
+        budget: the parser's path then reads or refuses it."""
+        at = len(seen.head)
+        size = seen.size
+        if seen.tail is None:
+            if len(data) != at + size:
+                return False
+            headers = seen.headers.copy()
+        else:  # an X-Request-Id of its own: a plain id, then the same bytes as `seen`'s to the body
+            end = data.find(b"\r\n", at, at + MAX_REQUEST_ID + 2)
+            if (end <= at or not data.startswith(seen.tail, end) or len(data) != end + len(seen.tail) + size
+                    or data[at:end].translate(None, _PLAIN_ID)):
+                return False
+            headers = seen.headers.copy()
+            headers["x-request-id"] = data[at:end].decode("ascii")
+            at = end + len(seen.tail)
         if size and not self._reserve(size):
             return False
         self.deadline = None  # _disarm()
         self.timer_kind = None
         self.arrived = self.last_read
-        self._queue(Request(seen.method, seen.path, seen.query, seen.headers.copy(),
-                            data[len(seen.head):] if size else b"", self.client, self.arrived), True)
+        self._queue(Request(seen.method, seen.path, seen.query, headers, data[at:] if size else b"", self.client,
+                            self.arrived), True)
         return True
 
     # --- parser callbacks
@@ -577,12 +604,19 @@ class _Refused(Exception):
     pass
 
 
+# X-Request-Id values a seen head takes without the parser: up to this long, of these bytes
+MAX_REQUEST_ID = 128
+_PLAIN_ID = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.:+/=~"
+_REQUEST_ID_LINE = b"\r\nx-request-id:"
+
+
 @dataclass(slots=True, frozen=True)
 class _SeenHead:
     """A request head parsed before on a connection, and what it meant (`_Connection._learn`)."""
 
-    head: bytes  # through the blank line
-    length: int  # of the whole request: the head and its Content-Length
+    head: bytes  # through the blank line; or up to the X-Request-Id value, when `tail` is not None
+    tail: bytes | None  # from the end of the X-Request-Id value through the blank line
+    size: int  # the body's length (Content-Length)
     method: str
     path: str
     query: str

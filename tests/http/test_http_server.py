@@ -391,6 +391,21 @@ def test_a_request_whose_head_was_seen_before_means_what_the_parser_would_make_o
     assert {(g["m"], g["p"], g["q"]) for g in got} == {("POST", "/v2/models/a/infer", "x=1")}
 
 
+def test_a_seen_head_with_its_own_request_id_means_what_the_parser_would_make_of_it():
+    """A gateway sends a new X-Request-Id with each request: the rest of the head may still be the one seen.
+    Ids that are not plain (blanks around or inside, other bytes) and a second X-Request-Id are the parser's."""
+    def with_id(value: bytes, body: bytes = b"abc", more: bytes = b"") -> bytes:
+        return _post_raw(b"/v2/models/a/infer", body, b"\r\nx-request-id: " + value + more)
+
+    raws = [with_id(b"first"), with_id(b"2"), with_id(b"0123456789abcdef-3"), with_id(b"a b"), with_id(b"x" * 200),
+            with_id(b"spaced  "), with_id(b"after-spaced"), with_id(b"twice", more=b"\r\nX-Request-Id: again"),
+            with_id(b"caf\xe9"), with_id(b"last", b"abcd"), with_id(b"next", b"wxyz")]
+    got = _one_by_one(raws)
+    assert got == [_one_by_one([raw])[0] for raw in raws]  # each on a connection of its own: the parser's
+    assert [g["h"]["x-request-id"] for g in got][:3] == ["first", "2", "0123456789abcdef-3"]
+    assert [g["b"] for g in got] == ["abc"] * 9 + ["abcd", "wxyz"]
+
+
 def test_a_seen_head_still_counts_its_body_against_the_in_flight_budget():
     release, entered, handler = _holding_handler()
 
