@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -134,6 +135,11 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
+def _expire(answer: asyncio.Future[UpstreamResponse], error: Callable[[], UpstreamTimeout]) -> None:
+    if not answer.done():
+        answer.set_exception(error())
+
+
 # Bodies smaller than this are copied into the head's buffer (one write); larger ones are written
 # after the head without a copy.
 _COPY_BODY_BELOW = 64 * 1024
@@ -196,29 +202,37 @@ class EndpointPool:
             head, rest = head + body, None
         else:
             rest = body
+        conn = self._take_idle()
+        if conn is not None:
+            try:
+                return await self._exchange(conn, head, rest, loop, deadline)
+            except ConnectFailed:
+                pass  # a kept-alive connection the server had just closed: one fresh try
         try:
             async with asyncio.timeout_at(deadline):
-                conn = self._take_idle()
-                if conn is not None:
-                    try:
-                        return await self._exchange(conn, head, rest, loop)
-                    except ConnectFailed:
-                        pass  # a kept-alive connection the server had just closed: one fresh try
                 conn = await self._connect(loop)
-                conn.reused = False
-                return await self._exchange(conn, head, rest, loop)
         except TimeoutError:
-            raise UpstreamTimeout(f"{self.authority} did not answer before the request's deadline") from None
+            raise self._timeout() from None
+        conn.reused = False
+        return await self._exchange(conn, head, rest, loop, deadline)
+
+    def _timeout(self) -> UpstreamTimeout:
+        return UpstreamTimeout(f"{self.authority} did not answer before the request's deadline")
 
     async def _exchange(self, conn: _Connection, head: bytes, rest: bytes | None,
-                        loop: asyncio.AbstractEventLoop) -> UpstreamResponse:
+                        loop: asyncio.AbstractEventLoop, deadline: float) -> UpstreamResponse:
+        """The answer to `head` (+ `rest`) on `conn`, by loop time `deadline`: a timer on the answer's future
+        (an `asyncio.timeout` costs a task lookup and a reschedule per request)."""
         self.busy.add(conn)
+        answer = conn.send(head, rest, loop)
+        timer = loop.call_at(deadline, _expire, answer, self._timeout)
         try:
-            resp = await conn.send(head, rest, loop)
+            resp = await answer
         except BaseException:
             conn.close()
             raise
         finally:
+            timer.cancel()
             self.busy.discard(conn)
         if conn.keep_alive and not conn.closed and not self.closed and len(self.idle) < self.max_idle:
             conn.waiter = None

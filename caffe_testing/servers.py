@@ -94,6 +94,19 @@ class ServerProcess:
         self.root = root  # the checkout whose code runs (a benchmark's baseline may be another)
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
+        """Start and wait until ready (or live). The port free_port() chose can be taken before the server binds
+        it (by its own gRPC listener on port 0, say): then once more on another port."""
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except RuntimeError as e:
+                if "address already in use" not in str(e) or attempt == 2:
+                    raise
+                self.port = free_port()
+                self.url = f"{self.url.rsplit(':', 1)[0]}:{self.port}"
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> ServerProcess:
         # Output goes to a file, not a pipe: a pipe nobody reads fills up (64 KiB of access-log lines)
         # and blocks the server's logging.
         fd, log_path = tempfile.mkstemp(prefix="caffeserve-server-", suffix=".log")
