@@ -5,7 +5,8 @@ every byte), so one slow client per connection ties a worker up; and the ASGI la
 request than the model's own forward pass for small nets. This server gives each request a header
 deadline and a body deadline, refuses bodies over the limit before reading them (413), answers
 `Expect: 100-continue`, keeps connections alive, and on shutdown stops accepting, finishes the
-requests in flight and closes within a bound.
+requests in flight and closes within a bound. A request whose head the connection saw before (the same
+header bytes, as clients send them, an X-Request-Id aside) skips the parser (`_Connection._learn`).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ h2load, load ~10), more than our whole REST binary request; grpc's core hands ev
 own poller thread and the event loop. Here a call is: the frames parsed from one read, its header
 block decoded (hpack_decode.py), the handler run where the message completes (a task only from its first
 wait on: caffe_http/eager.py), and its answer written in one write
-(headers, data and trailers). bench/protocols.py keeps the comparison (`--grpc-transport`).
+(headers, data and trailers); a read laid out as the last call's (the same frames but for the stream id and the
+message) skips even the frame loop (`_Connection._learn`). bench/protocols.py keeps the comparison.
 
 What it speaks: HTTP/2 without TLS (prior knowledge, as `add_insecure_port`), unary calls only (every
 OIP and Triton RPC we serve is unary), request messages in identity, gzip or deflate, answers
