@@ -641,8 +641,9 @@ class _Connection(asyncio.Protocol):
         if handler is None:
             self._refuse(s, grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {s.path.decode('latin-1')}")
             return
-        if s.pooled is None and not body[0]:  # the call data_received may keep the layout of (_learn)
-            self.called = (s.id, s.headers, self.scanned[id(s.headers)][1][3])
+        kept = self.scanned.get(id(s.headers))
+        if s.pooled is None and not body[0] and kept is not None and kept[0] is s.headers:
+            self.called = (s.id, s.headers, kept[1][3])  # the call data_received may keep the layout of (_learn)
         call = self._call_pooled(s, handler, message) if s.pooled is not None else self._call(s, handler, message)
         # eager: run here up to its first wait, so that a call answered without waiting costs no task, no loop turn
         s.task = start_eagerly(self.loop, call) if self.server.eager else self.loop.create_task(call)

@@ -242,3 +242,46 @@ def test_calls_whose_frames_repeat_the_last_ones_layout_get_their_own_answers(mo
         digest, read = answer(sock, 101)
         assert digest == hashlib.sha256(messages[1]).digest()
         assert marker(3) not in read and taken[-1] is True, (read, taken)
+
+
+def test_a_call_whose_message_comes_after_many_other_calls_header_blocks_is_answered():
+    """Stream 1 sends its headers, then 20 other calls with header blocks of their own (more than a connection
+    keeps the scans of) come and go before stream 1's message: stream 1 is still answered."""
+    from inference_server.grpc.hpack_decode import literal
+    from inference_server.grpc.transport import DATA, END_HEADERS, END_STREAM, HEADERS, PREFACE, SETTINGS, frame
+
+    port = free_port()
+    started = threading.Event()
+
+    async def digest(data, context) -> bytes:
+        return hashlib.sha256(bytes(data)).digest()
+
+    async def serve():
+        await GRPCTransportServer({b"/t.S/M": digest}, 1 << 20, eager=True).start("127.0.0.1", port)
+        started.set()
+        await asyncio.Event().wait()
+
+    threading.Thread(target=lambda: asyncio.run(serve()), daemon=True).start()
+    assert started.wait(30)
+
+    def block(n: int) -> bytes:
+        return (b"\x83\x86" + literal(b":path", b"/t.S/M") + literal(b"content-type", b"application/grpc")
+                + literal(b"x-n", str(n).encode()))
+
+    def message(sid: int, m: bytes) -> bytes:
+        return frame(DATA, END_STREAM, sid, b"\0" + len(m).to_bytes(4, "big") + m)
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(PREFACE + frame(SETTINGS, 0, 0))
+        sock.sendall(frame(HEADERS, END_HEADERS, 1, block(0)))
+        for i in range(1, 21):
+            sock.sendall(frame(HEADERS, END_HEADERS, 2 * i + 1, block(i)) + message(2 * i + 1, b"other"))
+        sock.sendall(message(1, b"first"))
+        data = b""
+        marker = bytes((0, 0, 37, DATA, 0)) + (1).to_bytes(4, "big")
+        while marker not in data or b"grpc-status" not in data[data.index(marker):]:
+            chunk = sock.recv(65536)
+            assert chunk, "the server closed the connection"
+            data += chunk
+        at = data.index(marker)
+        assert data[at + 14 : at + 46] == hashlib.sha256(b"first").digest()
