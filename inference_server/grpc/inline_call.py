@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import DeadlineExceeded
 from ..serving.codecs import DTYPES, InferRequest
 from .codec import Layout, encode_infer_response
 
@@ -52,13 +51,11 @@ class InlineCall:
                 blob = blob.astype(np.float32)
             elif not blob.flags.aligned:  # where the tensor sits in the message: backends need aligned data
                 blob = blob.copy()
-            limit = time.monotonic() + model.timeout
-            deadline = limit if deadline is None else min(deadline, limit)
-            if time.monotonic() >= deadline:
-                raise DeadlineExceeded("the request's deadline passed before it reached the model")
             batch = self.shape[0]
             submitted = time.perf_counter_ns()
-            done = model.executor.run_inline({self.input: blob}, [self.output], batch, deadline)
+            # a deadline already passed is run_inline's DeadlineExceeded (or, the worker busy, the general path's)
+            done = model.executor.run_inline({self.input: blob}, [self.output], batch,
+                                             model.bounded_deadline(deadline))
             if done is None:
                 return None
             result, timing = done

@@ -378,7 +378,7 @@ class Model:
             inputs = req.inputs
             if len(inputs) == 1 and not req.outputs and inputs[0].datatype != "BYTES" and len(self.inputs) == 1:
                 # the usual request: one tensor of numbers, every output (no outputs to check, one batch size)
-                deadline, run_names, blobs = self._bounded(deadline), self.outputs, self._blobs(req)
+                deadline, run_names, blobs = self.bounded_deadline(deadline), self.outputs, self._blobs(req)
                 if time.monotonic() >= deadline:
                     raise DeadlineExceeded("the request's deadline passed before it reached the model")
                 batch = blobs[inputs[0].name].shape[0]
@@ -418,7 +418,7 @@ class Model:
     def _plan_run(self, req: InferRequest, deadline: float | None) -> tuple[float, list[str], dict[str, Any]]:
         """(the deadline, the outputs to run, each input's blob): the request's own deadline bounded by
         `requestTimeoutS`, its outputs checked before any image is decoded (a bad request costs nothing)."""
-        deadline = self._bounded(deadline)
+        deadline = self.bounded_deadline(deadline)
         # an empty `outputs` list means every output, as an absent one does (Triton answers it so;
         # an empty answer would be a silent surprise)
         if not req.outputs:
@@ -431,7 +431,7 @@ class Model:
             run_names = list(dict.fromkeys(names))
         return deadline, run_names, self._blobs(req)
 
-    def _bounded(self, deadline: float | None) -> float:
+    def bounded_deadline(self, deadline: float | None) -> float:
         """The client's deadline (time.monotonic()), if it gave one, bounded by `requestTimeoutS` from now."""
         limit = time.monotonic() + self.timeout
         return limit if deadline is None else min(deadline, limit)
