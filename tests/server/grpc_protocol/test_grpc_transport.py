@@ -103,23 +103,54 @@ def test_an_http1_client_is_closed_and_the_server_serves_on(server, net_files):
     client.close()
 
 
-def test_request_messages_of_every_size_arrive_whole_plain_or_gzip():
-    """The transport alone (a handler that answers the sha256 and length of what it got), with grpc's client:
-    empty, small, over a frame, over the presized buffer, several MB, 20 at once; over the limit is
-    RESOURCE_EXHAUSTED naming it, and the connection serves on. No model: the framing is under test."""
-    port, limit = free_port(), 8 << 20
+def _transport_server(handlers: dict, max_message_bytes: int, eager: bool = False) -> int:
+    """The transport alone (no model) on a loop of its own in a thread; its port."""
+    port = free_port()
     started = threading.Event()
 
-    async def digest(data, context) -> bytes:
-        return hashlib.sha256(bytes(data)).digest() + len(data).to_bytes(8, "big")
-
     async def serve():
-        await GRPCTransportServer({b"/t.S/M": digest}, limit).start("127.0.0.1", port)
+        await GRPCTransportServer(handlers, max_message_bytes, eager=eager).start("127.0.0.1", port)
         started.set()
         await asyncio.Event().wait()
 
     threading.Thread(target=lambda: asyncio.run(serve()), daemon=True).start()
     assert started.wait(30)
+    return port
+
+
+async def _sha256(data, context) -> bytes:
+    return hashlib.sha256(bytes(data)).digest()
+
+
+def _digest_answer(sock, sid: int) -> tuple[bytes, bytes]:
+    """(the sha256 answered on stream `sid` by `_sha256`, every byte read until it), from a raw HTTP/2 socket."""
+    marker = _answer_head(sid)
+    data = b""
+    while marker not in data or b"grpc-status" not in data[data.index(marker):]:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection"
+        data += chunk
+    at = data.index(marker)
+    return data[at + 14 : at + 46], data
+
+
+def _answer_head(sid: int) -> bytes:
+    """The head of `_sha256`'s answer's DATA frame on `sid`: 37 bytes (the 5-byte prefix, 32 of digest)."""
+    from inference_server.grpc.transport import DATA
+
+    return bytes((0, 0, 37, DATA, 0)) + sid.to_bytes(4, "big")
+
+
+def test_request_messages_of_every_size_arrive_whole_plain_or_gzip():
+    """The transport alone (a handler that answers the sha256 and length of what it got), with grpc's client:
+    empty, small, over a frame, over the presized buffer, several MB, 20 at once; over the limit is
+    RESOURCE_EXHAUSTED naming it, and the connection serves on. No model: the framing is under test."""
+    limit = 8 << 20
+
+    async def digest(data, context) -> bytes:
+        return hashlib.sha256(bytes(data)).digest() + len(data).to_bytes(8, "big")
+
+    port = _transport_server({b"/t.S/M": digest}, limit)
     for compression in (None, grpc.Compression.Gzip):
         channel = grpc.insecure_channel(f"127.0.0.1:{port}", compression=compression,
                                         options=[("grpc.max_send_message_length", 64 << 20)])
@@ -144,21 +175,12 @@ def test_a_repeated_header_block_follows_the_header_table_it_refers_to():
     from inference_server.grpc.hpack_decode import encode_int, literal
     from inference_server.grpc.transport import DATA, END_HEADERS, END_STREAM, HEADERS, PREFACE, SETTINGS, frame
 
-    port = free_port()
-    started = threading.Event()
-
     def answer(name: bytes):
         async def handler(data, context) -> bytes:
             return name
         return handler
 
-    async def serve():
-        await GRPCTransportServer({b"/t.S/A": answer(b"A"), b"/t.S/B": answer(b"B")}, 1 << 20).start("127.0.0.1", port)
-        started.set()
-        await asyncio.Event().wait()
-
-    threading.Thread(target=lambda: asyncio.run(serve()), daemon=True).start()
-    assert started.wait(30)
+    port = _transport_server({b"/t.S/A": answer(b"A"), b"/t.S/B": answer(b"B")}, 1 << 20)
     fixed = b"\x83\x86" + literal(b"content-type", b"application/grpc")  # POST, http, literal content-type
 
     def indexed_path(path: bytes) -> bytes:  # :path (static name 4), literal with incremental indexing: entry 62
@@ -195,37 +217,12 @@ def test_calls_whose_frames_repeat_the_last_ones_layout_get_their_own_answers(mo
     take = transport._Connection._take_seen
     monkeypatch.setattr(transport._Connection, "_take_seen", lambda self, seen, data: taken.append(
         take(self, seen, data)) or taken[-1])
-    port = free_port()
-    started = threading.Event()
-
-    async def digest(data, context) -> bytes:
-        return hashlib.sha256(bytes(data)).digest()
-
-    async def serve():
-        await GRPCTransportServer({b"/t.S/M": digest}, 1 << 20, eager=True).start("127.0.0.1", port)
-        started.set()
-        await asyncio.Event().wait()
-
-    threading.Thread(target=lambda: asyncio.run(serve()), daemon=True).start()
-    assert started.wait(30)
+    port = _transport_server({b"/t.S/M": _sha256}, 1 << 20, eager=True)
     block = b"\x83\x86" + literal(b":path", b"/t.S/M") + literal(b"content-type", b"application/grpc")
 
     def call(sid: int, message: bytes) -> bytes:
         return (frame(HEADERS, END_HEADERS, sid, block)
                 + frame(DATA, END_STREAM, sid, b"\0" + len(message).to_bytes(4, "big") + message))
-
-    def marker(sid: int) -> bytes:  # the answer's DATA frame head: 5-byte prefix + 32-byte digest
-        return bytes((0, 0, 37, DATA, 0)) + sid.to_bytes(4, "big")
-
-    def answer(sock, sid: int) -> tuple[bytes, bytes]:
-        """(the digest answered on `sid`, every byte read until it)"""
-        data = b""
-        while marker(sid) not in data or b"grpc-status" not in data[data.index(marker(sid)):]:
-            chunk = sock.recv(65536)
-            assert chunk, "the server closed the connection"
-            data += chunk
-        at = data.index(marker(sid))
-        return data[at + 14 : at + 46], data
 
     messages = [os.urandom(100) for _ in range(6)]
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
@@ -234,14 +231,14 @@ def test_calls_whose_frames_repeat_the_last_ones_layout_get_their_own_answers(mo
         got = []
         for i, m in enumerate(messages):
             sock.sendall(call(2 * i + 1, m))
-            got.append(answer(sock, 2 * i + 1)[0])
+            got.append(_digest_answer(sock, 2 * i + 1)[0])
         assert got == [hashlib.sha256(m).digest() for m in messages]
         assert taken.count(True) >= 3, taken  # the first calls teach the layout, the others follow it
         sock.sendall(call(3, messages[0]))  # a stream id used before: ignored
         sock.sendall(call(101, messages[1]))
-        digest, read = answer(sock, 101)
+        digest, read = _digest_answer(sock, 101)
         assert digest == hashlib.sha256(messages[1]).digest()
-        assert marker(3) not in read and taken[-1] is True, (read, taken)
+        assert _answer_head(3) not in read and taken[-1] is True, (read, taken)
 
 
 def test_a_call_whose_message_comes_after_many_other_calls_header_blocks_is_answered():
@@ -250,19 +247,7 @@ def test_a_call_whose_message_comes_after_many_other_calls_header_blocks_is_answ
     from inference_server.grpc.hpack_decode import literal
     from inference_server.grpc.transport import DATA, END_HEADERS, END_STREAM, HEADERS, PREFACE, SETTINGS, frame
 
-    port = free_port()
-    started = threading.Event()
-
-    async def digest(data, context) -> bytes:
-        return hashlib.sha256(bytes(data)).digest()
-
-    async def serve():
-        await GRPCTransportServer({b"/t.S/M": digest}, 1 << 20, eager=True).start("127.0.0.1", port)
-        started.set()
-        await asyncio.Event().wait()
-
-    threading.Thread(target=lambda: asyncio.run(serve()), daemon=True).start()
-    assert started.wait(30)
+    port = _transport_server({b"/t.S/M": _sha256}, 1 << 20, eager=True)
 
     def block(n: int) -> bytes:
         return (b"\x83\x86" + literal(b":path", b"/t.S/M") + literal(b"content-type", b"application/grpc")
@@ -277,11 +262,4 @@ def test_a_call_whose_message_comes_after_many_other_calls_header_blocks_is_answ
         for i in range(1, 21):
             sock.sendall(frame(HEADERS, END_HEADERS, 2 * i + 1, block(i)) + message(2 * i + 1, b"other"))
         sock.sendall(message(1, b"first"))
-        data = b""
-        marker = bytes((0, 0, 37, DATA, 0)) + (1).to_bytes(4, "big")
-        while marker not in data or b"grpc-status" not in data[data.index(marker):]:
-            chunk = sock.recv(65536)
-            assert chunk, "the server closed the connection"
-            data += chunk
-        at = data.index(marker)
-        assert data[at + 14 : at + 46] == hashlib.sha256(b"first").digest()
+        assert _digest_answer(sock, 1)[0] == hashlib.sha256(b"first").digest()
