@@ -128,6 +128,15 @@ class DeadlinePassed(Exception):
     """The request's own deadline passed while it waited (504); it was not forwarded."""
 
 
+class _WaitEnded(Exception):
+    """A waiter's time ran out (its future's exception, set by `_end_wait`)."""
+
+
+def _end_wait(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(_WaitEnded())
+
+
 class _Waiter:
     __slots__ = ("future", "exclude")
 
@@ -248,14 +257,14 @@ class ModelRoute:
         waiters.append(_Waiter(fut, exclude))
         self.queued += 1
         self._dispatch()
+        # a timer on the waiter's future, not asyncio.timeout_at: the gateway's HTTP server starts a request
+        # in its parser's callback (caffe_http/eager.py), where there is no current task until the first wait
+        timer = loop.call_at(wait_until, _end_wait, fut)
         try:
-            async with asyncio.timeout_at(wait_until):
-                return await fut
-        except (TimeoutError, asyncio.CancelledError) as e:
+            return await fut
+        except (_WaitEnded, asyncio.CancelledError) as e:
             got = fut.done() and not fut.cancelled() and fut.exception() is None
-            if got and isinstance(e, TimeoutError) and loop.time() < deadline:
-                return fut.result()  # the slot came just as the wait ran out: use it
-            if got:
+            if got:  # cancelled after its slot came: give the slot back
                 self.release(fut.result(), None)
             if isinstance(e, asyncio.CancelledError):
                 raise
@@ -269,6 +278,7 @@ class ModelRoute:
             raise Overloaded(f"model '{self.name}' is overloaded: no endpoint free within "
                              f"{self.settings.max_wait_s:g} s") from None
         finally:
+            timer.cancel()
             self.queued -= 1
             if not fut.done():
                 fut.cancel()

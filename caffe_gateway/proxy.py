@@ -119,7 +119,10 @@ class HTTPTransport:
             raise Lost(f"model '{route.name}' at {e}") from None
         except ResponseBroken as e:
             raise Refused(BROKEN, f"model '{route.name}' at {ep.address}: {e}") from None
-        except UpstreamTimeout:
+        except UpstreamTimeout as e:
+            if not e.sent:  # never reached the server: said as forward.py says a deadline that passed in the queue
+                raise Refused(DEADLINE, f"request deadline passed before it could be forwarded to model "
+                                        f"'{route.name}' ({e})") from None
             raise Refused(DEADLINE, f"model '{route.name}' did not answer within "
                                     f"{self.settings.request_timeout_s:g} s") from None
         if up.status == 503 and _not_run(up):

@@ -11,7 +11,9 @@ import asyncio
 import collections.abc
 import contextvars
 from collections.abc import Coroutine, Generator
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def start_eagerly(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
@@ -23,6 +25,28 @@ def start_eagerly(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Non
     except StopIteration:
         return None
     return loop.create_task(_Resume(coro, waits_on), context=ctx)
+
+
+async def within(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], when: float) -> T:
+    """`await coro` by loop time `when`, else TimeoutError: `asyncio.timeout_at` for code that may run eagerly
+    (it needs a current task on entry; this runs `coro` as a task of its own, cancelled by a timer)."""
+    task = loop.create_task(coro)
+    expired: list[bool] = []
+    timer = loop.call_at(when, _expire, task, expired)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if expired and (current is None or not current.cancelling()):
+            raise TimeoutError from None
+        raise
+    finally:
+        timer.cancel()
+
+
+def _expire(task: asyncio.Task[Any], expired: list[bool]) -> None:
+    expired.append(True)
+    task.cancel()
 
 
 class _Resume(collections.abc.Coroutine[Any, Any, None]):

@@ -392,9 +392,9 @@ class _Connection(asyncio.Protocol):
 
     def _serve_eagerly(self) -> None:
         """Run `_serve_pending` here, in the parser's callback, up to its first real wait (eager.py): a request
-        the handler answers without waiting (a short forward run inline) costs no task and no loop turn. The
-        handler must not need `asyncio.current_task()` before its first wait (`asyncio.timeout` does: the
-        gateway's does not run eagerly)."""
+        the handler answers without waiting (a short forward run inline) costs no task and no loop turn, and one
+        that waits (the gateway's) starts its work a loop turn sooner. The handler must not need
+        `asyncio.current_task()` before its first wait (`asyncio.timeout` does; eager.within does not)."""
         self.worker = _EAGER  # not None while the request is served: what is parsed meanwhile is queued
         try:
             self.worker = start_eagerly(self.loop, self._serve_pending())

@@ -7,7 +7,7 @@ The distinction that matters to the proxy is *when* a request failed:
 - `ConnectFailed`: the connection could not be made, or closed before any byte of the answer
   arrived. Nothing was processed that the client could see, so the proxy may retry elsewhere.
 - `ResponseBroken`: the answer had begun and then the connection broke. Never retried.
-- `UpstreamTimeout`: no complete answer before the request's deadline.
+- `UpstreamTimeout`: no complete answer before the request's deadline (or no connection by then: not sent).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import httptools
+
+from .eager import within
 
 if TYPE_CHECKING:
     from .tls import ClientTLS
@@ -38,7 +40,11 @@ class ResponseBroken(UpstreamError):
 
 
 class UpstreamTimeout(UpstreamError):
-    pass
+    """No answer by the request's deadline; `sent` False when it passed while connecting (nothing was sent)."""
+
+    def __init__(self, message: str, sent: bool = True):
+        super().__init__(message)
+        self.sent = sent
 
 
 class EndpointLost(UpstreamError):
@@ -160,15 +166,21 @@ class EndpointPool:
         self.busy: set[_Connection] = set()  # connections with a request on them
         self.closed = False
 
-    async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Connection:
+    async def _connect(self, loop: asyncio.AbstractEventLoop, deadline: float) -> _Connection:
+        """A new connection, within the connect timeout and by the request's `deadline` (eager.within: the
+        gateway starts a request before any task runs it)."""
+        connect_by = loop.time() + self.connect_timeout_s
+        if self.tls is None:
+            connecting = loop.create_connection(_Connection, self.host, self.port)
+        else:
+            connecting = loop.create_connection(_Connection, self.host, self.port, ssl=self.tls.context(),
+                                                server_hostname=self.tls.server_name)
         try:
-            async with asyncio.timeout(self.connect_timeout_s):
-                if self.tls is None:
-                    _, conn = await loop.create_connection(_Connection, self.host, self.port)
-                else:
-                    _, conn = await loop.create_connection(_Connection, self.host, self.port, ssl=self.tls.context(),
-                                                           server_hostname=self.tls.server_name)
+            _, conn = await within(loop, connecting, min(connect_by, deadline))
         except TimeoutError:
+            if deadline <= connect_by:
+                raise UpstreamTimeout(f"the request's deadline passed while connecting to {self.authority}",
+                                      sent=False) from None
             raise ConnectFailed(f"connect to {self.authority} timed out after {self.connect_timeout_s:g} s") from None
         except OSError as e:
             raise ConnectFailed(f"cannot connect to {self.authority}: {e.strerror or e}") from None
@@ -208,11 +220,7 @@ class EndpointPool:
                 return await self._exchange(conn, head, rest, loop, deadline)
             except ConnectFailed:
                 pass  # a kept-alive connection the server had just closed: one fresh try
-        try:
-            async with asyncio.timeout_at(deadline):
-                conn = await self._connect(loop)
-        except TimeoutError:
-            raise self._timeout() from None
+        conn = await self._connect(loop, deadline)
         conn.reused = False
         return await self._exchange(conn, head, rest, loop, deadline)
 

@@ -324,7 +324,9 @@ def test_deadlines_the_clients_the_gateways_and_one_passed_in_the_queue_is_never
                     assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED, (e.code(), e.details())
                     errors.append(e.details())
             assert ok == 1 and len(errors) == 3, (ok, errors)
-            never_sent = sum("deadline passed while waiting" in e for e in errors)
+            # never sent: its deadline passed in the queue, or just as a slot came (forward.py checks it then)
+            never_sent = sum("deadline passed while waiting" in e or "deadline passed before it could be forwarded" in e
+                             for e in errors)
             assert never_sent >= 1 and sum("did not answer within" in e for e in errors) == 3 - never_sent, errors
             time.sleep(0.8)
             after = grpc_count(slow, "OK") + grpc_count(slow, "DEADLINE_EXCEEDED") + grpc_count(slow, "CANCELLED")

@@ -21,8 +21,8 @@ HTTPServer = server_module.HTTPServer
 
 @pytest.fixture(autouse=True, params=[False, True], ids=["task", "eager"])
 def eager(request, monkeypatch):
-    """Every test twice: requests served by a task (the gateway's way) and started in the parser's callback
-    (`eager`, the inference server's way)."""
+    """Every test twice: requests served by a task and started in the parser's callback (`eager`, the
+    inference server's and the gateway's way)."""
     monkeypatch.setitem(globals(), "HTTPServer", functools.partial(server_module.HTTPServer, eager=request.param))
     return request.param
 
