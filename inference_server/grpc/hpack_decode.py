@@ -75,6 +75,42 @@ class HeaderDecoder:
         as it is, the same bytes may then skip decoding."""
         return self._blocks.get(data) is fields
 
+    def plain_value_span(self, data: bytes, name: bytes) -> tuple[int, int] | None:
+        """Where in block `data` the value of the one field `name` lies, when it is a literal that leaves the table
+        alone and is not Huffman-coded; else None (absent, twice, indexed, or coded). Such a field may change from
+        one block to the next with the rest the same (grpc-timeout, set per call). For a block that changed
+        nothing (`unchanged_by`): this reads the table, never changes it."""
+        span = None
+        pos, end = 0, len(data)
+        try:
+            while pos < end:
+                b = data[pos]
+                value_at: tuple[int, int] | None = None
+                if b & 0x80:  # indexed field: its value comes from a table
+                    idx, pos = _int(data, pos, 7)
+                    field_name = self._get(idx)[0]
+                elif b & 0x60:  # a literal added to the table, or a table size update: not a block that changed nothing
+                    return None
+                else:  # literal without indexing (0000) or never indexed (0001)
+                    idx, pos = _int(data, pos, 4)
+                    if idx:
+                        field_name = self._get(idx)[0]
+                    else:
+                        field_name, pos = _string(data, pos)
+                    coded = data[pos] & 0x80
+                    n, start = _int(data, pos, 7)
+                    pos = start + n
+                    if pos > end:
+                        return None
+                    value_at = None if coded else (start, pos)
+                if field_name == name:
+                    if span is not None or value_at is None:
+                        return None
+                    span = value_at
+        except (IndexError, HPACKError):
+            return None
+        return span
+
     def _walk(self, data: bytes) -> list[tuple[bytes, bytes]]:
         out: list[tuple[bytes, bytes]] = []
         pos, end, listed = 0, len(data), 0

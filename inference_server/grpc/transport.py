@@ -222,19 +222,24 @@ class _SeenCall:
     """A read that was one whole unary call (`_Connection._learn`), and what its header block meant."""
 
     __slots__ = ("length", "headers_head", "block", "data_head", "prefix", "headers", "path", "encoding", "timeout",
-                 "generation")
+                 "timeout_at", "generation")
 
     def __init__(self, length: int, headers_head: bytes, block: bytes, data_head: bytes, prefix: bytes,
-                 headers: Fields, timeout: bytes | None, generation: int):
+                 headers: Fields, timeout: bytes | None, timeout_at: tuple[int, int] | None, generation: int):
         self.length = length  # of the whole read
         self.headers_head = headers_head  # the HEADERS frame's length, type and flags
         self.block = block  # its header block
         self.data_head = data_head  # the DATA frame's length, type and flags
         self.prefix = prefix  # the message's: uncompressed, its length
-        self.headers = headers  # the block's fields
+        # the block's fields; where grpc-timeout may vary (`timeout_at`) they keep the first call's value of it,
+        # which nothing reads (the deadline is each call's own, metadata leaves grpc-timeout out)
+        self.headers = headers
         scan = _scan(headers)
         self.path, self.encoding = scan[0], scan[4]
         self.timeout = timeout  # grpc-timeout's value, made a deadline per call
+        # where in `block` grpc-timeout's value lies, when it is plain and may differ per call (a client that
+        # sends its remaining time, as the gateway does); None: the whole block must be the same
+        self.timeout_at = timeout_at
         self.generation = generation  # the header table's, when the block was decoded
 
 
@@ -383,8 +388,9 @@ class _Connection(asyncio.Protocol):
         block = data[9:at]
         if not self.decoder.unchanged_by(block, headers):
             return
+        timeout_at = None if timeout is None else self.decoder.plain_value_span(block, b"grpc-timeout")
         self.seen = _SeenCall(end, data[:5], block, data[at : at + 5], data[at + 9 : at + 14], headers, timeout,
-                              self.decoder.generation)
+                              timeout_at, self.decoder.generation)
 
     def _take_seen(self, seen: _SeenCall, data: bytes) -> bool:
         """Start the call in `data` as the frame loop would have, if `data` is `seen`'s layout with a new stream id
@@ -392,11 +398,23 @@ class _Connection(asyncio.Protocol):
         if self.data_left is not None or self.buf or self.continuing is not None:
             return False
         sid = _HEAD.unpack_from(data, 5)[0] & 0x7FFFFFFF
-        at = 9 + len(seen.block)
-        if not (sid > self.last_id and sid & 1 and data.startswith(seen.headers_head) and data.startswith(seen.block, 9)
+        block = seen.block
+        at = 9 + len(block)
+        if not (sid > self.last_id and sid & 1 and data.startswith(seen.headers_head)
                 and data.startswith(seen.data_head, at) and data.startswith(seen.prefix, at + 9)
                 and _HEAD.unpack_from(data, at + 5)[0] == sid and self.decoder.generation == seen.generation):
             return False
+        if seen.timeout_at is None:
+            if not data.startswith(block, 9):
+                return False
+            deadline = None if seen.timeout is None else _deadline(seen.timeout)
+        else:  # the same block around a grpc-timeout value of the same length
+            start, end = seen.timeout_at
+            if not (data.startswith(block[:start], 9) and data.startswith(block[end:], 9 + end)):
+                return False
+            deadline = _deadline(data[9 + start : 9 + end])
+            if deadline is None:
+                return False  # not a timeout: the frame loop reads it as it reads any other
         if self.goaway or self.server.closing or len(self.streams) >= MAX_STREAMS:
             return False  # the frame loop refuses it
         handler = self.server.handlers.get(seen.path)
@@ -408,8 +426,7 @@ class _Connection(asyncio.Protocol):
         if self.received >= CONN_WINDOW // 2:
             self.transport.write(frame(WINDOW_UPDATE, 0, 0, _HEAD.pack(self.received)))
             self.received = 0
-        s = _Stream(sid, seen.path, seen.headers, None if seen.timeout is None else _deadline(seen.timeout),
-                    seen.encoding, self.peer_window)
+        s = _Stream(sid, seen.path, seen.headers, deadline, seen.encoding, self.peer_window)
         s.filled = s.expect = n
         s.answered = True
         self.streams[sid] = s
