@@ -222,7 +222,7 @@ class _SeenCall:
     """A read that was one whole unary call (`_Connection._learn`), and what its header block meant."""
 
     __slots__ = ("length", "headers_head", "block", "data_head", "prefix", "headers", "path", "encoding", "timeout",
-                 "timeout_at", "generation")
+                 "timeout_at", "before_timeout", "after_timeout", "generation")
 
     def __init__(self, length: int, headers_head: bytes, block: bytes, data_head: bytes, prefix: bytes,
                  headers: Fields, timeout: bytes | None, timeout_at: tuple[int, int] | None, generation: int):
@@ -240,6 +240,8 @@ class _SeenCall:
         # where in `block` grpc-timeout's value lies, when it is plain and may differ per call (a client that
         # sends its remaining time, as the gateway does); None: the whole block must be the same
         self.timeout_at = timeout_at
+        self.before_timeout, self.after_timeout = (block[: timeout_at[0]], block[timeout_at[1] :]) if timeout_at else (
+            block, b"")
         self.generation = generation  # the header table's, when the block was decoded
 
 
@@ -410,7 +412,7 @@ class _Connection(asyncio.Protocol):
             deadline = None if seen.timeout is None else _deadline(seen.timeout)
         else:  # the same block around a grpc-timeout value of the same length
             start, end = seen.timeout_at
-            if not (data.startswith(block[:start], 9) and data.startswith(block[end:], 9 + end)):
+            if not (data.startswith(seen.before_timeout, 9) and data.startswith(seen.after_timeout, 9 + end)):
                 return False
             deadline = _deadline(data[9 + start : 9 + end])
             if deadline is None:
