@@ -542,7 +542,9 @@ class GRPCGatewayServer:
             self.server = GRPCListener(handler, max_message_bytes, interceptors)
         else:
             paths = {f"/{SERVICE}/{name}".encode(): f for name, f in guarded(gateway.methods(), guard).items()}
-            self.server = GRPCTransportServer(paths, max_message_bytes)
+            # eager: a call goes upstream from the transport's read callback (nothing before its first wait needs
+            # a current task: balancer.py, grpc_upstream.py), as the REST side's requests do
+            self.server = GRPCTransportServer(paths, max_message_bytes, eager=True)
 
     async def start(self, host: str, port: int) -> int:
         """Bind and start (TLS when the gateway has it); returns the bound port. OSError when it cannot be bound."""

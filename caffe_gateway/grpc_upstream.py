@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from caffe_http.eager import within
 from inference_server.grpc.hpack_decode import Fields, HeaderDecoder, HPACKError, encode_int, literal
 from inference_server.grpc.messages import SERVICE
 from inference_server.grpc.transport import (
@@ -481,8 +482,9 @@ class H2Upstream:
             return conn
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._connect())
-        try:
-            return await asyncio.wait_for(asyncio.shield(self._connecting), max(timeout_s, 0.001))
+        loop = asyncio.get_running_loop()
+        try:  # not asyncio.wait_for: a call may start eagerly (caffe_http/eager.py), with no current task
+            return await within(loop, asyncio.shield(self._connecting), loop.time() + max(timeout_s, 0.001))
         except TimeoutError:
             raise Unreachable(f"cannot connect to {self.target}: no connection within {timeout_s:.3g} s") from None
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import contextvars
-from collections.abc import Coroutine, Generator
+from collections.abc import Awaitable, Coroutine, Generator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -27,10 +27,11 @@ def start_eagerly(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Non
     return loop.create_task(_Resume(coro, waits_on), context=ctx)
 
 
-async def within(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], when: float) -> T:
-    """`await coro` by loop time `when`, else TimeoutError: `asyncio.timeout_at` for code that may run eagerly
-    (it needs a current task on entry; this runs `coro` as a task of its own, cancelled by a timer)."""
-    task = loop.create_task(coro)
+async def within(loop: asyncio.AbstractEventLoop, awaitable: Awaitable[T], when: float) -> T:
+    """`await awaitable` by loop time `when`, else TimeoutError: `asyncio.timeout_at` (or `asyncio.wait_for`, which
+    uses it from Python 3.12) for code that may run eagerly, where they find no current task. A coroutine runs as a
+    task of its own, cancelled by a timer; a future is cancelled by it (shield one that others share)."""
+    task = asyncio.ensure_future(awaitable, loop=loop)
     expired: list[bool] = []
     timer = loop.call_at(when, _expire, task, expired)
     try:
@@ -44,7 +45,7 @@ async def within(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], 
         timer.cancel()
 
 
-def _expire(task: asyncio.Task[Any], expired: list[bool]) -> None:
+def _expire(task: asyncio.Future[Any], expired: list[bool]) -> None:
     expired.append(True)
     task.cancel()
 

@@ -93,3 +93,19 @@ def test_it_holds_in_a_coroutine_started_eagerly_where_asyncio_timeout_cannot(se
         return await task
 
     assert asyncio.run(run()) == expect
+
+
+def test_a_shielded_shared_future_outlives_one_waiter_that_timed_out():
+    """The gateway's gRPC connect: callers share one connecting future, each bounded by its own time."""
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        shared = loop.create_future()
+        with pytest.raises(TimeoutError):
+            await within(loop, asyncio.shield(shared), loop.time() + 0.05)
+        later = asyncio.ensure_future(within(loop, asyncio.shield(shared), loop.time() + 5))
+        await asyncio.sleep(0)
+        shared.set_result("connection")
+        return shared.cancelled(), await later
+
+    assert asyncio.run(run()) == (False, "connection")
