@@ -108,11 +108,15 @@ def one_run(url: str, case: tuple[bytes, dict], seconds: float, grpc: bool, gate
     return {"p50_ms": r["p50_ms"], "cpu_ms": 1000 * cpu / max(r["n"], 1), "rps": r["rps"]}
 
 
+def digits_input() -> np.ndarray:
+    """The digits input every protocol row sends (fixed, so that runs and checkouts send the same bytes)."""
+    return np.array([((i * 7) % 17) / 4.0 for i in range(64)], np.float32).reshape(1, 1, 8, 8)
+
+
 def per_protocol(server: ServerProcess, gateways: dict[str, Gateway], seconds: float, rounds: int,
                  concurrency: list[int]) -> None:
     """Added p50 and the gateway's CPU per request, REST JSON and gRPC, each gateway build in turn."""
-    x = np.array([((i * 7) % 17) / 4.0 for i in range(64)], np.float32).reshape(1, 1, 8, 8)
-    cases = bodies("digits", "data", x)
+    cases = bodies("digits", "data", digits_input())
     path = "/v2/models/digits/infer"
     grpc_path = f"/{pb.SERVICE}/ModelInfer"
     results: dict[tuple[str, int, str], list[dict]] = {}

@@ -18,14 +18,13 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-import numpy as np
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from caffe_testing.grpc import grpc_server  # noqa: E402
-from gateway import CONFIG, ENV, Gateway  # noqa: E402
+from gateway import CONFIG, ENV, Gateway, digits_input  # noqa: E402
 from inference_server.grpc import messages as pb  # noqa: E402
 from protocols import bodies, cpu_s, h2load  # noqa: E402
 
@@ -37,8 +36,7 @@ def main() -> None:
     ap.add_argument("--deadline", default="20S", help="the client's grpc-timeout in the 'with a deadline' rows")
     ap.add_argument("--baseline", type=Path, default=None, metavar="DIR")
     args = ap.parse_args()
-    x = np.array([((i * 7) % 17) / 4.0 for i in range(64)], np.float32).reshape(1, 1, 8, 8)
-    body, headers = bodies("digits", "data", x)["gRPC"]
+    body, headers = bodies("digits", "data", digits_input())["gRPC"]
     cases = {"no client deadline": headers, f"client deadline {args.deadline}": {**headers,
                                                                                "grpc-timeout": args.deadline}}
     roots = {"this": ROOT, **({"baseline": args.baseline.resolve()} if args.baseline else {})}

@@ -144,8 +144,7 @@ class Forwarder:
                     raise Refused(DEADLINE, str(e)) from None
                 if loop.time() >= deadline:
                     route.release(ep, None)
-                    raise Refused(DEADLINE, f"request deadline passed before it could be forwarded to model "
-                                            f"'{route.name}'")
+                    raise Refused(DEADLINE, not_forwarded(route))
                 if needs_grpc and ep.grpc_port is None:  # discovery changed it while the call waited
                     route.release(ep, None)
                     exclude = exclude | {ep.address}
@@ -180,6 +179,12 @@ class Forwarder:
             if tries.holds_retry:
                 route.end_retry()
             self.metrics.count_variant(model, route.variant, code)
+
+
+def not_forwarded(route: ModelRoute, why: str = "") -> str:
+    """The message of a 504 for a request that never reached a server (its deadline passed first)."""
+    message = f"request deadline passed before it could be forwarded to model '{route.name}'"
+    return f"{message} ({why})" if why else message
 
 
 def _rest_only(route: ModelRoute) -> frozenset[str]:

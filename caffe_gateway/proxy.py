@@ -54,6 +54,7 @@ from .forward import (
     Refused,
     Transport,
     Unreachable,
+    not_forwarded,
 )
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, GatewayMetrics
 from .repository import broadcast, endpoints_of, unknown_model
@@ -121,8 +122,7 @@ class HTTPTransport:
             raise Refused(BROKEN, f"model '{route.name}' at {ep.address}: {e}") from None
         except UpstreamTimeout as e:
             if not e.sent:  # never reached the server: said as forward.py says a deadline that passed in the queue
-                raise Refused(DEADLINE, f"request deadline passed before it could be forwarded to model "
-                                        f"'{route.name}' ({e})") from None
+                raise Refused(DEADLINE, not_forwarded(route, str(e))) from None
             raise Refused(DEADLINE, f"model '{route.name}' did not answer within "
                                     f"{self.settings.request_timeout_s:g} s") from None
         if up.status == 503 and _not_run(up):

@@ -222,7 +222,7 @@ class _SeenCall:
     """A read that was one whole unary call (`_Connection._learn`), and what its header block meant."""
 
     __slots__ = ("length", "headers_head", "block", "data_head", "prefix", "headers", "path", "encoding", "timeout",
-                 "timeout_at", "before_timeout", "after_timeout", "generation")
+                 "timeout_at", "before_timeout", "after_timeout", "after_at", "generation")
 
     def __init__(self, length: int, headers_head: bytes, block: bytes, data_head: bytes, prefix: bytes,
                  headers: Fields, timeout: bytes | None, timeout_at: tuple[int, int] | None, generation: int):
@@ -240,8 +240,10 @@ class _SeenCall:
         # where in `block` grpc-timeout's value lies, when it is plain and may differ per call (a client that
         # sends its remaining time, as the gateway does); None: the whole block must be the same
         self.timeout_at = timeout_at
-        self.before_timeout, self.after_timeout = (block[: timeout_at[0]], block[timeout_at[1] :]) if timeout_at else (
-            block, b"")
+        # the block around that value (all of it before, none after, when it may not vary), and where the part
+        # after it starts in a read
+        start, end = timeout_at or (len(block), len(block))
+        self.before_timeout, self.after_timeout, self.after_at = block[:start], block[end:], 9 + end
         self.generation = generation  # the header table's, when the block was decoded
 
 
@@ -400,21 +402,16 @@ class _Connection(asyncio.Protocol):
         if self.data_left is not None or self.buf or self.continuing is not None:
             return False
         sid = _HEAD.unpack_from(data, 5)[0] & 0x7FFFFFFF
-        block = seen.block
-        at = 9 + len(block)
+        at = 9 + len(seen.block)
         if not (sid > self.last_id and sid & 1 and data.startswith(seen.headers_head)
+                and data.startswith(seen.before_timeout, 9) and data.startswith(seen.after_timeout, seen.after_at)
                 and data.startswith(seen.data_head, at) and data.startswith(seen.prefix, at + 9)
                 and _HEAD.unpack_from(data, at + 5)[0] == sid and self.decoder.generation == seen.generation):
             return False
         if seen.timeout_at is None:
-            if not data.startswith(block, 9):
-                return False
             deadline = None if seen.timeout is None else _deadline(seen.timeout)
-        else:  # the same block around a grpc-timeout value of the same length
-            start, end = seen.timeout_at
-            if not (data.startswith(seen.before_timeout, 9) and data.startswith(seen.after_timeout, 9 + end)):
-                return False
-            deadline = _deadline(data[9 + start : 9 + end])
+        else:  # the same block around a grpc-timeout value of the same length: this call's own value
+            deadline = _deadline(data[9 + seen.timeout_at[0] : seen.after_at])
             if deadline is None:
                 return False  # not a timeout: the frame loop reads it as it reads any other
         if self.goaway or self.server.closing or len(self.streams) >= MAX_STREAMS:
