@@ -114,7 +114,7 @@ def digits_input() -> np.ndarray:
 
 
 def per_protocol(server: ServerProcess, gateways: dict[str, Gateway], seconds: float, rounds: int,
-                 concurrency: list[int]) -> None:
+                 concurrency: list[int]) -> list[dict]:
     """Added p50 and the gateway's CPU per request, REST JSON and gRPC, each gateway build in turn."""
     cases = bodies("digits", "data", digits_input())
     path = "/v2/models/digits/infer"
@@ -140,15 +140,20 @@ def per_protocol(server: ServerProcess, gateways: dict[str, Gateway], seconds: f
           f"rounds of {seconds:g} s; load average {os.getloadavg()[0]:.1f})")
     print(f"{'protocol':<10} {'conc':>4} {'gateway':<10} {'direct p50':>10} {'via p50':>9} {'added p50':>10} "
           f"{'gw CPU ms/req':>13} {'req/s':>8}")
+    rows = []
     for proto in ("REST JSON", "gRPC"):
         for conc in concurrency:
             d = med[(proto, conc, "direct")]
             for name in gateways:
                 g = med[(proto, conc, name)]
+                rows.append({"protocol": proto, "concurrency": conc, "gateway": name, "direct_p50_ms": d["p50_ms"],
+                             "via_p50_ms": g["p50_ms"], "added_p50_ms": g["p50_ms"] - d["p50_ms"],
+                             "cpu_ms": g["cpu_ms"], "rps": g["rps"]})
                 print(f"{proto:<10} {conc:>4} {name:<10} {d['p50_ms']:>10.3f} {g['p50_ms']:>9.3f} "
                       f"{g['p50_ms'] - d['p50_ms']:>10.3f} {g['cpu_ms']:>13.3f} {g['rps']:>8.0f}")
     print("(gateway: this = gRPC on our HTTP/2 transport, grpc.aio = the same with CAFFESERVE_GRPC_TRANSPORT=grpcio; "
           "REST is the same code in both)")
+    return rows
 
 
 def main() -> None:
@@ -161,6 +166,8 @@ def main() -> None:
     ap.add_argument("--only-protocols", action="store_true", help="skip the wrk latency and throughput tables")
     ap.add_argument("--protocol-concurrency", default="1,8", help="connections for the per-protocol figures")
     ap.add_argument("--no-grpcio", action="store_true", help="leave out the gateway on grpc.aio")
+    ap.add_argument("--json", type=Path, default=None, metavar="PATH",
+                    help="also write the per-protocol rows here (bench/targets.py)")
     args = ap.parse_args()
     body = orjson.dumps({"inputs": [{"name": "data", "shape": [1, 1, 8, 8], "datatype": "FP32",
                                      "data": [((i * 7) % 17) / 4.0 for i in range(64)]}]})
@@ -175,8 +182,11 @@ def main() -> None:
             builds = {"this": one, **({"grpc.aio": aio} if aio else {}), **({"baseline": base} if base else {})}
             print(f"digits model, {os.cpu_count()} cores; gateways: {', '.join(builds)}; load average "
                   f"{os.getloadavg()[0]:.1f}", flush=True)
-            per_protocol(a, builds, args.seconds, args.rounds,
-                         [int(c) for c in args.protocol_concurrency.split(",")])
+            added = per_protocol(a, builds, args.seconds, args.rounds,
+                                 [int(c) for c in args.protocol_concurrency.split(",")])
+            if args.json:
+                args.json.write_bytes(orjson.dumps({"loadavg": os.getloadavg()[0], "rows": added},
+                                                   option=orjson.OPT_INDENT_2))
             if args.only_protocols:
                 return
             for url in (a.url, b.url, one.url, two.url, *([base.url] if base else [])):  # warm-up

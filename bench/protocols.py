@@ -277,6 +277,8 @@ def main() -> None:
     ap.add_argument("--no-grpcio", action="store_true", help="leave out grpc.aio (the second server, the empty one)")
     ap.add_argument("--baseline", type=Path, default=None,
                     help="a checkout whose model server (REST binary, gRPC) and empty h2 handler run beside ours")
+    ap.add_argument("--json", type=Path, default=None, metavar="PATH",
+                    help="also write the rows here (bench/targets.py)")
     args = ap.parse_args()
     if shutil.which("h2load") is None:
         raise SystemExit("h2load is not installed: apt-get install nghttp2-client (scripts/system/debian-packages.txt)")
@@ -308,6 +310,8 @@ def main() -> None:
                                 args.rounds)
             time.sleep(0.5)
     report(rows)
+    if args.json:
+        args.json.write_bytes(orjson.dumps({"loadavg": os.getloadavg()[0], "rows": rows}, option=orjson.OPT_INDENT_2))
 
 
 if __name__ == "__main__":

@@ -462,6 +462,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="where the default server's CPU goes (docstring)")
     ap.add_argument("--only", default="", metavar="NAMES",
                     help="with --tracing: only these servers, comma-separated: off, on, baseline (default: all)")
+    ap.add_argument("--json", type=Path, default=None, metavar="PATH",
+                    help="also write the rows here (bench/targets.py)")
     args = ap.parse_args()
     cfg = load_config(args.config)
     import caffe
@@ -526,6 +528,12 @@ def main() -> None:
             base = rows[(1, proto, "baseline")]
             print(f"{proto}: baseline {args.baseline} at concurrency 1: overhead {base[1] - fwd:.3f} ms, "
                   f"CPU {base[3]:.3f} ms per request; this checkout / baseline CPU: {on[3] / base[3]:.2f}")
+    if args.json:
+        args.json.write_bytes(orjson.dumps({
+            "loadavg": os.getloadavg()[0], "forward_p50_ms": fwd, "baseline": str(args.baseline or ""),
+            "rows": [{"concurrency": conc, "protocol": proto, "server": v, "rps": rps, "p50_ms": p50, "p99_ms": p99,
+                      "cpu_ms": cpu} for (conc, proto, v), (rps, p50, p99, cpu) in rows.items()],
+        }, option=orjson.OPT_INDENT_2))
     print("bookkeeping on the request path, µs per request (timed in-process):")
     for what, us in costs.items():
         print(f"  {what:<55} {us:7.2f}")
