@@ -170,7 +170,7 @@ def main() -> None:
                     help="also write the per-protocol rows here (bench/targets.py)")
     args = ap.parse_args()
     body = orjson.dumps({"inputs": [{"name": "data", "shape": [1, 1, 8, 8], "datatype": "FP32",
-                                     "data": [((i * 7) % 17) / 4.0 for i in range(64)]}]})
+                                     "data": digits_input().ravel().tolist()}]})
     headers = {"Content-Type": "application/json"}
     path = "/v2/models/digits/infer"
     serve = {"env": ENV, "args": ["--log-level", "WARNING"]}

@@ -41,27 +41,15 @@ GATEWAY_ADDED_MS = 0.3  # item 4: added p50 and gateway CPU per request, c=1
 QUIET_FORWARD_US = 18.5  # the digits forward alone on the quiet machine of the third pass (docs/benchmarks.md)
 
 
-def forward_us(rounds: int = 5, n: int = 2000) -> float:
-    """The digits forward alone, µs (median of `rounds` loops of `n`): how fast the host is right now."""
-    code = (
-        "import os, time, statistics\n"
-        "os.environ['GLOG_minloglevel'] = '2'\n"
-        "import numpy as np, caffe\n"
-        "caffe.set_mode_cpu()\n"
-        f"net = caffe.Net('{REPO}/examples/digits/deploy.prototxt', '{REPO}/examples/digits/digits.caffemodel', "
-        "caffe.TEST)\n"
-        "net.blobs[net.inputs[0]].data[...] = np.random.default_rng(0).random(net.blobs[net.inputs[0]].data.shape)\n"
-        "for _ in range(200): net.forward()\n"
-        "ts = []\n"
-        f"for _ in range({rounds}):\n"
-        "    t = time.perf_counter()\n"
-        f"    for _ in range({n}): net.forward()\n"
-        f"    ts.append((time.perf_counter() - t) / {n} * 1e6)\n"
-        "print(statistics.median(ts))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
-                         env={**os.environ, "OPENBLAS_NUM_THREADS": "1"}, cwd=REPO)
-    return float(out.stdout.strip().splitlines()[-1])
+def forward_us() -> float:
+    """The digits forward alone, p50 in µs (server_overhead.direct_forward_p50): how fast the host is right now."""
+    import numpy as np
+
+    from inference_server.config import load_config
+    from server_overhead import direct_forward_p50  # imports caffe: after main() set OPENBLAS_NUM_THREADS
+
+    x = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
+    return 1000 * direct_forward_p50(load_config(CONFIG), x)
 
 
 def run_script(name: str, args: list[str], out: Path) -> dict | None:
@@ -70,8 +58,7 @@ def run_script(name: str, args: list[str], out: Path) -> dict | None:
     started = time.monotonic()
     print(f"\n=== {name} {' '.join(args)}", flush=True)
     to = "--out" if name == "compare.py" else "--json"  # compare.py writes its report in any case
-    done = subprocess.run([sys.executable, str(BENCH / name), *args, to, str(out)], cwd=REPO,
-                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    done = subprocess.run([sys.executable, str(BENCH / name), *args, to, str(out)], cwd=REPO)
     print(f"=== {name}: exit {done.returncode} after {time.monotonic() - started:.0f} s", flush=True)
     if done.returncode != 0 or not out.exists():
         return None
@@ -187,6 +174,8 @@ def main() -> int:
                     help="a checkout of the issue's main (c42afc1), run beside ours in server_overhead.py")
     ap.add_argument("--out", type=Path, default=None, metavar="DIR", help="keep the scripts' JSON here")
     args = ap.parse_args()
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"  # the forward below and every script's servers, as the scripts run them
+    os.environ.setdefault("GLOG_minloglevel", "2")
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-targets-"))
     out.mkdir(parents=True, exist_ok=True)
     seconds, rounds = ("2", "2") if args.quick else ("8", "4")
